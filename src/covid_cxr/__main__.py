@@ -1,0 +1,5 @@
+import sys
+
+from covid_cxr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""Our checkpoint format: one file that rebuilds a model and its preprocessing alone.
+
+A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=True``):
+
+=====================  =======================================================================
+``format``             ``"covid-cxr-checkpoint"``
+``format_version``     integer, :data:`FORMAT_VERSION`
+``network``            registry name (``concat``, ``xception``, ``resnet50v2``)
+``classes``            class keys in output-unit order
+``preprocessing``      :class:`~covid_cxr.preprocess.Preprocessing` as a dict
+``model_state``        the model's ``state_dict``
+``meta``               free-form provenance: package version, creation time, source (run, fold,
+                       epoch, imported file...), metrics at save time
+``train_state``        optional: optimizer/scheduler/RNG states and progress, for resuming
+=====================  =======================================================================
+
+Writes are atomic: a temporary file in the same folder, flushed and fsynced, then renamed
+over the target, so a crash at any moment leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from covid_cxr import __version__
+from covid_cxr.errors import CheckpointError
+from covid_cxr.labels import check_classes
+from covid_cxr.preprocess import Preprocessing
+
+FORMAT = "covid-cxr-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    network: str
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    model_state: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    train_state: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "network": self.network,
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.to_dict(),
+            "model_state": self.model_state,
+            "meta": {"covid_cxr_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.meta},
+        }
+        if self.train_state is not None:
+            out["train_state"] = self.train_state
+        return out
+
+    def build_model(self, *, strict: bool = True) -> torch.nn.Module:
+        """Rebuild the network with its weights, in eval mode."""
+        from covid_cxr.models import build_model  # models import this module's users, not the reverse
+
+        model = build_model(self.network, num_classes=len(self.classes), image_size=self.preprocessing.image_size)
+        missing, unexpected = model.load_state_dict(self.model_state, strict=False)
+        if strict and (missing or unexpected):
+            raise CheckpointError(
+                f"checkpoint weights do not fit network {self.network!r}: "
+                f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+        return model.eval()
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """Save ``obj`` to ``path`` through a temporary file and a rename; never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not every platform lets a folder be opened.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
+    return atomic_torch_save(ckpt.to_dict(), path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and validate a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same to a user
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a covid-cxr checkpoint; Keras files (.h5, .hdf5, .keras) are converted with "
+            f"'covid-cxr import-keras {path} --network NAME --out model.pt'"
+        )
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written by a newer covid-cxr (format {data['format_version']}); upgrade covid-cxr to read it"
+        )
+    try:
+        return Checkpoint(
+            network=str(data["network"]),
+            classes=check_classes(data["classes"]),
+            preprocessing=Preprocessing.from_dict(dict(data["preprocessing"])),
+            model_state=data["model_state"],
+            meta=dict(data.get("meta", {})),
+            train_state=data.get("train_state"),
+        )
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed checkpoint ({exc})") from exc

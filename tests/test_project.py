@@ -1,0 +1,110 @@
+"""The project's own promises: README commands equal CI's, the CLI answers, the shared contracts hold."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from covid_cxr import __version__
+from covid_cxr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from covid_cxr.errors import CheckpointError, ConfigError
+from covid_cxr.labels import CLASSES, check_classes, covid_chestxray_class, normalize_label
+from covid_cxr.preprocess import Preprocessing, to_model_input
+from tests.conftest import REPO
+
+
+def _readme_commands() -> tuple[str, str]:
+    text = (REPO / "README.md").read_text()
+    setup = re.search(r"One command installs everything.*?```bash\n(.+?)\n```", text, re.S)
+    test = re.search(r"One command runs the tests:\s*```bash\n(.+?)\n```", text, re.S)
+    assert setup and test, "README lost its set-up or test command block"
+    return setup.group(1).strip(), test.group(1).strip()
+
+
+def test_ci_runs_exactly_the_readme_commands() -> None:
+    setup, test = _readme_commands()
+    ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert setup in ci_lines
+    assert test in ci_lines
+
+
+def test_cli_version_and_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "covid_cxr", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"covid-cxr {__version__}"
+    out = subprocess.run([sys.executable, "-m", "covid_cxr", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: covid-cxr" in out.stdout
+
+
+def test_label_spellings() -> None:
+    assert normalize_label("COVID-19") == "covid"
+    assert normalize_label(" Pneumonia ") == "pneumonia"
+    assert normalize_label("No Finding") == "normal"
+    with pytest.raises(ValueError, match="unknown class label 'ARDS' in x.csv row 3"):
+        normalize_label("ARDS", where="x.csv row 3")
+    assert check_classes(["COVID-19", "normal", "pneumonia"]) == ("covid", "normal", "pneumonia")
+    with pytest.raises(ValueError):
+        check_classes(["covid", "normal"])
+
+
+@pytest.mark.parametrize(
+    ("finding", "expected"),
+    [
+        ("COVID-19", "covid"),
+        ("COVID-19, ARDS", "covid"),
+        ("Pneumonia/Viral/COVID-19", "covid"),
+        ("SARS", "pneumonia"),
+        ("Pneumonia/Viral/SARS", "pneumonia"),
+        ("Pneumonia/Fungal/Pneumocystis", "pneumonia"),
+        ("Streptococcus", "pneumonia"),
+        ("Pneumonia/Bacterial/Streptococcus", "pneumonia"),
+        ("No Finding", "normal"),
+        ("Legionella", None),
+        ("Pneumonia/Bacterial/Legionella", None),
+        ("ARDS", None),
+        ("todo", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_covid_chestxray_findings(finding: str | None, expected: str | None) -> None:
+    assert covid_chestxray_class(finding) == expected
+
+
+def test_preprocessing_scalings() -> None:
+    batch = torch.tensor([[[0, 255], [51, 127]]], dtype=torch.uint8)
+    unit = to_model_input(batch, Preprocessing(image_size=300, scaling="unit"))
+    sym = to_model_input(batch, Preprocessing(image_size=300, scaling="symmetric"))
+    assert unit.shape == (1, 3, 2, 2)
+    assert torch.allclose(unit[0, :, 0, 1], torch.ones(3))
+    assert torch.allclose(unit[0, 0], unit[0, 2])
+    assert sym.min().item() == -1.0 and sym.max().item() == 1.0
+    assert to_model_input(batch, Preprocessing(), channels_last=True).is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ConfigError, match="scaling must be one of"):
+        Preprocessing(scaling="imagenet")
+    with pytest.raises(ConfigError, match="image_size must be an integer >= 71"):
+        Preprocessing(image_size=32)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path) -> None:
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    ckpt = Checkpoint("concat", CLASSES, Preprocessing(image_size=128, scaling="symmetric"), state, meta={"fold": 2})
+    path = save_checkpoint(ckpt, tmp_path / "sub" / "model.pt")
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"], "a temporary file was left behind"
+    back = load_checkpoint(path)
+    assert back.network == "concat" and back.classes == CLASSES
+    assert back.preprocessing == Preprocessing(image_size=128, scaling="symmetric")
+    assert torch.equal(back.model_state["w"], state["w"])
+    assert back.meta["fold"] == 2 and back.meta["covid_cxr_version"] == __version__
+
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "absent.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="import-keras"):
+        load_checkpoint(tmp_path / "other.pt")
