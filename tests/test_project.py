@@ -108,3 +108,16 @@ def test_checkpoint_round_trip_and_errors(tmp_path) -> None:
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="import-keras"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_runtime_choices() -> None:
+    from covid_cxr.runtime import choose_runtime
+
+    rt = choose_runtime("cpu", "fp32", channels_last=False)
+    assert rt.device.type == "cpu" and rt.dtype == torch.float32
+    assert "precision=fp32" in rt.describe()
+    with pytest.raises(ConfigError, match="fp16 is for GPUs"):
+        choose_runtime("cpu", "fp16")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        choose_runtime("cpu", "int4")
+    assert choose_runtime("cpu", "auto").precision in ("fp32", "bf16")

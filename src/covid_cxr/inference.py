@@ -1,0 +1,107 @@
+"""Batched inference from a checkpoint: uint8 grayscale images in, class probabilities out.
+
+:class:`TorchPredictor` is the one inference loop of the package: ``evaluate`` runs it over a
+prepared split, ``predict`` over files, the web service over uploads, the audits over altered
+images. The ONNX Runtime backend (``covid_cxr.deploy.onnx``) offers the same surface
+(``classes``, ``preprocessing``, ``predict_proba``), so callers never care which one they hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from covid_cxr.checkpoint import Checkpoint
+from covid_cxr.preprocess import Preprocessing, to_model_input
+from covid_cxr.runtime import Runtime, choose_runtime
+
+
+class Predictor(Protocol):
+    """What every inference backend offers."""
+
+    backend: str
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S) at ``preprocessing.image_size`` -> float32 probabilities (N, num_classes)."""
+        ...
+
+
+class TorchPredictor:
+    """A checkpoint's network in eval mode on the chosen runtime."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        channels_last: bool | None = None,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.classes = checkpoint.classes
+        self.preprocessing = checkpoint.preprocessing
+        self.runtime: Runtime = choose_runtime(device, precision, channels_last)
+        model = checkpoint.build_model().to(self.runtime.device)
+        if self.runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.eval()
+
+    def inputs(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The float network input for a uint8 batch, on the runtime's device."""
+        batch = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        check_batch(batch, self.preprocessing.image_size)
+        batch = batch.to(self.runtime.device, non_blocking=True)
+        return to_model_input(batch, self.preprocessing, channels_last=self.runtime.channels_last)
+
+    @torch.inference_mode()
+    def logits(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        with self.runtime.autocast():
+            return self.model(self.inputs(images)).float()
+
+    def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        return torch.softmax(self.logits(images), dim=1).cpu().numpy()
+
+
+def check_batch(batch: torch.Tensor | np.ndarray, image_size: int) -> None:
+    """Refuse a batch that is not uint8 (N, S, S) at the model's size, with the reason."""
+    shape = tuple(batch.shape)
+    if len(shape) != 3 or shape[1:] != (image_size, image_size):
+        raise ValueError(f"expected uint8 images of shape (N, {image_size}, {image_size}), got {shape}")
+    if str(batch.dtype) not in ("uint8", "torch.uint8"):
+        raise ValueError(f"expected uint8 images, got {batch.dtype}")
+
+
+def predict_in_batches(
+    predictor: Predictor,
+    images: np.ndarray | Sequence[np.ndarray],
+    *,
+    batch_size: int = 32,
+    indices: np.ndarray | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Probabilities for ``images[indices]`` (all when None), ``batch_size`` at a time.
+
+    ``images`` may be a memory-mapped cache: rows are read a batch at a time, never all at once.
+    ``on_batch(n)`` is called after each batch with its size (for progress bars).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1; got {batch_size}")
+    order = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
+    out = np.empty((len(order), len(predictor.classes)), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        if isinstance(images, np.ndarray):
+            batch = images[rows]
+        else:
+            batch = np.stack([images[i] for i in rows])
+        out[start : start + len(rows)] = predictor.predict_proba(np.ascontiguousarray(batch))
+        if on_batch is not None:
+            on_batch(len(rows))
+    return out

@@ -1,0 +1,77 @@
+"""Where and how tensors run: device, precision and memory format, chosen once.
+
+Training, evaluation, prediction and serving all ask :func:`choose_runtime`, so "auto" means
+the same thing everywhere: the GPU when there is one; bf16 autocast where the hardware does
+bf16 natively (CUDA cards that support it, CPUs with AVX512-BF16 or AMX); channels_last for
+convolutions. Every command prints :meth:`Runtime.describe` so a user sees what was chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from covid_cxr.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    channels_last: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Autocast context for the forward pass (a no-op in fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        memory = "channels_last" if self.channels_last else "contiguous"
+        return f"device={self.device} precision={self.precision} memory={memory}"
+
+
+def choose_runtime(device: str = "auto", precision: str = "auto", channels_last: bool | None = None) -> Runtime:
+    """Resolve user choices ("auto" or explicit) into a :class:`Runtime`; refuse impossible ones."""
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "auto":
+        if dev.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and dev.type == "cpu":
+        raise ConfigError("fp16 is for GPUs; on the CPU use bf16 (native on AVX512-BF16/AMX CPUs) or fp32")
+    if channels_last is None:
+        channels_last = True
+    return Runtime(device=dev, precision=precision, channels_last=channels_last)
