@@ -1,0 +1,338 @@
+"""The paper's metrics and ours, as pure functions over a confusion matrix and probabilities.
+
+Everything starts from one confusion matrix (rows: true class, columns: predicted class), never
+from hand-kept counters. Per class, as Table 3 and Table 4 of the paper define them:
+correct detected = TP, not detected = FN, wrong detected = FP, TN = N - TP - FN - FP;
+recall TP/(TP+FN), specificity TN/(TN+FP), per-class accuracy (TP+TN)/N, precision TP/(TP+FP).
+
+Every proportion carries a 95% Wilson score interval: with 31 COVID-19 test images a point
+estimate alone says little. One-vs-rest ROC AUC gets a bootstrap interval resampled by patient
+(images of one patient are not independent). Rates are percentages, AUC is on 0-1. A rate whose
+denominator is zero (e.g. precision of a class never predicted) is NaN and a note says why.
+No I/O here: reading and writing live in ``predictions.py``, ``run.py`` and ``report.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from covid_cxr.labels import CLASSES
+
+RATES: tuple[str, ...] = ("recall", "specificity", "accuracy", "precision")
+"""Table 4's per-class figures, in the paper's order."""
+
+COUNTS: tuple[str, ...] = ("correct", "missed", "false")
+"""Table 3's per-class figures: correct detected (TP), not detected (FN), wrong detected (FP)."""
+
+
+def confusion_matrix(labels: Sequence[str] | np.ndarray, preds: Sequence[str] | np.ndarray,
+                     classes: Sequence[str] = CLASSES) -> np.ndarray:
+    """Counts (C, C): row = true class, column = predicted class, in ``classes`` order."""
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.asarray(labels)
+    preds = np.asarray(preds)
+    if labels.shape != preds.shape:
+        raise ValueError(f"labels and predictions differ in length: {labels.shape} vs {preds.shape}")
+    unknown = (set(np.unique(labels)) | set(np.unique(preds))) - set(index)
+    if unknown:
+        raise ValueError(f"unknown class names {sorted(map(str, unknown))}; expected {', '.join(classes)}")
+    true_idx = np.array([index[v] for v in labels], dtype=np.int64)
+    pred_idx = np.array([index[v] for v in preds], dtype=np.int64)
+    n = len(classes)
+    return np.bincount(true_idx * n + pred_idx, minlength=n * n).reshape(n, n)
+
+
+@dataclass(frozen=True)
+class ClassCounts:
+    """The four cells of one class's one-vs-rest table."""
+
+    tp: int
+    fn: int
+    fp: int
+    tn: int
+
+
+def class_counts(cm: np.ndarray, k: int) -> ClassCounts:
+    """TP, FN, FP, TN of class ``k`` read off the confusion matrix."""
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = int(cm[k, k])
+    fn = int(cm[k].sum() - tp)
+    fp = int(cm[:, k].sum() - tp)
+    return ClassCounts(tp=tp, fn=fn, fp=fp, tn=int(cm.sum()) - tp - fn - fp)
+
+
+_Z95 = NormalDist().inv_cdf(0.975)
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the proportion k/n, as fractions; (nan, nan) when n == 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and behaves at k = 0 or k = n,
+    which is where small COVID-19 test sets live.
+    """
+    if n <= 0:
+        return (math.nan, math.nan)
+    if not 0 <= k <= n:
+        raise ValueError(f"successes must lie in 0..{n}; got {k}")
+    z = _Z95 if confidence == 0.95 else NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class Proportion:
+    """k out of n as a percentage with its Wilson interval (NaN when n == 0)."""
+
+    k: int
+    n: int
+
+    @property
+    def value(self) -> float:
+        return 100.0 * self.k / self.n if self.n else math.nan
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        low, high = wilson_interval(self.k, self.n)
+        return (100.0 * low, 100.0 * high)
+
+
+def class_proportions(c: ClassCounts) -> dict[str, Proportion]:
+    """Table 4's four rates of one class, as proportions with known numerator and denominator."""
+    n = c.tp + c.fn + c.fp + c.tn
+    return {
+        "recall": Proportion(c.tp, c.tp + c.fn),
+        "specificity": Proportion(c.tn, c.tn + c.fp),
+        "accuracy": Proportion(c.tp + c.tn, n),
+        "precision": Proportion(c.tp, c.tp + c.fp),
+    }
+
+
+def f1_score(c: ClassCounts) -> float:
+    """F1 as a percentage: 2TP / (2TP + FP + FN); NaN when the class is neither present nor predicted."""
+    denom = 2 * c.tp + c.fp + c.fn
+    return 100.0 * 2 * c.tp / denom if denom else math.nan
+
+
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean recall over the classes present, as a percentage (insensitive to the 31-vs-6851 imbalance)."""
+    cm = np.asarray(cm)
+    support = cm.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        return math.nan
+    return float(100.0 * np.mean(np.diag(cm)[present] / support[present]))
+
+
+def ppv_at_prevalence(sensitivity: float, specificity: float, prevalence: float) -> float:
+    """Precision a classifier would have where the class has ``prevalence`` (fractions in, fraction out).
+
+    A test set's COVID-19 share (31 of 11302) is not a clinic's; Bayes' rule moves precision there.
+    """
+    if not 0.0 < prevalence < 1.0:
+        raise ValueError(f"prevalence must lie strictly between 0 and 1; got {prevalence}")
+    true_pos = sensitivity * prevalence
+    false_pos = (1.0 - specificity) * (1.0 - prevalence)
+    total = true_pos + false_pos
+    return true_pos / total if total > 0 else math.nan
+
+
+def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct score threshold (descending), from (0, 0)."""
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], positive[order]
+    last_of_block = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1] if len(s) else np.array([], dtype=np.int64)
+    tps = np.cumsum(y)[last_of_block]
+    fps = np.cumsum(~y)[last_of_block]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    tpr = np.r_[0.0, tps / n_pos] if n_pos else np.full(len(tps) + 1, math.nan)
+    fpr = np.r_[0.0, fps / n_neg] if n_neg else np.full(len(fps) + 1, math.nan)
+    return fpr, tpr, np.r_[np.inf, s[last_of_block]]
+
+
+def _weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUC (ties count one half) for each row of ``weights`` (B, N) over the same images.
+
+    Sorting once and weighting the images by how often the bootstrap drew them makes every
+    resample an O(N) sum instead of a new sort.
+    """
+    order = np.argsort(scores, kind="mergesort")
+    s, y, w = scores[order], positive[order], weights[:, order]
+    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # blocks of equal scores
+    pos = np.add.reduceat(w * y, starts, axis=1)
+    neg = np.add.reduceat(w * ~y, starts, axis=1)
+    neg_below = np.cumsum(neg, axis=1) - neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """One-vs-rest ROC AUC (Mann-Whitney, ties one half); NaN when one side is empty."""
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(_weighted_auc(positive, scores, np.ones((1, len(scores))))[0])
+
+
+def bootstrap_auc_ci(positive: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None, *,
+                     n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC, drawing whole groups (patients) with replacement.
+
+    ``groups`` holds a patient id per image; ``None`` draws images. Seeded, so a report is
+    reproducible. Resamples with no positive or no negative are left out.
+    """
+    positive = np.asarray(positive, dtype=bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if positive.all() or not positive.any() or n_boot < 1:
+        return (math.nan, math.nan)
+    if groups is None:
+        group_idx = np.arange(len(scores))
+    else:
+        _, group_idx = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    n_groups = int(group_idx.max()) + 1
+    rng = np.random.default_rng(seed)
+    aucs: list[np.ndarray] = []
+    chunk = max(1, min(n_boot, 4_000_000 // max(len(scores), 1)))  # bounds memory at ~32 MB
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b)
+        aucs.append(_weighted_auc(positive, scores, draws[:, group_idx].astype(np.float64)))
+    values = np.concatenate(aucs)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return (math.nan, math.nan)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return (float(low), float(high))
+
+
+@dataclass(frozen=True)
+class CalibrationBins:
+    """Top-label reliability: per bin the mean confidence, the accuracy and the image count."""
+
+    edges: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    count: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error as a percentage: count-weighted |accuracy - confidence|."""
+        total = self.count.sum()
+        if not total:
+            return math.nan
+        filled = self.count > 0
+        gap = np.abs(self.accuracy[filled] - self.confidence[filled])
+        return float(100.0 * (gap * self.count[filled]).sum() / total)
+
+
+def calibration_bins(probs: np.ndarray, true_idx: np.ndarray, n_bins: int = 15) -> CalibrationBins:
+    """Bin images by their top probability; compare the mean confidence with the hit rate."""
+    probs = np.asarray(probs, dtype=np.float64)
+    true_idx = np.asarray(true_idx, dtype=np.int64)
+    confidence = probs.max(axis=1)
+    hit = (probs.argmax(axis=1) == true_idx).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins).astype(np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, weights=confidence, minlength=n_bins) / count
+        mean_hit = np.bincount(which, weights=hit, minlength=n_bins) / count
+    return CalibrationBins(edges=edges, confidence=mean_conf, accuracy=mean_hit, count=count)
+
+
+def table3_row(cm: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, int]:
+    """The paper's Table 3 row: ``<class>_correct``, ``_missed``, ``_false``."""
+    row: dict[str, int] = {}
+    for k, name in enumerate(classes):
+        c = class_counts(cm, k)
+        row.update({f"{name}_correct": c.tp, f"{name}_missed": c.fn, f"{name}_false": c.fp})
+    return row
+
+
+def table4_row(cm: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:
+    """The paper's Table 4 row in its column order: accuracy, then recalls, specificities, accuracies, precisions."""
+    cm = np.asarray(cm)
+    row = {"accuracy": Proportion(int(np.trace(cm)), int(cm.sum())).value}
+    props = {name: class_proportions(class_counts(cm, k)) for k, name in enumerate(classes)}
+    for rate in RATES:
+        for name in classes:
+            row[f"{name}_{rate}"] = props[name][rate].value
+    return row
+
+
+def compute_metrics(
+    cm: np.ndarray,
+    *,
+    classes: Sequence[str] = CLASSES,
+    probs: np.ndarray | None = None,
+    true_idx: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    prevalence: float | None = None,
+    prevalence_class: str = "covid",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every figure with stable keys (see the module doc); NaN marks an undefined one, ``notes`` says why.
+
+    ``probs`` (N, C) in ``classes`` order and ``true_idx`` (N,) add AUC (bootstrap CI by
+    ``groups``) and ECE. ``prevalence`` adds ``<prevalence_class>_ppv_at_prevalence``.
+    """
+    cm = np.asarray(cm, dtype=np.int64)
+    n = int(cm.sum())
+    notes: list[str] = []
+    out: dict[str, Any] = {"n": n}
+    overall = Proportion(int(np.trace(cm)), n)
+    out.update(accuracy=overall.value, accuracy_ci_low=overall.ci[0], accuracy_ci_high=overall.ci[1])
+    out["balanced_accuracy"] = balanced_accuracy(cm)
+    for k, name in enumerate(classes):
+        c = class_counts(cm, k)
+        out.update({f"{name}_n": c.tp + c.fn, f"{name}_correct": c.tp, f"{name}_missed": c.fn,
+                    f"{name}_false": c.fp, f"{name}_tn": c.tn})
+        for rate, prop in class_proportions(c).items():
+            out[f"{name}_{rate}"] = prop.value
+            out[f"{name}_{rate}_ci_low"], out[f"{name}_{rate}_ci_high"] = prop.ci
+            if prop.n == 0:
+                why = {"recall": "no image of this class", "specificity": "no image of the other classes",
+                       "precision": "the class was never predicted", "accuracy": "no images"}[rate]
+                notes.append(f"{name}_{rate} is undefined (0/0): {why}")
+        out[f"{name}_f1"] = f1_score(c)
+    if prevalence is not None:
+        k = list(classes).index(prevalence_class)
+        props = class_proportions(class_counts(cm, k))
+        sens, spec = props["recall"], props["specificity"]
+        key = f"{prevalence_class}_ppv_at_prevalence"
+        out["prevalence"] = prevalence
+        if sens.n and spec.n:
+            out[key] = 100.0 * ppv_at_prevalence(sens.k / sens.n, spec.k / spec.n, prevalence)
+            # Conservative interval: the Wilson bounds of sensitivity and specificity pushed through Bayes' rule.
+            (s_lo, s_hi), (t_lo, t_hi) = wilson_interval(sens.k, sens.n), wilson_interval(spec.k, spec.n)
+            out[f"{key}_ci_low"] = 100.0 * ppv_at_prevalence(s_lo, t_lo, prevalence)
+            out[f"{key}_ci_high"] = 100.0 * ppv_at_prevalence(s_hi, t_hi, prevalence)
+        else:
+            out[key] = out[f"{key}_ci_low"] = out[f"{key}_ci_high"] = math.nan
+            notes.append(f"{key} is undefined: recall or specificity of {prevalence_class} is 0/0")
+    if probs is not None and true_idx is not None:
+        probs = np.asarray(probs, dtype=np.float64)
+        true_idx = np.asarray(true_idx, dtype=np.int64)
+        for k, name in enumerate(classes):
+            positive = true_idx == k
+            out[f"{name}_auc"] = roc_auc(positive, probs[:, k])
+            out[f"{name}_auc_ci_low"], out[f"{name}_auc_ci_high"] = bootstrap_auc_ci(
+                positive, probs[:, k], groups, n_boot=n_boot, seed=seed + k)
+            if math.isnan(out[f"{name}_auc"]):
+                notes.append(f"{name}_auc is undefined: the labels hold only one side of {name}-vs-rest")
+        out["auc_bootstrap"] = {"resamples": n_boot, "seed": seed,
+                                "unit": "patient" if groups is not None else "image"}
+        out["ece"] = calibration_bins(probs, true_idx).ece
+    out["notes"] = notes
+    return out

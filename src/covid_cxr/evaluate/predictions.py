@@ -1,0 +1,160 @@
+"""Predictions files: one row per image, the input of every metric, table and plot.
+
+Columns (``evaluate`` writes all of them; ``metrics`` and ``report`` need only ``label`` and
+``pred``): ``image_id, patient_id, source, label, p_covid, p_pneumonia, p_normal, pred``.
+``pred`` is authoritative (a user may have thresholded); the probabilities feed AUC and
+calibration. Labels may use any spelling :func:`covid_cxr.labels.normalize_label` knows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covid_cxr.errors import DataError
+from covid_cxr.evaluate.metrics import compute_metrics, confusion_matrix
+from covid_cxr.labels import CLASSES, normalize_label
+
+PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in CLASSES)
+COLUMNS: tuple[str, ...] = ("image_id", "patient_id", "source", "label", *PROB_COLUMNS, "pred")
+PROB_SUM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A validated predictions table: canonical labels, and probabilities when the file had them."""
+
+    frame: pd.DataFrame
+    path: Path | None = None
+
+    @property
+    def has_probs(self) -> bool:
+        return all(col in self.frame.columns for col in PROB_COLUMNS)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """(N, 3) in :data:`CLASSES` order."""
+        return self.frame[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+
+    @property
+    def true_idx(self) -> np.ndarray:
+        return self.frame["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(dtype=np.int64)
+
+    @property
+    def groups(self) -> np.ndarray | None:
+        """Patient ids for the patient bootstrap, or None when the file has none."""
+        if "patient_id" not in self.frame.columns or self.frame["patient_id"].isna().any():
+            return None
+        return self.frame["patient_id"].astype(str).to_numpy()
+
+    def confusion(self) -> np.ndarray:
+        return confusion_matrix(self.frame["label"], self.frame["pred"], CLASSES)
+
+    def metrics(self, *, prevalence: float | None = None, prevalence_class: str = "covid",
+                n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+        """All figures of :func:`~covid_cxr.evaluate.metrics.compute_metrics` for this table."""
+        return compute_metrics(
+            self.confusion(),
+            probs=self.probs if self.has_probs else None,
+            true_idx=self.true_idx,
+            groups=self.groups,
+            prevalence=prevalence,
+            prevalence_class=prevalence_class,
+            n_boot=n_boot,
+            seed=seed,
+        )
+
+
+def validate_predictions(frame: pd.DataFrame, where: str) -> Predictions:
+    """Check a predictions table and return it with canonical labels; ``where`` names it in errors."""
+    missing = [col for col in ("label", "pred") if col not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{where}: missing column(s) {', '.join(missing)}; a predictions file needs at least 'label' "
+            f"(true class) and 'pred' (predicted class), optionally {', '.join(PROB_COLUMNS)} and patient_id"
+        )
+    if frame.empty:
+        raise DataError(f"{where}: no rows; write one row per evaluated image")
+    frame = frame.copy()
+    for col in ("label", "pred"):
+        if frame[col].isna().any():
+            row = int(np.flatnonzero(frame[col].isna().to_numpy())[0]) + 2  # +1 header, +1 one-based
+            raise DataError(f"{where} row {row}: empty '{col}'; every row needs a class ({', '.join(CLASSES)})")
+        values = {}
+        for raw in frame[col].unique():
+            try:
+                values[raw] = normalize_label(raw)
+            except ValueError:
+                row = int(np.flatnonzero((frame[col] == raw).to_numpy())[0]) + 2
+                raise DataError(
+                    f"{where} row {row}: unknown class {raw!r} in column '{col}'; "
+                    f"use one of {', '.join(CLASSES)} (COVID-19 and No Finding are accepted too)"
+                ) from None
+        frame[col] = frame[col].map(values)
+    present = [col for col in PROB_COLUMNS if col in frame.columns]
+    if present and len(present) != len(PROB_COLUMNS):
+        absent = sorted(set(PROB_COLUMNS) - set(present))
+        raise DataError(f"{where}: has {', '.join(present)} but not {', '.join(absent)}; give all or none")
+    if present:
+        probs = frame[list(PROB_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (probs > 1).any(axis=1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0]) + 2
+            raise DataError(f"{where} row {row}: probabilities must be numbers in [0, 1]")
+        off = np.abs(probs.sum(axis=1) - 1.0) > PROB_SUM_TOLERANCE
+        if off.any():
+            row = int(np.flatnonzero(off)[0]) + 2
+            raise DataError(
+                f"{where} row {row}: probabilities sum to {probs[row - 2].sum():.6f}, not 1 (tolerance "
+                f"{PROB_SUM_TOLERANCE}); write softmax outputs, not logits or one-vs-rest scores"
+            )
+        frame[list(PROB_COLUMNS)] = probs
+    return Predictions(frame=frame.reset_index(drop=True))
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """Read and validate a predictions CSV; every problem raises :class:`DataError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such predictions file; 'covid-cxr evaluate' writes one as predictions.csv")
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str, "patient_id": str, "source": str})
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file; a predictions file needs a header and one row per image") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from exc
+    result = validate_predictions(frame, str(path))
+    return Predictions(frame=result.frame, path=path)
+
+
+def predictions_frame(split: pd.DataFrame, probs: np.ndarray, classes: tuple[str, ...]) -> pd.DataFrame:
+    """The predictions table for a split and its probabilities (columns in ``classes`` order).
+
+    The probability columns are written in :data:`CLASSES` order whatever the network's output
+    order (the authors' Keras models emit covid, normal, pneumonia); ``pred`` is the argmax.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    reorder = [classes.index(name) for name in CLASSES]
+    canonical = probs[:, reorder]
+    out = pd.DataFrame({
+        "image_id": split["image_id"].astype(str).to_numpy(),
+        "patient_id": split["patient_id"].astype(str).to_numpy() if "patient_id" in split else None,
+        "source": split["source"].astype(str).to_numpy() if "source" in split else None,
+        "label": [normalize_label(v) for v in split["label"]],
+    })
+    for k, col in enumerate(PROB_COLUMNS):
+        out[col] = canonical[:, k]
+    out["pred"] = np.asarray(CLASSES)[canonical.argmax(axis=1)]
+    return out
+
+
+def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a predictions table with probabilities to 6 decimals (enough for AUC ties to stay ties)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False, float_format="%.6f")
+    return path

@@ -1,0 +1,245 @@
+"""Evaluate a trained run (or a bare checkpoint) on a prepared split and write every artefact.
+
+``evaluate_run`` resolves what to evaluate, reads the fold's split from the prepared data,
+runs the checkpoint over the image cache in batches through the package's one inference loop
+(:func:`covid_cxr.inference.predict_in_batches`), and writes into the output folder:
+``predictions.csv``, ``metrics.json``, ``table3.csv``, ``table4.csv``,
+``confusion_matrix.png``/``.pdf``, ``roc.png`` and ``calibration.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.errors import CheckpointError, DataError
+from covid_cxr.evaluate import plots
+from covid_cxr.evaluate.metrics import table3_row, table4_row
+from covid_cxr.evaluate.predictions import Predictions, predictions_frame, validate_predictions, write_predictions
+from covid_cxr.labels import CLASSES
+
+SPLITS = ("test", "val")
+CHECKPOINT_IN_RUN = "best.pt"
+
+
+@dataclass
+class EvaluationResult:
+    """What one evaluation produced: where, the figures, and the per-image table."""
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    predictions: pd.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Target:
+    checkpoint: Path
+    data: Path
+    fold: int
+    out_dir: Path
+    run: dict[str, Any]
+
+
+def _resolve(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None) -> _Target:
+    """Turn a run folder or checkpoint path plus overrides into concrete paths and a fold."""
+    target = Path(target)
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if target.is_dir():
+        run_file = target / "run.json"
+        if not run_file.is_file():
+            raise DataError(f"{target}: not a run folder (no run.json); give a run folder or a .pt checkpoint")
+        try:
+            run = json.loads(run_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{run_file}: not valid JSON ({exc}); the run folder is damaged") from exc
+        checkpoint = target / CHECKPOINT_IN_RUN
+        if not checkpoint.is_file():
+            raise CheckpointError(
+                f"{checkpoint}: no such file; the run has not saved a best checkpoint yet "
+                f"(status {run.get('status', 'unknown')!r}); train it further or evaluate last.pt by path"
+            )
+        data = Path(data) if data is not None else (Path(run["data"]) if run.get("data") else None)
+        fold = fold if fold is not None else run.get("fold")
+        out = Path(out_dir) if out_dir is not None else target / f"eval-{split}"
+    elif target.is_file():
+        run, checkpoint = {}, target
+        out = Path(out_dir) if out_dir is not None else target.parent / f"{target.stem}-eval-{split}"
+    else:
+        raise DataError(f"{target}: no such run folder or checkpoint file")
+    if data is None:
+        raise DataError(f"{target}: which prepared data? pass --data DATA (the folder 'covid-cxr prepare' wrote)")
+    if fold is None:
+        raise DataError(f"{target}: which fold was this checkpoint trained on? pass --fold K")
+    return _Target(checkpoint=checkpoint, data=Path(data), fold=int(fold), out_dir=out, run=run)
+
+
+def _load_split(prepared: Any, fold: int, split: str, run: dict[str, Any], where: Path) -> pd.DataFrame:
+    """The fold's split table, after checking the data still has the splits the model was trained on."""
+    if not 1 <= fold <= prepared.num_folds:
+        raise DataError(f"{where}: fold {fold} does not exist; the prepared data has folds 1..{prepared.num_folds}")
+    trained_on = run.get("split_hash")
+    if trained_on and prepared.split_hash and trained_on != prepared.split_hash:
+        raise DataError(
+            f"{where}: the run was trained on splits {trained_on} but this prepared data has splits "
+            f"{prepared.split_hash}; its test set may hold training images. Evaluate with the prepared "
+            "data the run used (run.json 'data'), or re-train on this data"
+        )
+    splits = prepared.fold(fold)
+    frame = splits.test if split == "test" else splits.val
+    if frame is None or len(frame) == 0:
+        raise DataError(f"{where}: fold {fold} has no {split} images")
+    unknown = set(frame["label"]) - set(CLASSES)
+    if unknown:
+        raise DataError(f"{where}: labels {sorted(unknown)} in fold {fold}; expected {', '.join(CLASSES)}")
+    return frame.reset_index(drop=True)
+
+
+def _cache_for(prepared: Any, image_size: int, data: Path) -> Any:
+    """The prepared image cache at the checkpoint's input size, or an error naming the command to make it."""
+    fix = f"run 'covid-cxr prepare ... --out {data} --image-size {image_size}' to cache the images at that size"
+    try:
+        cache = prepared.cache(image_size=image_size)
+    except (DataError, FileNotFoundError) as exc:
+        raise DataError(f"{data}: no image cache at {image_size}x{image_size} ({exc}); {fix}") from exc
+    if int(cache.image_size) != int(image_size):
+        raise DataError(
+            f"{data}: the image cache is {cache.image_size}x{cache.image_size} but the checkpoint expects "
+            f"{image_size}x{image_size}; {fix}"
+        )
+    return cache
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN becomes null (JSON has no NaN); numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(float(value)) else float(value)
+    return value
+
+
+def write_json(data: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    return path
+
+
+def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
+                     prevalence: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Write metrics.json, table3.csv, table4.csv and the plots for a predictions table; return the metrics.
+
+    ``info`` (network, fold, split, paths...) goes into metrics.json under ``evaluation`` and
+    names the rows of the two tables.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = preds.metrics(prevalence=prevalence, n_boot=n_boot, seed=seed)
+    write_json({**metrics, "evaluation": info}, out_dir / "metrics.json")
+    cm = preds.confusion()
+    key = {"fold": info.get("fold", ""), "network": info.get("network", "")}
+    pd.DataFrame([{**key, **table3_row(cm)}]).to_csv(out_dir / "table3.csv", index=False)
+    pd.DataFrame([{**key, **table4_row(cm)}]).to_csv(out_dir / "table4.csv", index=False, float_format="%.2f")
+    title = " ".join(str(v) for v in (info.get("network"), f"fold {info['fold']}" if "fold" in info else "",
+                                      info.get("split", "")) if v)
+    plots.save_figure(plots.confusion_figure(cm, title=f"Confusion matrix, {title} (N = {int(cm.sum())})"),
+                      out_dir / "confusion_matrix.png", out_dir / "confusion_matrix.pdf")
+    if preds.has_probs:
+        aucs = {c: (metrics[f"{c}_auc"], metrics[f"{c}_auc_ci_low"], metrics[f"{c}_auc_ci_high"]) for c in CLASSES}
+        plots.save_figure(plots.roc_figure(preds.true_idx, preds.probs, aucs=aucs, title=f"ROC, {title}"),
+                          out_dir / "roc.png")
+        plots.save_figure(plots.calibration_figure(
+            preds.true_idx, preds.probs, title=f"Calibration, {title}: ECE {metrics['ece']:.2f}%"),
+            out_dir / "calibration.png")
+    return metrics
+
+
+def evaluate_run(
+    target: Path,
+    *,
+    data: Path | None = None,
+    fold: int | None = None,
+    split: str = "test",
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    out_dir: Path | None = None,
+    prevalence: float | None = None,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Evaluate a run folder (its ``best.pt``) or a checkpoint on one split of the prepared data.
+
+    ``data`` and ``fold`` default to the run's ``run.json``; a bare checkpoint needs both.
+    """
+    from covid_cxr.data.prepared import PreparedData  # the data area; imported where used
+    from covid_cxr.inference import TorchPredictor, predict_in_batches
+
+    where = Path(target)
+    tgt = _resolve(where, data, fold, split, out_dir)
+    ckpt = load_checkpoint(tgt.checkpoint)
+    prepared = PreparedData(tgt.data)
+    frame = _load_split(prepared, tgt.fold, split, tgt.run, where)
+    cache = _cache_for(prepared, ckpt.preprocessing.image_size, tgt.data)
+    rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
+    # Read the memory-mapped cache front to back: sort by cache row, keep the split's order in the output.
+    order = np.argsort(rows, kind="stable")
+    predictor = TorchPredictor(ckpt, device=device, precision=precision)
+
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]evaluate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"{ckpt.network} fold {tgt.fold} {split}", total=len(rows), rate="")
+
+        def advance(n: int) -> None:
+            done = bar.tasks[0].completed + n
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:.1f} img/s")
+
+        probs_sorted = predict_in_batches(predictor, cache.images, batch_size=batch_size,
+                                          indices=rows[order], on_batch=advance)
+    seconds = time.perf_counter() - started
+    probs = np.empty_like(probs_sorted)
+    probs[order] = probs_sorted
+
+    table = predictions_frame(frame, probs, ckpt.classes)
+    preds = validate_predictions(table, str(tgt.out_dir / "predictions.csv"))
+    write_predictions(table, tgt.out_dir / "predictions.csv")
+    info = {
+        "network": ckpt.network,
+        "fold": tgt.fold,
+        "split": split,
+        "checkpoint": str(tgt.checkpoint.resolve()),
+        "data": str(tgt.data.resolve()),
+        "protocol": getattr(prepared, "protocol", None),
+        "split_hash": getattr(prepared, "split_hash", None),
+        "image_size": ckpt.preprocessing.image_size,
+        "scaling": ckpt.preprocessing.scaling,
+        "classes_checkpoint": list(ckpt.classes),
+        "runtime": predictor.runtime.describe(),
+        "batch_size": batch_size,
+        "images": len(rows),
+        "seconds": seconds,
+        "images_per_second": len(rows) / seconds if seconds > 0 else math.nan,
+        "run_status": tgt.run.get("status"),
+        "best_epoch": tgt.run.get("best_epoch"),
+    }
+    metrics = write_evaluation(preds, tgt.out_dir, info, prevalence=prevalence, n_boot=n_boot)
+    return EvaluationResult(out_dir=tgt.out_dir, metrics=metrics, predictions=table, info=info)
