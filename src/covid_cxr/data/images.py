@@ -1,0 +1,207 @@
+"""Decoding any chest X-ray file to one grayscale uint8 image.
+
+The format is decided by the bytes, never by the file name: a DICOM file carries ``DICM`` at
+offset 128 (or, without the preamble, starts with a group 0002/0008 tag); everything else goes
+to Pillow. DICOM pixels pass through the modality LUT (rescale slope/intercept) and the VOI LUT
+or window, MONOCHROME1 is inverted so that bone is always bright, and data deeper than 8 bits is
+stretched to 0-255. Sizes are checked from the header before any pixel is decoded, so a
+decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from PIL import Image, ImageOps
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from covid_cxr.errors import ImageDecodeError
+
+MAX_PIXELS = 50_000_000
+"""Largest image (width x height x frames) we decode; real radiographs are under 20 megapixels."""
+
+MAX_FILE_BYTES = 512 * 1024 * 1024
+"""Largest file we read at all."""
+
+# Pillow's own guard would only warn below twice its limit; ours refuses first, from the header.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+Source = str | Path | bytes
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError,
+                  NotImplementedError, RuntimeError, AttributeError, InvalidDicomError,
+                  Image.DecompressionBombError)
+
+
+def _read(source: Source, name: str | None) -> tuple[bytes, str]:
+    """The file's bytes and the name used in error messages."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source), name or "<uploaded bytes>"
+    path = Path(source)
+    label = name or str(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageDecodeError(label, "file not found") from None
+    except OSError as exc:
+        raise ImageDecodeError(label, f"cannot read the file ({exc.strerror or exc})") from None
+    if path.is_dir():
+        raise ImageDecodeError(label, "is a folder, not an image file")
+    if size > MAX_FILE_BYTES:
+        raise ImageDecodeError(label, f"file of {size} bytes is larger than the {MAX_FILE_BYTES}-byte limit")
+    try:
+        return path.read_bytes(), label
+    except OSError as exc:
+        raise ImageDecodeError(label, f"cannot read the file ({exc.strerror or exc})") from None
+
+
+def is_dicom(data: bytes) -> bool:
+    """True when the bytes are a DICOM file: ``DICM`` at 128, or a preamble-less dataset."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return True
+    # A preamble-less DICOM starts with a little-endian tag of group 0002 or 0008 whose
+    # element number is below 0x100; no image format Pillow reads starts so.
+    return len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3] == 0
+
+
+def _check_pixels(label: str, width: int, height: int, frames: int = 1) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(label, f"image header gives an empty size {width}x{height}")
+    total = int(width) * int(height) * max(int(frames), 1)
+    if total > MAX_PIXELS:
+        raise ImageDecodeError(
+            label, f"image of {width}x{height} pixels (x{frames} frames) exceeds the limit of {MAX_PIXELS} pixels; "
+            "refusing a possible decompression bomb"
+        )
+
+
+def to_uint8(values: np.ndarray, *, stretch: bool) -> np.ndarray:
+    """Map an array to uint8: as is when it already is 8-bit data, else stretched min-max to 0-255."""
+    if not stretch and values.dtype == np.uint8:
+        return values
+    v = values.astype(np.float32, copy=False)
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return np.zeros(v.shape, dtype=np.uint8)
+    return np.clip((v - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+
+
+def _to_gray(arr: np.ndarray, label: str) -> np.ndarray:
+    if arr.ndim == 2:
+        return arr
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        rgb = arr[..., :3]
+        if rgb.dtype != np.uint8:
+            rgb = to_uint8(rgb, stretch=True)
+        return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        return arr[..., 0]
+    raise ImageDecodeError(label, f"unsupported pixel layout of shape {arr.shape}")
+
+
+def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except _DECODE_ERRORS as exc:
+        raise ImageDecodeError(label, f"unreadable DICOM header ({exc})") from None
+    if "PixelData" not in ds:
+        raise ImageDecodeError(label, "DICOM file holds no pixel data (not an image object)")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    _check_pixels(label, cols, rows, frames)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except _DECODE_ERRORS as exc:
+        raise ImageDecodeError(label, f"DICOM pixel data cannot be decoded, the file may be truncated ({exc})") from None
+    if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
+        arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    info = {"view": str(ds.get("ViewPosition", "") or ""), "photometric": photometric}
+    if photometric.startswith("MONOCHROME"):
+        has_rescale = float(ds.get("RescaleSlope", 1) or 1) != 1 or float(ds.get("RescaleIntercept", 0) or 0) != 0
+        has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
+        deep = int(ds.get("BitsStored", 8) or 8) > 8 or arr.dtype != np.uint8
+        values = arr
+        if has_rescale:
+            values = apply_modality_lut(values, ds)
+        if has_voi:
+            values = apply_voi_lut(values, ds, index=0)
+        img = to_uint8(values, stretch=has_rescale or has_voi or deep)
+        if photometric == "MONOCHROME1":
+            img = 255 - img
+    else:
+        # pydicom converts YBR to RGB on decode; palette colour is rare in radiographs.
+        img = _to_gray(arr, label)
+        img = to_uint8(img, stretch=img.dtype != np.uint8)
+    return np.ascontiguousarray(img), info
+
+
+def _decode_pillow(data: bytes, label: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            _check_pixels(label, im.width, im.height, getattr(im, "n_frames", 1) if im.format == "TIFF" else 1)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                arr = np.asarray(im)
+                if mode == "I" and arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
+                    return arr.astype(np.uint8)
+                return to_uint8(arr, stretch=True)
+            if mode in ("RGB", "RGBA"):
+                return _to_gray(np.asarray(im), label)
+            return np.asarray(im.convert("L"))
+    except ImageDecodeError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(label, "not an image: neither DICOM nor a format Pillow reads (PNG, JPEG, ...)") from None
+    except _DECODE_ERRORS as exc:
+        raise ImageDecodeError(label, f"image cannot be decoded, the file may be truncated or corrupt ({exc})") from None
+
+
+def decode_image_info(source: Source, *, name: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """Like :func:`decode_image`, also returning header facts (``view``, ``format``) when known."""
+    data, label = _read(source, name)
+    if not data:
+        raise ImageDecodeError(label, "file is empty")
+    if is_dicom(data):
+        img, info = _decode_dicom(data, label)
+        info["format"] = "DICOM"
+    else:
+        img, info = _decode_pillow(data, label), {"format": "image"}
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ImageDecodeError(label, f"decoded to an unexpected array {img.dtype} {img.shape}")
+    return img, info
+
+
+def decode_image(source: Source, *, name: str | None = None) -> np.ndarray:
+    """Decode a PNG/JPEG/DICOM file (path or bytes) to a grayscale uint8 array (H, W).
+
+    ``name`` is what error messages call the input (useful for uploaded bytes). Raises
+    :class:`ImageDecodeError` for a missing, corrupt, truncated, non-image or oversized input.
+    """
+    return decode_image_info(source, name=name)[0]
+
+
+def resize_gray(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize to (size, size) without keeping the aspect ratio, as the paper; area filter when shrinking."""
+    if img.ndim != 2:
+        raise ValueError(f"expected a grayscale (H, W) image, got shape {img.shape}")
+    if img.shape == (size, size):
+        return np.ascontiguousarray(img, dtype=np.uint8)
+    shrinking = img.shape[0] * img.shape[1] > size * size
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(img, dtype=np.uint8), (size, size), interpolation=interp)
+
+
+def load_image(source: Source, image_size: int, *, name: str | None = None) -> np.ndarray:
+    """Decode and resize: what training caches and inference feed the networks."""
+    return resize_gray(decode_image(source, name=name), image_size)
