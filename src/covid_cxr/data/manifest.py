@@ -1,0 +1,77 @@
+"""The manifest: one table of every usable image, whatever dataset it came from.
+
+Columns (:data:`COLUMNS`): ``image_id`` (unique, stable, file-system safe: ``<source
+prefix>/<name>``), ``path`` (absolute), ``label`` (a class key of :mod:`covid_cxr.labels`),
+``patient_id`` (what splits group on), ``source`` and ``view``. Nothing downstream needs to
+know which adapter produced a row.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from covid_cxr.errors import DataError
+from covid_cxr.labels import CLASSES
+
+COLUMNS: tuple[str, ...] = ("image_id", "path", "label", "patient_id", "source", "view")
+SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str) -> str:
+    """A file-system safe version of a name: runs of other characters become one ``_``."""
+    out = SAFE.sub("_", str(text).strip()).strip("._")
+    return out or "_"
+
+
+def make_ids(prefix: str, names: pd.Series) -> pd.Series:
+    """Image ids ``<prefix>/<safe stem>``; stems that collide keep their extension (``_png``) too."""
+    names = names.astype(str)
+    stems = names.map(lambda n: safe_name(n.rsplit(".", 1)[0] if "." in n else n))
+    clash = stems.duplicated(keep=False)
+    stems = stems.where(~clash, names.map(safe_name).str.replace(".", "_", regex=False))
+    return prefix + "/" + stems
+
+
+def finalize(rows: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Order the columns, check the values, and return a clean manifest part."""
+    missing = [c for c in COLUMNS if c not in rows.columns]
+    if missing:
+        raise DataError(f"{where}: manifest rows lack {', '.join(missing)}")
+    out = rows.loc[:, list(COLUMNS)].copy()
+    for col in COLUMNS:
+        out[col] = out[col].fillna("").astype(str)
+    bad = sorted(set(out["label"]) - set(CLASSES))
+    if bad:
+        raise DataError(f"{where}: unknown labels {', '.join(bad)}; valid labels are {', '.join(CLASSES)}")
+    if (out["patient_id"] == "").any():
+        raise DataError(f"{where}: {int((out['patient_id'] == '').sum())} rows have no patient id")
+    return out.reset_index(drop=True)
+
+
+def combine(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate manifest parts; image ids must be unique across all sources."""
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(COLUMNS))
+    dup = frame["image_id"][frame["image_id"].duplicated()]
+    if len(dup):
+        raise DataError(f"image ids are not unique across sources: {', '.join(sorted(set(dup))[:10])}")
+    return frame.sort_values(["source", "image_id"], kind="stable").reset_index(drop=True)
+
+
+def table1(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images per source and class (the paper's Table 1), with totals."""
+    table = pd.crosstab(manifest["source"], manifest["label"]).reindex(columns=list(CLASSES), fill_value=0)
+    table.loc["total"] = table.sum()
+    table["total"] = table.sum(axis=1)
+    return table.astype(int)
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a written ``manifest.csv`` back (every column as text)."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: run 'covid-cxr prepare' to write it") from None
+    return finalize(frame, str(path))
