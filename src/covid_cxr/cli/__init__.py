@@ -18,6 +18,9 @@ from covid_cxr import __version__
 
 # Order here is the order in --help. Add a verb by adding its module name.
 VERBS: tuple[str, ...] = (
+    "evaluate",
+    "metrics",
+    "report",
 )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from covid_cxr.evaluate.metrics import calibration_bins, roc_curve
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
@@ -100,7 +101,10 @@ def calibration_figure(true_idx: np.ndarray, probs: np.ndarray, n_bins: int = 15
     top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
     bottom.bar(centres, bins.count, width=width * 0.9, color="0.5")
-    bottom.set_yscale("log" if bins.count.max(initial=0) > 0 else "linear")
+    if bins.count.max(initial=0) > 0:
+        bottom.set_yscale("log")  # thousands of confident images beside a handful of doubtful ones
+        bottom.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        bottom.yaxis.set_minor_formatter(NullFormatter())
     bottom.set_xlim(0, 1)
     bottom.set_xlabel("top-class probability (confidence)")
     bottom.set_ylabel("images")

@@ -1,0 +1,31 @@
+"""``covid-cxr report RUN...``: per-fold tables, mean ± sd over folds, pooled CIs, the paper beside ours."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from covid_cxr.evaluate.report import write_report
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report",
+        help="cross-fold report (Markdown + one self-contained HTML page) beside the paper's Table 4",
+        description="Each RUN is a run folder (its eval-test/ is read), an evaluation folder or a predictions "
+        "CSV. Runs are grouped by network; each fold may appear once per network.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="evaluated runs (one per fold)")
+    p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default ./report)")
+    p.add_argument("--network-label", help="display name for the runs' network (one network only); a paper "
+                   "name (Xception, ResNet50V2, Concatenated) also picks the paper row to compare with")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="AUC bootstrap resamples (default 1000)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0; got {args.bootstrap}")
+    path = write_report(args.runs, args.out, network_label=args.network_label, n_boot=args.bootstrap)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0

@@ -1,0 +1,304 @@
+"""Cross-fold report: per-fold tables, mean ± sd over folds, pooled figures, the paper beside ours.
+
+The paper averages the per-fold figures of Table 4; we show that (mean ± sample sd over folds)
+and also the pooled figures (one confusion matrix over the concatenated predictions of all
+folds) with Wilson intervals, since the mean of five rates hides how few COVID-19 images stand
+behind them. Output: ``report.md`` (+ ``report_files/*.png``), one self-contained
+``report.html`` (inline CSS, plots as base64 PNG, no external URL) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from covid_cxr.errors import DataError
+from covid_cxr.evaluate import plots
+from covid_cxr.evaluate.metrics import COUNTS, RATES, table3_row, table4_row
+from covid_cxr.evaluate.paper import paper_average, paper_network_name
+from covid_cxr.evaluate.predictions import Predictions, read_predictions, validate_predictions
+from covid_cxr.evaluate.run import write_json
+from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+
+TABLE4_KEYS: tuple[str, ...] = ("accuracy", *(f"{c}_{r}" for r in RATES for c in CLASSES))
+EXTRA_KEYS: tuple[str, ...] = ("balanced_accuracy", *(f"{c}_f1" for c in CLASSES), *(f"{c}_auc" for c in CLASSES), "ece")
+PLOT_FILES: tuple[str, ...] = ("confusion_matrix.png", "roc.png", "calibration.png")
+
+
+@dataclass
+class FoldResult:
+    """One evaluated fold: its predictions, figures and where they came from."""
+
+    network: str
+    fold: int | str
+    split: str
+    eval_dir: Path | None
+    preds: Predictions
+    metrics: dict[str, Any]
+
+
+@dataclass
+class Table:
+    """A small table rendered both as Markdown and as HTML."""
+
+    headers: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _label(key: str) -> str:
+    """'covid_recall' -> 'COVID-19 recall'."""
+    for c in CLASSES:
+        if key.startswith(c + "_"):
+            return f"{DISPLAY_NAMES[c]} {key[len(c) + 1:].replace('_', ' ')}"
+    return key.replace("_", " ")
+
+
+def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
+    """Read one evaluation: a run folder (its ``eval-test/``), an eval folder, or a predictions CSV."""
+    path = Path(path)
+    if path.is_dir() and not (path / "predictions.csv").is_file() and (path / "eval-test" / "predictions.csv").is_file():
+        path = path / "eval-test"
+    if path.is_dir():
+        eval_dir, csv = path, path / "predictions.csv"
+    elif path.is_file():
+        eval_dir, csv = path.parent, path
+    else:
+        raise DataError(f"{path}: no such run, evaluation folder or predictions file")
+    if not csv.is_file():
+        raise DataError(f"{path}: no predictions.csv; run 'covid-cxr evaluate {path}' first")
+    info: dict[str, Any] = {}
+    meta_file = eval_dir / "metrics.json"
+    if meta_file.is_file() and csv.name == "predictions.csv":
+        try:
+            info = json.loads(meta_file.read_text()).get("evaluation", {}) or {}
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{meta_file}: not valid JSON ({exc}); re-run 'covid-cxr evaluate'") from exc
+    preds = read_predictions(csv)
+    # Recomputed from the predictions, the one source of truth, rather than trusted from metrics.json.
+    metrics = preds.metrics(n_boot=n_boot)
+    return FoldResult(network=str(info.get("network") or "unknown"), fold=info.get("fold", csv.stem),
+                      split=str(info.get("split") or "test"), eval_dir=eval_dir if info else None,
+                      preds=preds, metrics=metrics)
+
+
+def _pooled(results: Sequence[FoldResult], n_boot: int) -> tuple[Predictions, dict[str, Any]]:
+    frames = []
+    for r in results:
+        frame = r.preds.frame.copy()
+        if "patient_id" not in frame.columns:
+            frame["patient_id"] = [f"fold{r.fold}-row{i}" for i in range(len(frame))]  # images as their own group
+        frames.append(frame)
+    has_probs = all(r.preds.has_probs for r in results)
+    pooled = pd.concat(frames, ignore_index=True)
+    if not has_probs:
+        pooled = pooled.drop(columns=[c for c in pooled.columns if c.startswith("p_")])
+    preds = validate_predictions(pooled, "pooled predictions")
+    return preds, preds.metrics(n_boot=n_boot)
+
+
+def summarize(results: Sequence[FoldResult], *, paper_network: str | None = None, n_boot: int = 1000) -> dict[str, Any]:
+    """Per-fold rows, mean and sample sd over folds, pooled figures with CIs, and the paper's average row."""
+    per_fold = pd.DataFrame([{"fold": r.fold, **{k: r.metrics.get(k, math.nan) for k in (*TABLE4_KEYS, *EXTRA_KEYS)}}
+                             for r in results])
+    numeric = per_fold.drop(columns=["fold"]).astype(float)
+    pooled_preds, pooled = _pooled(results, n_boot)
+    return {
+        "folds": [r.fold for r in results],
+        "table3": [{"fold": r.fold, **table3_row(r.preds.confusion())} for r in results],
+        "per_fold": per_fold.to_dict(orient="records"),
+        "mean": numeric.mean(skipna=False).to_dict(),
+        "sd": numeric.std(ddof=1).to_dict() if len(results) > 1 else {k: math.nan for k in numeric.columns},
+        "pooled": pooled,
+        "pooled_table3": table3_row(pooled_preds.confusion()),
+        "pooled_table4": table4_row(pooled_preds.confusion()),
+        "paper_network": paper_network,
+        "paper_average": paper_average(paper_network) if paper_network else None,
+        "_pooled_preds": pooled_preds,
+    }
+
+
+def render_audit_section(audit: dict[str, Any] | None) -> tuple[str, str]:
+    """AUDIT PLUG-IN POINT: the "Did it learn the disease?" section, as (Markdown, HTML).
+
+    The audit area passes its results dict here; each key becomes a row (a finding and its
+    figure or verdict). Renders nothing at all when there are no audit results.
+    """
+    if not audit:
+        return "", ""
+    table = Table(["check", "result"], [[str(k), _fmt(v) if isinstance(v, float) else str(v)] for k, v in audit.items()])
+    intro = "Checks that the network looks at the lungs and the disease rather than the image source."
+    md = f"## Did it learn the disease?\n\n{intro}\n\n{table.markdown()}\n"
+    return md, f"<h2>Did it learn the disease?</h2><p>{html.escape(intro)}</p>{table.html()}"
+
+
+def _counts_table(summary: dict[str, Any]) -> Table:
+    keys = [f"{c}_{k}" for c in CLASSES for k in COUNTS]
+    rows = [[str(row["fold"]), *(str(row[k]) for k in keys)] for row in summary["table3"]]
+    rows.append(["pooled", *(str(summary["pooled_table3"][k]) for k in keys)])
+    return Table(["fold", *(_label(k) for k in keys)], rows)
+
+
+def _rates_table(summary: dict[str, Any], keys: Sequence[str], with_paper: bool) -> Table:
+    """Metrics as rows; folds, mean ± sd, pooled [95% CI] and the paper's average as columns."""
+    headers = ["metric", *(f"fold {f}" for f in summary["folds"]), "mean ± sd", "pooled [95% CI]"]
+    if with_paper:
+        headers += [f"paper avg ({summary['paper_network']})", "mean − paper"]
+    rows = []
+    for key in keys:
+        values = [r[key] for r in summary["per_fold"]] + [summary["pooled"].get(key, math.nan)]
+        if all(v is None or math.isnan(v) for v in values):
+            continue  # e.g. AUC and ECE when the predictions carry no probabilities
+        row = [_label(key), *(_fmt(r[key]) for r in summary["per_fold"])]
+        mean, sd = summary["mean"][key], summary["sd"][key]
+        row.append(_fmt(mean) if math.isnan(sd) else f"{_fmt(mean)} ± {_fmt(sd)}")
+        pooled = summary["pooled"]
+        digits = 3 if key.endswith("_auc") else 2
+        low, high = pooled.get(f"{key}_ci_low"), pooled.get(f"{key}_ci_high")
+        cell = _fmt(pooled.get(key, math.nan), digits)
+        row.append(cell + (f" [{_fmt(low, digits)}, {_fmt(high, digits)}]" if low is not None else ""))
+        if with_paper:
+            paper = summary["paper_average"].get(key) if summary["paper_average"] else None
+            diff = "n/a" if paper is None or math.isnan(mean) else f"{mean - paper + 0.0:+.2f}".replace("-0.00", "+0.00")
+            row += [_fmt(paper), diff]
+        rows.append(row)
+    return Table(headers, rows)
+
+
+def _network_figures(summary: dict[str, Any], title: str) -> dict[str, bytes]:
+    """The pooled plots as PNG bytes (ROC and calibration only when probabilities are known)."""
+    preds: Predictions = summary["_pooled_preds"]
+    cm = preds.confusion()
+    figs = {"confusion_matrix": plots.confusion_figure(cm, title=f"{title}: pooled over folds (N = {int(cm.sum())})")}
+    if preds.has_probs:
+        m = summary["pooled"]
+        aucs = {c: (m[f"{c}_auc"], m[f"{c}_auc_ci_low"], m[f"{c}_auc_ci_high"]) for c in CLASSES}
+        figs["roc"] = plots.roc_figure(preds.true_idx, preds.probs, aucs=aucs, title=f"{title}: ROC, pooled")
+        figs["calibration"] = plots.calibration_figure(preds.true_idx, preds.probs,
+                                                       title=f"{title}: calibration, pooled (ECE {m['ece']:.2f}%)")
+    return {name: plots.figure_png(fig) for name, fig in figs.items()}
+
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1200px;
+padding:0 1rem;color:#1b1b1b}table{border-collapse:collapse;margin:.8rem 0;font-size:.86rem}
+th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}th{background:#f2f4f7}
+td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee;margin:.3rem}
+.note{color:#6b4e00;background:#fff7e0;padding:.4rem .7rem;border-left:3px solid #e0a800}
+details{margin:.6rem 0}summary{cursor:pointer;font-weight:600}"""
+
+
+def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None = None,
+                 audit: dict[str, Any] | None = None, n_boot: int = 1000) -> Path:
+    """Write report.md, report.html and summary.json for evaluated runs; return the HTML path.
+
+    Runs are grouped by network (and split); two runs of one network on the same fold are
+    refused, since the mean over folds would count that fold twice.
+    """
+    if not runs:
+        raise DataError("no runs given; pass the run folders (or eval folders / predictions files) to report on")
+    results = [load_evaluation(Path(r), n_boot=n_boot) for r in runs]
+    groups: dict[tuple[str, str], list[FoldResult]] = {}
+    for r in results:
+        groups.setdefault((r.network, r.split), []).append(r)
+    if network_label and len(groups) > 1:
+        raise DataError(f"--network-label names one network, but the runs hold {len(groups)}: "
+                        f"{', '.join(f'{n} ({s})' for n, s in groups)}; report them separately")
+    out = Path(out)
+    files_dir = out / "report_files"
+    if files_dir.exists():
+        shutil.rmtree(files_dir)
+    files_dir.mkdir(parents=True)
+    md: list[str] = ["# Evaluation report", ""]
+    body: list[str] = ["<h1>Evaluation report</h1>"]
+    summary_json: dict[str, Any] = {}
+    for (network, split), members in groups.items():
+        members.sort(key=lambda r: str(r.fold))
+        seen: dict[str, FoldResult] = {}
+        for r in members:
+            if str(r.fold) in seen:
+                raise DataError(f"two evaluations of {network} on fold {r.fold}; give each fold once")
+            seen[str(r.fold)] = r
+        label = network_label or paper_network_name(network) or network
+        paper_name = paper_network_name(network_label or "") or paper_network_name(network)
+        summary = summarize(members, paper_network=paper_name, n_boot=n_boot)
+        slug = f"{network}-{split}"
+        title = f"{label} ({split} split, {len(members)} fold{'s' if len(members) > 1 else ''})"
+        counts = _counts_table(summary)
+        rates = _rates_table(summary, TABLE4_KEYS, with_paper=summary["paper_average"] is not None)
+        extras = _rates_table(summary, EXTRA_KEYS, with_paper=False)
+        notes = sorted(set(summary["pooled"]["notes"]) | {n for r in members for n in r.metrics["notes"]})
+        figures = _network_figures(summary, label)
+        md += [f"## {title}", "", "### Table 3: counts per fold", "", counts.markdown(), "",
+               "### Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)",
+               "", rates.markdown(), "", "### More figures (AUC on 0-1 with patient-bootstrap CI; ECE in %)", "",
+               extras.markdown(), ""]
+        body += [f"<h2>{html.escape(title)}</h2>", "<h3>Table 3: counts per fold</h3>", counts.html(),
+                 "<h3>Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)"
+                 "</h3>", rates.html(), "<h3>More figures (AUC on 0-1 with patient-bootstrap CI; ECE in %)</h3>",
+                 extras.html()]
+        if notes:
+            md += ["Notes: " + "; ".join(notes), ""]
+            body.append(f"<p class='note'>{html.escape('; '.join(notes))}</p>")
+        md += ["### Plots (pooled over folds)", ""]
+        body.append("<h3>Plots (pooled over folds)</h3>")
+        for name, png in figures.items():
+            (files_dir / f"{slug}-{name}.png").write_bytes(png)
+            md.append(f"![{name}](report_files/{slug}-{name}.png)")
+            body.append(_img(png, f"{label} {name}"))
+        md.append("")
+        per_fold_imgs = [(r, p) for r in members if r.eval_dir for p in PLOT_FILES if (r.eval_dir / p).is_file()]
+        if per_fold_imgs:
+            md += ["### Per-fold plots", ""]
+            body.append("<details><summary>Per-fold plots</summary>")
+            for r, name in per_fold_imgs:
+                png = (r.eval_dir / name).read_bytes()  # type: ignore[operator]
+                target = files_dir / f"{slug}-fold{r.fold}-{name}"
+                target.write_bytes(png)
+                md.append(f"![fold {r.fold} {name}](report_files/{target.name})")
+                body.append(_img(png, f"fold {r.fold} {name}"))
+            body.append("</details>")
+            md.append("")
+        summary_json[slug] = {k: v for k, v in summary.items() if not k.startswith("_")}
+    audit_md, audit_html = render_audit_section(audit)
+    if audit_md:
+        md.append(audit_md)
+        body.append(audit_html)
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    write_json(summary_json, out / "summary.json")
+    page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>covid-cxr evaluation report</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    path = out / "report.html"
+    path.write_text(page)
+    return path
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
+__all__ = ["FoldResult", "load_evaluation", "render_audit_section", "summarize", "write_report"]
