@@ -1,0 +1,320 @@
+"""Audit results: one JSON file per audit, and the report's "Did it learn the disease?" section.
+
+Every audit writes ``<audit>.json`` (``source``, ``ablation``, ``cross_source``, ``cam``) into
+``RUN/audit/`` (or the folder the user names) with this shape::
+
+    {"audit": "source", "schema_version": 1, "created": "...", "inputs": {...},
+     "metrics": {...}, "thresholds": {"name": {"value": x, "why": "..."}}, "flags": [
+        {"code": "source-predictable", "message": "plain-language finding"}], "notes": [...]}
+
+An interval is ``{"value": x, "low": l, "high": h, "n": n, "method": "wilson"|"bootstrap"}``.
+:func:`render_section` turns the loaded results into Markdown or HTML for the report. The
+section says what the figures mean and what they do not: the audits can show a shortcut; no
+audit can prove there is none.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from covid_cxr import __version__
+from covid_cxr.errors import DataError
+from covid_cxr.labels import DISPLAY_NAMES
+
+AUDITS: tuple[str, ...] = ("source", "ablation", "cross_source", "cam")
+SCHEMA_VERSION = 1
+SECTION_TITLE = "Did it learn the disease?"
+
+Block = tuple[Any, ...]  # ("h", text) | ("p", text) | ("ul", [text]) | ("table", header, rows)
+
+
+def flag(code: str, message: str) -> dict[str, str]:
+    """A finding for the user: a stable ``code`` for programs, a ``message`` for people."""
+    return {"code": code, "message": message}
+
+
+def threshold(value: float, why: str) -> dict[str, Any]:
+    return {"value": value, "why": why}
+
+
+def make_result(
+    audit: str,
+    *,
+    inputs: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    thresholds: Mapping[str, Any],
+    flags: Sequence[Mapping[str, str]],
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
+    if audit not in AUDITS:
+        raise ValueError(f"unknown audit {audit!r}; one of {', '.join(AUDITS)}")
+    return {
+        "audit": audit,
+        "schema_version": SCHEMA_VERSION,
+        "covid_cxr_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": dict(inputs),
+        "metrics": dict(metrics),
+        "thresholds": dict(thresholds),
+        "flags": [dict(f) for f in flags],
+        "notes": list(notes),
+    }
+
+
+def write_result(result: Mapping[str, Any], out_dir: Path) -> Path:
+    """Write ``<out_dir>/<audit>.json`` through a temporary file, so a crash never leaves half a file."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{result['audit']}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite(result), indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _finite(obj: Any) -> Any:
+    # JSON has no NaN: an undefined figure (e.g. AUC with one class present) is written as null.
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def audit_dir_for(target: Path) -> Path:
+    """Where audit results of ``target`` go: ``RUN/audit`` for a run folder or a checkpoint inside one."""
+    target = Path(target)
+    if target.is_dir():
+        return target / "audit"
+    if (target.parent / "run.json").is_file():
+        return target.parent / "audit"
+    return target.parent / f"{target.stem}-audit"
+
+
+def load_results(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """Read every ``<audit>.json`` in ``folder`` (a run folder or its ``audit/``); None when there is none."""
+    folder = Path(folder)
+    if (folder / "audit").is_dir():
+        folder = folder / "audit"
+    found: dict[str, dict[str, Any]] = {}
+    for name in AUDITS:
+        path = folder / f"{name}.json"
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc}); rerun 'covid-cxr audit' to rewrite it") from exc
+        if not isinstance(data, dict) or data.get("audit") != name:
+            raise DataError(f"{path}: not a covid-cxr audit result; rerun 'covid-cxr audit' to rewrite it")
+        found[name] = data
+    return found or None
+
+
+# ----------------------------------------------------------------------------- formatting helpers
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * x:.1f}%"
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def with_ci(iv: Mapping[str, Any] | None, *, as_pct: bool = True) -> str:
+    """``80.6% (95% CI 63.7-90.8%)`` for an interval dict."""
+    if not iv or iv.get("value") is None:
+        return "n/a"
+    fmt = pct if as_pct else num
+    if iv.get("low") is None or iv.get("high") is None:
+        return fmt(iv["value"])
+    if as_pct:
+        return f"{pct(iv['value'])} (95% CI {100 * iv['low']:.1f}-{100 * iv['high']:.1f}%)"
+    return f"{num(iv['value'])} (95% CI {num(iv['low'])}-{num(iv['high'])})"
+
+
+def class_name(key: str) -> str:
+    return DISPLAY_NAMES.get(key, key)
+
+
+# ----------------------------------------------------------------------------- the report section
+
+_GENERAL_CAVEATS: tuple[str, ...] = (
+    "These audits can show that a model uses something other than the disease; none of them can prove "
+    "that it does not. Passing every audit does not make a model fit for diagnosis.",
+    "A Grad-CAM heatmap that looks right is not proof: the maps are coarse, they show where the gradient "
+    "of one layer is large, not what the decision rests on, and a map can sit on the lungs while the "
+    "score comes from a marker elsewhere.",
+    "A source probe that fails to predict the source does not prove the absence of shortcuts: another "
+    "probe, more data or a cue this probe cannot see may still separate the sources.",
+    "A score that falls when the lungs are hidden shows the model needs the lung region; it does not show "
+    "that it reads the disease there. The built-in lung fields are a coarse estimate, not a segmentation.",
+    "Small test sets give wide intervals: read the interval, not the point estimate.",
+)
+
+
+def section_blocks(results: Mapping[str, Mapping[str, Any]] | None) -> list[Block]:
+    """The section as neutral blocks, rendered by :func:`render_section` to Markdown or HTML."""
+    blocks: list[Block] = [("h", SECTION_TITLE)]
+    if not results:
+        blocks.append(
+            (
+                "p",
+                "No audit was run for this model. Accuracy alone cannot tell whether a model learned the "
+                "disease or the source of the images: run 'covid-cxr audit source', 'audit ablation', "
+                "'audit cross-source' and 'audit cam' and rebuild the report.",
+            )
+        )
+        blocks.append(("ul", list(_GENERAL_CAVEATS)))
+        return blocks
+    all_flags = [f for name in AUDITS for f in (results.get(name) or {}).get("flags", [])]
+    if all_flags:
+        blocks.append(("p", f"Warning: {len(all_flags)} finding(s) suggest the model may rely on the dataset, not the disease:"))
+        blocks.append(("ul", [f["message"] for f in all_flags]))
+    else:
+        ran = ", ".join(name.replace("_", "-") for name in AUDITS if name in results)
+        blocks.append(("p", f"No audit raised a flag (audits run: {ran}). That is the absence of evidence of a "
+                            "shortcut, not evidence of its absence; see below."))
+    for name in AUDITS:
+        if name in results:
+            blocks.extend(_RENDERERS[name](results[name]))
+    blocks.append(("h3", "What these results do not show"))
+    blocks.append(("ul", list(_GENERAL_CAVEATS)))
+    return blocks
+
+
+def _source_blocks(res: Mapping[str, Any]) -> list[Block]:
+    m = res["metrics"]
+    how = ("a linear probe on the checkpoint's frozen pooled features" if m.get("mode") == "linear-probe"
+           else "a small CNN trained from scratch")
+    rows = [["all test images", str(m["overall"]["n"]), with_ci(m["overall"].get("accuracy")),
+             pct(m["overall"].get("balanced_accuracy")), with_ci(m["overall"].get("auc"), as_pct=False)]]
+    for cls, w in (m.get("within_class") or {}).items():
+        rows.append([f"{class_name(cls)} images only", str(w["n"]), with_ci(w.get("accuracy")),
+                     pct(w.get("balanced_accuracy")), with_ci(w.get("auc"), as_pct=False)])
+    out: list[Block] = [
+        ("h3", "Can the source of an image be predicted from its pixels?"),
+        ("p", f"{how.capitalize()} was trained to tell the image's source ({', '.join(m.get('sources', []))}) "
+              "instead of its class, on the same training pool, and tested on the test set. Within one class "
+              "the disease cannot explain the source: high accuracy there means the sources differ in "
+              "something else (markers, scanners, processing) that a classifier can use as a shortcut."),
+        ("table", ["test images", "n", "accuracy", "balanced accuracy", "AUC"], rows),
+    ]
+    if m.get("confounded_classes"):
+        pairs = ", ".join(f"{class_name(c)} only from {s}" for c, s in m["confounded_classes"].items())
+        out.append(("p", f"Class and source are confounded by design: {pairs}."))
+    return out
+
+
+def _ablation_blocks(res: Mapping[str, Any]) -> list[Block]:
+    m = res["metrics"]
+    labels = {"as_is": "as is", "lungs_hidden": "lung fields hidden", "only_lungs": "only lung fields shown"}
+    classes = list(m["conditions"]["as_is"].get("recall", {}))
+    rows = []
+    for key, label in labels.items():
+        c = m["conditions"][key]
+        rows.append([label, str(c["n"]), with_ci(c["accuracy"]), pct(c.get("balanced_accuracy"))]
+                    + [with_ci(c["recall"][k]) for k in classes])
+    return [
+        ("h3", "Does the score survive when the lungs are hidden?"),
+        ("p", f"The test set was evaluated three times: as is, with the lung fields filled with "
+              f"{m.get('fill_description', 'the image mean')}, and with everything but the lung fields so filled. "
+              f"Lung fields: {m.get('mask_description', m.get('mask_source', ''))}. Chance balanced accuracy is "
+              f"{pct(m.get('chance_balanced_accuracy'))}. A model that reads the disease should fall to chance "
+              "without the lungs."),
+        ("table", ["images", "n", "accuracy", "balanced accuracy"] + [f"{class_name(k)} recall" for k in classes], rows),
+    ]
+
+
+def _cross_source_blocks(res: Mapping[str, Any]) -> list[Block]:
+    m = res["metrics"]
+    cls = class_name(m["class"])
+    rows = [
+        [f"seen sources ({', '.join(m['in_source']['sources'])})", str(m["in_source"]["n"]), with_ci(m["in_source"]["recall"])],
+        [f"unseen source {m['source']}", str(m["unseen_source"]["n"]), with_ci(m["unseen_source"]["recall"])],
+    ]
+    return [
+        ("h3", f"Does {cls} recall hold on a source the model never saw for that class?"),
+        ("p", f"{cls} images from {m['source']}, a source with no {cls} image in the training pool, against "
+              f"{cls} test images from the sources the model was trained on. A model that learned the disease "
+              "keeps its recall on a new source; one that learned the source loses it."),
+        ("table", ["test images", "n", f"{cls} recall"], rows),
+    ]
+
+
+def _cam_blocks(res: Mapping[str, Any]) -> list[Block]:
+    m = res["metrics"]
+    rows = [[class_name(k), str(v["n"]), with_ci(v["mass_in_lungs"]), pct(v["lung_area"]), num(v.get("ratio"), 2)]
+            for k, v in m["per_class"].items()]
+    return [
+        ("h3", "Where does the Grad-CAM heatmap lie?"),
+        ("p", f"Share of Grad-CAM mass (for the {m.get('target', 'predicted')} class) inside the lung fields, over the "
+              f"test set by true class, beside the share of the image the lung fields cover (what a uniform map "
+              f"would give). Lung fields: {m.get('mask_description', '')}. A ratio near 1 means the map is no "
+              "more on the lungs than chance."),
+        ("table", ["true class", "n", "mass in lung fields", "lung area", "ratio"], rows),
+    ]
+
+
+_RENDERERS = {"source": _source_blocks, "ablation": _ablation_blocks, "cross_source": _cross_source_blocks,
+              "cam": _cam_blocks}
+
+
+def render_section(results: Mapping[str, Mapping[str, Any]] | None, fmt: str = "html") -> str:
+    """The "Did it learn the disease?" section as an HTML or Markdown fragment."""
+    blocks = section_blocks(results)
+    if fmt == "markdown":
+        return _markdown(blocks)
+    if fmt == "html":
+        return _html(blocks)
+    raise ValueError(f"format must be 'html' or 'markdown'; got {fmt!r}")
+
+
+def _markdown(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            out.append(f"## {block[1]}")
+        elif kind == "h3":
+            out.append(f"### {block[1]}")
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "ul":
+            out.append("\n".join(f"- {item}" for item in block[1]))
+        elif kind == "table":
+            header, rows = block[1], block[2]
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
+            out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def _html(blocks: list[Block]) -> str:
+    e = html.escape
+    out: list[str] = ['<section class="audit" id="did-it-learn-the-disease">']
+    for block in blocks:
+        kind = block[0]
+        if kind == "h":
+            out.append(f"<h2>{e(block[1])}</h2>")
+        elif kind == "h3":
+            out.append(f"<h3>{e(block[1])}</h3>")
+        elif kind == "p":
+            out.append(f"<p>{e(block[1])}</p>")
+        elif kind == "ul":
+            out.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in block[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in block[1])
+            body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    out.append("</section>")
+    return "\n".join(out) + "\n"
