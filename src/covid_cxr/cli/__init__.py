@@ -21,6 +21,7 @@ VERBS: tuple[str, ...] = (
     "evaluate",
     "metrics",
     "report",
+    "predict", "export", "serve",
 )
 
 
