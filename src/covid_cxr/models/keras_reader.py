@@ -1,0 +1,218 @@
+"""Read Keras weight files into one neutral form: named layers with named arrays.
+
+Formats (all HDF5, read with h5py; Keras itself is not needed):
+
+* legacy HDF5 weights (Keras 1/2 ``save_weights`` and the Keras application ImageNet files):
+  root attribute ``layer_names``; per layer a group with attribute ``weight_names``
+  (``block1_conv1/kernel:0``...), whose arrays lie at ``<layer>/<weight name>``;
+* legacy HDF5 whole models (Keras 2 ``model.save('x.h5')``, the authors' ``.hdf5`` files): the same
+  under ``model_weights``, plus the architecture as JSON in the root attribute ``model_config``;
+* Keras 3 ``.weights.h5``: ``layers/<class>_<k>/vars/<i>`` with positional arrays (the layer's
+  name in the ``vars`` attribute ``name`` where Keras wrote it);
+* Keras 3 ``.keras``: a zip holding ``config.json`` and ``model.weights.h5`` (as above).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from covid_cxr.errors import CheckpointError
+
+WEIGHT_ORDER: dict[str, tuple[str, ...]] = {
+    # Keras 3 saves a layer's variables by position, in this order.
+    "conv2d": ("kernel", "bias"),
+    "separable_conv2d": ("depthwise_kernel", "pointwise_kernel", "bias"),
+    "batch_normalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+    "dense": ("kernel", "bias"),
+}
+KNOWN_WEIGHTS = {w for names in WEIGHT_ORDER.values() for w in names}
+
+
+@dataclass
+class KerasLayer:
+    """One Keras layer's weights, by canonical weight name (``kernel``, ``gamma``...)."""
+
+    name: str
+    weights: dict[str, np.ndarray]
+
+    @property
+    def kind(self) -> str:
+        """``sepconv``, ``bn``, ``conv`` or ``dense``: what the weights say the layer is."""
+        if "depthwise_kernel" in self.weights:
+            return "sepconv"
+        if "gamma" in self.weights or "moving_mean" in self.weights:
+            return "bn"
+        kernel = self.weights.get("kernel")
+        if kernel is not None and kernel.ndim == 4:
+            return "conv"
+        if kernel is not None and kernel.ndim == 2:
+            return "dense"
+        return "other"
+
+
+@dataclass
+class KerasWeights:
+    """The weight-holding layers of one file, in the file's (Keras model) order."""
+
+    path: Path
+    file_format: str
+    layers: list[KerasLayer]
+    input_size: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def names(self) -> set[str]:
+        return {layer.name for layer in self.layers}
+
+
+def read_keras_weights(path: str | Path) -> KerasWeights:
+    """Read any supported Keras file; raise :class:`CheckpointError` naming the file if it cannot be."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such Keras file")
+    if zipfile.is_zipfile(path):
+        return _read_keras_zip(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return _read_h5(f, path)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{path}: not an HDF5 or .keras file ({exc}); expected a Keras .h5/.hdf5, .weights.h5 or .keras file"
+        ) from exc
+
+
+def _read_h5(f: h5py.File, path: Path, config: dict[str, Any] | None = None) -> KerasWeights:
+    if "layer_names" in f.attrs:
+        return KerasWeights(path, "keras-legacy-weights", _read_legacy(f, path))
+    if "model_weights" in f and "layer_names" in f["model_weights"].attrs:
+        model_config = f.attrs.get("model_config")
+        if isinstance(model_config, bytes):
+            model_config = model_config.decode("utf-8")
+        size = _input_size(json.loads(model_config)) if model_config else None
+        return KerasWeights(path, "keras-legacy-model", _read_legacy(f["model_weights"], path), size)
+    if "layers" in f or "vars" in f:
+        size = _input_size(config) if config else None
+        fmt = "keras3-model" if config is not None else "keras3-weights"
+        return KerasWeights(path, fmt, _read_keras3(f, path, config), size)
+    raise CheckpointError(
+        f"{path}: an HDF5 file but not one Keras wrote (no 'layer_names', 'model_weights' or 'layers'); "
+        "expected a Keras .h5/.hdf5, .weights.h5 or .keras file"
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _read_legacy(group: h5py.Group, path: Path) -> list[KerasLayer]:
+    """Legacy layout; a nested model's group holds several layers, told apart by weight-name prefix."""
+    layers: dict[str, KerasLayer] = {}
+    for layer_name in (_text(n) for n in group.attrs["layer_names"]):
+        layer_group = group[layer_name]
+        for weight_name in (_text(n) for n in layer_group.attrs.get("weight_names", [])):
+            parts = weight_name.split("/")
+            owner = parts[-2] if len(parts) >= 2 else layer_name
+            weight = parts[-1].split(":")[0]
+            if weight not in KNOWN_WEIGHTS:
+                raise CheckpointError(f"{path}: layer {owner!r} has a weight {weight_name!r} of no known kind")
+            layers.setdefault(owner, KerasLayer(owner, {})).weights[weight] = np.asarray(layer_group[weight_name])
+    return list(layers.values())
+
+
+_SUFFIX = re.compile(r"_\d+$")
+
+
+def _read_keras3(f: h5py.File, path: Path, config: dict[str, Any] | None) -> list[KerasLayer]:
+    """Keras 3 layout: groups named by class with a counter, positional variables."""
+    names_from_config = _config_paths(config) if config else {}
+    found: list[tuple[str, KerasLayer]] = []
+
+    def visit(group_path: str, obj: Any) -> None:
+        if not (isinstance(obj, h5py.Group) and group_path.endswith("/vars")):
+            return
+        arrays = [obj[k] for k in sorted(obj, key=int) if isinstance(obj[k], h5py.Dataset)] if obj else []
+        if not arrays:
+            return
+        layer_path = group_path[: -len("/vars")]
+        cls = _SUFFIX.sub("", layer_path.rsplit("/", 1)[-1])
+        order = WEIGHT_ORDER.get(cls)
+        if order is None:
+            raise CheckpointError(f"{path}: {layer_path} is a {cls!r} layer, which no network here has")
+        name = obj.attrs.get("name")
+        name = _text(name) if name is not None else names_from_config.get(layer_path)
+        if name is None:
+            raise CheckpointError(
+                f"{path}: {layer_path} carries no layer name (older Keras 3); save the model as .keras "
+                "(which records names) or as .h5, and import that"
+            )
+        if len(arrays) > len(order):
+            raise CheckpointError(f"{path}: {layer_path} has {len(arrays)} variables; a {cls} has at most {len(order)}")
+        found.append((layer_path, KerasLayer(name, {w: np.asarray(a) for w, a in zip(order, arrays)})))
+
+    f.visititems(visit)
+    # visititems walks alphabetically; Keras' counters give the model's order within a class.
+    found.sort(key=lambda item: _path_order(item[0]))
+    return [layer for _, layer in found]
+
+
+def _path_order(layer_path: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for part in layer_path.split("/"):
+        counter = re.search(r"_(\d+)$", part)
+        out.append((part[: counter.start()], int(counter.group(1))) if counter else (part, -1))
+    return tuple(out)
+
+
+def _snake(name: str) -> str:
+    """Keras' ``to_snake_case`` for class names (Conv2D -> conv2d)."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _config_paths(config: dict[str, Any], prefix: str = "layers") -> dict[str, str]:
+    """Map Keras 3 weight paths (``layers/conv2d_3``) to layer names, from a model's config."""
+    out: dict[str, str] = {}
+    used: dict[str, int] = {}
+    for layer in config.get("config", {}).get("layers", []):
+        snake = _snake(layer["class_name"])
+        if snake in used:
+            used[snake] += 1
+            snake = f"{snake}_{used[snake]}"
+        else:
+            used[snake] = 0
+        path = f"{prefix}/{snake}"
+        out[path] = layer.get("config", {}).get("name") or layer.get("name", snake)
+        if "layers" in layer.get("config", {}):
+            out.update(_config_paths(layer, f"{path}/layers"))
+    return out
+
+
+def _input_size(config: dict[str, Any]) -> int | None:
+    """Height of the first input layer's shape in a Keras model config, if it states one."""
+    for layer in config.get("config", {}).get("layers", []):
+        if layer.get("class_name") == "InputLayer":
+            cfg = layer.get("config", {})
+            shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+            if shape and len(shape) == 4 and isinstance(shape[1], int):
+                return int(shape[1])
+    return None
+
+
+def _read_keras_zip(path: Path) -> KerasWeights:
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        if "model.weights.h5" not in names or "config.json" not in names:
+            raise CheckpointError(f"{path}: a zip file but not a Keras .keras file (no config.json/model.weights.h5)")
+        config = json.loads(zf.read("config.json"))
+        data = zf.read("model.weights.h5")
+    with h5py.File(io.BytesIO(data), "r") as f:
+        return _read_h5(f, path, config)
