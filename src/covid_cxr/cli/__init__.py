@@ -22,6 +22,7 @@ VERBS: tuple[str, ...] = (
     "metrics",
     "report",
     "predict", "export", "serve",
+    "import-keras",
 )
 
 

@@ -1,0 +1,57 @@
+"""``covid-cxr import-keras``: convert Keras files (the authors' models, Keras 3 files, ImageNet no-top weights) to a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from covid_cxr.checkpoint import save_checkpoint
+from covid_cxr.models import list_models
+from covid_cxr.models.keras_import import import_keras
+from covid_cxr.preprocess import SCALINGS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "import-keras",
+        help="convert a Keras model or weights file to a covid-cxr checkpoint",
+        description=(
+            "Convert a whole Keras model (legacy .h5/.hdf5 as the authors published theirs, Keras 3 .keras or "
+            ".weights.h5) to a covid-cxr checkpoint. Keras no-top backbone weights (the ImageNet files) are "
+            "accepted too: the head is then freshly initialised; 'concat' needs both backbone files."
+        ),
+    )
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="Keras file(s)")
+    parser.add_argument("--network", choices=list_models(), help="network of the file (default: inferred from its layers)")
+    parser.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint to write")
+    parser.add_argument(
+        "--classes",
+        nargs=3,
+        metavar="CLASS",
+        help="class of each output unit, in order (default for whole models: the authors' covid normal pneumonia)",
+    )
+    parser.add_argument("--image-size", type=int, help="input size (default: the model's own, else 300)")
+    parser.add_argument(
+        "--scaling",
+        choices=list(SCALINGS),
+        default="unit",
+        help="input scaling the model was trained with: unit = x/255 (the authors'), symmetric = [-1, 1] (ImageNet)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ckpt = import_keras(
+        args.files if len(args.files) > 1 else args.files[0],
+        args.network,
+        classes=args.classes,
+        image_size=args.image_size,
+        scaling=args.scaling,
+    )
+    path = save_checkpoint(ckpt, args.out)
+    print(
+        f"wrote {path}: network {ckpt.network}, classes {', '.join(ckpt.classes)}, "
+        f"input {ckpt.preprocessing.image_size}px scaling {ckpt.preprocessing.scaling}, "
+        f"head {ckpt.meta['source']['head']}"
+    )
+    return 0

@@ -1,0 +1,162 @@
+"""The Keras ImageNet weights (no top) for our backbones: find, fetch, verify, cache, load.
+
+Where a file comes from, in order: the files the caller names (``weights_file``: a file, a
+folder holding the official file names, or a list of files, each recognised by its layers);
+the cache (``$COVID_CXR_CACHE``, else ``$XDG_CACHE_HOME/covid-cxr``, else ``~/.cache/covid-cxr``);
+a download from the official URL. Downloaded and cached files are checked against the known
+digest before use: Keras' own published MD5 for the official files (what ``keras.applications``
+checks), or a SHA-256 where an entry states one. Files the caller names are trusted as chosen,
+and checked by their layer names and shapes when loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from covid_cxr.errors import CheckpointError
+from covid_cxr.models.concat import CxrNet
+from covid_cxr.models.keras_import import backbones_in, load_keras_layers
+from covid_cxr.models.keras_reader import read_keras_weights
+
+_BASE = "https://storage.googleapis.com/tensorflow/keras-applications"
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One downloadable weights file and the digest it must have."""
+
+    backbone: str
+    filename: str
+    url: str
+    sha256: str | None = None
+    md5: str | None = None
+
+    def check(self, path: Path) -> None:
+        """Raise :class:`CheckpointError` if ``path`` does not have the known digest."""
+        algorithm, expected = ("sha256", self.sha256) if self.sha256 else ("md5", self.md5)
+        if expected is None:
+            raise CheckpointError(f"{self.filename}: no known digest to check the file against")
+        digest = hashlib.new(algorithm)
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != expected.lower():
+            raise CheckpointError(
+                f"{path}: {algorithm.upper()} is {digest.hexdigest()}, expected {expected} for {self.filename}; "
+                f"the file is corrupt or not the official one: delete it and download it again from {self.url}"
+            )
+
+
+IMAGENET_WEIGHTS: dict[str, WeightsFile] = {
+    "xception": WeightsFile(
+        "xception",
+        "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        f"{_BASE}/xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        md5="b0042744bf5b25fce3cb969f33bebb97",
+    ),
+    "resnet50v2": WeightsFile(
+        "resnet50v2",
+        "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        f"{_BASE}/resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        md5="fac2f116257151a9d068a22e544a4917",
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$COVID_CXR_CACHE``, else ``$XDG_CACHE_HOME/covid-cxr``, else ``~/.cache/covid-cxr``."""
+    if os.environ.get("COVID_CXR_CACHE"):
+        return Path(os.environ["COVID_CXR_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "covid-cxr"
+
+
+def fetch_weights(entry: WeightsFile, *, allow_download: bool = True, cache_dir: Path | None = None) -> Path:
+    """Return a verified local copy of ``entry``: from the cache, or downloaded into it."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = folder / entry.filename
+    if target.is_file():
+        entry.check(target)
+        return target
+    if not allow_download:
+        raise CheckpointError(_missing_message(entry, target, "downloads are off"))
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                out.write(chunk)
+        entry.check(tmp)
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError) as exc:
+        raise CheckpointError(_missing_message(entry, target, f"the download failed: {exc}")) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _missing_message(entry: WeightsFile, target: Path, why: str) -> str:
+    return (
+        f"ImageNet weights for {entry.backbone} are not available ({why}): download {entry.url} "
+        f"and put it at {target} (or pass it with --weights-file PATH)"
+    )
+
+
+def _named_files(weights_file: Path | Sequence[Path], wanted: Sequence[str]) -> dict[str, Path]:
+    """Map backbone -> file for the files the caller gave (a file, a folder, or a list of files)."""
+    items = [Path(weights_file)] if isinstance(weights_file, (str, Path)) else [Path(p) for p in weights_file]
+    found: dict[str, Path] = {}
+    for item in items:
+        if item.is_dir():
+            for backbone in wanted:
+                candidate = item / IMAGENET_WEIGHTS[backbone].filename
+                if candidate.is_file():
+                    found.setdefault(backbone, candidate)
+            continue
+        if not item.is_file():
+            raise CheckpointError(f"{item}: no such weights file or folder")
+        held = [b for b in backbones_in(read_keras_weights(item)) if b in wanted]
+        if len(held) != 1:
+            raise CheckpointError(
+                f"{item}: not the no-top weights of one of {', '.join(wanted)}; expected e.g. "
+                + " or ".join(IMAGENET_WEIGHTS[b].filename for b in wanted)
+            )
+        if held[0] in found:
+            raise CheckpointError(f"{item}: a second weights file for {held[0]} (first: {found[held[0]]})")
+        found[held[0]] = item
+    missing = [b for b in wanted if b not in found]
+    if missing:
+        raise CheckpointError(
+            "no weights file given for "
+            + ", ".join(f"{b} (expected {IMAGENET_WEIGHTS[b].filename}, from {IMAGENET_WEIGHTS[b].url})" for b in missing)
+        )
+    return found
+
+
+def load_imagenet_weights(
+    model: CxrNet,
+    *,
+    weights_file: Path | Sequence[Path] | None = None,
+    allow_download: bool = True,
+    cache_dir: Path | None = None,
+) -> None:
+    """Load the Keras ImageNet no-top weights into every backbone of ``model``; the head stays as it is.
+
+    ``weights_file`` (a file, a folder, or a list with one file per backbone; ``concat`` needs
+    both) bypasses the cache and the download entirely.
+    """
+    wanted = list(model.backbones)
+    if weights_file is not None:
+        files = _named_files(weights_file, wanted)
+    else:
+        files = {b: fetch_weights(IMAGENET_WEIGHTS[b], allow_download=allow_download, cache_dir=cache_dir) for b in wanted}
+    for backbone, path in files.items():
+        load_keras_layers(model.backbones[backbone], read_keras_weights(path).layers, source=str(path))
