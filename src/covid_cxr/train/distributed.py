@@ -1,0 +1,103 @@
+"""Data-parallel training under ``torchrun``: gloo on the CPU, NCCL on GPUs; rank 0 alone writes.
+
+``torchrun --nproc_per_node N -m covid_cxr train ...`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``;
+:func:`init_distributed` reads them (a plain launch is a world of one and needs no process group).
+
+BatchNorm: on GPUs the model's BatchNorm layers become ``SyncBatchNorm``, so batch statistics
+are over the global batch as in one process. ``SyncBatchNorm`` has no CPU kernel, so on the CPU
+each rank normalises with its own slice's statistics and the buffers (running statistics) are
+rank 0's, broadcast by DDP at every forward. CPU multi-process results therefore match one
+process closely but not bit for bit (see ``tests/test_train_distributed.py`` for the measured gap).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
+
+from covid_cxr.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun describes in the environment (or return a world of one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if torch.cuda.device_count() <= local_rank:
+            raise ConfigError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "start at most one process per GPU (--nproc_per_node)"
+            )
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if use_cuda else "gloo"
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend=backend)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
+
+
+def device_for(info: DistInfo, device: str) -> str:
+    """The device string this rank runs on (each GPU rank on its own card)."""
+    if info.backend == "nccl":
+        return f"cuda:{info.local_rank}"
+    return device
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """DDP-wrap ``model`` (SyncBatchNorm on GPUs); unchanged in a world of one."""
+    if not info.enabled:
+        return model
+    if device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[device.index])
+    return DistributedDataParallel(model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside a DDP or compiled wrapper (for saving and evaluation)."""
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, DistributedDataParallel):
+        inner = inner.module
+    return getattr(inner, "_orig_mod", inner)
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum over ranks (a copy; identity in a world of one)."""
+    if not info.enabled:
+        return tensor.clone()
+    out = tensor.clone()
+    torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        torch_dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
