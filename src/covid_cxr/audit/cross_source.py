@@ -1,0 +1,99 @@
+"""Cross-source recall: does a class's recall hold on a collection the model never saw for that class?
+
+A model that learned COVID-19 should find it in COVID-19 images from another collection (added
+to the prepared data as a folder source). One that learned "images from covid-chestxray are
+COVID-19" loses it there. Both recalls carry Wilson intervals: with a few dozen images a drop
+must be large before it means anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covid_cxr.audit import results as R
+from covid_cxr.audit.ablation import wilson
+from covid_cxr.errors import DataError
+from covid_cxr.inference import Predictor, predict_in_batches
+
+RECALL_DROP = 0.20
+"""Flag when recall on the unseen source is this much (absolute) below in-source recall..."""
+
+
+def recall_of(predictor: Predictor, images: np.ndarray, cls: str, batch_size: int) -> dict[str, Any]:
+    """Share of ``images`` (all of class ``cls``) predicted as ``cls``, with its Wilson interval."""
+    probs = predict_in_batches(predictor, images, batch_size=batch_size)
+    hits = int((probs.argmax(axis=1) == list(predictor.classes).index(cls)).sum())
+    return wilson(hits, len(images))
+
+
+def run_cross_source(
+    predictor: Predictor, in_images: np.ndarray, in_sources: Sequence[str], out_images: np.ndarray, *,
+    source: str, cls: str, batch_size: int = 64, inputs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Recall of ``cls`` on in-source test images vs on images of the unseen ``source``; the audit result."""
+    if cls not in predictor.classes:
+        raise DataError(f"class {cls!r} is not one of the checkpoint's classes ({', '.join(predictor.classes)})")
+    if not len(out_images):
+        raise DataError(f"no {cls} images from source {source!r} to evaluate")
+    if not len(in_images):
+        raise DataError(f"no {cls} test images from the sources seen in training to compare with")
+    metrics = {
+        "class": cls,
+        "source": source,
+        "in_source": {"sources": sorted(set(in_sources)), "n": int(len(in_images)),
+                      "recall": recall_of(predictor, in_images, cls, batch_size)},
+        "unseen_source": {"n": int(len(out_images)), "recall": recall_of(predictor, out_images, cls, batch_size)},
+    }
+    seen, unseen = metrics["in_source"]["recall"], metrics["unseen_source"]["recall"]
+    metrics["difference"] = seen["value"] - unseen["value"]
+    flags = []
+    if metrics["difference"] >= RECALL_DROP and unseen["high"] < seen["low"]:
+        flags.append(R.flag(
+            "cross-source-recall-drop",
+            f"{R.class_name(cls)} recall drops on a source the model never saw for it: {R.with_ci(unseen)} on "
+            f"{source} against {R.with_ci(seen)} on the training sources. The model may have learned the source "
+            "of its training images rather than the disease.",
+        ))
+    thresholds = {"recall_drop": R.threshold(
+        RECALL_DROP, "a drop of at least this much, with the two 95% intervals apart, is flagged; smaller or "
+        "overlapping differences may be chance")}
+    return R.make_result("cross_source", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags)
+
+
+def audit_cross_source(
+    target: Path, *, source: str, cls: str = "covid", data: Path | None = None, fold: int | None = None,
+    batch_size: int = 64, device: str = "auto", precision: str = "auto", out_dir: Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """``covid-cxr audit cross-source``: writes ``cross_source.json``."""
+    from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
+    from covid_cxr.inference import TorchPredictor
+
+    t = resolve_target(target, data, fold)
+    prepared = open_prepared(t.data)
+    manifest = prepared.manifest
+    known = sorted(set(manifest["source"]))
+    if source not in known:
+        raise DataError(f"{t.data}: no source {source!r} in the prepared data; its sources are {', '.join(known)}")
+    pool = training_pool(prepared, t.fold)
+    seen_rows = pool[(pool["source"] == source) & (pool["label"] == cls)]
+    if len(seen_rows):
+        raise DataError(
+            f"{t.data}: fold {t.fold} trains on {len(seen_rows)} {cls} images from {source}, so {source} is not "
+            f"unseen for {cls}; prepare the data with that source's {cls} images kept out of training "
+            "(or audit another source)"
+        )
+    test = split_images(prepared, t)
+    in_frame = test.frame[(test.frame["label"] == cls) & (test.frame["source"] != source)]
+    in_images = test.images[in_frame.index.to_numpy()]
+    out_frame = manifest[(manifest["source"] == source) & (manifest["label"] == cls)]
+    cache = prepared.cache(image_size=t.checkpoint.preprocessing.image_size)
+    predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
+    inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "source": source,
+              "class": cls, "runtime": predictor.runtime.describe()}
+    result = run_cross_source(predictor, in_images, list(in_frame["source"]), rows_of(cache, out_frame["image_id"]),
+                              source=source, cls=cls, batch_size=batch_size, inputs=inputs)
+    return result, R.write_result(result, out_dir or R.audit_dir_for(target))
