@@ -1,0 +1,49 @@
+"""``covid-cxr serve``: the web service and its page for one checkpoint or ONNX model.
+
+Binds to 127.0.0.1 by default: put a reverse proxy with TLS and authentication in front before
+exposing it on a network. It is a research tool, not a diagnostic device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from covid_cxr.deploy.backends import BACKENDS, load_model
+from covid_cxr.deploy.server import ServerLimits, create_app
+from covid_cxr.runtime import PRECISIONS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over HTTP: REST API, OpenAPI docs and a web page",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="a covid-cxr checkpoint (.pt) or an exported ONNX model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--backend", choices=BACKENDS, help="torch or onnx (default: torch for .pt, onnx for .onnx)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="default auto (bf16 where native)")
+    defaults = ServerLimits()
+    p.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20,
+                   help=f"largest upload accepted (default {defaults.max_upload_bytes / 2**20:g} MiB)")
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                   help=f"largest decoded image in pixels (default {defaults.max_pixels})")
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                   help=f"concurrent uploads run together as one batch, up to this many (default {defaults.max_batch})")
+    p.add_argument("--no-heatmap", action="store_true", help="refuse heatmap requests (saves the Grad-CAM memory)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                          max_batch=args.max_batch)
+    loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision)
+    gradcam = None if args.no_heatmap or loaded.checkpoint is None else loaded.gradcam()
+    app = create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256, gradcam=gradcam, limits=limits)
+    print(f"model: {loaded.describe()}; heatmaps {'on' if gradcam else 'off'}", file=sys.stderr)
+    print(f"serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
+    return 0

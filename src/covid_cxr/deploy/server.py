@@ -1,0 +1,283 @@
+"""The web service: a FastAPI app that classifies uploaded X-rays, and the page that uses it.
+
+``POST /predict`` takes a multipart upload (field ``file``: PNG, JPEG or DICOM, decided by its
+bytes; optional ``heatmap=true`` as a form field or query parameter) and answers the class, the
+probabilities, the model's identity and, when asked, a Grad-CAM overlay as a base64 PNG.
+
+Safety: the body is read into memory within ``max_upload_bytes`` (never spooled to disk, see
+:mod:`.uploads`); images are decoded by content with the data layer's header-first bomb check,
+then held to ``max_pixels``; every client mistake is a 4xx JSON ``{"detail": ...}``, and an
+unexpected failure is a bare 500 JSON without a trace. Nothing from the upload (file name, DICOM
+header) is logged.
+
+Concurrency: decoding runs in worker threads, at most ``decode_workers`` at once (bounding
+memory); the network is driven by one worker task that takes the uploads waiting in its queue,
+up to ``max_batch`` at a time, and runs them as one batch in a thread. Concurrent uploads thus
+queue and share batches instead of fighting over the cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from covid_cxr import __version__
+from covid_cxr.data.images import decode_image, resize_gray
+from covid_cxr.deploy.uploads import UploadError, read_multipart
+from covid_cxr.errors import ConfigError, ImageDecodeError
+from covid_cxr.gradcam import GradCam, overlay_png
+from covid_cxr.inference import Predictor
+from covid_cxr.labels import DISPLAY_NAMES
+
+DISCLAIMER = "Research tool, not a diagnostic device: do not use it to diagnose, treat or triage patients."
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may cost; the defaults fit any real radiograph."""
+
+    max_upload_bytes: int = 64 * 2**20
+    max_pixels: int = 40_000_000
+    max_batch: int = 8
+    decode_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_bytes", "max_pixels", "max_batch", "decode_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"server limit {name} must be >= 1; got {getattr(self, name)}")
+
+
+class InferenceQueue:
+    """One worker owns the network: uploads queue, and those waiting together run as one batch."""
+
+    def __init__(self, predictor: Predictor, gradcam: GradCam | None, max_batch: int) -> None:
+        self.predictor = predictor
+        self.gradcam = gradcam
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[np.ndarray, bool, asyncio.Future[Any]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, image: np.ndarray, heatmap: bool) -> Any:
+        """Probabilities (C,) for one image, or its :class:`~covid_cxr.gradcam.CamResult` when ``heatmap``."""
+        if self._task is None:
+            await self.start()  # apps driven without their lifespan (some test clients) start it on first use
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put((image, heatmap, future))
+        return await future
+
+    async def _run(self) -> None:
+        set_aside: list[tuple[np.ndarray, bool, asyncio.Future[Any]]] = []  # heatmap jobs met while batching
+        while True:
+            first = set_aside.pop(0) if set_aside else await self._queue.get()
+            jobs = [first]
+            if first[1]:  # Grad-CAM needs a backward pass: one image at a time keeps its memory small
+                work = functools.partial(self.gradcam, first[0][None])
+            else:
+                while len(jobs) < self.max_batch and not self._queue.empty():
+                    job = self._queue.get_nowait()
+                    (set_aside if job[1] else jobs).append(job)
+                work = functools.partial(self.predictor.predict_proba, np.stack([job[0] for job in jobs]))
+            try:
+                results = await anyio.to_thread.run_sync(work)
+            except Exception as exc:  # handed to the requests that caused it; the worker keeps serving
+                for *_, future in jobs:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), result in zip(jobs, results):
+                if not future.done():  # a client that hung up has cancelled its future
+                    future.set_result(result)
+
+
+def model_description(predictor: Predictor, *, network: str, sha256: str) -> dict[str, Any]:
+    """What ``/health`` and every prediction report about the model answering."""
+    return {
+        "network": network,
+        "backend": predictor.backend,
+        "classes": list(predictor.classes),
+        "image_size": predictor.preprocessing.image_size,
+        "scaling": predictor.preprocessing.scaling,
+        "sha256": sha256,
+        "version": f"{network}@{sha256[:12]}" if sha256 else network,
+        "covid_cxr_version": __version__,
+    }
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+def _flag(value: str | None) -> bool:
+    if value is None:
+        return False
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise UploadError(422, f"heatmap must be true or false; got {value!r}")
+
+
+_PREDICT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary",
+                                 "description": "a chest X-ray: PNG, JPEG or DICOM (decided by content)"},
+                        "heatmap": {"type": "boolean", "default": False,
+                                    "description": "also return a Grad-CAM overlay (PNG, base64)"},
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "413": {"description": "upload or image too large"},
+        "415": {"description": "not a multipart/form-data request"},
+        "422": {"description": "missing file or an unreadable image"},
+    },
+}
+
+
+def create_app(
+    predictor: Predictor,
+    *,
+    network: str,
+    sha256: str = "",
+    gradcam: GradCam | None = None,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
+    """The service around one loaded model; ``gradcam`` (a PyTorch model) enables heatmaps."""
+    limits = limits or ServerLimits()
+    model = model_description(predictor, network=network, sha256=sha256)
+    queue = InferenceQueue(predictor, gradcam, limits.max_batch)
+    decode_slots = anyio.CapacityLimiter(limits.decode_workers)
+    size = predictor.preprocessing.image_size
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await queue.start()
+        yield
+        await queue.stop()
+
+    app = FastAPI(
+        title="covid-cxr",
+        version=__version__,
+        description=f"Chest X-ray classification ({', '.join(DISPLAY_NAMES[c] for c in predictor.classes)}). "
+        + DISCLAIMER,
+        lifespan=lifespan,
+    )
+    app.state.model = model
+    app.state.limits = limits
+
+    @app.exception_handler(UploadError)
+    async def _upload_error(_request: Request, exc: UploadError) -> JSONResponse:
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": exc.errors()}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, _exc: Exception) -> JSONResponse:
+        return _error(500, "internal error while processing the request")  # no trace, no upload content
+
+    @app.get("/health", summary="Liveness and the model being served")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model, "heatmaps": gradcam is not None, "disclaimer": DISCLAIMER,
+                "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels}}
+
+    @app.post("/predict", summary="Classify one chest X-ray", openapi_extra=_PREDICT_OPENAPI)
+    async def predict(request: Request) -> dict[str, Any]:
+        form = await read_multipart(
+            request.headers.get("content-type"),
+            request.headers.get("content-length"),
+            request.stream(),
+            max_bytes=limits.max_upload_bytes,
+        )
+        upload = form.file("file")
+        if upload is None or not upload.data:
+            raise UploadError(422, "no image: send the X-ray in a multipart field named 'file'")
+        heatmap = _flag(request.query_params.get("heatmap")) or _flag(form.text("heatmap"))
+        if heatmap and gradcam is None:
+            raise UploadError(422, "this server has no PyTorch model for heatmaps (serve a .pt checkpoint)")
+        data = bytes(upload.data)
+        del form  # the raw upload is not kept longer than decoding needs
+        original = await anyio.to_thread.run_sync(_decode, data, limits.max_pixels, limiter=decode_slots)
+        del data
+        image = resize_gray(original, size)
+        result = await queue.submit(image, heatmap)
+        probs = result.probabilities if heatmap else result
+        best = int(np.argmax(probs))
+        body: dict[str, Any] = {
+            "class": predictor.classes[best],
+            "label": DISPLAY_NAMES[predictor.classes[best]],
+            "probabilities": {c: round(float(p), 6) for c, p in zip(predictor.classes, probs)},
+            "model": model,
+            "image": {"width": int(original.shape[1]), "height": int(original.shape[0])},
+            "disclaimer": DISCLAIMER,
+        }
+        if heatmap:
+            png = await anyio.to_thread.run_sync(overlay_png, image, result.map)
+            body["heatmap"] = {
+                "class": predictor.classes[result.target],
+                "png_base64": base64.b64encode(png).decode("ascii"),
+                "width": size,
+                "height": size,
+            }
+        return body
+
+    static = resources.files("covid_cxr.deploy") / "static"
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(str(static / "index.html"), media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    return app
+
+
+def _decode(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode by content; a bomb (refused from its header) or an oversized image is a 413, garbage a 422."""
+    try:
+        image = decode_image(data, name="upload")
+    except ImageDecodeError as exc:
+        too_large = "decompression bomb" in exc.reason or "exceeds the limit" in exc.reason
+        raise UploadError(413 if too_large else 422, f"cannot use the upload: {exc.reason}") from None
+    if image.size > max_pixels:
+        raise UploadError(
+            413, f"image of {image.shape[1]}x{image.shape[0]} pixels exceeds this server's limit of {max_pixels}"
+        )
+    return image

@@ -1,0 +1,151 @@
+"""Grad-CAM: where in the X-ray the evidence for a class lies, and overlays that show it.
+
+For each layer in ``model.gradcam_layers()`` (each backbone's last feature map) the map is
+Grad-CAM's ``ReLU(sum_k alpha_k A_k)`` with ``alpha_k`` the spatial mean of the class logit's
+gradient on channel ``k`` (Selvaraju et al., 2017). The logit is explained, not the softmax
+probability, whose gradient vanishes when the network is confident.
+
+The concatenated network's combined map is Grad-CAM on the concatenated 4096-channel map that
+its head actually reads. Channel weights are per channel, so that map is exactly
+``ReLU(raw_xception + raw_resnet50v2)``, the sum of the two backbones' maps *before* their ReLU
+and normalisation: a region one backbone argues for and the other against counts as the head
+sees it, instead of each map being stretched to [0, 1] on its own and averaged.
+
+Maps come back upsampled to the input size and scaled to [0, 1] per image (all zeros when no
+region argues for the class).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from covid_cxr.errors import ConfigError
+from covid_cxr.labels import normalize_label
+from covid_cxr.preprocess import Preprocessing, to_model_input
+
+COMBINED = "combined"
+
+
+@dataclass(frozen=True)
+class CamResult:
+    """Grad-CAM of one image for one class."""
+
+    target: int  # index of the class explained
+    probabilities: np.ndarray  # (C,) float32
+    maps: dict[str, np.ndarray]  # layer name (and "combined") -> (S, S) float32 in [0, 1]
+
+    @property
+    def map(self) -> np.ndarray:
+        """The map to show: the combination for several backbones, else the only one."""
+        return self.maps[COMBINED] if COMBINED in self.maps else next(iter(self.maps.values()))
+
+
+class GradCam:
+    """Grad-CAM over a network's ``gradcam_layers()``, always in fp32 (gradients in bf16 are too coarse)."""
+
+    def __init__(self, model: torch.nn.Module, preprocessing: Preprocessing, classes: Sequence[str]) -> None:
+        layers = model.gradcam_layers()
+        if not layers:
+            raise ConfigError(f"network {getattr(model, 'network_name', type(model).__name__)} names no Grad-CAM layer")
+        self.model = model
+        self.layers: dict[str, torch.nn.Module] = dict(layers)
+        self.preprocessing = preprocessing
+        self.classes = tuple(classes)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def class_index(self, target: int | str) -> int:
+        """Accept a class index or any spelling of a class name; refuse others with the valid names."""
+        if isinstance(target, (int, np.integer)):
+            if not 0 <= int(target) < len(self.classes):
+                raise ConfigError(f"class index must be in 0..{len(self.classes) - 1}; got {target}")
+            return int(target)
+        key = normalize_label(target, where="the Grad-CAM class")
+        return self.classes.index(key)
+
+    def __call__(self, images: np.ndarray, target: int | str | None = None) -> list[CamResult]:
+        """Maps for a uint8 batch (N, S, S), for ``target`` (the predicted class when None)."""
+        batch = torch.as_tensor(np.ascontiguousarray(images)).to(self.device)
+        x = to_model_input(batch, self.preprocessing).requires_grad_(True)  # grads flow even if weights are frozen
+        acts: dict[str, torch.Tensor] = {}
+        hooks = [
+            layer.register_forward_hook(lambda _m, _i, out, name=name: acts.__setitem__(name, out))
+            for name, layer in self.layers.items()
+        ]
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                logits = self.model(x).float()
+                if target is None:
+                    targets = logits.argmax(dim=1)
+                else:
+                    targets = torch.full((len(x),), self.class_index(target), device=logits.device)
+                score = logits.gather(1, targets[:, None]).sum()  # samples are independent in eval mode
+                names = list(self.layers)
+                grads = torch.autograd.grad(score, [acts[n] for n in names])
+        finally:
+            for hook in hooks:
+                hook.remove()
+        raw = {}
+        for name, grad in zip(names, grads):
+            act = acts[name].detach().float()
+            weights = grad.float().mean(dim=(2, 3), keepdim=True)
+            raw[name] = (weights * act).sum(dim=1, keepdim=True)  # (N, 1, h, w), before ReLU
+        if len(raw) > 1:
+            size = max((r.shape[-2:] for r in raw.values()), key=lambda s: s[0] * s[1])
+            raw[COMBINED] = sum(F.interpolate(r, size=size, mode="bilinear", align_corners=False) for r in raw.values())
+        side = self.preprocessing.image_size
+        maps = {name: _normalise(F.interpolate(r.relu(), size=(side, side), mode="bilinear", align_corners=False))
+                for name, r in raw.items()}
+        probs = torch.softmax(logits.detach(), dim=1).cpu().numpy()
+        chosen = targets.cpu().numpy()
+        return [
+            CamResult(int(chosen[i]), probs[i], {name: m[i] for name, m in maps.items()})
+            for i in range(len(chosen))
+        ]
+
+
+def _normalise(maps: torch.Tensor) -> np.ndarray:
+    """(N, 1, S, S) non-negative -> (N, S, S) float32 scaled to [0, 1] per image."""
+    peak = maps.amax(dim=(1, 2, 3), keepdim=True)
+    scaled = torch.where(peak > 0, maps / peak.clamp_min(1e-12), torch.zeros_like(maps))
+    return scaled[:, 0].cpu().numpy().astype(np.float32)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, *, strength: float = 0.6) -> np.ndarray:
+    """RGB uint8 (H, W, 3): the gray X-ray with a jet heatmap whose opacity grows with the map.
+
+    ``cam`` is resized to the image; where the map is zero the X-ray shows untouched.
+    """
+    if image.ndim != 2 or image.dtype != np.uint8:
+        raise ValueError(f"expected a grayscale uint8 image, got {image.dtype} {image.shape}")
+    h, w = image.shape
+    cam = np.clip(cv2.resize(cam.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+    heat = cv2.applyColorMap(np.round(cam * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    gray = np.repeat(image[..., None], 3, axis=2).astype(np.float32)
+    alpha = (strength * cam)[..., None]
+    return np.round(gray * (1 - alpha) + heat.astype(np.float32) * alpha).astype(np.uint8)
+
+
+def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
+    """The overlay encoded as PNG bytes (what the web service returns)."""
+    ok, data = cv2.imencode(".png", overlay(image, cam)[..., ::-1])
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the overlay as PNG")
+    return data.tobytes()
+
+
+def save_overlay(path: str | os.PathLike[str], image: np.ndarray, cam: np.ndarray) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(overlay_png(image, cam))
+    return path
