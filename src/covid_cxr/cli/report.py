@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default ./report)")
     p.add_argument("--network-label", help="display name for the runs' network (one network only); a paper "
                    "name (Xception, ResNet50V2, Concatenated) also picks the paper row to compare with")
+    p.add_argument("--audit", type=Path, metavar="DIR", help="audit results to add as the 'Did it learn the "
+                   "disease?' section: a run folder or its audit/ folder ('covid-cxr audit' writes them)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="AUC bootstrap resamples (default 1000)")
     p.set_defaults(func=run)
 
@@ -26,6 +28,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0; got {args.bootstrap}")
-    path = write_report(args.runs, args.out, network_label=args.network_label, n_boot=args.bootstrap)
+    audit = None
+    if args.audit is not None:
+        from covid_cxr.audit.results import load_results
+
+        if not args.audit.is_dir():
+            raise FileNotFoundError(f"{args.audit}: no such folder; give a run folder or its audit/ folder")
+        audit = load_results(args.audit)
+        if audit is None:
+            raise FileNotFoundError(f"{args.audit}: no audit results (source.json, ablation.json, ...); "
+                                    "run 'covid-cxr audit' on the model first")
+    path = write_report(args.runs, args.out, network_label=args.network_label, audit=audit, n_boot=args.bootstrap)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0

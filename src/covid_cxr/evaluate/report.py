@@ -145,15 +145,15 @@ def summarize(results: Sequence[FoldResult], *, paper_network: str | None = None
 def render_audit_section(audit: dict[str, Any] | None) -> tuple[str, str]:
     """AUDIT PLUG-IN POINT: the "Did it learn the disease?" section, as (Markdown, HTML).
 
-    The audit area passes its results dict here; each key becomes a row (a finding and its
-    figure or verdict). Renders nothing at all when there are no audit results.
+    ``audit`` is what :func:`covid_cxr.audit.results.load_results` returns (one entry per audit
+    run: source, ablation, cross_source, cam); the audit area renders it. Renders nothing at
+    all when there are no audit results.
     """
     if not audit:
         return "", ""
-    table = Table(["check", "result"], [[str(k), _fmt(v) if isinstance(v, float) else str(v)] for k, v in audit.items()])
-    intro = "Checks that the network looks at the lungs and the disease rather than the image source."
-    md = f"## Did it learn the disease?\n\n{intro}\n\n{table.markdown()}\n"
-    return md, f"<h2>Did it learn the disease?</h2><p>{html.escape(intro)}</p>{table.html()}"
+    from covid_cxr.audit.results import render_section  # the audit area owns its section's wording
+
+    return render_section(audit, "markdown"), render_section(audit, "html")
 
 
 def _counts_table(summary: dict[str, Any]) -> Table:
@@ -283,7 +283,7 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
             body.append("</details>")
             md.append("")
         summary_json[slug] = {k: v for k, v in summary.items() if not k.startswith("_")}
-    audit_md, audit_html = render_audit_section(audit)
+    audit_md, audit_html = render_audit_section(audit)  # the audit plug-in point
     if audit_md:
         md.append(audit_md)
         body.append(audit_html)

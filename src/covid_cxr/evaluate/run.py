@@ -21,7 +21,6 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from covid_cxr.checkpoint import load_checkpoint
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.evaluate import plots
 from covid_cxr.evaluate.metrics import table3_row, table4_row
@@ -187,7 +186,9 @@ def evaluate_run(
 
     ``data`` and ``fold`` default to the run's ``run.json``; a bare checkpoint needs both.
     """
-    from covid_cxr.data.prepared import PreparedData  # the data area; imported where used
+    # Imported here so that metrics and reports never load torch or the data area.
+    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.data.prepared import PreparedData
     from covid_cxr.inference import TorchPredictor, predict_in_batches
 
     where = Path(target)

@@ -1,0 +1,181 @@
+"""Metrics: the paper's Table 4 from its Table 3, Wilson intervals, AUC, bootstrap, calibration, PPV."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covid_cxr.cli import main
+from covid_cxr.evaluate import paper
+from covid_cxr.evaluate.metrics import (
+    bootstrap_auc_ci,
+    calibration_bins,
+    class_counts,
+    compute_metrics,
+    confusion_matrix,
+    ppv_at_prevalence,
+    roc_auc,
+    roc_curve,
+    table3_row,
+    table4_row,
+    wilson_interval,
+)
+from covid_cxr.labels import CLASSES
+
+
+def predictions_from_confusion(cm: np.ndarray) -> pd.DataFrame:
+    """One row per image with exactly the counts of ``cm`` (rows true, columns predicted)."""
+    labels, preds = [], []
+    for i, true in enumerate(CLASSES):
+        for j, pred in enumerate(CLASSES):
+            labels += [true] * int(cm[i, j])
+            preds += [pred] * int(cm[i, j])
+    return pd.DataFrame({"label": labels, "pred": preds})
+
+
+def test_wilson_reference_values() -> None:
+    low, high = wilson_interval(26, 31)
+    assert (round(100 * low, 2), round(100 * high, 2)) == (67.37, 92.91)
+    low, high = wilson_interval(25, 31)  # SPEC section 7
+    assert (round(100 * low, 1), round(100 * high, 1)) == (63.7, 90.8)
+    assert wilson_interval(0, 10)[0] == 0.0 and 0 < wilson_interval(0, 10)[1] < 0.35
+    assert wilson_interval(10, 10)[1] == 1.0 and 0.65 < wilson_interval(10, 10)[0] < 1
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    wide, narrow = wilson_interval(80, 100, 0.99), wilson_interval(80, 100, 0.90)
+    assert wide[0] < narrow[0] and wide[1] > narrow[1]
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+
+
+def test_confusion_matrix_and_counts() -> None:
+    labels = ["covid", "covid", "pneumonia", "normal", "normal", "normal"]
+    preds = ["covid", "normal", "pneumonia", "covid", "normal", "pneumonia"]
+    cm = confusion_matrix(labels, preds)
+    assert cm.tolist() == [[1, 0, 1], [0, 1, 0], [1, 1, 1]]
+    c = class_counts(cm, 0)
+    assert (c.tp, c.fn, c.fp, c.tn) == (1, 1, 1, 3)
+    assert table3_row(cm)["normal_missed"] == 2 and table3_row(cm)["pneumonia_false"] == 1
+    row = table4_row(cm)
+    assert row["accuracy"] == pytest.approx(50.0)
+    assert row["covid_specificity"] == pytest.approx(75.0)
+    assert row["covid_accuracy"] == pytest.approx(100 * 4 / 6)
+    assert list(row) == ["accuracy", *(f"{c}_{r}" for r in ("recall", "specificity", "accuracy", "precision")
+                                       for c in CLASSES)]
+    with pytest.raises(ValueError, match="unknown class"):
+        confusion_matrix(["covid"], ["flu"])
+
+
+@pytest.mark.fixtures
+def test_every_paper_table3_row_gives_its_table4_row(fixtures_dir: Path, tmp_path: Path) -> None:
+    """Prediction files with exactly the counts of each Table 3 row reproduce Table 4 (to 0.01) via the CLI."""
+    t3 = pd.read_csv(fixtures_dir / "paper_tables" / "table3.csv", dtype={"fold": str})
+    t4 = pd.read_csv(fixtures_dir / "paper_tables" / "table4.csv", dtype={"fold": str})
+    for _, row in t3.iterrows():
+        csv, out = tmp_path / "p.csv", tmp_path / "m.json"
+        predictions_from_confusion(paper.confusion_from_counts(row)).to_csv(csv, index=False)
+        assert main(["metrics", str(csv), "--json", str(out)]) == 0
+        got = json.loads(out.read_text())
+        for key in t3.columns[2:]:
+            assert got[key] == row[key], (row["fold"], row["network"], key)
+        want = t4[(t4["fold"] == row["fold"]) & (t4["network"] == row["network"])].iloc[0]
+        for key in t4.columns[2:]:
+            assert abs(got[key] - want[key]) < 0.01, (row["fold"], row["network"], key, got[key], want[key])
+            assert got[f"{key}_ci_low"] <= got[key] <= got[f"{key}_ci_high"]
+
+
+def test_json_keys_are_stable_and_nan_is_null(tmp_path: Path) -> None:
+    # Nothing is predicted covid: covid precision is 0/0.
+    frame = pd.DataFrame({"label": ["covid", "pneumonia", "normal", "normal"],
+                          "pred": ["normal", "pneumonia", "normal", "pneumonia"]})
+    csv, out = tmp_path / "p.csv", tmp_path / "m.json"
+    frame.to_csv(csv, index=False)
+    assert main(["metrics", str(csv), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    for c in CLASSES:
+        for k in ("correct", "missed", "false"):
+            assert isinstance(got[f"{c}_{k}"], int)
+        for r in ("recall", "specificity", "accuracy", "precision"):
+            assert {f"{c}_{r}", f"{c}_{r}_ci_low", f"{c}_{r}_ci_high"} <= set(got)
+    assert got["covid_precision"] is None and got["covid_precision_ci_low"] is None
+    assert any("covid_precision" in note for note in got["notes"])
+    assert got["accuracy"] == pytest.approx(50.0)
+    assert "covid_auc" not in got  # no probabilities in this file
+
+
+def test_roc_auc_matches_pair_counting_with_ties() -> None:
+    rng = np.random.default_rng(1)
+    positive = rng.random(300) < 0.3
+    scores = np.round(rng.random(300) + 0.4 * positive, 1)  # coarse: many ties
+    pairs = [(a > b) + 0.5 * (a == b) for a in scores[positive] for b in scores[~positive]]
+    assert roc_auc(positive, scores) == pytest.approx(np.mean(pairs))
+    fpr, tpr, _ = roc_curve(positive, scores)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(positive, scores))
+    assert roc_auc(np.array([1, 1, 0, 0], bool), np.array([0.9, 0.8, 0.2, 0.1])) == 1.0
+    assert roc_auc(np.array([1, 1, 0, 0], bool), np.array([0.1, 0.2, 0.8, 0.9])) == 0.0
+    assert math.isnan(roc_auc(np.ones(4, bool), np.arange(4.0)))
+
+
+def test_bootstrap_by_patient_is_seeded_and_wider_for_duplicated_patients() -> None:
+    rng = np.random.default_rng(2)
+    positive = rng.random(120) < 0.3
+    scores = rng.random(120) + 0.5 * positive
+    # Every patient contributes four identical images: images are not independent.
+    pos4, scores4 = np.repeat(positive, 4), np.repeat(scores, 4)
+    patients = np.repeat(np.arange(120), 4)
+    by_image = bootstrap_auc_ci(pos4, scores4, None, n_boot=400, seed=3)
+    by_patient = bootstrap_auc_ci(pos4, scores4, patients, n_boot=400, seed=3)
+    assert by_patient == bootstrap_auc_ci(pos4, scores4, patients, n_boot=400, seed=3)
+    auc = roc_auc(pos4, scores4)
+    assert by_patient[0] < auc < by_patient[1]
+    assert (by_patient[1] - by_patient[0]) > 1.5 * (by_image[1] - by_image[0])
+
+
+def test_calibration_error() -> None:
+    # Confidence 0.9 on every image, right on 90% of them: perfectly calibrated.
+    probs = np.tile([0.9, 0.05, 0.05], (100, 1))
+    true = np.r_[np.zeros(90, int), np.ones(10, int)]
+    assert calibration_bins(probs, true).ece == pytest.approx(0.0, abs=1e-9)
+    # Certain on every image, right on half: 50 points of overconfidence.
+    probs = np.tile([1.0, 0.0, 0.0], (10, 1))
+    true = np.r_[np.zeros(5, int), np.full(5, 2)]
+    bins = calibration_bins(probs, true)
+    assert bins.ece == pytest.approx(50.0)
+    assert bins.count.sum() == 10 and bins.count[-1] == 10
+
+
+def test_ppv_at_prevalence() -> None:
+    assert ppv_at_prevalence(0.8, 0.99, 0.05) == pytest.approx(0.04 / (0.04 + 0.0095))
+    with pytest.raises(ValueError, match="prevalence"):
+        ppv_at_prevalence(0.8, 0.9, 1.5)
+    # At the test set's own prevalence, Bayes' rule gives back the test set's precision.
+    cm = np.array([[26, 2, 3], [40, 3983, 397], [61, 567, 6223]])
+    share = cm[0].sum() / cm.sum()
+    m = compute_metrics(cm, prevalence=float(share))
+    assert m["covid_ppv_at_prevalence"] == pytest.approx(m["covid_precision"])
+    assert m["covid_ppv_at_prevalence_ci_low"] < m["covid_ppv_at_prevalence"] < m["covid_ppv_at_prevalence_ci_high"]
+    assert compute_metrics(cm, prevalence=0.2)["covid_ppv_at_prevalence"] > m["covid_precision"]
+
+
+def test_compute_metrics_with_probabilities() -> None:
+    rng = np.random.default_rng(4)
+    true = np.repeat([0, 1, 2], [20, 60, 80])
+    logits = rng.normal(size=(160, 3))
+    logits[np.arange(160), true] += 2.5
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    cm = confusion_matrix(np.array(CLASSES)[true], np.array(CLASSES)[probs.argmax(axis=1)])
+    m = compute_metrics(cm, probs=probs, true_idx=true, groups=np.arange(160) // 2, n_boot=200)
+    for c in CLASSES:
+        assert 0.8 < m[f"{c}_auc"] <= 1.0
+        assert m[f"{c}_auc_ci_low"] < m[f"{c}_auc"] < m[f"{c}_auc_ci_high"]
+        assert 0 <= m[f"{c}_f1"] <= 100
+    recalls = [m[f"{c}_recall"] for c in CLASSES]
+    assert m["balanced_accuracy"] == pytest.approx(np.mean(recalls))
+    assert m["auc_bootstrap"]["unit"] == "patient"
+    assert 0 <= m["ece"] < 100

@@ -1,0 +1,169 @@
+"""Report: the paper's tables shipped in the package, fold averages equal the paper's, self-contained HTML, plots."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from covid_cxr.cli import main
+from covid_cxr.errors import DataError
+from covid_cxr.evaluate import paper, plots, write_evaluation
+from covid_cxr.evaluate.metrics import confusion_matrix, roc_auc, table3_row
+from covid_cxr.evaluate.predictions import validate_predictions, write_predictions
+from covid_cxr.evaluate.report import render_audit_section, write_report
+from covid_cxr.labels import CLASSES
+from tests.test_metrics import predictions_from_confusion
+
+OUR_NAME = {v: k for k, v in paper.NETWORK_NAMES.items()}
+
+
+def _eval_dir(folder: Path, frame: pd.DataFrame, network: str, fold: int) -> Path:
+    """An evaluation folder as 'evaluate' leaves it, minus the plots (not needed to read it back)."""
+    write_predictions(frame, folder / "predictions.csv")
+    (folder / "metrics.json").write_text(json.dumps({"evaluation": {"network": network, "fold": fold, "split": "test"}}))
+    return folder
+
+
+def _with_probs(n: tuple[int, int, int], seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    true = np.repeat([0, 1, 2], n)
+    logits = rng.normal(size=(len(true), 3))
+    logits[np.arange(len(true)), true] += 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    frame = pd.DataFrame({"image_id": [f"img{i}" for i in range(len(true))],
+                          "patient_id": [f"pat{i // 2}" for i in range(len(true))],
+                          "source": "synthetic", "label": np.array(CLASSES)[true]})
+    for k, c in enumerate(CLASSES):
+        frame[f"p_{c}"] = probs[:, k]
+    frame["pred"] = np.array(CLASSES)[probs.argmax(axis=1)]
+    return frame
+
+
+@pytest.mark.fixtures
+def test_shipped_paper_tables_equal_the_fixtures(fixtures_dir: Path) -> None:
+    for name, shipped in (("table3.csv", paper.table3()), ("table4.csv", paper.table4())):
+        fixture = pd.read_csv(fixtures_dir / "paper_tables" / name, dtype={"fold": str})
+        pd.testing.assert_frame_equal(shipped, fixture, check_exact=True)
+
+
+def test_confusion_from_counts_reproduces_every_table3_row() -> None:
+    t3 = paper.table3()
+    for _, row in t3.iterrows():
+        cm = paper.confusion_from_counts(row)
+        assert (cm >= 0).all()
+        assert table3_row(cm) == {k: int(row[k]) for k in t3.columns[2:]}
+    assert paper.paper_network_name("concat") == "Concatenated"
+    assert paper.paper_network_name("ResNet50V2") == "ResNet50V2"
+    assert paper.paper_average("xception")["covid_recall"] == 73.35
+    assert paper.paper_average("densenet") is None
+
+
+def test_report_over_five_folds_gives_the_papers_average_rows(tmp_path: Path) -> None:
+    runs = []
+    for _, row in paper.table3().iterrows():
+        frame = predictions_from_confusion(paper.confusion_from_counts(row))
+        runs.append(_eval_dir(tmp_path / f"{row['network']}-{row['fold']}", frame, OUR_NAME[row["network"]],
+                              int(row["fold"])))
+    out = tmp_path / "report"
+    assert main(["report", *map(str, runs), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"xception-test", "resnet50v2-test", "concat-test"}
+    for slug, network in (("xception-test", "Xception"), ("resnet50v2-test", "ResNet50V2"),
+                          ("concat-test", "Concatenated")):
+        want = paper.paper_average(network)
+        assert summary[slug]["paper_average"] == want
+        for key, value in want.items():
+            assert abs(summary[slug]["mean"][key] - value) < 0.01, (network, key)
+        # Pooled Table 3 is the sum of the folds' counts.
+        t3 = paper.table3()
+        assert summary[slug]["pooled_table3"]["covid_correct"] == t3[t3["network"] == network]["covid_correct"].sum()
+    text = (out / "report.md").read_text()
+    assert "paper avg (Concatenated)" in text and "80.53" in text and "35.27" in text
+    assert "Did it learn the disease?" not in text  # no audit results given: no section at all
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page), "the HTML page must not load anything"
+    assert "<style>" in page and "<link" not in page and "<script" not in page
+
+
+def test_report_with_probabilities_embeds_all_plots(tmp_path: Path) -> None:
+    runs = [_eval_dir(tmp_path / f"f{k}", _with_probs((8, 30, 40), seed=k), "resnet50v2", k) for k in (1, 2)]
+    path = write_report(runs, tmp_path / "report", network_label="My ResNet", n_boot=50)
+    page = path.read_text()
+    assert page.count("data:image/png;base64,") == 3  # pooled confusion, ROC, calibration
+    assert "My ResNet" in page and "paper avg (ResNet50V2)" in page
+    files = sorted(p.name for p in (tmp_path / "report" / "report_files").iterdir())
+    assert files == ["resnet50v2-test-calibration.png", "resnet50v2-test-confusion_matrix.png",
+                     "resnet50v2-test-roc.png"]
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())["resnet50v2-test"]
+    assert summary["pooled"]["n"] == 2 * 78
+    assert summary["pooled"]["covid_auc_ci_low"] < summary["pooled"]["covid_auc"] < summary["pooled"]["covid_auc_ci_high"]
+
+
+def test_report_refuses_a_fold_given_twice_and_nothing(tmp_path: Path) -> None:
+    frame = _with_probs((3, 5, 5), seed=0)
+    a = _eval_dir(tmp_path / "a", frame, "concat", 1)
+    b = _eval_dir(tmp_path / "b", frame, "concat", 1)
+    with pytest.raises(DataError, match="fold 1"):
+        write_report([a, b], tmp_path / "out", n_boot=0)
+    with pytest.raises(DataError, match="no runs"):
+        write_report([], tmp_path / "out")
+    with pytest.raises(DataError, match="evaluate"):
+        write_report([tmp_path], tmp_path / "out")  # a folder with no predictions.csv
+
+
+def test_audit_plug_in_point() -> None:
+    assert render_audit_section(None) == ("", "")
+    assert render_audit_section({}) == ("", "")
+    result = {"audit": "cross_source", "flags": [{"code": "x", "message": "recall drops on the new source"}],
+              "metrics": {"class": "covid", "source": "new-hospital",
+                          "in_source": {"sources": ["cohen"], "n": 30, "recall": {"value": 0.8, "low": 0.6, "high": 0.9}},
+                          "unseen_source": {"n": 20, "recall": {"value": 0.2, "low": 0.1, "high": 0.4}}}}
+    md, page = render_audit_section({"cross_source": result})
+    assert "Did it learn the disease?" in md and "recall drops on the new source" in page
+
+
+def test_plots_show_what_they_say(tmp_path: Path) -> None:
+    cm = np.array([[26, 2, 3], [40, 398, 39], [61, 56, 622]])
+    fig = plots.confusion_figure(cm)
+    counts_ax, normed_ax = fig.axes
+    assert sorted(int(t.get_text()) for t in counts_ax.texts) == sorted(cm.ravel().tolist())
+    assert "83.9%" in [t.get_text() for t in normed_ax.texts]  # 26/31 on the covid diagonal
+    frame = _with_probs((10, 40, 50), seed=5)
+    preds = validate_predictions(frame, "test")
+    fig = plots.roc_figure(preds.true_idx, preds.probs)
+    covid = [line for line in fig.axes[0].lines if line.get_label().startswith("COVID-19")][0]
+    x, y = covid.get_data()
+    assert np.trapezoid(y, x) == pytest.approx(roc_auc(preds.true_idx == 0, preds.probs[:, 0]))
+    paths = plots.save_figure(fig, tmp_path / "roc.png", tmp_path / "roc.pdf")
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
+    assert plots.figure_png(plots.calibration_figure(preds.true_idx, preds.probs))[:4] == b"\x89PNG"
+
+
+def test_write_evaluation_writes_every_file(tmp_path: Path) -> None:
+    frame = _with_probs((5, 20, 25), seed=6)
+    metrics = write_evaluation(validate_predictions(frame, "t"), tmp_path, {"network": "concat", "fold": 2,
+                                                                             "split": "val"}, n_boot=20)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"metrics.json", "table3.csv", "table4.csv", "confusion_matrix.png", "confusion_matrix.pdf",
+                     "roc.png", "calibration.png"}
+    t3 = pd.read_csv(tmp_path / "table3.csv")
+    cm = confusion_matrix(frame["label"], frame["pred"])
+    assert t3.iloc[0]["covid_correct"] == cm[0, 0] and t3.iloc[0]["fold"] == 2
+    t4 = pd.read_csv(tmp_path / "table4.csv")
+    assert t4.iloc[0]["accuracy"] == pytest.approx(round(metrics["accuracy"], 2))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["evaluation"]["split"] == "val" and saved["covid_correct"] == cm[0, 0]
+
+
+def test_plots_module_leaves_matplotlib_global_state_alone() -> None:
+    code = ("import sys; import covid_cxr.evaluate.plots as p; p.figure_png(p.confusion_figure([[1, 0], [0, 1]], "
+            "['covid', 'normal'])); assert 'matplotlib.pyplot' not in sys.modules; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
