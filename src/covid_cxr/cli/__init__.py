@@ -23,6 +23,7 @@ VERBS: tuple[str, ...] = (
     "report",
     "predict", "export", "serve",
     "import-keras",
+    "audit",
 )
 
 

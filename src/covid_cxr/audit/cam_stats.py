@@ -1,0 +1,115 @@
+"""Grad-CAM statistics: how much of the heatmap lies inside the lung fields, per true class.
+
+For every test image, the Grad-CAM map of the class the model predicts (from
+:mod:`covid_cxr.gradcam`) is compared with the image's lung fields: the share of the map's mass
+inside them, beside the share of the image they cover, which is what a uniform map would give.
+A ratio at or below 1 means the model's evidence is no more on the lungs than anywhere else.
+A high ratio is NOT proof that the model reads the disease: Grad-CAM maps are coarse (a 10x10
+map at 300 px) and show where one layer's gradient is large, not what the decision rests on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covid_cxr.audit import results as R
+from covid_cxr.audit.lungs import LungFields
+
+MIN_RATIO = 1.0
+"""Flag a class whose mean mass share in the lungs is at most this multiple of the lung area."""
+
+
+def mass_in_lungs(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per image, the share of the map's mass inside the mask (NaN for an all-zero map)."""
+    total = cams.reshape(len(cams), -1).sum(axis=1)
+    inside = (cams * masks).reshape(len(cams), -1).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / total, np.nan)
+
+
+def mean_interval(values: np.ndarray) -> dict[str, Any]:
+    """Mean with a normal-approximation 95% interval (clipped to [0, 1]); shares of many images are near normal."""
+    values = values[np.isfinite(values)]
+    n = len(values)
+    if n == 0:
+        return {"value": None, "low": None, "high": None, "n": 0, "method": "normal"}
+    mean = float(values.mean())
+    half = 1.96 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+    low, high = (max(0.0, mean - half), min(1.0, mean + half)) if n > 1 else (None, None)
+    return {"value": mean, "low": low, "high": high, "n": n, "method": "normal"}
+
+
+def compute_cams(model: Any, preprocessing: Any, classes: Sequence[str], images: np.ndarray,
+                 batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM maps (N, S, S) of the predicted class, and the predicted class indices."""
+    from covid_cxr.gradcam import GradCam
+
+    cam = GradCam(model, preprocessing, classes)
+    maps = np.empty(images.shape, dtype=np.float32)
+    preds = np.empty(len(images), dtype=np.int64)
+    for start in range(0, len(images), batch_size):
+        for i, res in enumerate(cam(images[start : start + batch_size])):
+            maps[start + i] = res.map
+            preds[start + i] = res.target
+    return maps, preds
+
+
+def run_cam_stats(
+    cams: np.ndarray, labels: Sequence[str], lungs: LungFields, classes: Sequence[str], *,
+    inputs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Per true class: mean share of CAM mass in the lungs (with interval), lung area, and their ratio."""
+    labels_arr = np.asarray(labels).astype(str)
+    shares = mass_in_lungs(cams, lungs.masks)
+    areas = lungs.masks.reshape(len(lungs.masks), -1).mean(axis=1)
+    per_class: dict[str, Any] = {}
+    flags = []
+    for cls in classes:
+        where = labels_arr == cls
+        if not where.any():
+            continue
+        iv = mean_interval(shares[where])
+        area = float(areas[where].mean())
+        ratio = iv["value"] / area if iv["value"] is not None and area > 0 else None
+        per_class[cls] = {"n": int(where.sum()), "mass_in_lungs": iv, "lung_area": area, "ratio": ratio,
+                          "empty_maps": int(np.isnan(shares[where]).sum())}
+        if ratio is not None and ratio <= MIN_RATIO:
+            flags.append(R.flag(
+                "cam-outside-lungs",
+                f"For {R.class_name(cls)} images the Grad-CAM heatmap is no more on the lungs than chance: "
+                f"{R.with_ci(iv)} of its mass lies in lung fields that cover {R.pct(area)} of the image.",
+            ))
+    metrics = {"target": "predicted", "per_class": per_class, "mask_source": lungs.method,
+               "mask_description": lungs.description}
+    thresholds = {"min_ratio": R.threshold(MIN_RATIO, "mass share in the lungs at or below the lungs' share of the "
+                                           "image means the map favours the lungs no more than a uniform map")}
+    notes = ["A heatmap that sits on the lungs is not proof that the model reads the disease."]
+    return R.make_result("cam", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags, notes=notes)
+
+
+def audit_cam(
+    target: Path, *, data: Path | None = None, fold: int | None = None, masks: Path | None = None,
+    batch_size: int = 16, device: str = "auto", out_dir: Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """``covid-cxr audit cam``: Grad-CAM over the fold's test set; writes ``cam.json``."""
+    from covid_cxr.audit.data import open_prepared, resolve_target, split_images
+    from covid_cxr.audit.lungs import estimate_lung_fields, load_user_masks
+    from covid_cxr.runtime import choose_runtime
+
+    t = resolve_target(target, data, fold)
+    test = split_images(open_prepared(t.data), t)
+    size = t.checkpoint.preprocessing.image_size
+    image_ids = [str(i) for i in test.frame["image_id"]]
+    lungs = load_user_masks(masks, image_ids, size) if masks is not None else estimate_lung_fields(test.images)
+    runtime = choose_runtime(device, "fp32", False)  # Grad-CAM runs in fp32 whatever the hardware
+    model = t.checkpoint.build_model().to(runtime.device)
+    cams, _ = compute_cams(model, t.checkpoint.preprocessing, t.checkpoint.classes, test.images, batch_size)
+    inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "split": "test",
+              "masks": str(masks) if masks is not None else None, "runtime": runtime.describe()}
+    result = run_cam_stats(cams, [str(v) for v in test.frame["label"]], lungs, t.checkpoint.classes, inputs=inputs)
+    return result, R.write_result(result, out_dir or R.audit_dir_for(target))

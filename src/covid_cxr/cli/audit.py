@@ -1,0 +1,112 @@
+"""``covid-cxr audit source|ablation|cross-source|cam``: did the model learn the disease or the dataset?"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from covid_cxr.labels import CLASSES, normalize_label
+from covid_cxr.runtime import PRECISIONS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "audit",
+        help="validity audits: source probe, lung ablation, cross-source recall, Grad-CAM in the lungs",
+        description="Each audit writes <audit>.json (metrics, 95% intervals, thresholds, plain-language flags) "
+        "into RUN/audit/ (for a bare checkpoint: CKPT_STEM-audit/ beside it; for 'source' without a "
+        "checkpoint: DATA/audit/foldK/), or --out. 'covid-cxr report' shows them as 'Did it learn the disease?'.",
+    )
+    sub = p.add_subparsers(dest="audit", metavar="AUDIT", required=True)
+
+    s = sub.add_parser("source", help="can a classifier predict the image's source instead of its class?")
+    s.add_argument("data", type=Path, help="prepared data folder")
+    s.add_argument("--fold", type=int, help="fold, 1-based (default 1, or the checkpoint run's fold)")
+    s.add_argument("--checkpoint", type=Path,
+                   help="run folder or .pt: probe its frozen features linearly instead of training a small CNN")
+    s.add_argument("--epochs", type=int, default=8, help="epochs of the CNN probe (default 8)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the probe (default 0)")
+    _runtime_options(s)
+
+    a = sub.add_parser("ablation", help="evaluate as is, with the lung fields hidden, and with only the lungs shown")
+    _target_options(a)
+    a.add_argument("--masks", type=Path, help="folder of lung masks named by image id ('/' -> '__', any image "
+                   "extension); default: the built-in coarse lung-field estimate")
+    a.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default 64)")
+    _runtime_options(a)
+
+    c = sub.add_parser("cross-source", help="recall of a class on a source never seen for it, vs in-source recall")
+    _target_options(c)
+    c.add_argument("--source", required=True, help="name of the unseen source in the prepared data")
+    c.add_argument("--class", dest="cls", default="covid", help=f"class to test ({', '.join(CLASSES)}; default covid)")
+    c.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default 64)")
+    _runtime_options(c)
+
+    g = sub.add_parser("cam", help="share of Grad-CAM mass inside the lung fields over the test set, per class")
+    _target_options(g)
+    g.add_argument("--masks", type=Path, help="folder of lung masks (as for 'audit ablation')")
+    g.add_argument("--batch-size", type=int, default=16, metavar="B", help="images per Grad-CAM pass (default 16)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    g.add_argument("--out", type=Path, help="output folder (default RUN/audit)")
+    p.set_defaults(func=run)
+
+
+def _target_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", type=Path, help="run folder (with run.json and best.pt) or a .pt checkpoint")
+    p.add_argument("--data", type=Path, help="prepared data folder (default: the run's run.json 'data')")
+    p.add_argument("--fold", type=int, help="fold, 1-based (default: the run's fold; needed for a bare checkpoint)")
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision (default auto)")
+    p.add_argument("--out", type=Path, help="output folder (default RUN/audit)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "batch_size", 1) < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    result: dict[str, Any]
+    if args.audit == "source":
+        from covid_cxr.audit.source import audit_source
+
+        if args.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1; got {args.epochs}")
+        result, path = audit_source(args.data, fold=args.fold, checkpoint=args.checkpoint, epochs=args.epochs,
+                                    seed=args.seed, device=args.device, precision=args.precision, out_dir=args.out)
+    elif args.audit == "ablation":
+        from covid_cxr.audit.ablation import audit_ablation
+
+        result, path = audit_ablation(args.target, data=args.data, fold=args.fold, masks=args.masks,
+                                      batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                      out_dir=args.out)
+    elif args.audit == "cross-source":
+        from covid_cxr.audit.cross_source import audit_cross_source
+
+        result, path = audit_cross_source(args.target, source=args.source, cls=normalize_label(args.cls),
+                                          data=args.data, fold=args.fold, batch_size=args.batch_size,
+                                          device=args.device, precision=args.precision, out_dir=args.out)
+    else:
+        from covid_cxr.audit.cam_stats import audit_cam
+
+        result, path = audit_cam(args.target, data=args.data, fold=args.fold, masks=args.masks,
+                                 batch_size=args.batch_size, device=args.device, out_dir=args.out)
+    print(summary(result))
+    print(f"wrote {path}")
+    return 0
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The audit's figures in a few lines, then its flags (or that none fired)."""
+    from covid_cxr.audit import results as R
+
+    section = R.section_blocks({result["audit"]: result})
+    lines = []
+    for block in section[1:]:
+        if block[0] == "table":
+            lines.append("  " + " | ".join(block[1]))
+            lines += ["  " + " | ".join(str(c) for c in row) for row in block[2]]
+    flags = result.get("flags") or []
+    lines += [f"FLAG: {f['message']}" for f in flags] or ["no flag raised"]
+    return "\n".join(lines)
