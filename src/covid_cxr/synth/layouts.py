@@ -51,7 +51,7 @@ HIERARCHICAL = {
     "ARDS": "ARDS",
 }
 SHORTCUTS = ("marker",)
-RSNA_SPECIAL_FRACTION = 0.03  # each of: 16-bit, MONOCHROME1, preamble-less
+RSNA_SPECIAL_FRACTION = 0.01  # each of: 16-bit, MONOCHROME1, preamble-less
 
 
 @dataclass(frozen=True)

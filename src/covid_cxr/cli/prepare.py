@@ -1,0 +1,84 @@
+"""``covid-cxr prepare``: datasets -> manifest, patient folds with training phases, image cache."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from covid_cxr.data.prepare import PrepareReport, PrepareSettings, prepare_dataset
+from covid_cxr.data.splits import PROTOCOLS
+from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="build the manifest, patient folds, training phases and image cache",
+        description="Read the datasets in their public layouts, write DATA/manifest.csv, "
+        "DATA/splits/fold*/phase*.csv, val.csv, test.csv and summary.json, and decode every image once into "
+        "a memory-mapped cache. Nothing is written when any input is bad.",
+    )
+    p.add_argument("--covid-chestxray", type=Path, metavar="DIR",
+                   help="covid-chestxray-dataset folder (metadata.csv + images/) or its metadata CSV")
+    p.add_argument("--rsna", type=Path, metavar="DIR", help="RSNA Pneumonia Detection Challenge folder")
+    p.add_argument("--folder", type=Path, metavar="DIR",
+                   help="your own images: one sub-folder per class, or a labels.csv (path,label[,patient_id,view])")
+    p.add_argument("--out", type=Path, required=True, metavar="DATA", help="folder to write")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="strict",
+                   help="validation set: 'strict' (default) from the training side, patient-disjoint from test; "
+                   "'paper' the authors' s_test drawn from test (selects on test data)")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--phases", type=int, default=8, help="training phases per fold (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--splits-from", type=Path, metavar="DIR",
+                   help="reproduce the authors' splits from their files (All.csv, foldK/trainP.csv)")
+    p.add_argument("--labels-only", action="store_true", help="manifest and splits from the metadata alone; no images read")
+    p.add_argument("--image-size", type=int, default=300, metavar="PX", help="cache image size (default 300, as the paper)")
+    p.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be decoded (listed) instead of failing")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="decoding processes (default: all CPUs, at most 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def print_report(report: PrepareReport, console: Console) -> None:
+    """Table 1 (images per source and class), the notes, and per-fold sizes."""
+    table = Table(title="Table 1: images per source and class")
+    table.add_column("source")
+    for c in CLASSES:
+        table.add_column(DISPLAY_NAMES[c], justify="right")
+    table.add_column("total", justify="right")
+    for source, row in report.table1.iterrows():
+        table.add_row(str(source), *(str(int(row[c])) for c in CLASSES), str(int(row["total"])))
+    console.print(table)
+    folds = Table(title="Folds (images: covid/pneumonia/normal)")
+    for col in ("fold", "phase 1", "distinct training", "validation", "test"):
+        folds.add_column(col, justify="right")
+    fmt = lambda d: f"{d['images']} ({d['covid']}/{d['pneumonia']}/{d['normal']})"  # noqa: E731
+    for f in report.fold_summary:
+        folds.add_row(str(f["fold"]), fmt(f["phase1"]), fmt(f["train_distinct"]), fmt(f["val"]), fmt(f["test"]))
+    console.print(folds)
+    for note in report.notes:
+        console.print(f"note: {note}", markup=False)
+    for f in report.skipped:
+        console.print(f"skipped: {f['path']}: {f['reason']}", markup=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = PrepareSettings(
+        out=args.out, covid_chestxray=args.covid_chestxray, rsna=args.rsna, folder=args.folder,
+        protocol=args.protocol, folds=args.folds, phases=args.phases, seed=args.seed, splits_from=args.splits_from,
+        labels_only=args.labels_only, image_size=args.image_size, skip_bad=args.skip_bad, workers=args.workers,
+    )
+    report = prepare_dataset(settings, progress=not args.quiet)
+    console = Console()
+    print_report(report, console)
+    if report.images_decoded and report.decode_seconds > 0:
+        rate = report.images_decoded / report.decode_seconds
+        console.print(f"decoded {report.images_decoded} images in {report.decode_seconds:.1f} s ({rate:.0f} images/s)")
+    elif report.cache_reused:
+        console.print("image cache reused: inputs and settings unchanged")
+    console.print(f"wrote {report.out}")
+    return 0

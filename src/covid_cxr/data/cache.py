@@ -1,0 +1,160 @@
+"""Decode every image once into one memory-mapped uint8 array.
+
+A cache folder holds ``images.npy`` (N, S, S) uint8, opened with ``mmap_mode='r'`` so
+training reads it without loading it), ``index.csv`` (row, image_id, sha256 of the file,
+DICOM view) and ``meta.json`` (image size, the key of its inputs, images left out and why).
+The key hashes the image size, the decoder version and every (image id, path, file size,
+mtime), so an unchanged dataset is never decoded twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from covid_cxr.data.images import decode_image_info, resize_gray
+from covid_cxr.errors import ImageDecodeError
+
+CACHE_VERSION = 1
+IMAGES_FILE, INDEX_FILE, META_FILE = "images.npy", "index.csv", "meta.json"
+
+
+def cache_dirname(image_size: int) -> str:
+    return f"size{image_size}"
+
+
+def cache_key(manifest: pd.DataFrame, image_size: int) -> str:
+    """Hash of what the cache depends on: size, decoder version, and each file's id, path, size and mtime."""
+    h = hashlib.sha256(f"covid-cxr-cache v{CACHE_VERSION} size={image_size}\n".encode())
+    for image_id, path in zip(manifest["image_id"], manifest["path"]):
+        try:
+            st = os.stat(path)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "missing"
+        h.update(f"{image_id}\t{path}\t{stamp}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class CacheBuild:
+    """What a build produced: good rows, failures (image id, path, reason), digests and views."""
+
+    folder: Path
+    image_ids: list[str]
+    failures: list[dict[str, str]] = field(default_factory=list)
+    sha256: dict[str, str] = field(default_factory=dict)
+    views: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    reused: bool = False
+
+
+def _decode_one(job: tuple[str, str, int]) -> tuple[str, np.ndarray | None, str, str, str]:
+    """Worker: (image_id, path, size) -> (image_id, image or None, error, sha256, view)."""
+    image_id, path, size = job
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return image_id, None, "file not found", "", ""
+    except OSError as exc:
+        return image_id, None, f"cannot read the file ({exc.strerror or exc})", "", ""
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        img, info = decode_image_info(data, name=path)
+    except ImageDecodeError as exc:
+        return image_id, None, exc.reason, digest, ""
+    return image_id, resize_gray(img, size), "", digest, info.get("view", "")
+
+
+def _results(jobs: list[tuple[str, str, int]], workers: int) -> Iterator[tuple[str, np.ndarray | None, str, str, str]]:
+    if workers <= 1 or len(jobs) < 32:
+        yield from map(_decode_one, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_decode_one, jobs, chunksize=16)
+
+
+def build_cache(
+    manifest: pd.DataFrame, image_size: int, folder: Path, *, workers: int = 0, progress: bool = True
+) -> CacheBuild:
+    """Decode and resize every manifest image in parallel into ``folder``; failures are collected, not raised.
+
+    Only decodable images get rows, in manifest order. The caller decides whether failures are fatal.
+    """
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    workers = workers or min(8, len(os.sched_getaffinity(0)))
+    jobs = [(i, p, image_size) for i, p in zip(manifest["image_id"], manifest["path"])]
+    n = len(jobs)
+    scratch = np.lib.format.open_memmap(folder / "decode.tmp.npy", mode="w+", dtype=np.uint8,
+                                        shape=(max(n, 1), image_size, image_size))
+    ok = np.zeros(n, dtype=bool)
+    build = CacheBuild(folder=folder, image_ids=[])
+    columns = (TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("decode", total=n)
+        for row, (image_id, img, error, digest, view) in enumerate(_results(jobs, workers)):
+            if img is None:
+                build.failures.append({"image_id": image_id, "path": jobs[row][1], "reason": error})
+            else:
+                scratch[row] = img
+                ok[row] = True
+                build.views[image_id] = view
+            if digest:
+                build.sha256[image_id] = digest
+            bar.advance(task)
+    good = np.flatnonzero(ok)
+    final = np.lib.format.open_memmap(folder / IMAGES_FILE, mode="w+", dtype=np.uint8,
+                                      shape=(len(good), image_size, image_size))
+    for start_row in range(0, len(good), 1024):
+        final[start_row : start_row + 1024] = scratch[good[start_row : start_row + 1024]]
+    final.flush()
+    del final, scratch
+    (folder / "decode.tmp.npy").unlink()
+    build.image_ids = [jobs[i][0] for i in good]
+    build.seconds = time.perf_counter() - start
+    return build
+
+
+def write_cache_index(build: CacheBuild, image_size: int, key: str) -> None:
+    """Write ``index.csv`` and ``meta.json`` beside the images: the cache is complete after this."""
+    pd.DataFrame({
+        "row": np.arange(len(build.image_ids)),
+        "image_id": build.image_ids,
+        "sha256": [build.sha256.get(i, "") for i in build.image_ids],
+        "view": [build.views.get(i, "") for i in build.image_ids],
+    }).to_csv(build.folder / INDEX_FILE, index=False)
+    meta: dict[str, Any] = {"version": CACHE_VERSION, "image_size": image_size, "count": len(build.image_ids),
+                            "key": key, "failures": build.failures,
+                            "failure_sha256": {f["image_id"]: build.sha256.get(f["image_id"], "") for f in build.failures}}
+    (build.folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def read_cache_build(folder: Path) -> CacheBuild:
+    """Read a complete cache folder back as a :class:`CacheBuild` (for reuse)."""
+    meta = json.loads((folder / META_FILE).read_text())
+    index = pd.read_csv(folder / INDEX_FILE, dtype=str, keep_default_na=False)
+    sha = dict(zip(index["image_id"], index["sha256"]))
+    sha.update({k: v for k, v in meta.get("failure_sha256", {}).items() if v})
+    return CacheBuild(folder=folder, image_ids=index["image_id"].tolist(), failures=meta.get("failures", []),
+                      sha256=sha, views=dict(zip(index["image_id"], index["view"])), reused=True)
+
+
+def cache_matches(folder: Path, key: str) -> bool:
+    """True when ``folder`` is a complete cache built from exactly these inputs."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("key") == key and (folder / IMAGES_FILE).is_file() and (folder / INDEX_FILE).is_file()

@@ -1,0 +1,232 @@
+"""``prepare``: raw datasets -> manifest, patient folds with phases, image cache, in one folder.
+
+Everything is written into a temporary sibling folder and renamed into place at the end, so a
+failure (a bad image, a leaking split, Ctrl-C) leaves no partial output and an earlier prepared
+folder intact. A cache whose inputs are unchanged is carried over instead of decoded again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from covid_cxr import __version__
+from covid_cxr.data.author_splits import read_author_splits
+from covid_cxr.data.cache import CacheBuild, build_cache, cache_dirname, cache_key, cache_matches, read_cache_build, write_cache_index
+from covid_cxr.data.manifest import COLUMNS, combine, table1
+from covid_cxr.data.prepared import FORMAT, SPLIT_COLUMNS, hash_files, split_files
+from covid_cxr.data.sources import read_covid_chestxray, read_folder, read_rsna
+from covid_cxr.data.splits import SplitPlan, SplitSettings, make_folds
+from covid_cxr.errors import ConfigError, DataError
+from covid_cxr.labels import CLASSES
+from covid_cxr.preprocess import MIN_IMAGE_SIZE
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """Everything ``prepare`` needs; written to ``DATA/prepare.json``."""
+
+    out: Path
+    covid_chestxray: Path | None = None
+    rsna: Path | None = None
+    folder: Path | None = None
+    protocol: str = "strict"
+    folds: int = 5
+    phases: int = 8
+    seed: int = 0
+    splits_from: Path | None = None
+    labels_only: bool = False
+    image_size: int = 300
+    skip_bad: bool = False
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.covid_chestxray or self.rsna or self.folder):
+            raise ConfigError("give at least one dataset: --covid-chestxray DIR, --rsna DIR or --folder DIR")
+        if not self.labels_only and not MIN_IMAGE_SIZE <= self.image_size <= 2048:
+            raise ConfigError(f"image size must be between {MIN_IMAGE_SIZE} and 2048 pixels; got {self.image_size}")
+        SplitSettings(folds=self.folds, phases=self.phases, seed=self.seed, protocol=self.protocol)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class PrepareReport:
+    """What was written, for the command line to print."""
+
+    out: Path
+    table1: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[list[str]] = field(default_factory=list)
+    decode_seconds: float = 0.0
+    images_decoded: int = 0
+    cache_reused: bool = False
+    fold_summary: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_sources(settings: PrepareSettings) -> tuple[pd.DataFrame, list[str]]:
+    """The combined manifest of every given dataset, and each adapter's notes."""
+    parts, notes = [], []
+    for root, reader in ((settings.covid_chestxray, read_covid_chestxray), (settings.rsna, read_rsna),
+                         (settings.folder, read_folder)):
+        if root is not None:
+            frame, part_notes = reader(Path(root))
+            parts.append(frame)
+            notes += part_notes
+    return combine(parts), notes
+
+
+def _duplicates(sha: dict[str, str], manifest: pd.DataFrame) -> list[list[str]]:
+    by_digest: dict[str, list[str]] = {}
+    for image_id in manifest["image_id"]:
+        if sha.get(image_id):
+            by_digest.setdefault(sha[image_id], []).append(image_id)
+    return sorted(ids for ids in by_digest.values() if len(ids) > 1)
+
+
+def _fail_on_bad(failures: list[dict[str, str]]) -> None:
+    lines = [f"  {f['path']}: {f['reason']}" for f in failures[:50]]
+    more = f"\n  ... and {len(failures) - 50} more" if len(failures) > 50 else ""
+    raise DataError(f"{len(failures)} images cannot be used; nothing was written. Fix or remove them, or pass "
+                    "--skip-bad to leave them out:\n" + "\n".join(lines) + more)
+
+
+def _fold_counts(frame: pd.DataFrame) -> dict[str, Any]:
+    counts = frame["label"].value_counts()
+    return {"images": len(frame), "patients": int(frame["patient_id"].nunique()),
+            **{c: int(counts.get(c, 0)) for c in CLASSES}}
+
+
+def write_splits(plan: SplitPlan, manifest: pd.DataFrame, splits_dir: Path) -> list[dict[str, Any]]:
+    """Write every fold's phase, val and test files and ``summary.json``; return the per-fold summary."""
+    table = manifest.set_index("image_id", drop=False).loc[:, list(SPLIT_COLUMNS)]
+    num_phases = max(len(f.phases) for f in plan.folds)
+    folds = []
+    for fold in plan.folds:
+        fold_dir = splits_dir / f"fold{fold.fold}"
+        fold_dir.mkdir(parents=True)
+        parts = {f"phase{p}": ids for p, ids in enumerate(fold.phases, start=1)}
+        parts.update(val=fold.val, test=fold.test)
+        info: dict[str, Any] = {"fold": fold.fold}
+        for name, ids in parts.items():
+            frame = table.loc[sorted(ids)]
+            frame.to_csv(fold_dir / f"{name}.csv", index=False)
+            info[name] = _fold_counts(frame)
+        info["train_distinct"] = _fold_counts(table.loc[sorted(fold.train)])
+        info["split_hash"] = hash_files(split_files(fold_dir, num_phases))
+        folds.append(info)
+    summary = {"protocol": plan.protocol, "origin": plan.origin, "selection_on_test": plan.protocol == "paper",
+               "num_folds": len(plan.folds), "num_phases": num_phases, "settings": plan.settings,
+               "notes": plan.notes, "folds": folds}
+    (splits_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return folds
+
+
+def _reuse_caches(old: Path, new: Path, manifest: pd.DataFrame) -> None:
+    """Hard-link (or copy) every cache of ``old`` still valid for ``manifest`` into ``new``."""
+    for folder in sorted((old / "cache").glob("size*")):
+        try:
+            size = int(folder.name[4:])
+        except ValueError:
+            continue
+        if cache_matches(folder, cache_key(manifest, size)):
+            target = new / "cache" / folder.name
+            shutil.copytree(folder, target, copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; give a folder for --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "prepare.json").is_file():
+        raise DataError(f"{out} exists, is not empty and is not a prepared dataset; give a new or empty folder for --out")
+
+
+def prepare_dataset(settings: PrepareSettings, *, progress: bool = True) -> PrepareReport:
+    """Run the whole preparation; raise :class:`DataError` (and write nothing) on any bad input."""
+    out = Path(settings.out).resolve()
+    _check_out(out)
+    manifest, notes = read_sources(settings)
+    if manifest.empty:
+        raise DataError("the given datasets hold no image of the classes covid, pneumonia, normal")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        report = _prepare_into(tmp, out, settings, manifest, notes, progress)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report.out = out
+    return report
+
+
+def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.DataFrame, notes: list[str],
+                  progress: bool) -> PrepareReport:
+    report = PrepareReport(out=out, table1=table1(manifest), notes=notes)
+    if out.is_dir():
+        _reuse_caches(out, tmp, manifest)
+    if not settings.labels_only:
+        key = cache_key(manifest, settings.image_size)
+        folder = tmp / "cache" / cache_dirname(settings.image_size)
+        build: CacheBuild
+        if cache_matches(folder, key):
+            build = read_cache_build(folder)
+        else:
+            build = build_cache(manifest, settings.image_size, folder, workers=settings.workers, progress=progress)
+            write_cache_index(build, settings.image_size, key)
+        report.cache_reused, report.decode_seconds = build.reused, build.seconds
+        report.images_decoded = 0 if build.reused else len(manifest)
+        if build.failures and not settings.skip_bad:
+            _fail_on_bad(build.failures)
+        report.skipped = build.failures
+        report.duplicates = _duplicates(build.sha256, manifest)
+        bad = {f["image_id"] for f in build.failures}
+        manifest = manifest[~manifest["image_id"].isin(bad)].copy()
+        views = manifest["image_id"].map(build.views).fillna("")
+        manifest["view"] = manifest["view"].where(manifest["view"] != "", views)
+        if bad:
+            notes.append(f"--skip-bad: left out {len(bad)} images that cannot be decoded (listed in prepare.json)")
+        if report.duplicates:
+            notes.append(f"{len(report.duplicates)} groups of byte-identical files under different names "
+                         f"(e.g. {', '.join(report.duplicates[0][:3])}); listed in prepare.json")
+        report.table1 = table1(manifest)
+    split_settings = SplitSettings(folds=settings.folds, phases=settings.phases, seed=settings.seed,
+                                   protocol=settings.protocol)
+    plan = (read_author_splits(Path(settings.splits_from), manifest, split_settings) if settings.splits_from
+            else make_folds(manifest, split_settings))
+    manifest.loc[:, list(COLUMNS)].to_csv(tmp / "manifest.csv", index=False)
+    report.fold_summary = write_splits(plan, manifest, tmp / "splits")
+    report.notes += plan.notes
+    info = {
+        "format": FORMAT, "version": 1, "covid_cxr": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings.to_dict(), "protocol": plan.protocol, "selection_on_test": plan.protocol == "paper",
+        "num_folds": len(plan.folds), "num_phases": max(len(f.phases) for f in plan.folds),
+        "image_size": None if settings.labels_only else settings.image_size,
+        "table1": {src: row.to_dict() for src, row in report.table1.iterrows()},
+        "notes": report.notes, "skipped": report.skipped, "duplicates": report.duplicates,
+        "decode_seconds": round(report.decode_seconds, 2), "cache_reused": report.cache_reused,
+    }
+    (tmp / "prepare.json").write_text(json.dumps(info, indent=1, default=int) + "\n")
+    return report
