@@ -84,25 +84,25 @@ def _resolve(target: Path, data: Path | None, fold: int | None, split: str, out_
     return _Target(checkpoint=checkpoint, data=Path(data), fold=int(fold), out_dir=out, run=run)
 
 
-def _load_split(prepared: Any, fold: int, split: str, run: dict[str, Any], where: Path) -> pd.DataFrame:
-    """The fold's split table, after checking the data still has the splits the model was trained on."""
+def _load_split(prepared: Any, fold: int, split: str, run: dict[str, Any], where: Path) -> tuple[pd.DataFrame, str]:
+    """The fold's split table and split hash, after checking they are the splits the model was trained on."""
     if not 1 <= fold <= prepared.num_folds:
         raise DataError(f"{where}: fold {fold} does not exist; the prepared data has folds 1..{prepared.num_folds}")
-    trained_on = run.get("split_hash")
-    if trained_on and prepared.split_hash and trained_on != prepared.split_hash:
-        raise DataError(
-            f"{where}: the run was trained on splits {trained_on} but this prepared data has splits "
-            f"{prepared.split_hash}; its test set may hold training images. Evaluate with the prepared "
-            "data the run used (run.json 'data'), or re-train on this data"
-        )
     splits = prepared.fold(fold)
+    trained_on = run.get("split_hash")
+    if trained_on and trained_on != splits.split_hash:
+        raise DataError(
+            f"{where}: the run was trained on fold {fold} splits {trained_on[:12]} but {prepared.root} has "
+            f"splits {splits.split_hash[:12]} for that fold; its {split} set may hold training images. Evaluate "
+            "with the prepared data the run used (run.json 'data'), or re-train on this data"
+        )
     frame = splits.test if split == "test" else splits.val
     if frame is None or len(frame) == 0:
-        raise DataError(f"{where}: fold {fold} has no {split} images")
+        raise DataError(f"{where}: fold {fold} of {prepared.root} has no {split} images")
     unknown = set(frame["label"]) - set(CLASSES)
     if unknown:
         raise DataError(f"{where}: labels {sorted(unknown)} in fold {fold}; expected {', '.join(CLASSES)}")
-    return frame.reset_index(drop=True)
+    return frame.reset_index(drop=True), splits.split_hash
 
 
 def _cache_for(prepared: Any, image_size: int, data: Path) -> Any:
@@ -195,7 +195,7 @@ def evaluate_run(
     tgt = _resolve(where, data, fold, split, out_dir)
     ckpt = load_checkpoint(tgt.checkpoint)
     prepared = PreparedData(tgt.data)
-    frame = _load_split(prepared, tgt.fold, split, tgt.run, where)
+    frame, split_hash = _load_split(prepared, tgt.fold, split, tgt.run, where)
     cache = _cache_for(prepared, ckpt.preprocessing.image_size, tgt.data)
     rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
     # Read the memory-mapped cache front to back: sort by cache row, keep the split's order in the output.
@@ -229,8 +229,8 @@ def evaluate_run(
         "split": split,
         "checkpoint": str(tgt.checkpoint.resolve()),
         "data": str(tgt.data.resolve()),
-        "protocol": getattr(prepared, "protocol", None),
-        "split_hash": getattr(prepared, "split_hash", None),
+        "protocol": prepared.protocol,
+        "split_hash": split_hash,
         "image_size": ckpt.preprocessing.image_size,
         "scaling": ckpt.preprocessing.scaling,
         "classes_checkpoint": list(ckpt.classes),
