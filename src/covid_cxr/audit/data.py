@@ -64,7 +64,7 @@ def split_images(prepared: Any, target: AuditTarget, split: str = "test") -> Spl
     from covid_cxr.evaluate.run import _cache_for, _load_split
 
     where = target.checkpoint_path
-    frame = _load_split(prepared, target.fold, split, target.run, where)
+    frame, _split_hash = _load_split(prepared, target.fold, split, target.run, where)
     check_classes_match(target.checkpoint, frame["label"], where)
     cache = _cache_for(prepared, target.checkpoint.preprocessing.image_size, target.data)
     return SplitImages(frame=frame, images=rows_of(cache, frame["image_id"]))

@@ -113,7 +113,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 def _dark_regions(small: np.ndarray, inner: np.ndarray) -> np.ndarray | None:
     """The (up to) two large dark regions inside the body, hull-filled; None when implausible."""
     values = small[inner]
-    if values.size < 0.15 * small.size:
+    if values.size < 0.15 * small.size or values.std() < 2.0:  # no body, or nothing to tell lungs by
         return None
     level, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     # Lungs fill about a third of the body on a frontal film: cap the level there so a dim lower
@@ -209,7 +209,7 @@ def load_user_masks(mask_dir: Path, image_ids: Sequence[str], image_size: int) -
             empty.append(files[str(image_id)].name)
             continue
         resized = cv2.resize(raw, (image_size, image_size), interpolation=cv2.INTER_NEAREST)
-        masks[i] = resized * 2 >= peak
+        masks[i] = resized.astype(np.int32) * 2 >= peak
     if empty:
         more = f" and {len(empty) - MAX_LISTED} more" if len(empty) > MAX_LISTED else ""
         raise DataError(
