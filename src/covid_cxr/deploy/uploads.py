@@ -101,7 +101,10 @@ async def read_multipart(
         ))
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1].data.extend(data[start:end])
+        part = parts[-1].data
+        part.extend(data[start:end])
+        if len(part) > max_bytes:
+            raise UploadError(413, _too_large(max_bytes))
 
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin,
