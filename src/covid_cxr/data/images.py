@@ -146,7 +146,10 @@ def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
 
 def _decode_pillow(data: bytes, label: str) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # we refuse oversized images ourselves, from the header
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
             _check_pixels(label, im.width, im.height, getattr(im, "n_frames", 1) if im.format == "TIFF" else 1)
             im.load()
             im = ImageOps.exif_transpose(im)
@@ -161,6 +164,9 @@ def _decode_pillow(data: bytes, label: str) -> np.ndarray:
             return np.asarray(im.convert("L"))
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(label, f"image exceeds the limit of {MAX_PIXELS} pixels; refusing a possible "
+                               f"decompression bomb ({exc})") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(label, "not an image: neither DICOM nor a format Pillow reads (PNG, JPEG, ...)") from None
     except _DECODE_ERRORS as exc:

@@ -114,6 +114,9 @@ def _cxr_plan(rng: np.random.Generator, n_covid: int, n_pneumonia: int, size: in
             if rng.random() < 0.08:  # a CT slice: left out
                 add(pid, finding, label, "Axial", "CT", False)
             pid += 1
+    for view, modality in (("L", "X-ray"), ("Axial", "CT")):  # at least one of each quirk, whatever the counts
+        if not any(r["view"] == view for r in rows):
+            add(1, rows[0]["finding"], rows[0]["label"], view, modality, False)
     n_other = max(2, (n_covid + n_pneumonia) // 25)
     for _ in range(n_other):  # findings of no class we use
         add(pid, str(rng.choice(["Legionella", "ARDS", "E.Coli", "todo"])), "normal", "PA", "X-ray", False)
@@ -140,11 +143,11 @@ def _rsna_plan(rng: np.random.Generator, n_pneumonia: int, n_normal: int) -> lis
 
 def _add_marker(img: np.ndarray, rng: np.random.Generator) -> None:
     """A small bright square in a top corner: a source shortcut independent of disease."""
-    h, w = img.shape
+    h, w = img.shape[:2]
     s = max(3, min(h, w) // 20)
     y0 = max(1, h // 30)
     x0 = max(1, w // 30) if rng.random() < 0.5 else w - s - max(1, w // 30)
-    img[y0 : y0 + s, x0 : x0 + s] = 250
+    img[y0 : y0 + s, x0 : x0 + s] = 255
 
 
 def _write_cxr_image(job: dict[str, Any]) -> None:
@@ -155,11 +158,11 @@ def _write_cxr_image(job: dict[str, Any]) -> None:
     img = cv2.resize(img, (job["width"], job["height"]), interpolation=cv2.INTER_AREA)
     if job["modality"] == "CT":
         img = cv2.GaussianBlur(255 - img, (0, 0), 3)  # anything but a radiograph
-    if job["shortcut"] == "marker":
-        _add_marker(img, rng)
     if job["rgb"]:
         tint = np.array(rng.uniform(0.92, 1.0, 3), dtype=np.float32)
         img = np.clip(img[..., None].astype(np.float32) * tint, 0, 255).astype(np.uint8)
+    if job["shortcut"] == "marker":
+        _add_marker(img, rng)
     ext = ".jpg" if job["format"] in ("jpg", "jpeg") else ".png"
     ok, buf = cv2.imencode(ext, img, [cv2.IMWRITE_JPEG_QUALITY, 92] if ext == ".jpg" else [])
     if not ok:
@@ -171,7 +174,8 @@ def _write_rsna_image(job: dict[str, Any]) -> list[tuple[int, int, int, int]]:
     """Write one DICOM; return the pneumonia boxes (x, y, width, height) in pixels."""
     rng = np.random.default_rng(job["seed"])
     label = {"pneumonia": "pneumonia", "normal": "normal", "other": "normal"}[job["kind"]]
-    chest = render_chest(rng, job["size"], label)
+    side = str(rng.choice(["left", "right", "both"], p=[0.35, 0.35, 0.3])) if label == "pneumonia" else None
+    chest = render_chest(rng, job["size"], label, lesion_side=side)
     img = chest.image
     if job["kind"] == "other":  # an abnormality that is not opacity: a bright device line
         x = int(job["size"] * rng.uniform(0.3, 0.7))
@@ -181,7 +185,7 @@ def _write_rsna_image(job: dict[str, Any]) -> list[tuple[int, int, int, int]]:
     if label != "pneumonia":
         return []
     n, _, stats, _ = cv2.connectedComponentsWithStats(chest.lesion_mask.astype(np.uint8))
-    boxes = [tuple(int(v) for v in stats[i, :4]) for i in range(1, n) if stats[i, 4] >= 16]
+    boxes = [tuple(int(v) for v in stats[i, :4]) for i in range(1, n) if stats[i, 4] >= max(4, job["size"] ** 2 // 4096)]
     return boxes or [tuple(int(v) for v in cv2.boundingRect(chest.lung_mask.astype(np.uint8)))]
 
 
