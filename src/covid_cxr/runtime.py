@@ -4,6 +4,8 @@ Training, evaluation, prediction and serving all ask :func:`choose_runtime`, so 
 the same thing everywhere: the GPU when there is one; bf16 autocast where the hardware does
 bf16 natively (CUDA cards that support it, CPUs with AVX512-BF16 or AMX); channels_last for
 convolutions. Every command prints :meth:`Runtime.describe` so a user sees what was chosen.
+Choosing a runtime also applies the process-level speed settings once (allocator, thread
+pools: :mod:`covid_cxr.perf`), and ``describe`` names them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from covid_cxr.errors import ConfigError
+from covid_cxr.perf import SpeedSettings, apply_speed_settings
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,6 +39,7 @@ class Runtime:
     device: torch.device
     precision: str  # fp32 | bf16 | fp16
     channels_last: bool
+    speed: SpeedSettings | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -49,7 +53,8 @@ class Runtime:
 
     def describe(self) -> str:
         memory = "channels_last" if self.channels_last else "contiguous"
-        return f"device={self.device} precision={self.precision} memory={memory}"
+        text = f"device={self.device} precision={self.precision} memory={memory}"
+        return text if self.speed is None else f"{text} {self.speed.describe()}"
 
 
 def choose_runtime(device: str = "auto", precision: str = "auto", channels_last: bool | None = None) -> Runtime:
@@ -74,4 +79,4 @@ def choose_runtime(device: str = "auto", precision: str = "auto", channels_last:
         raise ConfigError("fp16 is for GPUs; on the CPU use bf16 (native on AVX512-BF16/AMX CPUs) or fp32")
     if channels_last is None:
         channels_last = True
-    return Runtime(device=dev, precision=precision, channels_last=channels_last)
+    return Runtime(device=dev, precision=precision, channels_last=channels_last, speed=apply_speed_settings())
