@@ -23,7 +23,7 @@ from covid_cxr.data.splits import (
     Fold,
     SplitPlan,
     SplitSettings,
-    _draw,
+    draw_patients,
     _patients,
     assign_groups,
     check_disjoint,
@@ -120,7 +120,7 @@ def read_author_splits(folder: Path, manifest: pd.DataFrame, settings: SplitSett
             groups = assign_groups(_patients(core_test), STRICT_VAL_SHARE, rng)
             val = core_test.loc[core_test["patient_id"].isin(groups.index[groups == 0]), "image_id"].tolist()
         for cls in ("normal", "pneumonia"):
-            val += _draw(pool_test[pool_test["label"] == cls], val_q.get(cls, 0), rng)
+            val += draw_patients(pool_test[pool_test["label"] == cls], val_q.get(cls, 0), rng)
         if settings.protocol == "strict":
             moved = set(val)
             test = [i for i in test if i not in moved]

@@ -112,17 +112,32 @@ def assign_groups(patients: pd.DataFrame, k: int, rng: np.random.Generator) -> p
     return group
 
 
-def _draw(frame: pd.DataFrame, quota: int, rng: np.random.Generator) -> list[str]:
-    """Whole patients of ``frame`` in a seeded order until ``quota`` images are taken."""
-    if quota <= 0 or frame.empty:
-        return []
-    codes, uniques = pd.factorize(frame["patient_id"], sort=True)
+def take_patients(frame: pd.DataFrame, quotas: list[int], rng: np.random.Generator) -> tuple[list[list[str]], list[str]]:
+    """Shuffle ``frame``'s patients once (seeded) and cut consecutive runs of whole patients holding at
+    least ``quotas[j]`` images each; return the runs' image ids and the ids left over."""
+    parts: list[list[str]] = [[] for _ in quotas]
+    if frame.empty:
+        return parts, []
+    codes, uniques = pd.factorize(frame["patient_id"], sort=False)  # frame order is deterministic
     order = rng.permutation(len(uniques))
     cumulative = np.cumsum(np.bincount(codes, minlength=len(uniques))[order])
-    n_patients = int(np.searchsorted(cumulative, quota)) + 1  # the first patient count reaching the quota
-    chosen = np.zeros(len(uniques), dtype=bool)
-    chosen[order[:n_patients]] = True
-    return frame["image_id"].to_numpy()[chosen[codes]].tolist()
+    part_of = np.full(len(uniques), len(quotas))
+    pos = 0
+    for j, quota in enumerate(quotas):
+        if quota <= 0 or pos >= len(order):
+            continue
+        before = cumulative[pos - 1] if pos else 0
+        end = min(len(order), int(np.searchsorted(cumulative, before + quota)) + 1)
+        part_of[order[pos:end]] = j
+        pos = end
+    image_part = part_of[codes]
+    ids = frame["image_id"].to_numpy()
+    return [ids[image_part == j].tolist() for j in range(len(quotas))], ids[image_part == len(quotas)].tolist()
+
+
+def draw_patients(frame: pd.DataFrame, quota: int, rng: np.random.Generator) -> list[str]:
+    """Whole patients of ``frame`` in a seeded order until ``quota`` images are taken."""
+    return take_patients(frame, [quota], rng)[0][0]
 
 
 def pool_quotas(pool: pd.DataFrame, phases: int) -> tuple[dict[str, int], dict[str, int], list[str]]:
@@ -183,16 +198,12 @@ def make_folds(manifest: pd.DataFrame, settings: SplitSettings) -> SplitPlan:
         pool_val: list[str] = []
         pool_test: list[str] = []
         for cls in CLASSES:
-            left = pool[pool["label"] == cls]
-            if settings.protocol == "strict":
-                taken = _draw(left, val_q.get(cls, 0), frng)
-                pool_val += taken
-                left = left[~left["image_id"].isin(taken)]
+            val_n = val_q.get(cls, 0) if settings.protocol == "strict" else 0
+            runs, rest = take_patients(pool[pool["label"] == cls], [val_n] + [phase_q.get(cls, 0)] * settings.phases, frng)
+            pool_val += runs[0]
             for p in range(settings.phases):
-                taken = _draw(left, phase_q.get(cls, 0), frng)
-                phases[p] += taken
-                left = left[~left["image_id"].isin(taken)]
-            pool_test += left["image_id"].tolist()
+                phases[p] += runs[p + 1]
+            pool_test += rest
         test = core_test + pool_test
         if settings.protocol == "strict":
             val = core_val + pool_val
@@ -200,7 +211,7 @@ def make_folds(manifest: pd.DataFrame, settings: SplitSettings) -> SplitPlan:
             test_frame = manifest[manifest["image_id"].isin(pool_test)]
             val = manifest.loc[manifest["image_id"].isin(test) & (manifest["label"] == "covid"), "image_id"].tolist()
             for cls in ("normal", "pneumonia"):
-                val += _draw(test_frame[test_frame["label"] == cls], val_q.get(cls, 0), frng)
+                val += draw_patients(test_frame[test_frame["label"] == cls], val_q.get(cls, 0), frng)
         folds.append(Fold(fold=k + 1, phases=phases, val=val, test=test))
     plan = SplitPlan(folds=folds, protocol=settings.protocol, origin="generated", notes=notes,
                      settings={"folds": settings.folds, "phases": settings.phases, "seed": settings.seed,
