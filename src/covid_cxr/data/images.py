@@ -107,11 +107,13 @@ def _to_gray(arr: np.ndarray, label: str) -> np.ndarray:
 
 def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        with warnings.catch_warnings():  # a truncated file is reported below, as an error
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except _DECODE_ERRORS as exc:
         raise ImageDecodeError(label, f"unreadable DICOM header ({exc})") from None
     if "PixelData" not in ds:
-        raise ImageDecodeError(label, "DICOM file holds no pixel data (not an image object)")
+        raise ImageDecodeError(label, "DICOM file holds no pixel data: the file is truncated or is not an image object")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     _check_pixels(label, cols, rows, frames)
