@@ -19,6 +19,7 @@ from covid_cxr import __version__
 # Order here is the order in --help. Add a verb by adding its module name.
 VERBS: tuple[str, ...] = (
     "synth", "prepare",
+    "train", "cv", "demo",
     "evaluate",
     "metrics",
     "report",

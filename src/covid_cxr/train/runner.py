@@ -177,10 +177,8 @@ def _build_model(config: TrainConfig, image_size: int) -> torch.nn.Module:
     if config.pretrained == "imagenet":
         from covid_cxr.models.pretrained import load_imagenet_weights
 
-        if config.weights_files:
-            load_imagenet_weights(model, weights_files=[Path(p) for p in config.weights_files])
-        else:
-            load_imagenet_weights(model)
+        files = [Path(p) for p in config.weights_files] or None
+        load_imagenet_weights(model, weights_file=files)
     return model
 
 
