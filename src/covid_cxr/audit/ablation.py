@@ -8,6 +8,10 @@ exposure (Maguolo & Nanni 2021 found exactly that with the lungs blacked out).
 chose the mean over black or a fixed gray so that a hidden region adds no new global brightness
 cue: an image's overall exposure stays what it was, and a model that keys on exposure keeps that
 cue, which is what the audit must reveal rather than destroy.
+
+With the lungs hidden, a margin of :data:`HIDE_MARGIN` of the image side around the fields is
+hidden too, so that the border errors of a coarse field (the disease often lies at the lung's
+edge) do not leave the disease in view; with only the lungs shown, the fields are used as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from covid_cxr.audit import results as R
@@ -25,11 +30,24 @@ from covid_cxr.inference import Predictor, predict_in_batches
 CONDITIONS: tuple[str, ...] = ("as_is", "lungs_hidden", "only_lungs")
 FILL_DESCRIPTION = "the image's own mean intensity"
 
+HIDE_MARGIN = 0.04
+"""Share of the image side by which the lung fields are grown before they are hidden."""
+
 SURVIVAL_MARGIN = 0.15
 """Flag when balanced accuracy with the lungs hidden stays this far (absolute) above chance."""
 
 COVID_RECALL_SURVIVAL = 0.5
-"""Flag when COVID-19 recall with the lungs hidden stays at or above this (and its CI excludes chance)."""
+"""Flag when COVID-19 recall with the lungs hidden stays at or above this (and its CI lies above the
+share of non-COVID-19 images called COVID-19)."""
+
+
+def grow(masks: np.ndarray, fraction: float = HIDE_MARGIN) -> np.ndarray:
+    """Dilate each (N, S, S) mask by ``fraction`` of its side (a square structuring element)."""
+    radius = int(round(fraction * masks.shape[-1]))
+    if radius < 1:
+        return masks
+    kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    return np.stack([cv2.dilate(m.astype(np.uint8), kernel) > 0 for m in masks])
 
 
 def hide(images: np.ndarray, masks: np.ndarray, keep: str) -> np.ndarray:
@@ -91,7 +109,7 @@ def run_ablation(
     present = sorted(set(labels), key=classes.index)
     altered = {
         "as_is": images,
-        "lungs_hidden": hide(images, lungs.masks, keep="outside"),
+        "lungs_hidden": hide(images, grow(lungs.masks), keep="outside"),
         "only_lungs": hide(images, lungs.masks, keep="lungs"),
     }
     conditions = {}
@@ -106,6 +124,7 @@ def run_ablation(
         "lung_area": float(lungs.masks.mean()),
         "fill": "image-mean",
         "fill_description": FILL_DESCRIPTION,
+        "hide_margin": HIDE_MARGIN,
         "chance_balanced_accuracy": chance,
         "conditions": conditions,
     }
@@ -117,8 +136,8 @@ def run_ablation(
         ),
         "covid_recall_survival": R.threshold(
             COVID_RECALL_SURVIVAL,
-            "COVID-19 recall with the lungs hidden of at least this, with its 95% CI above the recall a "
-            "chance-level guess would give, means COVID-19 is recognised without the lungs",
+            "COVID-19 recall with the lungs hidden of at least this, with its 95% CI above the share of "
+            "other images called COVID-19, means COVID-19 is recognised without the lungs",
         ),
     }
     return R.make_result(
@@ -141,12 +160,20 @@ def ablation_flags(metrics: dict[str, Any]) -> list[dict[str, str]]:
             "The model finds class evidence outside the lungs, where the disease is not.",
         ))
     covid = hidden["recall"].get("covid")
-    if covid and covid["value"] is not None and covid["value"] >= COVID_RECALL_SURVIVAL and covid["low"] > chance:
-        flags.append(R.flag(
-            "ablation-covid-survives",
-            f"COVID-19 is still recognised with the lungs hidden: recall {R.with_ci(covid)} "
-            f"(as is {R.with_ci(as_is['recall'].get('covid'))}).",
-        ))
+    if covid and covid["value"] is not None and "covid" in metrics["classes"]:
+        # Recall alone would flag a model that calls everything COVID-19: compare it with how often
+        # the other test images are called COVID-19 when their lungs are hidden too.
+        k = metrics["classes"].index("covid")
+        cm = np.asarray(hidden["confusion_matrix"])
+        others = np.delete(cm, k, axis=0)
+        false_rate = others[:, k].sum() / others.sum() if others.sum() else 1.0
+        if covid["value"] >= COVID_RECALL_SURVIVAL and covid["low"] > false_rate:
+            flags.append(R.flag(
+                "ablation-covid-survives",
+                f"COVID-19 is still recognised with the lungs hidden: recall {R.with_ci(covid)} while only "
+                f"{R.pct(false_rate)} of the other images are called COVID-19 (as is: recall "
+                f"{R.with_ci(as_is['recall'].get('covid'))}).",
+            ))
     return flags
 
 

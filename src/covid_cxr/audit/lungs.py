@@ -124,20 +124,36 @@ def _dark_regions(small: np.ndarray, inner: np.ndarray) -> np.ndarray | None:
     # One lung on each side of the body's midline: split there so the two never merge into one hull
     # that would swallow the mediastinum.
     mid = int(round(np.nonzero(inner)[1].mean()))
-    mask = np.zeros(small.shape, dtype=bool)
+    hulls = []
     for cols in (slice(0, mid), slice(mid, small.shape[1])):
         half = np.zeros_like(dark)
         half[:, cols] = dark[:, cols]
         n, lab, stats, cents = cv2.connectedComponentsWithStats(half.astype(np.uint8), connectivity=4)
         candidates = [i for i in range(1, n)
                       if stats[i, cv2.CC_STAT_AREA] >= 0.01 * small.size and cents[i][1] < 0.8 * small.shape[0]]
-        if candidates:
-            best = max(candidates, key=lambda i: stats[i, cv2.CC_STAT_AREA])
-            mask |= _hull(lab == best)
+        best = max(candidates, key=lambda i: stats[i, cv2.CC_STAT_AREA]) if candidates else None
+        hulls.append(_hull(lab == best) if best is not None else np.zeros(small.shape, dtype=bool))
+    # A lung filled by dense opacity is not dark: where one side found much less than the other,
+    # the other side's field mirrored about the midline stands in for it.
+    for i in (0, 1):
+        mine, other = hulls[i], hulls[1 - i]
+        if mine.sum() < 0.5 * other.sum():
+            hulls[i] = mine | _mirror(other, mid)
+    mask = hulls[0] | hulls[1]
     share = mask.mean()
     if not 0.06 <= share <= 0.6:
         return None
     return mask
+
+
+def _mirror(mask: np.ndarray, mid: int) -> np.ndarray:
+    """``mask`` reflected about column ``mid``."""
+    out = np.zeros_like(mask)
+    ys, xs = np.nonzero(mask)
+    xs = 2 * mid - 1 - xs
+    keep = (xs >= 0) & (xs < mask.shape[1])
+    out[ys[keep], xs[keep]] = True
+    return out
 
 
 def estimate_lung_fields(images: np.ndarray) -> LungFields:

@@ -1,0 +1,168 @@
+"""The audits on synthetic data with and without a deliberate source shortcut.
+
+Two synthetic datasets differ only in ``shortcut='marker'`` (a bright square in a top corner of
+every covid-chestxray image, outside the lungs). On the marked one the source probe must find the
+source near-perfectly within the pneumonia class, a model trained on it must keep its score with
+the lungs hidden, the cross-source recall must drop on unmarked COVID-19 images, and the report
+section must flag all of it; on the clean one none of these flags may fire.
+
+The class models are small CNNs trained here for a few seconds (the probe's architecture with
+three outputs, seeded): the registry's Xception/ResNet50V2 take minutes per epoch on two CPU
+cores. They are real trained models used through the same ``Predictor`` surface the audits use
+for checkpoints; the checkpoint path of each audit is exercised separately (CLI tests at the end).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covid_cxr.audit import results as R
+from covid_cxr.audit.ablation import run_ablation
+from covid_cxr.audit.cross_source import run_cross_source
+from covid_cxr.audit.data import rows_of, training_pool
+from covid_cxr.audit.lungs import estimate_lung_fields
+from covid_cxr.audit.source import audit_source, cnn_probe_proba, train_cnn_probe
+from covid_cxr.checkpoint import Checkpoint, save_checkpoint
+from covid_cxr.cli import main
+from covid_cxr.labels import CLASSES
+from covid_cxr.models import build_model
+from covid_cxr.preprocess import Preprocessing
+from covid_cxr.synth import make_synthetic, render_chest
+
+SIZE = 72
+
+
+class SmallCnnPredictor:
+    """A small CNN classifier trained on the fold's training pool, with the Predictor surface."""
+
+    backend = "torch"
+
+    def __init__(self, images: np.ndarray, labels: list[str], seed: int = 0) -> None:
+        self.classes = CLASSES
+        self.preprocessing = Preprocessing(SIZE)
+        targets = np.array([CLASSES.index(v) for v in labels])
+        self.model = train_cnn_probe(images, targets, len(CLASSES), epochs=30, seed=seed)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        return cnn_probe_proba(self.model, images)
+
+
+def _prepare(root: Path, shortcut: str | None) -> Path:
+    from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+
+    raw = make_synthetic(root / "raw", seed=3, n_covid=80, n_pneumonia=200, n_normal=200, size=128,
+                         shortcut=shortcut, cxr_pneumonia_fraction=0.3, workers=1)
+    out = root / "data"
+    prepare_dataset(PrepareSettings(out=out, covid_chestxray=raw.covid_chestxray, rsna=raw.rsna, folds=3, phases=8,
+                                    seed=0, image_size=SIZE, workers=0), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Run the source, ablation and cross-source audits on both datasets once."""
+    from covid_cxr.data.prepared import PreparedData
+
+    torch.manual_seed(0)
+    found: dict[str, dict] = {}
+    for name, shortcut in (("clean", None), ("marked", "marker")):
+        root = tmp_path_factory.mktemp(name)
+        data = _prepare(root, shortcut)
+        source, _ = audit_source(data, fold=1, epochs=8, seed=0, out_dir=root / "audit")
+        prepared = PreparedData(data)
+        cache = prepared.cache()
+        pool = training_pool(prepared, 1)
+        test = prepared.fold(1).test.reset_index(drop=True)
+        test_images = rows_of(cache, test["image_id"])
+        predictor = SmallCnnPredictor(rows_of(cache, pool["image_id"]), list(pool["label"]))
+        ablation = run_ablation(predictor, test_images, list(test["label"]), estimate_lung_fields(test_images))
+        # COVID-19 images "from another collection": rendered alike, never marked.
+        rng = np.random.default_rng(11)
+        other = np.stack([render_chest(rng, SIZE, "covid").image for _ in range(30)])
+        covid = test["label"] == "covid"
+        cross = run_cross_source(predictor, test_images[covid.to_numpy()], list(test["source"][covid]), other,
+                                 source="other-hospital", cls="covid")
+        R.write_result(ablation, root / "audit")
+        R.write_result(cross, root / "audit")
+        found[name] = {"source": source, "ablation": ablation, "cross_source": cross, "root": root, "data": data}
+    return found
+
+
+def _codes(result: dict) -> list[str]:
+    return [f["code"] for f in result["flags"]]
+
+
+def test_source_probe_finds_the_marker_and_only_the_marker(audited: dict) -> None:
+    clean = audited["clean"]["source"]["metrics"]["within_class"]["pneumonia"]
+    marked = audited["marked"]["source"]["metrics"]["within_class"]["pneumonia"]
+    print(f"within-pneumonia source AUC: clean {clean['auc']['value']:.3f}, marked {marked['auc']['value']:.3f}")
+    assert marked["auc"]["value"] >= 0.95
+    assert clean["auc"]["value"] < 0.9
+    assert _codes(audited["marked"]["source"]) == ["source-predictable"]
+    assert _codes(audited["clean"]["source"]) == []
+    confounded = audited["clean"]["source"]["metrics"]["confounded_classes"]
+    assert confounded == {"covid": "covid-chestxray", "normal": "rsna"}
+
+
+def test_ablation_score_survives_lung_removal_only_with_the_shortcut(audited: dict) -> None:
+    for name in ("clean", "marked"):
+        c = audited[name]["ablation"]["metrics"]["conditions"]
+        print(name, {k: round(v["balanced_accuracy"], 3) for k, v in c.items()},
+              {k: round(v["recall"]["covid"]["value"], 2) for k, v in c.items()})
+    marked = audited["marked"]["ablation"]["metrics"]["conditions"]
+    clean = audited["clean"]["ablation"]["metrics"]["conditions"]
+    assert marked["lungs_hidden"]["recall"]["covid"]["value"] >= 0.5
+    assert marked["only_lungs"]["recall"]["covid"]["value"] < marked["lungs_hidden"]["recall"]["covid"]["value"]
+    assert clean["as_is"]["balanced_accuracy"] > 0.6  # the clean model did learn the disease...
+    assert clean["lungs_hidden"]["recall"]["covid"]["value"] < 0.5  # ...and loses COVID-19 without the lungs
+    assert "ablation-covid-survives" in _codes(audited["marked"]["ablation"])
+    assert _codes(audited["clean"]["ablation"]) == []
+
+
+def test_cross_source_recall_drops_only_with_the_shortcut(audited: dict) -> None:
+    marked = audited["marked"]["cross_source"]["metrics"]
+    print("cross-source covid recall:", {k: (audited[k]["cross_source"]["metrics"]["in_source"]["recall"]["value"],
+                                          audited[k]["cross_source"]["metrics"]["unseen_source"]["recall"]["value"])
+                                      for k in ("clean", "marked")})
+    assert marked["unseen_source"]["recall"]["value"] < marked["in_source"]["recall"]["value"] - 0.3
+    assert _codes(audited["marked"]["cross_source"]) == ["cross-source-recall-drop"]
+    assert _codes(audited["clean"]["cross_source"]) == []
+
+
+def test_report_section_flags_the_shortcut(audited: dict) -> None:
+    marked = R.render_section(R.load_results(audited["marked"]["root"]), "html")
+    clean = R.render_section(R.load_results(audited["clean"]["root"]), "markdown")
+    assert "Warning:" in marked and "The source is predictable from the image" in marked
+    assert "COVID-19 is still recognised with the lungs hidden" in marked
+    assert "Warning:" not in clean and "No audit raised a flag" in clean
+    assert "not evidence of its absence" in clean
+
+
+def test_cli_ablation_on_a_checkpoint(audited: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = audited["clean"]["data"]
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(Checkpoint("resnet50v2", CLASSES, Preprocessing(SIZE), build_model("resnet50v2", 3, SIZE).state_dict()),
+                    ckpt)
+    assert main(["audit", "ablation", str(ckpt), "--data", str(data), "--fold", "1", "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    written = json.loads((tmp_path / "model-audit" / "ablation.json").read_text())
+    assert set(written["metrics"]["conditions"]) == {"as_is", "lungs_hidden", "only_lungs"}
+    assert written["metrics"]["conditions"]["as_is"]["n"] == written["metrics"]["conditions"]["only_lungs"]["n"] > 0
+    assert "coarse" in written["metrics"]["mask_description"]
+    out = capsys.readouterr().out
+    assert "lung fields hidden" in out and "wrote" in out
+    # A checkpoint at another input size than the prepared cache: one clear error.
+    big = tmp_path / "big.pt"
+    save_checkpoint(Checkpoint("resnet50v2", CLASSES, Preprocessing(96), {}), big)
+    assert main(["audit", "ablation", str(big), "--data", str(data), "--fold", "1"]) == 2
+    assert "96x96" in capsys.readouterr().err
+    # Masks missing for the test images: listed.
+    (tmp_path / "masks").mkdir()
+    assert main(["audit", "cam", str(ckpt), "--data", str(data), "--fold", "1", "--masks", str(tmp_path / "masks")]) == 2
+    assert "lung masks missing for" in capsys.readouterr().err
