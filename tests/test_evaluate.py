@@ -114,6 +114,8 @@ def test_evaluate_refuses_what_it_cannot_evaluate(data: Path, tmp_path: Path) ->
     run = _run_folder(tmp_path / "run", data, 1, "0" * 64)  # trained on other splits than these
     with pytest.raises(DataError, match="may hold training images"):
         evaluate_run(run, progress=False)
+    with pytest.raises(DataError, match="may hold training images"):  # by path: still the run's data and fold
+        evaluate_run(run / "best.pt", progress=False)
     assert main(["evaluate", str(tmp_path / "nothing.pt"), "--data", str(data), "--fold", "1"]) == 2
 
 

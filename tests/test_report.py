@@ -27,7 +27,8 @@ OUR_NAME = {v: k for k, v in paper.NETWORK_NAMES.items()}
 def _eval_dir(folder: Path, frame: pd.DataFrame, network: str, fold: int) -> Path:
     """An evaluation folder as 'evaluate' leaves it, minus the plots (not needed to read it back)."""
     write_predictions(frame, folder / "predictions.csv")
-    (folder / "metrics.json").write_text(json.dumps({"evaluation": {"network": network, "fold": fold, "split": "test"}}))
+    info = {"network": network, "fold": fold, "split": "test"}
+    (folder / "metrics.json").write_text(json.dumps({"evaluation": info}))
     return folder
 
 
@@ -104,7 +105,8 @@ def test_report_with_probabilities_embeds_all_plots(tmp_path: Path) -> None:
                      "resnet50v2-test-roc.png"]
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())["resnet50v2-test"]
     assert summary["pooled"]["n"] == 2 * 78
-    assert summary["pooled"]["covid_auc_ci_low"] < summary["pooled"]["covid_auc"] < summary["pooled"]["covid_auc_ci_high"]
+    pooled = summary["pooled"]
+    assert pooled["covid_auc_ci_low"] < pooled["covid_auc"] < pooled["covid_auc_ci_high"]
 
 
 def test_report_refuses_a_fold_given_twice_and_nothing(tmp_path: Path) -> None:
@@ -122,10 +124,10 @@ def test_report_refuses_a_fold_given_twice_and_nothing(tmp_path: Path) -> None:
 def test_audit_plug_in_point() -> None:
     assert render_audit_section(None) == ("", "")
     assert render_audit_section({}) == ("", "")
+    seen = {"sources": ["cohen"], "n": 30, "recall": {"value": 0.8, "low": 0.6, "high": 0.9}}
+    unseen = {"n": 20, "recall": {"value": 0.2, "low": 0.1, "high": 0.4}}
     result = {"audit": "cross_source", "flags": [{"code": "x", "message": "recall drops on the new source"}],
-              "metrics": {"class": "covid", "source": "new-hospital",
-                          "in_source": {"sources": ["cohen"], "n": 30, "recall": {"value": 0.8, "low": 0.6, "high": 0.9}},
-                          "unseen_source": {"n": 20, "recall": {"value": 0.2, "low": 0.1, "high": 0.4}}}}
+              "metrics": {"class": "covid", "source": "new-hospital", "in_source": seen, "unseen_source": unseen}}
     md, page = render_audit_section({"cross_source": result})
     assert "Did it learn the disease?" in md and "recall drops on the new source" in page
 

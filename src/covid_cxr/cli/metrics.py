@@ -41,7 +41,9 @@ def add_metric_options(p: argparse.ArgumentParser) -> None:
 
 def check_metric_options(args: argparse.Namespace) -> None:
     if args.prevalence is not None and not 0.0 < args.prevalence < 1.0:
-        raise ValueError(f"--prevalence must lie strictly between 0 and 1 (a fraction, 0.05 for 5%); got {args.prevalence}")
+        raise ValueError(
+            f"--prevalence must lie strictly between 0 and 1 (a fraction, 0.05 for 5%); got {args.prevalence}"
+        )
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0; got {args.bootstrap}")
 

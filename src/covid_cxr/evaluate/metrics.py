@@ -34,16 +34,17 @@ COUNTS: tuple[str, ...] = ("correct", "missed", "false")
 def confusion_matrix(labels: Sequence[str] | np.ndarray, preds: Sequence[str] | np.ndarray,
                      classes: Sequence[str] = CLASSES) -> np.ndarray:
     """Counts (C, C): row = true class, column = predicted class, in ``classes`` order."""
-    index = {name: i for i, name in enumerate(classes)}
-    labels = np.asarray(labels)
-    preds = np.asarray(preds)
+    labels = np.asarray(labels).astype(str)
+    preds = np.asarray(preds).astype(str)
     if labels.shape != preds.shape:
         raise ValueError(f"labels and predictions differ in length: {labels.shape} vs {preds.shape}")
-    unknown = (set(np.unique(labels)) | set(np.unique(preds))) - set(index)
+    names = np.asarray(list(classes), dtype=str)
+    unknown = (set(np.unique(labels)) | set(np.unique(preds))) - set(names)
     if unknown:
-        raise ValueError(f"unknown class names {sorted(map(str, unknown))}; expected {', '.join(classes)}")
-    true_idx = np.array([index[v] for v in labels], dtype=np.int64)
-    pred_idx = np.array([index[v] for v in preds], dtype=np.int64)
+        raise ValueError(f"unknown class names {sorted(unknown)}; expected {', '.join(classes)}")
+    order = np.argsort(names)
+    true_idx = order[np.searchsorted(names, labels, sorter=order)]
+    pred_idx = order[np.searchsorted(names, preds, sorter=order)]
     n = len(classes)
     return np.bincount(true_idx * n + pred_idx, minlength=n * n).reshape(n, n)
 

@@ -41,7 +41,7 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str] = CLASSES, title: st
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        ax.set_title(panel)
+        ax.set_title("counts (colour on a log scale)" if panel == "counts" else panel)
         top = shown.max() if shown.size else 0
         for i in range(len(names)):
             for j in range(len(names)):

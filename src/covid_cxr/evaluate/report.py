@@ -30,7 +30,9 @@ from covid_cxr.evaluate.run import write_json
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
 TABLE4_KEYS: tuple[str, ...] = ("accuracy", *(f"{c}_{r}" for r in RATES for c in CLASSES))
-EXTRA_KEYS: tuple[str, ...] = ("balanced_accuracy", *(f"{c}_f1" for c in CLASSES), *(f"{c}_auc" for c in CLASSES), "ece")
+EXTRA_KEYS: tuple[str, ...] = (
+    "balanced_accuracy", *(f"{c}_f1" for c in CLASSES), *(f"{c}_auc" for c in CLASSES), "ece",
+)
 PLOT_FILES: tuple[str, ...] = ("confusion_matrix.png", "roc.png", "calibration.png")
 
 
@@ -70,19 +72,24 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+_WORDS = {"auc": "AUC", "f1": "F1", "ece": "ECE (calibration error)"}
+
+
 def _label(key: str) -> str:
     """'covid_recall' -> 'COVID-19 recall'."""
     for c in CLASSES:
         if key.startswith(c + "_"):
-            return f"{DISPLAY_NAMES[c]} {key[len(c) + 1:].replace('_', ' ')}"
-    return key.replace("_", " ")
+            rest = key[len(c) + 1:]
+            return f"{DISPLAY_NAMES[c]} {_WORDS.get(rest, rest.replace('_', ' '))}"
+    return _WORDS.get(key, key.replace("_", " "))
 
 
 def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
     """Read one evaluation: a run folder (its ``eval-test/``), an eval folder, or a predictions CSV."""
     path = Path(path)
-    if path.is_dir() and not (path / "predictions.csv").is_file() and (path / "eval-test" / "predictions.csv").is_file():
-        path = path / "eval-test"
+    run_eval = path / "eval-test" / "predictions.csv"
+    if path.is_dir() and not (path / "predictions.csv").is_file() and run_eval.is_file():
+        path = run_eval.parent
     if path.is_dir():
         eval_dir, csv = path, path / "predictions.csv"
     elif path.is_file():
@@ -173,17 +180,17 @@ def _rates_table(summary: dict[str, Any], keys: Sequence[str], with_paper: bool)
         values = [r[key] for r in summary["per_fold"]] + [summary["pooled"].get(key, math.nan)]
         if all(v is None or math.isnan(v) for v in values):
             continue  # e.g. AUC and ECE when the predictions carry no probabilities
-        row = [_label(key), *(_fmt(r[key]) for r in summary["per_fold"])]
-        mean, sd = summary["mean"][key], summary["sd"][key]
-        row.append(_fmt(mean) if math.isnan(sd) else f"{_fmt(mean)} ± {_fmt(sd)}")
-        pooled = summary["pooled"]
         digits = 3 if key.endswith("_auc") else 2
+        row = [_label(key), *(_fmt(r[key], digits) for r in summary["per_fold"])]
+        mean, sd = summary["mean"][key], summary["sd"][key]
+        row.append(_fmt(mean, digits) if math.isnan(sd) else f"{_fmt(mean, digits)} ± {_fmt(sd, digits)}")
+        pooled = summary["pooled"]
         low, high = pooled.get(f"{key}_ci_low"), pooled.get(f"{key}_ci_high")
         cell = _fmt(pooled.get(key, math.nan), digits)
         row.append(cell + (f" [{_fmt(low, digits)}, {_fmt(high, digits)}]" if low is not None else ""))
         if with_paper:
             paper = summary["paper_average"].get(key) if summary["paper_average"] else None
-            diff = "n/a" if paper is None or math.isnan(mean) else f"{mean - paper + 0.0:+.2f}".replace("-0.00", "+0.00")
+            diff = "n/a" if paper is None or math.isnan(mean) else f"{mean - paper:+.2f}".replace("-0.00", "+0.00")
             row += [_fmt(paper), diff]
         rows.append(row)
     return Table(headers, rows)
@@ -232,8 +239,14 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
     if files_dir.exists():
         shutil.rmtree(files_dir)
     files_dir.mkdir(parents=True)
-    md: list[str] = ["# Evaluation report", ""]
-    body: list[str] = ["<h1>Evaluation report</h1>"]
+    intro = ("Per fold, the paper's Table 3 counts and Table 4 percentages. 'mean ± sd' averages the per-fold "
+             "figures as the paper does (sd: sample standard deviation over folds); 'pooled' counts all folds' "
+             "predictions in one confusion matrix, with a 95% Wilson interval. Where the folds' test sets share "
+             "images (the paper's protocol tests most RSNA images in several folds) the pooled intervals treat the "
+             "repeats as independent and are too narrow; the AUC bootstrap resamples whole patients where patient "
+             "ids are known.")
+    md: list[str] = ["# Evaluation report", "", intro, ""]
+    body: list[str] = ["<h1>Evaluation report</h1>", f"<p>{html.escape(intro)}</p>"]
     summary_json: dict[str, Any] = {}
     for (network, split), members in groups.items():
         members.sort(key=lambda r: str(r.fold))
@@ -252,11 +265,14 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         extras = _rates_table(summary, EXTRA_KEYS, with_paper=False)
         notes = sorted(set(summary["pooled"]["notes"]) | {n for r in members for n in r.metrics["notes"]})
         figures = _network_figures(summary, label)
-        md += [f"## {title}", "", "### Table 3: counts per fold", "", counts.markdown(), "",
+        sources = ", ".join(f"fold {r.fold}: {r.eval_dir or r.preds.path}" for r in members)
+        md += [f"## {title}", "", f"Evaluations: {sources}", "",
+               "### Table 3: counts per fold", "", counts.markdown(), "",
                "### Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)",
                "", rates.markdown(), "", "### More figures (AUC on 0-1 with patient-bootstrap CI; ECE in %)", "",
                extras.markdown(), ""]
-        body += [f"<h2>{html.escape(title)}</h2>", "<h3>Table 3: counts per fold</h3>", counts.html(),
+        body += [f"<h2>{html.escape(title)}</h2>", f"<p>Evaluations: {html.escape(sources)}</p>",
+                 "<h3>Table 3: counts per fold</h3>", counts.html(),
                  "<h3>Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)"
                  "</h3>", rates.html(), "<h3>More figures (AUC on 0-1 with patient-bootstrap CI; ECE in %)</h3>",
                  extras.html()]

@@ -50,6 +50,16 @@ class _Target:
     run: dict[str, Any]
 
 
+def _read_run(path: Path) -> dict[str, Any]:
+    try:
+        run = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); the run folder is damaged") from exc
+    if not isinstance(run, dict):
+        raise DataError(f"{path}: not a run description (expected a JSON object); the run folder is damaged")
+    return run
+
+
 def _resolve(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None) -> _Target:
     """Turn a run folder or checkpoint path plus overrides into concrete paths and a fold."""
     target = Path(target)
@@ -59,10 +69,7 @@ def _resolve(target: Path, data: Path | None, fold: int | None, split: str, out_
         run_file = target / "run.json"
         if not run_file.is_file():
             raise DataError(f"{target}: not a run folder (no run.json); give a run folder or a .pt checkpoint")
-        try:
-            run = json.loads(run_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{run_file}: not valid JSON ({exc}); the run folder is damaged") from exc
+        run = _read_run(run_file)
         checkpoint = target / CHECKPOINT_IN_RUN
         if not checkpoint.is_file():
             raise CheckpointError(
@@ -73,7 +80,12 @@ def _resolve(target: Path, data: Path | None, fold: int | None, split: str, out_
         fold = fold if fold is not None else run.get("fold")
         out = Path(out_dir) if out_dir is not None else target / f"eval-{split}"
     elif target.is_file():
-        run, checkpoint = {}, target
+        # A checkpoint inside a run folder (e.g. RUN/last.pt) takes its data and fold from the run.
+        run_file = target.parent / "run.json"
+        run = _read_run(run_file) if run_file.is_file() else {}
+        checkpoint = target
+        data = Path(data) if data is not None else (Path(run["data"]) if run.get("data") else None)
+        fold = fold if fold is not None else run.get("fold")
         out = Path(out_dir) if out_dir is not None else target.parent / f"{target.stem}-eval-{split}"
     else:
         raise DataError(f"{target}: no such run folder or checkpoint file")
@@ -99,9 +111,6 @@ def _load_split(prepared: Any, fold: int, split: str, run: dict[str, Any], where
     frame = splits.test if split == "test" else splits.val
     if frame is None or len(frame) == 0:
         raise DataError(f"{where}: fold {fold} of {prepared.root} has no {split} images")
-    unknown = set(frame["label"]) - set(CLASSES)
-    if unknown:
-        raise DataError(f"{where}: labels {sorted(unknown)} in fold {fold}; expected {', '.join(CLASSES)}")
     return frame.reset_index(drop=True), splits.split_hash
 
 
@@ -126,10 +135,10 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(float(value)) else float(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
     return value
 
 
@@ -196,6 +205,12 @@ def evaluate_run(
     ckpt = load_checkpoint(tgt.checkpoint)
     prepared = PreparedData(tgt.data)
     frame, split_hash = _load_split(prepared, tgt.fold, split, tgt.run, where)
+    uncovered = set(frame["label"]) - set(ckpt.classes)
+    if uncovered:
+        raise CheckpointError(
+            f"{tgt.checkpoint}: predicts {', '.join(ckpt.classes)} but the {split} set holds "
+            f"{', '.join(sorted(uncovered))}; evaluate it on data of its own classes"
+        )
     cache = _cache_for(prepared, ckpt.preprocessing.image_size, tgt.data)
     rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
     # Read the memory-mapped cache front to back: sort by cache row, keep the split's order in the output.
