@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,9 @@ from covid_cxr.evaluate import plots
 from covid_cxr.evaluate.metrics import table3_row, table4_row
 from covid_cxr.evaluate.predictions import Predictions, predictions_frame, validate_predictions, write_predictions
 from covid_cxr.labels import CLASSES
+
+if TYPE_CHECKING:  # the data area is imported where used, so metrics and reports never load it
+    from covid_cxr.data.prepared import ImageCache, PreparedData
 
 SPLITS = ("test", "val")
 CHECKPOINT_IN_RUN = "best.pt"
@@ -76,19 +79,20 @@ def _resolve(target: Path, data: Path | None, fold: int | None, split: str, out_
                 f"{checkpoint}: no such file; the run has not saved a best checkpoint yet "
                 f"(status {run.get('status', 'unknown')!r}); train it further or evaluate last.pt by path"
             )
-        data = Path(data) if data is not None else (Path(run["data"]) if run.get("data") else None)
-        fold = fold if fold is not None else run.get("fold")
-        out = Path(out_dir) if out_dir is not None else target / f"eval-{split}"
+        default_out = target / f"eval-{split}"
     elif target.is_file():
         # A checkpoint inside a run folder (e.g. RUN/last.pt) takes its data and fold from the run.
         run_file = target.parent / "run.json"
         run = _read_run(run_file) if run_file.is_file() else {}
         checkpoint = target
-        data = Path(data) if data is not None else (Path(run["data"]) if run.get("data") else None)
-        fold = fold if fold is not None else run.get("fold")
-        out = Path(out_dir) if out_dir is not None else target.parent / f"{target.stem}-eval-{split}"
+        default_out = target.parent / f"{target.stem}-eval-{split}"
     else:
         raise DataError(f"{target}: no such run folder or checkpoint file")
+    if data is None and run.get("data"):
+        data = Path(run["data"])
+    if fold is None:
+        fold = run.get("fold")
+    out = Path(out_dir) if out_dir is not None else default_out
     if data is None:
         raise DataError(f"{target}: which prepared data? pass --data DATA (the folder 'covid-cxr prepare' wrote)")
     if fold is None:
@@ -96,7 +100,9 @@ def _resolve(target: Path, data: Path | None, fold: int | None, split: str, out_
     return _Target(checkpoint=checkpoint, data=Path(data), fold=int(fold), out_dir=out, run=run)
 
 
-def _load_split(prepared: Any, fold: int, split: str, run: dict[str, Any], where: Path) -> tuple[pd.DataFrame, str]:
+def _load_split(
+    prepared: PreparedData, fold: int, split: str, run: dict[str, Any], where: Path
+) -> tuple[pd.DataFrame, str]:
     """The fold's split table and split hash, after checking they are the splits the model was trained on."""
     if not 1 <= fold <= prepared.num_folds:
         raise DataError(f"{where}: fold {fold} does not exist; the prepared data has folds 1..{prepared.num_folds}")
@@ -114,17 +120,17 @@ def _load_split(prepared: Any, fold: int, split: str, run: dict[str, Any], where
     return frame.reset_index(drop=True), splits.split_hash
 
 
-def _cache_for(prepared: Any, image_size: int, data: Path) -> Any:
-    """The prepared image cache at the checkpoint's input size, or an error naming the command to make it."""
-    fix = f"run 'covid-cxr prepare ... --out {data} --image-size {image_size}' to cache the images at that size"
+def _cache_for(prepared: PreparedData, image_size: int, checkpoint: Path) -> ImageCache:
+    """The image cache at the checkpoint's input size (the data area's error names the command to make one)."""
     try:
         cache = prepared.cache(image_size=image_size)
-    except (DataError, FileNotFoundError) as exc:
-        raise DataError(f"{data}: no image cache at {image_size}x{image_size} ({exc}); {fix}") from exc
-    if int(cache.image_size) != int(image_size):
+    except DataError as exc:
+        raise DataError(f"{checkpoint} takes {image_size}x{image_size} images, but {exc}") from exc
+    if cache.image_size != image_size:
         raise DataError(
-            f"{data}: the image cache is {cache.image_size}x{cache.image_size} but the checkpoint expects "
-            f"{image_size}x{image_size}; {fix}"
+            f"{checkpoint} takes {image_size}x{image_size} images but the cache of {prepared.root} is "
+            f"{cache.image_size}x{cache.image_size}; run 'covid-cxr prepare ... --out {prepared.root} "
+            f"--image-size {image_size}'"
         )
     return cache
 
@@ -211,7 +217,7 @@ def evaluate_run(
             f"{tgt.checkpoint}: predicts {', '.join(ckpt.classes)} but the {split} set holds "
             f"{', '.join(sorted(uncovered))}; evaluate it on data of its own classes"
         )
-    cache = _cache_for(prepared, ckpt.preprocessing.image_size, tgt.data)
+    cache = _cache_for(prepared, ckpt.preprocessing.image_size, tgt.checkpoint)
     rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
     # Read the memory-mapped cache front to back: sort by cache row, keep the split's order in the output.
     order = np.argsort(rows, kind="stable")
