@@ -73,8 +73,9 @@ class GradCam:
         key = normalize_label(target, where="the Grad-CAM class")
         return self.classes.index(key)
 
-    def __call__(self, images: np.ndarray, target: int | str | None = None) -> list[CamResult]:
-        """Maps for a uint8 batch (N, S, S), for ``target`` (the predicted class when None)."""
+    def __call__(self, images: np.ndarray, target: int | str | Sequence[int] | None = None) -> list[CamResult]:
+        """Maps for a uint8 batch (N, S, S) for ``target``: one class for all, one per image, or (None) the
+        class this fp32 forward pass predicts."""
         batch = torch.as_tensor(np.ascontiguousarray(images)).to(self.device)
         x = to_model_input(batch, self.preprocessing).requires_grad_(True)  # grads flow even if weights are frozen
         acts: dict[str, torch.Tensor] = {}
@@ -87,8 +88,12 @@ class GradCam:
                 logits = self.model(x).float()
                 if target is None:
                     targets = logits.argmax(dim=1)
-                else:
+                elif isinstance(target, (str, int, np.integer)):
                     targets = torch.full((len(x),), self.class_index(target), device=logits.device)
+                else:
+                    targets = torch.tensor([self.class_index(t) for t in target], device=logits.device)
+                    if len(targets) != len(x):
+                        raise ValueError(f"{len(targets)} targets for {len(x)} images")
                 score = logits.gather(1, targets[:, None]).sum()  # samples are independent in eval mode
                 names = list(self.layers)
                 grads = torch.autograd.grad(score, [acts[n] for n in names])

@@ -22,7 +22,7 @@ from covid_cxr.data.images import load_image
 from covid_cxr.deploy.backends import BACKENDS, LoadedModel, load_model
 from covid_cxr.deploy.files import expand_inputs
 from covid_cxr.errors import ConfigError, ImageDecodeError
-from covid_cxr.gradcam import GradCam, save_overlay
+from covid_cxr.gradcam import COMBINED, GradCam, save_overlay
 from covid_cxr.runtime import PRECISIONS
 
 GRADCAM_BATCH = 4  # a backward pass keeps every activation: small batches bound its memory
@@ -111,24 +111,26 @@ def predict_files(
                     rows.append({"path": str(path), "class": predictor.classes[best],
                                  **{f"p_{c}": float(v) for c, v in zip(predictor.classes, p)}})
                 if cam is not None:
-                    _write_overlays(cam, stack, good, args, overlay_names)
+                    targets = [args.gradcam_class or int(np.argmax(p)) for p in probs]
+                    _write_overlays(cam, stack, good, targets, args.gradcam, overlay_names)
             progress.advance(task, len(batch))
     return rows
 
 
-def _write_overlays(cam: GradCam, stack: np.ndarray, paths: list[Path], args: argparse.Namespace,
+def _write_overlays(cam: GradCam, stack: np.ndarray, paths: list[Path], targets: list[int | str], folder: Path,
                     names: Counter[str]) -> None:
     """One PNG per image (``<stem>.png``; for several backbones also ``<stem>.<backbone>.png``)."""
     for start in range(0, len(stack), GRADCAM_BATCH):
-        results = cam(stack[start : start + GRADCAM_BATCH], args.gradcam_class)
-        for path, image, result in zip(paths[start:], stack[start:], results):
+        chunk = slice(start, start + GRADCAM_BATCH)
+        results = cam(stack[chunk], targets[chunk])
+        for path, image, result in zip(paths[chunk], stack[chunk], results):
             names[path.stem] += 1
             stem = path.stem if names[path.stem] == 1 else f"{path.stem}-{names[path.stem]}"
-            save_overlay(args.gradcam / f"{stem}.png", image, result.map)
+            save_overlay(folder / f"{stem}.png", image, result.map)
             if len(result.maps) > 1:
                 for layer, heat in result.maps.items():
-                    if layer != "combined":
-                        save_overlay(args.gradcam / f"{stem}.{layer}.png", image, heat)
+                    if layer != COMBINED:
+                        save_overlay(folder / f"{stem}.{layer}.png", image, heat)
 
 
 def _print_rows(rows: list[dict[str, Any]], classes: tuple[str, ...]) -> None:

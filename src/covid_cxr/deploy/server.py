@@ -39,7 +39,7 @@ from covid_cxr import __version__
 from covid_cxr.data.images import decode_image, resize_gray
 from covid_cxr.deploy.uploads import UploadError, read_multipart
 from covid_cxr.errors import ConfigError, ImageDecodeError
-from covid_cxr.gradcam import GradCam, overlay_png
+from covid_cxr.gradcam import CamResult, GradCam, overlay_png
 from covid_cxr.inference import Predictor
 from covid_cxr.labels import DISPLAY_NAMES
 
@@ -81,12 +81,17 @@ class InferenceQueue:
                 await self._task
 
     async def submit(self, image: np.ndarray, heatmap: bool) -> Any:
-        """Probabilities (C,) for one image, or its :class:`~covid_cxr.gradcam.CamResult` when ``heatmap``."""
+        """Probabilities (C,) for one image; with ``heatmap``, (probabilities, :class:`~covid_cxr.gradcam.CamResult`)."""
         if self._task is None:
             await self.start()  # apps driven without their lifespan (some test clients) start it on first use
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self._queue.put((image, heatmap, future))
         return await future
+
+    def _explain(self, image: np.ndarray) -> list[tuple[np.ndarray, CamResult]]:
+        """The predictor's probabilities (the same numbers as without a heatmap) and the map of its class."""
+        probs = self.predictor.predict_proba(image[None])[0]
+        return [(probs, self.gradcam(image[None], [int(np.argmax(probs))])[0])]
 
     async def _run(self) -> None:
         set_aside: list[tuple[np.ndarray, bool, asyncio.Future[Any]]] = []  # heatmap jobs met while batching
@@ -94,7 +99,7 @@ class InferenceQueue:
             first = set_aside.pop(0) if set_aside else await self._queue.get()
             jobs = [first]
             if first[1]:  # Grad-CAM needs a backward pass: one image at a time keeps its memory small
-                work = functools.partial(self.gradcam, first[0][None])
+                work = functools.partial(self._explain, first[0])
             else:
                 while len(jobs) < self.max_batch and not self._queue.empty():
                     job = self._queue.get_nowait()
@@ -239,7 +244,7 @@ def create_app(
         del data
         image = resize_gray(original, size)
         result = await queue.submit(image, heatmap)
-        probs = result.probabilities if heatmap else result
+        probs, cam = result if heatmap else (result, None)
         best = int(np.argmax(probs))
         body: dict[str, Any] = {
             "class": predictor.classes[best],
@@ -249,10 +254,10 @@ def create_app(
             "image": {"width": int(original.shape[1]), "height": int(original.shape[0])},
             "disclaimer": DISCLAIMER,
         }
-        if heatmap:
-            png = await anyio.to_thread.run_sync(overlay_png, image, result.map)
+        if cam is not None:
+            png = await anyio.to_thread.run_sync(overlay_png, image, cam.map)
             body["heatmap"] = {
-                "class": predictor.classes[result.target],
+                "class": predictor.classes[cam.target],
                 "png_base64": base64.b64encode(png).decode("ascii"),
                 "width": size,
                 "height": size,
