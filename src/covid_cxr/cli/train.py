@@ -24,6 +24,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, metavar="S", help="input size; DATA needs a cache at it (default: DATA's)")
     p.add_argument("--batch-size", type=int, metavar="B", help="global batch (paper: 20 concat, 30 single backbones)")
     p.add_argument("--lr", type=float, help="Nadam learning rate (paper: 1e-4)")
+    p.add_argument("--drop-rate", type=float, metavar="P", help="dropout before the classifier (paper: 0.5)")
     p.add_argument("--scaling", choices=tuple(SCALINGS), help="pixel scaling (paper: unit = 1/255)")
     p.add_argument("--pretrained", choices=PRETRAINED, help="start from ImageNet weights or from scratch")
     p.add_argument("--weights-file", action="append", type=Path, dest="weights_files", metavar="PATH",
@@ -45,7 +46,7 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """The preset with every option the user gave on top."""
     values: dict[str, Any] = {
         "network": args.network, "epochs_per_phase": args.epochs_per_phase, "image_size": args.image_size,
-        "batch_size": args.batch_size, "lr": args.lr, "scaling": args.scaling, "pretrained": args.pretrained,
+        "batch_size": args.batch_size, "lr": args.lr, "drop_rate": args.drop_rate, "scaling": args.scaling, "pretrained": args.pretrained,
         "device": args.device, "precision": args.precision, "channels_last": args.channels_last,
         "compile": args.compile, "workers": args.workers, "seed": args.seed, "deterministic": args.deterministic,
         "out": str(args.out) if args.out else None,

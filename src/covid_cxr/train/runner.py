@@ -207,9 +207,11 @@ def train_fold(
             return run_dir
 
     dist = distributed.init_distributed(config.device)
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
         return _run(config, run_dir, dist, stream, live)
     finally:
+        torch.use_deterministic_algorithms(deterministic_before)  # a library call leaves global state as it was
         distributed.shutdown(dist)
 
 
@@ -246,6 +248,7 @@ def _run(config: TrainConfig, run_dir: Path | None, dist: distributed.DistInfo, 
         run_dir = _new_run_dir(config)
         config = replace(config, name=run_dir.name)
 
+    torch.manual_seed(epoch_seed(config.seed, 0, 0))  # the initial weights follow --seed too
     model = _build_model(config, config.image_size) if last_ckpt is None else _build_model(replace(config, pretrained="none"), config.image_size)
     if last_ckpt is not None:
         model.load_state_dict(last_ckpt.model_state)

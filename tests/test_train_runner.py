@@ -1,0 +1,148 @@
+"""The phased runner on a tiny prepared synthetic set: run folder, phase order, resume after kill -9,
+clear errors. The real Xception at 71 px keeps it small; the torchrun test is in test_train_distributed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.cli import main as cli_main
+from covid_cxr.config import load_config, make_config
+from covid_cxr.errors import ConfigError, DataError
+from covid_cxr.train.runner import LOG_COLUMNS, ids_sha1, train_fold
+
+pytestmark = pytest.mark.slow
+
+TRAIN_ARGS = ["--network", "xception", "--preset", "cpu", "--fold", "1", "--image-size", "71", "--epochs-per-phase",
+              "2", "--batch-size", "3", "--precision", "fp32", "--deterministic", "--seed", "11"]  # fmt: skip
+
+
+def tiny_prepared(root: Path, *, phases: int = 2) -> Path:
+    """Smallest synthetic set that fills 2 folds of ``phases`` phases (5 training images a phase)."""
+    from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+    from covid_cxr.synth import make_synthetic
+
+    synth = make_synthetic(root / "synthetic", seed=0, n_covid=10, n_pneumonia=14, n_normal=12, size=64, workers=1)
+    data = root / "data"
+    prepare_dataset(PrepareSettings(out=data, covid_chestxray=synth.covid_chestxray, rsna=synth.rsna, image_size=71,
+                                    folds=2, phases=phases, seed=0), progress=False)  # fmt: skip
+    return data
+
+
+def config_for(data: Path, out: Path, name: str):  # noqa: ANN201 - a TrainConfig
+    return make_config("cpu", data=str(data), network="xception", fold=1, image_size=71, epochs_per_phase=2,
+                       batch_size=3, precision="fp32", deterministic=True, seed=11, out=str(out), name=name)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="module")
+def straight(data: Path) -> Path:
+    """An uninterrupted run: 2 phases x 2 epochs."""
+    return train_fold(config_for(data, data.parent / "runs", "straight"), live=False)
+
+
+def _log(run: Path) -> list[dict[str, str]]:
+    with (run / "log.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_run_folder_log_and_phases(data: Path, straight: Path) -> None:
+    from covid_cxr.data.prepared import PreparedData
+
+    rows = _log(straight)
+    assert list(rows[0]) == list(LOG_COLUMNS)
+    assert [(r["phase"], r["epoch"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    fold = PreparedData(data).fold(1)
+    for r in rows:  # each epoch trained on exactly its prepared phase file
+        phase = fold.phases[int(r["phase"]) - 1]
+        assert r["phase_ids_sha1"] == ids_sha1(phase["image_id"]) and int(r["phase_images"]) == len(phase)
+    assert rows[0]["phase_ids_sha1"] != rows[2]["phase_ids_sha1"]
+
+    info = json.loads((straight / "run.json").read_text())
+    assert info["status"] == "finished" and info["network"] == "xception" and info["fold"] == 1
+    assert info["data"] == str(data.resolve()) and info["split_hash"] == fold.split_hash
+    accs = [float(r["val_accuracy"]) for r in rows]
+    assert info["best_epoch"] == accs.index(max(accs)) + 1 and info["best_val_accuracy"] == pytest.approx(max(accs), abs=1e-6)
+
+    config = load_config(straight / "config.yaml")
+    assert config.image_size == 71 and config.batch_size == 3 and config.name == "straight"
+    assert "runtime:" in (straight / "config.yaml").read_text()
+    for name, path in fold.paths.items():
+        assert (straight / "splits" / path.name).read_bytes() == path.read_bytes(), name
+    assert any((straight / "tb").iterdir())
+
+    best = load_checkpoint(straight / "best.pt")
+    assert best.meta["global_epoch"] == info["best_epoch"] and best.train_state is None
+    assert best.preprocessing.image_size == 71 and best.preprocessing.scaling == "unit"
+    last = load_checkpoint(straight / "last.pt")
+    assert last.train_state["epochs_done"] == 4 and "augment" in last.train_state["rng"]
+    assert best.build_model().num_classes == 3
+    assert not list(straight.glob(".*.tmp"))
+
+
+def test_resume_after_kill_matches_uninterrupted(data: Path, straight: Path) -> None:
+    """kill -9 inside the second epoch of phase 1, resume, and end with the uninterrupted run's weights."""
+    out = data.parent / "runs"
+    run = out / "killed"
+    cmd = [sys.executable, "-m", "covid_cxr", "train", str(data), *TRAIN_ARGS, "--out", str(out), "--name", "killed"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "last.pt").exists():  # epoch 1 finished and saved
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            time.sleep(0.05)
+        time.sleep(0.5)  # well inside epoch 2
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_state = load_checkpoint(run / "last.pt").train_state
+    assert killed_state is not None and killed_state["epochs_done"] < 4
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+
+    assert cli_main(["train", "--resume", str(run)]) == 0
+
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(run / "last.pt")
+    assert a.model_state.keys() == b.model_state.keys()
+    for key in a.model_state:
+        assert torch.equal(a.model_state[key], b.model_state[key]), key
+    assert a.train_state["best_epoch"] == b.train_state["best_epoch"]
+    steps_a = a.train_state["optimizer"]["state"]
+    steps_b = b.train_state["optimizer"]["state"]
+    assert all(torch.equal(steps_a[k]["exp_avg_sq"], steps_b[k]["exp_avg_sq"]) for k in steps_a)
+    same = ["phase", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "phase_ids_sha1"]
+    assert [{k: r[k] for k in same} for r in _log(straight)] == [{k: r[k] for k in same} for r in _log(run)]
+
+
+def test_clear_errors(data: Path, straight: Path, tmp_path: Path) -> None:
+    base = config_for(data, tmp_path, "x")
+    with pytest.raises(DataError, match="is not a prepared dataset"):
+        train_fold(replace(base, data=str(tmp_path)))
+    with pytest.raises(ConfigError, match=r"fold 3 is out of range: .* folds 1-2"):
+        train_fold(replace(base, fold=3))
+    with pytest.raises(DataError, match="no image cache of 96 px"):
+        train_fold(replace(base, image_size=96))
+    with pytest.raises(ConfigError, match="is a xception run; it cannot be resumed as concat"):
+        train_fold(replace(base, network="concat"), resume=straight)
+    with pytest.raises(FileExistsError, match="already holds a run; continue it with --resume"):
+        train_fold(replace(base, out=str(straight.parent), name="straight"))
+    assert cli_main(["train", str(data), "--network", "xception", "--image-size", "64"]) == 2
+    assert cli_main(["train", "--resume", str(straight), "--network", "resnet50v2"]) == 2
+    assert not (tmp_path / "x").exists()  # nothing written for a refused run
+    assert pd.read_csv(straight / "log.csv").shape[0] == 4  # and the refused resume left the run alone
+    assert not torch.are_deterministic_algorithms_enabled()  # the deterministic runs restored the global flag
