@@ -1,0 +1,161 @@
+"""int8 ONNX models for CPUs with VNNI: static quantization calibrated on real X-ray images.
+
+Static (not dynamic) quantization, because a convolutional network spends its time in Conv and
+the activation ranges must then be known in advance: we run calibration images through the fp32
+graph, record each tensor's range (min/max), and write a graph whose convolutions run in int8.
+Activations are unsigned 8-bit and weights signed 8-bit, per output channel: u8 x s8 is the
+operand pair of the VNNI dot-product instruction (``vpdpbusd``), so ONNX Runtime's kernels use it
+directly on AVX512-VNNI / AVX-VNNI CPUs without the reduced-range workaround older CPUs need.
+
+Two graph formats hold the same numbers: ``qoperator`` (fused QLinearConv nodes) and ``qdq``
+(QuantizeLinear/DequantizeLinear pairs around fp32 ops, which ONNX Runtime fuses when it loads the
+model). Which one runs faster is measured in ``benchmarks/`` (RESULTS.md); the default is the one
+that won there. The softmax that produces ``probabilities`` stays in fp32.
+
+The result keeps the source model's covid-cxr metadata (classes, preprocessing), so
+:class:`covid_cxr.deploy.onnx.OnnxPredictor` loads it like any exported model, and records how it
+was quantized under ``covid_cxr.quantization``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covid_cxr.errors import CheckpointError, ConfigError
+from covid_cxr.inference import check_batch
+from covid_cxr.preprocess import Preprocessing, to_model_input
+
+QUANT_FORMATS = ("qoperator", "qdq")
+DEFAULT_FORMAT = "qoperator"
+MIN_CALIBRATION_IMAGES = 8
+META_KEY = "covid_cxr.quantization"
+
+
+class _ImageReader:
+    """Feeds uint8 calibration images to the calibrator as the graph's float input, a batch at a time.
+
+    ONNX Runtime's calibrator keeps every intermediate tensor of every batch it is fed before it
+    reduces them to ranges (about 300 MB per 300x300 image for the concatenated network), so the
+    reader is "strided" (``__len__`` + ``set_range``, in batches): the calibrator reduces after each
+    batch and merges the ranges, and memory stays at one batch whatever the number of images.
+    """
+
+    def __init__(self, images: np.ndarray, pre: Preprocessing, input_name: str, batch_size: int) -> None:
+        self.images = images
+        self.pre = pre
+        self.input_name = input_name
+        self.batch_size = batch_size
+        self.batches = -(-len(images) // batch_size)
+        self.set_range(0, self.batches)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.next_batch, self.end_batch = start_index, min(end_index, self.batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.next_batch >= self.end_batch:
+            return None
+        start = self.next_batch * self.batch_size
+        batch = torch.from_numpy(np.ascontiguousarray(self.images[start : start + self.batch_size]))
+        self.next_batch += 1
+        return {self.input_name: to_model_input(batch, self.pre).numpy()}
+
+
+def quantize_onnx(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    calibration_images: np.ndarray,
+    *,
+    quant_format: str = DEFAULT_FORMAT,
+    per_channel: bool = True,
+    batch_size: int = 8,
+) -> Path:
+    """Write an int8 version of the covid-cxr ONNX model ``source`` to ``out``; returns ``out``.
+
+    ``calibration_images``: uint8 (N, S, S) at the model's input size, drawn from the data the model
+    will see (training images of every class); a few dozen to a few hundred are enough.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+
+    from covid_cxr.deploy.onnx import read_metadata
+
+    source = Path(source)
+    out = Path(out)
+    if quant_format not in QUANT_FORMATS:
+        raise ConfigError(f"quantization format must be one of {', '.join(QUANT_FORMATS)}; got {quant_format!r}")
+    if batch_size < 1:
+        raise ConfigError(f"calibration batch size must be >= 1; got {batch_size}")
+    if not source.is_file():
+        raise CheckpointError(f"{source}: no such ONNX file; export one with 'covid-cxr export CHECKPOINT --format onnx'")
+    try:
+        model = onnx.load(os.fspath(source))
+    except (OSError, ValueError, DecodeError) as exc:
+        raise CheckpointError(f"{source}: not a readable ONNX model ({exc})") from exc
+    metadata = {p.key: p.value for p in model.metadata_props}
+    _, _, pre, _ = read_metadata(metadata, where=str(source))
+    check_batch(calibration_images, pre.image_size)
+    if len(calibration_images) < MIN_CALIBRATION_IMAGES:
+        raise ConfigError(
+            f"quantization needs at least {MIN_CALIBRATION_IMAGES} calibration images to estimate activation "
+            f"ranges; got {len(calibration_images)}"
+        )
+    # Softmax stays fp32 (its output is the probabilities). Pad stays fp32 too: the "same" max-pool
+    # pads with -inf, which has no 8-bit value, and the pads share that constant.
+    keep_fp32 = [node.name for node in model.graph.node if node.op_type in ("Softmax", "Pad")]
+    input_name = model.graph.input[0].name
+    del model
+
+    class Reader(_ImageReader, CalibrationDataReader):
+        pass
+
+    reader = Reader(calibration_images, pre, input_name, batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        quantize_static(
+            os.fspath(source),
+            tmp,
+            reader,
+            quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,  # u8 activations x s8 weights: VNNI's operand pair
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=keep_fp32,
+            # Ranges are reduced after every batch and merged, so calibration memory does not grow with N.
+            extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+        quantized = onnx.load(tmp)
+        del quantized.metadata_props[:]
+        for key, value in metadata.items():
+            entry = quantized.metadata_props.add()
+            entry.key, entry.value = key, value
+        entry = quantized.metadata_props.add()
+        entry.key = META_KEY
+        entry.value = json.dumps(
+            {
+                "format": quant_format,
+                "activations": "uint8",
+                "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+                "calibration_images": int(len(calibration_images)),
+                "method": "minmax",
+            },
+            sort_keys=True,
+        )
+        onnx.save(quantized, tmp)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out

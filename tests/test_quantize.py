@@ -1,0 +1,136 @@
+"""int8 quantization: the int8 graph really is int8, keeps the metadata, and agrees with fp32.
+
+A small convolutional ONNX model is written in the test (the full networks take a minute to
+export on two cores; ``benchmarks/`` quantizes the real concatenated network and measures it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime.quantization")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from covid_cxr.deploy.onnx import FORMAT, META_PREFIX, OnnxPredictor  # noqa: E402
+from covid_cxr.deploy.quantize import META_KEY, quantize_onnx  # noqa: E402
+from covid_cxr.errors import CheckpointError, ConfigError  # noqa: E402
+from covid_cxr.labels import CLASSES  # noqa: E402
+
+SIZE = 72
+
+
+def _tiny_model(path: Path, dense_bias: np.ndarray | None = None) -> Path:
+    """Conv-ReLU-Conv-ReLU-pool-Gemm-Softmax with covid-cxr metadata: the shape of the real graph in small."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32)
+    wg = rng.normal(0, 1.0, (3, 16)).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "b2"),
+        numpy_helper.from_array(wg, "wg"),
+        numpy_helper.from_array(np.zeros(3, np.float32) if dense_bias is None else dense_bias.astype(np.float32), "bg"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gp"], name="pool"),
+        helper.make_node("Flatten", ["gp"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "wg", "bg"], ["logits"], transB=1, name="dense"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="softmax"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    meta = {
+        "format": FORMAT,
+        "network": "tiny",
+        "classes": json.dumps(list(CLASSES)),
+        "preprocessing": json.dumps({"image_size": SIZE, "scaling": "unit", "channels": 3}),
+        "version": "test",
+        "source_sha256": "",
+    }
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = META_PREFIX + key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """Smooth random blobs: images with structure, so the three logits actually differ between images."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    out = np.empty((n, SIZE, SIZE), np.uint8)
+    for i in range(n):
+        cy, cx, r, level = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.4), rng.uniform(0.3, 1)
+        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r)) * level
+        out[i] = np.clip(255 * (blob + rng.normal(0, 0.03, blob.shape)), 0, 255).astype(np.uint8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = _tiny_model(tmp_path_factory.mktemp("quant") / "tiny.onnx")
+    # Centre the logits on the test images, so that all three classes occur among the predictions.
+    logits = np.log(OnnxPredictor(path).predict_proba(_images(64, seed=2)))
+    return _tiny_model(path, dense_bias=-logits.mean(0))
+
+
+@pytest.mark.parametrize("quant_format, int8_op", [("qoperator", "QLinearConv"), ("qdq", "QuantizeLinear")])
+def test_int8_model_agrees_with_fp32(tiny: Path, tmp_path: Path, quant_format: str, int8_op: str) -> None:
+    out = quantize_onnx(tiny, tmp_path / f"tiny-{quant_format}.onnx", _images(32, seed=1), quant_format=quant_format)
+    model = onnx.load(out)
+    ops = {node.op_type for node in model.graph.node}
+    assert int8_op in ops
+    int8_weights = [i for i in model.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 4]
+    assert int8_weights, "convolution weights should be stored as int8"
+    assert "Softmax" in ops  # probabilities stay fp32
+
+    fp32, int8 = OnnxPredictor(tiny), OnnxPredictor(out)
+    assert int8.classes == fp32.classes and int8.preprocessing == fp32.preprocessing
+    assert json.loads(int8.metadata["quantization"])["format"] == quant_format
+    assert META_KEY.startswith(META_PREFIX)
+
+    test = _images(64, seed=2)  # not the calibration images
+    p32, p8 = fp32.predict_proba(test), int8.predict_proba(test)
+    assert p8.shape == p32.shape and np.allclose(p8.sum(1), 1.0, atol=1e-4)
+    assert len(set(p32.argmax(1))) > 1, "the fixture should produce more than one class"
+    assert (p8.argmax(1) == p32.argmax(1)).mean() >= 0.9
+    assert np.abs(p8 - p32).mean() < 0.03
+
+
+def test_refuses_bad_inputs(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="calibration images"):
+        quantize_onnx(tiny, tmp_path / "a.onnx", _images(4, seed=0))
+    with pytest.raises(ValueError, match="shape"):
+        quantize_onnx(tiny, tmp_path / "a.onnx", np.zeros((16, 64, 64), np.uint8))
+    with pytest.raises(ConfigError, match="qoperator"):
+        quantize_onnx(tiny, tmp_path / "a.onnx", _images(16, seed=0), quant_format="int4")
+    with pytest.raises(CheckpointError, match="no such ONNX file"):
+        quantize_onnx(tmp_path / "missing.onnx", tmp_path / "a.onnx", _images(16, seed=0))
+    not_onnx = tmp_path / "bad.onnx"
+    not_onnx.write_bytes(b"this is not a protobuf")
+    with pytest.raises(CheckpointError):
+        quantize_onnx(not_onnx, tmp_path / "a.onnx", _images(16, seed=0))
+    assert not (tmp_path / "a.onnx").exists()
