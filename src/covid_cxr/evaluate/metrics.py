@@ -164,59 +164,96 @@ def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.
     return fpr, tpr, np.r_[np.inf, s[last_of_block]]
 
 
-def _weighted_auc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUC (ties count one half) for each row of ``weights`` (B, N) over the same images.
+@dataclass(frozen=True)
+class _AucPlan:
+    """What the AUC of one class needs, sorted once: positives, negatives by score, and where each positive falls.
 
-    Sorting once and weighting the images by how often the bootstrap drew them makes every
-    resample an O(N) sum instead of a new sort.
+    ``lo[i]`` / ``hi[i]`` count the negatives scored below / at most positive i, so a positive
+    beats ``lo[i]`` negatives and ties ``hi[i] - lo[i]`` (each tie counts one half).
     """
-    order = np.argsort(scores, kind="mergesort")
-    s, y, w = scores[order], positive[order], weights[:, order]
-    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # blocks of equal scores
-    pos = np.add.reduceat(w * y, starts, axis=1)
-    neg = np.add.reduceat(w * ~y, starts, axis=1)
-    neg_below = np.cumsum(neg, axis=1) - neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (pos * (neg_below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+
+    pos: np.ndarray
+    neg: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @classmethod
+    def of(cls, positive: np.ndarray, scores: np.ndarray) -> _AucPlan:
+        positive = np.asarray(positive, dtype=bool)
+        scores = np.asarray(scores, dtype=np.float64)
+        neg = np.flatnonzero(~positive)
+        neg = neg[np.argsort(scores[neg], kind="mergesort")]
+        pos = np.flatnonzero(positive)
+        neg_scores = scores[neg]
+        return cls(pos=pos, neg=neg, lo=np.searchsorted(neg_scores, scores[pos], side="left"),
+                   hi=np.searchsorted(neg_scores, scores[pos], side="right"))
+
+    def weighted(self, weights: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """AUC for each row of ``weights``; ``columns`` maps images to weight columns (default: one each).
+
+        With image weights (how often the bootstrap drew each image) a resample costs one
+        cumulative sum over the negatives instead of a new sort.
+        """
+        pos_cols = self.pos if columns is None else columns[self.pos]
+        neg_cols = self.neg if columns is None else columns[self.neg]
+        w_neg = weights[:, neg_cols]
+        below = np.zeros((weights.shape[0], len(neg_cols) + 1))
+        np.cumsum(w_neg, axis=1, out=below[:, 1:])
+        w_pos = weights[:, pos_cols]
+        wins = 0.5 * (w_pos * (below[:, self.lo] + below[:, self.hi])).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return wins / (w_pos.sum(axis=1) * below[:, -1])
 
 
 def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
     """One-vs-rest ROC AUC (Mann-Whitney, ties one half); NaN when one side is empty."""
-    positive = np.asarray(positive, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    return float(_weighted_auc(positive, scores, np.ones((1, len(scores))))[0])
+    plan = _AucPlan.of(positive, scores)
+    if not len(plan.pos) or not len(plan.neg):
+        return math.nan
+    return float(plan.weighted(np.ones((1, len(plan.pos) + len(plan.neg))))[0])
 
 
-def bootstrap_auc_ci(positive: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None, *,
-                     n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the AUC, drawing whole groups (patients) with replacement.
+def bootstrap_auc_cis(positives: Sequence[np.ndarray], scores: Sequence[np.ndarray], groups: np.ndarray | None = None,
+                      *, n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> list[tuple[float, float]]:
+    """Percentile bootstrap intervals of several AUCs over the same images, drawing whole groups (patients).
 
-    ``groups`` holds a patient id per image; ``None`` draws images. Seeded, so a report is
-    reproducible. Resamples with no positive or no negative are left out.
+    ``groups`` holds a patient id per image; ``None`` draws images. Every AUC sees the same
+    resampled patients. Seeded, so a report is reproducible. Resamples with no positive or no
+    negative are left out.
     """
-    positive = np.asarray(positive, dtype=bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    if positive.all() or not positive.any() or n_boot < 1:
-        return (math.nan, math.nan)
+    n_images = len(scores[0]) if len(scores) else 0
+    plans = [_AucPlan.of(p, s) for p, s in zip(positives, scores, strict=True)]
+    usable = [bool(len(plan.pos) and len(plan.neg)) for plan in plans]
+    if n_boot < 1 or not any(usable):
+        return [(math.nan, math.nan)] * len(plans)
     if groups is None:
-        group_idx = np.arange(len(scores))
+        group_idx = np.arange(n_images)
     else:
         _, group_idx = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     n_groups = int(group_idx.max()) + 1
     rng = np.random.default_rng(seed)
-    aucs: list[np.ndarray] = []
-    chunk = max(1, min(n_boot, 4_000_000 // max(len(scores), 1)))  # bounds memory at ~32 MB
+    values: list[list[np.ndarray]] = [[] for _ in plans]
+    chunk = max(1, min(n_boot, 2_000_000 // max(n_images, 1)))  # bounds memory at ~16 MB per array
     for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
-        draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=b)
-        aucs.append(_weighted_auc(positive, scores, draws[:, group_idx].astype(np.float64)))
-    values = np.concatenate(aucs)
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return (math.nan, math.nan)
+        draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=min(chunk, n_boot - start))
+        draws = draws.astype(np.float64)
+        for k, plan in enumerate(plans):
+            if usable[k]:
+                values[k].append(plan.weighted(draws, group_idx))
     tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return (float(low), float(high))
+    out: list[tuple[float, float]] = []
+    for k in range(len(plans)):
+        v = np.concatenate(values[k]) if values[k] else np.array([])
+        v = v[np.isfinite(v)]
+        out.append((float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v)
+                   else (math.nan, math.nan))
+    return out
+
+
+def bootstrap_auc_ci(positive: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None, *,
+                     n_boot: int = 1000, seed: int = 0, confidence: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of one AUC (see :func:`bootstrap_auc_cis`)."""
+    return bootstrap_auc_cis([positive], [scores], groups, n_boot=n_boot, seed=seed, confidence=confidence)[0]
 
 
 @dataclass(frozen=True)
@@ -328,11 +365,12 @@ def compute_metrics(
     if probs is not None and true_idx is not None:
         probs = np.asarray(probs, dtype=np.float64)
         true_idx = np.asarray(true_idx, dtype=np.int64)
+        positives = [true_idx == k for k in range(len(classes))]
+        scores = [probs[:, k] for k in range(len(classes))]
+        intervals = bootstrap_auc_cis(positives, scores, groups, n_boot=n_boot, seed=seed)
         for k, name in enumerate(classes):
-            positive = true_idx == k
-            out[f"{name}_auc"] = roc_auc(positive, probs[:, k])
-            out[f"{name}_auc_ci_low"], out[f"{name}_auc_ci_high"] = bootstrap_auc_ci(
-                positive, probs[:, k], groups, n_boot=n_boot, seed=seed + k)
+            out[f"{name}_auc"] = roc_auc(positives[k], scores[k])
+            out[f"{name}_auc_ci_low"], out[f"{name}_auc_ci_high"] = intervals[k]
             if math.isnan(out[f"{name}_auc"]):
                 notes.append(f"{name}_auc is undefined: the labels hold only one side of {name}-vs-rest")
         out["auc_bootstrap"] = {"resamples": n_boot, "seed": seed,
