@@ -67,7 +67,7 @@ def print_metrics(m: dict[str, Any], console: Console, title: str = "") -> None:
     for c in CLASSES:
         t3.add_row(DISPLAY_NAMES[c], *(str(m[f"{c}_{k}"]) for k in COUNTS), str(m[f"{c}_n"]))
     console.print(t3)
-    t4 = Table(title=f"Table 4 {title}: % [95% Wilson CI]".strip())
+    t4 = Table(title=" ".join(filter(None, ["Table 4", title])) + ": % [95% Wilson CI]")
     t4.add_column("class")
     for rate in RATES:
         t4.add_column(rate, justify="right")
