@@ -120,15 +120,18 @@ def _load_split(
     return frame.reset_index(drop=True), splits.split_hash
 
 
-def _cache_for(prepared: PreparedData, image_size: int, checkpoint: Path) -> ImageCache:
-    """The image cache at the checkpoint's input size (the data area's error names the command to make one)."""
+def _cache_for(prepared: PreparedData, image_size: int, where: Path) -> ImageCache:
+    """The image cache at the checkpoint's input size (the data area's error names the command to make one).
+
+    Also used by the audits (``covid_cxr.audit.data``), as are :func:`_resolve` and :func:`_load_split`.
+    """
     try:
         cache = prepared.cache(image_size=image_size)
     except DataError as exc:
-        raise DataError(f"{checkpoint} takes {image_size}x{image_size} images, but {exc}") from exc
+        raise DataError(f"{where}: the checkpoint takes {image_size}x{image_size} images, but {exc}") from exc
     if cache.image_size != image_size:
         raise DataError(
-            f"{checkpoint} takes {image_size}x{image_size} images but the cache of {prepared.root} is "
+            f"{where}: the checkpoint takes {image_size}x{image_size} images but the cache of {prepared.root} is "
             f"{cache.image_size}x{cache.image_size}; run 'covid-cxr prepare ... --out {prepared.root} "
             f"--image-size {image_size}'"
         )
