@@ -169,3 +169,15 @@ def test_plots_module_leaves_matplotlib_global_state_alone() -> None:
     code = ("import sys; import covid_cxr.evaluate.plots as p; p.figure_png(p.confusion_figure([[1, 0], [0, 1]], "
             "['covid', 'normal'])); assert 'matplotlib.pyplot' not in sys.modules; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_report_on_bare_predictions_files(tmp_path: Path) -> None:
+    """Files from elsewhere (no metrics.json): folds are named by their folders, no paper row is invented."""
+    paths = []
+    for name, seed in (("site-a", 1), ("site-b", 2)):
+        frame = _with_probs((4, 6, 6), seed=seed)[["label", "pred"]]
+        paths.append(write_predictions(frame, tmp_path / name / "predictions.csv"))
+    page = write_report(paths, tmp_path / "out", n_boot=0).read_text()
+    assert "fold site-a" in page and "fold site-b" in page and "paper avg" not in page
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["unknown-test"]
+    assert summary["folds"] == ["site-a", "site-b"] and summary["paper_average"] is None

@@ -108,9 +108,17 @@ def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
     preds = read_predictions(csv)
     # Recomputed from the predictions, the one source of truth, rather than trusted from metrics.json.
     metrics = preds.metrics(n_boot=n_boot)
-    return FoldResult(network=str(info.get("network") or "unknown"), fold=info.get("fold", csv.stem),
+    # Without metrics.json a fold is named by its folder (RUN/eval-test/predictions.csv) or its file name.
+    fold = info.get("fold") or (csv.parent.name if csv.name == "predictions.csv" else csv.stem)
+    return FoldResult(network=str(info.get("network") or "unknown"), fold=fold,
                       split=str(info.get("split") or "test"), eval_dir=eval_dir if info else None,
                       preds=preds, metrics=metrics)
+
+
+def _fold_order(r: FoldResult) -> tuple[int, int, str]:
+    """Folds 1, 2, ..., 10 in numeric order; named ones after them."""
+    text = str(r.fold)
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)
 
 
 def _pooled(results: Sequence[FoldResult], n_boot: int) -> tuple[Predictions, dict[str, Any]]:
@@ -249,7 +257,7 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
     body: list[str] = ["<h1>Evaluation report</h1>", f"<p>{html.escape(intro)}</p>"]
     summary_json: dict[str, Any] = {}
     for (network, split), members in groups.items():
-        members.sort(key=lambda r: str(r.fold))
+        members.sort(key=_fold_order)
         seen: dict[str, FoldResult] = {}
         for r in members:
             if str(r.fold) in seen:
@@ -263,18 +271,20 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         counts = _counts_table(summary)
         rates = _rates_table(summary, TABLE4_KEYS, with_paper=summary["paper_average"] is not None)
         extras = _rates_table(summary, EXTRA_KEYS, with_paper=False)
+        unit = summary["pooled"].get("auc_bootstrap", {}).get("unit", "patient")
+        extras_title = f"More figures (AUC on 0-1, CI from a bootstrap over {unit}s; ECE in %)"
         notes = sorted(set(summary["pooled"]["notes"]) | {n for r in members for n in r.metrics["notes"]})
         figures = _network_figures(summary, label)
         sources = ", ".join(f"fold {r.fold}: {r.eval_dir or r.preds.path}" for r in members)
         md += [f"## {title}", "", f"Evaluations: {sources}", "",
                "### Table 3: counts per fold", "", counts.markdown(), "",
                "### Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)",
-               "", rates.markdown(), "", "### More figures (AUC on 0-1 with patient-bootstrap CI; ECE in %)", "",
+               "", rates.markdown(), "", f"### {extras_title}", "",
                extras.markdown(), ""]
         body += [f"<h2>{html.escape(title)}</h2>", f"<p>Evaluations: {html.escape(sources)}</p>",
                  "<h3>Table 3: counts per fold</h3>", counts.html(),
                  "<h3>Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)"
-                 "</h3>", rates.html(), "<h3>More figures (AUC on 0-1 with patient-bootstrap CI; ECE in %)</h3>",
+                 "</h3>", rates.html(), f"<h3>{html.escape(extras_title)}</h3>",
                  extras.html()]
         if notes:
             md += ["Notes: " + "; ".join(notes), ""]
