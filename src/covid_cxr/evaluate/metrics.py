@@ -10,6 +10,13 @@ estimate alone says little. One-vs-rest ROC AUC gets a bootstrap interval resamp
 (images of one patient are not independent). Rates are percentages, AUC is on 0-1. A rate whose
 denominator is zero (e.g. precision of a class never predicted) is NaN and a note says why.
 No I/O here: reading and writing live in ``predictions.py``, ``run.py`` and ``report.py``.
+
+Keys of :func:`compute_metrics` (and of ``covid-cxr metrics --json``), for each class ``c`` in
+``covid, pneumonia, normal``: ``n``, ``accuracy``, ``balanced_accuracy``; ``c_n``, ``c_correct``,
+``c_missed``, ``c_false``, ``c_tn`` (counts); ``c_recall``, ``c_specificity``, ``c_accuracy``,
+``c_precision`` (percentages, each with ``_ci_low``/``_ci_high``; so has ``accuracy``); ``c_f1``;
+with probabilities ``c_auc`` (+ ``_ci_low``/``_ci_high``), ``auc_bootstrap`` and ``ece``; with a
+prevalence ``prevalence`` and ``<class>_ppv_at_prevalence`` (+ CI); ``notes`` (why a figure is NaN).
 """
 
 from __future__ import annotations
