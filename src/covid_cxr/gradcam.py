@@ -73,10 +73,21 @@ class GradCam:
         key = normalize_label(target, where="the Grad-CAM class")
         return self.classes.index(key)
 
-    def __call__(self, images: np.ndarray, target: int | str | Sequence[int] | None = None) -> list[CamResult]:
+    def _targets(self, target: int | str | Sequence[int | str] | None, n: int) -> torch.Tensor | None:
+        if target is None:
+            return None
+        if isinstance(target, (str, int, np.integer)):
+            return torch.full((n,), self.class_index(target), dtype=torch.long)
+        indices = [self.class_index(t) for t in target]
+        if len(indices) != n:
+            raise ValueError(f"{len(indices)} targets for {n} images")
+        return torch.tensor(indices, dtype=torch.long)
+
+    def __call__(self, images: np.ndarray, target: int | str | Sequence[int | str] | None = None) -> list[CamResult]:
         """Maps for a uint8 batch (N, S, S) for ``target``: one class for all, one per image, or (None) the
         class this fp32 forward pass predicts."""
         batch = torch.as_tensor(np.ascontiguousarray(images)).to(self.device)
+        chosen = self._targets(target, len(batch))  # a bad class fails before any work
         x = to_model_input(batch, self.preprocessing).requires_grad_(True)  # grads flow even if weights are frozen
         acts: dict[str, torch.Tensor] = {}
         hooks = [
@@ -86,14 +97,7 @@ class GradCam:
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 logits = self.model(x).float()
-                if target is None:
-                    targets = logits.argmax(dim=1)
-                elif isinstance(target, (str, int, np.integer)):
-                    targets = torch.full((len(x),), self.class_index(target), device=logits.device)
-                else:
-                    targets = torch.tensor([self.class_index(t) for t in target], device=logits.device)
-                    if len(targets) != len(x):
-                        raise ValueError(f"{len(targets)} targets for {len(x)} images")
+                targets = logits.argmax(dim=1) if chosen is None else chosen.to(logits.device)
                 score = logits.gather(1, targets[:, None]).sum()  # samples are independent in eval mode
                 names = list(self.layers)
                 grads = torch.autograd.grad(score, [acts[n] for n in names])
@@ -112,10 +116,10 @@ class GradCam:
         maps = {name: _normalise(F.interpolate(r.relu(), size=(side, side), mode="bilinear", align_corners=False))
                 for name, r in raw.items()}
         probs = torch.softmax(logits.detach(), dim=1).cpu().numpy()
-        chosen = targets.cpu().numpy()
+        picked = targets.cpu().numpy()
         return [
-            CamResult(int(chosen[i]), probs[i], {name: m[i] for name, m in maps.items()})
-            for i in range(len(chosen))
+            CamResult(int(picked[i]), probs[i], {name: m[i] for name, m in maps.items()})
+            for i in range(len(picked))
         ]
 
 
