@@ -119,3 +119,37 @@ def test_results_round_trip_and_section(tmp_path) -> None:
     (tmp_path / "bad" / "cam.json").write_text("{")
     with pytest.raises(DataError, match="not valid JSON"):
         R.load_results(tmp_path / "bad")
+
+
+def test_report_hook_renders_the_section() -> None:
+    from covid_cxr.evaluate.report import render_audit_section
+
+    cross = R.make_result(
+        "cross_source", inputs={}, thresholds={}, flags=[],
+        metrics={"class": "covid", "source": "hospital-b", "difference": 0.1,
+                 "in_source": {"sources": ["covid-chestxray"], "n": 30,
+                               "recall": {"value": 0.8, "low": 0.63, "high": 0.9, "n": 30}},
+                 "unseen_source": {"n": 20, "recall": {"value": 0.7, "low": 0.48, "high": 0.85, "n": 20}}},
+    )
+    md, html = render_audit_section({"cross_source": cross})
+    assert R.SECTION_TITLE in md and "hospital-b" in md and "70.0% (95% CI 48.0-85.0%)" in md
+    assert html.startswith('<section class="audit"')
+    assert render_audit_section(None) == ("", "")
+
+
+def test_grad_cam_maps_of_a_checkpoint_network() -> None:
+    import torch
+
+    from covid_cxr.audit.cam_stats import compute_cams
+    from covid_cxr.labels import CLASSES
+    from covid_cxr.models import build_model
+    from covid_cxr.preprocess import Preprocessing
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = np.stack([render_chest(rng, 72, "covid").image for _ in range(3)])
+    cams, preds = compute_cams(build_model("resnet50v2", 3, 72).eval(), Preprocessing(72), CLASSES, images)
+    assert cams.shape == images.shape and preds.shape == (3,)
+    assert cams.min() >= 0.0 and cams.max() <= 1.0
+    res = run_cam_stats(cams, ["covid"] * 3, estimate_lung_fields(images), CLASSES)
+    assert res["metrics"]["per_class"]["covid"]["n"] == 3

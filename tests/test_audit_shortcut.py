@@ -143,7 +143,7 @@ def test_report_section_flags_the_shortcut(audited: dict) -> None:
     assert "not evidence of its absence" in clean
 
 
-def test_cli_ablation_on_a_checkpoint(audited: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_audits_of_a_checkpoint(audited: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = audited["clean"]["data"]
     torch.manual_seed(0)
     ckpt = tmp_path / "model.pt"
@@ -166,3 +166,42 @@ def test_cli_ablation_on_a_checkpoint(audited: dict, tmp_path: Path, capsys: pyt
     (tmp_path / "masks").mkdir()
     assert main(["audit", "cam", str(ckpt), "--data", str(data), "--fold", "1", "--masks", str(tmp_path / "masks")]) == 2
     assert "lung masks missing for" in capsys.readouterr().err
+    # The linear source probe on the checkpoint's frozen features.
+    assert main(["audit", "source", str(data), "--fold", "1", "--checkpoint", str(ckpt), "--device", "cpu",
+                 "--precision", "fp32"]) == 0
+    probe = json.loads((tmp_path / "model-audit" / "source.json").read_text())
+    assert probe["metrics"]["mode"] == "linear-probe" and "pneumonia" in probe["metrics"]["within_class"]
+    capsys.readouterr()
+    # Cross-source: a source unknown to the data, and a source with no image of the class, are refused.
+    assert main(["audit", "cross-source", str(ckpt), "--data", str(data), "--fold", "1", "--source", "nowhere"]) == 2
+    assert "its sources are covid-chestxray, rsna" in capsys.readouterr().err
+    assert main(["audit", "cross-source", str(ckpt), "--data", str(data), "--fold", "1", "--source", "rsna"]) == 2
+    assert "no covid images from source 'rsna'" in capsys.readouterr().err
+    # ...and a source prepared on its own ("another hospital") is evaluated beside the in-source recall.
+    ext = _prepare_folder_source(tmp_path / "hospital-b")
+    assert main(["audit", "cross-source", str(ckpt), "--data", str(data), "--fold", "1", "--source", "folder",
+                 "--source-data", str(ext), "--device", "cpu", "--precision", "fp32"]) == 0
+    cross = json.loads((tmp_path / "model-audit" / "cross_source.json").read_text())["metrics"]
+    assert cross["unseen_source"]["n"] == 12 and cross["in_source"]["sources"] == ["covid-chestxray"]
+    assert cross["in_source"]["n"] == int((_test_frame(data)["label"] == "covid").sum())
+
+
+def _prepare_folder_source(root: Path) -> Path:
+    import cv2
+
+    from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+
+    rng = np.random.default_rng(5)
+    for cls in CLASSES:
+        (root / "images" / cls).mkdir(parents=True)
+        for i in range(12):
+            cv2.imwrite(str(root / "images" / cls / f"{i}.png"), render_chest(rng, 96, cls).image)
+    prepare_dataset(PrepareSettings(out=root / "data", folder=root / "images", folds=2, phases=1, image_size=SIZE),
+                    progress=False)
+    return root / "data"
+
+
+def _test_frame(data: Path):
+    from covid_cxr.data.prepared import PreparedData
+
+    return PreparedData(data).fold(1).test

@@ -66,34 +66,48 @@ def run_cross_source(
 
 def audit_cross_source(
     target: Path, *, source: str, cls: str = "covid", data: Path | None = None, fold: int | None = None,
-    batch_size: int = 64, device: str = "auto", precision: str = "auto", out_dir: Path | None = None,
+    source_data: Path | None = None, batch_size: int = 64, device: str = "auto", precision: str = "auto",
+    out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """``covid-cxr audit cross-source``: writes ``cross_source.json``."""
+    """``covid-cxr audit cross-source``: writes ``cross_source.json``.
+
+    The unseen images are the ``cls`` images of ``source`` in ``source_data`` (a second prepared
+    folder, e.g. ``covid-cxr prepare --folder HOSPITAL_B --out B``, never used for training), or in
+    the model's own prepared data when ``source_data`` is None. Either way the fold's training pool
+    must hold no ``cls`` image of that source.
+    """
     from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
     from covid_cxr.inference import TorchPredictor
 
     t = resolve_target(target, data, fold)
     prepared = open_prepared(t.data)
-    manifest = prepared.manifest
+    external = open_prepared(source_data) if source_data is not None else prepared
+    where = Path(source_data) if source_data is not None else t.data
+    manifest = external.manifest
     known = sorted(set(manifest["source"]))
     if source not in known:
-        raise DataError(f"{t.data}: no source {source!r} in the prepared data; its sources are {', '.join(known)}")
+        raise DataError(f"{where}: no source {source!r} in the prepared data; its sources are {', '.join(known)}")
+    out_frame = manifest[(manifest["source"] == source) & (manifest["label"] == cls)]
+    if out_frame.empty:
+        raise DataError(f"{where}: no {cls} images from source {source!r}; cross-source needs {cls} images of a "
+                        f"source the model never saw for {cls}")
     pool = training_pool(prepared, t.fold)
     seen_rows = pool[(pool["source"] == source) & (pool["label"] == cls)]
     if len(seen_rows):
         raise DataError(
             f"{t.data}: fold {t.fold} trains on {len(seen_rows)} {cls} images from {source}, so {source} is not "
-            f"unseen for {cls}; prepare the data with that source's {cls} images kept out of training "
-            "(or audit another source)"
+            f"unseen for {cls}; prepare that source on its own (covid-cxr prepare --folder DIR --out EXT) and "
+            "pass it with --source-data EXT"
         )
     test = split_images(prepared, t)
     in_frame = test.frame[(test.frame["label"] == cls) & (test.frame["source"] != source)]
     in_images = test.images[in_frame.index.to_numpy()]
-    out_frame = manifest[(manifest["source"] == source) & (manifest["label"] == cls)]
-    cache = prepared.cache(image_size=t.checkpoint.preprocessing.image_size)
+    size = t.checkpoint.preprocessing.image_size
+    out_images = rows_of(external.cache(image_size=size), out_frame["image_id"])
     predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
     inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "source": source,
-              "class": cls, "runtime": predictor.runtime.describe()}
-    result = run_cross_source(predictor, in_images, list(in_frame["source"]), rows_of(cache, out_frame["image_id"]),
-                              source=source, cls=cls, batch_size=batch_size, inputs=inputs)
+              "source_data": str(source_data) if source_data is not None else None, "class": cls,
+              "runtime": predictor.runtime.describe()}
+    result = run_cross_source(predictor, in_images, list(in_frame["source"]), out_images, source=source, cls=cls,
+                              batch_size=batch_size, inputs=inputs)
     return result, R.write_result(result, out_dir or R.audit_dir_for(target))

@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser("cross-source", help="recall of a class on a source never seen for it, vs in-source recall")
     _target_options(c)
-    c.add_argument("--source", required=True, help="name of the unseen source in the prepared data")
+    c.add_argument("--source", required=True, help="name of the unseen source (e.g. folder)")
+    c.add_argument("--source-data", type=Path, metavar="DIR", help="prepared folder holding that source's images "
+                   "(default: the model's own prepared data); e.g. from 'covid-cxr prepare --folder B --out DIR'")
     c.add_argument("--class", dest="cls", default="covid", help=f"class to test ({', '.join(CLASSES)}; default covid)")
     c.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default 64)")
     _runtime_options(c)
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         from covid_cxr.audit.cross_source import audit_cross_source
 
         result, path = audit_cross_source(args.target, source=args.source, cls=normalize_label(args.cls),
-                                          data=args.data, fold=args.fold, batch_size=args.batch_size,
+                                          data=args.data, fold=args.fold, source_data=args.source_data,
+                                          batch_size=args.batch_size,
                                           device=args.device, precision=args.precision, out_dir=args.out)
     else:
         from covid_cxr.audit.cam_stats import audit_cam
