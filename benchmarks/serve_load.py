@@ -201,7 +201,7 @@ def main() -> int:
             f"{lt['p50']} | {lt['p90']} | {lt['p99']} | {lt['max']} | {summary['throughput_per_s']} | {n5xx} | "
             f"{', '.join(f'{k}: {v}' for k, v in summary['status_counts'].items())} |\n\n"
             "Uploads queue for one inference worker, which runs those waiting together as one batch (up to "
-            "`--max-batch`, 8 by default), so latency grows with the queue while no request fails. "
+            "`--max-batch`, 8 by default), so latency grows with the queue while no request fails.\n"
         )
         write_section(text)
     return 1 if n5xx else 0
