@@ -142,7 +142,7 @@ def test_checkpoint_round_trip_rebuilds_the_same_network(tmp_path: Path) -> None
 
 # Last: it changes the shared model's head and memory format.
 def test_bf16_autocast_channels_last_gives_the_fp32_class(concat) -> None:
-    """bf16 autocast + channels_last against fp32, concat at 300x300: same class, probabilities within 0.02."""
+    """bf16 autocast + channels_last against fp32, concat at 300x300: same class, probabilities within 0.01."""
     torch.manual_seed(1)
     model = concat.eval()
     nn.init.normal_(model.classifier.weight, 0.0, 0.02)  # a trained-like head, so classes are well apart
@@ -153,4 +153,4 @@ def test_bf16_autocast_channels_last_gives_the_fp32_class(concat) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model_cl(x.contiguous(memory_format=torch.channels_last)).float().softmax(-1)
     assert torch.equal(low.argmax(-1), ref.argmax(-1))
-    assert (low - ref).abs().max().item() <= 0.02
+    assert (low - ref).abs().max().item() <= 0.01  # measured: 0.0012 (logits: 0.004) at 300 px

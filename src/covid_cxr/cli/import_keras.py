@@ -1,4 +1,4 @@
-"""``covid-cxr import-keras``: convert Keras files (the authors' models, Keras 3 files, ImageNet no-top weights) to a checkpoint."""
+"""``covid-cxr import-keras``: Keras files (the authors' models, Keras 3 files, no-top weights) -> our checkpoint."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="Keras file(s)")
-    parser.add_argument("--network", choices=list_models(), help="network of the file (default: inferred from its layers)")
+    parser.add_argument(
+        "--network", choices=list_models(), help="network of the file (default: inferred from its layers)"
+    )
     parser.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint to write")
     parser.add_argument(
         "--classes",

@@ -55,12 +55,20 @@ def _convert(module: nn.Module, layer: KerasLayer) -> dict[str, torch.Tensor] | 
     if kind == "sepconv":
         if "bias" in w:
             return "has a bias; Keras' Xception separable convs have none"
-        out = {"depthwise.weight": w["depthwise_kernel"].permute(2, 3, 0, 1), "pointwise.weight": w["pointwise_kernel"].permute(3, 2, 0, 1)}
+        out = {
+            "depthwise.weight": w["depthwise_kernel"].permute(2, 3, 0, 1),
+            "pointwise.weight": w["pointwise_kernel"].permute(3, 2, 0, 1),
+        }
     elif kind == "bn":
         missing = {"gamma", "beta", "moving_mean", "moving_variance"} - set(w)
         if missing:
             return f"lacks BatchNorm weights {sorted(missing)} (center/scale off?)"
-        out = {"weight": w["gamma"], "bias": w["beta"], "running_mean": w["moving_mean"], "running_var": w["moving_variance"]}
+        out = {
+            "weight": w["gamma"],
+            "bias": w["beta"],
+            "running_mean": w["moving_mean"],
+            "running_var": w["moving_variance"],
+        }
     else:
         has_bias = getattr(module, "bias", None) is not None
         if has_bias != ("bias" in w):
@@ -122,7 +130,7 @@ def load_keras_layers(model: nn.Module, layers: Sequence[KerasLayer], *, source:
 
 def _shape_hint(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
-        return f"needs a {module.in_features}x{module.out_features} kernel"
+        return f"needs a {module.in_features}x{module.out_features} kernel: another input size? pass --image-size"
     if isinstance(module, nn.Conv2d):
         return f"needs {module.in_channels}->{module.out_channels} channels"
     if isinstance(module, nn.BatchNorm2d):
@@ -166,7 +174,10 @@ def import_keras(
     if network is None:
         matches = [n for n in list_models() if sorted(backbones_of(n)) == sorted(set(found))]
         if not matches:
-            raise ConfigError(f"{', '.join(map(str, paths))}: cannot tell the network (no Xception or ResNet50V2 layers); pass --network")
+            raise ConfigError(
+                f"{', '.join(map(str, paths))}: cannot tell the network (no Xception or ResNet50V2 layers); "
+                "pass --network"
+            )
         network = matches[0]
     wanted = backbones_of(network)
     if sorted(found) != sorted(wanted):
@@ -189,7 +200,9 @@ def import_keras(
         classes = KERAS_AUTHORS_ORDER if whole else CLASSES
     class_keys = check_classes(classes)
     if len(class_keys) != num_classes:
-        raise ConfigError(f"{paths[0]}: the model has {num_classes} output units but {len(class_keys)} classes were given")
+        raise ConfigError(
+            f"{paths[0]}: the model has {num_classes} output units but {len(class_keys)} classes were given"
+        )
     model = build_model(network, num_classes=num_classes, image_size=size)
     if whole:
         load_keras_layers(model, files[0].layers, source=str(paths[0]))

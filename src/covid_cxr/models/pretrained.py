@@ -23,7 +23,7 @@ from pathlib import Path
 from covid_cxr.errors import CheckpointError
 from covid_cxr.models.concat import CxrNet
 from covid_cxr.models.keras_import import backbones_in, load_keras_layers
-from covid_cxr.models.keras_reader import read_keras_weights
+from covid_cxr.models.keras_reader import KerasWeights, read_keras_weights
 
 _BASE = "https://storage.googleapis.com/tensorflow/keras-applications"
 
@@ -110,28 +110,29 @@ def _missing_message(entry: WeightsFile, target: Path, why: str) -> str:
     )
 
 
-def _named_files(weights_file: Path | Sequence[Path], wanted: Sequence[str]) -> dict[str, Path]:
-    """Map backbone -> file for the files the caller gave (a file, a folder, or a list of files)."""
+def _named_files(weights_file: Path | Sequence[Path], wanted: Sequence[str]) -> dict[str, KerasWeights]:
+    """Map backbone -> weights for the files the caller gave (a file, a folder, or a list of files)."""
     items = [Path(weights_file)] if isinstance(weights_file, (str, Path)) else [Path(p) for p in weights_file]
-    found: dict[str, Path] = {}
+    found: dict[str, KerasWeights] = {}
     for item in items:
         if item.is_dir():
             for backbone in wanted:
                 candidate = item / IMAGENET_WEIGHTS[backbone].filename
-                if candidate.is_file():
-                    found.setdefault(backbone, candidate)
+                if candidate.is_file() and backbone not in found:
+                    found[backbone] = read_keras_weights(candidate)
             continue
         if not item.is_file():
             raise CheckpointError(f"{item}: no such weights file or folder")
-        held = [b for b in backbones_in(read_keras_weights(item)) if b in wanted]
+        weights = read_keras_weights(item)
+        held = [b for b in backbones_in(weights) if b in wanted]
         if len(held) != 1:
             raise CheckpointError(
                 f"{item}: not the no-top weights of one of {', '.join(wanted)}; expected e.g. "
                 + " or ".join(IMAGENET_WEIGHTS[b].filename for b in wanted)
             )
         if held[0] in found:
-            raise CheckpointError(f"{item}: a second weights file for {held[0]} (first: {found[held[0]]})")
-        found[held[0]] = item
+            raise CheckpointError(f"{item}: a second weights file for {held[0]} (first: {found[held[0]].path})")
+        found[held[0]] = weights
     missing = [b for b in wanted if b not in found]
     if missing:
         raise CheckpointError(
@@ -157,6 +158,9 @@ def load_imagenet_weights(
     if weights_file is not None:
         files = _named_files(weights_file, wanted)
     else:
-        files = {b: fetch_weights(IMAGENET_WEIGHTS[b], allow_download=allow_download, cache_dir=cache_dir) for b in wanted}
-    for backbone, path in files.items():
-        load_keras_layers(model.backbones[backbone], read_keras_weights(path).layers, source=str(path))
+        files = {
+            b: read_keras_weights(fetch_weights(IMAGENET_WEIGHTS[b], allow_download=allow_download, cache_dir=cache_dir))
+            for b in wanted
+        }
+    for backbone, weights in files.items():
+        load_keras_layers(model.backbones[backbone], weights.layers, source=str(weights.path))
