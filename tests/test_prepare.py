@@ -106,7 +106,8 @@ def _break(raw: Path, tmp_path: Path) -> tuple[Path, list[str]]:
     bad = tmp_path / "bad"
     shutil.copytree(raw, bad)
     dicoms = sorted((bad / "rsna" / "stage_2_train_images").glob("*.dcm"))
-    kept = set(pd.read_csv(bad / "rsna" / "stage_2_detailed_class_info.csv").query("`class` != 'No Lung Opacity / Not Normal'")["patientId"])
+    info = pd.read_csv(bad / "rsna" / "stage_2_detailed_class_info.csv")
+    kept = set(info.loc[info["class"] != "No Lung Opacity / Not Normal", "patientId"])
     dicoms = [d for d in dicoms if d.stem in kept]
     dicoms[0].unlink()
     dicoms[1].write_bytes(dicoms[1].read_bytes()[:3000])

@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--splits-from", type=Path, metavar="DIR",
                    help="reproduce the authors' splits from their files (All.csv, foldK/trainP.csv)")
-    p.add_argument("--labels-only", action="store_true", help="manifest and splits from the metadata alone; no images read")
+    p.add_argument("--labels-only", action="store_true",
+                   help="manifest and splits from the metadata alone; no images read")
     p.add_argument("--image-size", type=int, default=300, metavar="PX", help="cache image size (default 300, as the paper)")
     p.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be decoded (listed) instead of failing")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="decoding processes (default: all CPUs, at most 8)")

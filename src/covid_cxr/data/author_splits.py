@@ -23,11 +23,11 @@ from covid_cxr.data.splits import (
     Fold,
     SplitPlan,
     SplitSettings,
-    draw_patients,
-    _patients,
     assign_groups,
     check_disjoint,
     core_mask,
+    draw_patients,
+    patient_table,
     pool_quotas,
 )
 from covid_cxr.errors import DataError
@@ -117,7 +117,7 @@ def read_author_splits(folder: Path, manifest: pd.DataFrame, settings: SplitSett
         if settings.protocol == "paper":
             val = core_test.loc[core_test["label"] == "covid", "image_id"].tolist()
         else:
-            groups = assign_groups(_patients(core_test), STRICT_VAL_SHARE, rng)
+            groups = assign_groups(patient_table(core_test), STRICT_VAL_SHARE, rng)
             val = core_test.loc[core_test["patient_id"].isin(groups.index[groups == 0]), "image_id"].tolist()
         for cls in ("normal", "pneumonia"):
             val += draw_patients(pool_test[pool_test["label"] == cls], val_q.get(cls, 0), rng)

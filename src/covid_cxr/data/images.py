@@ -34,6 +34,8 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 Source = str | Path | bytes
 
+# Malformed files make pydicom and Pillow raise many kinds of errors; every one of them means
+# "this file cannot be decoded" and becomes an ImageDecodeError naming the file.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError,
                   NotImplementedError, RuntimeError, AttributeError, InvalidDicomError,
                   Image.DecompressionBombError)

@@ -19,7 +19,15 @@ import pandas as pd
 
 from covid_cxr import __version__
 from covid_cxr.data.author_splits import read_author_splits
-from covid_cxr.data.cache import CacheBuild, build_cache, cache_dirname, cache_key, cache_matches, read_cache_build, write_cache_index
+from covid_cxr.data.cache import (
+    CacheBuild,
+    build_cache,
+    cache_dirname,
+    cache_key,
+    cache_matches,
+    read_cache_build,
+    write_cache_index,
+)
 from covid_cxr.data.manifest import COLUMNS, combine, table1
 from covid_cxr.data.prepared import FORMAT, SPLIT_COLUMNS, hash_files, split_files
 from covid_cxr.data.sources import read_covid_chestxray, read_folder, read_rsna

@@ -93,7 +93,7 @@ def _patient_class(labels: pd.Series) -> str:
     return next(c for c in CLASSES if c in present)
 
 
-def _patients(frame: pd.DataFrame) -> pd.DataFrame:
+def patient_table(frame: pd.DataFrame) -> pd.DataFrame:
     """One row per patient: stratum and image count."""
     grouped = frame.groupby("patient_id", sort=True)["label"]
     return pd.DataFrame({"stratum": grouped.agg(_patient_class), "n": grouped.size()})
@@ -172,7 +172,7 @@ def make_folds(manifest: pd.DataFrame, settings: SplitSettings) -> SplitPlan:
     """Seeded, patient-grouped folds with phases, validation and test (see the module docstring)."""
     is_core = core_mask(manifest)
     core, pool = manifest[is_core], manifest[~is_core]
-    patients = _patients(core)
+    patients = patient_table(core)
     n_covid_patients = int((patients["stratum"] == "covid").sum())
     if n_covid_patients < settings.folds:
         raise DataError(f"{n_covid_patients} COVID-19 patients cannot fill {settings.folds} folds; "
@@ -199,7 +199,8 @@ def make_folds(manifest: pd.DataFrame, settings: SplitSettings) -> SplitPlan:
         pool_test: list[str] = []
         for cls in CLASSES:
             val_n = val_q.get(cls, 0) if settings.protocol == "strict" else 0
-            runs, rest = take_patients(pool[pool["label"] == cls], [val_n] + [phase_q.get(cls, 0)] * settings.phases, frng)
+            quotas = [val_n] + [phase_q.get(cls, 0)] * settings.phases
+            runs, rest = take_patients(pool[pool["label"] == cls], quotas, frng)
             pool_val += runs[0]
             for p in range(settings.phases):
                 phases[p] += runs[p + 1]

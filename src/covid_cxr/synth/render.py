@@ -109,7 +109,8 @@ def render_chest(
         r = _ellipse(y, x, ly, lx, ry, rx, ang)
         lung_r.append((r, ly, lx, ry, rx))
         lungs.append(_soft_inside(r, 0.12))
-    heart_r = _ellipse(y, x, 0.63 + u(-0.02, 0.02), cx + 0.05 + u(-0.02, 0.02), 0.10 + u(-0.01, 0.02), 0.12 + u(-0.01, 0.02), u(-0.3, 0.1))
+    heart_r = _ellipse(y, x, 0.63 + u(-0.02, 0.02), cx + 0.05 + u(-0.02, 0.02),
+                       0.10 + u(-0.01, 0.02), 0.12 + u(-0.01, 0.02), u(-0.3, 0.1))
     heart = _soft_inside(heart_r, 0.2)
     lung_soft = np.maximum(lungs[0], lungs[1]) * (1 - heart)
     img -= (0.26 + u(-0.05, 0.05)) * lung_soft
