@@ -29,6 +29,7 @@ def _png_bytes(arr: np.ndarray, mode: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.fixtures
 def test_real_rsna_dicom_decodes_to_1024(fixtures_dir: Path) -> None:
     path = next((fixtures_dir / "rsna").glob("*.dcm"))
     img = decode_image(path)

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from covid_cxr.cli import main
 from covid_cxr.data.images import decode_image, resize_gray
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import ConfigError, DataError
-from covid_cxr.synth import make_synthetic
+from covid_cxr.synth import make_synthetic, render_chest
 
 SIZE = 72
 
@@ -167,3 +168,25 @@ def test_cli_prepare_and_errors(raw: Path, tmp_path: Path, capsys: pytest.Captur
     assert "not a prepared dataset" in capsys.readouterr().err and (tmp_path / "junk" / "thesis.txt").exists()
     with pytest.raises(DataError, match="is not a prepared dataset: run 'covid-cxr prepare"):
         PreparedData(tmp_path / "junk")
+
+
+def test_own_folder_with_patient_ids(tmp_path: Path) -> None:
+    """A user's folder (CSV with patient ids, several images per patient) goes through the same pipeline."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(18):
+        label = ("covid", "pneumonia", "normal")[p % 3]
+        for i in range(1 + p % 3):
+            name = f"img_{p}_{i}.png"
+            Image.fromarray(render_chest(rng, 80, label).image).save(tmp_path / name)
+            rows.append({"path": name, "label": label, "patient_id": f"pt{p}"})
+    pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+    out = tmp_path / "data"
+    prepare_dataset(PrepareSettings(out=out, folder=tmp_path, folds=2, phases=2, image_size=SIZE, workers=1),
+                    progress=False)
+    data = PreparedData(out)
+    assert set(data.manifest["source"]) == {"folder"} and len(data.cache()) == len(rows)
+    for k in (1, 2):
+        fold = data.fold(k)
+        train = set(pd.concat(fold.phases)["patient_id"])
+        assert not set(fold.test["patient_id"]) & (train | set(fold.val["patient_id"]))
