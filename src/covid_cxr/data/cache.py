@@ -115,13 +115,18 @@ def build_cache(
                 build.sha256[image_id] = digest
             bar.advance(task)
     good = np.flatnonzero(ok)
-    final = np.lib.format.open_memmap(folder / IMAGES_FILE, mode="w+", dtype=np.uint8,
-                                      shape=(len(good), image_size, image_size))
-    for start_row in range(0, len(good), 1024):
-        final[start_row : start_row + 1024] = scratch[good[start_row : start_row + 1024]]
-    final.flush()
-    del final, scratch
-    (folder / "decode.tmp.npy").unlink()
+    scratch.flush()
+    if len(good) == n and n > 0:  # the usual case: every image decoded, the scratch array is the cache
+        del scratch
+        (folder / "decode.tmp.npy").rename(folder / IMAGES_FILE)
+    else:  # leave the failed rows out
+        final = np.lib.format.open_memmap(folder / IMAGES_FILE, mode="w+", dtype=np.uint8,
+                                          shape=(len(good), image_size, image_size))
+        for first in range(0, len(good), 1024):
+            final[first : first + 1024] = scratch[good[first : first + 1024]]
+        final.flush()
+        del final, scratch
+        (folder / "decode.tmp.npy").unlink()
     build.image_ids = [jobs[i][0] for i in good]
     build.seconds = time.perf_counter() - start
     return build
