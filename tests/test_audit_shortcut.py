@@ -55,7 +55,7 @@ class SmallCnnPredictor:
 def _prepare(root: Path, shortcut: str | None) -> Path:
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 
-    raw = make_synthetic(root / "raw", seed=3, n_covid=80, n_pneumonia=200, n_normal=200, size=128,
+    raw = make_synthetic(root / "raw", seed=3, n_covid=80, n_pneumonia=200, n_normal=200, size=96,
                          shortcut=shortcut, cxr_pneumonia_fraction=0.3, workers=1)
     out = root / "data"
     prepare_dataset(PrepareSettings(out=out, covid_chestxray=raw.covid_chestxray, rsna=raw.rsna, folds=3, phases=8,
