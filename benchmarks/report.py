@@ -1,0 +1,194 @@
+"""Turns the workers' raw results into the summary: ratios to Keras, % of peak, accuracy differences, targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# The instruction ceilings of this machine's two cores (issue 7): FMA throughput x clock x cores.
+PEAK_GFLOPS = {"fp32": 547.0, "bf16": 1060.0}
+DEFAULT_CONFIG = "torch-bf16-cl"  # what choose_runtime("auto") picks on a CPU with AVX512-BF16
+TARGETS = {"train_ratio": 2.5, "infer_bf16_ratio": 2.5, "infer_int8_ratio": 3.0, "int8_max_pp_lost": 0.5,
+           "pct_of_bf16_peak": 70.0}
+
+
+def _rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """label (config plus allocator variant) -> {"infer": {batch: result}, "train": {batch: result}, ...}."""
+    rows: dict[str, dict[str, Any]] = {}
+    for entry in runs:
+        for result in entry["results"]:
+            if "config" not in result:
+                continue
+            variant = entry["label"].rsplit(" ", 1)[0] if "[" in entry["label"] else result["config"]
+            row = rows.setdefault(variant, {"infer": {}, "train": {}, "runtime": result.get("runtime", "")})
+            if result.get("probabilities"):
+                row["probabilities"] = result["probabilities"]
+            elif result.get("batch") is not None:
+                row[result["task"]][int(result["batch"])] = result
+        if "error" in entry:
+            name = entry["label"].rsplit(" ", 1)[0]
+            rows.setdefault(name, {"infer": {}, "train": {}, "runtime": ""}).setdefault("errors", []).append(
+                f"{entry['label']}: {entry['error']}"
+            )
+    return rows
+
+
+def _accuracy(row: dict[str, Any], labels: np.ndarray, reference: np.ndarray | None) -> dict[str, float] | None:
+    path = row.get("probabilities")
+    if not path or not Path(path).is_file():
+        return None
+    probs = np.load(path)
+    out = {"accuracy_pct": float((probs.argmax(1) == labels).mean() * 100)}
+    if reference is not None:
+        out["accuracy_diff_pp"] = out["accuracy_pct"] - float((reference.argmax(1) == labels).mean() * 100)
+        out["class_agreement_pct"] = float((probs.argmax(1) == reference.argmax(1)).mean() * 100)
+        out["max_abs_prob_diff"] = float(np.abs(probs - reference).max())
+    return out
+
+
+def analyse(runs: list[dict[str, Any]], ref: Any, out: Path, *, batch_sizes: list[int], train_batch: int) -> dict[str, Any]:
+    rows = _rows(runs)
+    flops = next((r for e in runs for r in e["results"] if r.get("task") == "flops"), {})
+    gflop = flops.get("forward_gflop")
+    keras = rows.pop("keras-tf-fp32", None)
+    labels = np.load(ref.eval_set)["labels"]
+    fp32_path = rows.get("torch-fp32", {}).get("probabilities")
+    reference = np.load(fp32_path) if fp32_path and Path(fp32_path).is_file() else None
+    summary: dict[str, Any] = {"forward_gflop_per_image": gflop, "peak_gflops": PEAK_GFLOPS, "keras": None, "ours": {}}
+    if keras:
+        summary["keras"] = {
+            "infer_images_per_s": {b: r["images_per_s"] for b, r in keras["infer"].items()},
+            "infer_cpu_s_per_image": {b: r["cpu_median_s"] / b for b, r in keras["infer"].items()},
+            "train_step_s": {b: r["step_s"] for b, r in keras["train"].items()},
+            "train_cpu_s_per_step": {b: r["cpu_median_s"] for b, r in keras["train"].items()},
+            "peak_rss_mib": {"infer": max((r["peak_rss_mib"] for r in keras["infer"].values()), default=None),
+                             "train": max((r["peak_rss_mib"] for r in keras["train"].values()), default=None)},
+        }
+    for name, row in rows.items():
+        item: dict[str, Any] = {"runtime": row["runtime"], "errors": row.get("errors", [])}
+        item["infer_images_per_s"] = {b: r["images_per_s"] for b, r in row["infer"].items()}
+        item["train_step_s"] = {b: r["step_s"] for b, r in row["train"].items()}
+        item["peak_rss_mib"] = {"infer": max((r["peak_rss_mib"] for r in row["infer"].values()), default=None),
+                                "train": max((r["peak_rss_mib"] for r in row["train"].values()), default=None)}
+        item["minor_faults_per_call"] = {}
+        if keras:
+            item["infer_ratio_vs_keras"] = {
+                b: ips / keras["infer"][b]["images_per_s"] for b, ips in item["infer_images_per_s"].items() if b in keras["infer"]
+            }
+            item["infer_cpu_ratio_vs_keras"] = {
+                b: (keras["infer"][b]["cpu_median_s"] / b) / (r["cpu_median_s"] / b)
+                for b, r in row["infer"].items() if b in keras["infer"] and r["cpu_median_s"] > 0
+            }
+            item["train_ratio_vs_keras"] = {
+                b: keras["train"][b]["step_s"] / s for b, s in item["train_step_s"].items() if b in keras["train"]
+            }
+            item["train_cpu_ratio_vs_keras"] = {
+                b: keras["train"][b]["cpu_median_s"] / r["cpu_median_s"]
+                for b, r in row["train"].items() if b in keras["train"] and r["cpu_median_s"] > 0
+            }
+        if gflop:
+            item["infer_gflops"] = {b: ips * gflop for b, ips in item["infer_images_per_s"].items()}
+            item["infer_pct_of_bf16_peak"] = {b: 100 * g / PEAK_GFLOPS["bf16"] for b, g in item["infer_gflops"].items()}
+            item["infer_pct_of_fp32_peak"] = {b: 100 * g / PEAK_GFLOPS["fp32"] for b, g in item["infer_gflops"].items()}
+        item["accuracy"] = _accuracy(row, labels, reference)
+        summary["ours"][name] = item
+    datapath = next((r for e in runs for r in e["results"] if r.get("task") == "datapath"), None)
+    default_train = summary["ours"].get(DEFAULT_CONFIG, {}).get("train_step_s", {}).get(train_batch)
+    if datapath:
+        summary["datapath"] = dict(datapath)
+        if default_train:
+            train_ips = train_batch / default_train
+            summary["datapath"]["training_images_per_s"] = train_ips
+            summary["datapath"]["headroom_x"] = datapath["steady_images_per_s"] / train_ips
+    summary["targets"] = _targets(summary, train_batch, max(batch_sizes))
+    return summary
+
+
+def _targets(summary: dict[str, Any], train_batch: int, batch: int) -> dict[str, Any]:
+    ours = summary["ours"]
+    default = ours.get(DEFAULT_CONFIG, {})
+    int8 = {k: v for k, v in ours.items() if k.startswith("ort-int8") and v.get("infer_ratio_vs_keras", {}).get(batch)}
+    best_int8 = max(int8, key=lambda k: int8[k]["infer_ratio_vs_keras"][batch], default=None)
+    out: dict[str, Any] = {
+        "train_ratio": default.get("train_ratio_vs_keras", {}).get(train_batch),
+        "infer_bf16_ratio": default.get("infer_ratio_vs_keras", {}).get(batch),
+        "pct_of_bf16_peak": default.get("infer_pct_of_bf16_peak", {}).get(batch),
+        "best_int8": best_int8,
+        "infer_int8_ratio": int8[best_int8]["infer_ratio_vs_keras"][batch] if best_int8 else None,
+        "int8_pp_lost": -((int8[best_int8].get("accuracy") or {}).get("accuracy_diff_pp", float("nan"))) if best_int8 else None,
+    }
+    out["met"] = {
+        "train_ratio": out["train_ratio"] is not None and out["train_ratio"] >= TARGETS["train_ratio"],
+        "infer_bf16_ratio": out["infer_bf16_ratio"] is not None and out["infer_bf16_ratio"] >= TARGETS["infer_bf16_ratio"],
+        "infer_int8": (out["infer_int8_ratio"] is not None and out["infer_int8_ratio"] >= TARGETS["infer_int8_ratio"]
+                       and out["int8_pp_lost"] is not None and out["int8_pp_lost"] <= TARGETS["int8_max_pp_lost"]),
+        "pct_of_bf16_peak": out["pct_of_bf16_peak"] is not None and out["pct_of_bf16_peak"] >= TARGETS["pct_of_bf16_peak"],
+    }
+    return out
+
+
+def _fmt(value: Any, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The Markdown tables that go into RESULTS.md."""
+    s = report["summary"]
+    m = report["machine"]
+    settings = report["settings"]
+    b1, bn = min(settings["batch_sizes"]), max(settings["batch_sizes"])
+    tb = settings["train_batch"]
+    lines = [
+        f"Run {report['started_utc']} to {report['finished_utc']} on {m['cpu_model']} ({m['physical_cores']} cores; "
+        f"{', '.join(m['flags'])}), {m['memory_gib']} GiB; torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+        f"TensorFlow {m['keras_side'].get('tensorflow', '-')} / Keras {m['keras_side'].get('keras', '-')}. "
+        f"Load average (1/5/15 min) at start, after Keras, at end: {report['load_average_1_5_15min']}. "
+        f"Image size {settings['image_size']}, median of {settings['reps']} after {settings['warmup']} warm-up; "
+        f"{_fmt(s['forward_gflop_per_image'], '.2f')} GFLOP per image forward.",
+        "",
+        f"| configuration | img/s b{b1} | img/s b{bn} | x Keras b{bn} | x Keras b{bn} (CPU s) | % bf16 peak b{bn} "
+        f"| train s/step b{tb} | x Keras train | peak MiB infer / train | acc. diff pp | class agree % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    k = s.get("keras")
+    if k:
+        lines.append(
+            f"| Keras 3 + TF (fp32) | {_fmt(k['infer_images_per_s'].get(b1))} | {_fmt(k['infer_images_per_s'].get(bn))} "
+            f"| 1.00 | 1.00 | {_fmt((k['infer_images_per_s'].get(bn) or 0) * (s['forward_gflop_per_image'] or 0) / 10.6)} "
+            f"| {_fmt(k['train_step_s'].get(tb), '.2f')} | 1.00 | {_fmt(k['peak_rss_mib']['infer'], '.0f')} / "
+            f"{_fmt(k['peak_rss_mib']['train'], '.0f')} | - | - |"
+        )
+    for name, o in s["ours"].items():
+        acc = o.get("accuracy") or {}
+        lines.append(
+            f"| {name} | {_fmt(o['infer_images_per_s'].get(b1))} | {_fmt(o['infer_images_per_s'].get(bn))} "
+            f"| {_fmt(o.get('infer_ratio_vs_keras', {}).get(bn), '.2f')} "
+            f"| {_fmt(o.get('infer_cpu_ratio_vs_keras', {}).get(bn), '.2f')} "
+            f"| {_fmt(o.get('infer_pct_of_bf16_peak', {}).get(bn))} "
+            f"| {_fmt(o['train_step_s'].get(tb), '.2f')} | {_fmt(o.get('train_ratio_vs_keras', {}).get(tb), '.2f')} "
+            f"| {_fmt(o['peak_rss_mib']['infer'], '.0f')} / {_fmt(o['peak_rss_mib']['train'], '.0f')} "
+            f"| {_fmt(acc.get('accuracy_diff_pp'), '+.2f')} | {_fmt(acc.get('class_agreement_pct'))} |"
+        )
+    errors = [e for o in s["ours"].values() for e in o.get("errors", [])]
+    if errors:
+        lines += ["", "Failed runs:"] + [f"- {e}" for e in errors]
+    d = s.get("datapath")
+    if d:
+        lines += ["", f"Data path (memmap cache reads + batched affine augmentation, batch {d['batch']}, "
+                      f"{d['images']} images at {d['image_size']} px): {_fmt(d['steady_images_per_s'])} images/s "
+                      f"(reads alone {_fmt(d['steady_read_images_per_s'], '.0f')}/s, augmentation "
+                      f"{_fmt(d['steady_augment_images_per_s'])}/s) against {_fmt(d.get('training_images_per_s'))} "
+                      f"images/s trained: {_fmt(d.get('headroom_x'))}x headroom, on the same cores."]
+    t = s["targets"]
+    lines += ["", "Targets: " + "; ".join([
+        f"training step {_fmt(t['train_ratio'], '.2f')}x (>= 2.5: {'met' if t['met']['train_ratio'] else 'not met'})",
+        f"bf16 inference b{bn} {_fmt(t['infer_bf16_ratio'], '.2f')}x (>= 2.5: "
+        f"{'met' if t['met']['infer_bf16_ratio'] else 'not met'})",
+        f"int8 ({t['best_int8']}) {_fmt(t['infer_int8_ratio'], '.2f')}x at {_fmt(t['int8_pp_lost'], '.2f')} pp lost "
+        f"(>= 3x at <= 0.5 pp: {'met' if t['met']['infer_int8'] else 'not met'})",
+        f"{_fmt(t['pct_of_bf16_peak'])}% of the bf16 ceiling (>= 70: {'met' if t['met']['pct_of_bf16_peak'] else 'not met'})",
+    ]) + "."]
+    lines += ["", f"Accuracy reference: {report['reference']['description']}."]
+    return "\n".join(lines) + "\n"
