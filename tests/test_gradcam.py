@@ -29,16 +29,19 @@ def images() -> np.ndarray:
     return np.stack([render_chest(rng, SIZE, label).image for label in ("pneumonia", "normal")])
 
 
-def reference_cam(model, x: torch.Tensor, target: int, channels: slice) -> np.ndarray:
-    """Grad-CAM written out from the definition, on the concatenated map the head reads."""
+def reference_cams(model, x: torch.Tensor, target: int, parts: dict[str, slice]) -> dict[str, np.ndarray]:
+    """Grad-CAM written out from the definition, on channel ranges of the concatenated map the head reads."""
     features = model.forward_features(x).detach().requires_grad_(True)
     score = model.forward_head(features)[:, target].sum()
     (grad,) = torch.autograd.grad(score, features)
-    weights = grad.mean(dim=(2, 3), keepdim=True)[:, channels]
-    raw = (weights * features.detach()[:, channels]).sum(dim=1, keepdim=True).relu()
-    up = F.interpolate(raw, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
-    peak = up.amax(dim=(1, 2), keepdim=True)
-    return torch.where(peak > 0, up / peak.clamp_min(1e-12), torch.zeros_like(up)).numpy()
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    out = {}
+    for name, channels in parts.items():
+        raw = (weights[:, channels] * features.detach()[:, channels]).sum(dim=1, keepdim=True).relu()
+        up = F.interpolate(raw, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[:, 0]
+        peak = up.amax(dim=(1, 2), keepdim=True)
+        out[name] = torch.where(peak > 0, up / peak.clamp_min(1e-12), torch.zeros_like(up)).numpy()
+    return out
 
 
 def test_combined_map_is_gradcam_on_the_concatenated_map(concat, images):
@@ -48,11 +51,9 @@ def test_combined_map_is_gradcam_on_the_concatenated_map(concat, images):
     assert set(results[0].maps) == {"xception", "resnet50v2", COMBINED}
     x = to_model_input(torch.from_numpy(images), ckpt.preprocessing)
     target = ckpt.classes.index("pneumonia")
-    expected = {
-        COMBINED: reference_cam(model, x, target, slice(None)),
-        "xception": reference_cam(model, x, target, slice(0, 2048)),  # Xception's map comes first in the concat
-        "resnet50v2": reference_cam(model, x, target, slice(2048, None)),
-    }
+    # Xception's map comes first in the concatenation.
+    parts = {COMBINED: slice(None), "xception": slice(0, 2048), "resnet50v2": slice(2048, None)}
+    expected = reference_cams(model, x, target, parts)
     for name, ref in expected.items():
         got = np.stack([r.maps[name] for r in results])
         assert got.shape == (2, SIZE, SIZE) and got.min() >= 0 and got.max() <= 1

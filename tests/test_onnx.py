@@ -17,6 +17,8 @@ from covid_cxr.inference import TorchPredictor, predict_in_batches
 from covid_cxr.labels import KERAS_AUTHORS_ORDER
 from tests.test_server import tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # one torch.export-based export, shared by the module
+
 SIZE = 75  # odd sizes exercise the TensorFlow "same" padding that broke the TorchScript exporter
 
 
@@ -92,3 +94,14 @@ def test_refusals(exported, tmp_path, capsys):
     junk.write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match="not a loadable ONNX model"):
         OnnxPredictor(junk)
+
+
+def test_static_batch_export_still_predicts_batches(exported, tmp_path):
+    ckpt_path, _ = exported
+    out = tmp_path / "static.onnx"
+    assert main(["export", str(ckpt_path), "--out", str(out)]) == 0  # the CLI's default: batch axis fixed to 1
+    static = OnnxPredictor(out)
+    assert static.fixed_batch == 1
+    images = np.random.default_rng(2).integers(0, 256, (3, SIZE, SIZE), dtype=np.uint8)
+    expected = TorchPredictor(load_checkpoint(ckpt_path), device="cpu", precision="fp32").predict_proba(images)
+    assert np.abs(static.predict_proba(images) - expected).max() < 1e-4

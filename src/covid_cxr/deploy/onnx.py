@@ -16,11 +16,11 @@ to run; ``torch.export`` resolves those shapes to constants (only the batch axis
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import io
-import logging
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -193,7 +193,10 @@ class OnnxPredictor:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.network, self.classes, self.preprocessing, self.metadata = read_metadata(meta, where=where)
         self.source_sha256 = self.metadata.get("source_sha256", "")
-        self._input = self.session.get_inputs()[0].name
+        first = self.session.get_inputs()[0]
+        self._input = first.name
+        # An export without --dynamic-batch takes exactly its traced batch (1): larger batches go through in pieces.
+        self.fixed_batch = first.shape[0] if isinstance(first.shape[0], int) else None
 
     def describe(self) -> str:
         return f"onnxruntime providers={','.join(self.session.get_providers())}"
@@ -203,8 +206,11 @@ class OnnxPredictor:
         batch = torch.as_tensor(np.asarray(images))
         check_batch(batch, self.preprocessing.image_size)
         x = to_model_input(batch, self.preprocessing).numpy()
-        _, probs = self.session.run(["logits", "probabilities"], {self._input: x})
-        return np.asarray(probs, dtype=np.float32)
+        step = self.fixed_batch or max(len(x), 1)
+        if len(x) % step:
+            raise ValueError(f"this ONNX model takes batches of exactly {step}; re-export it with --dynamic-batch")
+        probs = [self.session.run(["probabilities"], {self._input: x[i : i + step]})[0] for i in range(0, len(x), step)]
+        return np.concatenate(probs).astype(np.float32, copy=False) if probs else np.empty((0, len(self.classes)), np.float32)
 
 
 def _default_providers(ort: Any) -> list[str]:
