@@ -86,12 +86,18 @@ def test_cam_mass_share_and_flag() -> None:
     off_lungs[:, 0, 9] = 1.0
     cams = np.concatenate([on_lungs, off_lungs])
     assert np.allclose(mass_in_lungs(cams, masks), [1, 1, 0, 0])
-    res = run_cam_stats(cams, ["covid", "covid", "normal", "normal"], LungFields(masks, "user-masks", 0),
-                        ("covid", "pneumonia", "normal"))
+    classes = ("covid", "pneumonia", "normal")
+    lungs = LungFields(np.repeat(masks, 3, axis=0), "user-masks", 0)
+    res = run_cam_stats(np.repeat(cams, 3, axis=0), ["covid"] * 6 + ["normal"] * 6, lungs, classes)
     per = res["metrics"]["per_class"]
     assert per["covid"]["ratio"] == pytest.approx(2.0) and per["normal"]["ratio"] == pytest.approx(0.0)
     assert [f["code"] for f in res["flags"]] == ["cam-outside-lungs"]
     assert "Normal" in res["flags"][0]["message"]
+    # Too few non-empty maps: reported, never flagged.
+    few = cams.copy()
+    few[3] = 0.0
+    res = run_cam_stats(few, ["covid", "covid", "normal", "normal"], LungFields(masks, "user-masks", 0), classes)
+    assert res["flags"] == [] and res["metrics"]["per_class"]["normal"]["empty_maps"] == 1
 
 
 def test_results_round_trip_and_section(tmp_path) -> None:

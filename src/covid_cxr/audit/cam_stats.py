@@ -23,6 +23,9 @@ from covid_cxr.audit.lungs import LungFields
 MIN_RATIO = 1.0
 """Flag a class whose mean mass share in the lungs is at most this multiple of the lung area."""
 
+MIN_MAPS = 5
+"""...provided at least this many of its images have a non-empty map (an all-zero map says nothing)."""
+
 
 def mass_in_lungs(cams: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Per image, the share of the map's mass inside the mask (NaN for an all-zero map)."""
@@ -78,7 +81,7 @@ def run_cam_stats(
         ratio = iv["value"] / area if iv["value"] is not None and area > 0 else None
         per_class[cls] = {"n": int(where.sum()), "mass_in_lungs": iv, "lung_area": area, "ratio": ratio,
                           "empty_maps": int(np.isnan(shares[where]).sum())}
-        if ratio is not None and ratio <= MIN_RATIO:
+        if ratio is not None and ratio <= MIN_RATIO and iv["n"] >= MIN_MAPS:
             flags.append(R.flag(
                 "cam-outside-lungs",
                 f"For {R.class_name(cls)} images the Grad-CAM heatmap is no more on the lungs than chance: "
@@ -87,7 +90,8 @@ def run_cam_stats(
     metrics = {"target": "predicted", "per_class": per_class, "mask_source": lungs.method,
                "mask_description": lungs.description}
     thresholds = {"min_ratio": R.threshold(MIN_RATIO, "mass share in the lungs at or below the lungs' share of the "
-                                           "image means the map favours the lungs no more than a uniform map")}
+                                           "image means the map favours the lungs no more than a uniform map"),
+                  "min_maps": R.threshold(MIN_MAPS, "non-empty maps a class needs before it can be flagged")}
     notes = ["A heatmap that sits on the lungs is not proof that the model reads the disease."]
     return R.make_result("cam", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags, notes=notes)
 

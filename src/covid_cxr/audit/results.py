@@ -253,15 +253,15 @@ def _cross_source_blocks(res: Mapping[str, Any]) -> list[Block]:
 
 def _cam_blocks(res: Mapping[str, Any]) -> list[Block]:
     m = res["metrics"]
-    rows = [[class_name(k), str(v["n"]), with_ci(v["mass_in_lungs"]), pct(v["lung_area"]), num(v.get("ratio"), 2)]
-            for k, v in m["per_class"].items()]
+    rows = [[class_name(k), str(v["n"]), str(v.get("empty_maps", 0)), with_ci(v["mass_in_lungs"]), pct(v["lung_area"]),
+             num(v.get("ratio"), 2)] for k, v in m["per_class"].items()]
     return [
         ("h3", "Where does the Grad-CAM heatmap lie?"),
         ("p", f"Share of Grad-CAM mass (for the {m.get('target', 'predicted')} class) inside the lung fields, over the "
               f"test set by true class, beside the share of the image the lung fields cover (what a uniform map "
               f"would give). Lung fields: {m.get('mask_description', '')}. A ratio near 1 means the map is no "
               "more on the lungs than chance."),
-        ("table", ["true class", "n", "mass in lung fields", "lung area", "ratio"], rows),
+        ("table", ["true class", "n", "empty maps", "mass in lung fields", "lung area", "ratio"], rows),
     ]
 
 

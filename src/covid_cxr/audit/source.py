@@ -323,6 +323,9 @@ def audit_source(
         test = SplitImages(test_frame, probe_images(cache, test_frame["image_id"]))
         mode, default_out = "cnn", Path(data) / "audit" / f"fold{fold_k}"
     pool = training_pool(prepared, fold_k)
+    if pool["source"].nunique() < 2:
+        raise DataError(f"{data_path}: the training pool of fold {fold_k} holds one source only "
+                        f"({pool['source'].iloc[0]}); a source probe needs images from two sources or more")
     pool_images = rows_of(cache, pool["image_id"]) if mode == "linear-probe" else probe_images(cache, pool["image_id"])
     inputs = {"data": str(Path(data_path).resolve()), "fold": fold_k,
               "checkpoint": str(checkpoint) if checkpoint is not None else None, "probe": mode, "seed": seed,
