@@ -35,6 +35,7 @@ from covid_cxr.preprocess import Preprocessing
 from covid_cxr.synth import make_synthetic, render_chest
 
 SIZE = 72
+pytestmark = pytest.mark.slow  # two synthetic datasets, four small trainings: about 2 CPU-minutes
 
 
 class SmallCnnPredictor:

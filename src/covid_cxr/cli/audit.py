@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run folder or .pt: probe its frozen features linearly instead of training a small CNN")
     s.add_argument("--epochs", type=int, default=8, help="epochs of the CNN probe (default 8)")
     s.add_argument("--seed", type=int, default=0, help="seed of the probe (default 0)")
-    _runtime_options(s)
+    _runtime_options(s, out_help="output folder (default: the checkpoint's audit folder, or DATA/audit/foldK without "
+                                 "one; give RUN/audit to report it with that run's other audits)")
 
     a = sub.add_parser("ablation", help="evaluate as is, with the lung fields hidden, and with only the lungs shown")
     _target_options(a)
@@ -60,10 +61,10 @@ def _target_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold", type=int, help="fold, 1-based (default: the run's fold; needed for a bare checkpoint)")
 
 
-def _runtime_options(p: argparse.ArgumentParser) -> None:
+def _runtime_options(p: argparse.ArgumentParser, out_help: str = "output folder (default RUN/audit)") -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision (default auto)")
-    p.add_argument("--out", type=Path, help="output folder (default RUN/audit)")
+    p.add_argument("--out", type=Path, help=out_help)
 
 
 def run(args: argparse.Namespace) -> int:
