@@ -98,7 +98,9 @@ def _ours(model: torch.nn.Module, x: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def _assert_parity(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], keys: tuple[str, ...] = ("features", "logits", "probs")) -> None:
+def _assert_parity(
+    ours: dict[str, np.ndarray], ref: dict[str, np.ndarray], keys: tuple[str, ...] = ("features", "logits", "probs")
+) -> None:
     for key in keys:
         diff = float(np.abs(ours[key] - ref[key]).max())
         assert diff <= TOL, f"{key}: max abs difference {diff:.3g} > {TOL} (scale {np.abs(ref[key]).max():.3g})"
@@ -128,11 +130,16 @@ def concat_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Pa
     return files, x, ref
 
 
+@pytest.fixture(scope="module")
+def concat_imported(concat_files) -> dict[str, torch.Tensor]:
+    """The authors' format (Keras 2 .hdf5), imported: the reference the other formats must equal."""
+    return import_keras(concat_files[0]["keras2.hdf5"]).model_state
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["keras2.hdf5", "keras3.h5", "keras", "weights.h5"])
-def test_concat_parity_every_format(concat_files, fmt: str) -> None:
+def test_concat_parity_authors_format(concat_files, concat_imported) -> None:
     files, x, ref = concat_files
-    ckpt = import_keras(files[fmt])  # network, input size and classes inferred
+    ckpt = import_keras(files["keras2.hdf5"])  # network, input size and classes inferred
     assert ckpt.network == "concat"
     assert ckpt.classes == KERAS_AUTHORS_ORDER
     assert ckpt.preprocessing.image_size == 300 and ckpt.preprocessing.scaling == "unit"
@@ -140,18 +147,59 @@ def test_concat_parity_every_format(concat_files, fmt: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["keras3.h5", "keras", "weights.h5"])
+def test_concat_every_format_gives_the_same_weights(concat_files, concat_imported, fmt: str) -> None:
+    """Same tensors as the format checked against Keras above, hence the same outputs."""
+    files, _, _ = concat_files
+    ckpt = import_keras(files[fmt])
+    assert (ckpt.network, ckpt.classes, ckpt.preprocessing.image_size) == ("concat", KERAS_AUTHORS_ORDER, 300)
+    assert ckpt.model_state.keys() == concat_imported.keys()
+    unequal = [k for k, v in ckpt.model_state.items() if not torch.equal(v, concat_imported[k])]
+    assert not unequal, unequal[:5]
+
+
+@pytest.mark.slow
 def test_cli_import_keras_writes_a_checkpoint(concat_files, tmp_path: Path) -> None:
     files, x, ref = concat_files
     out = tmp_path / "authors.pt"
-    code = cli_main(["import-keras", str(files["keras2.hdf5"]), "--network", "concat", "--out", str(out),
-                     "--classes", "normal", "pneumonia", "covid", "--scaling", "symmetric"])
+    code = cli_main([
+        "import-keras", str(files["keras2.hdf5"]), "--network", "concat", "--out", str(out),
+        "--classes", "normal", "pneumonia", "covid", "--scaling", "symmetric",
+    ])
     assert code == 0
     ckpt = load_checkpoint(out)  # the file, read back as predict and serve will read it
     assert ckpt.classes == ("normal", "pneumonia", "covid")
     assert ckpt.preprocessing.scaling == "symmetric"
     _assert_parity(_ours(ckpt.build_model(), x), ref, keys=("logits",))
     # A wrong network is refused with the fix in the message, and exits 2 (a user error).
-    assert cli_main(["import-keras", str(files["keras2.hdf5"]), "--network", "xception", "--out", str(tmp_path / "x.pt")]) == 2
+    wrong = ["import-keras", str(files["keras2.hdf5"]), "--network", "xception", "--out", str(tmp_path / "x.pt")]
+    assert cli_main(wrong) == 2
+
+
+def test_keras3_paths_map_to_names_from_the_config_alone(concat_files) -> None:
+    """Older Keras 3 files carry no layer names in the weights; the .keras config must give the same ones."""
+    import io
+    import json
+    import zipfile
+
+    import h5py
+
+    from covid_cxr.models.keras_reader import _config_paths
+
+    files, _, _ = concat_files
+    with zipfile.ZipFile(files["keras"]) as zf:
+        mapping = _config_paths(json.loads(zf.read("config.json")))
+        data = zf.read("model.weights.h5")
+    named: dict[str, str] = {}
+
+    def record(path: str, obj: object) -> None:
+        if path.endswith("/vars") and "name" in obj.attrs:
+            named[path[: -len("/vars")]] = obj.attrs["name"]
+
+    with h5py.File(io.BytesIO(data), "r") as f:
+        f.visititems(record)
+    assert len(named) > 300
+    assert {p: mapping[p] for p in named} == named
 
 
 @pytest.fixture(scope="module", params=["xception", "resnet50v2"])
@@ -198,6 +246,16 @@ def test_imagenet_layout_loads_into_the_backbone(single_files, tmp_path: Path) -
     # The file converts to a checkpoint whose head is new.
     ckpt = import_keras(notop, image_size=299)
     assert ckpt.network == name and ckpt.meta["source"]["head"].startswith("initialised")
+    # A file missing one layer is refused and leaves the model untouched.
+    from covid_cxr.models.keras_import import load_keras_layers
+    from covid_cxr.models.keras_reader import read_keras_weights
+
+    fresh = build_model(name, image_size=299)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    layers = read_keras_weights(notop).layers
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_keras_layers(fresh.backbones[name], layers[:-1], source=str(notop))
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     # A backbone file for the other network is refused, naming the file.
     other = "resnet50v2" if name == "xception" else "xception"
     with pytest.raises(CheckpointError, match=notop.name):

@@ -45,6 +45,8 @@ def test_surface_and_feature_maps(concat) -> None:
     assert list_models() == ["concat", "xception", "resnet50v2"]
     assert (concat.network_name, concat.num_classes, concat.image_size, concat.feature_size) == ("concat", 3, 300, (10, 10))
     assert set(concat.gradcam_layers()) == {"xception", "resnet50v2"}
+    # The authors' Dense initialiser, N(0, 0.001), zero bias.
+    assert abs(concat.classifier.weight.std().item() - 0.001) < 1e-4 and not concat.classifier.bias.any()
     x = torch.rand(1, 3, 300, 300)
     seen: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, out)) for k, m in concat.gradcam_layers().items()]
