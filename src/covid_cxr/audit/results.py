@@ -226,7 +226,8 @@ def _ablation_blocks(res: Mapping[str, Any]) -> list[Block]:
                     + [with_ci(c["recall"][k]) for k in classes])
     return [
         ("h3", "Does the score survive when the lungs are hidden?"),
-        ("p", f"The test set was evaluated three times: as is, with the lung fields filled with "
+        ("p", f"The test set was evaluated three times: as is, with the lung fields (grown by "
+              f"{pct(m.get('hide_margin', 0.0))} of the image side) filled with "
               f"{m.get('fill_description', 'the image mean')}, and with everything but the lung fields so filled. "
               f"Lung fields: {m.get('mask_description', m.get('mask_source', ''))}. Chance balanced accuracy is "
               f"{pct(m.get('chance_balanced_accuracy'))}. A model that reads the disease should fall to chance "

@@ -93,14 +93,14 @@ def _class_weights(targets: torch.Tensor, n: int) -> torch.Tensor:
 
 def train_cnn_probe(
     images: np.ndarray, targets: np.ndarray, num_sources: int, *, epochs: int = 8, batch_size: int = 64,
-    lr: float = 3e-3, seed: int = 0,
+    lr: float = 3e-3, seed: int = 0, device: torch.device | str = "cpu",
 ) -> SourceCNN:
     """Train :class:`SourceCNN` on uint8 images and integer source targets, sources weighted equally."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = SourceCNN(num_sources)
-    x = to_probe_input(images)
-    y = torch.as_tensor(targets, dtype=torch.int64)
+    model = SourceCNN(num_sources).to(device)
+    x = to_probe_input(images).to(device)
+    y = torch.as_tensor(targets, dtype=torch.int64).to(device)
     weights = _class_weights(y, num_sources)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * max(1, -(-len(x) // batch_size))
@@ -109,11 +109,11 @@ def train_cnn_probe(
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
+            idx = order[start : start + batch_size].to(device)
             if len(idx) < 2:
                 continue
             batch = x[idx]
-            flip = torch.rand(len(idx), generator=gen) < 0.5  # left/right flips: sources are not sided
+            flip = (torch.rand(len(idx), generator=gen) < 0.5).to(device)  # left/right flips: sources are not sided
             batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
             loss = F.cross_entropy(model(batch), y[idx], weight=weights)
             opt.zero_grad(set_to_none=True)
@@ -125,7 +125,8 @@ def train_cnn_probe(
 
 @torch.inference_mode()
 def cnn_probe_proba(model: SourceCNN, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    out = [torch.softmax(model(to_probe_input(images[i : i + batch_size])), dim=1)
+    device = next(model.parameters()).device
+    out = [torch.softmax(model(to_probe_input(images[i : i + batch_size]).to(device)), dim=1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
 
@@ -236,7 +237,7 @@ def source_flags(metrics: dict[str, Any]) -> list[dict[str, str]]:
 def run_source_probe(
     train_images: np.ndarray, train_frame: Any, test_images: np.ndarray, test_frame: Any, *,
     mode: str = "cnn", predictor: Any = None, epochs: int = 8, seed: int = 0, n_boot: int = 1000,
-    inputs: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu", inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the probe on the training pool, test it, and return the ``source`` audit result.
 
@@ -250,7 +251,7 @@ def run_source_probe(
     index = {s: i for i, s in enumerate(names)}
     y_train = np.array([index[s] for s in train_frame["source"]], dtype=np.int64)
     if mode == "cnn":
-        model = train_cnn_probe(train_images, y_train, len(names), epochs=epochs, seed=seed)
+        model = train_cnn_probe(train_images, y_train, len(names), epochs=epochs, seed=seed, device=device)
         probs = cnn_probe_proba(model, test_images)
     else:
         layer, mean, std = train_linear_probe(pooled_features(predictor, train_images), y_train, len(names), seed=seed)
@@ -304,7 +305,9 @@ def audit_source(
     from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
     from covid_cxr.inference import TorchPredictor
 
-    predictor = None
+    from covid_cxr.runtime import choose_runtime
+
+    predictor, probe_device = None, choose_runtime(device, "fp32").device
     if checkpoint is not None:
         t = resolve_target(checkpoint, data, fold)
         prepared, fold_k, data_path = open_prepared(t.data), t.fold, t.data
@@ -331,5 +334,5 @@ def audit_source(
               "checkpoint": str(checkpoint) if checkpoint is not None else None, "probe": mode, "seed": seed,
               "epochs": epochs if mode == "cnn" else None}
     result = run_source_probe(pool_images, pool, test.images, test.frame, mode=mode,
-                              predictor=predictor, epochs=epochs, seed=seed, inputs=inputs)
+                              predictor=predictor, epochs=epochs, seed=seed, device=probe_device, inputs=inputs)
     return result, R.write_result(result, out_dir or default_out)
