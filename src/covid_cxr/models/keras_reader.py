@@ -18,7 +18,7 @@ import io
 import json
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,6 @@ class KerasWeights:
     file_format: str
     layers: list[KerasLayer]
     input_size: int | None = None
-    notes: list[str] = field(default_factory=list)
 
     def names(self) -> set[str]:
         return {layer.name for layer in self.layers}
@@ -138,7 +137,8 @@ def _read_keras3(f: h5py.File, path: Path, config: dict[str, Any] | None) -> lis
     def visit(group_path: str, obj: Any) -> None:
         if not (isinstance(obj, h5py.Group) and group_path.endswith("/vars")):
             return
-        arrays = [obj[k] for k in sorted(obj, key=int) if isinstance(obj[k], h5py.Dataset)] if obj else []
+        keys = sorted((k for k in obj if k.isdigit()), key=int)
+        arrays = [obj[k] for k in keys if isinstance(obj[k], h5py.Dataset)]
         if not arrays:
             return
         layer_path = group_path[: -len("/vars")]
