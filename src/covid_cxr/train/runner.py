@@ -156,30 +156,57 @@ def _rng_states(augmenter: Augmenter) -> dict[str, Any]:
     }
 
 
-def _load_phases(prepared: Any, fold: Any, cache: Any) -> tuple[list[PhaseData], PhaseData]:
-    phases = []
-    for i, frame in enumerate(fold.phases, start=1):
-        where = f"{prepared.root if hasattr(prepared, 'root') else 'DATA'} fold phase {i}"
-        phases.append(PhaseData(cache.rows(frame["image_id"].tolist()), label_indices(frame["label"].tolist(), where=where), ids_sha1(frame["image_id"])))
-    val = fold.val
-    val_data = PhaseData(cache.rows(val["image_id"].tolist()), label_indices(val["label"].tolist(), where="validation split"), ids_sha1(val["image_id"]))
-    if not phases:
-        raise DataError("the prepared fold has no training phases; run covid-cxr prepare again")
-    if len(val_data.rows) == 0:
-        raise DataError("the prepared fold has an empty validation split; run covid-cxr prepare again")
-    return phases, val_data
+def _phase_data(frame: Any, cache: Any, where: str) -> PhaseData:
+    ids = frame["image_id"].tolist()
+    return PhaseData(cache.rows(ids), label_indices(frame["label"].tolist(), where=where), ids_sha1(ids))
+
+
+def _load_phases(root: Path, fold: Any, cache: Any) -> tuple[list[PhaseData], PhaseData]:
+    """The fold's phases (in order) and validation split as cache rows and class indices."""
+    phases = [_phase_data(f, cache, f"{root} fold {fold.fold} phase {i}") for i, f in enumerate(fold.phases, start=1)]
+    val = _phase_data(fold.val, cache, f"{root} fold {fold.fold} validation split")
+    if not phases or any(len(p.rows) == 0 for p in phases) or len(val.rows) == 0:
+        raise DataError(f"{root}: fold {fold.fold} has an empty phase or validation split; run covid-cxr prepare again")
+    return phases, val
 
 
 def _build_model(config: TrainConfig, image_size: int) -> torch.nn.Module:
     from covid_cxr.models import build_model
 
     model = build_model(config.network, num_classes=len(CLASSES), image_size=image_size, drop_rate=config.drop_rate)
+    if config.bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = config.bn_momentum
     if config.pretrained == "imagenet":
         from covid_cxr.models.pretrained import load_imagenet_weights
 
         files = [Path(p) for p in config.weights_files] or None
         load_imagenet_weights(model, weights_file=files)
     return model
+
+
+def _model_and_optimizer(
+    config: TrainConfig, runtime: Runtime, last: Checkpoint | None
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.amp.GradScaler | None, dict[str, Any]]:
+    """A fresh model (initial weights from ``seed``) or the one in ``last.pt``, on the device, with its optimizer."""
+    torch.manual_seed(epoch_seed(config.seed, 0, 0))
+    if last is None:
+        model = _build_model(config, config.image_size)
+    else:  # the weights come from last.pt: no ImageNet download
+        model = _build_model(replace(config, pretrained="none"), config.image_size)
+        model.load_state_dict(last.model_state)
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config)
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.precision == "fp16" else None
+    state = dict(last.train_state or {}) if last is not None else {}
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    return model, optimizer, scaler, state
 
 
 def train_fold(
@@ -237,7 +264,7 @@ def _run(config: TrainConfig, run_dir: Path | None, dist: distributed.DistInfo, 
     else:
         torch.backends.cudnn.benchmark = True
     runtime: Runtime = choose_runtime(distributed.device_for(dist, config.device), config.precision, config.channels_last)
-    phases, val = _load_phases(prepared, fold, cache)
+    phases, val = _load_phases(data_root, fold, cache)
     pre = Preprocessing(image_size=config.image_size, scaling=config.scaling, channels=3)
 
     resuming = run_dir is not None
@@ -248,20 +275,7 @@ def _run(config: TrainConfig, run_dir: Path | None, dist: distributed.DistInfo, 
         run_dir = _new_run_dir(config)
         config = replace(config, name=run_dir.name)
 
-    torch.manual_seed(epoch_seed(config.seed, 0, 0))  # the initial weights follow --seed too
-    model = _build_model(config, config.image_size) if last_ckpt is None else _build_model(replace(config, pretrained="none"), config.image_size)
-    if last_ckpt is not None:
-        model.load_state_dict(last_ckpt.model_state)
-    model = model.to(runtime.device)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config)
-    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.precision == "fp16" else None
-    state = dict(last_ckpt.train_state or {}) if last_ckpt is not None else {}
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+    model, optimizer, scaler, state = _model_and_optimizer(config, runtime, last_ckpt)
     net = distributed.wrap_model(model, dist, runtime.device)
     if config.compile:
         net = torch.compile(net)
