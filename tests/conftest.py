@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Keras (a test-only dependency, for parity tests) must run on the torch backend: no TensorFlow.
+# Set before any test module imports keras, whatever the collection order.
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
