@@ -159,3 +159,19 @@ def test_grad_cam_maps_of_a_checkpoint_network() -> None:
     assert cams.min() >= 0.0 and cams.max() <= 1.0
     res = run_cam_stats(cams, ["covid"] * 3, estimate_lung_fields(images), CLASSES)
     assert res["metrics"]["per_class"]["covid"]["n"] == 3
+
+
+@pytest.mark.fixtures
+def test_coarse_lung_field_on_a_real_radiograph(fixtures_dir, artifacts_dir) -> None:
+    from covid_cxr.data.images import load_image
+
+    image = load_image(fixtures_dir / "rsna" / "c64d5667-a776-4f95-9e21-bfabafb07740.dcm", 300)
+    fields = estimate_lung_fields(image[None])
+    mask = fields.masks[0]
+    assert fields.prior_used == 0  # found from the image, not the fallback
+    assert 0.15 <= mask.mean() <= 0.45
+    assert mask[:, :150].mean() > 0.1 and mask[:, 150:].mean() > 0.1  # one field on each side
+    assert not mask[:30].any() and not mask[-30:].any()  # neither the neck nor the abdomen
+    overlay = np.stack([image] * 3, -1)
+    overlay[..., 2] = np.where(mask, 255, overlay[..., 2])
+    cv2.imwrite(str(artifacts_dir / "audit_coarse_lung_field_rsna.png"), np.concatenate([np.stack([image] * 3, -1), overlay], 1))
