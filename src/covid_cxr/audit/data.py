@@ -37,9 +37,9 @@ class SplitImages:
 
 def resolve_target(target: Path, data: Path | None, fold: int | None) -> AuditTarget:
     """Checkpoint, prepared data and fold of a run folder or a ``.pt`` (run.json fills what is not given)."""
-    from covid_cxr.evaluate.run import _resolve
+    from covid_cxr.evaluate.run import resolve_target
 
-    t = _resolve(Path(target), data, fold, "test", None)
+    t = resolve_target(Path(target), data, fold, "test", None)
     return AuditTarget(load_checkpoint(t.checkpoint), t.checkpoint, t.data, t.fold, t.run)
 
 
@@ -61,12 +61,12 @@ def check_classes_match(ckpt: Checkpoint, labels: pd.Series | list[str], where: 
 
 def split_images(prepared: Any, target: AuditTarget, split: str = "test") -> SplitImages:
     """The fold's ``split`` table and its images at the checkpoint's input size, after every check."""
-    from covid_cxr.evaluate.run import _cache_for, _load_split
+    from covid_cxr.evaluate.run import cache_for, load_split
 
     where = target.checkpoint_path
-    frame, _split_hash = _load_split(prepared, target.fold, split, target.run, where)
+    frame, _split_hash = load_split(prepared, target.fold, split, target.run, where)
     check_classes_match(target.checkpoint, frame["label"], where)
-    cache = _cache_for(prepared, target.checkpoint.preprocessing.image_size, target.data)
+    cache = cache_for(prepared, target.checkpoint.preprocessing.image_size, target.data)
     return SplitImages(frame=frame, images=rows_of(cache, frame["image_id"]))
 
 

@@ -45,7 +45,7 @@ class EvaluationResult:
 
 
 @dataclass(frozen=True)
-class _Target:
+class EvalTarget:
     checkpoint: Path
     data: Path
     fold: int
@@ -63,7 +63,7 @@ def _read_run(path: Path) -> dict[str, Any]:
     return run
 
 
-def _resolve(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None) -> _Target:
+def resolve_target(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None) -> EvalTarget:
     """Turn a run folder or checkpoint path plus overrides into concrete paths and a fold."""
     target = Path(target)
     if split not in SPLITS:
@@ -97,10 +97,10 @@ def _resolve(target: Path, data: Path | None, fold: int | None, split: str, out_
         raise DataError(f"{target}: which prepared data? pass --data DATA (the folder 'covid-cxr prepare' wrote)")
     if fold is None:
         raise DataError(f"{target}: which fold was this checkpoint trained on? pass --fold K")
-    return _Target(checkpoint=checkpoint, data=Path(data), fold=int(fold), out_dir=out, run=run)
+    return EvalTarget(checkpoint=checkpoint, data=Path(data), fold=int(fold), out_dir=out, run=run)
 
 
-def _load_split(
+def load_split(
     prepared: PreparedData, fold: int, split: str, run: dict[str, Any], where: Path
 ) -> tuple[pd.DataFrame, str]:
     """The fold's split table and split hash, after checking they are the splits the model was trained on."""
@@ -120,10 +120,10 @@ def _load_split(
     return frame.reset_index(drop=True), splits.split_hash
 
 
-def _cache_for(prepared: PreparedData, image_size: int, where: Path) -> ImageCache:
+def cache_for(prepared: PreparedData, image_size: int, where: Path) -> ImageCache:
     """The image cache at the checkpoint's input size (the data area's error names the command to make one).
 
-    Also used by the audits (``covid_cxr.audit.data``), as are :func:`_resolve` and :func:`_load_split`.
+    Also used by the audits (``covid_cxr.audit.data``), as are :func:`resolve_target` and :func:`load_split`.
     """
     try:
         cache = prepared.cache(image_size=image_size)
@@ -210,17 +210,17 @@ def evaluate_run(
     from covid_cxr.inference import TorchPredictor, predict_in_batches
 
     where = Path(target)
-    tgt = _resolve(where, data, fold, split, out_dir)
+    tgt = resolve_target(where, data, fold, split, out_dir)
     ckpt = load_checkpoint(tgt.checkpoint)
     prepared = PreparedData(tgt.data)
-    frame, split_hash = _load_split(prepared, tgt.fold, split, tgt.run, where)
+    frame, split_hash = load_split(prepared, tgt.fold, split, tgt.run, where)
     uncovered = set(frame["label"]) - set(ckpt.classes)
     if uncovered:
         raise CheckpointError(
             f"{tgt.checkpoint}: predicts {', '.join(ckpt.classes)} but the {split} set holds "
             f"{', '.join(sorted(uncovered))}; evaluate it on data of its own classes"
         )
-    cache = _cache_for(prepared, ckpt.preprocessing.image_size, tgt.checkpoint)
+    cache = cache_for(prepared, ckpt.preprocessing.image_size, tgt.checkpoint)
     rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
     # Read the memory-mapped cache front to back: sort by cache row, keep the split's order in the output.
     order = np.argsort(rows, kind="stable")
