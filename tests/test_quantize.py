@@ -26,7 +26,7 @@ SIZE = 72
 
 
 def _tiny_model(path: Path, dense_bias: np.ndarray | None = None) -> Path:
-    """Conv-ReLU-Conv-ReLU-pool-Gemm-Softmax with covid-cxr metadata: the shape of the real graph in small."""
+    """Conv-ReLU-(-inf pad, max-pool)-Conv-ReLU-pool-Gemm-Softmax with covid-cxr metadata: the real graph in small."""
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
     w2 = rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32)
@@ -38,11 +38,16 @@ def _tiny_model(path: Path, dense_bias: np.ndarray | None = None) -> Path:
         numpy_helper.from_array(rng.normal(0, 0.1, 16).astype(np.float32), "b2"),
         numpy_helper.from_array(wg, "wg"),
         numpy_helper.from_array(np.zeros(3, np.float32) if dense_bias is None else dense_bias.astype(np.float32), "bg"),
+        numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"),
+        numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf"),
     ]
     nodes = [
         helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv2"),
+        # Keras' "same" max-pool: pad bottom/right with -inf, then pool (no 8-bit scale covers -inf)
+        helper.make_node("Pad", ["r1", "pads", "minus_inf"], ["padded"], mode="constant", name="pad"),
+        helper.make_node("MaxPool", ["padded"], ["pooled"], kernel_shape=[2, 2], strides=[1, 1], name="maxpool"),
+        helper.make_node("Conv", ["pooled", "w2", "b2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv2"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("GlobalAveragePool", ["r2"], ["gp"], name="pool"),
         helper.make_node("Flatten", ["gp"], ["flat"], name="flatten"),
@@ -106,6 +111,7 @@ def test_int8_model_agrees_with_fp32(tiny: Path, tmp_path: Path, quant_format: s
     int8_weights = [i for i in model.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 4]
     assert int8_weights, "convolution weights should be stored as int8"
     assert "Softmax" in ops  # probabilities stay fp32
+    assert "MaxPool" in ops  # reads a -inf pad: stays fp32 rather than getting an infinite 8-bit scale
 
     fp32, int8 = OnnxPredictor(tiny), OnnxPredictor(out)
     assert int8.classes == fp32.classes and int8.preprocessing == fp32.preprocessing

@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,6 +70,29 @@ class _ImageReader:
         return {self.input_name: to_model_input(batch, self.pre).numpy()}
 
 
+def _nodes_kept_fp32(model: Any) -> list[str]:
+    """Nodes left in fp32: the softmax (its output is the probabilities), every Pad, and what reads a -inf pad.
+
+    Keras' "same" max-pooling pads with -inf; a tensor holding -inf has no 8-bit scale (the range is
+    infinite), so the pad and the max-pool reading it stay fp32. Pads share their constant inputs,
+    which the quantizer cannot rewrite one at a time, so zero pads stay fp32 too (they are cheap).
+    """
+    from onnx import numpy_helper
+
+    constants = {init.name: init for init in model.graph.initializer}
+    infinite_outputs = set()
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Pad":
+            keep.append(node.name)
+            value = constants.get(node.input[2]) if len(node.input) > 2 else None
+            if value is not None and not np.all(np.isfinite(numpy_helper.to_array(value))):
+                infinite_outputs.update(node.output)
+        elif node.op_type == "Softmax" or infinite_outputs.intersection(node.input):
+            keep.append(node.name)
+    return keep
+
+
 def quantize_onnx(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -110,9 +134,7 @@ def quantize_onnx(
             f"quantization needs at least {MIN_CALIBRATION_IMAGES} calibration images to estimate activation "
             f"ranges; got {len(calibration_images)}"
         )
-    # Softmax stays fp32 (its output is the probabilities). Pad stays fp32 too: the "same" max-pool
-    # pads with -inf, which has no 8-bit value, and the pads share that constant.
-    keep_fp32 = [node.name for node in model.graph.node if node.op_type in ("Softmax", "Pad")]
+    keep_fp32 = _nodes_kept_fp32(model)
     input_name = model.graph.input[0].name
     del model
 
