@@ -121,3 +121,13 @@ def test_progress_live_line_and_plain_log() -> None:
         text = out.getvalue()
         assert "phase 1/2 epoch 1/2" in text and "ETA" in text and "*best*" in text
         assert ("batch 3/3" in text) is live and text.count("\n") == 1
+
+
+def test_cv_fold_lists() -> None:
+    from covid_cxr.cli.cv import parse_folds
+    from covid_cxr.errors import ConfigError
+
+    assert parse_folds("1-5") == [1, 2, 3, 4, 5] and parse_folds("2") == [2] and parse_folds("1,3-4") == [1, 3, 4]
+    for bad in ("0-2", "3-1", "a", "1,1", ""):
+        with pytest.raises(ConfigError, match="--folds"):
+            parse_folds(bad)
