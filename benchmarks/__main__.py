@@ -29,6 +29,10 @@ JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch6
                   "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
 
 
+_LOG: list[dict[str, Any]] = []
+_LOG_PATH: list[Path] = []
+
+
 def _run(label: str, argv: list[str], env: dict[str, str] | None = None, timeout: float = 3600) -> dict[str, Any]:
     """Run one worker; its results, or the reason it failed (the run goes on without it)."""
     print(f"[bench] {label} ...", flush=True)
@@ -44,6 +48,9 @@ def _run(label: str, argv: list[str], env: dict[str, str] | None = None, timeout
         entry["error"] = f"exit {done.returncode}: " + " | ".join(done.stderr.strip().splitlines()[-3:])
     print(f"[bench] {label}: {'FAILED ' + entry['error'] if 'error' in entry else 'ok'} ({entry['wall_s']:.0f} s)",
           flush=True)
+    _LOG.append(entry)
+    if _LOG_PATH:  # raw results so far, so a long run that is cut short still leaves its figures
+        _LOG_PATH[0].write_text(json.dumps(_LOG, indent=1))
     return entry
 
 
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown configurations {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     out = args.out or REPO / "benchmarks" / "results" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
+    _LOG_PATH.append(out / "raw-runs.json")
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     loads = [load_average()]
 

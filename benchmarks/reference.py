@@ -134,9 +134,9 @@ def make_reference(out_dir: Path, *, checkpoint: Path | None = None, image_size:
         ckpt_path = checkpoint
     else:
         size = image_size
-        calib, fit_labels = synthetic_chests(16, size, seed)
+        calib, fit_labels = synthetic_chests(12, size, seed)
         ckpt = _fit_stand_in(calib, fit_labels, size, seed)
-        images, labels = synthetic_chests(20, size, seed + 1)
+        images, labels = synthetic_chests(15, size, seed + 1)
         ckpt_path = save_checkpoint(ckpt, out_dir / "reference.pt")
         description = (f"stand-in concat network at {size}px (fresh weights, BatchNorm statistics and Dense layer fitted "
                        f"on {len(calib)} synthetic chest images), evaluated on {len(images)} other synthetic chest images")

@@ -192,3 +192,42 @@ def render_table(report: dict[str, Any]) -> str:
     ]) + "."]
     lines += ["", f"Accuracy reference: {report['reference']['description']}."]
     return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Rebuild results.json/results.md from a run folder's raw-runs.json (e.g. of a run that was cut short)."""
+    import argparse
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from benchmarks.machine import describe_machine, load_average
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run", type=Path, help="the --out folder of python -m benchmarks")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 20])
+    parser.add_argument("--train-batch", type=int, default=20)
+    parser.add_argument("--image-size", type=int, default=300)
+    parser.add_argument("--reference", default="see the run folder's reference/", help="accuracy reference description")
+    args = parser.parse_args()
+    runs = json.loads((args.run / "raw-runs.json").read_text())
+    ref = SimpleNamespace(eval_set=args.run / "reference" / "eval_set.npz", description=args.reference)
+    summary = analyse(runs, ref, args.run, batch_sizes=args.batch_sizes, train_batch=args.train_batch)
+    keras_versions = next((r["versions"] for e in runs for r in e["results"] if r.get("side") == "keras"), {})
+    report = {
+        "started_utc": "see runs", "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": describe_machine(keras_versions), "load_average_1_5_15min": [load_average()],
+        "settings": {"warmup": args.warmup, "reps": args.reps, "batch_sizes": args.batch_sizes,
+                     "train_batch": args.train_batch, "image_size": args.image_size},
+        "reference": {"description": args.reference}, "summary": summary, "runs": runs,
+    }
+    (args.run / "results.json").write_text(json.dumps(report, indent=2, default=str))
+    table = render_table(report)
+    (args.run / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
