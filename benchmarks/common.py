@@ -31,7 +31,18 @@ def time_call(fn: Callable[[], Any], *, warmup: int, reps: int) -> dict[str, Any
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident memory so far (VmHWM), in MiB.
+
+    Not ``ru_maxrss``: Linux carries a parent's peak into a forked child and keeps it across exec,
+    so every worker would report at least the orchestrator's own peak.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
