@@ -46,7 +46,8 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """The preset with every option the user gave on top."""
     values: dict[str, Any] = {
         "network": args.network, "epochs_per_phase": args.epochs_per_phase, "image_size": args.image_size,
-        "batch_size": args.batch_size, "lr": args.lr, "drop_rate": args.drop_rate, "scaling": args.scaling, "pretrained": args.pretrained,
+        "batch_size": args.batch_size, "lr": args.lr, "drop_rate": args.drop_rate, "scaling": args.scaling,
+        "pretrained": args.pretrained,
         "device": args.device, "precision": args.precision, "channels_last": args.channels_last,
         "compile": args.compile, "workers": args.workers, "seed": args.seed, "deterministic": args.deterministic,
         "out": str(args.out) if args.out else None,
@@ -81,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
         saved_path = args.resume / "config.yaml"
         saved = load_config(saved_path) if saved_path.is_file() else None
         if saved is None:
-            raise FileNotFoundError(f"{args.resume}: not a run folder (no config.yaml); give the folder 'covid-cxr train' made")
+            raise FileNotFoundError(
+                f"{args.resume}: not a run folder (no config.yaml); give the folder 'covid-cxr train' made"
+            )
         if args.network and args.network != saved.network:
             raise ValueError(
                 f"{args.resume} is a {saved.network} run; it cannot be resumed as {args.network} "

@@ -242,18 +242,24 @@ def train_fold(
         distributed.shutdown(dist)
 
 
-def _run(config: TrainConfig, run_dir: Path | None, dist: distributed.DistInfo, stream: TextIO | None, live: bool | None) -> Path:
+def _run(
+    config: TrainConfig, run_dir: Path | None, dist: distributed.DistInfo, stream: TextIO | None, live: bool | None
+) -> Path:
     from covid_cxr.data.prepared import PreparedData
 
     data_root = Path(config.data).resolve()
     prepared = PreparedData(data_root)
     if not 1 <= config.fold <= prepared.num_folds:
-        raise ConfigError(f"fold {config.fold} is out of range: {data_root} was prepared with folds 1-{prepared.num_folds}")
+        raise ConfigError(
+            f"fold {config.fold} is out of range: {data_root} was prepared with folds 1-{prepared.num_folds}"
+        )
     fold = prepared.fold(config.fold)
     cache = prepared.cache(config.image_size)
     config = replace(config.resolved(image_size=int(cache.image_size)), data=str(data_root))
     if config.image_size != int(cache.image_size):
-        raise DataError(f"{data_root} has no {config.image_size} px cache; prepare it with --image-size {config.image_size}")
+        raise DataError(
+            f"{data_root} has no {config.image_size} px cache; prepare it with --image-size {config.image_size}"
+        )
     if config.batch_size < dist.world_size:
         raise ConfigError(f"batch size {config.batch_size} is smaller than the {dist.world_size} processes")
 
@@ -263,7 +269,8 @@ def _run(config: TrainConfig, run_dir: Path | None, dist: distributed.DistInfo, 
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True
-    runtime: Runtime = choose_runtime(distributed.device_for(dist, config.device), config.precision, config.channels_last)
+    device = distributed.device_for(dist, config.device)
+    runtime: Runtime = choose_runtime(device, config.precision, config.channels_last)
     phases, val = _load_phases(data_root, fold, cache)
     pre = Preprocessing(image_size=config.image_size, scaling=config.scaling, channels=3)
 
@@ -299,7 +306,8 @@ def _run(config: TrainConfig, run_dir: Path | None, dist: distributed.DistInfo, 
     writer = None
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml", extra={"runtime": runtime.describe(), "world_size": dist.world_size})
+        recorded = {"runtime": runtime.describe(), "world_size": dist.world_size}
+        dump_config(config, run_dir / "config.yaml", extra=recorded)
         if resuming:
             info["started"] = read_json(run_dir / "run.json").get("started", info["started"])
         write_json(run_dir / "run.json", info)
@@ -356,7 +364,8 @@ def _run(config: TrainConfig, run_dir: Path | None, dist: distributed.DistInfo, 
         write_json(run_dir / "run.json", info)
         if writer is not None:
             writer.close()
-        progress.message(f"finished: best validation accuracy {best_acc:.4f} at epoch {best_epoch}; best.pt in {run_dir}")
+        progress.message(f"finished: best validation accuracy {best_acc:.4f} at epoch {best_epoch}; "
+                         f"best.pt in {run_dir}")
     distributed.barrier(dist)
     return run_dir
 
@@ -368,7 +377,8 @@ def _log_row(phase_idx: int, epoch_idx: int, done: int, train: EpochStats, val: 
         "train_loss": f"{train.loss:.6f}", "train_accuracy": f"{train.accuracy:.6f}",
         "val_loss": f"{val.loss:.6f}", "val_accuracy": f"{val.accuracy:.6f}",
         "lr": optimizer.param_groups[0]["lr"], "images_per_s": f"{train.images_per_s:.2f}",
-        "seconds": f"{train.seconds + val.seconds:.2f}", "phase_images": len(phase.rows), "phase_ids_sha1": phase.ids_sha1,
+        "seconds": f"{train.seconds + val.seconds:.2f}", "phase_images": len(phase.rows),
+        "phase_ids_sha1": phase.ids_sha1,
     }  # fmt: skip
 
 
