@@ -1,4 +1,5 @@
-"""Grad-CAM: the maps are Grad-CAM of the map the head reads, for the class asked; overlays show them."""
+"""Class activation maps: HiResCAM (the default for the package's flatten head) or Grad-CAM of the map the head
+reads, for the class asked, written out here from their definitions; overlays show them."""
 
 from __future__ import annotations
 
@@ -29,12 +30,18 @@ def images() -> np.ndarray:
     return np.stack([render_chest(rng, SIZE, label).image for label in ("pneumonia", "normal")])
 
 
-def reference_cams(model, x: torch.Tensor, target: int, parts: dict[str, slice]) -> dict[str, np.ndarray]:
-    """Grad-CAM written out from the definition, on channel ranges of the concatenated map the head reads."""
+PARTS = {COMBINED: slice(None), "xception": slice(0, 2048), "resnet50v2": slice(2048, None)}  # Xception comes first
+
+
+def reference_cams(model, x: torch.Tensor, target: int, parts: dict[str, slice],
+                   method: str = "gradcam") -> dict[str, np.ndarray]:
+    """The maps written out from the definitions, on channel ranges of the concatenated map the head reads:
+    Grad-CAM weighs channels by the position-averaged gradient, HiResCAM multiplies gradient and activation
+    element-wise."""
     features = model.forward_features(x).detach().requires_grad_(True)
     score = model.forward_head(features)[:, target].sum()
     (grad,) = torch.autograd.grad(score, features)
-    weights = grad.mean(dim=(2, 3), keepdim=True)
+    weights = grad.mean(dim=(2, 3), keepdim=True) if method == "gradcam" else grad
     out = {}
     for name, channels in parts.items():
         raw = (weights[:, channels] * features.detach()[:, channels]).sum(dim=1, keepdim=True).relu()
@@ -46,20 +53,76 @@ def reference_cams(model, x: torch.Tensor, target: int, parts: dict[str, slice])
 
 def test_combined_map_is_gradcam_on_the_concatenated_map(concat, images):
     model, ckpt = concat
-    cam = GradCam(model, ckpt.preprocessing, ckpt.classes)
+    cam = GradCam(model, ckpt.preprocessing, ckpt.classes, method="gradcam")
     results = cam(images, "pneumonia")
     assert set(results[0].maps) == {"xception", "resnet50v2", COMBINED}
+    assert cam.method == "gradcam" and all(r.method == "gradcam" for r in results)
     x = to_model_input(torch.from_numpy(images), ckpt.preprocessing)
     target = ckpt.classes.index("pneumonia")
-    # Xception's map comes first in the concatenation.
-    parts = {COMBINED: slice(None), "xception": slice(0, 2048), "resnet50v2": slice(2048, None)}
-    expected = reference_cams(model, x, target, parts)
+    expected = reference_cams(model, x, target, PARTS)
     for name, ref in expected.items():
         got = np.stack([r.maps[name] for r in results])
         assert got.shape == (2, SIZE, SIZE) and got.min() >= 0 and got.max() <= 1
         np.testing.assert_allclose(got, ref, atol=1e-4, err_msg=name)
     assert not np.allclose(expected["xception"], expected["resnet50v2"], atol=1e-2)  # the combination is not trivial
     np.testing.assert_array_equal(results[0].map, results[0].maps[COMBINED])
+
+
+def test_combined_map_is_hirescam_on_the_concatenated_map(concat, images):
+    """The default for the flatten head: HiResCAM, per backbone and on all 4096 channels."""
+    model, ckpt = concat
+    cam = GradCam(model, ckpt.preprocessing, ckpt.classes)
+    assert cam.method == "hirescam"  # "auto": CxrNet flattens
+    results = cam(images, "pneumonia")
+    assert set(results[0].maps) == {"xception", "resnet50v2", COMBINED}
+    assert all(r.method == "hirescam" for r in results)
+    x = to_model_input(torch.from_numpy(images), ckpt.preprocessing)
+    target = ckpt.classes.index("pneumonia")
+    expected = reference_cams(model, x, target, PARTS, method="hirescam")
+    for name, ref in expected.items():
+        got = np.stack([r.maps[name] for r in results])
+        assert got.shape == (2, SIZE, SIZE) and got.min() >= 0 and got.max() <= 1
+        np.testing.assert_allclose(got, ref, atol=1e-4, err_msg=name)
+    assert not np.allclose(expected["xception"], expected["resnet50v2"], atol=1e-2)
+    gradcam = reference_cams(model, x, target, {COMBINED: slice(None)})[COMBINED]
+    assert not np.allclose(expected[COMBINED], gradcam, atol=1e-2)  # the methods differ behind this head
+    np.testing.assert_array_equal(results[0].map, results[0].maps[COMBINED])
+
+
+def test_hirescam_splits_the_logit_by_position(concat, images):
+    """Why HiResCAM for the flatten head: in eval mode the head is affine in the map it reads, so the
+    unrectified map summed over positions is exactly the logit minus the logit of an all-zero map."""
+    model, ckpt = concat
+    x = to_model_input(torch.from_numpy(images), ckpt.preprocessing)
+    target = ckpt.classes.index("pneumonia")
+    features = model.forward_features(x).detach().double().requires_grad_(True)
+    head = [model.head_conv.double(), model.classifier.double()]
+    try:
+        logits = model.forward_head(features)[:, target]
+        (grad,) = torch.autograd.grad(logits.sum(), features)
+        zero = model.forward_head(torch.zeros_like(features))[:, target]
+    finally:
+        for layer in head:
+            layer.float()
+    raw = (grad * features).sum(dim=1)  # (N, h, w) before the ReLU
+    np.testing.assert_allclose(raw.sum(dim=(1, 2)).detach().numpy(), (logits - zero).detach().numpy(), rtol=1e-9)
+    # Grad-CAM's map does not add up to the logit: its weights average other positions' dense weights.
+    averaged = (grad.mean(dim=(2, 3), keepdim=True) * features).sum(dim=1)
+    assert not np.allclose(averaged.sum(dim=(1, 2)).detach().numpy(), raw.sum(dim=(1, 2)).detach().numpy())
+
+
+def test_method_choice(concat, images):
+    model, ckpt = concat
+    cam = GradCam(model, ckpt.preprocessing, ckpt.classes)
+    assert cam.with_method("gradcam").method == "gradcam" and cam.with_method("auto").method == "hirescam"
+    model.head_pools = True  # a model that declares a pooling head gets Grad-CAM from "auto"
+    try:
+        assert GradCam(model, ckpt.preprocessing, ckpt.classes).method == "gradcam"
+        assert GradCam(model, ckpt.preprocessing, ckpt.classes, "hirescam").method == "hirescam"
+    finally:
+        del model.head_pools
+    with pytest.raises(ConfigError, match="hirescam, gradcam"):
+        GradCam(model, ckpt.preprocessing, ckpt.classes, "scorecam")
 
 
 def test_target_choice(concat, images):
