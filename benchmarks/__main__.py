@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 repetitions, 1 warm-up: for checking the harness")
     parser.add_argument("--no-allocators", action="store_true", help="skip the allocator comparison rows")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step rows")
+    parser.add_argument("--no-datapath", action="store_true", help="skip the data-path measurement")
     args = parser.parse_args(argv)
 
     from benchmarks.torch_worker import CONFIGS, TORCH_CONFIGS
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "--out-probs", str(out / f"probs-{config}.npy"),
                                              "--batch-sizes", *map(str, args.batch_sizes), *timing]))
     train_configs = [c for c in configs if c in TORCH_CONFIGS and not TORCH_CONFIGS[c].get("compile")]
+    if args.no_train:
+        train_configs = []
     for config in train_configs:
         runs.append(_run(f"{config} train", [py, "-m", "benchmarks.torch_worker", "--config", config, "--task", "train",
                                              *common, "--batch-sizes", str(args.train_batch), *timing]))
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(_run(f"torch-bf16-cl [{name}] {task}",
                                  [py, "-m", "benchmarks.torch_worker", "--config", "torch-bf16-cl", "--task", task,
                                   *common, "--batch-sizes", *map(str, batches), *timing], env=env))
-    runs.append(_run("datapath", [py, "-m", "benchmarks.datapath", "--image-size", str(ref.image_size)]))
+    if not args.no_datapath:
+        runs.append(_run("datapath", [py, "-m", "benchmarks.datapath", "--image-size", str(ref.image_size)]))
     loads.append(load_average())
 
     summary = analyse(runs, ref, out, batch_sizes=args.batch_sizes, train_batch=args.train_batch)
