@@ -212,6 +212,18 @@ def test_moving_the_lesion_moves_the_map(trained: TinyCxrNet) -> None:
     assert float(np.median(mirror_ratios)) >= MIN_MEDIAN_RATIO
 
 
+def test_behind_a_pooling_head_the_methods_agree(trained: TinyCxrNet) -> None:
+    """Why "auto" may keep Grad-CAM where the head pools: the gradient is the same at every position, so its
+    spatial mean changes nothing and HiResCAM gives the same map."""
+    images, _, _ = render_pneumonia(HELD_OUT_SEEDS[:8], HELD_OUT_SIDES[:8])
+    cam = GradCam(trained, PRE, CLASSES)
+    assert cam.method == "gradcam"
+    gradcam = np.stack([r.map for r in cam(images, "pneumonia")])
+    hirescam = np.stack([r.map for r in cam.with_method("hirescam")(images, "pneumonia")])
+    assert gradcam.max() > 0
+    np.testing.assert_allclose(hirescam, gradcam, atol=1e-5)
+
+
 def test_an_untrained_network_does_not_pass(single_thread: None) -> None:
     """The criterion has power: the same network with its initial weights (three draws), which has learnt
     nothing about pneumonia, fails it. Random ReLU features do respond to a bright opacity, so the share of

@@ -11,21 +11,21 @@ gradient vanishes when the network is confident), two maps are available:
   ``ReLU(sum_k dy/dA_k * A_k)``, the gradient times the activation at each position.
 
 Which is faithful depends on the head. When it pools globally (mean over positions, then linear),
-the gradient is the same at every position, so the two maps are identical up to a constant factor.
+the gradient is the same at every position, so the two maps are identical.
 The package's :class:`~covid_cxr.models.concat.CxrNet` instead flattens (1x1 conv -> flatten ->
 dense): each position has its own dense weights, and averaging the gradient over positions mixes
 one position's weights with another's activations. Grad-CAM can then put the map where the network
 does not look: on a small CNN with this head trained (twelve seeds) on synthetic radiographs with a
 lesion in one lung, Grad-CAM's median ratio of map mass in the lesion's lung to the other lung was
-1.4-4.2, HiResCAM's 3.9-14.6, higher on every seed (``tests/test_gradcam_localisation.py``). For a head that is linear in ``A`` (the dense head in
-eval mode), HiResCAM's unrectified map summed over positions is exactly ``y(A) - y(0)``: the head's
-own computation, split by position.
+1.4-4.2, HiResCAM's 3.9-14.6, higher on every seed (``tests/test_gradcam_localisation.py``).
+For a head that is affine in ``A`` (the dense head in eval mode), HiResCAM's unrectified map summed
+over positions is exactly ``y(A) - y(0)``: the head's own computation, split by position.
 
 ``method="auto"`` (the default) therefore uses HiResCAM unless the model declares a pooling head
 with a class attribute ``head_pools = True``; a model that does not say is taken to flatten.
 
 The concatenated network's combined map is the method applied to the concatenated 4096-channel map
-that its head actually reads. Both methods weigh each channel on its own, so that map is exactly
+that its head actually reads. Both maps are sums of per-channel terms, so that map is exactly
 ``ReLU(raw_xception + raw_resnet50v2)``, the sum of the two backbones' maps *before* their ReLU
 and normalisation: a region one backbone argues for and the other against counts as the head
 sees it, instead of each map being stretched to [0, 1] on its own and averaged.

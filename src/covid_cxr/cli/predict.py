@@ -22,7 +22,7 @@ from covid_cxr.data.images import load_image
 from covid_cxr.deploy.backends import BACKENDS, LoadedModel, load_model
 from covid_cxr.deploy.files import expand_inputs
 from covid_cxr.errors import ConfigError, ImageDecodeError
-from covid_cxr.gradcam import COMBINED, GradCam, save_overlay
+from covid_cxr.gradcam import COMBINED, METHODS, GradCam, save_overlay
 from covid_cxr.runtime import PRECISIONS
 
 GRADCAM_BATCH = 4  # a backward pass keeps every activation: small batches bound its memory
@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradcam", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument("--gradcam-class", metavar="CLASS",
                    help="class the overlays explain (covid, pneumonia, normal; default: the predicted one)")
+    p.add_argument("--gradcam-method", choices=METHODS, help="auto (default: HiResCAM for the flatten head, "
+                   "Grad-CAM for a pooling one), hirescam or gradcam")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="default auto (bf16 where native)")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images (default 2)")
@@ -52,9 +54,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out must end in .csv or .json; got {args.out}")
     if args.gradcam_class and not args.gradcam:
         raise ConfigError("--gradcam-class needs --gradcam DIR")
+    if args.gradcam_method and not args.gradcam:
+        raise ConfigError("--gradcam-method needs --gradcam DIR")
     loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision)
     print(f"model: {loaded.describe()}", file=sys.stderr)
     cam = loaded.gradcam() if args.gradcam else None
+    if cam is not None and args.gradcam_method:
+        cam = cam.with_method(args.gradcam_method)
     if cam is not None and args.gradcam_class:
         cam.class_index(args.gradcam_class)  # refuse a bad class name before any work
     inputs = expand_inputs(args.paths)
