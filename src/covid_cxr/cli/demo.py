@@ -36,8 +36,8 @@ class DemoSize:
 SIZES: dict[str, DemoSize] = {
     "default": DemoSize(n_covid=80, n_pneumonia=760, n_normal=880, source_size=160, image_size=96, phases=8,
                         epochs_per_phase=2, batch_size=16),
-    "small": DemoSize(n_covid=24, n_pneumonia=200, n_normal=220, source_size=96, image_size=72, phases=2,
-                      epochs_per_phase=8, batch_size=6),
+    "small": DemoSize(n_covid=48, n_pneumonia=480, n_normal=560, source_size=96, image_size=72, phases=2,
+                      epochs_per_phase=8, batch_size=12),
 }  # fmt: skip
 
 
