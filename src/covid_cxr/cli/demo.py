@@ -34,8 +34,8 @@ class DemoSize:
 # The RSNA pools are large next to covid-chestxray, as in the real data: prepare draws each phase's
 # normal and pneumonia images in the paper's proportions (250 of 8851, 200 of 6012).
 SIZES: dict[str, DemoSize] = {
-    "default": DemoSize(n_covid=80, n_pneumonia=760, n_normal=880, source_size=160, image_size=96, phases=8,
-                        epochs_per_phase=2, batch_size=16),
+    "default": DemoSize(n_covid=120, n_pneumonia=760, n_normal=880, source_size=160, image_size=96, phases=8,
+                        epochs_per_phase=5, batch_size=16),
     "small": DemoSize(n_covid=48, n_pneumonia=480, n_normal=560, source_size=96, image_size=72, phases=2,
                       epochs_per_phase=8, batch_size=12),
 }  # fmt: skip
