@@ -194,15 +194,10 @@ def audit_ablation(
     out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit ablation``: the checkpoint over the fold's test set, three ways; writes ``ablation.json``."""
-    from covid_cxr.audit.data import open_prepared, resolve_target, split_images
-    from covid_cxr.audit.lungs import estimate_lung_fields, load_user_masks
+    from covid_cxr.audit.data import load_test_images_and_lungs
     from covid_cxr.inference import TorchPredictor
 
-    t = resolve_target(target, data, fold)
-    test = split_images(open_prepared(t.data), t)
-    size = t.checkpoint.preprocessing.image_size
-    image_ids = [str(i) for i in test.frame["image_id"]]
-    lungs = load_user_masks(masks, image_ids, size) if masks is not None else estimate_lung_fields(test.images)
+    t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
     predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
     inputs = {"checkpoint": str(t.checkpoint_path), "network": t.checkpoint.network, "data": str(t.data),
               "fold": t.fold, "split": "test", "masks": str(masks) if masks is not None else None,

@@ -101,15 +101,10 @@ def audit_cam(
     batch_size: int = 16, device: str = "auto", out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit cam``: Grad-CAM over the fold's test set; writes ``cam.json``."""
-    from covid_cxr.audit.data import open_prepared, resolve_target, split_images
-    from covid_cxr.audit.lungs import estimate_lung_fields, load_user_masks
+    from covid_cxr.audit.data import load_test_images_and_lungs
     from covid_cxr.runtime import choose_runtime
 
-    t = resolve_target(target, data, fold)
-    test = split_images(open_prepared(t.data), t)
-    size = t.checkpoint.preprocessing.image_size
-    image_ids = [str(i) for i in test.frame["image_id"]]
-    lungs = load_user_masks(masks, image_ids, size) if masks is not None else estimate_lung_fields(test.images)
+    t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
     runtime = choose_runtime(device, "fp32", False)  # Grad-CAM runs in fp32 whatever the hardware
     model = t.checkpoint.build_model().to(runtime.device)
     cams, _ = compute_cams(model, t.checkpoint.preprocessing, t.checkpoint.classes, test.images, batch_size)

@@ -70,6 +70,20 @@ def split_images(prepared: Any, target: AuditTarget, split: str = "test") -> Spl
     return SplitImages(frame=frame, images=rows_of(cache, frame["image_id"]))
 
 
+def load_test_images_and_lungs(
+    target: Path, data: Path | None, fold: int | None, masks: Path | None
+) -> tuple[AuditTarget, SplitImages, Any]:
+    """The audited checkpoint, its fold's test images, and their lung fields (the user's masks or the estimate)."""
+    from covid_cxr.audit.lungs import estimate_lung_fields, load_user_masks
+
+    t = resolve_target(target, data, fold)
+    test = split_images(open_prepared(t.data), t)
+    size = t.checkpoint.preprocessing.image_size
+    image_ids = [str(i) for i in test.frame["image_id"]]
+    lungs = load_user_masks(masks, image_ids, size) if masks is not None else estimate_lung_fields(test.images)
+    return t, test, lungs
+
+
 def rows_of(cache: Any, image_ids: pd.Series | list[str]) -> np.ndarray:
     """Copy the cached images of ``image_ids`` into memory, in that order."""
     rows = np.asarray(cache.rows(list(image_ids)), dtype=np.int64)
