@@ -35,7 +35,8 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 Source = str | Path | bytes
 
 # Malformed files make pydicom and Pillow raise many kinds of errors; every one of them means
-# "this file cannot be decoded" and becomes an ImageDecodeError naming the file.
+# "this file cannot be decoded" and becomes an ImageDecodeError naming the file. (pydicom raises
+# NotImplementedError for a transfer syntax it has no decoder for, e.g. JPEG 2000 without a plugin.)
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError,
                   NotImplementedError, RuntimeError, AttributeError, InvalidDicomError,
                   Image.DecompressionBombError)
