@@ -46,6 +46,16 @@ def test_metadata_rebuilds_classes_and_preprocessing(exported):
     assert predictor.backend == "onnx" and predictor.network == "xception"
 
 
+def test_keras_max_pool_pads_are_folded_into_the_pools(exported):
+    """Xception's -inf "same" pads are MaxPool pads in the export (the parity test below shows same numbers)."""
+    _, onnx_path = exported
+    nodes = onnx.load(str(onnx_path)).graph.node
+    assert not [n for n in nodes if n.op_type == "Pad"]
+    pools = [n for n in nodes if n.op_type == "MaxPool"]
+    padded = [n for n in pools if any(a.name == "pads" and any(a.ints) for a in n.attribute)]
+    assert len(pools) == 4 and padded  # Xception's four stride-2 pools; at 75 px some need no padding
+
+
 def test_parity_with_pytorch_fp32(exported):
     ckpt_path, onnx_path = exported
     torch_pred = TorchPredictor(load_checkpoint(ckpt_path), device="cpu", precision="fp32")

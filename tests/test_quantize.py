@@ -26,7 +26,7 @@ SIZE = 72
 
 
 def _tiny_model(path: Path, dense_bias: np.ndarray | None = None) -> Path:
-    """Conv-ReLU-(-inf pad, max-pool)-Conv-ReLU-pool-Gemm-Softmax with covid-cxr metadata: the real graph in small."""
+    """Conv-ReLU-(-inf pad, max-pool)-BN-ReLU-Conv-ReLU-pool-Gemm-Softmax with covid-cxr metadata: the real graph in small."""
     rng = np.random.default_rng(0)
     w1 = rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
     w2 = rng.normal(0, 0.3, (16, 8, 3, 3)).astype(np.float32)
@@ -40,6 +40,10 @@ def _tiny_model(path: Path, dense_bias: np.ndarray | None = None) -> Path:
         numpy_helper.from_array(np.zeros(3, np.float32) if dense_bias is None else dense_bias.astype(np.float32), "bg"),
         numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads"),
         numpy_helper.from_array(np.array(-np.inf, np.float32), "minus_inf"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "bn_scale"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "bn_bias"),
+        numpy_helper.from_array(rng.normal(0.5, 0.1, 8).astype(np.float32), "bn_mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), "bn_var"),
     ]
     nodes = [
         helper.make_node("Conv", ["image", "w1", "b1"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv1"),
@@ -47,7 +51,11 @@ def _tiny_model(path: Path, dense_bias: np.ndarray | None = None) -> Path:
         # Keras' "same" max-pool: pad bottom/right with -inf, then pool (no 8-bit scale covers -inf)
         helper.make_node("Pad", ["r1", "pads", "minus_inf"], ["padded"], mode="constant", name="pad"),
         helper.make_node("MaxPool", ["padded"], ["pooled"], kernel_shape=[2, 2], strides=[1, 1], name="maxpool"),
-        helper.make_node("Conv", ["pooled", "w2", "b2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv2"),
+        # ResNet50V2's pre-activation: a BatchNorm that follows no convolution, so no exporter folds it
+        helper.make_node("BatchNormalization", ["pooled", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["normed"],
+                         epsilon=1.001e-5, name="preact_bn"),
+        helper.make_node("Relu", ["normed"], ["preact"], name="preact_relu"),
+        helper.make_node("Conv", ["preact", "w2", "b2"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1], name="conv2"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("GlobalAveragePool", ["r2"], ["gp"], name="pool"),
         helper.make_node("Flatten", ["gp"], ["flat"], name="flatten"),
@@ -111,10 +119,14 @@ def test_int8_model_agrees_with_fp32(tiny: Path, tmp_path: Path, quant_format: s
     int8_weights = [i for i in model.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 4]
     assert int8_weights, "convolution weights should be stored as int8"
     assert "Softmax" in ops  # probabilities stay fp32
-    # The max-pool reads a -inf pad: it stays fp32 on the pad's own output, not on an 8-bit copy of it
-    # (whose scale would be infinite).
-    pools = [node for node in model.graph.node if node.op_type == "MaxPool"]
-    assert [list(node.input) for node in pools] == [["padded"]]
+    # The -inf pad was merged into the max-pool (whose own pads never win the max), so the pool reads the
+    # 8-bit tensor directly; the BatchNorm became a depthwise convolution, so no fp32 island is left.
+    assert "Pad" not in ops and "BatchNormalization" not in ops
+    (pool,) = [node for node in model.graph.node if node.op_type == "MaxPool"]
+    assert helper.get_attribute_value(next(a for a in pool.attribute if a.name == "pads")) == [0, 0, 1, 1]
+    if quant_format == "qoperator":
+        assert sum(node.op_type == "QLinearConv" for node in model.graph.node) == 3
+        assert [node.op_type for node in model.graph.node].count("DequantizeLinear") == 1  # before the softmax
 
     fp32, int8 = OnnxPredictor(tiny), OnnxPredictor(out)
     assert int8.classes == fp32.classes and int8.preprocessing == fp32.preprocessing
@@ -126,7 +138,8 @@ def test_int8_model_agrees_with_fp32(tiny: Path, tmp_path: Path, quant_format: s
     assert p8.shape == p32.shape and np.allclose(p8.sum(1), 1.0, atol=1e-4)
     assert len(set(p32.argmax(1))) > 1, "the fixture should produce more than one class"
     assert (p8.argmax(1) == p32.argmax(1)).mean() >= 0.9
-    assert np.abs(p8 - p32).mean() < 0.03
+    # 0.034 on this fixture whether the BatchNorm runs as an int8 depthwise conv or stays fp32.
+    assert np.abs(p8 - p32).mean() < 0.05
 
 
 def test_refuses_bad_inputs(tiny: Path, tmp_path: Path) -> None:

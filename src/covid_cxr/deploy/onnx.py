@@ -33,6 +33,7 @@ import torch
 
 from covid_cxr import __version__
 from covid_cxr.checkpoint import Checkpoint
+from covid_cxr.deploy.graph import fold_pads_into_pools
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference import check_batch
 from covid_cxr.labels import check_classes
@@ -109,6 +110,7 @@ def export_onnx_bytes(
             verbose=False,
         )
     proto = program.model_proto
+    fold_pads_into_pools(proto)  # Keras' -inf "same" max-pool pads become MaxPool pads: same numbers, no copy
     meta = {
         "format": FORMAT,
         "network": checkpoint.network,

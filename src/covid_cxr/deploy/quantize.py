@@ -10,7 +10,10 @@ directly on AVX512-VNNI / AVX-VNNI CPUs without the reduced-range workaround old
 Two graph formats hold the same numbers: ``qoperator`` (fused QLinearConv nodes) and ``qdq``
 (QuantizeLinear/DequantizeLinear pairs around fp32 ops, which ONNX Runtime fuses when it loads the
 model). Which one runs faster is measured in ``benchmarks/`` (RESULTS.md); the default is the one
-that won there. The softmax that produces ``probabilities`` stays in fp32.
+that won there. The softmax that produces ``probabilities`` stays in fp32. Before calibration the
+graph is rewritten so that nothing else has to (:func:`prepare_for_int8`): on the concatenated network
+the earlier graph kept 17 BatchNorms and 5 pads in fp32, and those islands with their conversions and
+layout transposes took a third of the int8 run time.
 
 The result keeps the source model's covid-cxr metadata (classes, preprocessing), so
 :class:`covid_cxr.deploy.onnx.OnnxPredictor` loads it like any exported model, and records how it
@@ -28,6 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from covid_cxr.deploy.graph import (
+    batchnorm_as_depthwise_conv,
+    fold_pads_into_pools,
+    is_minus_inf_pad,
+    unshare_pad_constants,
+)
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference import check_batch
 from covid_cxr.preprocess import Preprocessing, to_model_input
@@ -70,24 +79,27 @@ class _ImageReader:
         return {self.input_name: to_model_input(batch, self.pre).numpy()}
 
 
-def _nodes_kept_fp32(model: Any) -> list[str]:
-    """Nodes left in fp32: the softmax (its output is the probabilities), every Pad, and what reads a -inf pad.
+def prepare_for_int8(model: Any) -> list[str]:
+    """Rewrite ``model`` in place so that it quantizes end to end; returns the nodes that must stay fp32.
 
-    Keras' "same" max-pooling pads with -inf; a tensor holding -inf has no 8-bit scale (the range is
-    infinite), so the pad and the max-pool reading it stay fp32. Pads share their constant inputs,
-    which the quantizer cannot rewrite one at a time, so zero pads stay fp32 too (they are cheap).
+    The rewrites (:mod:`covid_cxr.deploy.graph`) change no output: ``-inf`` pads merge into their
+    max-pools (older exports still carry them), standalone BatchNorms become 1x1 depthwise convs, and
+    pads get their own fill constants. What stays fp32: the softmax (its output is the probabilities),
+    and any ``-inf`` pad that could not be merged together with what reads it (no 8-bit scale covers
+    ``-inf``).
     """
     from onnx import numpy_helper
 
-    constants = {init.name: init for init in model.graph.initializer}
-    infinite_outputs = set()
+    fold_pads_into_pools(model)
+    batchnorm_as_depthwise_conv(model)
+    unshare_pad_constants(model)
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    infinite_outputs: set[str] = set()
     keep = []
     for node in model.graph.node:
-        if node.op_type == "Pad":
+        if is_minus_inf_pad(node, constants):
             keep.append(node.name)
-            value = constants.get(node.input[2]) if len(node.input) > 2 else None
-            if value is not None and not np.all(np.isfinite(numpy_helper.to_array(value))):
-                infinite_outputs.update(node.output)
+            infinite_outputs.update(node.output)
         elif node.op_type == "Softmax" or infinite_outputs.intersection(node.input):
             keep.append(node.name)
     return keep
@@ -134,9 +146,8 @@ def quantize_onnx(
             f"quantization needs at least {MIN_CALIBRATION_IMAGES} calibration images to estimate activation "
             f"ranges; got {len(calibration_images)}"
         )
-    keep_fp32 = _nodes_kept_fp32(model)
+    keep_fp32 = prepare_for_int8(model)
     input_name = model.graph.input[0].name
-    del model
 
     class Reader(_ImageReader, CalibrationDataReader):
         pass
@@ -147,7 +158,7 @@ def quantize_onnx(
     os.close(fd)
     try:
         quantize_static(
-            os.fspath(source),
+            model,
             tmp,
             reader,
             quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,

@@ -1,0 +1,163 @@
+"""Rewrites of exported ONNX graphs that change how a network runs, never what it computes.
+
+- :func:`fold_pads_into_pools` (applied at export): Keras' stride-2 "same" max-pool pads with
+  ``-inf`` before pooling (``Pad`` then ``MaxPool``). ONNX ``MaxPool`` has its own ``pads`` whose
+  cells never win the max, which is exactly a ``-inf`` pad, so the pair becomes one node. The
+  result is bit-identical, one full-size copy of the activations per pool lighter, and quantizable:
+  a tensor holding ``-inf`` has no 8-bit scale, so an unfolded pad kept its pool in fp32.
+- :func:`batchnorm_as_depthwise_conv` (applied before int8 quantization): ResNet50V2's
+  pre-activation BatchNorms follow an addition, not a convolution, so the exporter cannot fold them
+  and ONNX Runtime's quantizer has no int8 BatchNorm: each became an fp32 island (dequantize,
+  normalise, quantize, plus layout transposes around it). In inference a BatchNorm is a per-channel
+  affine map, i.e. a 1x1 depthwise convolution with weight ``gamma / sqrt(var + eps)`` and bias
+  ``beta - mean * weight``; per-channel int8 weights hold a single value per channel exactly, so the
+  quantized graph stays int8 end to end. Measured on the concatenated network (benchmarks/RESULTS.md).
+- :func:`unshare_pad_constants`: ONNX Runtime's quantizer rewrites a ``Pad``'s constant in place,
+  which breaks a second ``Pad`` reading the same initializer; each gets its own copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def _constants(graph: Any) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` node outputs of ``graph``, by name."""
+    from onnx import numpy_helper
+
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _readers(graph: Any) -> dict[str, list[Any]]:
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def _attribute(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def is_minus_inf_pad(node: Any, constants: dict[str, np.ndarray]) -> bool:
+    """A constant-mode ``Pad`` whose fill value is ``-inf``."""
+    if node.op_type != "Pad" or _attribute(node, "mode", b"constant") != b"constant" or len(node.input) < 3:
+        return False
+    value = constants.get(node.input[2])
+    return value is not None and bool(np.all(np.isneginf(value)))
+
+
+def fold_pads_into_pools(model: Any) -> int:
+    """Merge every ``-inf`` ``Pad`` that feeds only unpadded 2-D ``MaxPool`` nodes into their ``pads``.
+
+    Returns the number of pads removed. Pads of the batch or channel axes, pads read by anything
+    else, and pads whose output is a graph output are left alone.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    constants = _constants(graph)
+    readers = _readers(graph)
+    outputs = {out.name for out in graph.output}
+    folded = []
+    for node in graph.node:
+        if not is_minus_inf_pad(node, constants):
+            continue
+        pads = constants.get(node.input[1])
+        users = readers.get(node.output[0], [])
+        if pads is None or pads.shape != (8,) or np.any(pads < 0) or pads[[0, 1, 4, 5]].any():
+            continue
+        if not users or node.output[0] in outputs:
+            continue
+        if any(u.op_type != "MaxPool" or any(_attribute(u, "pads", [0, 0, 0, 0])) or
+               _attribute(u, "auto_pad", b"NOTSET") != b"NOTSET" for u in users):
+            continue
+        top, left, bottom, right = (int(pads[i]) for i in (2, 3, 6, 7))
+        for user in users:
+            attrs = [a for a in user.attribute if a.name != "pads"]
+            del user.attribute[:]
+            user.attribute.extend(attrs)
+            user.attribute.append(helper.make_attribute("pads", [top, left, bottom, right]))
+            user.input[0] = node.input[0]
+        folded.append(node)
+    for node in folded:
+        graph.node.remove(node)
+    drop_unused_initializers(model)
+    return len(folded)
+
+
+def batchnorm_as_depthwise_conv(model: Any) -> int:
+    """Replace each inference ``BatchNormalization`` on an NCHW tensor by the equivalent 1x1 depthwise ``Conv``."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = _constants(graph)
+    replaced = 0
+    for index, node in enumerate(list(graph.node)):
+        if node.op_type != "BatchNormalization" or len([o for o in node.output if o]) != 1:
+            continue
+        if _attribute(node, "training_mode", 0):
+            continue
+        x, scale, bias, mean, var = node.input[:5]
+        if not all(name in constants for name in (scale, bias, mean, var)):
+            continue
+        eps = float(_attribute(node, "epsilon", 1e-5))
+        gamma, beta, mu, sigma2 = (constants[n].astype(np.float64) for n in (scale, bias, mean, var))
+        weight = gamma / np.sqrt(sigma2 + eps)
+        shift = beta - mu * weight
+        channels = weight.shape[0]
+        w_name, b_name = f"{node.name or node.output[0]}_dw_weight", f"{node.name or node.output[0]}_dw_bias"
+        graph.initializer.append(numpy_helper.from_array(weight.astype(np.float32).reshape(channels, 1, 1, 1), w_name))
+        graph.initializer.append(numpy_helper.from_array(shift.astype(np.float32), b_name))
+        conv = helper.make_node("Conv", [x, w_name, b_name], [node.output[0]], name=f"{node.name}_as_depthwise_conv",
+                                group=channels, kernel_shape=[1, 1])
+        position = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(position, conv)
+        replaced += 1
+    drop_unused_initializers(model)
+    return replaced
+
+
+def unshare_pad_constants(model: Any) -> int:
+    """Give every ``Pad`` its own copy of a fill-value initializer that another node also reads."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    readers = _readers(graph)
+    copies = 0
+    for node in graph.node:
+        if node.op_type != "Pad" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        if len(readers.get(node.input[2], [])) < 2:
+            continue
+        name = f"{node.input[2]}_for_{node.name or node.output[0]}"
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[node.input[2]]), name))
+        readers[node.input[2]].remove(node)
+        node.input[2] = name
+        copies += 1
+    return copies
+
+
+def drop_unused_initializers(model: Any) -> None:
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
