@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="trained checkpoint for the accuracy comparison (e.g. a demo run's best.pt); "
                              "default: a stand-in fitted on synthetic chest images at 300 px")
     parser.add_argument("--image-size", type=int, default=300)
+    parser.add_argument("--max-eval", type=int, default=600, help="test images of --checkpoint's run to compare on")
     parser.add_argument("--keras-python", default=os.environ.get("COVID_CXR_KERAS_PYTHON"),
                         help="interpreter with tensorflow-cpu and keras (default $COVID_CXR_KERAS_PYTHON)")
     parser.add_argument("--configs", nargs="+", default=None, help="our configurations (default: all)")
@@ -92,13 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     loads = [load_average()]
 
+    from benchmarks.peak import measure_ceilings
     from benchmarks.reference import make_reference
 
+    print("[bench] instruction ceilings ...", flush=True)
+    ceilings = measure_ceilings()  # first, while nothing of ours has warmed or loaded the machine
+    print(f"[bench] ceilings: {ceilings.get('gflops') or ceilings.get('error')}", flush=True)
+
     print("[bench] reference model, eval set, ONNX export and int8 quantization ...", flush=True)
-    ref = make_reference(out / "reference", checkpoint=args.checkpoint, image_size=args.image_size)
+    ref = make_reference(out / "reference", checkpoint=args.checkpoint, image_size=args.image_size,
+                         max_eval=args.max_eval)
     py = sys.executable
     timing = ["--warmup", str(args.warmup), "--reps", str(args.reps)]
-    runs: list[dict[str, Any]] = [_run("flops", [py, "-m", "benchmarks.flops", "--image-size", str(ref.image_size)])]
+    runs: list[dict[str, Any]] = [{"label": "ceilings", "results": [{"task": "ceilings", **ceilings}]},
+                                  _run("flops", [py, "-m", "benchmarks.flops", "--image-size", str(ref.image_size)])]
     keras_versions: dict[str, str] = {}
     if args.keras_python:
         for task, batches in (("infer", args.batch_sizes), ("train", [args.train_batch])):

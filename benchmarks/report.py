@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-# The instruction ceilings of this machine's two cores (issue 7): FMA throughput x clock x cores.
-PEAK_GFLOPS = {"fp32": 547.0, "bf16": 1060.0}
 DEFAULT_CONFIG = "torch-bf16-cl"  # what choose_runtime("auto") picks on a CPU with AVX512-BF16
+# Which instruction ceiling (benchmarks/peak.py) bounds each configuration's arithmetic.
+FORMAT_OF = {"keras-tf-fp32": "fp32", "torch-fp32": "fp32", "torch-fp32-cl": "fp32", "ort-fp32": "fp32"}
 TARGETS = {"train_ratio": 2.5, "infer_bf16_ratio": 2.5, "infer_int8_ratio": 3.0, "int8_max_pp_lost": 0.5,
            "pct_of_bf16_peak": 70.0}
 
@@ -35,30 +35,52 @@ def _rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _accuracy(row: dict[str, Any], labels: np.ndarray, reference: np.ndarray | None) -> dict[str, float] | None:
+def _format_of(config: str) -> str:
+    return FORMAT_OF.get(config.split(" [")[0], "int8" if "int8" in config else "bf16")
+
+
+def _accuracy(row: dict[str, Any], labels: np.ndarray, reference: np.ndarray | None) -> dict[str, Any] | None:
+    """Accuracy with its Wilson 95% interval; against fp32, the paired difference with a bootstrap 95% interval."""
+    from covid_cxr.evaluate.metrics import wilson_interval
+
     path = row.get("probabilities")
     if not path or not Path(path).is_file():
         return None
     probs = np.load(path)
-    out = {"accuracy_pct": float((probs.argmax(1) == labels).mean() * 100)}
+    right = probs.argmax(1) == labels
+    low, high = wilson_interval(int(right.sum()), len(right))
+    out: dict[str, Any] = {"n": len(right), "accuracy_pct": float(right.mean() * 100),
+                           "accuracy_ci95_pct": [100 * low, 100 * high]}
     if reference is not None:
-        out["accuracy_diff_pp"] = out["accuracy_pct"] - float((reference.argmax(1) == labels).mean() * 100)
+        ref_right = reference.argmax(1) == labels
+        diff = right.astype(float) - ref_right.astype(float)
+        out["accuracy_diff_pp"] = float(diff.mean() * 100)
+        draws = np.random.default_rng(0).integers(0, len(diff), (2000, len(diff)))
+        out["accuracy_diff_ci95_pp"] = [float(v) for v in np.percentile(diff[draws].mean(1) * 100, [2.5, 97.5])]
         out["class_agreement_pct"] = float((probs.argmax(1) == reference.argmax(1)).mean() * 100)
         out["max_abs_prob_diff"] = float(np.abs(probs - reference).max())
     return out
 
 
-def analyse(runs: list[dict[str, Any]], ref: Any, out: Path, *, batch_sizes: list[int], train_batch: int) -> dict[str, Any]:
+def analyse(runs: list[dict[str, Any]], ref: Any, out: Path, *, batch_sizes: list[int], train_batch: int,
+            ceilings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``ceilings``: :func:`benchmarks.peak.measure_ceilings` of this machine (no ceiling, no "% of peak")."""
     rows = _rows(runs)
+    ceilings = ceilings or next((r for e in runs for r in e["results"] if r.get("task") == "ceilings"), None)
+    peak = (ceilings or {}).get("gflops", {})
     flops = next((r for e in runs for r in e["results"] if r.get("task") == "flops"), {})
     gflop = flops.get("forward_gflop")
     keras = rows.pop("keras-tf-fp32", None)
     labels = np.load(ref.eval_set)["labels"]
     fp32_path = rows.get("torch-fp32", {}).get("probabilities")
     reference = np.load(fp32_path) if fp32_path and Path(fp32_path).is_file() else None
-    summary: dict[str, Any] = {"forward_gflop_per_image": gflop, "peak_gflops": PEAK_GFLOPS, "keras": None, "ours": {}}
+    summary: dict[str, Any] = {"forward_gflop_per_image": gflop, "peak_gflops": peak, "ceilings": ceilings,
+                               "keras": None, "ours": {}}
     if keras:
+        keras_gflops = {b: r["images_per_s"] * gflop for b, r in keras["infer"].items()} if gflop else {}
         summary["keras"] = {
+            "infer_gflops": keras_gflops,
+            "infer_pct_of_own_peak": {b: 100 * g / peak["fp32"] for b, g in keras_gflops.items() if peak.get("fp32")},
             "infer_images_per_s": {b: r["images_per_s"] for b, r in keras["infer"].items()},
             "infer_cpu_s_per_image": {b: r["cpu_median_s"] / b for b, r in keras["infer"].items()},
             "train_step_s": {b: r["step_s"] for b, r in keras["train"].items()},
@@ -90,8 +112,12 @@ def analyse(runs: list[dict[str, Any]], ref: Any, out: Path, *, batch_sizes: lis
             }
         if gflop:
             item["infer_gflops"] = {b: ips * gflop for b, ips in item["infer_images_per_s"].items()}
-            item["infer_pct_of_bf16_peak"] = {b: 100 * g / PEAK_GFLOPS["bf16"] for b, g in item["infer_gflops"].items()}
-            item["infer_pct_of_fp32_peak"] = {b: 100 * g / PEAK_GFLOPS["fp32"] for b, g in item["infer_gflops"].items()}
+            fmt = _format_of(name)
+            item["format"] = fmt
+            if peak.get("bf16"):
+                item["infer_pct_of_bf16_peak"] = {b: 100 * g / peak["bf16"] for b, g in item["infer_gflops"].items()}
+            if peak.get(fmt):
+                item["infer_pct_of_own_peak"] = {b: 100 * g / peak[fmt] for b, g in item["infer_gflops"].items()}
         item["accuracy"] = _accuracy(row, labels, reference)
         summary["ours"][name] = item
     datapath = next((r for e in runs for r in e["results"] if r.get("task") == "datapath"), None)
@@ -148,29 +174,42 @@ def render_table(report: dict[str, Any]) -> str:
         f"Image size {settings['image_size']}, median of {settings['reps']} after {settings['warmup']} warm-up; "
         f"{_fmt(s['forward_gflop_per_image'], '.2f')} GFLOP per image forward.",
         "",
-        f"| configuration | img/s b{b1} | img/s b{bn} | x Keras b{bn} | x Keras b{bn} (CPU s) | % bf16 peak b{bn} "
-        f"| train s/step b{tb} | x Keras train | peak MiB infer / train | acc. diff pp | class agree % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| configuration | img/s b{b1} | img/s b{bn} | x Keras b{b1} | x Keras b{bn} | x Keras b{bn} (CPU s) "
+        f"| % bf16 ceiling b{bn} | % own ceiling b{bn} | train s/step b{tb} | x Keras train | peak MiB infer / train "
+        f"| accuracy % [95% CI] | diff. vs fp32 pp [95% CI] | class agree % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    peak = s.get("peak_gflops") or {}
     k = s.get("keras")
     if k:
+        g = k.get("infer_gflops", {}).get(bn)
         lines.append(
             f"| Keras 3 + TF (fp32) | {_fmt(k['infer_images_per_s'].get(b1))} | {_fmt(k['infer_images_per_s'].get(bn))} "
-            f"| 1.00 | 1.00 | {_fmt((k['infer_images_per_s'].get(bn) or 0) * (s['forward_gflop_per_image'] or 0) / 10.6)} "
+            f"| 1.00 | 1.00 | 1.00 | {_fmt(100 * g / peak['bf16'] if g and peak.get('bf16') else None)} "
+            f"| {_fmt(k.get('infer_pct_of_own_peak', {}).get(bn))} "
             f"| {_fmt(k['train_step_s'].get(tb), '.2f')} | 1.00 | {_fmt(k['peak_rss_mib']['infer'], '.0f')} / "
-            f"{_fmt(k['peak_rss_mib']['train'], '.0f')} | - | - |"
+            f"{_fmt(k['peak_rss_mib']['train'], '.0f')} | - | - | - |"
         )
     for name, o in s["ours"].items():
         acc = o.get("accuracy") or {}
+        ci = acc.get("accuracy_ci95_pct")
+        dci = acc.get("accuracy_diff_ci95_pp")
         lines.append(
             f"| {name} | {_fmt(o['infer_images_per_s'].get(b1))} | {_fmt(o['infer_images_per_s'].get(bn))} "
+            f"| {_fmt(o.get('infer_ratio_vs_keras', {}).get(b1), '.2f')} "
             f"| {_fmt(o.get('infer_ratio_vs_keras', {}).get(bn), '.2f')} "
             f"| {_fmt(o.get('infer_cpu_ratio_vs_keras', {}).get(bn), '.2f')} "
             f"| {_fmt(o.get('infer_pct_of_bf16_peak', {}).get(bn))} "
+            f"| {_fmt(o.get('infer_pct_of_own_peak', {}).get(bn))} ({o.get('format', '-')}) "
             f"| {_fmt(o['train_step_s'].get(tb), '.2f')} | {_fmt(o.get('train_ratio_vs_keras', {}).get(tb), '.2f')} "
             f"| {_fmt(o['peak_rss_mib']['infer'], '.0f')} / {_fmt(o['peak_rss_mib']['train'], '.0f')} "
-            f"| {_fmt(acc.get('accuracy_diff_pp'), '+.2f')} | {_fmt(acc.get('class_agreement_pct'))} |"
+            f"| {_fmt(acc.get('accuracy_pct'))}{f' [{ci[0]:.1f}, {ci[1]:.1f}]' if ci else ''} "
+            f"| {_fmt(acc.get('accuracy_diff_pp'), '+.2f')}{f' [{dci[0]:+.2f}, {dci[1]:+.2f}]' if dci else ''} "
+            f"| {_fmt(acc.get('class_agreement_pct'))} |"
         )
+    if peak:
+        lines += ["", "Instruction ceilings measured on this machine (benchmarks/peak.py, all physical cores): "
+                      + ", ".join(f"{fmt} {value:.0f} GFLOP/s" for fmt, value in peak.items()) + "."]
     errors = [e for o in s["ours"].values() for e in o.get("errors", [])]
     if errors:
         lines += ["", "Failed runs:"] + [f"- {e}" for e in errors]

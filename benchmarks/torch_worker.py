@@ -43,6 +43,11 @@ def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
             load_checkpoint(checkpoint), device="cpu", precision=spec["precision"], channels_last=spec["channels_last"]
         )
         if spec.get("compile"):
+            import torch._inductor.config as inductor_config
+
+            # Freezing folds BatchNorms into the convolutions and prepacks the weights for oneDNN:
+            # inductor's inference setting (the weights never change here).
+            inductor_config.freezing = True
             predictor.model = torch.compile(predictor.model)
         return predictor
     from covid_cxr.deploy.onnx import OnnxPredictor
