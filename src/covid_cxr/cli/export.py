@@ -27,6 +27,9 @@ from covid_cxr.errors import ConfigError, DataError
 if TYPE_CHECKING:  # onnx and the data area load only with --int8
     from covid_cxr.deploy.calibration import CalibrationSet
 
+CALIBRATION_COUNT = 64  # about 21 per class, as benchmarks/reference.py calibrates; memory stays at one batch
+CHECK_COUNT = 300  # paired: the agreement figure shows changes much smaller than each accuracy's interval
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX (with its preprocessing in the metadata), "
@@ -43,23 +46,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calibration", nargs="+", metavar="PATH",
                    help="X-ray files, folders or globs to calibrate on (default: training images of the "
                    "checkpoint's run, from run.json beside it)")
-    q.add_argument("--calibration-count", type=int, default=64, metavar="N",
-                   help="calibrate on at most N images (default 64; at least 8)")
-    q.add_argument("--check-count", type=int, default=300, metavar="N",
-                   help="compare fp32 and int8 on at most N of the run's validation images (default 300)")
-    q.add_argument("--int8-format", choices=QUANT_FORMATS, default=DEFAULT_FORMAT,
-                   help=f"int8 graph format (default {DEFAULT_FORMAT})")
+    q.add_argument("--calibration-count", type=int, metavar="N",
+                   help=f"calibrate on at most N images (default {CALIBRATION_COUNT}; at least 8)")
+    q.add_argument("--check-count", type=int, metavar="N",
+                   help=f"compare fp32 and int8 on at most N of the run's validation images (default {CHECK_COUNT})")
+    q.add_argument("--int8-format", choices=QUANT_FORMATS, help=f"int8 graph format (default {DEFAULT_FORMAT})")
     p.set_defaults(func=run)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if not args.int8:
-        given = [flag for flag, value in (("--calibration", args.calibration),
-                                          ("--calibration-count", args.calibration_count != 64),
-                                          ("--check-count", args.check_count != 300),
-                                          ("--int8-format", args.int8_format != DEFAULT_FORMAT)) if value]
-        if given:
-            raise ConfigError(f"{', '.join(given)} only apply with --int8; add --int8 to write an int8 model")
+    int8_flags = {"--calibration": args.calibration, "--calibration-count": args.calibration_count,
+                  "--check-count": args.check_count, "--int8-format": args.int8_format}
+    given = [flag for flag, value in int8_flags.items() if value is not None]
+    if given and not args.int8:
+        raise ConfigError(f"{', '.join(given)} only apply with --int8; add --int8 to write an int8 model")
+    args.calibration_count = CALIBRATION_COUNT if args.calibration_count is None else args.calibration_count
+    args.check_count = CHECK_COUNT if args.check_count is None else args.check_count
+    args.int8_format = args.int8_format or DEFAULT_FORMAT
     if args.calibration_count < 1 or args.check_count < 1:
         raise ConfigError("--calibration-count and --check-count must be >= 1")
 
@@ -85,15 +88,15 @@ def _int8_inputs(args: argparse.Namespace, image_size: int, classes: tuple[str, 
     """Calibration and check images, read before any export so that a missing image fails fast."""
     from covid_cxr.deploy.calibration import CalibrationSet, load_calibration_files, read_run, run_images
 
-    run = read_run(args.checkpoint)
     from_run = None
     run_problem = "no run.json beside it"
-    if run is not None:
-        try:
+    try:
+        run = read_run(args.checkpoint)
+        if run is not None:
             from_run = run_images(args.checkpoint, run, image_size, classes, calibration_count=args.calibration_count,
                                   check_count=args.check_count)
-        except DataError as exc:
-            run_problem = f"its run's data cannot be used ({exc})"
+    except DataError as exc:
+        run_problem = f"its run's data cannot be used ({exc})"
     if args.calibration:
         failures: list[tuple[str, str]] = []
         calib = load_calibration_files(args.calibration, image_size, args.calibration_count, failures)
