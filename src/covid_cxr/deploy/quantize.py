@@ -34,6 +34,7 @@ import torch
 from covid_cxr.deploy.graph import (
     batchnorm_as_depthwise_conv,
     fold_pads_into_pools,
+    give_relus_their_own_input,
     is_minus_inf_pad,
     unshare_pad_constants,
 )
@@ -84,18 +85,18 @@ def prepare_for_int8(model: Any) -> list[str]:
 
     The rewrites (:mod:`covid_cxr.deploy.graph`) change no output: ``-inf`` pads merge into their
     max-pools (older exports still carry them), standalone BatchNorms become 1x1 depthwise convs, and
-    pads get their own fill constants. What stays fp32: the softmax (its output is the probabilities),
-    and any ``-inf`` pad that could not be merged together with what reads it (no 8-bit scale covers
-    ``-inf``).
+    pads get their own fill constants, and ReLUs that share their input get their own copy of it (or
+    stay fp32). What stays fp32: the softmax (its output is the probabilities), such ReLUs, and any
+    ``-inf`` pad that could not be merged together with what reads it (no 8-bit scale covers ``-inf``).
     """
     from onnx import numpy_helper
 
     fold_pads_into_pools(model)
     batchnorm_as_depthwise_conv(model)
     unshare_pad_constants(model)
+    keep = give_relus_their_own_input(model)
     constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     infinite_outputs: set[str] = set()
-    keep = []
     for node in model.graph.node:
         if is_minus_inf_pad(node, constants):
             keep.append(node.name)
