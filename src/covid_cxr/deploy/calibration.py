@@ -47,10 +47,10 @@ class CalibrationSet:
 
 def read_run(checkpoint: Path) -> dict[str, Any] | None:
     """The ``run.json`` beside ``checkpoint``, or None when the checkpoint is not inside a run folder."""
-    from covid_cxr.evaluate.run import _read_run
+    from covid_cxr.evaluate.run import read_run_file
 
     path = checkpoint.parent / "run.json"
-    return _read_run(path) if path.is_file() else None
+    return read_run_file(path) if path.is_file() else None
 
 
 def stratified_sample(frame: pd.DataFrame, n: int, seed: int = SEED) -> pd.DataFrame:

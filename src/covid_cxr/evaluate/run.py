@@ -53,7 +53,7 @@ class EvalTarget:
     run: dict[str, Any]
 
 
-def _read_run(path: Path) -> dict[str, Any]:
+def read_run_file(path: Path) -> dict[str, Any]:
     try:
         run = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -72,7 +72,7 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
         run_file = target / "run.json"
         if not run_file.is_file():
             raise DataError(f"{target}: not a run folder (no run.json); give a run folder or a .pt checkpoint")
-        run = _read_run(run_file)
+        run = read_run_file(run_file)
         checkpoint = target / CHECKPOINT_IN_RUN
         if not checkpoint.is_file():
             raise CheckpointError(
@@ -83,7 +83,7 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
     elif target.is_file():
         # A checkpoint inside a run folder (e.g. RUN/last.pt) takes its data and fold from the run.
         run_file = target.parent / "run.json"
-        run = _read_run(run_file) if run_file.is_file() else {}
+        run = read_run_file(run_file) if run_file.is_file() else {}
         checkpoint = target
         default_out = target.parent / f"{target.stem}-eval-{split}"
     else:
@@ -199,15 +199,17 @@ def evaluate_run(
     prevalence: float | None = None,
     n_boot: int = 1000,
     progress: bool = True,
+    compile: str = "auto",
 ) -> EvaluationResult:
     """Evaluate a run folder (its ``best.pt``) or a checkpoint on one split of the prepared data.
 
-    ``data`` and ``fold`` default to the run's ``run.json``; a bare checkpoint needs both.
+    ``data`` and ``fold`` default to the run's ``run.json``; a bare checkpoint needs both. ``compile``
+    (auto|on|off): ``torch.compile`` the network; auto does so for splits large enough to repay it.
     """
     # Imported here so that metrics and reports never load torch or the data area.
     from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.inference import TorchPredictor, predict_in_batches
+    from covid_cxr.inference import TorchPredictor, predict_in_batches, should_compile
 
     where = Path(target)
     tgt = resolve_target(where, data, fold, split, out_dir)
@@ -224,7 +226,7 @@ def evaluate_run(
     rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
     # Read the memory-mapped cache front to back: sort by cache row, keep the split's order in the output.
     order = np.argsort(rows, kind="stable")
-    predictor = TorchPredictor(ckpt, device=device, precision=precision)
+    predictor = TorchPredictor(ckpt, device=device, precision=precision, compile=should_compile(compile, len(rows)))
 
     console = Console(stderr=True)
     started = time.perf_counter()
@@ -258,7 +260,7 @@ def evaluate_run(
         "image_size": ckpt.preprocessing.image_size,
         "scaling": ckpt.preprocessing.scaling,
         "classes_checkpoint": list(ckpt.classes),
-        "runtime": predictor.runtime.describe(),
+        "runtime": predictor.describe(),
         "batch_size": batch_size,
         "images": len(rows),
         "seconds": seconds,
