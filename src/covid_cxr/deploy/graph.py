@@ -89,8 +89,8 @@ def fold_pads_into_pools(model: Any) -> int:
         users = readers.get(node.output[0], [])
         if pads is None or pads.shape != (8,) or np.any(pads < 0) or pads[[0, 1, 4, 5]].any():
             continue
-        if not users or node.output[0] in outputs:
-            continue
+        if not users or node.output[0] in outputs or (len(node.input) > 3 and node.input[3]):
+            continue  # unused, a graph output, or padding chosen axes (opset 18 "axes" input): leave it
         if any(u.op_type != "MaxPool" or any(_attribute(u, "pads", [0, 0, 0, 0])) or
                _attribute(u, "auto_pad", b"NOTSET") != b"NOTSET" for u in users):
             continue
