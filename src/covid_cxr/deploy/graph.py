@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 
-def _constants(graph: Any) -> dict[str, np.ndarray]:
+def graph_constants(graph: Any) -> dict[str, np.ndarray]:
     """Initializers and ``Constant`` node outputs of ``graph``, by name."""
     from onnx import numpy_helper
 
@@ -78,7 +78,7 @@ def fold_pads_into_pools(model: Any) -> int:
     from onnx import helper
 
     graph = model.graph
-    constants = _constants(graph)
+    constants = graph_constants(graph)
     readers = _readers(graph)
     outputs = {out.name for out in graph.output}
     folded = []
@@ -113,7 +113,7 @@ def batchnorm_as_depthwise_conv(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    constants = _constants(graph)
+    constants = graph_constants(graph)
     replaced = 0
     for index, node in enumerate(list(graph.node)):
         if node.op_type != "BatchNormalization" or len([o for o in node.output if o]) != 1:

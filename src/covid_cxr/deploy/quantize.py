@@ -35,6 +35,7 @@ from covid_cxr.deploy.graph import (
     batchnorm_as_depthwise_conv,
     fold_pads_into_pools,
     give_relus_their_own_input,
+    graph_constants,
     is_minus_inf_pad,
     unshare_pad_constants,
 )
@@ -84,18 +85,16 @@ def prepare_for_int8(model: Any) -> list[str]:
     """Rewrite ``model`` in place so that it quantizes end to end; returns the nodes that must stay fp32.
 
     The rewrites (:mod:`covid_cxr.deploy.graph`) change no output: ``-inf`` pads merge into their
-    max-pools (older exports still carry them), standalone BatchNorms become 1x1 depthwise convs, and
-    pads get their own fill constants, and ReLUs that share their input get their own copy of it (or
-    stay fp32). What stays fp32: the softmax (its output is the probabilities), such ReLUs, and any
+    max-pools (older exports still carry them), standalone BatchNorms become 1x1 depthwise convs, pads
+    get their own fill constants, and ReLUs that share their input get their own copy of it (or stay
+    fp32). What stays fp32: the softmax (its output is the probabilities), such ReLUs, and any
     ``-inf`` pad that could not be merged together with what reads it (no 8-bit scale covers ``-inf``).
     """
-    from onnx import numpy_helper
-
     fold_pads_into_pools(model)
     batchnorm_as_depthwise_conv(model)
     unshare_pad_constants(model)
     keep = give_relus_their_own_input(model)
-    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    constants = graph_constants(model.graph)
     infinite_outputs: set[str] = set()
     for node in model.graph.node:
         if is_minus_inf_pad(node, constants):
