@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.deploy.backends import load_model
 from covid_cxr.inference import COMPILE_MIN_IMAGES, TorchPredictor, predict_in_batches, should_compile
 from tests.test_server import tiny_checkpoint
 
@@ -25,12 +26,15 @@ def test_should_compile() -> None:
 def test_compiled_predictor_matches_eager_and_compiles_once(tmp_path) -> None:
     from torch._dynamo.utils import counters
 
-    ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt", "xception", size=SIZE))
-    eager = TorchPredictor(ckpt, device="cpu", precision="fp32")
-    compiled = TorchPredictor(ckpt, device="cpu", precision="fp32", compile=True)
-    images = np.random.default_rng(0).integers(0, 256, (12, SIZE, SIZE), dtype=np.uint8)
+    path = tiny_checkpoint(tmp_path / "tiny.pt", "xception", size=SIZE)
+    eager = TorchPredictor(load_checkpoint(path), device="cpu", precision="fp32")
     torch._dynamo.reset()
     counters.clear()
+    loaded = load_model(path, device="cpu", precision="fp32", compile=True)  # as predict/serve --compile open it
+    compiled = loaded.predictor
+    compiled.warm_up(5)  # compiles here, for batches of 5
+    assert "compile=on" in loaded.describe()
+    images = np.random.default_rng(0).integers(0, 256, (12, SIZE, SIZE), dtype=np.uint8)
     # batches of 5, 5 and 2: the last is padded to the compiled 5; then one call of 12 is split into 5+5+2
     p_batched = predict_in_batches(compiled, images, batch_size=5)
     p_whole = compiled.predict_proba(images)

@@ -46,6 +46,12 @@ def test_metadata_rebuilds_classes_and_preprocessing(exported):
     assert predictor.backend == "onnx" and predictor.network == "xception"
 
 
+def test_compile_is_refused_for_onnx(exported):
+    _, onnx_path = exported
+    with pytest.raises(ConfigError, match="--compile applies to a PyTorch checkpoint"):
+        load_model(onnx_path, compile=True)
+
+
 def test_keras_max_pool_pads_are_folded_into_the_pools(exported):
     """Xception's -inf "same" pads are MaxPool pads in the export (the parity test below shows same numbers)."""
     _, onnx_path = exported

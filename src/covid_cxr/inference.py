@@ -82,6 +82,11 @@ class TorchPredictor:
     def describe(self) -> str:
         return f"{self.runtime.describe()} compile={'on' if self.compiled else 'off'}"
 
+    def warm_up(self, batch: int) -> None:
+        """One forward pass on blank images: compiles now, for batches of ``batch``, instead of on the first real call."""
+        size = self.preprocessing.image_size
+        self.predict_proba(np.zeros((batch, size, size), dtype=np.uint8))
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled_model is None:
             return self.model(x)

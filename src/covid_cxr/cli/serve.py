@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from covid_cxr.deploy.backends import BACKENDS, load_model
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=defaults.max_batch,
                    help=f"concurrent uploads run together as one batch, up to this many (default {defaults.max_batch})")
     p.add_argument("--no-heatmap", action="store_true", help="refuse heatmap requests (saves the Grad-CAM memory)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network for one image at a time before serving (a checkpoint only; "
+                   "about 30 s at start, then single uploads about 1.5x faster on CPU)")
     p.set_defaults(func=run)
 
 
@@ -40,7 +44,12 @@ def run(args: argparse.Namespace) -> int:
 
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                           max_batch=args.max_batch)
-    loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision)
+    loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
+                        compile=args.compile)
+    if args.compile:  # compile before the first upload, not during it; batches of uploads then run one by one
+        started = time.perf_counter()
+        loaded.predictor.warm_up(1)  # type: ignore[attr-defined]
+        print(f"compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     gradcam = None if args.no_heatmap or loaded.checkpoint is None else loaded.gradcam()
     app = create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256, gradcam=gradcam, limits=limits)
     print(f"model: {loaded.describe()}; heatmaps {'on' if gradcam else 'off'}", file=sys.stderr)

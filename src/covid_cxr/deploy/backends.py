@@ -29,9 +29,7 @@ class LoadedModel:
     checkpoint: Checkpoint | None
 
     def describe(self) -> str:
-        runtime = getattr(self.predictor, "runtime", None)
-        detail = runtime.describe() if runtime is not None else self.predictor.describe()  # type: ignore[attr-defined]
-        return f"{self.network} on {self.predictor.backend}: {detail}"
+        return f"{self.network} on {self.predictor.backend}: {self.predictor.describe()}"  # type: ignore[attr-defined]
 
     def gradcam(self) -> GradCam:
         """Grad-CAM on the PyTorch network (the predictor's own when it is PyTorch)."""
@@ -54,14 +52,21 @@ def load_model(
     backend: str | None = None,
     device: str = "auto",
     precision: str = "auto",
+    compile: bool = False,
 ) -> LoadedModel:
-    """Open ``path`` (checkpoint or ONNX file) on ``backend`` (default: torch for a checkpoint, onnx for ONNX)."""
+    """Open ``path`` (checkpoint or ONNX file) on ``backend`` (default: torch for a checkpoint, onnx for ONNX).
+
+    ``compile``: run the PyTorch network through ``torch.compile`` (see :class:`TorchPredictor`).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file (a .pt checkpoint or an exported .onnx model)")
     if backend is not None and backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     sha = file_sha256(path)
+    if compile and (backend == "onnx" or not is_checkpoint_file(path)):
+        raise ConfigError(f"{path}: --compile applies to a PyTorch checkpoint on the torch backend; ONNX Runtime "
+                          "optimises its graph itself")
     if not is_checkpoint_file(path):
         if backend == "torch":
             raise ConfigError(f"{path} is an ONNX model; run it with --backend onnx, or give the .pt checkpoint")
@@ -73,4 +78,5 @@ def load_model(
             raise ConfigError("--backend onnx runs in fp32 on ONNX Runtime's own providers; drop --device/--precision")
         predictor = OnnxPredictor(export_onnx_bytes(ckpt, source_sha256=sha))
         return LoadedModel(predictor, ckpt.network, sha, ckpt)
-    return LoadedModel(TorchPredictor(ckpt, device=device, precision=precision), ckpt.network, sha, ckpt)
+    predictor = TorchPredictor(ckpt, device=device, precision=precision, compile=compile)
+    return LoadedModel(predictor, ckpt.network, sha, ckpt)
