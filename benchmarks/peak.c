@@ -23,27 +23,27 @@ static double now(void) {
 #if defined(__AVX512F__)
 typedef __m512 vec;
 #define LANES 16
-static float fp32_chain(long iters) {
-    vec acc[CHAINS], a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
-    for (int i = 0; i < CHAINS; i++) acc[i] = _mm512_set1_ps((float)i);
-    for (long it = 0; it < iters; it++)
-        for (int i = 0; i < CHAINS; i++) acc[i] = _mm512_fmadd_ps(a, acc[i], b);
-    float s = 0;
-    for (int i = 0; i < CHAINS; i++) s += _mm512_reduce_add_ps(acc[i]);
-    return s;
-}
+#define SET1 _mm512_set1_ps
+#define FMADD _mm512_fmadd_ps
+#define STORE _mm512_storeu_ps
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 vec;
 #define LANES 8
+#define SET1 _mm256_set1_ps
+#define FMADD _mm256_fmadd_ps
+#define STORE _mm256_storeu_ps
+#endif
+
+#ifdef LANES
 static float fp32_chain(long iters) {
-    vec acc[CHAINS], a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
-    for (int i = 0; i < CHAINS; i++) acc[i] = _mm256_set1_ps((float)i);
+    vec acc[CHAINS], a = SET1(0.999999f), b = SET1(1e-7f);
+    for (int i = 0; i < CHAINS; i++) acc[i] = SET1((float)i);
     for (long it = 0; it < iters; it++)
-        for (int i = 0; i < CHAINS; i++) acc[i] = _mm256_fmadd_ps(a, acc[i], b);
-    float out[8], s = 0;
+        for (int i = 0; i < CHAINS; i++) acc[i] = FMADD(a, acc[i], b);
+    float out[LANES], s = 0;
     for (int i = 0; i < CHAINS; i++) {
-        _mm256_storeu_ps(out, acc[i]);
-        for (int j = 0; j < 8; j++) s += out[j];
+        STORE(out, acc[i]);
+        for (int j = 0; j < LANES; j++) s += out[j];
     }
     return s;
 }
@@ -89,7 +89,7 @@ static int int8_chain(long iters) {
     } while (0)
 
 int main(void) {
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#ifdef LANES
     MEASURE("fp32", fp32_chain, LANES * 2);
 #endif
 #if defined(__AVX512BF16__)
