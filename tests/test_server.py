@@ -37,11 +37,11 @@ SECRET = "SECRET^PATIENT"
 
 
 def tiny_checkpoint(path: Path, network: str = "xception", *, size: int = SIZE, classes=CLASSES,
-                    scaling: str = "symmetric", seed: int = 0) -> Path:
+                    scaling: str = "symmetric", seed: int = 0, resize: str = "area") -> Path:
     """A random network whose outputs are not all 1/3: BatchNorm statistics taken from one batch, a wider head."""
     torch.manual_seed(seed)
     model = build_model(network, image_size=size)
-    pre = Preprocessing(size, scaling)
+    pre = Preprocessing(size, scaling, resize=resize)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # running stats become the batch's own
