@@ -10,7 +10,7 @@ pipe, a broken link): it is reported, never opened (reading a pipe would wait fo
 silently dropped.
 
 File names are whatever bytes the OS holds; Python hands names that are not UTF-8 over with
-surrogate escapes. :func:`display_path` is the one way such a name is printed or written.
+surrogate escapes; :func:`~covid_cxr.data.names.display_path` is how such a name is printed or written.
 """
 
 from __future__ import annotations
@@ -22,26 +22,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from covid_cxr.data.names import display_path, printable
+
+__all__ = ["IMAGE_SUFFIXES", "Inputs", "display_path", "expand_inputs", "not_a_file", "printable"]
+
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"})
 _GLOB_CHARS = frozenset("*?[")
-
-
-def display_path(path: str | os.PathLike[str]) -> str:
-    """``path`` as printable UTF-8 text: bytes that are not UTF-8 become ``\\xNN`` escapes.
-
-    Any file name the OS can hold prints, and goes into a CSV or JSON file, without an encoding
-    error; a valid UTF-8 name comes back unchanged.
-    """
-    return printable(os.fspath(path))
-
-
-def printable(text: str) -> str:
-    """Text safe to print or write as UTF-8: surrogate escapes (undecodable bytes) become ``\\xNN``."""
-    try:
-        raw = text.encode("utf-8", errors="surrogateescape")
-    except UnicodeEncodeError:  # a lone surrogate that no byte produced
-        return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
-    return raw.decode("utf-8", errors="backslashreplace")
 
 
 @dataclass

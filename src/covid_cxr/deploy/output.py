@@ -5,7 +5,7 @@ output) or a refusal (``path`` and ``error``, the reason). A CSV is flushed afte
 even a killed run leaves every finished row on disk; a JSON document streams its predictions
 and is closed (with ``"complete": false``) when the run is interrupted; the terminal gets each
 batch as it is done. Paths are printable whatever bytes the file name holds
-(:func:`~covid_cxr.deploy.files.printable`).
+(:func:`~covid_cxr.data.names.printable`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
-from covid_cxr.deploy.files import printable
+from covid_cxr.data.names import printable
 
 SUFFIXES = (".csv", ".json")
 
