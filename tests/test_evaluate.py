@@ -39,7 +39,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _checkpoint(path: Path, classes: tuple[str, ...] = CLASSES, size: int = SIZE, resize: str = "area") -> Path:
     torch.manual_seed(0)
     model = build_model("resnet50v2", num_classes=3, image_size=size)
-    ckpt = Checkpoint(network="resnet50v2", classes=classes, preprocessing=Preprocessing(image_size=size, resize=resize),
+    pre = Preprocessing(image_size=size, resize=resize)
+    ckpt = Checkpoint(network="resnet50v2", classes=classes, preprocessing=pre,
                       model_state=model.state_dict(), meta={"fold": 1})
     return save_checkpoint(ckpt, path)
 

@@ -69,7 +69,11 @@ class CacheBuild:
     resize: str = "area"
 
 
-def _decode_one(job: tuple[str, str, int, str]) -> tuple[str, np.ndarray | None, str, str, str]:
+Job = tuple[str, str, int, str]  # image_id, path, size, resize method
+Result = tuple[str, np.ndarray | None, str, str, str]  # image_id, image or None, error, sha256, view
+
+
+def _decode_one(job: Job) -> Result:
     """Worker: (image_id, path, size, resize) -> (image_id, image or None, error, sha256, view)."""
     image_id, path, size, resize = job
     try:
@@ -86,7 +90,7 @@ def _decode_one(job: tuple[str, str, int, str]) -> tuple[str, np.ndarray | None,
     return image_id, resize_gray(img, size, resize), "", digest, info.get("view", "")
 
 
-def _results(jobs: list[tuple[str, str, int, str]], workers: int) -> Iterator[tuple[str, np.ndarray | None, str, str, str]]:
+def _results(jobs: list[Job], workers: int) -> Iterator[Result]:
     if workers <= 1 or len(jobs) < 32:
         yield from map(_decode_one, jobs)
         return

@@ -4,9 +4,9 @@ The format is decided by the bytes, never by the file name: a DICOM file carries
 offset 128 or, as older PACS exports write it, is a bare dataset without preamble and file meta
 (read with ``force=True``; its transfer syntax is the encoding it was read in, implicit or explicit
 VR little endian); everything else goes to Pillow. A multi-frame object is refused with its frame
-count: a classifier of single radiographs must not silently take one frame. DICOM pixels pass through the modality LUT (rescale slope/intercept) and the VOI LUT
-or window, MONOCHROME1 is inverted so that bone is always bright, and data deeper than 8 bits is
-stretched to 0-255. Sizes are checked from the header before any pixel is decoded, so a
+count: a classifier of single radiographs must not silently take one frame. DICOM pixels pass
+through the modality LUT (rescale slope/intercept) and the VOI LUT or window, MONOCHROME1 is
+inverted so that bone is always bright, and data deeper than 8 bits is stretched to 0-255. Sizes are checked from the header before any pixel is decoded, so a
 decompression bomb costs nothing.
 """
 

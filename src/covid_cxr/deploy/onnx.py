@@ -126,7 +126,8 @@ def export_onnx_bytes(
     proto.producer_name, proto.producer_version = "covid-cxr", __version__
     proto.doc_string = (
         f"covid-cxr {checkpoint.network}: input 'image' float (N,{pre.channels},{pre.image_size},{pre.image_size}), "
-        f"grayscale uint8 resized '{pre.resize}', scaled '{pre.scaling}'; outputs logits and probabilities over {', '.join(checkpoint.classes)}"
+        f"grayscale uint8 resized '{pre.resize}', scaled '{pre.scaling}'; "
+        f"outputs logits and probabilities over {', '.join(checkpoint.classes)}"
     )
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
