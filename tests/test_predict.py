@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.checkpoint import load_checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.data.images import load_image
 from covid_cxr.deploy.files import expand_inputs
@@ -211,13 +212,15 @@ def test_glob_matches_that_are_not_files_are_reported(mixed):
                                                                         "a broken symbolic link")]
 
 
-def test_predict_resizes_as_the_checkpoint_records(tmp_path, capsys):
+def test_predict_resizes_as_the_checkpoint_records(ckpt, tmp_path):
     """An authors'-style checkpoint (bilinear) sees what cv2.resize makes of a large radiograph, not our area filter."""
     big = cv2.resize(render_chest(np.random.default_rng(5), 256, "covid").image, (1100, 1000))
     big = np.clip(big.astype(int) + np.tile([0, 60], (1000, 550)), 0, 255).astype(np.uint8)  # fine detail to alias
     path = tmp_path / "big.png"
     cv2.imwrite(str(path), big)
-    ckpt = tiny_checkpoint(tmp_path / "bilinear.pt", "xception", size=SIZE, resize="bilinear")
+    ours = load_checkpoint(ckpt)
+    ours.preprocessing = replace(ours.preprocessing, resize="bilinear")
+    ckpt = save_checkpoint(ours, tmp_path / "bilinear.pt")
     out = tmp_path / "p.csv"
     assert main(["predict", str(ckpt), str(path), "--out", str(out), "--device", "cpu", "--precision", "fp32"]) == 0
     got = pd.read_csv(out)[[f"p_{c}" for c in CLASSES]].to_numpy()[0]
