@@ -36,10 +36,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "data"
 
 
-def _checkpoint(path: Path, classes: tuple[str, ...] = CLASSES, size: int = SIZE) -> Path:
+def _checkpoint(path: Path, classes: tuple[str, ...] = CLASSES, size: int = SIZE, resize: str = "area") -> Path:
     torch.manual_seed(0)
     model = build_model("resnet50v2", num_classes=3, image_size=size)
-    ckpt = Checkpoint(network="resnet50v2", classes=classes, preprocessing=Preprocessing(image_size=size),
+    pre = Preprocessing(image_size=size, resize=resize)
+    ckpt = Checkpoint(network="resnet50v2", classes=classes, preprocessing=pre,
                       model_state=model.state_dict(), meta={"fold": 1})
     return save_checkpoint(ckpt, path)
 
@@ -155,3 +156,39 @@ def test_pred_is_authoritative_and_spellings_are_accepted(tmp_path: Path) -> Non
     preds = read_predictions(path)
     assert preds.frame["label"].tolist() == ["covid", "normal"]
     assert preds.confusion()[0, 2] == 1 and preds.groups is None
+
+
+def test_a_checkpoint_that_resizes_otherwise_is_fed_images_resized_its_way(data: Path, tmp_path: Path, capsys) -> None:
+    """An authors'-style (bilinear) checkpoint never sees the area cache: the images are decoded again, once."""
+    from covid_cxr.data.images import load_image
+
+    ckpt = _checkpoint(tmp_path / "bilinear.pt", resize="bilinear")
+    result = evaluate_run(ckpt, data=data, fold=1, device="cpu", precision="fp32", n_boot=20, progress=False)
+    assert "built by 'area'" in capsys.readouterr().err
+    prepared = PreparedData(data)
+    cache = prepared.cache(SIZE, "bilinear")
+    assert cache.resize == "bilinear" and Path(result.info["cache"]) == cache.folder.resolve()
+    assert result.info["resize"] == "bilinear" and prepared.cache(SIZE).resize == "area"
+    test = prepared.fold(1).test.iloc[:4]
+    paths = prepared.manifest.set_index("image_id").loc[test["image_id"], "path"]
+    images = np.stack([load_image(p, SIZE, resize="bilinear") for p in paths])
+    np.testing.assert_array_equal(cache.images[cache.rows(test["image_id"])], images)
+    assert not np.array_equal(images, prepared.cache(SIZE).images[prepared.cache(SIZE).rows(test["image_id"])])
+    direct = TorchPredictor(_load(ckpt), device="cpu", precision="fp32").predict_proba(images)
+    np.testing.assert_allclose(result.predictions[[f"p_{c}" for c in CLASSES]].to_numpy()[:4], direct, atol=2e-6)
+    evaluate_run(ckpt, data=data, fold=1, device="cpu", precision="fp32", n_boot=20, progress=False)
+    assert "decoding them again" not in capsys.readouterr().err  # the second run reuses the bilinear cache
+
+
+def test_a_resize_mismatch_without_the_source_files_is_refused(tmp_path: Path) -> None:
+    root = tmp_path
+    make_synthetic(root / "raw", seed=2, n_covid=10, n_pneumonia=12, n_normal=10, size=96, workers=1)
+    prepare_dataset(PrepareSettings(out=root / "data", covid_chestxray=root / "raw" / "covid-chestxray-dataset",
+                                    rsna=root / "raw" / "rsna", folds=2, phases=2, image_size=SIZE, workers=1),
+                    progress=False)
+    gone = Path(PreparedData(root / "data").manifest["path"].iloc[0])
+    gone.unlink()
+    ckpt = _checkpoint(tmp_path / "bilinear.pt", resize="bilinear")
+    with pytest.raises(DataError, match="built by 'area'.*cannot be decoded again") as err:
+        evaluate_run(ckpt, data=root / "data", fold=1, device="cpu", n_boot=20, progress=False)
+    assert gone.name in str(err.value)

@@ -7,13 +7,16 @@ import struct
 import zlib
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.dataset import Dataset
 
-from covid_cxr.data.images import MAX_PIXELS, decode_image, is_dicom, load_image, resize_gray
-from covid_cxr.errors import ImageDecodeError
+from covid_cxr.data.images import MAX_PIXELS, RESIZE_METHODS, decode_image, is_dicom, load_image, resize_gray
+from covid_cxr.errors import ConfigError, ImageDecodeError
+from covid_cxr.preprocess import Preprocessing
 from covid_cxr.synth.dicom import write_dicom
 from covid_cxr.synth.render import render_chest
 
@@ -133,3 +136,72 @@ def test_dicom_bomb_refused_from_header(tmp_path: Path, chest: np.ndarray) -> No
     ds.save_as(path)
     with pytest.raises(ImageDecodeError, match="exceeds the limit"):
         decode_image(path)
+
+
+def write_raw_dicom(path: Path, img: np.ndarray, *, frames: int = 1, first_group: str = "0008") -> None:
+    """A bare DICOM dataset as older PACS exports write it: no preamble, no file meta, implicit VR little endian.
+
+    ``img`` is (H, W) uint8, or (frames, H, W) for a multi-frame object; ``first_group`` "0010" starts
+    the file with the patient module instead of the SOP common module.
+    """
+    ds = Dataset()
+    if first_group == "0008":
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # computed radiography
+        ds.Modality = "CR"
+    ds.PatientID = "raw"
+    ds.Rows, ds.Columns = img.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PixelData = np.ascontiguousarray(img, dtype=np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=False, implicit_vr=True, little_endian=True)
+
+
+@pytest.mark.parametrize("first_group", ["0008", "0010"])
+def test_dicom_without_preamble_or_meta_is_read(tmp_path: Path, chest: np.ndarray, first_group: str) -> None:
+    path = tmp_path / "raw"
+    write_raw_dicom(path, chest, first_group=first_group)
+    data = path.read_bytes()
+    assert data[128:132] != b"DICM" and is_dicom(data)
+    np.testing.assert_array_equal(decode_image(path), chest)  # uncompressed 8-bit: exactly the pixels
+
+
+def test_multi_frame_dicom_is_refused_with_its_frame_count(tmp_path: Path, chest: np.ndarray) -> None:
+    path = tmp_path / "cine.dcm"
+    write_raw_dicom(path, np.stack([chest, 255 - chest, chest]), frames=3)
+    with pytest.raises(ImageDecodeError, match="multi-frame DICOM [(]3 frames[)]") as err:
+        decode_image(path)
+    assert str(path) in str(err.value)
+
+
+def test_resize_methods_are_what_they_claim(chest: np.ndarray) -> None:
+    big = cv2.resize(chest, (1000, 900), interpolation=cv2.INTER_CUBIC)
+    area = cv2.resize(big, (300, 300), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(resize_gray(big, 300, "area"), area)
+    np.testing.assert_array_equal(resize_gray(big, 300, "bilinear"), cv2.resize(big, (300, 300)))  # cv2's default
+    np.testing.assert_array_equal(resize_gray(big, 300, "nearest"),
+                                  np.asarray(Image.fromarray(big).resize((300, 300), Image.Resampling.NEAREST)))
+    np.testing.assert_array_equal(resize_gray(chest, 300), resize_gray(chest, 300, "bilinear"))  # enlarging: linear
+    with pytest.raises(ValueError, match="area, bilinear, nearest"):
+        resize_gray(chest, 64, "bicubic")
+
+
+def test_only_the_area_filter_averages_when_shrinking() -> None:
+    """A 1-pixel stripe pattern shrunk 1024 -> 300: the area filter gives its mean, the others alias."""
+    stripes = np.tile(np.array([0, 255], np.uint8), (1024, 512))
+    area = resize_gray(stripes, 300, "area").astype(float)
+    assert abs(area.mean() - 127.5) < 2 and area.std() < 20
+    for method in ("bilinear", "nearest"):
+        assert resize_gray(stripes, 300, method).astype(float).std() > 60, method
+
+
+def test_preprocessing_records_the_resize_method() -> None:
+    assert Preprocessing().resize == "area" and set(RESIZE_METHODS) == {"area", "bilinear", "nearest"}
+    old = {"image_size": 300, "scaling": "unit", "channels": 3}  # a checkpoint written before the field
+    assert Preprocessing.from_dict(old).resize == "area"
+    pre = Preprocessing(resize="bilinear")
+    assert Preprocessing.from_dict(pre.to_dict()) == pre
+    with pytest.raises(ConfigError, match="resize must be one of"):
+        Preprocessing(resize="lanczos")

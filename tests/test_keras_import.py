@@ -143,6 +143,7 @@ def test_concat_parity_authors_format(concat_files, concat_imported) -> None:
     assert ckpt.network == "concat"
     assert ckpt.classes == KERAS_AUTHORS_ORDER
     assert ckpt.preprocessing.image_size == 300 and ckpt.preprocessing.scaling == "unit"
+    assert ckpt.preprocessing.resize == "bilinear"  # the authors' evaluation: cv2.resize's default
     _assert_parity(_ours(ckpt.build_model(), x), ref)
 
 
@@ -164,12 +165,12 @@ def test_cli_import_keras_writes_a_checkpoint(concat_files, tmp_path: Path) -> N
     out = tmp_path / "authors.pt"
     code = cli_main([
         "import-keras", str(files["keras2.hdf5"]), "--network", "concat", "--out", str(out),
-        "--classes", "normal", "pneumonia", "covid", "--scaling", "symmetric",
+        "--classes", "normal", "pneumonia", "covid", "--scaling", "symmetric", "--resize", "nearest",
     ])
     assert code == 0
     ckpt = load_checkpoint(out)  # the file, read back as predict and serve will read it
     assert ckpt.classes == ("normal", "pneumonia", "covid")
-    assert ckpt.preprocessing.scaling == "symmetric"
+    assert ckpt.preprocessing.scaling == "symmetric" and ckpt.preprocessing.resize == "nearest"
     _assert_parity(_ours(ckpt.build_model(), x), ref, keys=("logits",))
     # A wrong network is refused with the fix in the message, and exits 2 (a user error).
     wrong = ["import-keras", str(files["keras2.hdf5"]), "--network", "xception", "--out", str(tmp_path / "x.pt")]
@@ -255,6 +256,7 @@ def test_imagenet_layout_loads_into_the_backbone(single_files, tmp_path: Path) -
     # The file converts to a checkpoint whose head is new.
     ckpt = import_keras(notop, image_size=299)
     assert ckpt.network == name and ckpt.meta["source"]["head"].startswith("initialised")
+    assert ckpt.preprocessing.resize == "area"  # backbone weights are trained on by us, with our resize
     # A file missing one layer is refused and leaves the model untouched.
     from covid_cxr.models.keras_import import load_keras_layers
     from covid_cxr.models.keras_reader import read_keras_weights

@@ -37,7 +37,8 @@ def test_metadata_rebuilds_classes_and_preprocessing(exported):
     ckpt = load_checkpoint(ckpt_path)
     meta = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     assert json.loads(meta[META_PREFIX + "classes"]) == list(KERAS_AUTHORS_ORDER)
-    assert json.loads(meta[META_PREFIX + "preprocessing"]) == {"image_size": SIZE, "scaling": "unit", "channels": 3}
+    assert json.loads(meta[META_PREFIX + "preprocessing"]) == {"image_size": SIZE, "scaling": "unit", "channels": 3,
+                                                                  "resize": "area"}
     assert meta[META_PREFIX + "network"] == "xception"
     assert meta[META_PREFIX + "source_sha256"] == file_sha256(ckpt_path)
     predictor = OnnxPredictor(onnx_path)

@@ -1,15 +1,25 @@
-"""``covid-cxr predict``: files, folders and globs of PNG, JPEG and DICOM; bad files reported, not fatal."""
+"""``covid-cxr predict``: files, folders and globs of PNG, JPEG and DICOM; bad files reported, not fatal.
+
+No result is ever lost: every good file gets its row whatever else is in the folder (names that
+are not UTF-8, multi-frame DICOMs, truncated files, folders named like images), each refused
+input is named with its reason, and the rows are on disk batch by batch, so an interrupt keeps them.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
-from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.checkpoint import load_checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.data.images import load_image
 from covid_cxr.deploy.files import expand_inputs
@@ -17,6 +27,7 @@ from covid_cxr.inference import TorchPredictor
 from covid_cxr.labels import CLASSES
 from covid_cxr.synth import render_chest
 from covid_cxr.synth.dicom import write_dicom
+from tests.test_images import write_raw_dicom
 from tests.test_server import tiny_checkpoint
 
 SIZE = 71
@@ -63,15 +74,20 @@ def test_predict_folder_reports_the_bad_file_and_fails(ckpt, folder, tmp_path, c
                    "--device", "cpu", "--precision", "fp32", "--gradcam", str(cams)])
     err = capsys.readouterr().err
     assert status == 1
-    table = pd.read_csv(out)
-    assert list(table.columns) == ["path", "class", "p_covid", "p_pneumonia", "p_normal"]
+    everything = pd.read_csv(out, keep_default_na=False)
+    assert list(everything.columns) == ["path", "class", "p_covid", "p_pneumonia", "p_normal", "error"]
+    assert list(everything["path"]) == sorted(everything["path"])  # input order, the refusal where it fell
+    table = everything[everything["error"] == ""]
     assert sorted(table["path"].map(lambda p: p[len(str(folder)) + 1 :])) == sorted(GOOD)
+    refused = everything[everything["error"] != ""]
+    assert list(refused["path"]) == [str(folder / "broken.png")] and "truncated" in refused["error"].iloc[0]
     assert f"failed: {folder / 'broken.png'}:" in err and "1 failed" in err
     assert "metadata.csv" not in err
 
     # The numbers are the predictor's on the decoded images: predict adds no preprocessing of its own.
     predictor = TorchPredictor(load_checkpoint(ckpt), device="cpu", precision="fp32")
     expected = predictor.predict_proba(np.stack([load_image(p, SIZE) for p in table["path"]]))
+    table = table.astype({f"p_{c}": float for c in CLASSES})
     np.testing.assert_allclose(table[["p_covid", "p_pneumonia", "p_normal"]].to_numpy(), expected, atol=1e-5)
     assert list(table["class"]) == [CLASSES[i] for i in expected.argmax(1)]
 
@@ -103,3 +119,113 @@ def test_real_rsna_dicom(ckpt, fixtures_dir, capsys):
     assert main(["predict", str(ckpt), str(dicoms[0]), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert dicoms[0].name in out and any(c in out for c in CLASSES)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """Good images among every kind of trouble a real folder holds; returns (folder, good names, refused names)."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(1)
+    imgs = [render_chest(rng, 96, label).image for label in ("covid", "pneumonia", "normal", "normal")]
+    cv2.imwrite(str(root / "a.png"), imgs[0])
+    (Path(os.fsdecode(bytes(root) + b"/caf\xe9.png"))).write_bytes(cv2.imencode(".png", imgs[1])[1].tobytes())
+    write_raw_dicom(root / "raw.dcm", imgs[2])  # no preamble, no file meta: read
+    write_dicom(root / "z.dcm", imgs[3])
+    write_raw_dicom(root / "cine.dcm", np.stack([imgs[0], imgs[1], imgs[2]]), frames=3)
+    (root / "truncated.png").write_bytes(cv2.imencode(".png", imgs[0])[1].tobytes()[:300])
+    (root / "x.png").mkdir()
+    (root / "notes.txt").write_text("not an image, and not named like one\n")
+    refused = {"cine.dcm": "multi-frame DICOM (3 frames)", "truncated.png": "truncated", "x.png": "a folder"}
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "pipe.png")  # opening it would wait forever: reported without being read
+        refused["pipe.png"] = "a named pipe"
+    return root, ["a.png", "caf\\xe9.png", "raw.dcm", "z.dcm"], refused
+
+
+def test_no_result_is_lost(ckpt, mixed, tmp_path, capsys):
+    root, good, refused = mixed
+    out = tmp_path / "preds.csv"
+    status = main(["predict", str(ckpt), str(root), "--out", str(out), "--batch-size", "2", "--device", "cpu",
+                   "--precision", "fp32"])
+    err = capsys.readouterr().err
+    assert status == 1
+    table = pd.read_csv(out, keep_default_na=False)
+    names = table["path"].map(lambda p: p[len(str(root)) + 1 :])
+    ok = table["error"] == ""
+    assert sorted(names[ok]) == sorted(good)  # every good image predicted, the undecodable name among them
+    assert all(c in CLASSES for c in table.loc[ok, "class"])
+    reasons = dict(zip(names[~ok], table.loc[~ok, "error"]))
+    assert reasons.keys() == refused.keys()
+    for name, words in refused.items():
+        assert words in reasons[name], reasons[name]
+        assert f"failed: {root / name}: " in err
+    assert f"{len(refused)} failed" in err and f"predicted {len(good)} images" in err
+
+    # The same to the terminal, in a process of its own: stdout's UTF-8 encoder meets the escaped name.
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run([sys.executable, "-m", "covid_cxr", "predict", str(ckpt), str(root), "--device", "cpu"],
+                          capture_output=True, env=env, timeout=600)
+    assert done.returncode == 1, done.stderr.decode(errors="replace")
+    assert b"caf\\xe9.png" in done.stdout and b"multi-frame DICOM (3 frames)" in done.stdout
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_an_interrupted_run_keeps_its_rows(ckpt, mixed, tmp_path, monkeypatch, capsys, suffix):
+    root, good, _ = mixed
+    files = [tmp_path / f"img{i}.png" for i in range(9)]  # batches of 2: [cine.dcm, img0], [img1, img2], ...
+    for f in files:
+        f.write_bytes((root / "a.png").read_bytes())
+    out = tmp_path / f"preds{suffix}"
+    real = TorchPredictor.predict_proba
+    calls = []
+
+    def interrupted(self, images):
+        calls.append(len(images))
+        if len(calls) == 3:  # Ctrl-C during the third batch: the first two are already on disk
+            if suffix == ".csv":
+                assert len(pd.read_csv(out)) == 4
+            raise KeyboardInterrupt
+        return real(self, images)
+
+    monkeypatch.setattr(TorchPredictor, "predict_proba", interrupted)
+    paths = [str(root / "cine.dcm")] + [str(f) for f in files]
+    status = main(["predict", str(ckpt), *paths, "--out", str(out), "--batch-size", "2", "--device", "cpu"])
+    assert status == 130
+    assert "interrupted: predicted 3 images" in capsys.readouterr().err
+    if suffix == ".csv":
+        table = pd.read_csv(out, keep_default_na=False)
+        assert list(table["path"]) == paths[:4] and list(table["error"] != "") == [True, False, False, False]
+    else:
+        doc = json.loads(out.read_text())  # a valid document, marked incomplete
+        assert doc["complete"] is False and len(doc["predictions"]) == 3
+        assert [f["path"] for f in doc["failed"]] == [str(root / "cine.dcm")]
+
+
+def test_glob_matches_that_are_not_files_are_reported(mixed):
+    root, _, _ = mixed
+    got = expand_inputs([str(root / "*.png"), root / "a.png"])
+    assert [p.name for p in got.files] == ["a.png", os.fsdecode(b"caf\xe9.png"), "truncated.png"]
+    reasons = dict((Path(p).name, r) for p, r in got.failures)
+    assert "a folder" in reasons["x.png"] and ("pipe.png" not in reasons or "named pipe" in reasons["pipe.png"])
+    (root.parent / "dangling.png").symlink_to(root.parent / "absent.png")
+    assert expand_inputs([root.parent / "dangling.png"]).failures == [(str(root.parent / "dangling.png"),
+                                                                        "a broken symbolic link")]
+
+
+def test_predict_resizes_as_the_checkpoint_records(ckpt, tmp_path):
+    """An authors'-style checkpoint (bilinear) sees what cv2.resize makes of a large radiograph, not our area filter."""
+    big = cv2.resize(render_chest(np.random.default_rng(5), 256, "covid").image, (1100, 1000))
+    big = np.clip(big.astype(int) + np.tile([0, 60], (1000, 550)), 0, 255).astype(np.uint8)  # fine detail to alias
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), big)
+    ours = load_checkpoint(ckpt)
+    ours.preprocessing = replace(ours.preprocessing, resize="bilinear")
+    ckpt = save_checkpoint(ours, tmp_path / "bilinear.pt")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(ckpt), str(path), "--out", str(out), "--device", "cpu", "--precision", "fp32"]) == 0
+    got = pd.read_csv(out)[[f"p_{c}" for c in CLASSES]].to_numpy()[0]
+    predictor = TorchPredictor(load_checkpoint(ckpt), device="cpu", precision="fp32")
+    bilinear = predictor.predict_proba(cv2.resize(big, (SIZE, SIZE))[None])[0]
+    area = predictor.predict_proba(load_image(path, SIZE, resize="area")[None])[0]
+    np.testing.assert_allclose(got, bilinear, atol=1e-5)
+    assert np.abs(bilinear - area).max() > 1e-3  # the method matters, so the test above can tell them apart

@@ -37,11 +37,11 @@ SECRET = "SECRET^PATIENT"
 
 
 def tiny_checkpoint(path: Path, network: str = "xception", *, size: int = SIZE, classes=CLASSES,
-                    scaling: str = "symmetric", seed: int = 0) -> Path:
+                    scaling: str = "symmetric", seed: int = 0, resize: str = "area") -> Path:
     """A random network whose outputs are not all 1/3: BatchNorm statistics taken from one batch, a wider head."""
     torch.manual_seed(seed)
     model = build_model(network, image_size=size)
-    pre = Preprocessing(size, scaling)
+    pre = Preprocessing(size, scaling, resize=resize)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # running stats become the batch's own
@@ -266,3 +266,51 @@ def test_a_failing_model_gives_a_bare_500(model, xray):
         # The worker survives the failure and keeps answering.
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.post(f"{url}/predict", files={"file": ("x.png", png_bytes(xray))}).status_code == 500
+
+
+def _multipart(filename: bytes, data: bytes) -> tuple[bytes, dict[str, str]]:
+    """A body whose part header carries ``filename`` as raw bytes (a client sending a name that is not UTF-8)."""
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"" + filename + b"\"\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n" + data + b"\r\n--b--\r\n")
+    return body, {"content-type": "multipart/form-data; boundary=b"}
+
+
+def test_unusual_uploads_get_an_answer_or_a_clear_4xx(base_url, model, xray, tmp_path):
+    from tests.test_images import write_raw_dicom
+
+    raw = tmp_path / "raw"
+    write_raw_dicom(raw, xray)  # no preamble, no file meta, as older PACS exports write it
+    r = httpx.post(f"{base_url}/predict", files={"file": ("raw", raw.read_bytes())})
+    assert r.status_code == 200, r.text
+    expected = model.predictor.predict_proba(load_image(png_bytes(xray), SIZE)[None])[0]
+    np.testing.assert_allclose([r.json()["probabilities"][c] for c in model.predictor.classes], expected, atol=1e-5)
+    body, headers = _multipart(b"r\xe9sum\xff.png", png_bytes(xray))  # the file name plays no part
+    assert httpx.post(f"{base_url}/predict", content=body, headers=headers).status_code == 200
+
+    cine = tmp_path / "cine.dcm"
+    write_raw_dicom(cine, np.stack([xray, xray]), frames=2)
+    not_images = {
+        "cine.dcm": (cine.read_bytes(), "multi-frame DICOM (2 frames)"),
+        "report.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n%%EOF\n", "not an image"),
+        "scan.zip": (b"PK\x03\x04" + bytes(200), "not an image"),
+        "truncated.png": (png_bytes(xray)[:400], "truncated"),
+    }
+    for name, (data, words) in not_images.items():
+        r = httpx.post(f"{base_url}/predict", files={"file": (name, data)})
+        assert r.status_code == 422 and words in r.json()["detail"], (name, r.text)
+        assert name not in r.text  # the upload's name is never echoed
+
+
+def test_the_server_resizes_as_the_checkpoint_records(model, xray):
+    import copy
+
+    big = np.clip(cv2.resize(xray, (900, 800)).astype(int) + np.tile([0, 70], (800, 450)), 0, 255).astype(np.uint8)
+    predictor = copy.copy(model.predictor)
+    predictor.preprocessing = Preprocessing(SIZE, model.predictor.preprocessing.scaling, resize="bilinear")
+    with serve(create_app(predictor, network="xception")) as url:
+        r = httpx.post(f"{url}/predict", files={"file": ("big.png", png_bytes(big))})
+    assert r.status_code == 200 and r.json()["model"]["resize"] == "bilinear"
+    bilinear = predictor.predict_proba(cv2.resize(big, (SIZE, SIZE))[None])[0]
+    area = predictor.predict_proba(load_image(png_bytes(big), SIZE)[None])[0]
+    np.testing.assert_allclose([r.json()["probabilities"][c] for c in predictor.classes], bilinear, atol=1e-5)
+    assert np.abs(bilinear - area).max() > 1e-3

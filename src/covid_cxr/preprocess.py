@@ -1,7 +1,11 @@
 """Preprocessing: the one definition, carried by every checkpoint.
 
 Images travel as grayscale ``uint8`` of shape (N, H, W) (or (N, 1, H, W)) already resized to
-``image_size`` by the data cache or the inference loader. On the device they become float
+``image_size`` by the data cache or the inference loader, by the method :attr:`Preprocessing.resize`
+names (:data:`covid_cxr.data.images.RESIZE_METHODS`): ``area`` (anti-aliased) for our models,
+``bilinear`` for a model imported from the authors' Keras files, whose evaluation used
+``cv2.resize``'s default. A checkpoint written before the field existed reads as ``area``, which
+is what the package always did. On the device they become float
 (N, 3, H, W): the gray channel repeated three times, then scaled as :attr:`Preprocessing.scaling`
 says. The paper (the authors' code) scales by 1/255 to [0, 1]; the Keras ImageNet weights of
 Xception and ResNet50V2 expect [-1, 1] (``x / 127.5 - 1``). Training, evaluation, export and
@@ -15,6 +19,7 @@ from typing import Any
 
 import torch
 
+from covid_cxr.data.images import RESIZE_METHODS
 from covid_cxr.errors import ConfigError
 
 SCALINGS: dict[str, tuple[float, float]] = {
@@ -34,8 +39,11 @@ class Preprocessing:
     image_size: int = 300
     scaling: str = "unit"
     channels: int = 3
+    resize: str = "area"
 
     def __post_init__(self) -> None:
+        if self.resize not in RESIZE_METHODS:
+            raise ConfigError(f"resize must be one of {', '.join(RESIZE_METHODS)}; got {self.resize!r}")
         if self.scaling not in SCALINGS:
             raise ConfigError(f"scaling must be one of {', '.join(SCALINGS)}; got {self.scaling!r}")
         if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
@@ -51,7 +59,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        unknown = set(data) - {"image_size", "scaling", "channels"}
+        unknown = set(data) - {"image_size", "scaling", "channels", "resize"}
         if unknown:
             raise ConfigError(f"unknown preprocessing keys: {', '.join(sorted(unknown))}")
         return cls(**data)

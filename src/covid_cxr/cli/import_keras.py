@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from covid_cxr.checkpoint import save_checkpoint
+from covid_cxr.data.images import RESIZE_METHODS
 from covid_cxr.models import list_models
 from covid_cxr.models.keras_import import import_keras
 from covid_cxr.preprocess import SCALINGS
@@ -39,6 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="unit",
         help="input scaling the model was trained with: unit = x/255 (the authors'), symmetric = [-1, 1] (ImageNet)",
     )
+    parser.add_argument(
+        "--resize",
+        choices=list(RESIZE_METHODS),
+        help="how inputs are shrunk to the model's size (default: bilinear for a whole model, as the authors' "
+        "evaluation resized with cv2.resize; area, anti-aliased, for backbone weights)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -49,11 +56,13 @@ def run(args: argparse.Namespace) -> int:
         classes=args.classes,
         image_size=args.image_size,
         scaling=args.scaling,
+        resize=args.resize,
     )
     path = save_checkpoint(ckpt, args.out)
     print(
         f"wrote {path}: network {ckpt.network}, classes {', '.join(ckpt.classes)}, "
         f"input {ckpt.preprocessing.image_size}px scaling {ckpt.preprocessing.scaling}, "
+        f"resize {ckpt.preprocessing.resize}, "
         f"head {ckpt.meta['source']['head']}"
     )
     return 0

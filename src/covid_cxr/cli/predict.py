@@ -1,27 +1,34 @@
 """``covid-cxr predict``: classify X-ray files (PNG, JPEG, DICOM) with a checkpoint or an ONNX model.
 
-Files are decoded in worker threads while the previous batch runs through the network. A file
-that cannot be read is reported (path and reason) and skipped; the exit status is 1 when any
-input failed, so scripts notice.
+Files are decoded in worker threads while the previous batch runs through the network, each
+resized by the method the model records (``area`` for ours, ``bilinear`` for the authors'
+imported Keras models). Every input gets a row, in input order, written as the run goes (a CSV
+is flushed after every batch, so an interrupted or killed run keeps what was done): a prediction,
+or the reason the input was refused (an unreadable, truncated or multi-frame file, a folder named
+like an image, a pattern that matches nothing) in the ``error`` column. File names that are not
+UTF-8 are read as the OS holds them and written with \\xNN escapes.
+
+Exit status: 0 when every input was predicted; 1 when any input was refused (each is named with
+its reason in the output and on stderr) or none was predicted; 2 for a usage error (a bad option,
+an unreadable model); 130 when interrupted (the rows written so far stay).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from covid_cxr.data.images import load_image
 from covid_cxr.deploy.backends import BACKENDS, LoadedModel, is_checkpoint_file, load_model
-from covid_cxr.deploy.files import expand_inputs
+from covid_cxr.deploy.files import display_path, expand_inputs
+from covid_cxr.deploy.output import SUFFIXES, PredictionSink
 from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import COMBINED, METHODS, GradCam, save_overlay
 from covid_cxr.inference import COMPILE_CHOICES, COMPILE_MIN_IMAGES, should_compile
@@ -35,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="a covid-cxr checkpoint (.pt) or an exported ONNX model")
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--out", type=Path, help="write the predictions to this .csv or .json file (default: print them)")
+    p.add_argument("--out", type=Path, help="write the predictions to this .csv or .json file as they are made "
+                   "(default: print them); a refused input's row gives the reason in the 'error' column")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--backend", choices=BACKENDS, help="torch or onnx (default: torch for .pt, onnx for .onnx)")
     p.add_argument("--gradcam", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
@@ -55,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.workers < 1:
         raise ConfigError("--batch-size and --workers must be >= 1")
-    if args.out is not None and args.out.suffix.lower() not in (".csv", ".json"):
+    if args.out is not None and args.out.suffix.lower() not in SUFFIXES:
         raise ConfigError(f"--out must end in .csv or .json; got {args.out}")
     if args.gradcam_class and not args.gradcam:
         raise ConfigError("--gradcam-class needs --gradcam DIR")
@@ -77,63 +85,85 @@ def run(args: argparse.Namespace) -> int:
         cam = cam.with_method(args.gradcam_method)
     if cam is not None and args.gradcam_class:
         cam.class_index(args.gradcam_class)  # refuse a bad class name before any work
-    failures: list[tuple[str, str]] = list(inputs.missing)
-    rows = predict_files(loaded, inputs.files, args, failures, cam)
-
     classes = loaded.predictor.classes
-    counts = Counter(r["class"] for r in rows)
-    summary = ", ".join(f"{c} {counts.get(c, 0)}" for c in classes)
-    if args.out is None:
-        _print_rows(rows, classes)
-    else:
-        _write(args.out, rows, failures, classes)
-        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
-    for path, reason in failures:
+    width = max((len(display_path(f)) for f in inputs.files), default=4)
+    sink = PredictionSink(args.out, classes, path_width=width)
+    complete = False
+    try:
+        for path, reason in inputs.failures:
+            sink.fail(path, reason)
+        predict_files(loaded, inputs.files, args, sink, cam)
+        complete = True
+    finally:
+        sink.close(complete=complete)
+        _summarise(sink, args.out, complete)
+    return 1 if sink.failed or not sink.predicted else 0
+
+
+def _summarise(sink: PredictionSink, out: Path | None, complete: bool) -> None:
+    """The stderr epilogue: where the rows went, every refused input with its reason, the counts."""
+    if out is not None:
+        print(f"wrote {sink.predicted} predictions and {len(sink.failed)} refusals to {display_path(out)}",
+              file=sys.stderr)
+    for path, reason in sink.failed:
         print(f"failed: {path}: {reason}", file=sys.stderr)
-    print(f"predicted {len(rows)} images ({summary}); {len(failures)} failed", file=sys.stderr)
-    return 1 if failures or not rows else 0
+    summary = ", ".join(f"{c} {sink.counts.get(c, 0)}" for c in sink.classes)
+    state = "" if complete else "interrupted: "
+    print(f"{state}predicted {sink.predicted} images ({summary}); {len(sink.failed)} failed", file=sys.stderr)
+
+
+def _decoded(future: Future[np.ndarray]) -> np.ndarray | str:
+    """The decoded image, or the reason its file is refused."""
+    try:
+        return future.result()
+    except ImageDecodeError as exc:
+        return exc.reason
+    except Exception as exc:  # an unforeseen failure of one file is that file's row, not the end of the run
+        return f"unexpected error while decoding ({type(exc).__name__}: {exc})"
 
 
 def predict_files(
     loaded: LoadedModel,
     files: list[Path],
     args: argparse.Namespace,
-    failures: list[tuple[str, str]],
+    sink: PredictionSink,
     cam: GradCam | None,
-) -> list[dict[str, Any]]:
-    """Decode and classify ``files`` a batch at a time; append unreadable ones to ``failures``."""
+) -> None:
+    """Decode and classify ``files`` a batch at a time, each row to ``sink`` as its batch is done."""
     predictor = loaded.predictor
-    size = predictor.preprocessing.image_size
+    pre = predictor.preprocessing
     batches = [files[i : i + args.batch_size] for i in range(0, len(files), args.batch_size)]
-    rows: list[dict[str, Any]] = []
     overlay_names: Counter[str] = Counter()
     progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         transient=True, disable=len(batches) < 2 or not sys.stderr.isatty())
-    with ThreadPoolExecutor(args.workers) as pool, progress:
-        task = progress.add_task("predict", total=len(files))
-        decode = lambda batch: [pool.submit(load_image, f, size) for f in batch]  # noqa: E731
-        upcoming = decode(batches[0]) if batches else []
-        for k, batch in enumerate(batches):
-            current, upcoming = upcoming, decode(batches[k + 1]) if k + 1 < len(batches) else []
-            good, images = [], []
-            for path, future in zip(batch, current):
-                try:
-                    images.append(future.result())
-                    good.append(path)
-                except ImageDecodeError as exc:
-                    failures.append((str(path), exc.reason))
-            if images:
-                stack = np.stack(images)
-                probs = predictor.predict_proba(stack)
-                for path, p in zip(good, probs):
-                    best = int(np.argmax(p))
-                    rows.append({"path": str(path), "class": predictor.classes[best],
-                                 **{f"p_{c}": float(v) for c, v in zip(predictor.classes, p)}})
-                if cam is not None:
+    pool = ThreadPoolExecutor(args.workers)
+
+    def decode(batch: list[Path]) -> list[Future[np.ndarray]]:
+        return [pool.submit(load_image, f, pre.image_size, resize=pre.resize) for f in batch]
+
+    try:
+        with progress:
+            task = progress.add_task("predict", total=len(files))
+            upcoming = decode(batches[0]) if batches else []
+            for k, batch in enumerate(batches):
+                current, upcoming = upcoming, decode(batches[k + 1]) if k + 1 < len(batches) else []
+                decoded = [(path, _decoded(future)) for path, future in zip(batch, current)]
+                good = [(path, image) for path, image in decoded if isinstance(image, np.ndarray)]
+                probs = predictor.predict_proba(np.stack([image for _, image in good])) if good else []
+                found = iter(probs)
+                for path, image in decoded:  # rows in input order, refusals where they fell
+                    if isinstance(image, str):
+                        sink.fail(display_path(path), image)
+                    else:
+                        sink.add(display_path(path), next(found))
+                if good and cam is not None:
                     targets = [args.gradcam_class or int(np.argmax(p)) for p in probs]
-                    _write_overlays(cam, stack, good, targets, args.gradcam, overlay_names)
-            progress.advance(task, len(batch))
-    return rows
+                    _write_overlays(cam, np.stack([image for _, image in good]), [path for path, _ in good], targets,
+                                    args.gradcam, overlay_names)
+                sink.flush()
+                progress.advance(task, len(batch))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_overlays(cam: GradCam, stack: np.ndarray, paths: list[Path], targets: list[int | str], folder: Path,
@@ -150,23 +180,3 @@ def _write_overlays(cam: GradCam, stack: np.ndarray, paths: list[Path], targets:
                 for layer, heat in result.maps.items():
                     if layer != COMBINED:
                         save_overlay(folder / f"{stem}.{layer}.png", image, heat)
-
-
-def _print_rows(rows: list[dict[str, Any]], classes: tuple[str, ...]) -> None:
-    width = max((len(r["path"]) for r in rows), default=4)
-    print(f"{'path':<{width}}  {'class':<9}  " + "  ".join(f"{'p_' + c:>11}" for c in classes))
-    for r in rows:
-        print(f"{r['path']:<{width}}  {r['class']:<9}  " + "  ".join(f"{r['p_' + c]:>11.4f}" for c in classes))
-
-
-def _write(out: Path, rows: list[dict[str, Any]], failures: list[tuple[str, str]], classes: tuple[str, ...]) -> None:
-    import pandas as pd
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".json":
-        counts = Counter(r["class"] for r in rows)
-        doc = {"predictions": rows, "failed": [{"path": p, "reason": r} for p, r in failures],
-               "summary": {c: counts.get(c, 0) for c in classes}}
-        out.write_text(json.dumps(doc, indent=2) + "\n")
-    else:
-        pd.DataFrame(rows, columns=["path", "class", *(f"p_{c}" for c in classes)]).to_csv(out, index=False)

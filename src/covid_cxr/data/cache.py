@@ -2,9 +2,14 @@
 
 A cache folder holds ``images.npy`` (N, S, S) uint8, opened with ``mmap_mode='r'`` so
 training reads it without loading it), ``index.csv`` (row, image_id, sha256 of the file,
-DICOM view) and ``meta.json`` (image size, the key of its inputs, images left out and why).
-The key hashes the image size, the decoder version and every (image id, path, file size,
-mtime), so an unchanged dataset is never decoded twice.
+DICOM view) and ``meta.json`` (image size, resize method, the key of its inputs, images left
+out and why). The key hashes the image size, the resize method, the decoder version and every
+(image id, path, file size, mtime), so an unchanged dataset is never decoded twice.
+
+A cache is built at one resize method (:data:`~covid_cxr.data.images.RESIZE_METHODS`): ``size300``
+is the anti-aliased ``area`` one ``prepare`` writes; a model that resizes otherwise (the authors'
+imported Keras models: ``bilinear``) gets its own ``size300-bilinear`` beside it
+(:func:`ensure_cache`), never the other's images.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -24,26 +30,28 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from covid_cxr.data.images import decode_image_info, resize_gray
+from covid_cxr.data.names import name_bytes, printable
 from covid_cxr.errors import ImageDecodeError
 
 CACHE_VERSION = 1
 IMAGES_FILE, INDEX_FILE, META_FILE = "images.npy", "index.csv", "meta.json"
 
 
-def cache_dirname(image_size: int) -> str:
-    return f"size{image_size}"
+def cache_dirname(image_size: int, resize: str = "area") -> str:
+    return f"size{image_size}" if resize == "area" else f"size{image_size}-{resize}"
 
 
-def cache_key(manifest: pd.DataFrame, image_size: int) -> str:
-    """Hash of what the cache depends on: size, decoder version, and each file's id, path, size and mtime."""
-    h = hashlib.sha256(f"covid-cxr-cache v{CACHE_VERSION} size={image_size}\n".encode())
+def cache_key(manifest: pd.DataFrame, image_size: int, resize: str = "area") -> str:
+    """Hash of what the cache depends on: size, resize method, decoder version, each file's id, path, size, mtime."""
+    method = "" if resize == "area" else f" resize={resize}"  # area caches keep the key they had before the field
+    h = hashlib.sha256(f"covid-cxr-cache v{CACHE_VERSION} size={image_size}{method}\n".encode())
     for image_id, path in zip(manifest["image_id"], manifest["path"]):
         try:
             st = os.stat(path)
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"
-        h.update(f"{image_id}\t{path}\t{stamp}\n".encode())
+        h.update(name_bytes(f"{image_id}\t{path}\t{stamp}\n"))  # any file name, UTF-8 or not
     return h.hexdigest()
 
 
@@ -58,11 +66,16 @@ class CacheBuild:
     views: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     reused: bool = False
+    resize: str = "area"
 
 
-def _decode_one(job: tuple[str, str, int]) -> tuple[str, np.ndarray | None, str, str, str]:
-    """Worker: (image_id, path, size) -> (image_id, image or None, error, sha256, view)."""
-    image_id, path, size = job
+Job = tuple[str, str, int, str]  # image_id, path, size, resize method
+Result = tuple[str, np.ndarray | None, str, str, str]  # image_id, image or None, error, sha256, view
+
+
+def _decode_one(job: Job) -> Result:
+    """Worker: (image_id, path, size, resize) -> (image_id, image or None, error, sha256, view)."""
+    image_id, path, size, resize = job
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -71,13 +84,13 @@ def _decode_one(job: tuple[str, str, int]) -> tuple[str, np.ndarray | None, str,
         return image_id, None, f"cannot read the file ({exc.strerror or exc})", "", ""
     digest = hashlib.sha256(data).hexdigest()
     try:
-        img, info = decode_image_info(data, name=path)
+        img, info = decode_image_info(data, name=printable(path))
     except ImageDecodeError as exc:
         return image_id, None, exc.reason, digest, ""
-    return image_id, resize_gray(img, size), "", digest, info.get("view", "")
+    return image_id, resize_gray(img, size, resize), "", digest, info.get("view", "")
 
 
-def _results(jobs: list[tuple[str, str, int]], workers: int) -> Iterator[tuple[str, np.ndarray | None, str, str, str]]:
+def _results(jobs: list[Job], workers: int) -> Iterator[Result]:
     if workers <= 1 or len(jobs) < 32:
         yield from map(_decode_one, jobs)
         return
@@ -86,27 +99,29 @@ def _results(jobs: list[tuple[str, str, int]], workers: int) -> Iterator[tuple[s
 
 
 def build_cache(
-    manifest: pd.DataFrame, image_size: int, folder: Path, *, workers: int = 0, progress: bool = True
+    manifest: pd.DataFrame, image_size: int, folder: Path, *, workers: int = 0, progress: bool = True,
+    resize: str = "area",
 ) -> CacheBuild:
-    """Decode and resize every manifest image in parallel into ``folder``; failures are collected, not raised.
+    """Decode and resize (by ``resize``) every manifest image in parallel into ``folder``; failures are collected.
 
-    Only decodable images get rows, in manifest order. The caller decides whether failures are fatal.
+    Only decodable images get rows, in manifest order. The caller decides whether failures are fatal;
+    each is named (printable, whatever bytes its file name holds) with its reason.
     """
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     workers = workers or min(8, len(os.sched_getaffinity(0)))
-    jobs = [(i, p, image_size) for i, p in zip(manifest["image_id"], manifest["path"])]
+    jobs = [(i, p, image_size, resize) for i, p in zip(manifest["image_id"], manifest["path"])]
     n = len(jobs)
     scratch = np.lib.format.open_memmap(folder / "decode.tmp.npy", mode="w+", dtype=np.uint8,
                                         shape=(max(n, 1), image_size, image_size))
     ok = np.zeros(n, dtype=bool)
-    build = CacheBuild(folder=folder, image_ids=[])
+    build = CacheBuild(folder=folder, image_ids=[], resize=resize)
     columns = (TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("decode", total=n)
         for row, (image_id, img, error, digest, view) in enumerate(_results(jobs, workers)):
             if img is None:
-                build.failures.append({"image_id": image_id, "path": jobs[row][1], "reason": error})
+                build.failures.append({"image_id": image_id, "path": printable(jobs[row][1]), "reason": error})
             else:
                 scratch[row] = img
                 ok[row] = True
@@ -140,7 +155,8 @@ def write_cache_index(build: CacheBuild, image_size: int, key: str) -> None:
         "sha256": [build.sha256.get(i, "") for i in build.image_ids],
         "view": [build.views.get(i, "") for i in build.image_ids],
     }).to_csv(build.folder / INDEX_FILE, index=False)
-    meta: dict[str, Any] = {"version": CACHE_VERSION, "image_size": image_size, "count": len(build.image_ids),
+    meta: dict[str, Any] = {"version": CACHE_VERSION, "image_size": image_size, "resize": build.resize,
+                            "count": len(build.image_ids),
                             "key": key, "failures": build.failures,
                             "failure_sha256": {f["image_id"]: build.sha256.get(f["image_id"], "") for f in build.failures}}
     (build.folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
@@ -153,7 +169,8 @@ def read_cache_build(folder: Path) -> CacheBuild:
     sha = dict(zip(index["image_id"], index["sha256"]))
     sha.update({k: v for k, v in meta.get("failure_sha256", {}).items() if v})
     return CacheBuild(folder=folder, image_ids=index["image_id"].tolist(), failures=meta.get("failures", []),
-                      sha256=sha, views=dict(zip(index["image_id"], index["view"])), reused=True)
+                      sha256=sha, views=dict(zip(index["image_id"], index["view"])), reused=True,
+                      resize=meta.get("resize", "area"))
 
 
 def cache_matches(folder: Path, key: str) -> bool:
@@ -163,3 +180,27 @@ def cache_matches(folder: Path, key: str) -> bool:
     except (OSError, ValueError):
         return False
     return meta.get("key") == key and (folder / IMAGES_FILE).is_file() and (folder / INDEX_FILE).is_file()
+
+
+def ensure_cache(
+    root: Path, manifest: pd.DataFrame, image_size: int, resize: str, *, workers: int = 0, progress: bool = True
+) -> CacheBuild:
+    """The cache of ``manifest`` at ``image_size`` and ``resize`` under ``root`` (``DATA/cache``), decoded if absent.
+
+    Built in a temporary folder and renamed into place, so an interrupted build leaves no half cache.
+    """
+    folder = root / cache_dirname(image_size, resize)
+    key = cache_key(manifest, image_size, resize)
+    if cache_matches(folder, key):
+        return read_cache_build(folder)
+    tmp = root / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build = build_cache(manifest, image_size, tmp, workers=workers, progress=progress, resize=resize)
+        write_cache_index(build, image_size, key)
+        shutil.rmtree(folder, ignore_errors=True)  # a stale cache of the same name (its inputs changed)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    build.folder = folder
+    return build

@@ -1,10 +1,12 @@
 """Decoding any chest X-ray file to one grayscale uint8 image.
 
 The format is decided by the bytes, never by the file name: a DICOM file carries ``DICM`` at
-offset 128 (or, without the preamble, starts with a group 0002/0008 tag); everything else goes
-to Pillow. DICOM pixels pass through the modality LUT (rescale slope/intercept) and the VOI LUT
-or window, MONOCHROME1 is inverted so that bone is always bright, and data deeper than 8 bits is
-stretched to 0-255. Sizes are checked from the header before any pixel is decoded, so a
+offset 128 or, as older PACS exports write it, is a bare dataset without preamble and file meta
+(read with ``force=True``; its transfer syntax is the encoding it was read in, implicit or explicit
+VR little endian); everything else goes to Pillow. A multi-frame object is refused with its frame
+count: a classifier of single radiographs must not silently take one frame. DICOM pixels pass
+through the modality LUT (rescale slope/intercept) and the VOI LUT or window, MONOCHROME1 is
+inverted so that bone is always bright, and data deeper than 8 bits is stretched to 0-255. Sizes are checked from the header before any pixel is decoded, so a
 decompression bomb costs nothing.
 """
 
@@ -20,6 +22,7 @@ import pydicom
 from PIL import Image, ImageOps
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from covid_cxr.errors import ImageDecodeError
 
@@ -64,13 +67,28 @@ def _read(source: Source, name: str | None) -> tuple[bytes, str]:
         raise ImageDecodeError(label, f"cannot read the file ({exc.strerror or exc})") from None
 
 
+# Groups a bare (preamble-less, meta-less) dataset starts with: its first element is the lowest
+# tag present, and every image object holds group 0028 (image pixel module).
+_FIRST_GROUPS = frozenset({0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028})
+_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"OB",
+                  b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
+                  b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"})
+
+
 def is_dicom(data: bytes) -> bool:
-    """True when the bytes are a DICOM file: ``DICM`` at 128, or a preamble-less dataset."""
+    """True when the bytes are a DICOM file: ``DICM`` at 128, or a bare dataset without preamble and meta.
+
+    A bare dataset starts with a little-endian tag of a usual first group, followed by an explicit
+    VR or an implicit 4-byte length that fits the file; no image format Pillow reads starts so.
+    """
     if len(data) >= 132 and data[128:132] == b"DICM":
         return True
-    # A preamble-less DICOM starts with a little-endian tag of group 0002 or 0008 whose
-    # element number is below 0x100; no image format Pillow reads starts so.
-    return len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3] == 0
+    if len(data) < 8:
+        return False
+    group, element = int.from_bytes(data[0:2], "little"), int.from_bytes(data[2:4], "little")
+    if group not in _FIRST_GROUPS or element >= 0x1000:
+        return False
+    return data[4:6] in _VRS or int.from_bytes(data[4:8], "little") < len(data)
 
 
 def _check_pixels(label: str, width: int, height: int, frames: int = 1) -> None:
@@ -108,6 +126,18 @@ def _to_gray(arr: np.ndarray, label: str) -> np.ndarray:
     raise ImageDecodeError(label, f"unsupported pixel layout of shape {arr.shape}")
 
 
+def _set_transfer_syntax(ds: pydicom.Dataset, label: str) -> None:
+    """A dataset read without file meta: record the encoding it was read in, so its pixels can be decoded."""
+    if "TransferSyntaxUID" in ds.file_meta:
+        return
+    if ds["PixelData"].is_undefined_length:
+        raise ImageDecodeError(label, "DICOM without file meta holds compressed pixel data whose transfer syntax it "
+                               "does not record; re-export it with its file meta (as a DICOM Part 10 file)")
+    implicit, little = ds.original_encoding
+    ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                      ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
 def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
     try:
         with warnings.catch_warnings():  # a truncated file is reported below, as an error
@@ -118,16 +148,21 @@ def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
     if "PixelData" not in ds:
         raise ImageDecodeError(label, "DICOM file holds no pixel data: the file is truncated or is not an image object")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise ImageDecodeError(label, f"DICOM NumberOfFrames {ds.get('NumberOfFrames')!r} is not a number") from None
+    if frames > 1:
+        raise ImageDecodeError(label, f"multi-frame DICOM ({frames} frames): the classifier takes one radiograph; "
+                               "export the frame to classify as its own file")
     _check_pixels(label, cols, rows, frames)
+    _set_transfer_syntax(ds, label)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
     except _DECODE_ERRORS as exc:
         raise ImageDecodeError(label, f"DICOM pixel data cannot be decoded, the file may be truncated ({exc})") from None
-    if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
-        arr = arr[0]
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     info = {"view": str(ds.get("ViewPosition", "") or ""), "photometric": photometric}
     if photometric.startswith("MONOCHROME"):
@@ -202,17 +237,34 @@ def decode_image(source: Source, *, name: str | None = None) -> np.ndarray:
     return decode_image_info(source, name=name)[0]
 
 
-def resize_gray(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize to (size, size) without keeping the aspect ratio, as the paper; area filter when shrinking."""
+RESIZE_METHODS: dict[str, str] = {
+    "area": "anti-aliased: OpenCV INTER_AREA when shrinking, INTER_LINEAR when enlarging (our checkpoints)",
+    "bilinear": "OpenCV INTER_LINEAR, cv2.resize's default, no anti-aliasing (the authors' evaluation)",
+    "nearest": "Pillow NEAREST, as Keras load_img resizes (the authors' training generator)",
+}
+"""How an image is brought to the network's size; a checkpoint records its method (see ``Preprocessing.resize``)."""
+
+
+def resize_gray(img: np.ndarray, size: int, method: str = "area") -> np.ndarray:
+    """Resize to (size, size) without keeping the aspect ratio, as the paper, by ``method`` (:data:`RESIZE_METHODS`).
+
+    Shrinking a 1000-3000 px radiograph to 300 px is where the methods differ: a model sees
+    best what it was trained or evaluated on, so the method travels with the checkpoint.
+    """
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize method must be one of {', '.join(RESIZE_METHODS)}; got {method!r}")
     if img.ndim != 2:
         raise ValueError(f"expected a grayscale (H, W) image, got shape {img.shape}")
+    img = np.ascontiguousarray(img, dtype=np.uint8)
     if img.shape == (size, size):
-        return np.ascontiguousarray(img, dtype=np.uint8)
+        return img
+    if method == "nearest":
+        return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.NEAREST))
     shrinking = img.shape[0] * img.shape[1] > size * size
-    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(img, dtype=np.uint8), (size, size), interpolation=interp)
+    interp = cv2.INTER_AREA if method == "area" and shrinking else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
 
 
-def load_image(source: Source, image_size: int, *, name: str | None = None) -> np.ndarray:
-    """Decode and resize: what training caches and inference feed the networks."""
-    return resize_gray(decode_image(source, name=name), image_size)
+def load_image(source: Source, image_size: int, *, name: str | None = None, resize: str = "area") -> np.ndarray:
+    """Decode and resize by ``resize``: what training caches and inference feed the networks."""
+    return resize_gray(decode_image(source, name=name), image_size, resize)

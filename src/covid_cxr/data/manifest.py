@@ -71,7 +71,7 @@ def table1(manifest: pd.DataFrame) -> pd.DataFrame:
 def read_manifest(path: Path) -> pd.DataFrame:
     """Read a written ``manifest.csv`` back (every column as text)."""
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="surrogateescape")
     except FileNotFoundError:
         raise DataError(f"{path} not found: run 'covid-cxr prepare' to write it") from None
     return finalize(frame, str(path))

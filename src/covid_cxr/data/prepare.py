@@ -228,7 +228,8 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
                                    protocol=settings.protocol)
     plan = (read_author_splits(Path(settings.splits_from), manifest, split_settings) if settings.splits_from
             else make_folds(manifest, split_settings))
-    manifest.loc[:, list(COLUMNS)].to_csv(tmp / "manifest.csv", index=False)
+    # File names are written as the OS holds them (bytes that are not UTF-8 too), so the paths reopen.
+    manifest.loc[:, list(COLUMNS)].to_csv(tmp / "manifest.csv", index=False, errors="surrogateescape")
     report.fold_summary = write_splits(plan, manifest, tmp / "splits")
     report.notes += plan.notes
     info = {

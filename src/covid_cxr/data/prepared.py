@@ -57,6 +57,7 @@ class ImageCache:
         self.folder = Path(folder)
         meta = json.loads((self.folder / META_FILE).read_text())
         self.image_size: int = int(meta["image_size"])
+        self.resize: str = str(meta.get("resize", "area"))  # caches from before the field were all area
         self.images: np.memmap = np.load(self.folder / IMAGES_FILE, mmap_mode="r")
         index = pd.read_csv(self.folder / INDEX_FILE, dtype={"image_id": str}, keep_default_na=False)
         self.image_ids: list[str] = index["image_id"].tolist()
@@ -135,13 +136,13 @@ class PreparedData:
         return FoldSplits(fold=int(k), phases=tables[:-2], val=tables[-2], test=tables[-1],
                           split_hash=hash_files(files), paths=paths)
 
-    def cache(self, image_size: int | None = None) -> ImageCache:
-        """The image cache of ``image_size`` (default: the prepared size)."""
+    def cache(self, image_size: int | None = None, resize: str = "area") -> ImageCache:
+        """The image cache of ``image_size`` (default: the prepared size) resized by ``resize``."""
         size = image_size or self.image_size
         if size is None:
             raise DataError(f"{self.root} was prepared with --labels-only and holds no images: run 'covid-cxr prepare' "
                             "without --labels-only to build the image cache")
-        folder = self.root / "cache" / cache_dirname(int(size))
+        folder = self.root / "cache" / cache_dirname(int(size), resize)
         if not (folder / META_FILE).is_file():
             have = sorted(p.name for p in (self.root / "cache").glob("size*")) if (self.root / "cache").is_dir() else []
             raise DataError(f"{self.root} has no image cache of {size} px (has: {', '.join(have) or 'none'}); run "

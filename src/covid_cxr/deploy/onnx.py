@@ -2,7 +2,7 @@
 
 The exported graph is the network itself: float input ``image`` (N, 3, S, S) (or (N, 1, S, S)),
 outputs ``logits`` and ``probabilities`` (N, C). What turns a raw X-ray into that input travels in
-the model's ``metadata_props`` (keys in :data:`META_KEYS`): input size, scaling, channels, class
+the model's ``metadata_props`` (keys in :data:`META_KEYS`): input size, scaling, channels, resize method, class
 names in output order, network name, covid-cxr version and the source checkpoint's hash. The
 predictor feeds the graph through :func:`covid_cxr.preprocess.to_model_input`, the same function
 PyTorch uses, so the two backends cannot disagree on scaling.
@@ -126,7 +126,8 @@ def export_onnx_bytes(
     proto.producer_name, proto.producer_version = "covid-cxr", __version__
     proto.doc_string = (
         f"covid-cxr {checkpoint.network}: input 'image' float (N,{pre.channels},{pre.image_size},{pre.image_size}), "
-        f"grayscale uint8 scaled '{pre.scaling}'; outputs logits and probabilities over {', '.join(checkpoint.classes)}"
+        f"grayscale uint8 resized '{pre.resize}', scaled '{pre.scaling}'; "
+        f"outputs logits and probabilities over {', '.join(checkpoint.classes)}"
     )
     onnx.checker.check_model(proto)
     return proto.SerializeToString()

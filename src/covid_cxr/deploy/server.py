@@ -125,6 +125,7 @@ def model_description(predictor: Predictor, *, network: str, sha256: str) -> dic
         "classes": list(predictor.classes),
         "image_size": predictor.preprocessing.image_size,
         "scaling": predictor.preprocessing.scaling,
+        "resize": predictor.preprocessing.resize,
         "sha256": sha256,
         "version": f"{network}@{sha256[:12]}" if sha256 else network,
         "covid_cxr_version": __version__,
@@ -242,7 +243,7 @@ def create_app(
         del form  # the raw upload is not kept longer than decoding needs
         original = await anyio.to_thread.run_sync(_decode, data, limits.max_pixels, limiter=decode_slots)
         del data
-        image = resize_gray(original, size)
+        image = resize_gray(original, size, predictor.preprocessing.resize)
         result = await queue.submit(image, heatmap)
         probs, cam = result if heatmap else (result, None)
         best = int(np.argmax(probs))

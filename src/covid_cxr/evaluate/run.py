@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,9 +121,13 @@ def load_split(
     return frame.reset_index(drop=True), splits.split_hash
 
 
-def cache_for(prepared: PreparedData, image_size: int, where: Path) -> ImageCache:
-    """The image cache at the checkpoint's input size (the data area's error names the command to make one).
+def cache_for(prepared: PreparedData, image_size: int, where: Path, resize: str = "area", *,
+              progress: bool = True) -> ImageCache:
+    """The image cache at the checkpoint's input size and resize method (the data area's error names the command).
 
+    ``prepare`` builds the anti-aliased (``area``) cache. A checkpoint that resizes otherwise (an
+    imported authors' model: ``bilinear``) is never fed those images: they are decoded again from
+    their files by its method into a cache of their own beside it (once; later runs reuse it).
     Also used by the audits (``covid_cxr.audit.data``), as are :func:`resolve_target` and :func:`load_split`.
     """
     try:
@@ -135,7 +140,32 @@ def cache_for(prepared: PreparedData, image_size: int, where: Path) -> ImageCach
             f"{cache.image_size}x{cache.image_size}; run 'covid-cxr prepare ... --out {prepared.root} "
             f"--image-size {image_size}'"
         )
+    if cache.resize != resize:
+        cache = _cache_resized(prepared, image_size, resize, where, cache.resize, progress)
+    if cache.resize != resize:
+        raise DataError(f"{cache.folder}: built by '{cache.resize}' resizing, not '{resize}' as {where} needs; "
+                        "delete that folder and run again")
     return cache
+
+
+def _cache_resized(prepared: PreparedData, image_size: int, resize: str, where: Path, have: str,
+                   progress: bool) -> ImageCache:
+    """Decode the prepared images again by ``resize`` (the prepared cache was built by ``have``)."""
+    from covid_cxr.data.cache import cache_dirname, cache_key, cache_matches, ensure_cache
+
+    key = cache_key(prepared.manifest, image_size, resize)
+    if not cache_matches(prepared.root / "cache" / cache_dirname(image_size, resize), key):
+        print(f"note: {where} resizes images by '{resize}' but the cache of {prepared.root} was built by '{have}': "
+              f"decoding them again by '{resize}' from their files (once; later runs reuse it)", file=sys.stderr)
+    build = ensure_cache(prepared.root / "cache", prepared.manifest, image_size, resize, progress=progress)
+    if build.failures:
+        listed = "; ".join(f"{f['path']}: {f['reason']}" for f in build.failures[:5])
+        raise DataError(
+            f"{where} resizes images by '{resize}', the cache of {prepared.root} was built by '{have}', and "
+            f"{len(build.failures)} of the prepared images cannot be decoded again ({listed}); restore those files "
+            f"(or prepare the data again), or import the model with --resize {have} to evaluate it on '{have}' images"
+        )
+    return prepared.cache(image_size, resize)
 
 
 def _jsonable(value: Any) -> Any:
@@ -222,7 +252,8 @@ def evaluate_run(
             f"{tgt.checkpoint}: predicts {', '.join(ckpt.classes)} but the {split} set holds "
             f"{', '.join(sorted(uncovered))}; evaluate it on data of its own classes"
         )
-    cache = cache_for(prepared, ckpt.preprocessing.image_size, tgt.checkpoint)
+    cache = cache_for(prepared, ckpt.preprocessing.image_size, tgt.checkpoint, ckpt.preprocessing.resize,
+                      progress=progress)
     rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
     # Read the memory-mapped cache front to back: sort by cache row, keep the split's order in the output.
     order = np.argsort(rows, kind="stable")
@@ -259,6 +290,8 @@ def evaluate_run(
         "split_hash": split_hash,
         "image_size": ckpt.preprocessing.image_size,
         "scaling": ckpt.preprocessing.scaling,
+        "resize": ckpt.preprocessing.resize,
+        "cache": str(cache.folder.resolve()),
         "classes_checkpoint": list(ckpt.classes),
         "runtime": predictor.describe(),
         "batch_size": batch_size,

@@ -156,6 +156,7 @@ def import_keras(
     classes: Sequence[str] | None = None,
     image_size: int | None = None,
     scaling: str = "unit",
+    resize: str | None = None,
 ) -> Checkpoint:
     """Convert Keras file(s) to our :class:`~covid_cxr.checkpoint.Checkpoint`.
 
@@ -165,6 +166,10 @@ def import_keras(
     ``None``. A whole model's classes default to the authors' order
     (:data:`~covid_cxr.labels.KERAS_AUTHORS_ORDER`); without a head, the head is freshly
     initialised and the classes default to our canonical order.
+
+    ``resize`` defaults to ``bilinear`` for a whole model: the authors evaluated theirs (Tables 3-4)
+    on ``cv2.resize(cv2.imread(path), (300, 300))``, so their model meets their figures only on
+    images shrunk the same way. Backbone weights, which our training goes on from, default to ``area``.
     """
     paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
     if not paths:
@@ -217,7 +222,8 @@ def import_keras(
             "head": "imported" if whole else "initialised (the file has no head)",
         }
     }
-    return Checkpoint(network, class_keys, Preprocessing(image_size=size, scaling=scaling), model.state_dict(), meta)
+    pre = Preprocessing(image_size=size, scaling=scaling, resize=resize or ("bilinear" if whole else "area"))
+    return Checkpoint(network, class_keys, pre, model.state_dict(), meta)
 
 
 def _size_for_side(network: str, side: int, *, preferred: int) -> int:
