@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("model-card", help="write MODEL_CARD.md for a run or checkpoint (Hugging Face layout)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", type=Path, help="a run folder (its best.pt) or a .pt checkpoint")
-    p.add_argument("--out", type=Path, help=f"file to write (default: {CARD_NAME} in the run folder or beside the checkpoint)")
+    p.add_argument("--out", type=Path,
+                   help=f"file to write (default: {CARD_NAME} in the run folder or beside the checkpoint)")
     p.set_defaults(func=run)
 
 

@@ -59,9 +59,11 @@ class PrepareSettings:
 
     def __post_init__(self) -> None:
         if not (self.covid_chestxray or self.rsna or self.folder or self.covidx):
-            raise ConfigError("give at least one dataset: --covid-chestxray DIR, --rsna DIR, --folder DIR or --covidx FILES")
-        covidx.check_settings(self.covidx, self.covidx_images, others=bool(self.covid_chestxray or self.rsna or self.folder),
-                              splits_from=self.splits_from, labels_only=self.labels_only)
+            raise ConfigError("give at least one dataset: --covid-chestxray DIR, --rsna DIR, --folder DIR "
+                              "or --covidx FILES")
+        others = bool(self.covid_chestxray or self.rsna or self.folder)
+        covidx.check_settings(self.covidx, self.covidx_images, others=others, splits_from=self.splits_from,
+                              labels_only=self.labels_only)
         if not self.labels_only and not MIN_IMAGE_SIZE <= self.image_size <= 2048:
             raise ConfigError(f"image size must be between {MIN_IMAGE_SIZE} and 2048 pixels; got {self.image_size}")
         SplitSettings(folds=self.folds, phases=self.phases, seed=self.seed, protocol=self.protocol)

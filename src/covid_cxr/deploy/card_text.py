@@ -130,7 +130,8 @@ def evaluation_section(evals: list[dict[str, Any]], run: dict[str, Any]) -> list
     lines = ["## Evaluation", ""]
     if not evals:
         return lines + ["Not evaluated yet. `covid-cxr evaluate RUN` scores the run's test split (and `--split val` "
-                        "its validation split); `covid-cxr model-card RUN` then rewrites this card with the figures.", ""]
+                        "its validation split); `covid-cxr model-card RUN` then rewrites this card with the figures.",
+                        ""]
     lines += ["Percent with 95% intervals (Wilson for proportions, patient bootstrap for AUC); the decision rule is "
               "the one in force when each evaluation ran.", "",
               "| evaluation | kind | split | images (COVID-19) | " + " | ".join(t for _, t in COLUMNS) + " |",
@@ -176,10 +177,11 @@ def operating_point_lines(op: dict[str, Any] | None, classes: tuple[str, ...]) -
                 "was chosen on validation data for this model; `covid-cxr` can choose one (a target sensitivity, "
                 "specificity or Youden's J) without retraining."]
     positive = str(op.get("positive_class", "covid"))
-    lines = [f"Decision rule: **{op.get('rule')}**" + (f", target {op['target']}" if op.get("target") is not None else "")
-             + f", for {DISPLAY_NAMES.get(positive, positive)}."]
+    target = f", target {op['target']}" if op.get("target") is not None else ""
+    lines = [f"Decision rule: **{op.get('rule')}**{target}, for {DISPLAY_NAMES.get(positive, positive)}."]
     if op.get("threshold") is not None:
-        lines.append(f"- Threshold on the {DISPLAY_NAMES.get(positive, positive)} probability: {float(op['threshold']):.4g}.")
+        name = DISPLAY_NAMES.get(positive, positive)
+        lines.append(f"- Threshold on the {name} probability: {float(op['threshold']):.4g}.")
     validation = op.get("validation")
     if isinstance(validation, dict) and validation:
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in validation.items()

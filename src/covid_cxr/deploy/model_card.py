@@ -92,7 +92,8 @@ def facts_from_onnx(metadata: dict[str, str], network: str, classes: tuple[str, 
                     ) -> ModelFacts:  # fmt: skip
     """Facts from an exported model's metadata (``covid_cxr.*`` keys, prefix removed)."""
     meta = {"covid_cxr_version": metadata.get("version", ""), "source_sha256": metadata.get("source_sha256", "")}
-    return ModelFacts(network, tuple(classes), dict(preprocessing), meta, _operating_point(metadata.get("operating_point")))
+    op = _operating_point(metadata.get("operating_point"))
+    return ModelFacts(network, tuple(classes), dict(preprocessing), meta, op)
 
 
 def run_folder_of(path: Path) -> Path | None:
@@ -122,7 +123,8 @@ def training_data(run_dir: Path | None) -> pd.DataFrame | None:
     folder = run_dir / "splits" if run_dir is not None else None
     if folder is None or not folder.is_dir():
         return None
-    parts = {"training": sorted(folder.glob("phase*.csv")), "validation": [folder / "val.csv"], "test": [folder / "test.csv"]}
+    parts = {"training": sorted(folder.glob("phase*.csv")), "validation": [folder / "val.csv"],
+             "test": [folder / "test.csv"]}
     frames = []
     for part, files in parts.items():
         found = [pd.read_csv(f, dtype=str, keep_default_na=False) for f in files if f.is_file()]
@@ -242,10 +244,12 @@ def _details(facts: ModelFacts, run: dict[str, Any], config: dict[str, Any]) -> 
              + (f" ({pre['resize']} resize)" if pre.get("resize") else "") + f", scaling `{pre.get('scaling')}`",
              f"- Written by covid-cxr {__version__} (model made with {facts.meta.get('covid_cxr_version', 'unknown')})"]
     if run:
-        lines.append(f"- Training: fold {run.get('fold')} of `{run.get('data')}`, protocol `{run.get('protocol')}`, "
-                     f"preset `{run.get('preset')}`, {run.get('num_phases')} phases x {run.get('epochs_per_phase')} "
-                     f"epochs, status `{run.get('status')}`; checkpoint of epoch {run.get('best_epoch')} (best "
-                     f"validation accuracy {_pct(run.get('best_val_accuracy'))})")
+        said = [f"{label} {run[key]}" for key, label in (("fold", "fold"), ("data", "of"), ("protocol", "protocol"),
+                ("preset", "preset"), ("num_phases", "phases:"), ("epochs_per_phase", "epochs a phase:"),
+                ("status", "status"), ("best_epoch", "checkpoint of epoch")) if run.get(key) is not None]
+        if run.get("best_val_accuracy") is not None:
+            said.append(f"best validation accuracy {_pct(run['best_val_accuracy'])}")
+        lines.append("- Training run: " + ", ".join(said))
     if config.get("pretrained"):
         lines.append(f"- Initial weights: `{config['pretrained']}`; seed {config.get('seed')}")
     for name, sha in facts.files:

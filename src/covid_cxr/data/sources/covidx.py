@@ -30,7 +30,15 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.data.manifest import finalize, make_ids
-from covid_cxr.data.splits import Fold, SplitPlan, SplitSettings, assign_groups, check_disjoint, core_mask, patient_table
+from covid_cxr.data.splits import (
+    Fold,
+    SplitPlan,
+    SplitSettings,
+    assign_groups,
+    check_disjoint,
+    core_mask,
+    patient_table,
+)
 from covid_cxr.errors import ConfigError, DataError
 
 PREFIX = "covidx"
@@ -113,7 +121,8 @@ def parse_split_file(path: Path, split: str) -> pd.DataFrame:
                             "(COVIDx8A, 9A). Beware: the 8B/9B test sets take every COVID-19 image from one source "
                             "and every negative from another, so a model can score well by recognising the source")
         if raw not in LABELS:
-            raise DataError(f"{path} line {number}: unknown label {fields[2]!r}; expected COVID-19, pneumonia or normal")
+            raise DataError(f"{path} line {number}: unknown label {fields[2]!r}; "
+                            "expected COVID-19, pneumonia or normal")
         rows.append((fields[0], fields[1], LABELS[raw], fields[3].lower() if len(fields) == 4 else ""))
     if not rows:
         raise DataError(f"{path} holds no lines; {FIX}")
@@ -141,7 +150,8 @@ def split_table(covidx: CovidxFiles) -> tuple[pd.DataFrame, list[str]]:
     if no_source:
         notes.append(f"{name}: {no_source} lines have no source field; those named <patientId>.png with an RSNA "
                      "patient id are counted as rsna, any other as covidx-unknown")
-    in_both = sorted(set(frame.loc[frame["split"] == "train", "filename"]) & set(frame.loc[frame["split"] == "test", "filename"]))
+    names = {s: set(frame.loc[frame["split"] == s, "filename"]) for s in SPLITS}
+    in_both = sorted(names["train"] & names["test"])
     if in_both:
         raise DataError(f"{name}: {len(in_both)} images are listed in both the train and the test file "
                         f"(e.g. {', '.join(in_both[:3])}); use the two files of one release unchanged")
@@ -229,7 +239,8 @@ def confounding_notes(frame: pd.DataFrame) -> list[str]:
 def covidx_plan(given: Sequence[str | Path], manifest: pd.DataFrame, settings: SplitSettings) -> SplitPlan:
     """One fold: COVIDx's test file as the test split, validation carved by patient from its train file."""
     if settings.protocol != "strict":
-        raise ConfigError("COVIDx has its own test set: the paper's s_test protocol does not apply; drop --protocol paper")
+        raise ConfigError("COVIDx has its own test set: the paper's s_test protocol does not apply; "
+                          "drop --protocol paper")
     covidx = find_files(given)
     table, _ = split_table(covidx)
     split = dict(zip(table["image_id"], table["split"]))
@@ -298,8 +309,8 @@ def published_rows(metrics: dict[str, Any], version: str) -> list[list[str]]:
     for p in published:
         n = p["per_class"]
         low, high = wilson_interval(round(p["sensitivity"]["covid"] * n / 100), n)
-        rows.append([f"{p['model']} (published)", f"{p['sensitivity']['covid']:.1f} [{100 * low:.1f}, {100 * high:.1f}]",
-                     f"{p['ppv']['covid']:.1f}", f"{p['accuracy']:.1f}"])
+        sensitivity = f"{p['sensitivity']['covid']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+        rows.append([f"{p['model']} (published)", sensitivity, f"{p['ppv']['covid']:.1f}", f"{p['accuracy']:.1f}"])
     return rows
 
 
