@@ -30,15 +30,8 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.data.manifest import finalize, make_ids
-from covid_cxr.data.splits import (
-    Fold,
-    SplitPlan,
-    SplitSettings,
-    assign_groups,
-    check_disjoint,
-    core_mask,
-    patient_table,
-)
+from covid_cxr.data import splits
+from covid_cxr.data.splits import Fold, SplitPlan, SplitSettings
 from covid_cxr.errors import ConfigError, DataError
 
 PREFIX = "covidx"
@@ -250,31 +243,39 @@ def covidx_plan(given: Sequence[str | Path], manifest: pd.DataFrame, settings: S
     train = frame[side == "train"]
     notes = [f"splits from COVIDx{covidx.version}: its test file is the test split, unchanged ({len(test)} images); "
              f"one fold (--folds {settings.folds} does not apply)"]
-    val: list[str] = []
-    phases: list[list[str]] = [[] for _ in range(settings.phases)]
-    if not train.empty:
-        rng = np.random.default_rng([settings.seed, 1])
-        patients = patient_table(train)
-        inner = assign_groups(patients, max(2, round(1 / settings.val_fraction)), rng)
-        val_pat = set(inner.index[inner == 0])
-        val = train.loc[train["patient_id"].isin(val_pat), "image_id"].tolist()
-        rest = train[~train["patient_id"].isin(val_pat)]
-        core = core_mask(rest)
-        groups = assign_groups(patient_table(rest[~core]), settings.phases, rng) if (~core).any() else pd.Series()
-        pool_phase = rest.loc[~core, "patient_id"].map(groups)
-        for p in range(settings.phases):
-            phases[p] = rest.loc[core, "image_id"].tolist() + rest.loc[~core & (pool_phase == p), "image_id"].tolist()
-        notes.append(f"validation: {len(val)} images of {len(val_pat)} patients from the COVIDx training file "
-                     f"(1 in {max(2, round(1 / settings.val_fraction))}, by patient); the rest over {settings.phases} "
-                     "phases, every COVID-19 and covid-chestxray patient in each, the others dealt out once")
-    else:
+    if train.empty:
+        val, phases = [], [[] for _ in range(settings.phases)]
         notes.append("no COVIDx training file: this folder is for evaluation only (its test split)")
+    else:
+        val, phases, note = _train_side(train, settings)
+        notes.append(note)
     plan = SplitPlan(folds=[Fold(fold=1, phases=phases, val=val, test=test)], protocol="strict",
                      origin=f"covidx:{','.join(p.name for p in covidx.files.values())}", notes=notes,
                      settings={"folds": 1, "phases": settings.phases, "seed": settings.seed, "protocol": "strict",
                                "val_fraction": settings.val_fraction, "covidx_version": covidx.version})
-    check_disjoint(plan, manifest)
+    splits.check_disjoint(plan, manifest)
     return plan
+
+
+def _train_side(train: pd.DataFrame, settings: SplitSettings) -> tuple[list[str], list[list[str]], str]:
+    """Validation patients carved from COVIDx's training file; the rest dealt over the phases as the paper does:
+    every COVID-19 and covid-chestxray patient in each phase, every other patient in exactly one."""
+    rng = np.random.default_rng([settings.seed, 1])
+    share = max(2, round(1 / settings.val_fraction))
+    inner = splits.assign_groups(splits.patient_table(train), share, rng)
+    val_pat = set(inner.index[inner == 0])
+    val = train.loc[train["patient_id"].isin(val_pat), "image_id"].tolist()
+    rest = train[~train["patient_id"].isin(val_pat)]
+    core = splits.core_mask(rest)
+    core_ids = rest.loc[core, "image_id"].tolist()
+    pool = rest[~core]
+    phase_of = (pool["patient_id"].map(splits.assign_groups(splits.patient_table(pool), settings.phases, rng))
+                if len(pool) else pd.Series(dtype=int))
+    phases = [core_ids + pool.loc[phase_of == p, "image_id"].tolist() for p in range(settings.phases)]
+    note = (f"validation: {len(val)} images of {len(val_pat)} patients from the COVIDx training file (1 in {share}, "
+            f"by patient); the rest over {settings.phases} phases, every COVID-19 and covid-chestxray patient in "
+            "each, the others dealt out once")
+    return val, phases, note
 
 
 def check_settings(covidx: Sequence[str] | None, images: Path | None, *, others: bool, splits_from: Path | None,
