@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -136,6 +137,8 @@ def test_prepare_covidx_end_to_end(tmp_path: Path) -> None:
     assert set(fold.test["patient_id"]).isdisjoint(set(fold.val["patient_id"]) | set(pd.concat(fold.phases)["patient_id"]))
     assert len(data.cache(72)) == 27  # every image found under images/<split>/ and decoded
     assert set(data.manifest["source"]) == {"sirm", "rsna"}
+    summary = json.loads((out / "splits" / "summary.json").read_text())
+    assert summary["settings"]["covidx_version"] == "9A"  # the model card finds COVID-Net's figures by this
 
 
 def test_published_figures_beside_ours() -> None:

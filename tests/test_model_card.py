@@ -73,7 +73,8 @@ def run(tmp_path: Path) -> Path:
                 checkpoint=run_dir / "last.pt")
     covidx = tmp_path / "covidx-data"
     covidx.mkdir()
-    (covidx / "prepare.json").write_text(json.dumps({"settings": {"covidx": ["l/train_COVIDx4.txt", "l/test_COVIDx4.txt"]}}))
+    (covidx / "splits").mkdir()
+    (covidx / "splits" / "summary.json").write_text(json.dumps({"settings": {"covidx_version": "4"}}))
     _evaluation(run_dir / "eval-covidx4", [[88, 7, 5], [3, 90, 7], [2, 6, 92]], data=covidx, split="test", checkpoint=best)
     write_result(make_result("source", inputs={}, metrics={}, thresholds={},
                              flags=[flag("source-predictable", "a linear probe tells the source from features")]),

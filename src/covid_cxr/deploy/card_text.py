@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -112,17 +111,13 @@ def difference(external: dict[str, Any], internal: dict[str, Any], key: str) -> 
 
 
 def _covidx_version(data: str) -> str | None:
-    """The COVIDx version of a prepared folder made with ``prepare --covidx``, from its test file's name."""
-    info_file = Path(data) / "prepare.json"
+    """The COVIDx version of a folder made by ``prepare --covidx`` (its splits' settings record it)."""
     try:
-        settings = json.loads(info_file.read_text()).get("settings", {})
-    except (OSError, ValueError):
+        settings = json.loads((Path(data) / "splits" / "summary.json").read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
         return None
-    for name in settings.get("covidx") or []:
-        match = re.search(r"COVIDx(\w+)\.txt$", str(name))
-        if match:
-            return match.group(1).upper()
-    return None
+    version = settings.get("covidx_version") if isinstance(settings, dict) else None
+    return str(version).upper() if version else None
 
 
 def evaluation_section(evals: list[dict[str, Any]], run: dict[str, Any]) -> list[str]:
