@@ -149,8 +149,8 @@ def evaluations(run_dir: Path | None, checkpoint: Path | None) -> list[dict[str,
     for path in sorted(run_dir.glob("*eval-*/metrics.json")):
         metrics = _read_json(path)
         info = metrics.get("evaluation") if isinstance(metrics.get("evaluation"), dict) else {}
-        if checkpoint is not None and info.get("checkpoint") and Path(info["checkpoint"]) != checkpoint:
-            continue  # an evaluation of another checkpoint of the run (e.g. last.pt)
+        if checkpoint is not None and info.get("checkpoint") and Path(info["checkpoint"]).name != checkpoint.name:
+            continue  # an evaluation of another checkpoint of the run (e.g. last.pt); names survive a moved folder
         data = str(info.get("data", ""))
         external = bool(info.get("external")) or (bool(home) and bool(data) and str(Path(data).resolve()) != home)
         found.append({"name": path.parent.name, "metrics": metrics, "info": info, "external": external})
