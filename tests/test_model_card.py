@@ -141,7 +141,7 @@ def test_operating_point_from_checkpoint_onnx_or_argmax(run: Path, tmp_path: Pat
     assert onnx.operating_point == OP
     plain = build_card(facts_from_checkpoint(_checkpoint(tmp_path / "plain.pt")), None)
     assert "Decision rule: **argmax**" in plain and "Not recorded with this model" in plain
-    assert "Not evaluated yet" in plain and "No audit has been run" in plain
+    assert "No evaluation of this model is at hand" in plain and "No audit results are at hand" in plain
 
 
 def test_export_card_and_cli_refresh(run: Path, tmp_path: Path) -> None:

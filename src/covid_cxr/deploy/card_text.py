@@ -124,9 +124,9 @@ def evaluation_section(evals: list[dict[str, Any]], run: dict[str, Any]) -> list
     """Every evaluation with its intervals; internal beside external with the drop; COVID-Net's figures on COVIDx."""
     lines = ["## Evaluation", ""]
     if not evals:
-        return lines + ["Not evaluated yet. `covid-cxr evaluate RUN` scores the run's test split (and `--split val` "
-                        "its validation split); `covid-cxr model-card RUN` then rewrites this card with the figures.",
-                        ""]
+        return lines + ["No evaluation of this model is at hand (none in its run folder, or no run folder). "
+                        "`covid-cxr evaluate RUN` scores the run's test split (`--split val` its validation split); "
+                        "`covid-cxr model-card RUN` then rewrites this card with the figures.", ""]
     lines += ["Percent with 95% intervals (Wilson for proportions, patient bootstrap for AUC); the decision rule is "
               "the one in force when each evaluation ran.", "",
               "| evaluation | kind | split | images (COVID-19) | " + " | ".join(t for _, t in COLUMNS) + " |",

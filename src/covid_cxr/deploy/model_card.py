@@ -282,8 +282,8 @@ def _training_section(table: pd.DataFrame | None, run: dict[str, Any]) -> list[s
 def _audit_section(verdicts: list[tuple[str, list[str]]]) -> list[str]:
     lines = ["## Did it learn the disease? (audits)", ""]
     if not verdicts:
-        return lines + ["No audit has been run on this model. `covid-cxr audit source|ablation|cross-source|cam` "
-                        "shows whether it reads the image source instead of disease.", ""]
+        return lines + ["No audit results are at hand for this model. `covid-cxr audit source|ablation|"
+                        "cross-source|cam` shows whether it reads the image source instead of disease.", ""]
     for name, flags in verdicts:
         lines.append(f"- **{name}**: " + ("; ".join(flags) if flags else "nothing flagged (an audit can show a "
                                           "shortcut; none can prove there is none)"))
