@@ -172,3 +172,30 @@ def test_rendered_card_escapes_html() -> None:
     html = render_card_html(card)
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<table>" in html and "<h1>Card</h1>" in html and "license: other" in html
+
+
+def test_server_answers_the_card_as_markdown_and_html(run: Path) -> None:
+    import httpx
+
+    from covid_cxr.deploy.model_card import served_card
+    from covid_cxr.deploy.server import create_app
+    from tests.test_server import serve
+
+    class Still:
+        backend = "torch"
+        classes = ("covid", "pneumonia", "normal")
+        preprocessing = Preprocessing(96, "unit")
+
+        def predict_proba(self, images: np.ndarray) -> np.ndarray:
+            return np.full((len(images), 3), 1 / 3, np.float32)
+
+    sha = hashlib.sha256((run / "best.pt").read_bytes()).hexdigest()
+    card = served_card(run / "best.pt", sha, None, None)  # built now from the run folder: no card beside it yet
+    assert sha in card and "| eval-test | internal |" in card
+    with serve(create_app(Still(), network="concat", model_card=card)) as url:
+        md = httpx.get(f"{url}/model-card")
+        assert md.status_code == 200 and md.headers["content-type"].startswith("text/markdown") and md.text == card
+        page = httpx.get(f"{url}/model-card.html")
+        assert page.status_code == 200 and "<h2>Evaluation</h2>" in page.text and "<table>" in page.text
+    with serve(create_app(Still(), network="concat")) as url:
+        assert httpx.get(f"{url}/model-card").status_code == 404

@@ -352,12 +352,12 @@ def served_card(path: Path, sha256: str, checkpoint: Any, predictor: Any) -> str
         text = beside.read_text(encoding="utf-8")
         if sha256 in text:
             return text
-    if checkpoint is not None:
-        facts, run_dir = facts_from_checkpoint(path, checkpoint), run_folder_of(path)
-    else:
-        facts = facts_from_onnx(getattr(predictor, "metadata", {}), predictor.network, predictor.classes,
+    if checkpoint is None and hasattr(predictor, "metadata"):  # an exported ONNX model: its metadata is all there is
+        facts = facts_from_onnx(predictor.metadata, predictor.network, predictor.classes,
                                 predictor.preprocessing.to_dict())
         run_dir = None
+    else:
+        facts, run_dir = facts_from_checkpoint(path, checkpoint), run_folder_of(path)
     facts.files = [(path.name, sha256)]
     return build_card(facts, run_dir)
 
