@@ -199,3 +199,27 @@ def test_server_answers_the_card_as_markdown_and_html(run: Path) -> None:
         assert page.status_code == 200 and "<h2>Evaluation</h2>" in page.text and "<table>" in page.text
     with serve(create_app(Still(), network="concat")) as url:
         assert httpx.get(f"{url}/model-card").status_code == 404
+
+
+@pytest.mark.slow
+def test_export_writes_the_card_beside_the_model_and_serve_finds_it(tmp_path: Path) -> None:
+    """``covid-cxr export`` (as the demo calls it) leaves MODEL_CARD.md beside the ONNX file, naming its hash."""
+    from covid_cxr.deploy.backends import load_model
+    from covid_cxr.deploy.model_card import served_card
+    from tests.test_server import tiny_checkpoint
+
+    run_dir = tmp_path / "runs" / "xception-fold1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"network": "xception", "fold": 1, "status": "finished"}))
+    ckpt = tiny_checkpoint(run_dir / "best.pt", "xception", size=71)
+    onnx_path = tmp_path / "deploy" / "xception.onnx"
+    onnx_path.parent.mkdir()
+    assert main(["export", str(ckpt), "--out", str(onnx_path)]) == 0
+    card = (onnx_path.parent / CARD_NAME).read_text()
+    onnx_sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    assert f"File `xception.onnx`: sha256 `{onnx_sha}`" in card and "Training run: fold 1" in card
+    loaded = load_model(onnx_path)
+    assert served_card(onnx_path, loaded.sha256, loaded.checkpoint, loaded.predictor) == card
+    (onnx_path.parent / CARD_NAME).write_text("---\nlicense: other\n---\n# a card of another model\n")
+    rebuilt = served_card(onnx_path, loaded.sha256, loaded.checkpoint, loaded.predictor)  # from the ONNX metadata
+    assert onnx_sha in rebuilt and "Decision rule: **argmax**" in rebuilt
