@@ -14,7 +14,9 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
+import yaml
 
 from covid_cxr.synth import render_chest
 from tests.test_server import tiny_checkpoint
@@ -37,10 +39,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fake_run(run_dir: Path) -> None:
+    """A run folder around the checkpoint: run.json and split files, so the served card has a training table."""
+    (run_dir / "splits").mkdir(parents=True)
+    (run_dir / "run.json").write_text('{"network": "xception", "fold": 1, "status": "finished", "protocol": "strict"}')
+    rows = {"phase1": [("covid-chestxray", "covid", 7), ("rsna", "normal", 5)], "val": [("rsna", "pneumonia", 3)],
+            "test": [("rsna", "normal", 4)]}
+    for name, groups in rows.items():
+        frame = pd.DataFrame([{"image_id": f"{name}-{label}-{k}", "label": label, "patient_id": f"{name}{k}",
+                               "source": source} for source, label, n in groups for k in range(n)])
+        frame.to_csv(run_dir / "splits" / f"{name}.csv", index=False)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
     """The real command line: ``covid-cxr serve CHECKPOINT --port P``, until its /health answers."""
-    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("browser") / "tiny.pt", "xception", size=71)
+    run_dir = tmp_path_factory.mktemp("browser") / "run"
+    _fake_run(run_dir)
+    ckpt = tiny_checkpoint(run_dir / "best.pt", "xception", size=71)
     port = free_port()
     log = tmp_path_factory.mktemp("browser-log") / "serve.log"
     with open(log, "wb") as fh:
@@ -113,4 +129,24 @@ def test_upload_shows_bars_heatmap_and_disclaimer(server, browser, tmp_path, art
     page.wait_for_selector("#error:not([hidden])", timeout=60_000)
     assert "422" in page.locator("#error").inner_text()
     assert page.locator("#result").is_hidden()
+    page.close()
+
+
+def test_page_shows_the_model_card(server, browser, artifacts_dir):
+    markdown = httpx.get(f"{server}/model-card", timeout=30)
+    assert markdown.status_code == 200 and markdown.headers["content-type"].startswith("text/markdown")
+    header = yaml.safe_load(markdown.text.split("---\n")[1])
+    assert {"license", "tags", "datasets", "metrics", "base_model"} <= set(header)
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    page.goto(server + "/")
+    page.wait_for_selector("#model-card-section:not([hidden])", timeout=30_000)
+    headings = [h.inner_text() for h in page.locator("#model-card h2").all()]
+    for section in ("Intended use", "Training data", "Evaluation", "Operating point", "Limitations", "How to cite"):
+        assert any(h.startswith(section) for h in headings), headings
+    assert "Not a diagnostic device" in page.locator("#model-card").inner_text()
+    # the training table, rendered as a table: covid-chestxray's 7 COVID-19 training images in its row
+    row = page.locator("#model-card table tr", has_text="covid-chestxray").first.inner_text()
+    assert row.split() == ["training", "covid-chestxray", "7", "0", "0", "7"]
+    assert page.locator("#model-card table").first.is_visible()
+    page.screenshot(path=str(artifacts_dir / "web-page-model-card.png"), full_page=True)
     page.close()

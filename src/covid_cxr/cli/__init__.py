@@ -23,7 +23,7 @@ VERBS: tuple[str, ...] = (
     "evaluate",
     "metrics",
     "report",
-    "predict", "export", "serve",
+    "predict", "export", "serve", "model-card",
     "import-keras",
     "audit",
 )

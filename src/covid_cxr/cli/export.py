@@ -81,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
           f"classes {','.join(check.classes)}", file=sys.stderr)
     if prepared is not None:
         _write_int8(args, out, check, prepared)
+    from covid_cxr.deploy.model_card import write_export_card
+
+    int8 = [out.with_name(f"{out.stem}.int8.onnx")] if prepared is not None else []
+    print(f"wrote {write_export_card(ckpt, args.checkpoint, [out, *int8])}", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from covid_cxr.deploy.backends import BACKENDS, load_model
+from covid_cxr.deploy.model_card import served_card
 from covid_cxr.deploy.server import ServerLimits, create_app
 from covid_cxr.runtime import PRECISIONS
 
@@ -51,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
         loaded.predictor.warm_up(1)  # type: ignore[attr-defined]
         print(f"compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     gradcam = None if args.no_heatmap or loaded.checkpoint is None else loaded.gradcam()
-    app = create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256, gradcam=gradcam, limits=limits)
+    card = served_card(args.checkpoint, loaded.sha256, loaded.checkpoint, loaded.predictor)
+    app = create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256, gradcam=gradcam, limits=limits,
+                     model_card=card)
     print(f"model: {loaded.describe()}; heatmaps {'on' if gradcam else 'off'}", file=sys.stderr)
     print(f"serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)

@@ -30,7 +30,7 @@ from covid_cxr.data.cache import (
 )
 from covid_cxr.data.manifest import COLUMNS, combine, table1
 from covid_cxr.data.prepared import FORMAT, SPLIT_COLUMNS, hash_files, split_files
-from covid_cxr.data.sources import read_covid_chestxray, read_folder, read_rsna
+from covid_cxr.data.sources import covidx, read_covid_chestxray, read_folder, read_rsna
 from covid_cxr.data.splits import SplitPlan, SplitSettings, make_folds
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES
@@ -45,6 +45,8 @@ class PrepareSettings:
     covid_chestxray: Path | None = None
     rsna: Path | None = None
     folder: Path | None = None
+    covidx: tuple[str, ...] | None = None  # COVIDx split files (or their folder); images under covidx_images
+    covidx_images: Path | None = None
     protocol: str = "strict"
     folds: int = 5
     phases: int = 8
@@ -56,8 +58,12 @@ class PrepareSettings:
     workers: int = 0
 
     def __post_init__(self) -> None:
-        if not (self.covid_chestxray or self.rsna or self.folder):
-            raise ConfigError("give at least one dataset: --covid-chestxray DIR, --rsna DIR or --folder DIR")
+        if not (self.covid_chestxray or self.rsna or self.folder or self.covidx):
+            raise ConfigError("give at least one dataset: --covid-chestxray DIR, --rsna DIR, --folder DIR "
+                              "or --covidx FILES")
+        others = bool(self.covid_chestxray or self.rsna or self.folder)
+        covidx.check_settings(self.covidx, self.covidx_images, others=others, splits_from=self.splits_from,
+                              labels_only=self.labels_only)
         if not self.labels_only and not MIN_IMAGE_SIZE <= self.image_size <= 2048:
             raise ConfigError(f"image size must be between {MIN_IMAGE_SIZE} and 2048 pixels; got {self.image_size}")
         SplitSettings(folds=self.folds, phases=self.phases, seed=self.seed, protocol=self.protocol)
@@ -90,6 +96,10 @@ def read_sources(settings: PrepareSettings) -> tuple[pd.DataFrame, list[str]]:
             frame, part_notes = reader(Path(root))
             parts.append(frame)
             notes += part_notes
+    if settings.covidx:
+        frame, part_notes = covidx.read_covidx(settings.covidx, settings.covidx_images)
+        parts.append(frame)
+        notes += part_notes
     return combine(parts), notes
 
 
@@ -227,6 +237,7 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
     split_settings = SplitSettings(folds=settings.folds, phases=settings.phases, seed=settings.seed,
                                    protocol=settings.protocol)
     plan = (read_author_splits(Path(settings.splits_from), manifest, split_settings) if settings.splits_from
+            else covidx.covidx_plan(settings.covidx, manifest, split_settings) if settings.covidx
             else make_folds(manifest, split_settings))
     # File names are written as the OS holds them (bytes that are not UTF-8 too), so the paths reopen.
     manifest.loc[:, list(COLUMNS)].to_csv(tmp / "manifest.csv", index=False, errors="surrogateescape")

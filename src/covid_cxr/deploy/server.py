@@ -22,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import html
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
@@ -31,7 +32,7 @@ import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -180,8 +181,10 @@ def create_app(
     sha256: str = "",
     gradcam: GradCam | None = None,
     limits: ServerLimits | None = None,
+    model_card: str | None = None,
 ) -> FastAPI:
-    """The service around one loaded model; ``gradcam`` (a PyTorch model) enables heatmaps."""
+    """The service around one loaded model; ``gradcam`` (a PyTorch model) enables heatmaps; ``model_card``
+    (Markdown) is served at ``/model-card`` and, rendered, at ``/model-card.html`` for the page."""
     limits = limits or ServerLimits()
     model = model_description(predictor, network=network, sha256=sha256)
     queue = InferenceQueue(predictor, gradcam, limits.max_batch)
@@ -265,6 +268,18 @@ def create_app(
             }
         return body
 
+    @app.get("/model-card", summary="The model card (Markdown, Hugging Face layout)", response_class=PlainTextResponse)
+    async def card() -> PlainTextResponse:
+        if model_card is None:
+            raise StarletteHTTPException(404, "this server was started without a model card")
+        return PlainTextResponse(model_card, media_type="text/markdown; charset=utf-8")
+
+    @app.get("/model-card.html", include_in_schema=False)
+    async def card_html() -> HTMLResponse:
+        if model_card is None:
+            raise StarletteHTTPException(404, "this server was started without a model card")
+        return HTMLResponse(render_card_html(model_card))
+
     static = resources.files("covid_cxr.deploy") / "static"
 
     @app.get("/", include_in_schema=False)
@@ -273,6 +288,19 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=str(static)), name="static")
     return app
+
+
+def render_card_html(card: str) -> str:
+    """The card's Markdown as an HTML fragment (raw HTML in it is escaped), its YAML header folded away."""
+    from markdown_it import MarkdownIt
+
+    from covid_cxr.deploy.model_card import split_front_matter
+
+    header, body = split_front_matter(card)
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    meta = card[: len(card) - len(body)].strip().strip("-").strip() if header else ""
+    folded = f"<details><summary>Metadata (YAML)</summary><pre>{html.escape(meta)}</pre></details>" if meta else ""
+    return md.render(body) + folded
 
 
 def _decode(data: bytes, max_pixels: int) -> np.ndarray:

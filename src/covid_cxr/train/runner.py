@@ -362,6 +362,9 @@ def _run(
     if dist.is_main:
         info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_json(run_dir / "run.json", info)
+        from covid_cxr.deploy.model_card import write_run_card
+
+        write_run_card(run_dir)  # MODEL_CARD.md; 'covid-cxr model-card RUN' refreshes it after evaluate/audit
         if writer is not None:
             writer.close()
         progress.message(f"finished: best validation accuracy {best_acc:.4f} at epoch {best_epoch}; "

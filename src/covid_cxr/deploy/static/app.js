@@ -86,6 +86,15 @@ async function classify(file) {
   render(body, file);
 }
 
+// The server renders the card (raw HTML in it escaped); a server without one answers 404 and the section stays hidden.
+function loadModelCard() {
+  fetch("/model-card.html").then((r) => (r.ok ? r.text() : null)).then((html) => {
+    if (!html) return;
+    $("model-card").innerHTML = html;
+    $("model-card-section").hidden = false;
+  }).catch(() => {});
+}
+
 function setUp() {
   const zone = $("drop-zone");
   $("file-input").addEventListener("change", (event) => {
@@ -111,3 +120,4 @@ function setUp() {
 }
 
 setUp();
+loadModelCard();

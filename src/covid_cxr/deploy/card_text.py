@@ -1,0 +1,187 @@
+"""The model card's fixed text (intended use, limitations, citations) and its evaluation and decision-rule sections."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from covid_cxr import __version__
+from covid_cxr.labels import DISPLAY_NAMES
+
+INTENDED_USE = (
+    "Research on chest X-ray classification (COVID-19, pneumonia, normal): reproducing Rahimzadeh & Attar (2020), "
+    "studying shortcut learning and external validity, benchmarking. **Not a diagnostic device**: it has no "
+    "regulatory clearance and must not be used to diagnose, treat, triage or screen patients, nor in place of a "
+    "laboratory test or a radiologist's reading. Out of scope: lateral views, children, CT, any finding other than "
+    "the three classes, and any image source not measured below."
+)
+LIMITATIONS = (
+    "Trained and tested on public research collections whose images differ by source (hospital, scanner, "
+    "processing, burnt-in text) in ways that go with the class. Figures on another hospital's images are unknown "
+    "until measured: evaluate the model on them (external validation) before trusting any figure here.",
+    "Three classes only: an X-ray of any other condition (tuberculosis, effusion, tumour, ...) is put in one of them.",
+    "Sensitivity and specificity hold at the test set's mix of classes only so far as the images resemble it; PPV "
+    "and NPV change with prevalence, and a test set's prevalence is rarely a clinic's.",
+    "A chest X-ray is often normal early in COVID-19: no image classifier can rule the disease out.",
+)
+DATASET_IDS = {
+    "covid-chestxray": "ieee8023/covid-chestxray-dataset", "rsna": "rsna-pneumonia-detection-challenge",
+    "actualmed": "agchung/Actualmed-COVID-chestxray-dataset", "figure1": "agchung/Figure1-COVID-chestxray-dataset",
+    "sirm": "SIRM COVID-19 database", "ricord": "MIDRC-RICORD-1c", "bimcv": "BIMCV-COVID19+",
+    "stonybrook": "COVID-19-NY-SBU", "folder": "user-supplied images", "covidx-unknown": "COVIDx",
+}  # fmt: skip
+CITATIONS = {
+    "paper": """@article{rahimzadeh2020modified,
+  title   = {A modified deep convolutional neural network for detecting {COVID-19} and pneumonia from chest X-ray
+             images based on the concatenation of {Xception} and {ResNet50V2}},
+  author  = {Rahimzadeh, Mohammad and Attar, Abolfazl},
+  journal = {Informatics in Medicine Unlocked},
+  volume  = {19},
+  pages   = {100360},
+  year    = {2020},
+  doi     = {10.1016/j.imu.2020.100360}
+}""",
+    "covid-cxr": f"""@software{{covid_cxr,
+  title   = {{covid-cxr: chest X-ray classifiers reproducing Rahimzadeh \\& Attar (2020)}},
+  version = {{{__version__}}},
+  year    = {{2026}}
+}}""",
+    "covid-chestxray": """@article{cohen2020covid,
+  title   = {{COVID-19} Image Data Collection: Prospective Predictions Are the Future},
+  author  = {Cohen, Joseph Paul and Morrison, Paul and Dao, Lan and Roth, Karsten and Duong, Tim Q. and
+             Ghassemi, Marzyeh},
+  journal = {arXiv:2006.11988},
+  year    = {2020}
+}""",
+    "rsna": """@article{shih2019augmenting,
+  title   = {Augmenting the National Institutes of Health Chest Radiograph Dataset with Expert Annotations of
+             Possible Pneumonia},
+  author  = {Shih, George and Wu, Carol C. and Halabi, Safwan S. and others},
+  journal = {Radiology: Artificial Intelligence},
+  volume  = {1},
+  number  = {1},
+  pages   = {e180041},
+  year    = {2019},
+  doi     = {10.1148/ryai.2019180041}
+}""",
+    "covidx": """@article{wang2020covidnet,
+  title   = {{COVID-Net}: a tailored deep convolutional neural network design for detection of {COVID-19} cases
+             from chest X-ray images},
+  author  = {Wang, Linda and Lin, Zhong Qiu and Wong, Alexander},
+  journal = {Scientific Reports},
+  volume  = {10},
+  pages   = {19549},
+  year    = {2020},
+  doi     = {10.1038/s41598-020-76550-z}
+}""",
+}
+COLUMNS = (("accuracy", "accuracy"), ("covid_recall", "COVID-19 sensitivity"),
+           ("covid_specificity", "COVID-19 specificity"), ("covid_precision", "COVID-19 PPV"),
+           ("covid_auc", "COVID-19 AUC"))  # fmt: skip
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(float(value)) else None
+
+
+def with_ci(metrics: dict[str, Any], key: str) -> str:
+    """``90.0 [82.6, 94.5]`` (percent; AUC as a fraction), ``-`` when undefined."""
+    value = _number(metrics.get(key))
+    if value is None:
+        return "-"
+    digits = 3 if key.endswith("_auc") else 1
+    low, high = _number(metrics.get(f"{key}_ci_low")), _number(metrics.get(f"{key}_ci_high"))
+    interval = f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else ""
+    return f"{value:.{digits}f}{interval}"
+
+
+def difference(external: dict[str, Any], internal: dict[str, Any], key: str) -> str:
+    """External minus internal, in points, with Newcombe's 95% interval built from the two Wilson intervals."""
+    e, i = _number(external.get(key)), _number(internal.get(key))
+    el, eh = _number(external.get(f"{key}_ci_low")), _number(external.get(f"{key}_ci_high"))
+    il, ih = _number(internal.get(f"{key}_ci_low")), _number(internal.get(f"{key}_ci_high"))
+    if None in (e, i, el, eh, il, ih):
+        return "-"
+    d = e - i  # type: ignore[operator]
+    low = d - math.hypot(e - el, ih - i)  # type: ignore[operator]
+    high = d + math.hypot(eh - e, i - il)  # type: ignore[operator]
+    return f"{d:+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
+def _covidx_version(data: str) -> str | None:
+    """The COVIDx version of a folder made by ``prepare --covidx`` (its splits' settings record it)."""
+    try:
+        settings = json.loads((Path(data) / "splits" / "summary.json").read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    version = settings.get("covidx_version") if isinstance(settings, dict) else None
+    return str(version).upper() if version else None
+
+
+def evaluation_section(evals: list[dict[str, Any]], run: dict[str, Any]) -> list[str]:
+    """Every evaluation with its intervals; internal beside external with the drop; COVID-Net's figures on COVIDx."""
+    lines = ["## Evaluation", ""]
+    if not evals:
+        return lines + ["No evaluation of this model is at hand (none in its run folder, or no run folder). "
+                        "`covid-cxr evaluate RUN` scores the run's test split (`--split val` its validation split); "
+                        "`covid-cxr model-card RUN` then rewrites this card with the figures.", ""]
+    lines += ["Percent with 95% intervals (Wilson for proportions, patient bootstrap for AUC); the decision rule is "
+              "the one in force when each evaluation ran.", "",
+              "| evaluation | kind | split | images (COVID-19) | " + " | ".join(t for _, t in COLUMNS) + " |",
+              "|---|---|---|---:|" + "---:|" * len(COLUMNS)]
+    for e in evals:
+        m, info = e["metrics"], e["info"]
+        kind = "external" if e["external"] else "internal"
+        count = f"{m.get('n', '-')} ({m.get('covid_n', '-')})"
+        lines.append(f"| {e['name']} | {kind} | {info.get('split', '-')} | {count} | "
+                     + " | ".join(with_ci(m, k) for k, _ in COLUMNS) + " |")
+    internal = next((e for e in evals if not e["external"] and e["info"].get("split") == "test"), None)
+    for e in (x for x in evals if x["external"] and internal is not None):
+        lines += ["", f"External ({e['name']}) minus internal test, in points [95% CI]: accuracy "
+                  f"{difference(e['metrics'], internal['metrics'], 'accuracy')}, COVID-19 sensitivity "
+                  f"{difference(e['metrics'], internal['metrics'], 'covid_recall')}, COVID-19 specificity "
+                  f"{difference(e['metrics'], internal['metrics'], 'covid_specificity')}."]
+    absent = [f"{e['name']}: no {DISPLAY_NAMES['covid']} images, so its sensitivity is not defined"
+              for e in evals if _number(e["metrics"].get("covid_n")) == 0]
+    lines += [""] + [f"- {a}" for a in absent] if absent else []
+    lines += _covidx_lines(evals)
+    return lines + [""]
+
+
+def _covidx_lines(evals: list[dict[str, Any]]) -> list[str]:
+    from covid_cxr.data.sources.covidx import COVID_NET_CITATION, PUBLISHED_WHERE, published_rows
+
+    out: list[str] = []
+    for e in evals:
+        version = _covidx_version(str(e["info"].get("data", ""))) if e["info"].get("split") == "test" else None
+        rows = published_rows(e["metrics"], version) if version else []
+        if rows:
+            out += ["", f"On the COVIDx{version} test set, beside COVID-Net's published figures ({PUBLISHED_WHERE}; "
+                    f"{COVID_NET_CITATION}):", "",
+                    "| model | COVID-19 sensitivity | COVID-19 PPV | accuracy |", "|---|---:|---:|---:|"]
+            out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def operating_point_lines(op: dict[str, Any] | None, classes: tuple[str, ...]) -> list[str]:
+    """The decision rule in words: argmax when none is stored."""
+    if not op or str(op.get("rule", "argmax")) == "argmax":
+        return ["Decision rule: **argmax**, the class with the highest probability (the paper's rule). No threshold "
+                "was chosen on validation data for this model; `covid-cxr` can choose one (a target sensitivity, "
+                "specificity or Youden's J) without retraining."]
+    positive = str(op.get("positive_class", "covid"))
+    target = f", target {op['target']}" if op.get("target") is not None else ""
+    lines = [f"Decision rule: **{op.get('rule')}**{target}, for {DISPLAY_NAMES.get(positive, positive)}."]
+    if op.get("threshold") is not None:
+        name = DISPLAY_NAMES.get(positive, positive)
+        lines.append(f"- Threshold on the {name} probability: {float(op['threshold']):.4g}.")
+    validation = op.get("validation")
+    if isinstance(validation, dict) and validation:
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in validation.items()
+                          if not isinstance(v, (dict, list)))
+        lines.append(f"- Chosen on the validation split, never on test: {shown}.")
+    elif validation is not None:
+        lines.append(f"- Chosen on: {validation}.")
+    return lines

@@ -1,0 +1,373 @@
+"""``MODEL_CARD.md``: what a model is, what it was trained and evaluated on, and what it must not be used for.
+
+The card follows the Hugging Face model-card layout: YAML front matter (license, tags, datasets,
+metrics, base_model, model-index with the evaluation results), then Markdown sections. It is built
+only from what the model and its run folder hold: the checkpoint (or ONNX metadata), ``run.json``,
+``config.yaml``, ``splits/`` (training data per source and class), ``eval-*/metrics.json`` (every
+evaluation of this checkpoint, internal or external) and ``audit/*.json`` (the audits' verdicts).
+What is absent is said to be absent, never filled in. Written by every finished training run and
+by ``export``; ``serve`` shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from covid_cxr import __version__
+from covid_cxr.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.deploy.card_text import (
+    CITATIONS,
+    DATASET_IDS,
+    INTENDED_USE,
+    LIMITATIONS,
+    evaluation_section,
+    operating_point_lines,
+)
+from covid_cxr.errors import CheckpointError
+from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+
+CARD_NAME = "MODEL_CARD.md"
+BASE_MODELS = {
+    "concat": ["keras.applications.Xception (ImageNet)", "keras.applications.ResNet50V2 (ImageNet)"],
+    "xception": ["keras.applications.Xception (ImageNet)"],
+    "resnet50v2": ["keras.applications.ResNet50V2 (ImageNet)"],
+}
+
+
+@dataclass
+class ModelFacts:
+    """What the model file itself says: enough for a card without a run folder."""
+
+    network: str
+    classes: tuple[str, ...]
+    preprocessing: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+    operating_point: dict[str, Any] | None = None
+    files: list[tuple[str, str]] = field(default_factory=list)  # (file name, sha256)
+    checkpoint: Path | None = None
+
+
+def _operating_point(value: Any) -> dict[str, Any] | None:
+    """The stored decision rule as a dict (JSON text from ONNX metadata is parsed); anything else is argmax."""
+    if isinstance(value, str) and value.strip():
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {"rule": value}
+    return dict(value) if isinstance(value, dict) and value else None
+
+
+def facts_from_checkpoint(path: Path, ckpt: Any = None) -> ModelFacts:
+    """Facts from a checkpoint file; its weights are memory-mapped, not read, unless ``ckpt`` is given loaded."""
+    import torch
+
+    path = Path(path)
+    if ckpt is not None:
+        raw = {"operating_point": getattr(ckpt, "operating_point", None)}
+        network, classes = ckpt.network, tuple(ckpt.classes)
+        pre, meta = ckpt.preprocessing.to_dict(), dict(ckpt.meta)
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # torch raises many types for a file that is not a checkpoint: let the loader say which
+            raw = None
+        if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
+            load_checkpoint(path)  # raises the checkpoint loader's error, which names the fix
+            raise CheckpointError(f"{path}: not a covid-cxr checkpoint")
+        network, classes = str(raw["network"]), tuple(raw["classes"])
+        pre, meta = dict(raw["preprocessing"]), dict(raw.get("meta", {}))
+    op = _operating_point(raw.get("operating_point") or meta.get("operating_point"))
+    return ModelFacts(network, classes, pre, meta, op, checkpoint=path.resolve())
+
+
+def facts_from_onnx(metadata: dict[str, str], network: str, classes: tuple[str, ...], preprocessing: dict[str, Any]
+                    ) -> ModelFacts:  # fmt: skip
+    """Facts from an exported model's metadata (``covid_cxr.*`` keys, prefix removed)."""
+    meta = {"covid_cxr_version": metadata.get("version", ""), "source_sha256": metadata.get("source_sha256", "")}
+    op = _operating_point(metadata.get("operating_point"))
+    return ModelFacts(network, tuple(classes), dict(preprocessing), meta, op)
+
+
+def run_folder_of(path: Path) -> Path | None:
+    """The run folder a checkpoint belongs to (``run.json`` beside it), or the folder itself when it is one."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    return folder if (folder / "run.json").is_file() else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _config(run_dir: Path | None) -> dict[str, Any]:
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return {}
+    data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def training_data(run_dir: Path | None) -> pd.DataFrame | None:
+    """Distinct images per source and split part (training phases, validation, test) and class, from RUN/splits."""
+    folder = run_dir / "splits" if run_dir is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    parts = {"training": sorted(folder.glob("phase*.csv")), "validation": [folder / "val.csv"],
+             "test": [folder / "test.csv"]}
+    frames = []
+    for part, files in parts.items():
+        found = [pd.read_csv(f, dtype=str, keep_default_na=False) for f in files if f.is_file()]
+        if found:
+            frame = pd.concat(found).drop_duplicates("image_id")
+            frames.append(frame.assign(part=part))
+    if not frames:
+        return None
+    rows = pd.concat(frames, ignore_index=True)
+    table = pd.crosstab([rows["part"], rows["source"]], rows["label"]).reindex(columns=list(CLASSES), fill_value=0)
+    order = {"training": 0, "validation": 1, "test": 2}
+    return table.sort_index(level=0, key=lambda idx: idx.map(order), sort_remaining=True)
+
+
+def evaluations(run_dir: Path | None, checkpoint: Path | None) -> list[dict[str, Any]]:
+    """Every ``metrics.json`` of an evaluation of ``checkpoint`` in the run folder, internal ones first."""
+    if run_dir is None:
+        return []
+    run = _read_json(run_dir / "run.json")
+    home = str(Path(run.get("data", "")).resolve()) if run.get("data") else ""
+    found = []
+    for path in sorted(run_dir.glob("*eval-*/metrics.json")):
+        metrics = _read_json(path)
+        info = metrics.get("evaluation") if isinstance(metrics.get("evaluation"), dict) else {}
+        if checkpoint is not None and info.get("checkpoint") and Path(info["checkpoint"]).name != checkpoint.name:
+            continue  # an evaluation of another checkpoint of the run (e.g. last.pt); names survive a moved folder
+        data = str(info.get("data", ""))
+        external = bool(info.get("external")) or (bool(home) and bool(data) and str(Path(data).resolve()) != home)
+        found.append({"name": path.parent.name, "metrics": metrics, "info": info, "external": external})
+    return sorted(found, key=lambda e: (e["external"], e["info"].get("split") != "test", e["name"]))
+
+
+def audit_verdicts(run_dir: Path | None) -> list[tuple[str, list[str]]]:
+    """Per audit run: its flags' messages (empty when it flagged nothing)."""
+    from covid_cxr.audit.results import load_results
+    from covid_cxr.errors import DataError
+
+    if run_dir is None:
+        return []
+    try:
+        results = load_results(run_dir) or {}
+    except DataError as exc:
+        return [("audit", [f"the audit results cannot be read: {exc}"])]
+    return [(name, [str(f.get("message", f.get("code", ""))) for f in res.get("flags", [])])
+            for name, res in results.items()]
+
+
+def front_matter(facts: ModelFacts, sources: list[str], evals: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    """The YAML header; it is parsed back before use, so a card never carries YAML that does not load."""
+    pretrained = config.get("pretrained")
+    kind = (facts.meta.get("source") or {}).get("kind") if isinstance(facts.meta.get("source"), dict) else None
+    if kind == "keras-import":
+        base = ["Rahimzadeh & Attar (2020) published Keras model (github.com/mr7495/covid19)"]
+    elif pretrained == "none":
+        base = ["none (trained from random initialisation)"]
+    else:
+        base = BASE_MODELS.get(facts.network, [facts.network])
+    header: dict[str, Any] = {
+        "license": "other",
+        "license_name": "research-only",
+        "library_name": "covid-cxr",
+        "pipeline_tag": "image-classification",
+        "tags": ["medical-imaging", "chest-x-ray", "covid-19", "pneumonia", "pytorch", "onnx", "research-only",
+                 f"covid-cxr-{facts.network}"],
+        "datasets": sorted({DATASET_IDS.get(s, s) for s in sources}),
+        "metrics": ["accuracy", "recall", "specificity", "precision", "roc_auc"],
+        "base_model": base if len(base) > 1 else base[0],
+    }
+    if evals:  # the Hub reads evaluation results from here; an empty list would claim there were none to read
+        header["model-index"] = [{"name": f"covid-cxr-{facts.network}", "results": [_index_entry(e) for e in evals]}]
+    text = yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
+    if yaml.safe_load(text) != header:
+        raise ValueError("the model card's front matter does not read back as written")
+    return f"---\n{text}---\n"
+
+
+def _index_entry(e: dict[str, Any]) -> dict[str, Any]:
+    m, info = e["metrics"], e["info"]
+    metrics = [{"type": "accuracy", "value": round(float(m["accuracy"]), 2), "name": "accuracy (%)"}]
+    for key, kind, label in (("covid_recall", "recall", "COVID-19 sensitivity (%)"),
+                             ("covid_specificity", "specificity", "COVID-19 specificity (%)"),
+                             ("covid_precision", "precision", "COVID-19 PPV (%)")):
+        if isinstance(m.get(key), (int, float)):
+            metrics.append({"type": kind, "value": round(float(m[key]), 2), "name": label})
+    name = f"{'external' if e['external'] else 'internal'}: {e['name']}"
+    return {"task": {"type": "image-classification", "name": "COVID-19 / pneumonia / normal chest X-ray"},
+            "dataset": {"name": name, "type": Path(str(info.get("data", "unknown"))).name or "unknown",
+                        "split": str(info.get("split", ""))}, "metrics": metrics}
+
+
+def build_card(facts: ModelFacts, run_dir: Path | None = None) -> str:
+    """The whole card as text: front matter, then the sections."""
+    run = _read_json(run_dir / "run.json") if run_dir else {}
+    config = _config(run_dir)
+    table = training_data(run_dir)
+    evals = evaluations(run_dir, facts.checkpoint)
+    sources = sorted(set(table.index.get_level_values("source"))) if table is not None else []
+    title = f"covid-cxr {facts.network}" + (f" ({run_dir.name})" if run_dir else "")
+    out = [front_matter(facts, sources, evals, config), f"# Model card: {title}", ""]
+    out += _details(facts, run, config)
+    out += ["## Intended use", "", INTENDED_USE, ""]
+    out += _training_section(table, run)
+    out += evaluation_section(evals, run)
+    out += ["## Operating point", "", *operating_point_lines(facts.operating_point, facts.classes), ""]
+    out += _audit_section(audit_verdicts(run_dir))
+    out += ["## Limitations", "", *_limitations(table, run), ""]
+    out += ["## How to cite", "", "```bibtex", *[CITATIONS[k] for k in _citations(sources)], "```", ""]
+    return "\n".join(out)
+
+
+def _details(facts: ModelFacts, run: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    pre = facts.preprocessing
+    lines = ["## Model details", "",
+             f"- Network: `{facts.network}` (Rahimzadeh & Attar 2020: Keras-exact Xception / ResNet50V2 in PyTorch)",
+             f"- Classes, in output order: {', '.join(DISPLAY_NAMES.get(c, c) for c in facts.classes)}",
+             f"- Input: grayscale X-ray resized to {pre.get('image_size')} x {pre.get('image_size')}"
+             + (f" ({pre['resize']} resize)" if pre.get("resize") else "") + f", scaling `{pre.get('scaling')}`",
+             f"- Written by covid-cxr {__version__} (model made with {facts.meta.get('covid_cxr_version', 'unknown')})"]
+    if run:
+        said = [f"{label} {run[key]}" for key, label in (("fold", "fold"), ("data", "of"), ("protocol", "protocol"),
+                ("preset", "preset"), ("num_phases", "phases:"), ("epochs_per_phase", "epochs a phase:"),
+                ("status", "status"), ("best_epoch", "checkpoint of epoch")) if run.get(key) is not None]
+        if run.get("best_val_accuracy") is not None:
+            said.append(f"best validation accuracy {_pct(run['best_val_accuracy'])}")
+        lines.append("- Training run: " + ", ".join(said))
+    if config.get("pretrained"):
+        lines.append(f"- Initial weights: `{config['pretrained']}`; seed {config.get('seed')}")
+    for name, sha in facts.files:
+        lines.append(f"- File `{name}`: sha256 `{sha}`")
+    return lines + [""]
+
+
+def _pct(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "unknown"
+    return f"{100 * value:.1f}%" if value <= 1 else f"{value:.1f}%"
+
+
+def _training_section(table: pd.DataFrame | None, run: dict[str, Any]) -> list[str]:
+    lines = ["## Training data", ""]
+    if table is None:
+        return lines + ["Not recorded with this model: it was not trained by a covid-cxr run folder at hand (an "
+                        "imported or moved checkpoint). Ask whoever made it what it was trained on.", ""]
+    lines += ["Distinct images per split part, source and class (the run's own split files):", "",
+              "| part | source | " + " | ".join(DISPLAY_NAMES[c] for c in table.columns) + " | total |",
+              "|---|---|" + "---:|" * (len(table.columns) + 1)]
+    for (part, source), row in table.iterrows():
+        lines.append(f"| {part} | {source} | " + " | ".join(str(int(v)) for v in row) + f" | {int(row.sum())} |")
+    if run.get("protocol") == "paper":
+        lines += ["", "Protocol `paper`: the validation set that chose this checkpoint was drawn from the test set "
+                  "(the authors' s_test), so the test figures below are optimistic."]
+    return lines + [""]
+
+
+def _audit_section(verdicts: list[tuple[str, list[str]]]) -> list[str]:
+    lines = ["## Did it learn the disease? (audits)", ""]
+    if not verdicts:
+        return lines + ["No audit results are at hand for this model. `covid-cxr audit source|ablation|"
+                        "cross-source|cam` shows whether it reads the image source instead of disease.", ""]
+    for name, flags in verdicts:
+        lines.append(f"- **{name}**: " + ("; ".join(flags) if flags else "nothing flagged (an audit can show a "
+                                          "shortcut; none can prove there is none)"))
+    return lines + [""]
+
+
+def _limitations(table: pd.DataFrame | None, run: dict[str, Any]) -> list[str]:
+    lines = [f"- {text}" for text in LIMITATIONS]
+    if table is not None and "training" in table.index.get_level_values("part"):
+        train = table.loc["training"]
+        covid_sources = set(train.index[train["covid"] > 0])
+        other_sources = set(train.index[(train["normal"] > 0)])
+        if covid_sources and other_sources and not covid_sources & other_sources:
+            lines.append(f"- Every COVID-19 training image comes from {', '.join(sorted(covid_sources))} and every "
+                         f"normal one from {', '.join(sorted(other_sources))}: source and class are confounded, and "
+                         "the model may have learned the source. See the audits.")
+        n_covid = int(train["covid"].sum())
+        if n_covid < 200:
+            lines.append(f"- Only {n_covid} COVID-19 training images: intervals on COVID-19 figures are wide.")
+    return lines
+
+
+def _citations(sources: list[str]) -> list[str]:
+    keys = ["paper", "covid-cxr"]
+    keys += [s for s in ("covid-chestxray", "rsna") if s in sources]
+    if any(s not in ("covid-chestxray", "rsna", "folder") for s in sources):
+        keys.append("covidx")
+    return keys
+
+
+def write_model_card(facts: ModelFacts, out: Path, run_dir: Path | None = None) -> Path:
+    """Write the card to ``out`` (a file, or a folder to hold ``MODEL_CARD.md``) through a temporary file."""
+    out = Path(out)
+    path = out / CARD_NAME if out.is_dir() else out
+    text = build_card(facts, run_dir)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_export_card(ckpt: Any, checkpoint: Path, files: list[Path]) -> Path:
+    """The card of an exported model, beside its files: the checkpoint's facts, its run folder, the files' hashes."""
+    from covid_cxr.deploy.onnx import file_sha256
+
+    facts = facts_from_checkpoint(checkpoint, ckpt)
+    facts.files = [(Path(f).name, file_sha256(f)) for f in files] + [(Path(checkpoint).name, file_sha256(checkpoint))]
+    return write_model_card(facts, Path(files[0]).parent / CARD_NAME, run_folder_of(checkpoint))
+
+
+def write_run_card(run_dir: Path) -> Path:
+    """The card of a finished run, in the run folder, naming its best.pt by hash."""
+    from covid_cxr.deploy.onnx import file_sha256
+
+    best = Path(run_dir) / "best.pt"
+    facts = facts_from_checkpoint(best)
+    facts.files = [(best.name, file_sha256(best))]
+    return write_model_card(facts, Path(run_dir) / CARD_NAME, Path(run_dir))
+
+
+def served_card(path: Path, sha256: str, checkpoint: Any, predictor: Any) -> str:
+    """The card ``serve`` shows: the one beside the model file when it names that file's hash, else one built now."""
+    path = Path(path)
+    beside = path.parent / CARD_NAME
+    if sha256 and beside.is_file():
+        text = beside.read_text(encoding="utf-8")
+        if sha256 in text:
+            return text
+    if checkpoint is None and hasattr(predictor, "metadata"):  # an exported ONNX model: its metadata is all there is
+        facts = facts_from_onnx(predictor.metadata, predictor.network, predictor.classes,
+                                predictor.preprocessing.to_dict())
+        run_dir = None
+    else:
+        facts, run_dir = facts_from_checkpoint(path, checkpoint), run_folder_of(path)
+    facts.files = [(path.name, sha256)]
+    return build_card(facts, run_dir)
+
+
+def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
+    """The card's YAML header as a dict, and the Markdown after it."""
+    if not text.startswith("---\n"):
+        return {}, text
+    end = text.find("\n---\n", 4)
+    if end < 0:
+        raise ValueError("the model card's front matter has no closing '---' line")
+    header = yaml.safe_load(text[4 : end + 1])
+    return (header if isinstance(header, dict) else {}), text[end + 5 :]
