@@ -25,6 +25,7 @@ from covid_cxr.deploy.files import expand_inputs
 from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import COMBINED, METHODS, GradCam, save_overlay
 from covid_cxr.inference import COMPILE_CHOICES, COMPILE_MIN_IMAGES, should_compile
+from covid_cxr.operating_point import of_predictor
 from covid_cxr.runtime import PRECISIONS
 
 GRADCAM_BATCH = 4  # a backward pass keeps every activation: small batches bound its memory
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
                         compile=compile_model)
     print(f"model: {loaded.describe()}", file=sys.stderr)
+    print(f"operating point: {of_predictor(loaded.predictor).describe()}", file=sys.stderr)
     if compile_model:
         started = time.perf_counter()
         loaded.predictor.warm_up(args.batch_size)  # type: ignore[attr-defined]
@@ -103,6 +105,7 @@ def predict_files(
 ) -> list[dict[str, Any]]:
     """Decode and classify ``files`` a batch at a time; append unreadable ones to ``failures``."""
     predictor = loaded.predictor
+    decision = of_predictor(predictor)  # the checkpoint's (or ONNX model's) rule; argmax when it has none
     size = predictor.preprocessing.image_size
     batches = [files[i : i + args.batch_size] for i in range(0, len(files), args.batch_size)]
     rows: list[dict[str, Any]] = []
@@ -125,12 +128,12 @@ def predict_files(
             if images:
                 stack = np.stack(images)
                 probs = predictor.predict_proba(stack)
-                for path, p in zip(good, probs):
-                    best = int(np.argmax(p))
+                decided = decision.decide(probs, predictor.classes)
+                for path, p, best in zip(good, probs, decided):
                     rows.append({"path": str(path), "class": predictor.classes[best],
                                  **{f"p_{c}": float(v) for c, v in zip(predictor.classes, p)}})
                 if cam is not None:
-                    targets = [args.gradcam_class or int(np.argmax(p)) for p in probs]
+                    targets = [args.gradcam_class or int(k) for k in decided]
                     _write_overlays(cam, stack, good, targets, args.gradcam, overlay_names)
             progress.advance(task, len(batch))
     return rows

@@ -42,6 +42,7 @@ from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import CamResult, GradCam, overlay_png
 from covid_cxr.inference import Predictor
 from covid_cxr.labels import DISPLAY_NAMES
+from covid_cxr.operating_point import of_predictor
 
 DISCLAIMER = "Research tool, not a diagnostic device: do not use it to diagnose, treat or triage patients."
 
@@ -183,6 +184,8 @@ def create_app(
     """The service around one loaded model; ``gradcam`` (a PyTorch model) enables heatmaps."""
     limits = limits or ServerLimits()
     model = model_description(predictor, network=network, sha256=sha256)
+    decision = of_predictor(predictor)  # the model's operating point (argmax when it has none)
+    model["operating_point"] = decision.to_dict()
     queue = InferenceQueue(predictor, gradcam, limits.max_batch)
     decode_slots = anyio.CapacityLimiter(limits.decode_workers)
     size = predictor.preprocessing.image_size
@@ -245,7 +248,7 @@ def create_app(
         image = resize_gray(original, size)
         result = await queue.submit(image, heatmap)
         probs, cam = result if heatmap else (result, None)
-        best = int(np.argmax(probs))
+        best = int(decision.decide(np.asarray(probs)[None], predictor.classes)[0])
         body: dict[str, Any] = {
             "class": predictor.classes[best],
             "label": DISPLAY_NAMES[predictor.classes[best]],

@@ -228,6 +228,38 @@ def difference_interval(a: Proportion, b: Proportion, confidence: float = 0.95) 
     return (100.0 * d, 100.0 * low, 100.0 * high)
 
 
+DEFAULT_PREVALENCES: tuple[float, ...] = (0.01, 0.05, 0.20)
+"""Where PPV and NPV are stated besides the test set's own mix: a low, a middling and a high COVID-19 share."""
+
+
+def parse_prevalences(text: str) -> tuple[float, ...]:
+    """``'0.01,0.05,0.2'`` or ``'1%,5%,20%'`` -> fractions strictly between 0 and 1."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
+        except ValueError:
+            raise ValueError(f"prevalence {part!r} is not a number; write fractions (0.05) or percentages (5%)") from None
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"prevalence {part!r} must lie strictly between 0 and 1 (0.05 or 5%)")
+        out.append(value)
+    if not out:
+        raise ValueError("no prevalence given; write e.g. 0.01,0.05,0.2 or 1%,5%,20%")
+    return tuple(out)
+
+
+def decision_summary(cm: np.ndarray, k: int, prevalences: Sequence[float] = DEFAULT_PREVALENCES) -> dict[str, Any]:
+    """Class ``k`` against the rest at the decisions made: sensitivity, specificity, PPV, NPV with intervals,
+    and PPV/NPV moved by Bayes' rule to each prevalence (the test set's own mix is rarely a clinic's)."""
+    fig = binary_figures(cm, k)
+    at = [{"prevalence": p, **predictive_values(fig.sensitivity, fig.specificity, p)} for p in prevalences]
+    n_pos, n = fig.sensitivity.n, int(np.asarray(cm).sum())
+    return {**fig.as_dict(), "test_prevalence": n_pos / n if n else math.nan, "at_prevalence": at}
+
+
 def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct score threshold (descending), from (0, 0)."""
     positive = np.asarray(positive, dtype=bool)

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.evaluate import plots
-from covid_cxr.evaluate.metrics import table3_row, table4_row
+from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, decision_summary, table3_row, table4_row
 from covid_cxr.evaluate.predictions import Predictions, predictions_frame, validate_predictions, write_predictions
 from covid_cxr.labels import CLASSES, normalize_label
 from covid_cxr.operating_point import OperatingPoint, parse_rule
@@ -170,15 +170,20 @@ def roc_marks(metrics: dict[str, Any], op: dict[str, Any] | None) -> list[plots.
 
 
 def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
-                     prevalence: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                     prevalence: float | None = None, n_boot: int = 1000, seed: int = 0,
+                     prevalences: tuple[float, ...] = DEFAULT_PREVALENCES) -> dict[str, Any]:
     """Write metrics.json, table3.csv, table4.csv and the plots for a predictions table; return the metrics.
 
     ``info`` (network, fold, split, paths...) goes into metrics.json under ``evaluation`` and
-    names the rows of the two tables.
+    names the rows of the two tables. ``decision`` holds the operating point's figures
+    (:func:`~covid_cxr.evaluate.metrics.decision_summary`, PPV/NPV at ``prevalences``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = preds.metrics(prevalence=prevalence, n_boot=n_boot, seed=seed)
+    op = OperatingPoint.from_dict(info.get("operating_point"))
+    metrics["decision"] = {"operating_point": op.to_dict(), "positive_class": op.positive_class,
+                           **decision_summary(preds.confusion(), CLASSES.index(op.positive_class), prevalences)}
     write_json({**metrics, "evaluation": info}, out_dir / "metrics.json")
     cm = preds.confusion()
     key = {"fold": info.get("fold", ""), "network": info.get("network", "")}
@@ -322,6 +327,7 @@ def evaluate_run(
     progress: bool = True,
     compile: str = "auto",
     operating_point: str | None = None,
+    prevalences: tuple[float, ...] = DEFAULT_PREVALENCES,
 ) -> EvaluationResult:
     """Evaluate a run folder (its ``best.pt``) or a checkpoint on one split of the prepared data.
 
@@ -366,5 +372,6 @@ def evaluate_run(
         "run_status": tgt.run.get("status"),
         "best_epoch": tgt.run.get("best_epoch"),
     }
-    metrics = write_evaluation(preds, tgt.out_dir, info, prevalence=prevalence, n_boot=n_boot)
+    metrics = write_evaluation(preds, tgt.out_dir, info, prevalence=prevalence, n_boot=n_boot,
+                               prevalences=prevalences)
     return EvaluationResult(out_dir=tgt.out_dir, metrics=metrics, predictions=table, info=info)
