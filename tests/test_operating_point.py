@@ -120,3 +120,115 @@ def test_a_target_of_one_is_met_and_stays_within_probabilities() -> None:
     op = choose("specificity=1", y, s)
     assert op.validation["specificity"] == 1.0 and op.validation["tp"] == 1 and math.isfinite(op.threshold)
     json.dumps(op.to_dict(), allow_nan=False)
+
+
+# --- end to end: calibrate on validation, then the same thresholded answers from predict, ONNX and serve ---
+
+SIZE = 72
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny random network (spread-out outputs) in a run folder over prepared synthetic data, calibrated."""
+    from covid_cxr.cli import main
+    from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+    from covid_cxr.data.prepared import PreparedData
+    from covid_cxr.synth import make_synthetic
+    from tests.test_server import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("op")
+    make_synthetic(root / "raw", seed=2, n_covid=12, n_pneumonia=12, n_normal=12, size=96, workers=1)
+    prepare_dataset(PrepareSettings(out=root / "data", covid_chestxray=root / "raw" / "covid-chestxray-dataset",
+                                    rsna=root / "raw" / "rsna", folds=2, phases=2, image_size=SIZE, workers=1),
+                    progress=False)
+    run = root / "run"
+    tiny_checkpoint(run / "best.pt", "xception", size=SIZE, scaling="unit", seed=3)
+    fold = PreparedData(root / "data").fold(1)
+    (run / "run.json").write_text(json.dumps({"network": "xception", "fold": 1, "data": str(root / "data"),
+                                              "split_hash": fold.split_hash, "status": "finished"}))
+    argv = ["calibrate", str(run), "--operating-point", "sensitivity=0.95", "--device", "cpu", "--precision", "fp32",
+            "--no-progress"]
+    assert main(argv) == 0
+    return {"run": run, "data": root / "data", "fold": fold, "root": root}
+
+
+def _torch_probs(ckpt_path: Path, images: np.ndarray) -> np.ndarray:
+    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.inference import TorchPredictor
+
+    return TorchPredictor(load_checkpoint(ckpt_path), device="cpu", precision="fp32").predict_proba(images)
+
+
+@pytest.mark.slow
+def test_calibrated_rule_meets_its_target_on_validation_and_is_used_on_test(calibrated: dict) -> None:
+    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.data.prepared import PreparedData
+    from covid_cxr.evaluate import evaluate_run
+    from covid_cxr.evaluate.predictions import read_predictions
+
+    ckpt = load_checkpoint(calibrated["run"] / "best.pt")
+    op = OperatingPoint.from_dict(ckpt.operating_point)
+    assert op.rule == "sensitivity" and op.target == 0.95 and op.positive_class == "covid"
+    # Recomputed here on the validation split: the stored threshold reaches the target there.
+    val = calibrated["fold"].val
+    cache = PreparedData(calibrated["data"]).cache(SIZE)
+    probs = _torch_probs(calibrated["run"] / "best.pt", cache.images[cache.rows(val["image_id"])])
+    k = ckpt.classes.index("covid")
+    is_covid = (val["label"] == "covid").to_numpy()
+    assert (probs[is_covid, k] >= op.threshold).mean() >= 0.95
+    assert op.validation["n_positive"] == is_covid.sum() and op.validation["tp"] == (probs[is_covid, k] >= op.threshold).sum()
+    # evaluate uses the stored rule on test and states the sensitivity reached with its Wilson interval.
+    result = evaluate_run(calibrated["run"], device="cpu", precision="fp32", n_boot=20, progress=False)
+    saved = json.loads((result.out_dir / "metrics.json").read_text())
+    assert saved["evaluation"]["operating_point"] == op.to_dict()
+    d = saved["decision"]
+    low, high = wilson_interval(d["sensitivity_k"], d["sensitivity_n"])
+    assert d["sensitivity_n"] == (calibrated["fold"].test["label"] == "covid").sum()
+    assert (d["sensitivity_ci_low"], d["sensitivity_ci_high"]) == pytest.approx((100 * low, 100 * high))
+    assert [a["prevalence"] for a in d["at_prevalence"]] == [0.01, 0.05, 0.2]
+    frame = read_predictions(result.out_dir / "predictions.csv").frame
+    assert ((frame["pred"] == "covid") == (frame["p_covid"] >= op.threshold - 1e-6)).all()
+
+
+@pytest.mark.slow
+def test_predict_serve_and_onnx_give_the_same_thresholded_answers(calibrated: dict, tmp_path: Path) -> None:
+    import pandas as pd
+    from fastapi.testclient import TestClient
+
+    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.cli import main
+    from covid_cxr.data.images import load_image
+    from covid_cxr.deploy.backends import load_model
+    from covid_cxr.deploy.server import create_app
+
+    ckpt_path = calibrated["run"] / "best.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    op = OperatingPoint.from_dict(ckpt.operating_point)
+    from covid_cxr.data.prepared import PreparedData
+
+    manifest = PreparedData(calibrated["data"]).manifest.set_index("image_id")
+    files = [Path(p) for p in manifest.loc[calibrated["fold"].test["image_id"], "path"]]
+    images = np.stack([load_image(f, SIZE) for f in files])
+    probs = _torch_probs(ckpt_path, images)
+    expected = np.asarray(ckpt.classes)[op.decide(probs, ckpt.classes)]
+    argmax = np.asarray(ckpt.classes)[probs.argmax(axis=1)]
+    assert (expected != argmax).any(), "the rule must change some answers for this test to mean anything"
+
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", str(ckpt_path), "--format", "onnx", "--out", str(onnx_path), "--dynamic-batch"]) == 0
+    onnx_model = load_model(onnx_path)
+    assert json.loads(onnx_model.predictor.metadata["operating_point"]) == op.to_dict()
+
+    answers = {}
+    for name, model in (("torch", ckpt_path), ("onnx", onnx_path)):
+        out = tmp_path / f"{name}.csv"
+        extra = ["--precision", "fp32", "--device", "cpu"] if name == "torch" else []
+        assert main(["predict", str(model), *map(str, files), "--out", str(out), *extra]) == 0
+        answers[name] = pd.read_csv(out).set_index("path").loc[[str(f) for f in files], "class"].to_numpy()
+    loaded = load_model(ckpt_path, device="cpu", precision="fp32")
+    with TestClient(create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256)) as client:
+        assert client.get("/health").json()["model"]["operating_point"] == op.to_dict()
+        answers["serve"] = np.array([client.post("/predict", files={"file": (f.name, f.read_bytes())}).json()["class"]
+                                     for f in files])
+    for name, got in answers.items():
+        assert got.tolist() == expected.tolist(), name
