@@ -241,15 +241,17 @@ class _Doc:
         self.body.append(table.html())
 
 
-def _decision_section(doc: _Doc, cm: Any, infos: Sequence[dict[str, Any]], prevalences: Sequence[float]) -> None:
+def _decision_section(doc: _Doc, cm: Any, infos: Sequence[dict[str, Any]], prevalences: Sequence[float],
+                      level: int = 3) -> None:
     """The operating point: its rule, and sensitivity, specificity, PPV, NPV at it, also at other prevalences."""
     op = OperatingPoint.from_dict(infos[0].get("operating_point") if infos else None)
     figures, at_prev = operating_tables(cm, op.positive_class, prevalences)
-    doc.heading(3, "Operating point")
-    doc.para(f"Decision rule: {describe_rules(infos)}. Chosen on the validation split, never on test. "
-             f"{DISPLAY_NAMES[op.positive_class]} against the rest at the decisions made, with 95% Wilson intervals; "
-             "PPV and NPV at other prevalences follow from sensitivity and specificity by Bayes' rule, their "
-             "intervals from theirs.")
+    doc.heading(level, "Operating point")
+    chosen = "" if all(OperatingPoint.from_dict(i.get("operating_point")).rule == "argmax" for i in infos) else \
+        " Its threshold was chosen on the validation split, never on test."
+    doc.para(f"Decision rule: {describe_rules(infos)}.{chosen} {DISPLAY_NAMES[op.positive_class]} against the rest "
+             "at the decisions made, with 95% Wilson intervals; PPV and NPV at other prevalences follow from "
+             "sensitivity and specificity by Bayes' rule, their intervals from theirs.")
     doc.table(figures)
     doc.table(at_prev)
 
@@ -269,7 +271,7 @@ def _external_section(doc: _Doc, r: FoldResult, internal: tuple[str, Any, dict[s
     doc.para(text)
     ext_title = f"external: {name} (N = {int(cm.sum())})"
     doc.table(comparison_table(internal, (ext_title, cm, r.metrics)))
-    _decision_section(doc, cm, [r.info], prevalences)
+    _decision_section(doc, cm, [r.info], prevalences, level=4)
     for plot in ("confusion_matrix.png", "roc.png"):
         if r.eval_dir is not None and (r.eval_dir / plot).is_file():
             png = (r.eval_dir / plot).read_bytes()

@@ -71,10 +71,10 @@ def operating_tables(cm: np.ndarray, positive_class: str, prevalences: Sequence[
     name = DISPLAY_NAMES[positive_class]
     figures = Table(["figure", "% [95% Wilson CI] (k/n)"], [
         [f"{name} sensitivity", _prop(fig.sensitivity)], [f"{name} specificity", _prop(fig.specificity)],
-        ["PPV (at this test set's prevalence)", _prop(fig.ppv)], ["NPV (at this test set's prevalence)", _prop(fig.npv)],
+        ["PPV (at this set's own prevalence)", _prop(fig.ppv)], ["NPV (at this set's own prevalence)", _prop(fig.npv)],
     ])
     summary = decision_summary(cm, k, prevalences)
-    rows = [[f"{100 * summary['test_prevalence']:.2f}% (this test set)", _prop(fig.ppv), _prop(fig.npv)]]
+    rows = [[f"{100 * summary['test_prevalence']:.2f}% (this set)", _prop(fig.ppv), _prop(fig.npv)]]
     for at in summary["at_prevalence"]:
         rows.append([f"{100 * at['prevalence']:g}%", _ci(at["ppv"], at["ppv_ci_low"], at["ppv_ci_high"], 2),
                      _ci(at["npv"], at["npv_ci_low"], at["npv_ci_high"], 2)])
