@@ -17,6 +17,7 @@ from scipy.stats import norm
 from covid_cxr.errors import ConfigError
 from covid_cxr.evaluate.metrics import Proportion, binary_figures, confusion_matrix, wilson_interval
 from covid_cxr.operating_point import OperatingPoint, choose, choose_from_probs, parse_rule
+from tests.test_evaluate import SIZE, data  # noqa: F401 - the prepared synthetic set (72 px), shared
 
 # A known score distribution: COVID-19 scores ~ N(1, 1), the others ~ N(-1, 1), squashed to (0, 1).
 MU = 1.0
@@ -124,32 +125,24 @@ def test_a_target_of_one_is_met_and_stays_within_probabilities() -> None:
 
 # --- end to end: calibrate on validation, then the same thresholded answers from predict, ONNX and serve ---
 
-SIZE = 72
-
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def calibrated(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny random network (spread-out outputs) in a run folder over prepared synthetic data, calibrated."""
     from covid_cxr.cli import main
-    from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
     from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.synth import make_synthetic
     from tests.test_server import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("op")
-    make_synthetic(root / "raw", seed=2, n_covid=12, n_pneumonia=12, n_normal=12, size=96, workers=1)
-    prepare_dataset(PrepareSettings(out=root / "data", covid_chestxray=root / "raw" / "covid-chestxray-dataset",
-                                    rsna=root / "raw" / "rsna", folds=2, phases=2, image_size=SIZE, workers=1),
-                    progress=False)
     run = root / "run"
     tiny_checkpoint(run / "best.pt", "xception", size=SIZE, scaling="unit", seed=3)
-    fold = PreparedData(root / "data").fold(1)
-    (run / "run.json").write_text(json.dumps({"network": "xception", "fold": 1, "data": str(root / "data"),
+    fold = PreparedData(data).fold(1)
+    (run / "run.json").write_text(json.dumps({"network": "xception", "fold": 1, "data": str(data),
                                               "split_hash": fold.split_hash, "status": "finished"}))
     argv = ["calibrate", str(run), "--operating-point", "sensitivity=0.95", "--device", "cpu", "--precision", "fp32",
             "--no-progress"]
     assert main(argv) == 0
-    return {"run": run, "data": root / "data", "fold": fold, "root": root}
+    return {"run": run, "data": data, "fold": fold}
 
 
 def _torch_probs(ckpt_path: Path, images: np.ndarray) -> np.ndarray:
@@ -230,5 +223,13 @@ def test_predict_serve_and_onnx_give_the_same_thresholded_answers(calibrated: di
         assert client.get("/health").json()["model"]["operating_point"] == op.to_dict()
         answers["serve"] = np.array([client.post("/predict", files={"file": (f.name, f.read_bytes())}).json()["class"]
                                      for f in files])
+    # External validation of the exported model on the same images, as a CSV: the same decisions again.
+    from covid_cxr.evaluate.external import evaluate_external
+
+    csv = tmp_path / "set.csv"
+    pd.DataFrame({"path": [str(f) for f in files], "label": calibrated["fold"].test["label"]}).to_csv(csv, index=False)
+    result = evaluate_external(onnx_path, csv, name="same", n_boot=10, progress=False)
+    assert result.info["operating_point"] == op.to_dict() and result.info["backend"] == "onnx"
+    answers["evaluate --external (onnx)"] = result.predictions["pred"].to_numpy()
     for name, got in answers.items():
         assert got.tolist() == expected.tolist(), name
