@@ -233,3 +233,25 @@ def test_predict_serve_and_onnx_give_the_same_thresholded_answers(calibrated: di
     answers["evaluate --external (onnx)"] = result.predictions["pred"].to_numpy()
     for name, got in answers.items():
         assert got.tolist() == expected.tolist(), name
+
+
+@pytest.mark.slow
+def test_evaluate_option_and_calibrate_copies_leave_the_run_alone(calibrated: dict, tmp_path: Path, capsys) -> None:
+    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.cli import main
+
+    run = calibrated["run"]
+    stored = load_checkpoint(run / "best.pt").operating_point
+    assert main(["calibrate", str(run), "--operating-point", "sensitivity=95"]) == 2
+    assert "0.95" in capsys.readouterr().err
+    argv = ["evaluate", str(run), "--operating-point", "youden", "--out", str(tmp_path / "ev"), "--device", "cpu",
+            "--precision", "fp32", "--bootstrap", "10", "--no-progress", "--prevalences", "2%,10%"]
+    assert main(argv) == 0
+    assert "operating point: youden" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved["evaluation"]["operating_point"]["rule"] == "youden"
+    assert [a["prevalence"] for a in saved["decision"]["at_prevalence"]] == [0.02, 0.1]
+    copy = tmp_path / "argmax.pt"
+    assert main(["calibrate", str(run), "--operating-point", "argmax", "--out", str(copy), "--no-progress"]) == 0
+    assert load_checkpoint(copy).operating_point is None  # argmax: no stored rule, as before operating points
+    assert load_checkpoint(run / "best.pt").operating_point == stored
