@@ -169,7 +169,8 @@ def test_calibrated_rule_meets_its_target_on_validation_and_is_used_on_test(cali
     k = ckpt.classes.index("covid")
     is_covid = (val["label"] == "covid").to_numpy()
     assert (probs[is_covid, k] >= op.threshold).mean() >= 0.95
-    assert op.validation["n_positive"] == is_covid.sum() and op.validation["tp"] == (probs[is_covid, k] >= op.threshold).sum()
+    assert op.validation["n_positive"] == is_covid.sum()
+    assert op.validation["tp"] == (probs[is_covid, k] >= op.threshold).sum()
     # evaluate uses the stored rule on test and states the sensitivity reached with its Wilson interval.
     result = evaluate_run(calibrated["run"], device="cpu", precision="fp32", n_boot=20, progress=False)
     saved = json.loads((result.out_dir / "metrics.json").read_text())

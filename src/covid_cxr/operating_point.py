@@ -184,7 +184,8 @@ def choose_from_probs(rule: str, probs: np.ndarray, true_classes: Sequence[str],
                       positive_class: str = POSITIVE_CLASS) -> OperatingPoint:
     """:func:`choose` for a model's probabilities (columns in ``classes`` order) and true class names."""
     if positive_class not in classes:
-        raise ConfigError(f"the model predicts {', '.join(classes)}: no {positive_class!r} to set an operating point on")
+        raise ConfigError(f"the model predicts {', '.join(classes)}: "
+                          f"no {positive_class!r} to set an operating point on")
     k = list(classes).index(positive_class)
     positive = np.asarray([c == positive_class for c in true_classes], dtype=bool)
     return choose(rule, positive, np.asarray(probs)[:, k], positive_class=positive_class)

@@ -242,7 +242,8 @@ def parse_prevalences(text: str) -> tuple[float, ...]:
         try:
             value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
         except ValueError:
-            raise ValueError(f"prevalence {part!r} is not a number; write fractions (0.05) or percentages (5%)") from None
+            raise ValueError(f"prevalence {part!r} is not a number; "
+                             "write fractions (0.05) or percentages (5%)") from None
         if not 0.0 < value < 1.0:
             raise ValueError(f"prevalence {part!r} must lie strictly between 0 and 1 (0.05 or 5%)")
         out.append(value)
