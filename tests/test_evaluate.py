@@ -237,3 +237,19 @@ def test_external_refuses_labels_the_model_does_not_predict(tmp_path: Path) -> N
         evaluate_external(ckpt, tmp_path / "set", progress=False)
     with pytest.raises(DataError, match="no such folder or CSV"):
         evaluate_external(ckpt, tmp_path / "missing.csv", progress=False)
+
+
+def test_external_on_a_prepared_folder_reads_its_whole_manifest_from_the_cache(data: Path, tmp_path: Path) -> None:
+    from covid_cxr.evaluate.external import evaluate_external
+
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    result = evaluate_external(ckpt, data, name="all of it", device="cpu", precision="fp32", n_boot=10,
+                               progress=False)
+    manifest = PreparedData(data).manifest
+    assert result.out_dir == tmp_path / "model-external-all_of_it"
+    assert result.predictions["image_id"].tolist() == manifest["image_id"].tolist()
+    cache = PreparedData(data).cache(SIZE)
+    direct = TorchPredictor(_load(ckpt), device="cpu", precision="fp32").predict_proba(
+        cache.images[cache.rows(manifest["image_id"].iloc[:3])])
+    np.testing.assert_allclose(result.predictions[[f"p_{c}" for c in CLASSES]].to_numpy()[:3], direct, atol=2e-6)
+    assert result.info["classes_absent"] == [] and result.metrics["absent_classes"] == []

@@ -4,7 +4,12 @@
 runs the checkpoint over the image cache in batches through the package's one inference loop
 (:func:`covid_cxr.inference.predict_in_batches`), and writes into the output folder:
 ``predictions.csv``, ``metrics.json``, ``table3.csv``, ``table4.csv``,
-``confusion_matrix.png``/``.pdf``, ``roc.png`` and ``calibration.png``.
+``confusion_matrix.png``/``.pdf``, ``roc.png`` (the operating point marked) and ``calibration.png``.
+
+``pred`` is decided by the checkpoint's operating point (:mod:`covid_cxr.operating_point`;
+argmax when it has none), and ``metrics.json`` holds under ``decision`` the COVID-19
+sensitivity, specificity, PPV and NPV at it, with PPV/NPV at other prevalences. :func:`calibrate`
+chooses a rule on the validation split and stores it in the checkpoint.
 """
 
 from __future__ import annotations
