@@ -192,3 +192,101 @@ def test_a_resize_mismatch_without_the_source_files_is_refused(tmp_path: Path) -
     with pytest.raises(DataError, match="built by 'area'.*cannot be decoded again") as err:
         evaluate_run(ckpt, data=root / "data", fold=1, device="cpu", n_boot=20, progress=False)
     assert gone.name in str(err.value)
+
+
+# --- external validation: the real fixture images as another hospital's, for a model trained on synthetic data ---
+
+
+@pytest.fixture(scope="module")
+def trained_run(data: Path) -> Path:
+    """A tiny Xception trained for a few steps (2 phases x 1 epoch) on the synthetic fold 1, then evaluated."""
+    from covid_cxr.config import make_config
+    from covid_cxr.train.runner import train_fold
+
+    config = make_config("cpu", data=str(data), network="xception", fold=1, image_size=SIZE, epochs_per_phase=1,
+                         batch_size=4, precision="fp32", deterministic=True, seed=5, out=str(data.parent / "runs"),
+                         name="tiny")
+    run = train_fold(config, live=False)
+    evaluate_run(run, device="cpu", precision="fp32", n_boot=20, progress=False)
+    return run
+
+
+@pytest.mark.slow
+def test_external_evaluation_on_real_images_and_the_report_shows_both_columns(
+        trained_run: Path, fixtures_dir: Path, tmp_path: Path) -> None:
+    labels = fixtures_dir / "real_cxr" / "labels.csv"
+    argv = ["evaluate", str(trained_run), "--external", str(labels), "--name", "real-cxr", "--device", "cpu",
+            "--precision", "fp32", "--bootstrap", "20", "--no-progress"]
+    assert main(argv) == 0
+    out = trained_run / "external-real-cxr"
+    saved = json.loads((out / "metrics.json").read_text())
+    truth = pd.read_csv(labels)
+    assert saved["evaluation"]["kind"] == "external" and saved["n"] == len(truth)
+    assert saved["evaluation"]["internal"] == str((trained_run / "eval-test").resolve())
+    assert saved["evaluation"]["sources"] == truth["source"].value_counts().to_dict()
+    for c in CLASSES:  # every figure with its interval, as for the internal test set
+        assert saved[f"{c}_n"] == (truth["label"] == c).sum()
+        assert saved[f"{c}_recall_ci_low"] <= saved[f"{c}_recall"] <= saved[f"{c}_recall_ci_high"]
+    assert {p.name for p in out.iterdir()} >= {"predictions.csv", "metrics.json", "roc.png", "confusion_matrix.png"}
+
+    report = tmp_path / "report"
+    assert main(["report", str(trained_run), "--out", str(report), "--bootstrap", "20"]) == 0
+    md = (report / "report.md").read_text()
+    assert "External validation" in md and "Operating point" in md
+    external = md.split("## External validation", 1)[1].splitlines()
+    header = next(line for line in external if line.startswith("| metric | internal: "))
+    assert "external: real-cxr (N = 219)" in header and "drop: external − internal" in header
+    recall_row = next(line for line in external if line.startswith("| COVID-19 recall |"))
+    assert recall_row.count("[") == 3  # internal [CI], external [CI], drop [CI]
+    assert "real-cxr" in (report / "report.html").read_text()
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["external"][0]["name"] == "real-cxr"
+
+
+@pytest.mark.slow
+def test_a_class_absent_from_the_external_set_is_reported_absent_not_zero(
+        trained_run: Path, fixtures_dir: Path, tmp_path: Path) -> None:
+    from covid_cxr.evaluate.external import evaluate_external
+    from covid_cxr.evaluate.report import write_report
+
+    truth = pd.read_csv(fixtures_dir / "real_cxr" / "labels.csv")
+    subset = truth[truth["label"] != "covid"].groupby("label").head(6).copy()
+    subset["path"] = [str(fixtures_dir / "real_cxr" / p) for p in subset["path"]]
+    csv = tmp_path / "no-covid.csv"
+    subset.to_csv(csv, index=False)
+    result = evaluate_external(trained_run, csv, name="no-covid", out_dir=tmp_path / "ext", device="cpu",
+                               precision="fp32", n_boot=20, progress=False)
+    assert result.metrics["absent_classes"] == ["covid"] and result.info["classes_absent"] == ["covid"]
+    html_path = write_report([trained_run / "eval-test", tmp_path / "ext"], tmp_path / "report", n_boot=20)
+    md = html_path.with_suffix(".md").read_text()
+    external = md.split("## External validation", 1)[1].splitlines()
+    recall_row = next(line for line in external if line.startswith("| COVID-19 recall |"))
+    assert "absent (no images)" in recall_row and "| n/a |" in recall_row  # no drop either
+    assert "Absent from this set" in md
+
+
+def test_external_refuses_labels_the_model_does_not_predict(tmp_path: Path) -> None:
+    from covid_cxr.evaluate.external import evaluate_external
+
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    (tmp_path / "set" / "tuberculosis").mkdir(parents=True)
+    with pytest.raises(DataError, match="tuberculosis"):
+        evaluate_external(ckpt, tmp_path / "set", progress=False)
+    with pytest.raises(DataError, match="no such folder or CSV"):
+        evaluate_external(ckpt, tmp_path / "missing.csv", progress=False)
+
+
+def test_external_on_a_prepared_folder_reads_its_whole_manifest_from_the_cache(data: Path, tmp_path: Path) -> None:
+    from covid_cxr.evaluate.external import evaluate_external
+
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    result = evaluate_external(ckpt, data, name="all of it", device="cpu", precision="fp32", n_boot=10,
+                               progress=False)
+    manifest = PreparedData(data).manifest
+    assert result.out_dir == tmp_path / "model-external-all_of_it"
+    assert result.predictions["image_id"].tolist() == manifest["image_id"].tolist()
+    cache = PreparedData(data).cache(SIZE)
+    direct = TorchPredictor(_load(ckpt), device="cpu", precision="fp32").predict_proba(
+        cache.images[cache.rows(manifest["image_id"].iloc[:3])])
+    np.testing.assert_allclose(result.predictions[[f"p_{c}" for c in CLASSES]].to_numpy()[:3], direct, atol=2e-6)
+    assert result.info["classes_absent"] == [] and result.metrics["absent_classes"] == []

@@ -179,3 +179,53 @@ def test_compute_metrics_with_probabilities() -> None:
     assert m["balanced_accuracy"] == pytest.approx(np.mean(recalls))
     assert m["auc_bootstrap"]["unit"] == "patient"
     assert 0 <= m["ece"] < 100
+
+
+def test_binary_figures_read_sensitivity_specificity_ppv_npv_off_the_matrix() -> None:
+    from covid_cxr.evaluate.metrics import binary_figures
+
+    cm = np.array([[25, 4, 2], [30, 4000, 390], [50, 300, 6501]])  # rows true covid, pneumonia, normal
+    fig = binary_figures(cm, 0)
+    assert (fig.sensitivity.k, fig.sensitivity.n) == (25, 31)
+    assert (fig.specificity.k, fig.specificity.n) == (4000 + 390 + 300 + 6501, 4420 + 6851)
+    assert (fig.ppv.k, fig.ppv.n) == (25, 105) and (fig.npv.k, fig.npv.n) == (fig.specificity.k, fig.specificity.k + 6)
+
+
+def test_predictive_values_follow_bayes_and_their_intervals_hold_them() -> None:
+    from covid_cxr.evaluate.metrics import Proportion, npv_at_prevalence, predictive_values
+
+    sens, spec = Proportion(25, 31), Proportion(900, 1000)
+    for p in (0.01, 0.05, 0.2):
+        out = predictive_values(sens, spec, p)
+        s, t = 25 / 31, 0.9
+        assert out["ppv"] == pytest.approx(100 * s * p / (s * p + (1 - t) * (1 - p)))
+        assert out["npv"] == pytest.approx(100 * t * (1 - p) / (t * (1 - p) + (1 - s) * p))
+        assert out["ppv_ci_low"] < out["ppv"] < out["ppv_ci_high"]
+        assert out["npv_ci_low"] < out["npv"] < out["npv_ci_high"]
+    # A perfect test at any prevalence: NPV 1; lower sensitivity lowers NPV.
+    assert npv_at_prevalence(1.0, 0.9, 0.05) == 1.0 and npv_at_prevalence(0.8, 0.9, 0.05) < 1.0
+    assert math.isnan(predictive_values(Proportion(0, 0), spec, 0.05)["ppv"])
+
+
+def test_difference_interval_is_newcombes_hybrid_score() -> None:
+    from covid_cxr.evaluate.metrics import Proportion, difference_interval
+
+    # Newcombe (1998), Statistics in Medicine 17:873, Table II example (a): 56/70 - 48/80, method 10: 0.0524 to 0.3339.
+    d, low, high = difference_interval(Proportion(48, 80), Proportion(56, 70))
+    assert d == pytest.approx(20.0) and low == pytest.approx(5.24, abs=0.01) and high == pytest.approx(33.39, abs=0.01)
+    assert all(math.isnan(v) for v in difference_interval(Proportion(0, 0), Proportion(1, 2)))
+
+
+def test_absent_classes_are_listed() -> None:
+    cm = np.array([[0, 0, 0], [1, 5, 0], [0, 2, 7]])
+    assert compute_metrics(cm)["absent_classes"] == ["covid"]
+    assert compute_metrics(np.eye(3, dtype=int))["absent_classes"] == []
+
+
+def test_parse_prevalences_takes_fractions_or_percentages() -> None:
+    from covid_cxr.evaluate.metrics import parse_prevalences
+
+    assert parse_prevalences("0.01, 5%,0.2") == (0.01, 0.05, 0.2)
+    for bad in ("0", "1", "abc", "", "150%"):
+        with pytest.raises(ValueError, match="prevalence"):
+            parse_prevalences(bad)

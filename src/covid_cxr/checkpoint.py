@@ -12,6 +12,8 @@ A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=T
 ``meta``               free-form provenance: package version, creation time, source (run, fold,
                        epoch, imported file...), metrics at save time
 ``train_state``        optional: optimizer/scheduler/RNG states and progress, for resuming
+``operating_point``    optional: the decision rule chosen on validation
+                       (:meth:`covid_cxr.operating_point.OperatingPoint.to_dict`); absent means argmax
 =====================  =======================================================================
 
 Writes are atomic: a temporary file in the same folder, flushed and fsynced, then renamed
@@ -46,6 +48,7 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
     train_state: dict[str, Any] | None = None
+    operating_point: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -59,6 +62,8 @@ class Checkpoint:
         }
         if self.train_state is not None:
             out["train_state"] = self.train_state
+        if self.operating_point is not None:
+            out["operating_point"] = self.operating_point
         return out
 
     def build_model(self, *, strict: bool = True) -> torch.nn.Module:
@@ -137,6 +142,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
             model_state=data["model_state"],
             meta=dict(data.get("meta", {})),
             train_state=data.get("train_state"),
+            operating_point=data.get("operating_point"),
         )
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: malformed checkpoint ({exc})") from exc

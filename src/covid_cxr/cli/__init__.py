@@ -20,7 +20,7 @@ from covid_cxr import __version__
 VERBS: tuple[str, ...] = (
     "synth", "prepare",
     "train", "cv", "demo",
-    "evaluate",
+    "evaluate", "calibrate",
     "metrics",
     "report",
     "predict", "export", "serve", "model-card",

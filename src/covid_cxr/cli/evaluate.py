@@ -1,14 +1,24 @@
-"""``covid-cxr evaluate RUN_OR_CHECKPOINT``: batched inference on a prepared split, then every table and plot."""
+"""``covid-cxr evaluate RUN_OR_CHECKPOINT``: batched inference on a prepared split, then every table and plot.
+
+``--external DATA_OR_CSV --name NAME`` evaluates the model (a run, a checkpoint or an exported
+ONNX model) on another labelled set instead, into ``RUN/external-NAME/``; ``report RUN`` then
+shows internal and external side by side.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from typing import Any
+
 from rich.console import Console
+from rich.table import Table
 
 from covid_cxr.cli.metrics import add_metric_options, check_metric_options, print_metrics
-from covid_cxr.evaluate.run import SPLITS, evaluate_run
+from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, parse_prevalences
+from covid_cxr.evaluate.run import SPLITS, EvaluationResult, evaluate_run
+from covid_cxr.operating_point import FORMS, OperatingPoint
 from covid_cxr.inference import COMPILE_CHOICES, COMPILE_MIN_IMAGES
 from covid_cxr.runtime import PRECISIONS
 
@@ -20,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Writes predictions.csv, metrics.json, table3.csv, table4.csv, confusion_matrix.png/.pdf, "
         "roc.png and calibration.png into RUN/eval-SPLIT/ (for a checkpoint: next to it, or --out).",
     )
-    p.add_argument("target", type=Path, help="run folder (with run.json and best.pt) or a .pt checkpoint")
+    p.add_argument("target", type=Path, help="run folder (with run.json and best.pt), a .pt checkpoint, or (with "
+                   "--external) an exported .onnx model")
     p.add_argument("--data", type=Path, help="prepared data folder (default: the run's run.json 'data')")
     p.add_argument("--fold", type=int, help="fold, 1-based (default: the run's fold; needed for a bare checkpoint)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which split to evaluate (default test)")
@@ -32,6 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "where the compilation pays for itself)")
     p.add_argument("--out", type=Path, help="output folder (default RUN/eval-SPLIT or CKPT_STEM-eval-SPLIT)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--operating-point", metavar="RULE",
+                   help=f"decide by RULE, chosen now on the run's validation split ({FORMS}); default: the "
+                   "checkpoint's rule (argmax when it has none). 'covid-cxr calibrate' stores a rule in the checkpoint")
+    p.add_argument("--prevalences", type=parse_prevalences, default=DEFAULT_PREVALENCES, metavar="P,P,...",
+                   help="state COVID-19 PPV and NPV at these prevalences (default 0.01,0.05,0.2; 5%% also works)")
+    ext = p.add_argument_group("external validation")
+    ext.add_argument("--external", type=Path, metavar="DATA_OR_CSV",
+                     help="evaluate on another labelled set: a prepared data folder (its whole manifest), a folder "
+                     "with one sub-folder per class, or a CSV with path,label[,patient_id,source] columns")
+    ext.add_argument("--name", help="name of the external set (default: its folder or file name); output goes to "
+                     "RUN/external-NAME/")
+    ext.add_argument("--backend", choices=("torch", "onnx"), help="for --external: torch or onnx (default: by file)")
+    ext.add_argument("--workers", type=int, default=2, help="for --external: threads decoding images (default 2)")
     add_metric_options(p)
     p.set_defaults(func=run)
 
@@ -40,15 +64,92 @@ def run(args: argparse.Namespace) -> int:
     check_metric_options(args)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    result = evaluate_run(
-        args.target, data=args.data, fold=args.fold, split=args.split, batch_size=args.batch_size,
-        device=args.device, precision=args.precision, out_dir=args.out, prevalence=args.prevalence,
-        n_boot=args.bootstrap, progress=not args.no_progress, compile=args.compile,
-    )
+    if args.external is None:
+        for flag in ("name", "backend"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} applies to --external; add --external DATA_OR_CSV")
+        result = evaluate_run(
+            args.target, data=args.data, fold=args.fold, split=args.split, batch_size=args.batch_size,
+            device=args.device, precision=args.precision, out_dir=args.out, prevalence=args.prevalence,
+            n_boot=args.bootstrap, progress=not args.no_progress, compile=args.compile,
+            operating_point=args.operating_point, prevalences=args.prevalences,
+        )
+        title = f"{result.info['network']} fold {result.info['fold']} {result.info['split']}"
+    else:
+        result = _external(args)
+        title = f"{result.info['network']} on {result.info['name']}"
     console = Console()
     info = result.info
-    console.print(f"{info['network']} fold {info['fold']} {info['split']}: {info['images']} images in "
-                  f"{info['seconds']:.1f} s ({info['images_per_second']:.1f} images/s; {info['runtime']})")
+    console.print(f"{title}: {info['images']} images in {info['seconds']:.1f} s "
+                  f"({info['images_per_second']:.1f} images/s; {info['runtime']})")
     print_metrics(result.metrics, console)
+    print_decision(result.metrics["decision"], console)
+    if info.get("kind") == "external":
+        _print_comparison(result, console)
     console.print(f"wrote {result.out_dir}")
     return 0
+
+
+def _external(args: argparse.Namespace) -> EvaluationResult:
+    from covid_cxr.evaluate.external import evaluate_external
+
+    for flag, default in (("data", None), ("fold", None), ("operating_point", None)):
+        if getattr(args, flag) != default:
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to --external: the model is evaluated on the "
+                             "whole external set with its own operating point ('covid-cxr calibrate' sets one)")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1; got {args.workers}")
+    return evaluate_external(args.target, args.external, name=args.name, out_dir=args.out,
+                             batch_size=args.batch_size, device=args.device, precision=args.precision,
+                             backend=args.backend, prevalence=args.prevalence, prevalences=args.prevalences,
+                             n_boot=args.bootstrap, workers=args.workers, progress=not args.no_progress)
+
+
+def print_decision(decision: dict[str, Any], console: Console) -> None:
+    """The operating point and sensitivity, specificity, PPV, NPV at it (95% Wilson CIs), and at other prevalences."""
+    op = OperatingPoint.from_dict(decision["operating_point"])
+    console.print(f"operating point: {op.describe()}")
+    parts = []
+    for key in ("sensitivity", "specificity", "ppv", "npv"):
+        v = decision[key]
+        parts.append(f"{key if len(key) > 3 else key.upper()} " + (
+            "n/a" if v is None or v != v else
+            f"{v:.1f}% [{decision[key + '_ci_low']:.1f}, {decision[key + '_ci_high']:.1f}] "
+            f"({decision[key + '_k']}/{decision[key + '_n']})"))
+    console.print(f"  {op.positive_class} vs rest: " + "; ".join(parts))
+    for at in decision["at_prevalence"]:
+        if at["ppv"] == at["ppv"]:
+            console.print(f"  at prevalence {100 * at['prevalence']:g}%: PPV {at['ppv']:.2f}% "
+                          f"[{at['ppv_ci_low']:.2f}, {at['ppv_ci_high']:.2f}], NPV {at['npv']:.2f}% "
+                          f"[{at['npv_ci_low']:.2f}, {at['npv_ci_high']:.2f}]")
+
+
+def _print_comparison(result: EvaluationResult, console: Console) -> None:
+    """Internal beside external, when the run has an internal test evaluation."""
+    from covid_cxr.evaluate.report import load_evaluation
+    from covid_cxr.evaluate.sections import comparison_table
+
+    internal_dir = result.info.get("internal")
+    if not internal_dir:
+        console.print("no internal evaluation to compare with: run 'covid-cxr evaluate RUN' for the drop")
+        return
+    internal = load_evaluation(Path(internal_dir), n_boot=0)
+    ext = load_evaluation(result.out_dir, n_boot=0)
+    table = comparison_table(("internal test", internal.preds.confusion(), result_metrics(internal)),
+                             (f"external: {result.info['name']}", ext.preds.confusion(), result.metrics))
+    rich = Table(title="internal vs external: % [95% CI] (k/n)")
+    for h in table.headers:
+        rich.add_column(h, justify="right")
+    for row in table.rows:
+        rich.add_row(*row)
+    console.print(rich)
+
+
+def result_metrics(r: Any) -> dict[str, Any]:
+    """The internal evaluation's saved figures (its AUC intervals from metrics.json), else the recomputed ones."""
+    saved = r.eval_dir / "metrics.json" if r.eval_dir is not None else None
+    if saved is not None and saved.is_file():
+        import json
+
+        return json.loads(saved.read_text())
+    return r.metrics

@@ -32,6 +32,7 @@ from covid_cxr.deploy.output import SUFFIXES, PredictionSink
 from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import COMBINED, METHODS, GradCam, save_overlay
 from covid_cxr.inference import COMPILE_CHOICES, COMPILE_MIN_IMAGES, should_compile
+from covid_cxr.operating_point import of_predictor
 from covid_cxr.runtime import PRECISIONS
 
 GRADCAM_BATCH = 4  # a backward pass keeps every activation: small batches bound its memory
@@ -76,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
                         compile=compile_model)
     print(f"model: {loaded.describe()}", file=sys.stderr)
+    print(f"operating point: {of_predictor(loaded.predictor).describe()}", file=sys.stderr)
     if compile_model:
         started = time.perf_counter()
         loaded.predictor.warm_up(args.batch_size)  # type: ignore[attr-defined]
@@ -132,6 +134,7 @@ def predict_files(
     """Decode and classify ``files`` a batch at a time, each row to ``sink`` as its batch is done."""
     predictor = loaded.predictor
     pre = predictor.preprocessing
+    decision = of_predictor(predictor)  # the checkpoint's (or ONNX model's) rule; argmax when it has none
     batches = [files[i : i + args.batch_size] for i in range(0, len(files), args.batch_size)]
     overlay_names: Counter[str] = Counter()
     progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -150,14 +153,15 @@ def predict_files(
                 decoded = [(path, _decoded(future)) for path, future in zip(batch, current)]
                 good = [(path, image) for path, image in decoded if isinstance(image, np.ndarray)]
                 probs = predictor.predict_proba(np.stack([image for _, image in good])) if good else []
-                found = iter(probs)
+                decided = decision.decide(probs, predictor.classes) if good else []
+                found = iter(zip(probs, decided))
                 for path, image in decoded:  # rows in input order, refusals where they fell
                     if isinstance(image, str):
                         sink.fail(display_path(path), image)
                     else:
-                        sink.add(display_path(path), next(found))
+                        sink.add(display_path(path), *next(found))
                 if good and cam is not None:
-                    targets = [args.gradcam_class or int(np.argmax(p)) for p in probs]
+                    targets = [args.gradcam_class or int(k) for k in decided]
                     _write_overlays(cam, np.stack([image for _, image in good]), [path for path, _ in good], targets,
                                     args.gradcam, overlay_names)
                 sink.flush()

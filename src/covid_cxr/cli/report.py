@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, parse_prevalences
 from covid_cxr.evaluate.report import write_report
 
 
@@ -12,8 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
         help="cross-fold report (Markdown + one self-contained HTML page) beside the paper's Table 4",
-        description="Each RUN is a run folder (its eval-test/ is read), an evaluation folder or a predictions "
-        "CSV. Runs are grouped by network; each fold may appear once per network.",
+        description="Each RUN is a run folder (its eval-test/ is read, and its external-*/ evaluations are put beside "
+        "it), an evaluation folder or a predictions CSV. Runs are grouped by network; each fold may appear once per "
+        "network. External evaluations ('evaluate --external') are compared with their network's internal test.",
     )
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="evaluated runs (one per fold)")
     p.add_argument("--out", type=Path, default=Path("report"), help="output folder (default ./report)")
@@ -22,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--audit", type=Path, metavar="DIR", help="audit results to add as the 'Did it learn the "
                    "disease?' section: a run folder or its audit/ folder ('covid-cxr audit' writes them)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="AUC bootstrap resamples (default 1000)")
+    p.add_argument("--prevalences", type=parse_prevalences, default=DEFAULT_PREVALENCES, metavar="P,P,...",
+                   help="state COVID-19 PPV and NPV at the operating point at these prevalences "
+                   "(default 0.01,0.05,0.2; 5%% also works)")
     p.set_defaults(func=run)
 
 
@@ -38,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         if audit is None:
             raise FileNotFoundError(f"{args.audit}: no audit results (source.json, ablation.json, ...); "
                                     "run 'covid-cxr audit' on the model first")
-    path = write_report(args.runs, args.out, network_label=args.network_label, audit=audit, n_boot=args.bootstrap)
+    path = write_report(args.runs, args.out, network_label=args.network_label, audit=audit, n_boot=args.bootstrap,
+                        prevalences=args.prevalences)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0

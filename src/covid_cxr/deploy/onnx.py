@@ -42,7 +42,7 @@ from covid_cxr.preprocess import Preprocessing, to_model_input
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the lowest opset the torch.export-based exporter writes without a lossy conversion
 META_PREFIX = "covid_cxr."
-META_KEYS = ("format", "network", "classes", "preprocessing", "version", "source_sha256")
+META_KEYS = ("format", "network", "classes", "preprocessing", "version", "source_sha256", "operating_point")
 FORMAT = "covid-cxr-onnx/1"
 
 
@@ -119,6 +119,8 @@ def export_onnx_bytes(
         "version": __version__,
         "source_sha256": source_sha256,
     }
+    if checkpoint.operating_point is not None:  # the decision rule travels with the weights (absent: argmax)
+        meta["operating_point"] = json.dumps(checkpoint.operating_point, sort_keys=True)
     del proto.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()

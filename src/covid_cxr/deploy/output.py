@@ -54,11 +54,12 @@ class PredictionSink:
     def predicted(self) -> int:
         return sum(self.counts.values())
 
-    def add(self, path: str, probs: Any) -> None:
-        """One prediction: ``probs`` in the order of :attr:`classes`."""
+    def add(self, path: str, probs: Any, decided: int | None = None) -> None:
+        """One prediction: ``probs`` in the order of :attr:`classes`; ``decided``, the class index the
+        model's operating point chose (argmax when ``None``)."""
         path = printable(path)
         values = [float(v) for v in probs]
-        best = self.classes[max(range(len(values)), key=values.__getitem__)]
+        best = self.classes[int(decided) if decided is not None else max(range(len(values)), key=values.__getitem__)]
         self.counts[best] += 1
         if self.out is None:
             print(f"{path:<{self._width}}  {best:<9}  " + "  ".join(f"{v:>11.4f}" for v in values), file=self._fh)

@@ -43,6 +43,7 @@ from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import CamResult, GradCam, overlay_png
 from covid_cxr.inference import Predictor
 from covid_cxr.labels import DISPLAY_NAMES
+from covid_cxr.operating_point import OperatingPoint, of_predictor
 
 DISCLAIMER = "Research tool, not a diagnostic device: do not use it to diagnose, treat or triage patients."
 
@@ -65,8 +66,10 @@ class ServerLimits:
 class InferenceQueue:
     """One worker owns the network: uploads queue, and those waiting together run as one batch."""
 
-    def __init__(self, predictor: Predictor, gradcam: GradCam | None, max_batch: int) -> None:
+    def __init__(self, predictor: Predictor, gradcam: GradCam | None, max_batch: int,
+                 decision: OperatingPoint | None = None) -> None:
         self.predictor = predictor
+        self.decision = decision or OperatingPoint()
         self.gradcam = gradcam
         self.max_batch = max_batch
         self._queue: asyncio.Queue[tuple[np.ndarray, bool, asyncio.Future[Any]]] = asyncio.Queue()
@@ -92,7 +95,8 @@ class InferenceQueue:
     def _explain(self, image: np.ndarray) -> list[tuple[np.ndarray, CamResult]]:
         """The predictor's probabilities (the same numbers as without a heatmap) and the map of its class."""
         probs = self.predictor.predict_proba(image[None])[0]
-        return [(probs, self.gradcam(image[None], [int(np.argmax(probs))])[0])]
+        target = int(self.decision.decide(probs[None], self.predictor.classes)[0])
+        return [(probs, self.gradcam(image[None], [target])[0])]
 
     async def _run(self) -> None:
         set_aside: list[tuple[np.ndarray, bool, asyncio.Future[Any]]] = []  # heatmap jobs met while batching
@@ -187,7 +191,9 @@ def create_app(
     (Markdown) is served at ``/model-card`` and, rendered, at ``/model-card.html`` for the page."""
     limits = limits or ServerLimits()
     model = model_description(predictor, network=network, sha256=sha256)
-    queue = InferenceQueue(predictor, gradcam, limits.max_batch)
+    decision = of_predictor(predictor)  # the model's operating point (argmax when it has none)
+    model["operating_point"] = decision.to_dict()
+    queue = InferenceQueue(predictor, gradcam, limits.max_batch, decision)
     decode_slots = anyio.CapacityLimiter(limits.decode_workers)
     size = predictor.preprocessing.image_size
 
@@ -249,7 +255,7 @@ def create_app(
         image = resize_gray(original, size, predictor.preprocessing.resize)
         result = await queue.submit(image, heatmap)
         probs, cam = result if heatmap else (result, None)
-        best = int(np.argmax(probs))
+        best = int(decision.decide(np.asarray(probs)[None], predictor.classes)[0])
         body: dict[str, Any] = {
             "class": predictor.classes[best],
             "label": DISPLAY_NAMES[predictor.classes[best]],

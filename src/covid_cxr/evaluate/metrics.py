@@ -15,6 +15,7 @@ Keys of :func:`compute_metrics` (and of ``covid-cxr metrics --json``), for each 
 ``covid, pneumonia, normal``: ``n``, ``accuracy``, ``balanced_accuracy``; ``c_n``, ``c_correct``,
 ``c_missed``, ``c_false``, ``c_tn`` (counts); ``c_recall``, ``c_specificity``, ``c_accuracy``,
 ``c_precision`` (percentages, each with ``_ci_low``/``_ci_high``; so has ``accuracy``); ``c_f1``;
+``absent_classes`` (classes with no image: their per-class figures are not defined, not zero);
 with probabilities ``c_auc`` (+ ``_ci_low``/``_ci_high``), ``auc_bootstrap`` and ``ece``; with a
 prevalence ``prevalence`` and ``<class>_ppv_at_prevalence`` (+ CI); ``notes`` (why a figure is NaN).
 """
@@ -154,6 +155,110 @@ def ppv_at_prevalence(sensitivity: float, specificity: float, prevalence: float)
     false_pos = (1.0 - specificity) * (1.0 - prevalence)
     total = true_pos + false_pos
     return true_pos / total if total > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class BinaryFigures:
+    """One class against the rest at the model's decision: what a screening reader asks for."""
+
+    sensitivity: Proportion
+    specificity: Proportion
+    ppv: Proportion
+    npv: Proportion
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name in ("sensitivity", "specificity", "ppv", "npv"):
+            prop: Proportion = getattr(self, name)
+            out[f"{prefix}{name}"] = prop.value
+            out[f"{prefix}{name}_ci_low"], out[f"{prefix}{name}_ci_high"] = prop.ci
+            out[f"{prefix}{name}_k"], out[f"{prefix}{name}_n"] = prop.k, prop.n
+        return out
+
+
+def binary_figures(cm: np.ndarray, k: int) -> BinaryFigures:
+    """Sensitivity, specificity, PPV and NPV of class ``k`` against the rest, each with its Wilson interval."""
+    c = class_counts(cm, k)
+    return BinaryFigures(sensitivity=Proportion(c.tp, c.tp + c.fn), specificity=Proportion(c.tn, c.tn + c.fp),
+                         ppv=Proportion(c.tp, c.tp + c.fp), npv=Proportion(c.tn, c.tn + c.fn))
+
+
+def npv_at_prevalence(sensitivity: float, specificity: float, prevalence: float) -> float:
+    """Negative predictive value where the class has ``prevalence`` (Bayes' rule; fractions in and out)."""
+    if not 0.0 < prevalence < 1.0:
+        raise ValueError(f"prevalence must lie strictly between 0 and 1; got {prevalence}")
+    true_neg = specificity * (1.0 - prevalence)
+    false_neg = (1.0 - sensitivity) * prevalence
+    total = true_neg + false_neg
+    return true_neg / total if total > 0 else math.nan
+
+
+def predictive_values(sens: Proportion, spec: Proportion, prevalence: float) -> dict[str, float]:
+    """PPV and NPV (percentages) at ``prevalence``, with intervals propagated from those of sens and spec.
+
+    Both values rise with sensitivity and with specificity, so the Wilson bounds of the two,
+    pushed through Bayes' rule together, bound them (conservatively: both ends at once).
+    """
+    if not (sens.n and spec.n):
+        return {f"{w}{s}": math.nan for w in ("ppv", "npv") for s in ("", "_ci_low", "_ci_high")}
+    (s_lo, s_hi), (t_lo, t_hi) = wilson_interval(sens.k, sens.n), wilson_interval(spec.k, spec.n)
+    s, t = sens.k / sens.n, spec.k / spec.n
+    out = {}
+    for name, fn in (("ppv", ppv_at_prevalence), ("npv", npv_at_prevalence)):
+        out[name] = 100.0 * fn(s, t, prevalence)
+        out[f"{name}_ci_low"] = 100.0 * fn(s_lo, t_lo, prevalence)
+        out[f"{name}_ci_high"] = 100.0 * fn(s_hi, t_hi, prevalence)
+    return out
+
+
+def difference_interval(a: Proportion, b: Proportion, confidence: float = 0.95) -> tuple[float, float, float]:
+    """b - a in percentage points with Newcombe's hybrid score interval (independent samples, Wilson-based).
+
+    Newcombe (1998), method 10: the interval of a difference built from each proportion's Wilson
+    interval, good at the small counts and extreme rates of COVID-19 test sets. NaN when either is 0/0.
+    """
+    if not a.n or not b.n:
+        return (math.nan, math.nan, math.nan)
+    p1, p2 = a.k / a.n, b.k / b.n
+    l1, u1 = wilson_interval(a.k, a.n, confidence)
+    l2, u2 = wilson_interval(b.k, b.n, confidence)
+    d = p2 - p1
+    low = d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2)
+    high = d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
+    return (100.0 * d, 100.0 * low, 100.0 * high)
+
+
+DEFAULT_PREVALENCES: tuple[float, ...] = (0.01, 0.05, 0.20)
+"""Where PPV and NPV are stated besides the test set's own mix: a low, a middling and a high COVID-19 share."""
+
+
+def parse_prevalences(text: str) -> tuple[float, ...]:
+    """``'0.01,0.05,0.2'`` or ``'1%,5%,20%'`` -> fractions strictly between 0 and 1."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
+        except ValueError:
+            raise ValueError(f"prevalence {part!r} is not a number; "
+                             "write fractions (0.05) or percentages (5%)") from None
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"prevalence {part!r} must lie strictly between 0 and 1 (0.05 or 5%)")
+        out.append(value)
+    if not out:
+        raise ValueError("no prevalence given; write e.g. 0.01,0.05,0.2 or 1%,5%,20%")
+    return tuple(out)
+
+
+def decision_summary(cm: np.ndarray, k: int, prevalences: Sequence[float] = DEFAULT_PREVALENCES) -> dict[str, Any]:
+    """Class ``k`` against the rest at the decisions made: sensitivity, specificity, PPV, NPV with intervals,
+    and PPV/NPV moved by Bayes' rule to each prevalence (the test set's own mix is rarely a clinic's)."""
+    fig = binary_figures(cm, k)
+    at = [{"prevalence": p, **predictive_values(fig.sensitivity, fig.specificity, p)} for p in prevalences]
+    n_pos, n = fig.sensitivity.n, int(np.asarray(cm).sum())
+    return {**fig.as_dict(), "test_prevalence": n_pos / n if n else math.nan, "at_prevalence": at}
 
 
 def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -342,6 +447,7 @@ def compute_metrics(
     overall = Proportion(int(np.trace(cm)), n)
     out.update(accuracy=overall.value, accuracy_ci_low=overall.ci[0], accuracy_ci_high=overall.ci[1])
     out["balanced_accuracy"] = balanced_accuracy(cm)
+    out["absent_classes"] = [name for k, name in enumerate(classes) if not cm[k].sum()]
     for k, name in enumerate(classes):
         c = class_counts(cm, k)
         out.update({f"{name}_n": c.tp + c.fn, f"{name}_correct": c.tp, f"{name}_missed": c.fn,

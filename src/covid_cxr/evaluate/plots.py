@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +54,24 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str] = CLASSES, title: st
     return fig
 
 
+@dataclass(frozen=True)
+class RocMark:
+    """A decision drawn on a class's ROC curve: its false- and true-positive rates (fractions)."""
+
+    name: str
+    fpr: float
+    tpr: float
+    label: str
+
+
 def roc_figure(true_idx: np.ndarray, probs: np.ndarray, classes: Sequence[str] = CLASSES,
-               aucs: dict[str, tuple[float, float, float]] | None = None, title: str = "") -> Figure:
-    """One-vs-rest ROC curve per class; ``aucs`` maps a class to (auc, ci_low, ci_high) for the legend."""
+               aucs: dict[str, tuple[float, float, float]] | None = None, title: str = "",
+               marks: Sequence[RocMark] = ()) -> Figure:
+    """One-vs-rest ROC curve per class; ``aucs`` maps a class to (auc, ci_low, ci_high) for the legend.
+
+    ``marks`` puts the operating point(s) on the curve of their class, so a reader sees which
+    trade-off the decisions in the tables were made at.
+    """
     true_idx = np.asarray(true_idx)
     probs = np.asarray(probs, dtype=np.float64)
     fig = Figure(figsize=(5.8, 5.4), layout="constrained")
@@ -71,6 +87,9 @@ def roc_figure(true_idx: np.ndarray, probs: np.ndarray, classes: Sequence[str] =
             auc, low, high = aucs[name]
             label += f": AUC {auc:.3f} [{low:.3f}, {high:.3f}]"
         ax.plot(fpr, tpr, color=_COLOURS.get(name), linewidth=1.8, label=label, drawstyle="default")
+    for mark, marker in zip(marks, ("o", "s", "D", "^")):
+        ax.plot([mark.fpr], [mark.tpr], marker=marker, markersize=9, markerfacecolor="none", markeredgewidth=2,
+                linestyle="none", color=_COLOURS.get(mark.name, "black"), label=mark.label)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.set_aspect("equal")

@@ -15,7 +15,7 @@ import json
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,13 @@ import pandas as pd
 
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
-from covid_cxr.evaluate.metrics import COUNTS, RATES, table3_row, table4_row
+from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, COUNTS, RATES, table3_row, table4_row
 from covid_cxr.evaluate.paper import paper_average, paper_network_name
 from covid_cxr.evaluate.predictions import Predictions, read_predictions, validate_predictions
-from covid_cxr.evaluate.run import write_json
+from covid_cxr.evaluate.run import roc_marks, write_json
+from covid_cxr.evaluate.sections import Table, comparison_table, describe_rules, fmt, operating_tables
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+from covid_cxr.operating_point import OperatingPoint
 
 TABLE4_KEYS: tuple[str, ...] = ("accuracy", *(f"{c}_{r}" for r in RATES for c in CLASSES))
 EXTRA_KEYS: tuple[str, ...] = (
@@ -46,30 +48,14 @@ class FoldResult:
     eval_dir: Path | None
     preds: Predictions
     metrics: dict[str, Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def external(self) -> bool:
+        return self.info.get("kind") == "external"
 
 
-@dataclass
-class Table:
-    """A small table rendered both as Markdown and as HTML."""
-
-    headers: list[str]
-    rows: list[list[str]]
-
-    def markdown(self) -> str:
-        lines = ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
-        return "\n".join(lines)
-
-    def html(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+_fmt = fmt
 
 
 _WORDS = {"auc": "AUC", "f1": "F1", "ece": "ECE (calibration error)"}
@@ -112,7 +98,15 @@ def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
     fold = info.get("fold") or (csv.parent.name if csv.name == "predictions.csv" else csv.stem)
     return FoldResult(network=str(info.get("network") or "unknown"), fold=fold,
                       split=str(info.get("split") or "test"), eval_dir=eval_dir if info else None,
-                      preds=preds, metrics=metrics)
+                      preds=preds, metrics=metrics, info=info)
+
+
+def external_evaluations(path: Path) -> list[Path]:
+    """The external evaluations a run folder holds (``RUN/external-NAME/``, written by ``evaluate --external``)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "run.json").is_file():
+        return []
+    return sorted(p for p in path.glob("external-*") if (p / "predictions.csv").is_file())
 
 
 def _fold_order(r: FoldResult) -> tuple[int, int, str]:
@@ -204,15 +198,16 @@ def _rates_table(summary: dict[str, Any], keys: Sequence[str], with_paper: bool)
     return Table(headers, rows)
 
 
-def _network_figures(summary: dict[str, Any], title: str) -> dict[str, bytes]:
-    """The pooled plots as PNG bytes (ROC and calibration only when probabilities are known)."""
+def _network_figures(summary: dict[str, Any], title: str, op: dict[str, Any] | None = None) -> dict[str, bytes]:
+    """The pooled plots as PNG bytes (ROC, with the operating point marked, and calibration only with probabilities)."""
     preds: Predictions = summary["_pooled_preds"]
     cm = preds.confusion()
     figs = {"confusion_matrix": plots.confusion_figure(cm, title=f"{title}: pooled over folds (N = {int(cm.sum())})")}
     if preds.has_probs:
         m = summary["pooled"]
         aucs = {c: (m[f"{c}_auc"], m[f"{c}_auc_ci_low"], m[f"{c}_auc_ci_high"]) for c in CLASSES}
-        figs["roc"] = plots.roc_figure(preds.true_idx, preds.probs, aucs=aucs, title=f"{title}: ROC, pooled")
+        figs["roc"] = plots.roc_figure(preds.true_idx, preds.probs, aucs=aucs, title=f"{title}: ROC, pooled",
+                                       marks=roc_marks(m, op))
         figs["calibration"] = plots.calibration_figure(preds.true_idx, preds.probs,
                                                        title=f"{title}: calibration, pooled (ECE {m['ece']:.2f}%)")
     return {name: plots.figure_png(fig) for name, fig in figs.items()}
@@ -226,16 +221,91 @@ td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px soli
 details{margin:.6rem 0}summary{cursor:pointer;font-weight:600}"""
 
 
+class _Doc:
+    """The report's Markdown and HTML, written side by side."""
+
+    def __init__(self) -> None:
+        self.md: list[str] = []
+        self.body: list[str] = []
+
+    def heading(self, level: int, text: str) -> None:
+        self.md += ["#" * level + " " + text, ""]
+        self.body.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def para(self, text: str, css: str = "") -> None:
+        self.md += [text, ""]
+        self.body.append(f"<p class='{css}'>{html.escape(text)}</p>" if css else f"<p>{html.escape(text)}</p>")
+
+    def table(self, table: Table) -> None:
+        self.md += [table.markdown(), ""]
+        self.body.append(table.html())
+
+
+def _decision_section(doc: _Doc, cm: Any, infos: Sequence[dict[str, Any]], prevalences: Sequence[float],
+                      level: int = 3) -> None:
+    """The operating point: its rule, and sensitivity, specificity, PPV, NPV at it, also at other prevalences."""
+    op = OperatingPoint.from_dict(infos[0].get("operating_point") if infos else None)
+    figures, at_prev = operating_tables(cm, op.positive_class, prevalences)
+    doc.heading(level, "Operating point")
+    chosen = "" if all(OperatingPoint.from_dict(i.get("operating_point")).rule == "argmax" for i in infos) else \
+        " Its threshold was chosen on the validation split, never on test."
+    doc.para(f"Decision rule: {describe_rules(infos)}.{chosen} {DISPLAY_NAMES[op.positive_class]} against the rest "
+             "at the decisions made, with 95% Wilson intervals; PPV and NPV at other prevalences follow from "
+             "sensitivity and specificity by Bayes' rule, their intervals from theirs.")
+    doc.table(figures)
+    doc.table(at_prev)
+
+
+def _external_section(doc: _Doc, r: FoldResult, internal: tuple[str, Any, dict[str, Any]] | None,
+                      prevalences: Sequence[float], files_dir: Path) -> dict[str, Any]:
+    """One external evaluation beside the internal test figures: the drop, with intervals."""
+    name = str(r.info.get("name") or r.fold)
+    cm = r.preds.confusion()
+    absent = [DISPLAY_NAMES[c] for c in r.info.get("classes_absent", r.metrics.get("absent_classes", []))]
+    doc.heading(3, f"{r.network} on {name} (N = {int(cm.sum())})")
+    text = f"Model {r.info.get('model', '')}; data {r.info.get('data', r.preds.path)}."
+    if absent:
+        text += f" Absent from this set (no images, so no recall or AUC; not zero): {', '.join(absent)}."
+    if internal is None:
+        text += " No internal evaluation of this network was given: run 'covid-cxr evaluate RUN' for the drop."
+    doc.para(text)
+    ext_title = f"external: {name} (N = {int(cm.sum())})"
+    doc.table(comparison_table(internal, (ext_title, cm, r.metrics)))
+    _decision_section(doc, cm, [r.info], prevalences, level=4)
+    for plot in ("confusion_matrix.png", "roc.png"):
+        if r.eval_dir is not None and (r.eval_dir / plot).is_file():
+            png = (r.eval_dir / plot).read_bytes()
+            target = files_dir / f"external-{name}-{plot}"
+            target.write_bytes(png)
+            doc.md += [f"![{name} {plot}](report_files/{target.name})", ""]
+            doc.body.append(_img(png, f"{name} {plot}"))
+    return {"name": name, "info": r.info, "metrics": r.metrics}
+
+
+def _gather(runs: Sequence[Path], n_boot: int) -> tuple[list[FoldResult], list[FoldResult]]:
+    """(internal, external) evaluations: those named, and the external-*/ ones inside named run folders."""
+    results = [load_evaluation(Path(r), n_boot=n_boot) for r in runs]
+    named = {r.eval_dir.resolve() for r in results if r.eval_dir is not None}
+    for run in runs:
+        for ext in external_evaluations(Path(run)):
+            if ext.resolve() not in named:
+                named.add(ext.resolve())
+                results.append(load_evaluation(ext, n_boot=n_boot))
+    return [r for r in results if not r.external], [r for r in results if r.external]
+
+
 def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None = None,
-                 audit: dict[str, Any] | None = None, n_boot: int = 1000) -> Path:
+                 audit: dict[str, Any] | None = None, n_boot: int = 1000,
+                 prevalences: Sequence[float] = DEFAULT_PREVALENCES) -> Path:
     """Write report.md, report.html and summary.json for evaluated runs; return the HTML path.
 
     Runs are grouped by network (and split); two runs of one network on the same fold are
-    refused, since the mean over folds would count that fold twice.
+    refused, since the mean over folds would count that fold twice. External evaluations (named,
+    or found as ``RUN/external-NAME/``) are shown beside the internal test figures of their network.
     """
     if not runs:
         raise DataError("no runs given; pass the run folders (or eval folders / predictions files) to report on")
-    results = [load_evaluation(Path(r), n_boot=n_boot) for r in runs]
+    results, externals = _gather(runs, n_boot)
     groups: dict[tuple[str, str], list[FoldResult]] = {}
     for r in results:
         groups.setdefault((r.network, r.split), []).append(r)
@@ -253,9 +323,12 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
              "images (the paper's protocol tests most RSNA images in several folds) the pooled intervals treat the "
              "repeats as independent and are too narrow; the AUC bootstrap resamples whole patients where patient "
              "ids are known.")
-    md: list[str] = ["# Evaluation report", "", intro, ""]
-    body: list[str] = ["<h1>Evaluation report</h1>", f"<p>{html.escape(intro)}</p>"]
+    doc = _Doc()
+    doc.heading(1, "Evaluation report")
+    doc.para(intro)
+    md, body = doc.md, doc.body
     summary_json: dict[str, Any] = {}
+    internal_of: dict[str, tuple[str, Any, dict[str, Any]]] = {}
     for (network, split), members in groups.items():
         members.sort(key=_fold_order)
         seen: dict[str, FoldResult] = {}
@@ -274,7 +347,8 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         unit = summary["pooled"].get("auc_bootstrap", {}).get("unit", "patient")
         extras_title = f"More figures (AUC on 0-1, CI from a bootstrap over {unit}s; ECE in %)"
         notes = sorted(set(summary["pooled"]["notes"]) | {n for r in members for n in r.metrics["notes"]})
-        figures = _network_figures(summary, label)
+        infos = [r.info for r in members]
+        figures = _network_figures(summary, label, infos[0].get("operating_point") if infos else None)
         sources = ", ".join(f"fold {r.fold}: {r.eval_dir or r.preds.path}" for r in members)
         md += [f"## {title}", "", f"Evaluations: {sources}", "",
                "### Table 3: counts per fold", "", counts.markdown(), "",
@@ -289,6 +363,11 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         if notes:
             md += ["Notes: " + "; ".join(notes), ""]
             body.append(f"<p class='note'>{html.escape('; '.join(notes))}</p>")
+        pooled_cm = summary["_pooled_preds"].confusion()
+        _decision_section(doc, pooled_cm, infos, prevalences)
+        if split == "test":
+            n = int(pooled_cm.sum())
+            internal_of.setdefault(network, (f"internal: {label} test, pooled (N = {n})", pooled_cm, summary["pooled"]))
         md += ["### Plots (pooled over folds)", ""]
         body.append("<h3>Plots (pooled over folds)</h3>")
         for name, png in figures.items():
@@ -309,6 +388,13 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
             body.append("</details>")
             md.append("")
         summary_json[slug] = {k: v for k, v in summary.items() if not k.startswith("_")}
+    if externals:
+        doc.heading(2, "External validation: internal and external side by side")
+        doc.para("The drop is external minus internal, in percentage points, with Newcombe's hybrid score interval "
+                 "for two independent proportions (AUC: a normal approximation from the two bootstrap intervals). "
+                 "A class absent from a set is marked absent: its recall and AUC are undefined there, not zero.")
+        summary_json["external"] = [_external_section(doc, r, internal_of.get(r.network), prevalences, files_dir)
+                                    for r in externals]
     audit_md, audit_html = render_audit_section(audit)  # the audit plug-in point
     if audit_md:
         md.append(audit_md)
@@ -327,4 +413,4 @@ def _img(png: bytes, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
-__all__ = ["FoldResult", "load_evaluation", "render_audit_section", "summarize", "write_report"]
+__all__ = ["FoldResult", "external_evaluations", "load_evaluation", "render_audit_section", "summarize", "write_report"]

@@ -4,7 +4,12 @@
 runs the checkpoint over the image cache in batches through the package's one inference loop
 (:func:`covid_cxr.inference.predict_in_batches`), and writes into the output folder:
 ``predictions.csv``, ``metrics.json``, ``table3.csv``, ``table4.csv``,
-``confusion_matrix.png``/``.pdf``, ``roc.png`` and ``calibration.png``.
+``confusion_matrix.png``/``.pdf``, ``roc.png`` (the operating point marked) and ``calibration.png``.
+
+``pred`` is decided by the checkpoint's operating point (:mod:`covid_cxr.operating_point`;
+argmax when it has none), and ``metrics.json`` holds under ``decision`` the COVID-19
+sensitivity, specificity, PPV and NPV at it, with PPV/NPV at other prevalences. :func:`calibrate`
+chooses a rule on the validation split and stores it in the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.evaluate import plots
-from covid_cxr.evaluate.metrics import table3_row, table4_row
+from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, decision_summary, table3_row, table4_row
 from covid_cxr.evaluate.predictions import Predictions, predictions_frame, validate_predictions, write_predictions
-from covid_cxr.labels import CLASSES
+from covid_cxr.labels import CLASSES, normalize_label
+from covid_cxr.operating_point import OperatingPoint, parse_rule
 
 if TYPE_CHECKING:  # the data area is imported where used, so metrics and reports never load it
     from covid_cxr.data.prepared import ImageCache, PreparedData
@@ -187,16 +193,32 @@ def write_json(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def roc_marks(metrics: dict[str, Any], op: dict[str, Any] | None) -> list[plots.RocMark]:
+    """The operating point's place on its class's ROC curve (from the confusion matrix: any rule, argmax too)."""
+    point = OperatingPoint.from_dict(op)
+    c = point.positive_class
+    sens, spec = metrics.get(f"{c}_recall", math.nan), metrics.get(f"{c}_specificity", math.nan)
+    if sens is None or spec is None or math.isnan(sens) or math.isnan(spec):
+        return []
+    label = f"{point.name}: sens {sens:.1f}%, spec {spec:.1f}%"
+    return [plots.RocMark(c, 1.0 - spec / 100.0, sens / 100.0, label)]
+
+
 def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
-                     prevalence: float | None = None, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+                     prevalence: float | None = None, n_boot: int = 1000, seed: int = 0,
+                     prevalences: tuple[float, ...] = DEFAULT_PREVALENCES) -> dict[str, Any]:
     """Write metrics.json, table3.csv, table4.csv and the plots for a predictions table; return the metrics.
 
     ``info`` (network, fold, split, paths...) goes into metrics.json under ``evaluation`` and
-    names the rows of the two tables.
+    names the rows of the two tables. ``decision`` holds the operating point's figures
+    (:func:`~covid_cxr.evaluate.metrics.decision_summary`, PPV/NPV at ``prevalences``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = preds.metrics(prevalence=prevalence, n_boot=n_boot, seed=seed)
+    op = OperatingPoint.from_dict(info.get("operating_point"))
+    metrics["decision"] = {"operating_point": op.to_dict(), "positive_class": op.positive_class,
+                           **decision_summary(preds.confusion(), CLASSES.index(op.positive_class), prevalences)}
     write_json({**metrics, "evaluation": info}, out_dir / "metrics.json")
     cm = preds.confusion()
     key = {"fold": info.get("fold", ""), "network": info.get("network", "")}
@@ -208,12 +230,124 @@ def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
                       out_dir / "confusion_matrix.png", out_dir / "confusion_matrix.pdf")
     if preds.has_probs:
         aucs = {c: (metrics[f"{c}_auc"], metrics[f"{c}_auc_ci_low"], metrics[f"{c}_auc_ci_high"]) for c in CLASSES}
-        plots.save_figure(plots.roc_figure(preds.true_idx, preds.probs, aucs=aucs, title=f"ROC, {title}"),
-                          out_dir / "roc.png")
+        marks = roc_marks(metrics, info.get("operating_point"))
+        plots.save_figure(plots.roc_figure(preds.true_idx, preds.probs, aucs=aucs, title=f"ROC, {title}",
+                                           marks=marks), out_dir / "roc.png")
         plots.save_figure(plots.calibration_figure(
             preds.true_idx, preds.probs, title=f"Calibration, {title}: ECE {metrics['ece']:.2f}%"),
             out_dir / "calibration.png")
     return metrics
+
+
+def predict_rows(predictor: Any, images: Any, rows: np.ndarray, *, batch_size: int, progress: bool,
+                 description: str) -> tuple[np.ndarray, float]:
+    """Probabilities for ``images[rows]`` in the order of ``rows``, with a progress bar; also the seconds taken.
+
+    A memory-mapped cache is read front to back (rows sorted), and the output put back in the given order.
+    """
+    from covid_cxr.inference import predict_in_batches
+
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]evaluate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task(description, total=len(rows), rate="")
+
+        def advance(n: int) -> None:
+            done = bar.tasks[0].completed + n
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=n, rate=f"{rate:.1f} img/s")
+
+        probs_sorted = predict_in_batches(predictor, images, batch_size=batch_size, indices=rows[order],
+                                          on_batch=advance)
+    probs = np.empty_like(probs_sorted)
+    probs[order] = probs_sorted
+    return probs, time.perf_counter() - started
+
+
+def decided_table(frame: pd.DataFrame, probs: np.ndarray, classes: tuple[str, ...], op: OperatingPoint) -> pd.DataFrame:
+    """The predictions table with ``pred`` decided by the operating point (argmax when the model has none)."""
+    table = predictions_frame(frame, probs, classes)
+    table["pred"] = np.asarray(classes)[op.decide(probs, classes)]
+    return table
+
+
+@dataclass
+class _Model:
+    """A checkpoint opened for evaluation over a prepared split."""
+
+    target: EvalTarget
+    ckpt: Any
+    prepared: Any
+    predictor: Any
+    cache: Any = None  # the image cache the last split was read from
+
+
+def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None, *,
+          device: str, precision: str, compile: str, images: int | None = None) -> _Model:
+    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.data.prepared import PreparedData
+    from covid_cxr.inference import TorchPredictor, should_compile
+
+    tgt = resolve_target(Path(target), data, fold, split, out_dir)
+    ckpt = load_checkpoint(tgt.checkpoint)
+    prepared = PreparedData(tgt.data)
+    predictor = TorchPredictor(ckpt, device=device, precision=precision,
+                               compile=should_compile(compile, images or 0))
+    return _Model(tgt, ckpt, prepared, predictor)
+
+
+def _split_probs(m: _Model, split: str, *, batch_size: int, progress: bool, where: Path
+                 ) -> tuple[pd.DataFrame, str, np.ndarray, float]:
+    """One split's table, split hash, probabilities (model's class order) and seconds."""
+    frame, split_hash = load_split(m.prepared, m.target.fold, split, m.target.run, where)
+    uncovered = set(frame["label"]) - set(m.ckpt.classes)
+    if uncovered:
+        raise CheckpointError(
+            f"{m.target.checkpoint}: predicts {', '.join(m.ckpt.classes)} but the {split} set holds "
+            f"{', '.join(sorted(uncovered))}; evaluate it on data of its own classes"
+        )
+    cache = cache_for(m.prepared, m.ckpt.preprocessing.image_size, m.target.checkpoint, m.ckpt.preprocessing.resize,
+                      progress=progress)
+    m.cache = cache
+    rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
+    probs, seconds = predict_rows(m.predictor, cache.images, rows, batch_size=batch_size, progress=progress,
+                                  description=f"{m.ckpt.network} fold {m.target.fold} {split}")
+    return frame, split_hash, probs, seconds
+
+
+def choose_on_validation(m: _Model, rule: str, *, batch_size: int, progress: bool, where: Path) -> OperatingPoint:
+    """The operating point ``rule`` chosen on the run's validation split (never on test)."""
+    from covid_cxr.operating_point import choose_from_probs
+
+    parse_rule(rule)  # a bad rule fails before any image is read
+    frame, split_hash, probs, _ = _split_probs(m, "val", batch_size=batch_size, progress=progress, where=where)
+    op = choose_from_probs(rule, probs, [normalize_label(v) for v in frame["label"]], m.ckpt.classes)
+    if op.rule != "argmax":
+        op = OperatingPoint.from_dict({**op.to_dict(), "validation": {**op.validation, "fold": m.target.fold,
+                                                                       "split_hash": split_hash}})
+    return op
+
+
+def calibrate(target: Path, rule: str, *, data: Path | None = None, fold: int | None = None,
+              out: Path | None = None, batch_size: int = 64, device: str = "auto", precision: str = "auto",
+              progress: bool = True) -> tuple[OperatingPoint, Path]:
+    """Choose ``rule`` on the run's validation split and write it into the checkpoint (atomically).
+
+    ``target`` is a run folder (its best.pt is rewritten) or a checkpoint in a run folder (or with
+    ``data``/``fold``). ``out`` writes a new checkpoint instead of rewriting. No retraining: only the
+    validation split's probabilities are computed.
+    """
+    from covid_cxr.checkpoint import save_checkpoint
+
+    m = _open(Path(target), data, fold, "val", None, device=device, precision=precision, compile="off")
+    op = choose_on_validation(m, rule, batch_size=batch_size, progress=progress, where=Path(target))
+    m.ckpt.operating_point = None if op.rule == "argmax" else op.to_dict()
+    path = save_checkpoint(m.ckpt, out if out is not None else m.target.checkpoint)
+    return op, path
 
 
 def evaluate_run(
@@ -230,76 +364,54 @@ def evaluate_run(
     n_boot: int = 1000,
     progress: bool = True,
     compile: str = "auto",
+    operating_point: str | None = None,
+    prevalences: tuple[float, ...] = DEFAULT_PREVALENCES,
 ) -> EvaluationResult:
     """Evaluate a run folder (its ``best.pt``) or a checkpoint on one split of the prepared data.
 
     ``data`` and ``fold`` default to the run's ``run.json``; a bare checkpoint needs both. ``compile``
     (auto|on|off): ``torch.compile`` the network; auto does so for splits large enough to repay it.
+    ``operating_point`` (e.g. ``sensitivity=0.95``) chooses a decision rule on the validation split for
+    this evaluation (the checkpoint is left as it is; ``calibrate`` stores one); default: the checkpoint's.
     """
-    # Imported here so that metrics and reports never load torch or the data area.
-    from covid_cxr.checkpoint import load_checkpoint
-    from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.inference import TorchPredictor, predict_in_batches, should_compile
-
     where = Path(target)
     tgt = resolve_target(where, data, fold, split, out_dir)
-    ckpt = load_checkpoint(tgt.checkpoint)
-    prepared = PreparedData(tgt.data)
-    frame, split_hash = load_split(prepared, tgt.fold, split, tgt.run, where)
-    uncovered = set(frame["label"]) - set(ckpt.classes)
-    if uncovered:
-        raise CheckpointError(
-            f"{tgt.checkpoint}: predicts {', '.join(ckpt.classes)} but the {split} set holds "
-            f"{', '.join(sorted(uncovered))}; evaluate it on data of its own classes"
-        )
-    cache = cache_for(prepared, ckpt.preprocessing.image_size, tgt.checkpoint, ckpt.preprocessing.resize,
-                      progress=progress)
-    rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
-    # Read the memory-mapped cache front to back: sort by cache row, keep the split's order in the output.
-    order = np.argsort(rows, kind="stable")
-    predictor = TorchPredictor(ckpt, device=device, precision=precision, compile=should_compile(compile, len(rows)))
+    from covid_cxr.data.prepared import PreparedData
 
-    console = Console(stderr=True)
-    started = time.perf_counter()
-    with Progress(TextColumn("[bold]evaluate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
-                  disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"{ckpt.network} fold {tgt.fold} {split}", total=len(rows), rate="")
-
-        def advance(n: int) -> None:
-            done = bar.tasks[0].completed + n
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=n, rate=f"{rate:.1f} img/s")
-
-        probs_sorted = predict_in_batches(predictor, cache.images, batch_size=batch_size,
-                                          indices=rows[order], on_batch=advance)
-    seconds = time.perf_counter() - started
-    probs = np.empty_like(probs_sorted)
-    probs[order] = probs_sorted
-
-    table = predictions_frame(frame, probs, ckpt.classes)
+    n_images = len(load_split(PreparedData(tgt.data), tgt.fold, split, tgt.run, where)[0])
+    m = _open(where, data, fold, split, out_dir, device=device, precision=precision, compile=compile, images=n_images)
+    if operating_point is not None:
+        op = choose_on_validation(m, operating_point, batch_size=batch_size, progress=progress, where=where)
+    else:
+        op = OperatingPoint.from_dict(m.ckpt.operating_point)
+    frame, split_hash, probs, seconds = _split_probs(m, split, batch_size=batch_size, progress=progress, where=where)
+    table = decided_table(frame, probs, m.ckpt.classes, op)
     preds = validate_predictions(table, str(tgt.out_dir / "predictions.csv"))
     write_predictions(table, tgt.out_dir / "predictions.csv")
+    ckpt, predictor = m.ckpt, m.predictor
     info = {
+        "kind": "internal",
         "network": ckpt.network,
         "fold": tgt.fold,
         "split": split,
         "checkpoint": str(tgt.checkpoint.resolve()),
         "data": str(tgt.data.resolve()),
-        "protocol": prepared.protocol,
+        "protocol": m.prepared.protocol,
         "split_hash": split_hash,
         "image_size": ckpt.preprocessing.image_size,
         "scaling": ckpt.preprocessing.scaling,
         "resize": ckpt.preprocessing.resize,
-        "cache": str(cache.folder.resolve()),
+        "cache": str(m.cache.folder.resolve()),
         "classes_checkpoint": list(ckpt.classes),
+        "operating_point": op.to_dict(),
         "runtime": predictor.describe(),
         "batch_size": batch_size,
-        "images": len(rows),
+        "images": len(frame),
         "seconds": seconds,
-        "images_per_second": len(rows) / seconds if seconds > 0 else math.nan,
+        "images_per_second": len(frame) / seconds if seconds > 0 else math.nan,
         "run_status": tgt.run.get("status"),
         "best_epoch": tgt.run.get("best_epoch"),
     }
-    metrics = write_evaluation(preds, tgt.out_dir, info, prevalence=prevalence, n_boot=n_boot)
+    metrics = write_evaluation(preds, tgt.out_dir, info, prevalence=prevalence, n_boot=n_boot,
+                               prevalences=prevalences)
     return EvaluationResult(out_dir=tgt.out_dir, metrics=metrics, predictions=table, info=info)

@@ -1,0 +1,152 @@
+"""Report sections about decisions: the operating point, and internal against external validation.
+
+Both are built from confusion matrices (the decisions actually made, ``pred`` in the predictions
+files), so they hold for any rule, argmax included. Proportions carry Wilson intervals; a drop
+between two independent sets carries Newcombe's hybrid score interval; an AUC drop carries a
+normal approximation from the two patient-bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from covid_cxr.evaluate.metrics import (Proportion, binary_figures, class_counts, class_proportions,
+                                        decision_summary, difference_interval)
+from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+from covid_cxr.operating_point import OperatingPoint
+
+ABSENT = "absent (no images)"
+
+
+@dataclass
+class Table:
+    """A small table rendered both as Markdown and as HTML."""
+
+    headers: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _ci(value: float, low: float, high: float, digits: int = 1) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def _prop(p: Proportion) -> str:
+    return "n/a (0/0)" if not p.n else f"{_ci(p.value, *p.ci)} ({p.k}/{p.n})"
+
+
+def describe_rules(infos: Sequence[dict[str, Any]]) -> str:
+    """The rule(s) behind a set of evaluations, one line each when they differ."""
+    lines = sorted({OperatingPoint.from_dict(i.get("operating_point")).describe() for i in infos})
+    return "; ".join(lines) if lines else OperatingPoint().describe()
+
+
+def operating_tables(cm: np.ndarray, positive_class: str, prevalences: Sequence[float]) -> tuple[Table, Table]:
+    """(sensitivity, specificity, PPV, NPV with CIs; PPV and NPV at each prevalence) for the decisions in ``cm``."""
+    k = CLASSES.index(positive_class)
+    fig = binary_figures(cm, k)
+    name = DISPLAY_NAMES[positive_class]
+    figures = Table(["figure", "% [95% Wilson CI] (k/n)"], [
+        [f"{name} sensitivity", _prop(fig.sensitivity)], [f"{name} specificity", _prop(fig.specificity)],
+        ["PPV (at this set's own prevalence)", _prop(fig.ppv)], ["NPV (at this set's own prevalence)", _prop(fig.npv)],
+    ])
+    summary = decision_summary(cm, k, prevalences)
+    rows = [[f"{100 * summary['test_prevalence']:.2f}% (this set)", _prop(fig.ppv), _prop(fig.npv)]]
+    for at in summary["at_prevalence"]:
+        rows.append([f"{100 * at['prevalence']:g}%", _ci(at["ppv"], at["ppv_ci_low"], at["ppv_ci_high"], 2),
+                     _ci(at["npv"], at["npv_ci_low"], at["npv_ci_high"], 2)])
+    at_prev = Table([f"{name} prevalence", "PPV % [CI]", "NPV % [CI]"], rows)
+    return figures, at_prev
+
+
+def _proportions(cm: np.ndarray) -> dict[str, Proportion]:
+    """Every proportion of the comparison, by metric key."""
+    out = {"accuracy": Proportion(int(np.trace(cm)), int(cm.sum()))}
+    for k, c in enumerate(CLASSES):
+        for rate, prop in class_proportions(class_counts(cm, k)).items():
+            if rate != "accuracy":
+                out[f"{c}_{rate}"] = prop
+    out["covid_npv"] = binary_figures(cm, CLASSES.index("covid")).npv
+    return out
+
+
+def _label(key: str) -> str:
+    cls, _, rate = key.partition("_")
+    if not rate:
+        return key
+    return f"{DISPLAY_NAMES[cls]} {'NPV' if rate == 'npv' else 'AUC' if rate == 'auc' else rate}"
+
+
+def _auc_drop(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
+    """External minus internal AUC, with a normal approximation from the two bootstrap intervals."""
+    va, vb = a.get(key, math.nan), b.get(key, math.nan)
+    if any(v is None or math.isnan(v) for v in (va, vb)):
+        return "n/a"
+    halves = [(m.get(f"{key}_ci_high", math.nan) - m.get(f"{key}_ci_low", math.nan)) / 2 for m in (a, b)]
+    if any(h is None or math.isnan(h) for h in halves):
+        return f"{vb - va:+.3f}"
+    half = math.hypot(*halves)
+    return f"{vb - va:+.3f} [{vb - va - half:+.3f}, {vb - va + half:+.3f}]"
+
+
+def comparison_table(internal: tuple[str, np.ndarray, dict[str, Any]] | None,
+                     external: tuple[str, np.ndarray, dict[str, Any]]) -> Table:
+    """Metrics as rows; internal, external and the drop (external − internal) [95% CI] as columns.
+
+    Each side is (column title, confusion matrix, metrics). A class with no image in a set is
+    shown as absent there, and has no drop, rather than a recall of zero.
+    """
+    ext_name, ext_cm, ext_m = external
+    int_name, int_cm, int_m = internal if internal is not None else ("internal (not given)", None, {})
+    headers = ["metric", int_name, ext_name, "drop: external − internal, points [95% CI]"]
+    ext_p = _proportions(ext_cm)
+    int_p = _proportions(int_cm) if int_cm is not None else {}
+    absent_ext = {c for k, c in enumerate(CLASSES) if not ext_cm[k].sum()}
+    absent_int = {c for k, c in enumerate(CLASSES) if int_cm is not None and not int_cm[k].sum()}
+    rows = []
+    for key, ep in ext_p.items():
+        cls = key.split("_")[0] if "_" in key else None
+        absent = lambda s: cls is not None and cls in s and not key.endswith(("specificity", "npv"))  # noqa: E731
+        ip = int_p.get(key)
+        int_cell = ABSENT if absent(absent_int) else ("n/a" if ip is None else _prop(ip))
+        ext_cell = ABSENT if absent(absent_ext) else _prop(ep)
+        drop = "n/a"
+        if ip is not None and not absent(absent_int) and not absent(absent_ext):
+            d, lo, hi = difference_interval(ip, ep)
+            drop = "n/a" if math.isnan(d) else f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+        rows.append([_label(key), int_cell, ext_cell, drop])
+    for c in CLASSES:
+        key = f"{c}_auc"
+        if key not in ext_m:
+            continue
+        cells = []
+        for m, gone, given in ((int_m, c in absent_int, internal is not None), (ext_m, c in absent_ext, True)):
+            v = m.get(key, math.nan)
+            cells.append("n/a" if not given else ABSENT if gone else "n/a" if v is None or math.isnan(v) else
+                         _ci(v, m.get(f"{key}_ci_low", math.nan), m.get(f"{key}_ci_high", math.nan), 3))
+        gone = c in absent_ext or c in absent_int
+        rows.append([_label(key), *cells, "n/a" if gone or internal is None else _auc_drop(int_m, ext_m, key)])
+    return Table(headers, rows)
