@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from covid_cxr.deploy.backends import BACKENDS, load_model
+from covid_cxr.deploy.saturation import print_int8_record
 from covid_cxr.deploy.server import ServerLimits, create_app
 from covid_cxr.runtime import PRECISIONS
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     gradcam = None if args.no_heatmap or loaded.checkpoint is None else loaded.gradcam()
     app = create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256, gradcam=gradcam, limits=limits)
     print(f"model: {loaded.describe()}; heatmaps {'on' if gradcam else 'off'}", file=sys.stderr)
+    print_int8_record(loaded.predictor, args.checkpoint)
     print(f"serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
     return 0
