@@ -224,27 +224,6 @@ def test_a_relu_sharing_its_input_still_clips_negatives(tmp_path: Path, quant_fo
     assert np.abs(int8 - right).mean() < 0.2 * gap
 
 
-def _quantize_8bit(source: Path, out: Path) -> Path:
-    """The export of earlier versions: full 8-bit weights (no reduce_range), everything else as quantize_onnx does."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    from covid_cxr.deploy.quantize import _ImageReader, prepare_for_int8
-
-    model = onnx.load(source)
-    keep = prepare_for_int8(model)
-
-    class Reader(_ImageReader, CalibrationDataReader):
-        pass
-
-    from covid_cxr.preprocess import Preprocessing
-
-    reader = Reader(_images(16, seed=1), Preprocessing(SIZE, "unit"), "image", 8)
-    quantize_static(model, str(out), reader, quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep,
-                    extra_options={"WeightSymmetric": True})
-    return out
-
-
 @pytest.mark.parametrize("quant_format", ["qoperator", "qdq"])
 def test_no_int16_pair_sum_can_saturate(tiny: Path, tmp_path: Path, quant_format: str) -> None:
     """Every u8 x s8 product, the BatchNorm-as-depthwise conv and the dense layer included, stays within int16."""
@@ -261,9 +240,11 @@ def test_no_int16_pair_sum_can_saturate(tiny: Path, tmp_path: Path, quant_format
 
 def test_full_8bit_weights_fail_the_property(tiny: Path, tmp_path: Path) -> None:
     """The check tells the earlier export apart: its weights reach 127, and 2 x 255 x 127 > 32767."""
-    model = onnx.load(_quantize_8bit(tiny, tmp_path / "old.onnx"))
-    over = saturating_products(model)
+    old = quantize_onnx(tiny, tmp_path / "old.onnx", _images(16, seed=1), seven_bit_weights=False)
+    over = saturating_products(onnx.load(old))
     assert over and max(p.weight_max for p in over) == 127 and max(p.bound for p in over) == 2 * 255 * 127
+    record = json.loads(OnnxPredictor(old).metadata["quantization"])
+    assert record["saturation_free"] is False and "full 8-bit range" in record["weight_scheme"]
 
 
 def test_real_concat_network_cannot_saturate(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ INT16_MAX = 32767
 ACTIVATION_MAX = 255  # a uint8 code; an int8 activation is offset by 128 into the same range on x86
 WEIGHT_RANGE = (-64, 64)  # ONNX Runtime's reduced (7-bit) int8 range
 WEIGHT_SCHEME = "int8 per-channel, 7-bit range [-64, 64]: saturation-free on AVX2 and VNNI"
+FULL_RANGE_SCHEME = "int8 per-channel, full 8-bit range: saturates on CPUs without VNNI"
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
                   "amx_int8", "avx512_fp16")
