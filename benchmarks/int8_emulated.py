@@ -42,19 +42,11 @@ def prepare(checkpoint: Path, folder: Path, count: int) -> np.ndarray:
     """Export and quantize as ``export --int8`` does; save ``count`` validation inputs; returns their labels."""
     import torch
 
-    from benchmarks.int8_saturation import _quantize_both
-    from covid_cxr.checkpoint import load_checkpoint
-    from covid_cxr.cli.export import CALIBRATION_COUNT
-    from covid_cxr.deploy.calibration import read_run, run_images
+    from benchmarks.int8_saturation import _quantize_both, run_checkpoint
     from covid_cxr.deploy.onnx import export_onnx
     from covid_cxr.preprocess import to_model_input
 
-    ckpt = load_checkpoint(checkpoint)
-    run = read_run(checkpoint)
-    if run is None:
-        raise SystemExit(f"{checkpoint}: no run.json beside it; give the best.pt of a training run")
-    images = run_images(checkpoint, run, ckpt.preprocessing.image_size, ckpt.classes,
-                        calibration_count=CALIBRATION_COUNT, check_count=count)
+    ckpt, images = run_checkpoint(checkpoint, count)
     export_onnx(ckpt, folder / "fp32.onnx")
     for name, path in _quantize_both(folder / "fp32.onnx", folder, images.calibration).items():
         shutil.move(path, folder / f"{name}.onnx")

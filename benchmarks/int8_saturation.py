@@ -48,22 +48,29 @@ def _quantize_both(fp32: Path, folder: Path, calibration: np.ndarray) -> dict[st
     }
 
 
-def accuracy(checkpoint: Path, folder: Path, check_count: int) -> dict[str, Any]:
-    """Both int8 exports of a trained checkpoint against fp32 on its run's validation images."""
-    import onnx
-
+def run_checkpoint(checkpoint: Path, check_count: int) -> tuple[Any, Any]:
+    """The checkpoint and its calibration and validation images, chosen as ``export --int8`` chooses them."""
     from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.cli.export import CALIBRATION_COUNT
-    from covid_cxr.deploy.calibration import check_int8, read_run, run_images
-    from covid_cxr.deploy.onnx import OnnxPredictor, export_onnx
-    from covid_cxr.deploy.saturation import saturating_products
+    from covid_cxr.deploy.calibration import read_run, run_images
 
     ckpt = load_checkpoint(checkpoint)
     run = read_run(checkpoint)
     if run is None:
         raise SystemExit(f"{checkpoint}: no run.json beside it; give the best.pt of a training run")
-    images = run_images(checkpoint, run, ckpt.preprocessing.image_size, ckpt.classes,
-                        calibration_count=CALIBRATION_COUNT, check_count=check_count)
+    return ckpt, run_images(checkpoint, run, ckpt.preprocessing.image_size, ckpt.classes,
+                            calibration_count=CALIBRATION_COUNT, check_count=check_count)
+
+
+def accuracy(checkpoint: Path, folder: Path, check_count: int) -> dict[str, Any]:
+    """Both int8 exports of a trained checkpoint against fp32 on its run's validation images."""
+    import onnx
+
+    from covid_cxr.deploy.calibration import check_int8
+    from covid_cxr.deploy.onnx import OnnxPredictor, export_onnx
+    from covid_cxr.deploy.saturation import saturating_products
+
+    ckpt, images = run_checkpoint(checkpoint, check_count)
     fp32_path = export_onnx(ckpt, folder / "m.onnx")
     fp32 = OnnxPredictor(fp32_path)
     out: dict[str, Any] = {"checkpoint": str(checkpoint), "network": ckpt.network,
