@@ -7,8 +7,8 @@ Two int8 exports of the same fp32 ONNX model, identical but for the weight range
   are calibrated and checked as ``export --int8`` does (64 phase-1 training images; the run's
   validation images), and the agreement with fp32 and the accuracy difference are printed.
 - Speed: the concatenated network at ``--speed-size`` (300, the paper's input) with random weights
-  (speed does not depend on their values), both int8 models and fp32 ONNX, batches of 1 and 20,
-  timed alternately so that a change in the machine's load hits all of them alike.
+  (speed does not depend on their values), both int8 models, batches of 1 and 20, timed
+  alternately so that a change in the machine's load hits both alike.
 
 On a machine with VNNI both int8 models run the same kernels; without VNNI they also do (the
 weight range changes no kernel choice), so the speed figures should agree within noise, and the
@@ -90,7 +90,7 @@ def _time(session: Any, x: np.ndarray) -> tuple[float, float]:
 
 
 def speed(folder: Path, size: int, reps: int) -> dict[str, Any]:
-    """img/s of fp32 ONNX and both int8 models of the concatenated network at ``size`` px, batches 1 and 20."""
+    """img/s of both int8 models of the concatenated network at ``size`` px, batches 1 and 20."""
     import onnxruntime as ort
     import torch
 
@@ -105,7 +105,7 @@ def speed(folder: Path, size: int, reps: int) -> dict[str, Any]:
     ckpt = Checkpoint("concat", tuple(CLASSES), pre, build_model("concat", image_size=size).state_dict())
     fp32 = export_onnx(ckpt, folder / "speed.onnx")
     rng = np.random.default_rng(0)
-    models = {"fp32 onnx": fp32, **_quantize_both(fp32, folder, rng.integers(0, 256, (8, size, size), np.uint8))}
+    models = _quantize_both(fp32, folder, rng.integers(0, 256, (8, size, size), np.uint8))
     sessions = {name: ort.InferenceSession(os.fspath(p), providers=["CPUExecutionProvider"]) for name, p in models.items()}
     out: dict[str, Any] = {"image_size": size, "load_before": load_average()}
     for batch in BATCHES:
@@ -121,7 +121,7 @@ def speed(folder: Path, size: int, reps: int) -> dict[str, Any]:
             cpu = statistics.median(c for _, c in times)
             out[f"{name} batch {batch}"] = {"img_per_s": round(batch / wall, 2), "cpu_s_per_img": round(cpu / batch, 4),
                                             "median_s": round(wall, 4), "reps": reps}
-            print(f"[speed {size}px] {name:11s} batch {batch:2d}: {batch / wall:7.2f} img/s "
+            print(f"[speed {size}px] {name} batch {batch:2d}: {batch / wall:7.2f} img/s "
                   f"({cpu / batch:.3f} CPU-s/img)", flush=True)
     out["load_after"] = load_average()
     return out
