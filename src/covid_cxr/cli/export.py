@@ -2,8 +2,8 @@
 
 With ``--int8`` it also writes ``<out stem>.int8.onnx``: a static int8 model (uint8 activations x
 int8 per-channel weights kept to 7 bits, so that CPUs without VNNI cannot saturate them), about
-twice as fast on VNNI CPUs as bf16 PyTorch. Calibration images come from ``--calibration`` or, by default, from the
-training run the checkpoint belongs to (``run.json`` beside it). fp32 and int8 are then compared on
+twice as fast on VNNI CPUs as bf16 PyTorch. Calibration images come from ``--calibration`` or, by
+default, from the training run the checkpoint belongs to (``run.json`` beside it). fp32 and int8 are then compared on
 the run's validation images (or, without a run, on the calibration images), and the figures are
 printed and stored in the int8 model's metadata. ``predict`` and ``serve`` load either file.
 """
