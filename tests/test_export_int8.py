@@ -135,6 +135,17 @@ def test_predict_runs_the_int8_model(exported_run: tuple[Path, str], pngs: Path,
     assert np.allclose(table[["p_covid", "p_pneumonia", "p_normal"]].sum(axis=1), 1, atol=1e-4)
 
 
+def test_serve_prints_the_int8_record(exported_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+    run, _ = exported_run
+    rc, err = _cli("serve", str(run / "best.int8.onnx"), "--port", "0")
+    assert rc == 0 and served, err
+    assert "int8: qoperator, uint8 activations, int8 per-channel, 7-bit range" in err and "agreement with fp32" in err
+
+
 def test_calibration_folder_without_a_run(data: Path, pngs: Path, tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path / "loose.pt", "xception", size=SIZE, seed=1)  # no run.json beside it
     folder = tmp_path / "xrays"
