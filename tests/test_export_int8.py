@@ -25,6 +25,7 @@ from covid_cxr.data.prepared import PreparedData  # noqa: E402
 from covid_cxr.deploy.calibration import stratified_sample  # noqa: E402
 from covid_cxr.deploy.onnx import OnnxPredictor  # noqa: E402
 from covid_cxr.deploy.quantize import META_KEY  # noqa: E402
+from covid_cxr.deploy.saturation import cpu_features, describe_cpu  # noqa: E402
 from covid_cxr.evaluate.metrics import wilson_interval  # noqa: E402
 from covid_cxr.synth import make_synthetic  # noqa: E402
 from tests.test_server import tiny_checkpoint  # noqa: E402
@@ -118,15 +119,31 @@ def test_int8_from_the_run_is_int8_and_carries_its_check(data: Path, exported_ru
     assert info["calibration_images"] == len(prepared.fold(1).phases[0]) and info["format"] == "qoperator"
     assert "phase-1 training images of fold 1" in info["calibration_source"]
     assert f"int8 check on {n} validation images" in err and "wrote " + str(int8_path) in err
+    # The weight scheme cannot saturate, and the record names the CPU the check ran on.
+    assert info["saturation_free"] is True and info["max_int16_pair_sum"] <= 32767 and "7-bit" in info["weight_scheme"]
+    assert info["checked_on"] == cpu_features() and "7-bit range" in err
 
 
 def test_predict_runs_the_int8_model(exported_run: tuple[Path, str], pngs: Path, tmp_path: Path) -> None:
     run, _ = exported_run
     rc, err = _cli("predict", str(run / "best.int8.onnx"), str(pngs), "--out", str(tmp_path / "p.csv"))
     assert rc == 0, err
+    assert "int8: qoperator, uint8 activations, int8 per-channel, 7-bit range" in err and "warning" not in err
+    assert describe_cpu(cpu_features()) in err  # the CPU the check ran on: this one
     table = pd.read_csv(tmp_path / "p.csv")
     assert len(table) == 10 and set(table["class"]) <= {"covid", "pneumonia", "normal"}
     assert np.allclose(table[["p_covid", "p_pneumonia", "p_normal"]].sum(axis=1), 1, atol=1e-4)
+
+
+def test_serve_prints_the_int8_record(exported_run: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+    run, _ = exported_run
+    rc, err = _cli("serve", str(run / "best.int8.onnx"), "--port", "0")
+    assert rc == 0 and served, err
+    assert "int8: qoperator, uint8 activations, int8 per-channel, 7-bit range" in err and "agreement with fp32" in err
 
 
 def test_calibration_folder_without_a_run(data: Path, pngs: Path, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
-"""int8 quantization: the int8 graph really is int8, keeps the metadata, and agrees with fp32.
+"""int8 quantization: the int8 graph really is int8, cannot saturate, keeps the metadata, and agrees with fp32.
 
-A small convolutional ONNX model is written in the test (the full networks take a minute to
-export on two cores; ``benchmarks/`` quantizes the real concatenated network and measures it).
+A small convolutional ONNX model is written in the test; the saturation bound is also checked on
+the real concatenated network at 71 px (about 30 CPU-seconds to export and quantize).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from covid_cxr.deploy.onnx import FORMAT, META_PREFIX, OnnxPredictor  # noqa: E402
 from covid_cxr.deploy.quantize import META_KEY, quantize_onnx  # noqa: E402
+from covid_cxr.deploy.saturation import INT16_MAX, int8_record_lines, pair_sum_bound, saturating_products  # noqa: E402
 from covid_cxr.errors import CheckpointError, ConfigError  # noqa: E402
 from covid_cxr.labels import CLASSES  # noqa: E402
 
@@ -221,3 +222,68 @@ def test_a_relu_sharing_its_input_still_clips_negatives(tmp_path: Path, quant_fo
     gap = np.abs(right - wrong).mean()
     assert gap > 0.1  # the ReLU matters on these images, so the comparison below can tell the two apart
     assert np.abs(int8 - right).mean() < 0.2 * gap
+
+
+@pytest.mark.parametrize("quant_format", ["qoperator", "qdq"])
+def test_no_int16_pair_sum_can_saturate(tiny: Path, tmp_path: Path, quant_format: str) -> None:
+    """Every u8 x s8 product, the BatchNorm-as-depthwise conv and the dense layer included, stays within int16."""
+    out = quantize_onnx(tiny, tmp_path / "int8.onnx", _images(16, seed=1), quant_format=quant_format)
+    model = onnx.load(out)
+    products = pair_sum_bound(model)
+    assert len(products) == 4  # conv1, the BatchNorm's depthwise conv, conv2, the dense layer
+    assert {p.activation_max for p in products} == {255}  # activations are never assumed narrower than uint8
+    assert not saturating_products(model) and max(p.bound for p in products) <= INT16_MAX
+    record = json.loads(OnnxPredictor(out).metadata["quantization"])
+    assert record["saturation_free"] is True and record["max_int16_pair_sum"] == max(p.bound for p in products)
+    assert record["weight_range"] == [-64, 64] and "7-bit" in record["weight_scheme"]
+
+
+def test_full_8bit_weights_fail_the_property(tiny: Path, tmp_path: Path) -> None:
+    """The check tells the earlier export apart: its weights reach 127, and 2 x 255 x 127 > 32767."""
+    old = quantize_onnx(tiny, tmp_path / "old.onnx", _images(16, seed=1), seven_bit_weights=False)
+    over = saturating_products(onnx.load(old))
+    assert over and max(p.weight_max for p in over) == 127 and max(p.bound for p in over) == 2 * 255 * 127
+    record = json.loads(OnnxPredictor(old).metadata["quantization"])
+    assert record["saturation_free"] is False and "full 8-bit range" in record["weight_scheme"]
+
+
+def test_real_concat_network_cannot_saturate(tmp_path: Path) -> None:
+    """The concatenated Xception + ResNet50V2, exported and quantized as ``export --int8`` does (at 71 px)."""
+    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.deploy.onnx import export_onnx
+    from tests.test_server import tiny_checkpoint
+
+    size = 71
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "concat.pt", "concat", size=size))
+    fp32 = export_onnx(ckpt, tmp_path / "concat.onnx")
+    images = np.random.default_rng(0).integers(0, 256, (8, size, size), dtype=np.uint8)
+    model = onnx.load(quantize_onnx(fp32, tmp_path / "concat.int8.onnx", images))
+    ops = [n.op_type for n in model.graph.node]
+    products = pair_sum_bound(model)
+    # Every integer product is seen: the network's convolutions (depthwise ones and former BatchNorms included).
+    assert len(products) == sum(op in ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger") for op in ops)
+    assert ops.count("QLinearConv") > 100 and "Conv" not in ops and "BatchNormalization" not in ops
+    depthwise = [n for n in model.graph.node if n.op_type == "QLinearConv" and
+                 next((a.i for a in n.attribute if a.name == "group"), 1) > 1]
+    assert depthwise, "Xception's separable convs and the BatchNorms run as depthwise QLinearConv"
+    assert saturating_products(model) == []
+    assert max(p.bound for p in products) <= INT16_MAX
+
+
+def test_record_names_the_scheme_and_warns_about_8bit_weights_without_vnni() -> None:
+    check = {"images": 300, "source": "validation images", "agreement_pct": 99.3, "accuracy_difference_pp": -0.33}
+    vnni_cpu = {"machine": "x86_64", "model": "Xeon", "flags": ["avx2", "avx512_vnni"], "vnni": True}
+    avx2_cpu = {"machine": "x86_64", "model": "AMD EPYC 7B12", "flags": ["avx2", "fma"], "vnni": False}
+    new = {"format": "qoperator", "weights": "int8 per-channel", "weight_scheme": "int8 per-channel, 7-bit range",
+           "saturation_free": True, "check": check, "checked_on": vnni_cpu}
+    old = {"format": "qoperator", "weights": "int8 per-channel", "check": check}
+
+    (line,) = int8_record_lines(new, "m.int8.onnx", cpu=avx2_cpu)
+    assert "7-bit range" in line and "99.3%" in line and "-0.33 pp" in line and "Xeon (avx2 avx512_vnni)" in line
+    assert len(int8_record_lines(old, "m.int8.onnx", cpu=vnni_cpu)) == 1  # VNNI adds in int32: nothing to warn
+    line, warning = int8_record_lines(old, "m.int8.onnx", cpu=avx2_cpu)
+    assert "full 8-bit range" in line and "checking CPU not recorded" in line
+    assert warning.startswith("warning: m.int8.onnx has full 8-bit int8 weights") and "AMD EPYC 7B12" in warning
+    assert "Re-export" in warning and "covid-cxr export CHECKPOINT --int8" in warning
+    arm = {"machine": "aarch64", "model": "aarch64", "vnni": None}
+    assert len(int8_record_lines(old, "m.int8.onnx", cpu=arm)) == 1  # no vpmaddubsw outside x86

@@ -1,9 +1,9 @@
 """``covid-cxr export``: write a checkpoint as an ONNX model carrying its preprocessing metadata.
 
 With ``--int8`` it also writes ``<out stem>.int8.onnx``: a static int8 model (uint8 activations x
-int8 per-channel weights, the operand pair of the VNNI instructions), about twice as fast on such
-CPUs as bf16 PyTorch. Calibration images come from ``--calibration`` or, by default, from the
-training run the checkpoint belongs to (``run.json`` beside it). fp32 and int8 are then compared on
+int8 per-channel weights kept to 7 bits, so that CPUs without VNNI cannot saturate them), about
+twice as fast on VNNI CPUs as bf16 PyTorch. Calibration images come from ``--calibration`` or, by
+default, from the training run the checkpoint belongs to (``run.json`` beside it). fp32 and int8 are then compared on
 the run's validation images (or, without a run, on the calibration images), and the figures are
 printed and stored in the int8 model's metadata. ``predict`` and ``serve`` load either file.
 """
@@ -133,6 +133,7 @@ def _write_int8(args: argparse.Namespace, fp32_path: Path, fp32: OnnxPredictor, 
     """Quantize beside the fp32 file, check, store the figures; the final name appears only when all is done."""
     from covid_cxr.deploy.calibration import check_int8, record_in_metadata
     from covid_cxr.deploy.quantize import quantize_onnx
+    from covid_cxr.deploy.saturation import WEIGHT_SCHEME, cpu_features, describe_cpu
 
     final = fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial.onnx", dir=final.parent)
@@ -147,14 +148,15 @@ def _write_int8(args: argparse.Namespace, fp32_path: Path, fp32: OnnxPredictor, 
         finally:
             root.setLevel(level)
         result = check_int8(fp32, OnnxPredictor(tmp), images.check_images, images.check_labels, images.check_source)
-        record_in_metadata(tmp, {"calibration_source": images.calibration_source, "check": result.as_dict()})
+        record_in_metadata(tmp, {"calibration_source": images.calibration_source, "check": result.as_dict(),
+                                 "checked_on": cpu_features()})
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     print(f"wrote {final} ({final.stat().st_size / 2**20:.1f} MiB): int8 {args.int8_format} (uint8 activations, "
-          f"int8 per-channel weights), calibrated on {len(images.calibration)} {images.calibration_source}",
+          f"{WEIGHT_SCHEME}), calibrated on {len(images.calibration)} {images.calibration_source}",
           file=sys.stderr)
-    print(result.summary(), file=sys.stderr)
+    print(f"{result.summary()}; on {describe_cpu(cpu_features())}", file=sys.stderr)
     problems = result.problems()
     if problems:
         print(f"warning: {final}: int8 {' and '.join(problems)}; calibrate on more images "

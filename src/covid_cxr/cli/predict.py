@@ -29,6 +29,7 @@ from covid_cxr.data.images import load_image
 from covid_cxr.deploy.backends import BACKENDS, LoadedModel, is_checkpoint_file, load_model
 from covid_cxr.deploy.files import display_path, expand_inputs
 from covid_cxr.deploy.output import SUFFIXES, PredictionSink
+from covid_cxr.deploy.saturation import print_int8_record
 from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import COMBINED, METHODS, GradCam, save_overlay
 from covid_cxr.inference import COMPILE_CHOICES, COMPILE_MIN_IMAGES, should_compile
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
                         compile=compile_model)
     print(f"model: {loaded.describe()}", file=sys.stderr)
     print(f"operating point: {of_predictor(loaded.predictor).describe()}", file=sys.stderr)
+    print_int8_record(loaded.predictor, args.checkpoint)
     if compile_model:
         started = time.perf_counter()
         loaded.predictor.warm_up(args.batch_size)  # type: ignore[attr-defined]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from covid_cxr.deploy.backends import BACKENDS, load_model
 from covid_cxr.deploy.model_card import served_card
+from covid_cxr.deploy.saturation import print_int8_record
 from covid_cxr.deploy.server import ServerLimits, create_app
 from covid_cxr.operating_point import OperatingPoint
 from covid_cxr.runtime import PRECISIONS
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {loaded.describe()}; heatmaps {'on' if gradcam else 'off'}", file=sys.stderr)
     print(f"operating point: {OperatingPoint.from_dict(app.state.model['operating_point']).describe()}",
           file=sys.stderr)
+    print_int8_record(loaded.predictor, args.checkpoint)
     print(f"serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
     return 0

@@ -3,9 +3,13 @@
 Static (not dynamic) quantization, because a convolutional network spends its time in Conv and
 the activation ranges must then be known in advance: we run calibration images through the fp32
 graph, record each tensor's range (min/max), and write a graph whose convolutions run in int8.
-Activations are unsigned 8-bit and weights signed 8-bit, per output channel: u8 x s8 is the
-operand pair of the VNNI dot-product instruction (``vpdpbusd``), so ONNX Runtime's kernels use it
-directly on AVX512-VNNI / AVX-VNNI CPUs without the reduced-range workaround older CPUs need.
+Activations are unsigned 8-bit and weights signed, per output channel: u8 x s8 is the operand
+pair of the VNNI dot-product instruction (``vpdpbusd``). The weights use 7 of their 8 bits
+([-64, 64], ONNX Runtime's ``reduce_range``): CPUs without VNNI (AVX2, early AVX-512) add two
+products in a saturating int16, which full 8-bit weights overflow (a trained model's agreement with
+fp32 fell from 98% to 78% on a Zen 2); with 7-bit weights no pair sum can exceed 32767, so the
+model computes the same on every x86 CPU (:mod:`covid_cxr.deploy.saturation`). The graph is checked
+for that before it is written, and the record names the scheme.
 
 Two graph formats hold the same numbers: ``qoperator`` (fused QLinearConv nodes) and ``qdq``
 (QuantizeLinear/DequantizeLinear pairs around fp32 ops, which ONNX Runtime fuses when it loads the
@@ -38,6 +42,14 @@ from covid_cxr.deploy.graph import (
     graph_constants,
     is_minus_inf_pad,
     unshare_pad_constants,
+)
+from covid_cxr.deploy.saturation import (
+    FULL_RANGE_SCHEME,
+    INT16_MAX,
+    WEIGHT_RANGE,
+    WEIGHT_SCHEME,
+    PairSum,
+    pair_sum_bound,
 )
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference import check_batch
@@ -113,11 +125,14 @@ def quantize_onnx(
     quant_format: str = DEFAULT_FORMAT,
     per_channel: bool = True,
     batch_size: int = 8,
+    seven_bit_weights: bool = True,
 ) -> Path:
     """Write an int8 version of the covid-cxr ONNX model ``source`` to ``out``; returns ``out``.
 
     ``calibration_images``: uint8 (N, S, S) at the model's input size, drawn from the data the model
     will see (training images of every class); a few dozen to a few hundred are enough.
+    ``seven_bit_weights=False`` writes full 8-bit weights as earlier versions did, which saturate on
+    CPUs without VNNI: for measuring what the 7-bit range costs, never for deployment.
     """
     import onnx
     from google.protobuf.message import DecodeError
@@ -164,6 +179,7 @@ def quantize_onnx(
             quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
             activation_type=QuantType.QUInt8,  # u8 activations x s8 weights: VNNI's operand pair
             weight_type=QuantType.QInt8,
+            reduce_range=seven_bit_weights,  # 7-bit weights: int16 pair sums cannot saturate without VNNI
             per_channel=per_channel,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=keep_fp32,
@@ -171,6 +187,9 @@ def quantize_onnx(
             extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True, "ActivationSymmetric": False},
         )
         quantized = onnx.load(tmp)
+        products = pair_sum_bound(quantized)
+        if seven_bit_weights:
+            _refuse_saturation(products)
         del quantized.metadata_props[:]
         for key, value in metadata.items():
             entry = quantized.metadata_props.add()
@@ -182,6 +201,7 @@ def quantize_onnx(
                 "format": quant_format,
                 "activations": "uint8",
                 "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+                **_weight_record(products, per_channel, seven_bit_weights),
                 "calibration_images": int(len(calibration_images)),
                 "method": "minmax",
             },
@@ -192,3 +212,25 @@ def quantize_onnx(
     finally:
         Path(tmp).unlink(missing_ok=True)
     return out
+
+
+def _refuse_saturation(products: list[PairSum]) -> None:
+    """Refuse a graph whose integer products could saturate (an ONNX Runtime that ignored ``reduce_range``)."""
+    over = [p for p in products if p.bound > INT16_MAX]
+    if over:
+        worst = max(over, key=lambda p: p.bound)
+        raise RuntimeError(
+            f"the int8 graph could saturate int16 pair sums on CPUs without VNNI: {len(over)} of {len(products)} "
+            f"integer products exceed {INT16_MAX} (worst {worst.op_type} {worst.node}: 2 x {worst.activation_max} x "
+            f"{worst.weight_max} = {worst.bound}); this ONNX Runtime did not keep the weights to 7 bits"
+        )
+
+
+def _weight_record(products: list[PairSum], per_channel: bool, seven_bit: bool) -> dict[str, Any]:
+    """The weight scheme and its int16 pair-sum bound, as stored in the model's quantization record."""
+    bound = max((p.bound for p in products), default=0)
+    granularity = "per-channel" if per_channel else "per-tensor"
+    scheme = WEIGHT_SCHEME if seven_bit else FULL_RANGE_SCHEME
+    return {"weight_range": list(WEIGHT_RANGE if seven_bit else (-127, 127)),
+            "weight_scheme": scheme.replace("per-channel", granularity),
+            "saturation_free": bound <= INT16_MAX, "max_int16_pair_sum": bound}
