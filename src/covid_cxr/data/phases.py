@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -38,9 +39,10 @@ TOLERANCE = 0.03
 
 @dataclass(frozen=True)
 class PhaseQuota:
-    """Images of each class one phase takes from the training core (in turn) and from the pool (once)."""
+    """Images of each class one phase takes from the training core and from the training-side pool (each set
+    taken in turn over the phases), what was there to take, and which class limited the phases."""
 
-    rule: str  # paper-quotas | paper-proportions | pool-limited
+    rule: str  # paper-quotas | paper-proportions | class-limited
     core: dict[str, int]
     pool: dict[str, int]
     core_available: dict[str, int]
@@ -48,6 +50,7 @@ class PhaseQuota:
     limited_by: str | None = None
 
     def total(self) -> dict[str, int]:
+        """Images of each class in one phase."""
         return {c: self.core.get(c, 0) + self.pool.get(c, 0) for c in CLASSES}
 
 
@@ -58,6 +61,7 @@ def paper_shares(classes: list[str]) -> dict[str, float]:
 
 
 def shares(counts: dict[str, int]) -> dict[str, float]:
+    """Each class's share of the images."""
     total = sum(counts.values())
     return {c: (n / total if total else 0.0) for c, n in counts.items()}
 
@@ -110,12 +114,12 @@ def _span(values: list[float], fmt: str = "{:.0f}") -> str:
     return lo if lo == hi else f"{lo}-{hi}"
 
 
-def _mix(info: list[dict], key: str) -> str:
+def _mix(info: list[dict[str, Any]], key: str) -> str:
     classes = [c for c in CLASSES if any(i[key].get(c, 0) for i in info)]
     return " + ".join(f"{_span([i[key].get(c, 0) for i in info])} {DISPLAY_NAMES[c]}" for c in classes)
 
 
-def describe(info: list[dict]) -> list[str]:
+def describe(info: list[dict[str, Any]]) -> list[str]:
     """One note per rule used: what the phases hold and why, with ranges over the folds that used it."""
     notes = []
     for rule in ("paper-quotas", "paper-proportions", "class-limited"):
@@ -127,8 +131,8 @@ def describe(info: list[dict]) -> list[str]:
         want = " : ".join(f"{100 * s:.1f}" for s in paper_shares(classes).values())
         uses = ", ".join(f"{DISPLAY_NAMES[c]} {_span([i['uses'][c] for i in group], '{:.1f}')}" for c in classes)
         head = (f"phases (fold {_span([i['fold'] for i in group])}): {_mix(group, 'per_phase')} images each, class "
-                f"shares {got} % (the paper's {want} %); each training image is in this many of the "
-                f"{group[0]['phases']} phases: {uses}")
+                f"shares {got} % (the paper's {want} %); a training image is in this many of the "
+                f"{group[0]['phases']} phases on average: {uses}")
         if rule == "paper-quotas":
             why = (f"the paper's quotas, {PHASE_QUOTA['normal']} normal + {PHASE_QUOTA['pneumonia']} pneumonia pool "
                    f"images a phase beside every training core image: the pools hold enough and the shares stay "
@@ -143,5 +147,9 @@ def describe(info: list[dict]) -> list[str]:
             why = (f"{limits} images limit them: too few on the training side to balance every COVID-19 image in "
                    f"every phase, so they are all in every phase and the other classes are taken in turn, as many "
                    f"as keep the paper's proportions (every training image in at least one phase)")
+        off = max(i["paper_deviation"] for i in group)
+        if off > TOLERANCE:
+            why += (f"; the shares are up to {100 * off:.0f} points off the paper's because every training image "
+                    "must be in some phase: more phases (--phases) bring them closer")
         notes.append(f"{head}. Why: {why}")
     return notes

@@ -289,10 +289,10 @@ def _notes(settings: SplitSettings, info: list[dict[str, Any]]) -> list[str]:
         notes.append(SELECTION_ON_TEST)
     if settings.protocol == "kfold":
         mix = " : ".join(f"{100 * min(i['shares'].get(c, 0) for i in info):.1f}" for c in CLASSES)
-        notes.append(f"protocol 'kfold': stratified group {settings.folds}-fold; validation {settings.val_fraction:.0%} "
-                     "of each fold's training patients; every other training image in one phase (--phases does not "
-                     f"apply), in the data's own class shares (COVID-19 : pneumonia : normal about {mix} %), not "
-                     "the paper's balance")
+        notes.append(f"protocol 'kfold': stratified group {settings.folds}-fold; validation "
+                     f"{settings.val_fraction:.0%} of each fold's training patients; every other training image in "
+                     "one phase (--phases does not apply), in the data's own class shares (COVID-19 : pneumonia : "
+                     f"normal about {mix} %), not the paper's balance")
     else:
         notes += describe(info)
     return notes
