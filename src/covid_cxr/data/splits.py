@@ -288,7 +288,7 @@ def _notes(settings: SplitSettings, info: list[dict[str, Any]]) -> list[str]:
     if settings.protocol == "paper":
         notes.append(SELECTION_ON_TEST)
     if settings.protocol == "kfold":
-        mix = " : ".join(f"{100 * min(i['shares'].get(c, 0) for i in info):.1f}" for c in CLASSES)
+        mix = " : ".join(f"{100 * float(np.mean([i['shares'].get(c, 0) for i in info])):.1f}" for c in CLASSES)
         notes.append(f"protocol 'kfold': stratified group {settings.folds}-fold; validation "
                      f"{settings.val_fraction:.0%} of each fold's training patients; every other training image in "
                      "one phase (--phases does not apply), in the data's own class shares (COVID-19 : pneumonia : "
