@@ -116,6 +116,26 @@ def _break(raw: Path, tmp_path: Path) -> tuple[Path, list[str]]:
     return bad, [d.name for d in dicoms[:3]]
 
 
+def test_kfold_protocol(raw: Path, tmp_path: Path) -> None:
+    """Plain stratified group k-fold: one training phase that train reads like any other, test sets that
+    partition the patients, and a note that says the phase keeps the data's own class shares."""
+    report = prepare_dataset(_settings(raw, tmp_path / "kf", labels_only=True, protocol="kfold"), progress=False)
+    data = PreparedData(tmp_path / "kf")
+    assert (data.protocol, data.num_folds, data.num_phases) == ("kfold", 3, 1)
+    assert any("protocol 'kfold'" in n for n in report.notes)
+    tested = []
+    for k in (1, 2, 3):
+        fold = data.fold(k)
+        assert len(fold.phases) == 1 and set(fold.paths) == {"phase1", "val", "test"}
+        sides = [set(fold.phases[0]["patient_id"]), set(fold.val["patient_id"]), set(fold.test["patient_id"])]
+        assert not sides[0] & sides[1] and not sides[0] & sides[2] and not sides[1] & sides[2]
+        assert len(fold.phases[0]) + len(fold.val) + len(fold.test) == len(data.manifest)
+        tested += sorted(sides[2])
+    assert sorted(tested) == sorted(data.manifest["patient_id"].unique())
+    summary = json.loads((tmp_path / "kf" / "splits" / "summary.json").read_text())
+    assert [i["rule"] for i in summary["phase_balance"]] == ["kfold"] * 3
+
+
 def test_bad_images_fail_together_and_write_nothing(raw: Path, prepared: Path, tmp_path: Path) -> None:
     bad, names = _break(raw, tmp_path)
     out = tmp_path / "out"
@@ -161,7 +181,7 @@ def test_cli_prepare_and_errors(raw: Path, tmp_path: Path, capsys: pytest.Captur
             "--folds", "3", "--phases", "2", "--labels-only", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
-    assert "Table 1" in out and "covid-chestxray" in out and "smaller than the paper" in out
+    assert "Table 1" in out and "covid-chestxray" in out and "phases (fold 1-3)" in " ".join(out.split())
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "thesis.txt").write_text("mine")
     assert main([*args, "--out", str(tmp_path / "junk")]) == 2

@@ -13,27 +13,45 @@ from covid_cxr.data.manifest import combine
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources import read_covid_chestxray, read_rsna
-from covid_cxr.data.splits import Fold, SplitPlan, SplitSettings, check_disjoint, core_mask, make_folds
+from covid_cxr.data.phases import PAPER_PHASE, paper_shares, plan_phase
+from covid_cxr.data.splits import (
+    PROTOCOLS,
+    Fold,
+    SplitPlan,
+    SplitSettings,
+    check_disjoint,
+    core_mask,
+    make_folds,
+    take_patients,
+)
 from covid_cxr.errors import ConfigError, DataError
 
 
-def _rows(source: str, label: str, patients: int, per_patient: tuple[int, int], rng: np.random.Generator) -> list[dict]:
+def _rows(source: str, label: str, patients: int, per_patient: tuple[int, int], rng: np.random.Generator,
+          also: str | None = None) -> list[dict]:
+    """``patients`` patients of ``source`` with 1..n ``label`` images each (and 1-2 ``also`` images)."""
     rows = []
     for p in range(patients):
-        pid = f"{source}-{label}-{p}"
-        for i in range(int(rng.integers(per_patient[0], per_patient[1] + 1))):
-            rows.append({"image_id": f"{source}/{label}{p}_{i}", "path": f"/x/{pid}_{i}.png", "label": label,
+        pid = f"{source}-{label}{'-' + also if also else ''}-{p}"
+        labels = [label] * int(rng.integers(per_patient[0], per_patient[1] + 1))
+        labels += [also] * int(rng.integers(1, 3)) if also else []
+        for i, lab in enumerate(labels):
+            rows.append({"image_id": f"{source}/{pid}_{i}", "path": f"/x/{pid}_{i}.png", "label": lab,
                          "patient_id": pid, "source": source, "view": "PA"})
     return rows
 
 
 @pytest.fixture(scope="module")
 def manifest() -> pd.DataFrame:
-    """Many images per patient in the core and in a folder pool, one per patient in RSNA."""
+    """Many images per patient in the core and in a folder pool, one per patient in RSNA, and patients with
+    images of two classes (COVID-19 + normal or pneumonia in the core, pneumonia + normal in the pool, as in NIH)."""
     rng = np.random.default_rng(0)
     rows = (_rows("covid-chestxray", "covid", 40, (1, 6), rng) + _rows("covid-chestxray", "pneumonia", 9, (1, 4), rng)
+            + _rows("covid-chestxray", "covid", 4, (1, 3), rng, also="normal")
+            + _rows("covid-chestxray", "covid", 3, (1, 2), rng, also="pneumonia")
             + _rows("rsna", "normal", 400, (1, 1), rng) + _rows("rsna", "pneumonia", 300, (1, 1), rng)
-            + _rows("folder", "normal", 30, (2, 5), rng) + _rows("folder", "covid", 6, (2, 3), rng))
+            + _rows("folder", "normal", 30, (2, 5), rng) + _rows("folder", "covid", 6, (2, 3), rng)
+            + _rows("folder", "pneumonia", 12, (1, 2), rng, also="normal"))
     return combine([pd.DataFrame(rows)])
 
 
@@ -41,34 +59,123 @@ def _patients(manifest: pd.DataFrame, ids: object) -> set[str]:
     return set(manifest.set_index("image_id").loc[list(ids), "patient_id"])
 
 
-@pytest.mark.parametrize("protocol", ["strict", "paper"])
-def test_folds_are_patient_disjoint_partitions(manifest: pd.DataFrame, protocol: str) -> None:
+def _shares(manifest: pd.DataFrame, ids: list[str]) -> dict[str, float]:
+    counts = manifest.set_index("image_id").loc[ids, "label"].value_counts(normalize=True)
+    return {c: float(counts.get(c, 0.0)) for c in ("covid", "pneumonia", "normal")}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_every_patient_is_on_one_side_of_every_fold(manifest: pd.DataFrame, protocol: str) -> None:
     plan = make_folds(manifest, SplitSettings(folds=5, phases=4, seed=1, protocol=protocol))
     core = manifest[core_mask(manifest)]
-    core_tests = []
+    mixed = manifest.groupby("patient_id")["label"].nunique().loc[lambda n: n > 1].index
+    assert len(mixed) == 19
+    everything = set(manifest["image_id"])
+    tested = []
     for fold in plan.folds:
-        train, val, test = _patients(manifest, fold.train), _patients(manifest, fold.val), _patients(manifest, fold.test)
+        train, val = _patients(manifest, fold.train), _patients(manifest, fold.val)
+        test = _patients(manifest, fold.test)
         assert not train & test and not train & val
-        if protocol == "strict":
-            assert not val & test
-            assert fold.train | set(fold.val) | set(fold.test) == set(manifest["image_id"])
-            assert not fold.train & set(fold.val)
-        else:  # the authors' s_test: drawn from test, holding every test COVID-19 image
+        assert set(mixed) <= train | val | test
+        if protocol == "paper":  # the authors' s_test: drawn from test, holding every test COVID-19 image
             assert set(fold.val) <= set(fold.test)
-            test_covid = set(manifest[manifest["image_id"].isin(fold.test) & (manifest["label"] == "covid")]["image_id"])
-            assert test_covid <= set(fold.val)
-        core_train = set(core["image_id"]) & fold.train
-        pools = [set(p) - core_train for p in fold.phases]
-        for p in fold.phases:  # every phase repeats all training core images
-            assert core_train <= set(p)
-        assert sum(len(p) for p in pools) == len(set().union(*pools))  # no pool image in two phases
-        assert all(len(p) > 0 for p in pools)
-        core_tests.append(_patients(manifest, set(fold.test) & set(core["image_id"])))
-        labels = manifest.set_index("image_id").loc[fold.val, "label"]
-        assert {"covid", "normal", "pneumonia"} <= set(labels)
-    # The core test sets partition the core patients: each patient is tested in exactly one fold.
-    assert sum(len(t) for t in core_tests) == len(set().union(*core_tests)) == core["patient_id"].nunique()
-    assert any("smaller than the paper" in n for n in plan.notes)
+            is_test = manifest["image_id"].isin(fold.test)
+            assert set(manifest.loc[is_test & (manifest["label"] == "covid"), "image_id"]) <= set(fold.val)
+        else:  # a partition: every image on exactly one side
+            assert not val & test
+            assert fold.train | set(fold.val) | set(fold.test) == everything
+            assert len(fold.train) + len(fold.val) + len(fold.test) == len(everything)
+        assert len(fold.phases) == (1 if protocol == "kfold" else 4)
+        for phase in fold.phases:
+            assert set(manifest.set_index("image_id").loc[phase, "label"]) == {"covid", "pneumonia", "normal"}
+        assert {"covid", "normal", "pneumonia"} <= set(manifest.set_index("image_id").loc[fold.val, "label"])
+        scope = manifest if protocol == "kfold" else core
+        tested.append(_patients(manifest, set(fold.test) & set(scope["image_id"])))
+    # The test sets partition the core patients (every patient under kfold): each is tested in exactly one fold.
+    scope = manifest if protocol == "kfold" else core
+    assert sum(len(t) for t in tested) == len(set().union(*tested)) == scope["patient_id"].nunique()
+
+
+def test_folds_are_stratified_and_balanced_by_images(manifest: pd.DataFrame) -> None:
+    """Under kfold each fold's test set is one StratifiedGroupKFold fold: every class spread evenly by
+    images, to within the largest patient of that class."""
+    plan = make_folds(manifest, SplitSettings(folds=5, protocol="kfold", seed=2))
+    for cls in ("covid", "pneumonia", "normal"):
+        rows = manifest[manifest["label"] == cls]
+        largest = rows.groupby("patient_id").size().max()
+        per_fold = [int(rows["image_id"].isin(f.test).sum()) for f in plan.folds]
+        assert sum(per_fold) == len(rows)
+        assert max(per_fold) - min(per_fold) <= largest, (cls, per_fold)
+
+
+def test_take_patients_takes_whole_patients_rarest_class_first() -> None:
+    rows = [{"image_id": f"{p}-{i}", "patient_id": p, "label": lab} for p, labels in
+            {"a": "pn", "b": "pnn", "c": "n", "d": "nn", "e": "p", "f": "nnnnnnnnnn"}.items()
+            for i, lab in enumerate({"p": "pneumonia", "n": "normal"}[x] for x in labels)]
+    frame = pd.DataFrame(rows)
+    for seed in range(5):
+        (part,), rest = take_patients(frame, [{"pneumonia": 2, "normal": 3}], np.random.default_rng(seed))
+        taken = frame[frame["image_id"].isin(part)]
+        assert set(part) | set(rest) == set(frame["image_id"]) and not set(part) & set(rest)
+        assert set(taken["patient_id"]).isdisjoint(frame.loc[frame["image_id"].isin(rest), "patient_id"])
+        assert (taken["label"] == "pneumonia").sum() >= 2  # the pneumonia patients first, with their normal images
+        assert abs((taken["label"] == "normal").sum() - 3) <= 1  # as near the quota as whole patients allow
+
+        assert "f" not in set(taken["patient_id"])
+
+
+def _paper_shaped(covid_patients: int, rsna: tuple[int, int], seed: int = 0) -> pd.DataFrame:
+    """covid-chestxray-like core (1-4 images a COVID-19 patient, 42:180 pneumonia) and one-image RSNA patients."""
+    rng = np.random.default_rng(seed)
+    rows = (_rows("covid-chestxray", "covid", covid_patients, (1, 2), rng)
+            + _rows("covid-chestxray", "pneumonia", max(3, covid_patients // 5), (1, 2), rng)
+            + _rows("rsna", "normal", rsna[0], (1, 1), rng) + _rows("rsna", "pneumonia", rsna[1], (1, 1), rng))
+    return combine([pd.DataFrame(rows)])
+
+
+@pytest.mark.parametrize("protocol", ["strict", "paper"])
+@pytest.mark.parametrize("shape", ["a tenth of everything", "all COVID-19, a tenth of RSNA"])
+def test_phases_keep_the_papers_class_shares_on_a_tenth_of_the_pool(protocol: str, shape: str) -> None:
+    """The issue's case: quotas that shrank with the pool while every COVID-19 image stayed gave phases of
+    71% COVID-19. Every phase now holds the paper's 149 : 234 : 250 shares to within 3 points."""
+    covid_patients = 12 if shape.startswith("a tenth") else 120
+    m = _paper_shaped(covid_patients, (885, 601))
+    plan = make_folds(m, SplitSettings(protocol=protocol, seed=3))
+    want = paper_shares(["covid", "pneumonia", "normal"])
+    for fold in plan.folds:
+        for phase in fold.phases:
+            got = _shares(m, phase)
+            assert all(abs(got[c] - want[c]) <= 0.03 for c in want), (fold.fold, got)
+    assert all(i["rule"] == "paper-proportions" for i in plan.phase_info)
+    assert any("the paper's proportions" in n and "would not fit the pools" in n for n in plan.notes)
+
+
+def test_a_scarce_class_limits_the_phases_and_says_so() -> None:
+    """Too few pneumonia images to balance every COVID-19 image: all pneumonia images in every phase, the
+    COVID-19 images in turn (each in some phase), shares still the paper's."""
+    m = _paper_shaped(60, (900, 30))
+    plan = make_folds(m, SplitSettings(seed=1))
+    labels = m.set_index("image_id")["label"]
+    want = paper_shares(["covid", "pneumonia", "normal"])
+    for fold, info in zip(plan.folds, plan.phase_info):
+        assert info["rule"] == "class-limited" and info["limited_by"] == "pneumonia"
+        train_pn = {i for i in fold.train if labels[i] == "pneumonia"}
+        train_covid = {i for i in fold.train if labels[i] == "covid"}
+        assert all(train_pn <= set(p) for p in fold.phases)
+        assert all(0 < len(train_covid & set(p)) < len(train_covid) for p in fold.phases)
+        assert all(abs(_shares(m, p)[c] - want[c]) <= 0.03 for p in fold.phases for c in want)
+    assert any("Pneumonia images limit them" in n for n in plan.notes)
+
+
+def test_plan_phase_keeps_the_papers_quotas_on_the_papers_numbers() -> None:
+    quota = plan_phase({"covid": 149, "pneumonia": 34}, {"normal": 8851, "pneumonia": 6012}, 8)
+    assert quota.rule == "paper-quotas" and quota.pool == {"covid": 0, "pneumonia": 200, "normal": 250}
+    assert quota.total() == PAPER_PHASE
+    # The same core beside a pool too small for 8 x 250 normal images: the paper's proportions instead.
+    small = plan_phase({"covid": 149, "pneumonia": 34}, {"normal": 1000, "pneumonia": 6012}, 8)
+    assert small.rule == "paper-proportions" and small.total() == PAPER_PHASE
+    with pytest.raises(DataError, match="no COVID-19 image"):
+        plan_phase({"pneumonia": 34}, {"normal": 1000}, 8)
 
 
 def test_seeded(manifest: pd.DataFrame) -> None:
@@ -108,12 +215,17 @@ def test_generated_folds_on_real_metadata_follow_the_paper(real_manifest: pd.Dat
     plan = make_folds(real_manifest, SplitSettings())
     label = real_manifest.set_index("image_id")["label"]
     source = real_manifest.set_index("image_id")["source"]
-    assert plan.notes == []  # full-size pools: the paper's quotas, unscaled
+    assert all(i["rule"] == "paper-quotas" for i in plan.phase_info)  # full-size pools: the paper's quotas
+    assert len(plan.notes) == 1 and "the paper's quotas, 250 normal + 200 pneumonia" in plan.notes[0]
     for fold in plan.folds:
+        rsna_seen: set[str] = set()
         for phase in fold.phases:
             rsna = [i for i in phase if source[i] == "rsna"]
             counts = label[rsna].value_counts()
             assert counts["normal"] == 250 and counts["pneumonia"] == 200
+            assert rsna_seen.isdisjoint(rsna)  # each RSNA image in one phase only
+            rsna_seen |= set(rsna)
+            assert {i for i in fold.train if source[i] != "rsna"} <= set(phase)  # every core image in every phase
         assert 33 <= (label[fold.test] == "covid").sum() <= 39  # a fifth of 180, by patient
 
 
@@ -149,3 +261,5 @@ def test_authors_splits_under_strict_move_validation_out_of_test(real_manifest: 
     for fold in plan.folds:
         assert not set(fold.val) & set(fold.test) and len(fold.val) > 600
         assert len(fold.test) + len(fold.val) == 11302 or len(fold.test) + len(fold.val) == 11301
+    with pytest.raises(ConfigError, match="--protocol kfold"):
+        read_author_splits(fixtures_dir / "mr7495_splits", real_manifest, SplitSettings(protocol="kfold"))

@@ -31,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--covidx-images", type=Path, metavar="DIR", help="the COVIDx images (train/ and test/ folders)")
     p.add_argument("--out", type=Path, required=True, metavar="DATA", help="folder to write")
     p.add_argument("--protocol", choices=PROTOCOLS, default="strict",
-                   help="validation set: 'strict' (default) from the training side, patient-disjoint from test; "
-                   "'paper' the authors' s_test drawn from test (selects on test data)")
+                   help="'strict' (default): the paper's phases, validation from the training side, patient-disjoint "
+                   "from test; 'paper': the same phases, the authors' s_test drawn from test (selects on test data); "
+                   "'kfold': stratified group k-fold, all other training images in one phase (your own data)")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--phases", type=int, default=8, help="training phases per fold (default 8)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")

@@ -20,17 +20,17 @@ import pandas as pd
 from covid_cxr.data.sources._common import read_table
 from covid_cxr.data.splits import (
     SELECTION_ON_TEST,
+    VAL_QUOTA,
     Fold,
     SplitPlan,
     SplitSettings,
-    assign_groups,
     check_disjoint,
     core_mask,
-    draw_patients,
-    patient_table,
-    pool_quotas,
+    patient_folds,
+    share_quota,
+    take_patients,
 )
-from covid_cxr.errors import DataError
+from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import normalize_label
 
 FIX = "give the folder of the authors' split files (All.csv and fold1/train1.csv ...)"
@@ -79,6 +79,9 @@ def _map(files: pd.DataFrame, lookup: dict[str, str], labels: dict[str, str], wh
 def read_author_splits(folder: Path, manifest: pd.DataFrame, settings: SplitSettings) -> SplitPlan:
     """Folds whose phases are exactly the authors' files, mapped to our image ids."""
     folder = Path(folder)
+    if settings.protocol == "kfold":
+        raise ConfigError("--splits-from reproduces the authors' phases; use --protocol strict or paper with it, "
+                          "or leave --splits-from out for --protocol kfold")
     if not folder.is_dir():
         raise DataError(f"{folder} not found; {FIX}")
     lookup = _lookup(manifest)
@@ -101,7 +104,7 @@ def read_author_splits(folder: Path, manifest: pd.DataFrame, settings: SplitSett
         notes.append("protocol 'strict' with the authors' splits: validation is moved out of their test set "
                      f"(1 in {STRICT_VAL_SHARE} test core patients + pool images), so test is smaller than theirs")
     is_core = core_mask(used)
-    _, val_q, _ = pool_quotas(used[~is_core], settings.phases)
+    val_q = share_quota(used[~is_core], settings.val_fraction, VAL_QUOTA)
     folds = []
     for k, fold_dir in enumerate(fold_dirs, start=1):
         phase_files = _numbered(fold_dir, r"train(\d+)\.csv")
@@ -117,10 +120,10 @@ def read_author_splits(folder: Path, manifest: pd.DataFrame, settings: SplitSett
         if settings.protocol == "paper":
             val = core_test.loc[core_test["label"] == "covid", "image_id"].tolist()
         else:
-            groups = assign_groups(patient_table(core_test), STRICT_VAL_SHARE, rng)
-            val = core_test.loc[core_test["patient_id"].isin(groups.index[groups == 0]), "image_id"].tolist()
-        for cls in ("normal", "pneumonia"):
-            val += draw_patients(pool_test[pool_test["label"] == cls], val_q.get(cls, 0), rng)
+            parts = min(STRICT_VAL_SHARE, core_test["patient_id"].nunique())
+            share = patient_folds(core_test, parts, settings.seed + k) == 0 if parts > 1 else []
+            val = core_test.loc[share, "image_id"].tolist()
+        val += take_patients(pool_test, [val_q], rng)[0][0]
         if settings.protocol == "strict":
             moved = set(val)
             test = [i for i in test if i not in moved]

@@ -144,7 +144,7 @@ def write_splits(plan: SplitPlan, manifest: pd.DataFrame, splits_dir: Path) -> l
         folds.append(info)
     summary = {"protocol": plan.protocol, "origin": plan.origin, "selection_on_test": plan.protocol == "paper",
                "num_folds": len(plan.folds), "num_phases": num_phases, "settings": plan.settings,
-               "notes": plan.notes, "folds": folds}
+               "notes": plan.notes, "phase_balance": plan.phase_info, "folds": folds}
     (splits_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return folds
 

@@ -1,40 +1,46 @@
-"""Patient-grouped folds, the paper's training phases, and validation sets.
+"""Patient-grouped folds, the training phases, and validation sets.
 
-The paper's design (SPEC section 2): the scarce images (every COVID-19 image, and everything
-from covid-chestxray) form the *core*; each fold tests on a fifth of the core patients, and
-every training phase repeats all the other core images. The abundant images (RSNA, a user's
-folder) form the *pool*: every phase adds its own 250 normal and 200 pneumonia images that no
-other phase uses, and whatever no phase or validation set takes is test. Pools smaller than the
-RSNA set get the quotas scaled down in proportion (the run's notes say so).
+Every patient gets one fold from scikit-learn's ``StratifiedGroupKFold`` (grouped by patient,
+stratified by core/pool, source and class, balanced by images, seeded): the fold's test set holds
+all of that patient's images whatever their labels, and a patient's images are only ever taken
+whole, so no patient is on two sides of a fold.
 
-Unlike the authors, the core is a true partition: seeded, grouped by patient, stratified by
-class, so no patient is ever in two folds' test sets. Validation (``strict``, the default)
-comes from the training side, patient-disjoint from test; ``paper`` rebuilds the authors'
-``s_test`` (all test COVID-19 + 300 normal + 300 pneumonia test images), which selects the
-checkpoint on test data and is labelled so. :func:`check_disjoint` refuses any fold in which a
-patient sits on both sides.
+Protocols (``--protocol``):
+
+- ``strict`` (default) and ``paper``, the paper's design (SPEC section 2): the scarce images (every
+  COVID-19 patient, and everything from covid-chestxray) form the *core*, repeated in every phase;
+  the abundant images (RSNA, a user's folder) form the *pool*, each pool image in one phase only.
+  The per-phase quotas keep the paper's class balance on any pool size (:mod:`.phases`); pool images
+  no phase or validation set takes are test too (as in the paper). ``strict`` carves validation
+  from the training side; ``paper`` rebuilds the authors' ``s_test`` (all test COVID-19 + pool
+  test images), which selects the checkpoint on test data and is labelled so.
+- ``kfold``: plain stratified group k-fold, for a user's own data: validation is a share of the
+  training side's patients and every other training image is in one phase, in the data's own
+  proportions.
+
+:func:`check_disjoint` refuses any fold in which a patient sits on two sides.
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
 
+from covid_cxr.data.phases import PhaseQuota, deviation, describe, plan_phase, shares, spread
 from covid_cxr.errors import ConfigError, DataError
-from covid_cxr.labels import CLASSES
+from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
-PROTOCOLS = ("strict", "paper")
+PROTOCOLS = ("strict", "paper", "kfold")
 CORE_SOURCES = ("covid-chestxray",)
-PHASE_QUOTA = {"normal": 250, "pneumonia": 200}
-"""Pool images per class in each phase (the authors' numbers)."""
+UNITS_PER_KIND = 500
+"""Most units :func:`patient_folds` splits patients with images of the same strata into (bundles beyond)."""
 VAL_QUOTA = {"normal": 300, "pneumonia": 300}
-"""Pool images per class in the validation set (the authors' ``s_test``)."""
-PAPER_POOL = {"normal": 8851, "pneumonia": 6012}
-"""RSNA pool sizes the quotas were set for; smaller pools scale the quotas by n / these."""
+"""Most pool images per class in a validation set (the authors' ``s_test``)."""
 SELECTION_ON_TEST = (
     "protocol 'paper': the validation set is drawn from the test set (the authors' s_test), so choosing "
     "a checkpoint on it selects on test data and test figures are optimistic"
@@ -49,7 +55,7 @@ class SplitSettings:
     phases: int = 8
     seed: int = 0
     protocol: str = "strict"
-    val_fraction: float = 0.1  # strict: share of the training-side core patients held out for validation
+    val_fraction: float = 0.1  # share of the training side's images held out for validation (pool: at most 300 a class)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -85,80 +91,13 @@ class SplitPlan:
     origin: str  # 'generated' or the authors' split folder
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    phase_info: list[dict[str, Any]] = field(default_factory=list)  # per fold: what the phases hold and why
 
 
-def _patient_class(labels: pd.Series) -> str:
-    """A patient's stratum: its rarest class (COVID-19 before pneumonia before normal)."""
-    present = set(labels)
-    return next(c for c in CLASSES if c in present)
-
-
-def patient_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient: stratum and image count."""
-    grouped = frame.groupby("patient_id", sort=True)["label"]
-    return pd.DataFrame({"stratum": grouped.agg(_patient_class), "n": grouped.size()})
-
-
-def assign_groups(patients: pd.DataFrame, k: int, rng: np.random.Generator) -> pd.Series:
-    """Patient -> group 0..k-1: stratified by class, balanced by image count, seeded."""
-    order = patients.assign(r=rng.permutation(len(patients))).sort_values(["n", "r"], ascending=[False, True])
-    group = pd.Series(-1, index=patients.index, dtype=int)
-    for stratum in CLASSES:
-        loads = np.zeros(k, dtype=int)
-        for pid, n in order.loc[order["stratum"] == stratum, "n"].items():
-            g = int(np.argmin(loads + 1e-3 * np.arange(k)))
-            group[pid] = g
-            loads[g] += int(n)
-    return group
-
-
-def take_patients(frame: pd.DataFrame, quotas: list[int], rng: np.random.Generator) -> tuple[list[list[str]], list[str]]:
-    """Shuffle ``frame``'s patients once (seeded) and cut consecutive runs of whole patients holding at
-    least ``quotas[j]`` images each; return the runs' image ids and the ids left over."""
-    parts: list[list[str]] = [[] for _ in quotas]
-    if frame.empty:
-        return parts, []
-    codes, uniques = pd.factorize(frame["patient_id"], sort=False)  # frame order is deterministic
-    order = rng.permutation(len(uniques))
-    cumulative = np.cumsum(np.bincount(codes, minlength=len(uniques))[order])
-    part_of = np.full(len(uniques), len(quotas))
-    pos = 0
-    for j, quota in enumerate(quotas):
-        if quota <= 0 or pos >= len(order):
-            continue
-        before = cumulative[pos - 1] if pos else 0
-        end = min(len(order), int(np.searchsorted(cumulative, before + quota)) + 1)
-        part_of[order[pos:end]] = j
-        pos = end
-    image_part = part_of[codes]
-    ids = frame["image_id"].to_numpy()
-    return [ids[image_part == j].tolist() for j in range(len(quotas))], ids[image_part == len(quotas)].tolist()
-
-
-def draw_patients(frame: pd.DataFrame, quota: int, rng: np.random.Generator) -> list[str]:
-    """Whole patients of ``frame`` in a seeded order until ``quota`` images are taken."""
-    return take_patients(frame, [quota], rng)[0][0]
-
-
-def pool_quotas(pool: pd.DataFrame, phases: int) -> tuple[dict[str, int], dict[str, int], list[str]]:
-    """Per-class images each phase and the validation set take from the pool, scaled to its size."""
-    phase_q, val_q, notes = {}, {}, []
-    for cls, base in PHASE_QUOTA.items():
-        n = int((pool["label"] == cls).sum())
-        if n == 0:
-            continue
-        scale = min(1.0, n / PAPER_POOL[cls])
-        phase_q[cls] = math.floor(base * scale)
-        val_q[cls] = max(1, round(VAL_QUOTA[cls] * scale))
-        if phase_q[cls] == 0:
-            if n < phases + 2 * val_q[cls]:
-                raise DataError(f"only {n} {cls} images in the RSNA/folder pool: too few for {phases} phases "
-                                "plus validation and test; add images or lower --phases")
-            phase_q[cls] = 1
-        if scale < 1.0:
-            notes.append(f"{cls}: pool of {n} images is smaller than the paper's {PAPER_POOL[cls]}, so each phase "
-                         f"takes {phase_q[cls]} (paper: {base}) and validation {val_q[cls]} (paper: {VAL_QUOTA[cls]})")
-    return phase_q, val_q, notes
+def counts(frame: pd.DataFrame) -> dict[str, int]:
+    """Images per class."""
+    got = frame["label"].value_counts()
+    return {c: int(got.get(c, 0)) for c in CLASSES}
 
 
 def core_mask(manifest: pd.DataFrame) -> pd.Series:
@@ -168,57 +107,195 @@ def core_mask(manifest: pd.DataFrame) -> pd.Series:
     return manifest["patient_id"].isin(core_patients)
 
 
+def _bundles(patients: np.ndarray, strata: np.ndarray, seed: int) -> np.ndarray:
+    """Each image's unit for ``StratifiedGroupKFold``: its patient or, where more than
+    :data:`UNITS_PER_KIND` patients have images of the very same strata (RSNA's one-image patients), a
+    seeded bundle of a few of them. The splitter's cost grows with its groups (15000: seconds); a bundle
+    is whole patients of one kind, so grouping holds and folds stay balanced to within a bundle."""
+    codes, uniques = pd.factorize(patients)
+    stratum, kinds = pd.factorize(strata)
+    per_patient = np.zeros((len(uniques), len(kinds)), dtype=np.int64)
+    np.add.at(per_patient, (codes, stratum), 1)
+    kind = pd.factorize(pd.util.hash_pandas_object(pd.DataFrame(per_patient), index=False))[0]
+    order = np.lexsort((np.random.default_rng(seed).permutation(len(uniques)), kind))
+    size = np.bincount(kind)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    position = np.empty(len(uniques), dtype=np.int64)
+    position[order] = np.arange(len(uniques)) - start[kind[order]]
+    per_bundle = np.maximum(1, -(-size // UNITS_PER_KIND))
+    unit = kind * (int(size.max()) + 1) + position // per_bundle[kind]
+    return unit[codes]
+
+
+def patient_folds(frame: pd.DataFrame, k: int, seed: int, strata: pd.Series | None = None) -> np.ndarray:
+    """Each image's fold 0..k-1: ``StratifiedGroupKFold`` over patients, stratified by ``strata``
+    (default: the label), so a patient's images share a fold and the classes spread evenly by images."""
+    y = (frame["label"] if strata is None else strata).to_numpy().astype(str)
+    groups = _bundles(frame["patient_id"].to_numpy(), y, seed)
+    fold = np.full(len(frame), -1)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # a stratum with fewer members than folds is fine: it spreads over fewer
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        for j, (_, test) in enumerate(splitter.split(np.zeros(len(frame)), y, groups)):
+            fold[test] = j
+    return fold
+
+
+def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]],
+                  rng: np.random.Generator) -> tuple[list[list[str]], list[str]]:
+    """Whole patients of ``frame`` in one seeded order, into parts holding about ``quotas[j][c]`` images of
+    each class ``c``; return the parts' image ids and the ids left over.
+
+    Patients are taken by their rarest class first (COVID-19, pneumonia, normal), so a patient with a
+    pneumonia and a normal image fills the pneumonia quota and counts towards the normal one. A
+    patient who would overshoot a quota by more than it is short is left for a later part.
+    """
+    parts: list[list[str]] = [[] for _ in quotas]
+    if frame.empty:
+        return parts, []
+    codes, uniques = pd.factorize(frame["patient_id"], sort=False)  # frame order is deterministic
+    label = pd.Categorical(frame["label"], categories=CLASSES).codes
+    per_patient = np.zeros((len(uniques), len(CLASSES)), dtype=np.int64)
+    np.add.at(per_patient, (codes, label), 1)
+    stratum = np.argmax(per_patient > 0, axis=1)  # the first class in CLASSES order a patient has
+    order = rng.permutation(len(uniques))
+    part_of = np.full(len(uniques), len(quotas))
+    have = np.zeros((len(quotas), len(CLASSES)), dtype=np.int64)
+    for s, cls in enumerate(CLASSES):
+        queue = order[stratum[order] == s].tolist()
+        sizes = per_patient[:, s].tolist()
+        for j, quota in enumerate(quotas):
+            need, kept = quota.get(cls, 0) - int(have[j, s]), []
+            for n, patient in enumerate(queue):
+                if need <= 0:
+                    kept += queue[n:]
+                    break
+                if sizes[patient] - need < need:  # fits, or gets closer to the quota than without it
+                    part_of[patient] = j
+                    have[j] += per_patient[patient]
+                    need -= sizes[patient]
+                else:
+                    kept.append(patient)
+            queue = kept
+    image_part = part_of[codes]
+    ids = frame["image_id"].to_numpy()
+    return [ids[image_part == j].tolist() for j in range(len(quotas))], ids[image_part == len(quotas)].tolist()
+
+
+def share_quota(frame: pd.DataFrame, share: float, most: dict[str, int] | None = None) -> dict[str, int]:
+    """``share`` of each class's images (at least 1 where there are any, at most ``most[c]``)."""
+    quota = {c: max(1, round(share * n)) for c, n in counts(frame).items() if n}
+    return {c: min(n, (most or {}).get(c, n)) for c, n in quota.items()}
+
+
+def _check_enough(manifest: pd.DataFrame, settings: SplitSettings) -> None:
+    """Every class the folds must test (COVID-19; every class present under ``kfold``) needs a patient a fold."""
+    classes = [c for c in CLASSES if (manifest["label"] == c).any()] if settings.protocol == "kfold" else ["covid"]
+    for cls in classes:
+        n = manifest.loc[manifest["label"] == cls, "patient_id"].nunique()
+        if n < settings.folds:
+            raise DataError(f"{n} {DISPLAY_NAMES[cls]} patients cannot fill {settings.folds} folds; "
+                            "add data or lower --folds")
+
+
 def make_folds(manifest: pd.DataFrame, settings: SplitSettings) -> SplitPlan:
     """Seeded, patient-grouped folds with phases, validation and test (see the module docstring)."""
+    _check_enough(manifest, settings)
+    manifest = manifest.reset_index(drop=True)
     is_core = core_mask(manifest)
-    core, pool = manifest[is_core], manifest[~is_core]
-    patients = patient_table(core)
-    n_covid_patients = int((patients["stratum"] == "covid").sum())
-    if n_covid_patients < settings.folds:
-        raise DataError(f"{n_covid_patients} COVID-19 patients cannot fill {settings.folds} folds; "
-                        "add data or lower --folds")
-    rng = np.random.default_rng(settings.seed)
-    group = assign_groups(patients, settings.folds, rng)
-    phase_q, val_q, notes = pool_quotas(pool, settings.phases)
-    if settings.protocol == "paper":
-        notes.append(SELECTION_ON_TEST)
-    folds = []
+    strata = np.where(is_core, "core", "pool") + "|" + manifest["source"] + "|" + manifest["label"]
+    fold_of = patient_folds(manifest, settings.folds, settings.seed, pd.Series(strata))
+    pool_val = share_quota(manifest[~is_core], settings.val_fraction, VAL_QUOTA)
+    folds, info = [], []
     for k in range(settings.folds):
-        frng = np.random.default_rng([settings.seed, k + 1])
-        test_pat = set(group.index[group == k])
-        train_pat = patients.loc[group != k]
-        val_pat: set[str] = set()
-        if settings.protocol == "strict":
-            inner = assign_groups(train_pat, max(2, round(1 / settings.val_fraction)), frng)
-            val_pat = set(inner.index[inner == 0])
-        core_test = core.loc[core["patient_id"].isin(test_pat), "image_id"].tolist()
-        core_val = core.loc[core["patient_id"].isin(val_pat), "image_id"].tolist()
-        core_train = core.loc[~core["patient_id"].isin(test_pat | val_pat), "image_id"].tolist()
-        phases: list[list[str]] = [list(core_train) for _ in range(settings.phases)]
-        pool_val: list[str] = []
-        pool_test: list[str] = []
-        for cls in CLASSES:
-            val_n = val_q.get(cls, 0) if settings.protocol == "strict" else 0
-            quotas = [val_n] + [phase_q.get(cls, 0)] * settings.phases
-            runs, rest = take_patients(pool[pool["label"] == cls], quotas, frng)
-            pool_val += runs[0]
-            for p in range(settings.phases):
-                phases[p] += runs[p + 1]
-            pool_test += rest
-        test = core_test + pool_test
-        if settings.protocol == "strict":
-            val = core_val + pool_val
-        else:  # the authors' s_test: all test COVID-19 + some test normal and pneumonia, drawn from test
-            test_frame = manifest[manifest["image_id"].isin(pool_test)]
-            val = manifest.loc[manifest["image_id"].isin(test) & (manifest["label"] == "covid"), "image_id"].tolist()
-            for cls in ("normal", "pneumonia"):
-                val += draw_patients(test_frame[test_frame["label"] == cls], val_q.get(cls, 0), frng)
-        folds.append(Fold(fold=k + 1, phases=phases, val=val, test=test))
-    plan = SplitPlan(folds=folds, protocol=settings.protocol, origin="generated", notes=notes,
-                     settings={"folds": settings.folds, "phases": settings.phases, "seed": settings.seed,
+        rng = np.random.default_rng([settings.seed, k + 1])
+        if settings.protocol == "kfold":
+            fold, fold_info = _kfold_fold(manifest, fold_of == k, settings, rng)
+        else:
+            fold, fold_info = _paper_fold(manifest, fold_of == k, is_core.to_numpy(), pool_val, settings, rng)
+        fold.fold = fold_info["fold"] = k + 1
+        folds.append(fold)
+        info.append(fold_info)
+    notes = _notes(settings, info)
+    phases = 1 if settings.protocol == "kfold" else settings.phases
+    plan = SplitPlan(folds=folds, protocol=settings.protocol, origin="generated", notes=notes, phase_info=info,
+                     settings={"folds": settings.folds, "phases": phases, "seed": settings.seed,
                                "protocol": settings.protocol, "val_fraction": settings.val_fraction})
     check_disjoint(plan, manifest)
     return plan
+
+
+def _phase_info(quota: PhaseQuota | None, phases: list[list[str]], labels: pd.Series) -> dict[str, Any]:
+    """What a fold's phases hold, for the notes and ``summary.json``."""
+    per_class = [labels[p].value_counts() for p in phases]
+    total = {c: int(sum(n.get(c, 0) for n in per_class)) for c in CLASSES}
+    present = {c: round(total[c] / len(phases)) for c in CLASSES if total[c]}
+    distinct = labels[list({i for p in phases for i in p})].value_counts()
+    info: dict[str, Any] = {"rule": quota.rule if quota else "kfold", "phases": len(phases), "per_phase": present,
+                            "shares": shares(present), "paper_deviation": round(deviation(present), 4),
+                            "uses": {c: round(total[c] / int(distinct[c]), 2) for c in present}}
+    if quota:
+        info.update(core_per_phase=quota.core, pool_quota=quota.pool, core_available=quota.core_available,
+                    pool_available=quota.pool_available, limited_by=quota.limited_by)
+    return info
+
+
+def _paper_fold(manifest: pd.DataFrame, is_test: np.ndarray, is_core: np.ndarray, pool_val: dict[str, int],
+                settings: SplitSettings, rng: np.random.Generator) -> tuple[Fold, dict[str, Any]]:
+    """One fold of the paper's design: core test by patient, phases of core + pool, the rest test."""
+    core_train, pool_train = manifest[is_core & ~is_test], manifest[~is_core & ~is_test]
+    val: list[str] = []
+    if settings.protocol == "strict":
+        (core_val,), _ = take_patients(core_train, [share_quota(core_train, settings.val_fraction)], rng)
+        (val_pool,), _ = take_patients(pool_train, [pool_val], rng)
+        val = core_val + val_pool
+        core_train = core_train[~core_train["image_id"].isin(val)]
+        pool_train = pool_train[~pool_train["image_id"].isin(val)]
+    quota = plan_phase(counts(core_train), counts(pool_train), settings.phases)
+    pool_counts = counts(pool_train)
+    wanted = {c: min(pool_counts[c], settings.phases * n) for c, n in quota.pool.items()}
+    (pool_used,), pool_left = take_patients(pool_train, [wanted], rng)  # whole patients; the rest are test
+    used = pool_train[pool_train["image_id"].isin(set(pool_used))]
+    phases: list[list[str]] = [[] for _ in range(settings.phases)]
+    for cls in CLASSES:
+        for frame, take in ((core_train, quota.core.get(cls, 0)), (used, quota.pool.get(cls, 0))):
+            ids = frame.loc[frame["label"] == cls, "image_id"].tolist()
+            for p, part in enumerate(spread(ids, take, settings.phases, rng)):
+                phases[p] += part
+    pool_test = manifest.loc[~is_core & is_test, "image_id"].tolist() + pool_left
+    test = manifest.loc[is_core & is_test, "image_id"].tolist() + pool_test
+    if settings.protocol == "paper":  # the authors' s_test: all test COVID-19 + pool test images
+        test_frame = manifest[manifest["image_id"].isin(set(test))]
+        val = test_frame.loc[test_frame["label"] == "covid", "image_id"].tolist()
+        val += take_patients(test_frame[test_frame["image_id"].isin(set(pool_test))], [pool_val], rng)[0][0]
+    labels = manifest.set_index("image_id")["label"]
+    return Fold(fold=0, phases=phases, val=val, test=test), _phase_info(quota, phases, labels)
+
+
+def _kfold_fold(manifest: pd.DataFrame, is_test: np.ndarray, settings: SplitSettings,
+                rng: np.random.Generator) -> tuple[Fold, dict[str, Any]]:
+    """Plain stratified group k-fold: validation a share of the training side's patients, the rest one phase."""
+    train = manifest[~is_test]
+    (val,), rest = take_patients(train, [share_quota(train, settings.val_fraction)], rng)
+    labels = manifest.set_index("image_id")["label"]
+    fold = Fold(fold=0, phases=[rest], val=val, test=manifest.loc[is_test, "image_id"].tolist())
+    return fold, _phase_info(None, fold.phases, labels)
+
+
+def _notes(settings: SplitSettings, info: list[dict[str, Any]]) -> list[str]:
+    """What the user should know about how the folds were made."""
+    notes = []
+    if settings.protocol == "paper":
+        notes.append(SELECTION_ON_TEST)
+    if settings.protocol == "kfold":
+        mix = " : ".join(f"{100 * float(np.mean([i['shares'].get(c, 0) for i in info])):.1f}" for c in CLASSES)
+        notes.append(f"protocol 'kfold': stratified group {settings.folds}-fold; validation "
+                     f"{settings.val_fraction:.0%} of each fold's training patients; every other training image in "
+                     "one phase (--phases does not apply), in the data's own class shares (COVID-19 : pneumonia : "
+                     f"normal about {mix} %), not the paper's balance")
+    else:
+        notes += describe(info)
+    return notes
 
 
 def check_disjoint(plan: SplitPlan, manifest: pd.DataFrame) -> None:
@@ -239,7 +316,7 @@ def check_disjoint(plan: SplitPlan, manifest: pd.DataFrame) -> None:
         val_p = {patient[i] for i in fold.val}
         test_p = {patient[i] for i in fold.test}
         pairs = [("test", test_p, "training", train_p), ("validation", val_p, "training", train_p)]
-        if plan.protocol == "strict":
+        if plan.protocol != "paper":
             pairs.append(("test", test_p, "validation", val_p))
         for a, pa, b, pb in pairs:
             both = sorted(pa & pb)
