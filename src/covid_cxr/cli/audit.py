@@ -25,7 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--fold", type=int, help="fold, 1-based (default 1, or the checkpoint run's fold)")
     s.add_argument("--checkpoint", type=Path,
                    help="run folder or .pt: probe its frozen features linearly instead of training a small CNN")
-    s.add_argument("--epochs", type=int, default=8, help="epochs of the CNN probe (default 8)")
+    s.add_argument("--probes", default="stats,cnn", metavar="LIST",
+                   help="probes without --checkpoint, comma-separated: stats (image statistics + logistic "
+                   "regression, seconds), cnn (a small CNN, minutes on a CPU); default stats,cnn")
+    s.add_argument("--epochs", type=int, default=8, help="epochs of the CNN probe (default 8; see --min-steps)")
+    s.add_argument("--min-steps", type=int, default=300, metavar="N",
+                   help="at least this many training steps of the CNN probe per cross-fitting part (default 300)")
     s.add_argument("--seed", type=int, default=0, help="seed of the probe (default 0)")
     _runtime_options(s, out_help="output folder (default: the checkpoint's audit folder, or DATA/audit/foldK without "
                                  "one; give RUN/audit to report it with that run's other audits)")
@@ -74,10 +79,12 @@ def run(args: argparse.Namespace) -> int:
     if args.audit == "source":
         from covid_cxr.audit.source import audit_source
 
-        if args.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1; got {args.epochs}")
+        if args.epochs < 1 or args.min_steps < 0:
+            raise ValueError(f"--epochs must be >= 1 and --min-steps >= 0; got {args.epochs} and {args.min_steps}")
+        probes = [p.strip() for p in args.probes.split(",") if p.strip()]
         result, path = audit_source(args.data, fold=args.fold, checkpoint=args.checkpoint, epochs=args.epochs,
-                                    seed=args.seed, device=args.device, precision=args.precision, out_dir=args.out)
+                                    seed=args.seed, probes=probes, min_steps=args.min_steps, device=args.device,
+                                    precision=args.precision, out_dir=args.out)
     elif args.audit == "ablation":
         from covid_cxr.audit.ablation import audit_ablation
 

@@ -24,8 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--covid-chestxray", type=Path, metavar="DIR",
                    help="covid-chestxray-dataset folder (metadata.csv + images/) or its metadata CSV")
     p.add_argument("--rsna", type=Path, metavar="DIR", help="RSNA Pneumonia Detection Challenge folder")
-    p.add_argument("--folder", type=Path, metavar="DIR",
-                   help="your own images: one sub-folder per class, or a labels.csv (path,label[,patient_id,view])")
+    p.add_argument("--folder", action="append", metavar="[NAME=]DIR",
+                   help="your own images: one sub-folder per class, or a labels.csv (path,label[,patient_id,view,"
+                   "source]); NAME names the source in Table 1, the splits and the audits (e.g. nih=DIR, "
+                   "hospital-b=DIR; default: the CSV's source column, else 'folder'); repeat for several folders")
     p.add_argument("--out", type=Path, required=True, metavar="DATA", help="folder to write")
     p.add_argument("--protocol", choices=PROTOCOLS, default="strict",
                    help="validation set: 'strict' (default) from the training side, patient-disjoint from test; "
@@ -69,7 +71,7 @@ def print_report(report: PrepareReport, console: Console) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = PrepareSettings(
-        out=args.out, covid_chestxray=args.covid_chestxray, rsna=args.rsna, folder=args.folder,
+        out=args.out, covid_chestxray=args.covid_chestxray, rsna=args.rsna, folder=tuple(args.folder or ()),
         protocol=args.protocol, folds=args.folds, phases=args.phases, seed=args.seed, splits_from=args.splits_from,
         labels_only=args.labels_only, image_size=args.image_size, skip_bad=args.skip_bad, workers=args.workers,
     )

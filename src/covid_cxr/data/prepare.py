@@ -30,7 +30,7 @@ from covid_cxr.data.cache import (
 )
 from covid_cxr.data.manifest import COLUMNS, combine, table1
 from covid_cxr.data.prepared import FORMAT, SPLIT_COLUMNS, hash_files, split_files
-from covid_cxr.data.sources import read_covid_chestxray, read_folder, read_rsna
+from covid_cxr.data.sources import folder_specs, parse_folder_spec, read_covid_chestxray, read_folder, read_rsna
 from covid_cxr.data.splits import SplitPlan, SplitSettings, make_folds
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES
@@ -44,7 +44,7 @@ class PrepareSettings:
     out: Path
     covid_chestxray: Path | None = None
     rsna: Path | None = None
-    folder: Path | None = None
+    folder: Path | str | tuple[str, ...] | None = None  # one or more "[NAME=]DIR": named folder sources
     protocol: str = "strict"
     folds: int = 5
     phases: int = 8
@@ -56,6 +56,7 @@ class PrepareSettings:
     workers: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", folder_specs(self.folder) or None)
         if not (self.covid_chestxray or self.rsna or self.folder):
             raise ConfigError("give at least one dataset: --covid-chestxray DIR, --rsna DIR or --folder DIR")
         if not self.labels_only and not MIN_IMAGE_SIZE <= self.image_size <= 2048:
@@ -84,12 +85,16 @@ class PrepareReport:
 def read_sources(settings: PrepareSettings) -> tuple[pd.DataFrame, list[str]]:
     """The combined manifest of every given dataset, and each adapter's notes."""
     parts, notes = [], []
-    for root, reader in ((settings.covid_chestxray, read_covid_chestxray), (settings.rsna, read_rsna),
-                         (settings.folder, read_folder)):
+    for root, reader in ((settings.covid_chestxray, read_covid_chestxray), (settings.rsna, read_rsna)):
         if root is not None:
             frame, part_notes = reader(Path(root))
             parts.append(frame)
             notes += part_notes
+    for spec in settings.folder or ():
+        name, root = parse_folder_spec(spec)
+        frame, part_notes = read_folder(root, name)
+        parts.append(frame)
+        notes += part_notes
     return combine(parts), notes
 
 
