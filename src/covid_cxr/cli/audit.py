@@ -44,9 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser("cross-source", help="recall of a class on a source never seen for it, vs in-source recall")
     _target_options(c)
-    c.add_argument("--source", required=True, help="name of the unseen source (e.g. folder)")
-    c.add_argument("--source-data", type=Path, metavar="DIR", help="prepared folder holding that source's images "
-                   "(default: the model's own prepared data); e.g. from 'covid-cxr prepare --folder B --out DIR'")
+    c.add_argument("--source", help="name of the unseen source (e.g. hospital-b); may be left out when "
+                   "--source-data holds one source")
+    c.add_argument("--source-data", metavar="[NAME=]DIR",
+                   help="another collection, never trained on: a folder with one sub-folder per class or a "
+                   "labels.csv, named NAME (e.g. hospital-b=DIR), or a folder 'covid-cxr prepare' wrote "
+                   "(default: the model's own prepared data)")
     c.add_argument("--class", dest="cls", default="covid", help=f"class to test ({', '.join(CLASSES)}; default covid)")
     c.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default 64)")
     _runtime_options(c)
