@@ -6,6 +6,7 @@ import json
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from covid_cxr.audit import results as R
@@ -177,9 +178,8 @@ def test_coarse_lung_field_on_a_real_radiograph(fixtures_dir, artifacts_dir) -> 
     cv2.imwrite(str(artifacts_dir / "audit_coarse_lung_field_rsna.png"), np.concatenate([np.stack([image] * 3, -1), overlay], 1))
 
 
-def _frame(rows: list[tuple[str, str, int]]) -> "pd.DataFrame":
-    import pandas as pd
-
+def _frame(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
+    """Two images per patient, for each (source, class, images)."""
     out = [{"source": s, "label": c, "patient_id": f"{s}-{c}-{i // 2}"} for s, c, n in rows for i in range(n)]
     return pd.DataFrame(out)
 
