@@ -237,3 +237,19 @@ def test_stats_probe_sees_post_processing_and_not_a_random_split() -> None:
         auc = source_metrics(probs, frame["source"], ["plain", "sharp"], frame["patient_id"], n_boot=50)["auc"]
         print(f"stats probe, {'sharpened' if expect_found else 'same processing'}: AUC {auc['value']:.3f}")
         assert (auc["value"] >= 0.95) if expect_found else (auc["value"] <= 0.8)
+
+
+def test_cnn_probe_cross_fitted_scores_every_image() -> None:
+    """The CNN probe's path (a few steps: no learning asserted) gives one out-of-sample score per image."""
+    from covid_cxr.audit.source import run_crossfit_probes
+
+    rng = np.random.default_rng(0)
+    images = np.stack([render_chest(rng, 64, "normal").image for _ in range(20)])
+    frame = _frame([("a", "normal", 10), ("b", "normal", 10)]).assign(label=["normal"] * 10 + ["covid"] * 10)
+    res = run_crossfit_probes(images, frame, probes=("stats", "cnn"), epochs=1, min_steps=3, n_boot=20)
+    m = res["metrics"]
+    assert m["mode"] == "crossfit" and set(m["by_probe"]) == {"stats", "cnn"} and m["n_scored"] == 20
+    assert m["by_probe"]["cnn"]["overall"]["n"] == 20 and m["overall"]["auc"]["n"] == 20
+    assert [f["code"] for f in res["flags"]][:1] == ["class-from-one-source"]
+    with pytest.raises(ValueError, match="probes must be some of stats, cnn"):
+        run_crossfit_probes(images, frame, probes=("pixels",))

@@ -74,7 +74,9 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     for name, shortcut in (("clean", None), ("marked", "marker")):
         root = tmp_path_factory.mktemp(name)
         data = _prepare(root, shortcut)
-        source, _ = audit_source(data, fold=1, epochs=8, min_steps=0, seed=0, out_dir=root / "audit")
+        # The statistics probe alone: the CNN probe's cross-fitting costs about 80 CPU-seconds a set here
+        # (its path is tested in test_audit.py); measured, both find the marker with AUC 1.000.
+        source, _ = audit_source(data, fold=1, probes=("stats",), seed=0, out_dir=root / "audit")
         prepared = PreparedData(data)
         cache = prepared.cache()
         pool = training_pool(prepared, 1)
