@@ -6,6 +6,7 @@ import json
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from covid_cxr.audit import results as R
@@ -175,3 +176,80 @@ def test_coarse_lung_field_on_a_real_radiograph(fixtures_dir, artifacts_dir) -> 
     overlay = np.stack([image] * 3, -1)
     overlay[..., 2] = np.where(mask, 255, overlay[..., 2])
     cv2.imwrite(str(artifacts_dir / "audit_coarse_lung_field_rsna.png"), np.concatenate([np.stack([image] * 3, -1), overlay], 1))
+
+
+def _frame(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
+    """Two images per patient, for each (source, class, images)."""
+    out = [{"source": s, "label": c, "patient_id": f"{s}-{c}-{i // 2}"} for s, c, n in rows for i in range(n)]
+    return pd.DataFrame(out)
+
+
+def test_a_class_from_one_source_is_the_first_and_plainest_flag() -> None:
+    from covid_cxr.audit.source_findings import confounded_classes, source_flags
+
+    frame = _frame([("cxr", "covid", 10), ("cxr", "pneumonia", 6), ("rsna", "pneumonia", 20), ("rsna", "normal", 20)])
+    assert confounded_classes(frame) == {"covid": "cxr", "normal": "rsna"}
+    near = {"value": 0.99, "low": 0.97, "high": 1.0, "n": 26}
+    metrics = {"overall": {"auc": {"value": 0.9, "low": 0.8, "high": 0.95, "n": 56}},
+               "within_class": {"pneumonia": {"auc": near, "counts": {"cxr": 6, "rsna": 20},
+                                              "accuracy": {"value": 0.95, "low": 0.8, "high": 0.99, "n": 26}}}}
+    flags = source_flags(metrics, frame)
+    assert [f["code"] for f in flags] == ["class-from-one-source", "source-predictable"]
+    msg = flags[0]["message"]
+    assert "every COVID-19 image comes from cxr (which also provides Pneumonia)" in msg
+    assert "every Normal image comes from rsna" in msg and "AUC 0.900" in msg
+    # Every class from two sources and a weak probe: nothing to flag.
+    mixed = _frame([("a", "covid", 6), ("b", "covid", 6), ("a", "normal", 6), ("b", "normal", 6)])
+    weak = {"overall": {"auc": {"value": 0.6, "low": 0.4, "high": 0.8}}, "within_class": {}}
+    assert source_flags(weak, mixed) == []
+
+
+def test_crossfit_parts_keep_each_patient_on_one_side() -> None:
+    from covid_cxr.audit.probes import cap_cells, crossfit_parts
+
+    frame = _frame([("a", "covid", 30), ("b", "normal", 40), ("b", "covid", 10)])
+    parts = crossfit_parts(frame, seed=0)
+    assert len(parts) == 5
+    scored = np.concatenate([test for _, test in parts])
+    assert sorted(scored) == list(range(len(frame)))  # every image scored exactly once
+    for train, test in parts:
+        assert not set(frame["patient_id"].iloc[train]) & set(frame["patient_id"].iloc[test])
+    kept = cap_cells(frame, max_per_cell=12, seed=0)
+    assert frame.iloc[kept].groupby(["source", "label"]).size().to_dict() == {("a", "covid"): 12, ("b", "covid"): 10,
+                                                                            ("b", "normal"): 12}
+    with pytest.raises(DataError, match="one patient only"):
+        crossfit_parts(_frame([("a", "covid", 2), ("b", "covid", 6)]))
+
+
+def test_stats_probe_sees_post_processing_and_not_a_random_split() -> None:
+    """Sharpened vs plain renderings of the same anatomy: found; two halves of one collection: not."""
+    from covid_cxr.audit.probes import crossfit, crossfit_parts, image_statistics, stats_probe
+    from covid_cxr.audit.source_findings import source_metrics
+
+    rng = np.random.default_rng(3)
+    images = np.stack([render_chest(rng, 96, ("covid", "pneumonia", "normal")[i % 3]).image for i in range(80)])
+    sharpened = images.copy()
+    sharpened[40:] = np.stack([cv2.addWeighted(im, 1.6, cv2.GaussianBlur(im, (0, 0), 2), -0.6, 0) for im in images[40:]])
+    for pixels, expect_found in ((sharpened, True), (images, False)):
+        frame = _frame([("plain", "normal", 40), ("sharp", "normal", 40)])
+        y = (frame["source"] == "sharp").to_numpy().astype(int)
+        probs = crossfit(stats_probe(image_statistics(pixels)), y, crossfit_parts(frame), 2)
+        auc = source_metrics(probs, frame["source"], ["plain", "sharp"], frame["patient_id"], n_boot=50)["auc"]
+        print(f"stats probe, {'sharpened' if expect_found else 'same processing'}: AUC {auc['value']:.3f}")
+        assert (auc["value"] >= 0.95) if expect_found else (auc["value"] <= 0.8)
+
+
+def test_cnn_probe_cross_fitted_scores_every_image() -> None:
+    """The CNN probe's path (a few steps: no learning asserted) gives one out-of-sample score per image."""
+    from covid_cxr.audit.source import run_crossfit_probes
+
+    rng = np.random.default_rng(0)
+    images = np.stack([render_chest(rng, 64, "normal").image for _ in range(20)])
+    frame = _frame([("a", "normal", 10), ("b", "normal", 10)]).assign(label=["normal"] * 10 + ["covid"] * 10)
+    res = run_crossfit_probes(images, frame, probes=("stats", "cnn"), epochs=1, min_steps=3, n_boot=20)
+    m = res["metrics"]
+    assert m["mode"] == "crossfit" and set(m["by_probe"]) == {"stats", "cnn"} and m["n_scored"] == 20
+    assert m["by_probe"]["cnn"]["overall"]["n"] == 20 and m["overall"]["auc"]["n"] == 20
+    assert [f["code"] for f in res["flags"]][:1] == ["class-from-one-source"]
+    with pytest.raises(ValueError, match="probes must be some of stats, cnn"):
+        run_crossfit_probes(images, frame, probes=("pixels",))

@@ -74,7 +74,9 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     for name, shortcut in (("clean", None), ("marked", "marker")):
         root = tmp_path_factory.mktemp(name)
         data = _prepare(root, shortcut)
-        source, _ = audit_source(data, fold=1, epochs=8, seed=0, out_dir=root / "audit")
+        # The statistics probe alone: the CNN probe's cross-fitting costs about 80 CPU-seconds a set here
+        # (its path is tested in test_audit.py); measured, both find the marker with AUC 1.000.
+        source, _ = audit_source(data, fold=1, probes=("stats",), seed=0, out_dir=root / "audit")
         prepared = PreparedData(data)
         cache = prepared.cache()
         pool = training_pool(prepared, 1)
@@ -104,8 +106,9 @@ def test_source_probe_finds_the_marker_and_only_the_marker(audited: dict) -> Non
     print(f"within-pneumonia source AUC: clean {clean['auc']['value']:.3f}, marked {marked['auc']['value']:.3f}")
     assert marked["auc"]["value"] >= 0.95
     assert clean["auc"]["value"] < 0.9
-    assert _codes(audited["marked"]["source"]) == ["source-predictable"]
-    assert _codes(audited["clean"]["source"]) == []
+    # COVID-19 only from covid-chestxray and normal only from RSNA: said first on both sets.
+    assert _codes(audited["marked"]["source"]) == ["class-from-one-source", "source-predictable"]
+    assert _codes(audited["clean"]["source"]) == ["class-from-one-source"]
     confounded = audited["clean"]["source"]["metrics"]["confounded_classes"]
     assert confounded == {"covid": "covid-chestxray", "normal": "rsna"}
 
@@ -140,8 +143,8 @@ def test_report_section_flags_the_shortcut(audited: dict) -> None:
     clean = R.render_section(R.load_results(audited["clean"]["root"]), "markdown")
     assert "Warning:" in marked and "The source is predictable from the image" in marked
     assert "COVID-19 is still recognised with the lungs hidden" in marked
-    assert "Warning:" not in clean and "No audit raised a flag" in clean
-    assert "not evidence of its absence" in clean
+    assert "The source is predictable" not in clean and "still recognised with the lungs hidden" not in clean
+    assert "Class and source are confounded" in clean  # the data's confound, whatever the model learned
 
 
 def test_cli_audits_of_a_checkpoint(audited: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -104,3 +104,64 @@ def test_folder_tree_and_csv(tmp_path: Path) -> None:
     pd.DataFrame({"path": ["a.png"], "label": ["influenza"]}).to_csv(csv, index=False)
     with pytest.raises(DataError, match=r"labels.csv row 2"):
         read_folder(tmp_path / "tree")
+
+
+def _tree(root: Path, counts: dict[str, int]) -> Path:
+    img = Image.fromarray(np.full((8, 8), 40, np.uint8))
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img.save(root / cls / f"{i}.png")
+    return root
+
+
+def test_folders_are_named_sources(tmp_path: Path) -> None:
+    from covid_cxr.data.manifest import check_source_name
+    from covid_cxr.data.sources import parse_folder_spec
+
+    a = _tree(tmp_path / "a", {"normal": 2, "covid": 1})
+    frame, notes = read_folder(a, "nih")
+    assert set(frame["source"]) == {"nih"} and frame["image_id"].str.startswith("nih/").all()
+    assert "as source 'nih'" in notes[0]
+    unnamed, _ = read_folder(a)
+    assert set(unnamed["source"]) == {"folder"} and unnamed["image_id"].str.startswith("folder/").all()  # as before
+    assert parse_folder_spec(f"nih={a}") == ("nih", a) and parse_folder_spec(str(a)) == (None, a)
+    odd = tmp_path / "x=y"  # an existing path holding '=' is a path, not NAME=DIR
+    odd.mkdir()
+    assert parse_folder_spec(str(odd)) == (None, odd)
+    with pytest.raises(DataError, match="both named 'folder'.*--folder nih=DIR"):
+        combine([unnamed, read_folder(_tree(tmp_path / "b", {"normal": 1}))[0]])
+    for bad, why in (("total", "reserved"), ("  ", "empty"), ("a\tb", "control"), ("x" * 65, "longer")):
+        with pytest.raises(DataError, match=why):
+            check_source_name(bad, where="--folder")
+
+
+def test_labels_csv_source_column_names_each_row(tmp_path: Path) -> None:
+    a = _tree(tmp_path, {"normal": 2, "covid": 2})
+    pd.DataFrame({"path": ["normal/0.png", "normal/1.png", "covid/0.png", "covid/1.png"],
+                  "label": ["normal", "normal", "covid", "covid"], "patient_id": ["n1", "n1", "c1", "c2"],
+                  "source": ["NIH ChestX-ray14", "NIH ChestX-ray14", "Hannover (MHH)", ""]}).to_csv(a / "labels.csv",
+                                                                                                     index=False)
+    frame, notes = read_folder(a)
+    assert frame.set_index("patient_id")["source"].to_dict() == {"n1": "NIH ChestX-ray14", "c1": "Hannover (MHH)",
+                                                                 "c2": "folder"}
+    assert {i.split("/")[0] for i in frame["image_id"]} == {"nih_chestx-ray14", "hannover_mhh", "folder"}
+    t = table1(frame)
+    assert t.loc["NIH ChestX-ray14", "normal"] == 2 and t.loc["Hannover (MHH)", "covid"] == 1
+    assert any("source column" in n for n in notes)
+    named, notes = read_folder(a, "hospital-b")  # a name given on the command line wins, and says so
+    assert set(named["source"]) == {"hospital-b"} and any("ignored" in n for n in notes)
+
+
+def test_prepare_reads_several_named_folders(tmp_path: Path) -> None:
+    from covid_cxr.data.prepare import PrepareSettings, read_sources
+
+    a = _tree(tmp_path / "a", {"normal": 2})
+    b = _tree(tmp_path / "b", {"normal": 1, "pneumonia": 1})
+    settings = PrepareSettings(out=tmp_path / "out", folder=(f"nih={a}", f"hospital-b={b}"), labels_only=True)
+    assert settings.to_dict()["folder"] == (f"nih={a}", f"hospital-b={b}")  # recorded in prepare.json
+    manifest, _ = read_sources(settings)
+    assert manifest.groupby("source").size().to_dict() == {"hospital-b": 2, "nih": 2}
+    assert PrepareSettings(out=tmp_path / "out", folder=a).folder == (str(a),)  # one path, as before
+    with pytest.raises(DataError, match="both named 'nih'"):
+        read_sources(PrepareSettings(out=tmp_path / "out", folder=(f"nih={a}", f"nih={b}")))

@@ -1,21 +1,29 @@
 """Cross-source recall: does a class's recall hold on a collection the model never saw for that class?
 
-A model that learned COVID-19 should find it in COVID-19 images from another collection (added
-to the prepared data as a folder source). One that learned "images from covid-chestxray are
-COVID-19" loses it there. Both recalls carry Wilson intervals: with a few dozen images a drop
-must be large before it means anything.
+A model that learned COVID-19 should find it in COVID-19 images from another collection. One
+that learned "images from covid-chestxray are COVID-19" loses it there. Both recalls carry Wilson
+intervals: with a few dozen images a drop must be large before it means anything.
+
+The other collection is a named source (``hospital-b``): a folder or labels CSV given as
+``--source-data hospital-b=DIR`` (decoded here as ``prepare`` decodes, never trained on), a
+folder that ``prepare`` wrote, or a source of the model's own prepared data that its fold never
+trained on for the class.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from covid_cxr.audit import results as R
 from covid_cxr.audit.ablation import wilson
+from covid_cxr.data.sources import parse_folder_spec, read_folder
 from covid_cxr.errors import DataError
 from covid_cxr.inference import Predictor, predict_in_batches
 
@@ -64,50 +72,98 @@ def run_cross_source(
     return R.make_result("cross_source", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags)
 
 
+@dataclass
+class UnseenImages:
+    """The manifest of ``--source-data``, and a way to get its images at the checkpoint's size."""
+
+    manifest: pd.DataFrame
+    images: Callable[[pd.Series], np.ndarray]
+    notes: list[str] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)
+
+
+def external_data(spec: Path | str, size: int) -> UnseenImages:
+    """``--source-data``: a folder ``prepare`` wrote, or ``[NAME=]DIR`` decoded here as ``prepare`` decodes."""
+    from covid_cxr.audit.data import open_prepared, rows_of
+
+    if (Path(spec) / "prepare.json").is_file():
+        external = open_prepared(Path(spec))
+        return UnseenImages(external.manifest, lambda ids: rows_of(external.cache(image_size=size), ids))
+    name, root = parse_folder_spec(spec)
+    manifest, notes = read_folder(root, name)
+    ids, decoded, failures = decode_in_memory(manifest, size)
+    row = {image_id: i for i, image_id in enumerate(ids)}
+    notes += [f"left out, cannot be decoded: {f['path']}: {f['reason']}" for f in failures]
+    return UnseenImages(manifest, lambda wanted: decoded[[row[i] for i in wanted]], notes,
+                        {f["image_id"] for f in failures})
+
+
+def decode_in_memory(manifest: pd.DataFrame, size: int) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
+    """Decode ``manifest``'s images as ``prepare`` does: (decoded ids, uint8 images, failures)."""
+    from covid_cxr.data.cache import IMAGES_FILE, build_cache
+
+    with tempfile.TemporaryDirectory(prefix="covid-cxr-source-") as tmp:
+        build = build_cache(manifest, size, Path(tmp), progress=False)
+        images = np.load(Path(tmp) / IMAGES_FILE)
+    return build.image_ids, images[: len(build.image_ids)], build.failures
+
+
 def audit_cross_source(
-    target: Path, *, source: str, cls: str = "covid", data: Path | None = None, fold: int | None = None,
-    source_data: Path | None = None, batch_size: int = 64, device: str = "auto", precision: str = "auto",
-    out_dir: Path | None = None,
+    target: Path, *, source: str | None = None, cls: str = "covid", data: Path | None = None,
+    fold: int | None = None, source_data: Path | str | None = None, batch_size: int = 64, device: str = "auto",
+    precision: str = "auto", out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit cross-source``: writes ``cross_source.json``.
 
-    The unseen images are the ``cls`` images of ``source`` in ``source_data`` (a second prepared
-    folder, e.g. ``covid-cxr prepare --folder HOSPITAL_B --out B``, never used for training), or in
-    the model's own prepared data when ``source_data`` is None. Either way the fold's training pool
-    must hold no ``cls`` image of that source.
+    The unseen images are the ``cls`` images of ``source`` in ``source_data`` (``NAME=DIR``, a
+    folder or labels CSV never used for training; or a folder ``prepare`` wrote), or in the
+    model's own prepared data when ``source_data`` is None. Either way the fold's training pool
+    must hold no ``cls`` image of that source. ``source`` may be left out when ``source_data``
+    holds one source.
     """
     from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
+    from covid_cxr.evaluate.run import cache_for
     from covid_cxr.inference import TorchPredictor
 
     t = resolve_target(target, data, fold)
     prepared = open_prepared(t.data)
-    external = open_prepared(source_data) if source_data is not None else prepared
-    where = Path(source_data) if source_data is not None else t.data
-    manifest = external.manifest
+    size = t.checkpoint.preprocessing.image_size
+    where = str(source_data) if source_data is not None else str(t.data)
+    if source_data is not None:
+        unseen = external_data(source_data, size)
+    else:
+        unseen = UnseenImages(prepared.manifest, lambda ids: rows_of(cache_for(prepared, size, t.data), ids))
+    manifest = unseen.manifest
     known = sorted(set(manifest["source"]))
+    if source is None:
+        if len(known) != 1:
+            raise DataError(f"{where} holds the sources {', '.join(known)}; say which with --source NAME")
+        source = known[0]
     if source not in known:
-        raise DataError(f"{where}: no source {source!r} in the prepared data; its sources are {', '.join(known)}")
-    out_frame = manifest[(manifest["source"] == source) & (manifest["label"] == cls)]
+        raise DataError(f"{where}: no source {source!r} in the data; its sources are {', '.join(known)}")
+    out_frame = manifest[(manifest["source"] == source) & (manifest["label"] == cls)
+                         & ~manifest["image_id"].isin(unseen.failed)]
     if out_frame.empty:
         raise DataError(f"{where}: no {cls} images from source {source!r}; cross-source needs {cls} images of a "
                         f"source the model never saw for {cls}")
     pool = training_pool(prepared, t.fold)
     seen_rows = pool[(pool["source"] == source) & (pool["label"] == cls)]
     if len(seen_rows):
-        raise DataError(
-            f"{t.data}: fold {t.fold} trains on {len(seen_rows)} {cls} images from {source}, so {source} is not "
-            f"unseen for {cls}; prepare that source on its own (covid-cxr prepare --folder DIR --out EXT) and "
-            "pass it with --source-data EXT"
-        )
+        fix = (f"if {where} is another collection, give it its own name: --source-data hospital-b=DIR"
+               if source_data is not None else
+               "give another collection with --source-data NAME=DIR (a folder or labels.csv), named apart from "
+               f"the training sources ({', '.join(sorted(set(pool['source'])))})")
+        raise DataError(f"{t.data}: fold {t.fold} trains on {len(seen_rows)} {cls} images from {source!r}, so "
+                        f"{source!r} is not unseen for {cls}; {fix}")
     test = split_images(prepared, t)
     in_frame = test.frame[(test.frame["label"] == cls) & (test.frame["source"] != source)]
     in_images = test.images[in_frame.index.to_numpy()]
-    size = t.checkpoint.preprocessing.image_size
-    out_images = rows_of(external.cache(image_size=size), out_frame["image_id"])
+    out_images = unseen.images(out_frame["image_id"])
     predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
     inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "source": source,
               "source_data": str(source_data) if source_data is not None else None, "class": cls,
               "runtime": predictor.runtime.describe()}
     result = run_cross_source(predictor, in_images, list(in_frame["source"]), out_images, source=source, cls=cls,
                               batch_size=batch_size, inputs=inputs)
+    result["notes"] = unseen.notes
     return result, R.write_result(result, out_dir or R.audit_dir_for(target))

@@ -194,24 +194,38 @@ def section_blocks(results: Mapping[str, Mapping[str, Any]] | None) -> list[Bloc
 
 def _source_blocks(res: Mapping[str, Any]) -> list[Block]:
     m = res["metrics"]
-    how = ("a linear probe on the checkpoint's frozen pooled features" if m.get("mode") == "linear-probe"
-           else "a small CNN trained from scratch")
-    rows = [["all test images", str(m["overall"]["n"]), with_ci(m["overall"].get("accuracy")),
-             pct(m["overall"].get("balanced_accuracy")), with_ci(m["overall"].get("auc"), as_pct=False)]]
+    crossfit = m.get("mode") == "crossfit"
+    scope = "all images" if crossfit else "all test images"
+    rows = [[f"{scope}{' (mean of the probes)' if len(m.get('probes', [])) > 1 else ''}", str(m["overall"]["n"]),
+             with_ci(m["overall"].get("accuracy")), pct(m["overall"].get("balanced_accuracy")),
+             with_ci(m["overall"].get("auc"), as_pct=False)]]
     for cls, w in (m.get("within_class") or {}).items():
         rows.append([f"{class_name(cls)} images only", str(w["n"]), with_ci(w.get("accuracy")),
                      pct(w.get("balanced_accuracy")), with_ci(w.get("auc"), as_pct=False)])
+    for probe, pm in (m.get("by_probe") or {}).items() if len(m.get("by_probe") or {}) > 1 else ():
+        o = pm["overall"]
+        rows.append([f"{scope}, {probe} probe alone", str(o["n"]), with_ci(o.get("accuracy")),
+                     pct(o.get("balanced_accuracy")), with_ci(o.get("auc"), as_pct=False)])
+    if crossfit:
+        how = (f"Probes ({', '.join(m.get('probes', []))}: image statistics with a logistic regression, a small CNN "
+               f"trained from scratch) were trained to tell the image's source ({', '.join(m.get('sources', []))}) "
+               f"instead of its class, cross-fitted over {m.get('cv_folds')} patient-grouped parts so that every "
+               f"image is scored by probes that never saw its patient ({m.get('n_scored')} of "
+               f"{m.get('n_images')} images scored).")
+    else:
+        how = ("A linear probe on the checkpoint's frozen pooled features was trained to tell the image's source "
+               f"({', '.join(m.get('sources', []))}) instead of its class, on the training pool, and tested on the "
+               "test set.")
     out: list[Block] = [
         ("h3", "Can the source of an image be predicted from its pixels?"),
-        ("p", f"{how.capitalize()} was trained to tell the image's source ({', '.join(m.get('sources', []))}) "
-              "instead of its class, on the same training pool, and tested on the test set. Within one class "
-              "the disease cannot explain the source: high accuracy there means the sources differ in "
-              "something else (markers, scanners, processing) that a classifier can use as a shortcut."),
-        ("table", ["test images", "n", "accuracy", "balanced accuracy", "AUC"], rows),
+        ("p", f"{how} Within one class the disease cannot explain the source: high accuracy there means the sources "
+              "differ in something else (markers, scanners, processing) that a classifier can use as a shortcut."),
+        ("table", ["images", "n", "accuracy", "balanced accuracy", "AUC"], rows),
     ]
     if m.get("confounded_classes"):
         pairs = ", ".join(f"{class_name(c)} only from {s}" for c, s in m["confounded_classes"].items())
-        out.append(("p", f"Class and source are confounded by design: {pairs}."))
+        out.append(("p", f"Class and source are confounded: {pairs}. For these classes a classifier can score by "
+                         "recognising the source, and no figure on this data can rule that out."))
     return out
 
 

@@ -1,19 +1,23 @@
 """Source probe: can a classifier tell which collection an image came from?
 
-Two probes, both trained on the fold's training pool (all phases and the validation set) to
-predict ``source`` instead of the class, and tested on the fold's test set:
+Probes are trained to predict ``source`` instead of the class:
 
-- without a checkpoint, a small CNN trained from scratch on the cached images (downscaled to
-  :data:`PROBE_SIZE`): it asks "is the source visible in the pixels at all?";
-- with a checkpoint, a logistic regression on the checkpoint's frozen, globally pooled features:
-  "does the trained model's representation carry the source?".
+- without a checkpoint, "is the source visible in the pixels at all?": image statistics with a
+  logistic regression, and a small CNN trained from scratch on the cached images (downscaled to
+  :data:`PROBE_SIZE`), each cross-fitted by patient over all the fold's images so that every
+  image gets an out-of-sample score (:mod:`covid_cxr.audit.probes`); their mean is the probe;
+- with a checkpoint, "does the trained model's representation carry the source?": a logistic
+  regression on the checkpoint's frozen, globally pooled features, trained on the fold's
+  training pool and tested on its test set.
 
 Because classes and sources are confounded in this field's data (every COVID-19 image from one
 collection), a probe can predict the source from the disease itself. So the finding that
 matters is measured WITHIN a class that more than one source provides (e.g. pneumonia, from both
 covid-chestxray and RSNA): there the disease cannot explain the source. Sources are weighted
 equally in training (RSNA outnumbers covid-chestxray a hundredfold), and balanced accuracy and
-AUC are reported beside plain accuracy, which a majority guess would make near-perfect.
+AUC are reported beside plain accuracy, which a majority guess would make near-perfect. A class
+that ONE source provides is the strongest confound of all, and is said so first
+(:mod:`covid_cxr.audit.source_findings`).
 """
 
 from __future__ import annotations
@@ -24,25 +28,28 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from covid_cxr.audit import results as R
-from covid_cxr.audit.data import SplitImages
+from covid_cxr.audit import source_findings as findings
+from covid_cxr.audit.probes import (
+    MIN_CNN_STEPS,
+    PROBES,
+    STATS_SIZE,
+    cap_cells,
+    cnn_probe,
+    crossfit,
+    crossfit_parts,
+    image_statistics,
+    stats_probe,
+)
 from covid_cxr.errors import DataError
 
 PROBE_SIZE = 64
 """Side the CNN probe sees images at: enough for markers, text and borders, and fast on a CPU."""
-
-NEAR_PERFECT_AUC = 0.95
-"""Within-class source AUC at or above this is flagged ("near-perfect")."""
-
-MIN_LOWER_AUC = 0.80
-"""...provided the lower end of its 95% interval is at least this (not a lucky small sample)."""
-
-MIN_PER_SOURCE = 5
-"""A class enters the within-class figures only with at least this many test images from each of two sources."""
 
 
 class SourceCNN(nn.Module):
@@ -93,9 +100,12 @@ def _class_weights(targets: torch.Tensor, n: int) -> torch.Tensor:
 
 def train_cnn_probe(
     images: np.ndarray, targets: np.ndarray, num_sources: int, *, epochs: int = 8, batch_size: int = 64,
-    lr: float = 3e-3, seed: int = 0, device: torch.device | str = "cpu",
+    lr: float = 3e-3, seed: int = 0, device: torch.device | str = "cpu", min_steps: int = 0,
 ) -> SourceCNN:
-    """Train :class:`SourceCNN` on uint8 images and integer source targets, sources weighted equally."""
+    """Train :class:`SourceCNN` on uint8 images and integer source targets, sources weighted equally.
+
+    ``min_steps`` raises the epoch count on small sets: a few dozen steps leave a CNN near chance.
+    """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = SourceCNN(num_sources).to(device)
@@ -103,7 +113,9 @@ def train_cnn_probe(
     y = torch.as_tensor(targets, dtype=torch.int64).to(device)
     weights = _class_weights(y, num_sources)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * max(1, -(-len(x) // batch_size))
+    per_epoch = max(1, -(-len(x) // batch_size))
+    epochs = max(epochs, -(-min_steps // per_epoch))
+    steps = epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
     for _ in range(epochs):
@@ -172,167 +184,112 @@ def pooled_features(predictor: Any, images: np.ndarray, batch_size: int = 64) ->
     return torch.cat(out).numpy()
 
 
-# ----------------------------------------------------------------------------- metrics and flags
+def _source_targets(frame: Any, names: Sequence[str]) -> np.ndarray:
+    index = {s: i for i, s in enumerate(names)}
+    return np.array([index[s] for s in frame["source"]], dtype=np.int64)
 
 
-def source_metrics(
-    probs: np.ndarray, sources: Sequence[str], source_names: Sequence[str], groups: Sequence[str] | None = None,
-    *, n_boot: int = 1000, seed: int = 0,
+def run_crossfit_probes(
+    images: np.ndarray, frame: Any, *, probes: Sequence[str] = PROBES, epochs: int = 8,
+    min_steps: int = MIN_CNN_STEPS, seed: int = 0, n_boot: int = 1000, device: torch.device | str = "cpu",
+    inputs: dict[str, Any] | None = None, all_frame: Any = None,
 ) -> dict[str, Any]:
-    """Accuracy (Wilson), balanced accuracy, and AUC (patient bootstrap) of source predictions."""
-    from covid_cxr.audit.ablation import wilson
-    from covid_cxr.evaluate.metrics import bootstrap_auc_ci, roc_auc
+    """Cross-fitted source probes on ``images`` (rows of ``frame``: source, label, patient_id); the result.
 
-    index = {s: i for i, s in enumerate(source_names)}
-    true = np.array([index[s] for s in sources], dtype=np.int64)
-    pred = probs.argmax(axis=1)
-    present = np.unique(true)
-    recalls = [float((pred[true == k] == k).mean()) for k in present]
-    groups_arr = None if groups is None else np.asarray(groups)
-    # Two sources: AUC of the score of the second. More: mean one-vs-rest AUC (its interval: of the first pair).
-    aucs, lows, highs = [], [], []
-    for k in present if len(present) > 2 else present[1:]:
-        positive = true == k
-        aucs.append(roc_auc(positive, probs[:, k]))
-        low, high = bootstrap_auc_ci(positive, probs[:, k], groups_arr, n_boot=n_boot, seed=seed)
-        lows.append(low)
-        highs.append(high)
-    auc = {"value": float(np.mean(aucs)) if aucs else None, "low": float(np.mean(lows)) if lows else None,
-           "high": float(np.mean(highs)) if highs else None, "n": int(len(true)),
-           "method": "bootstrap by patient" if groups is not None else "bootstrap"}
-    return {
-        "n": int(len(true)),
-        "counts": {source_names[k]: int((true == k).sum()) for k in present},
-        "accuracy": wilson(int((pred == true).sum()), int(len(true))),
-        "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
-        "auc": auc if len(present) > 1 else None,
-    }
-
-
-def source_flags(metrics: dict[str, Any]) -> list[dict[str, str]]:
-    """Near-perfect within-class source prediction, and classes that come from one source only."""
-    flags = []
-    for cls, w in (metrics.get("within_class") or {}).items():
-        auc = w.get("auc") or {}
-        if auc.get("value") is not None and auc["value"] >= NEAR_PERFECT_AUC and (auc.get("low") or 0) >= MIN_LOWER_AUC:
-            flags.append(R.flag(
-                "source-predictable",
-                f"The source is predictable from the image: among {R.class_name(cls)} images alone the probe tells "
-                f"{' from '.join(w['counts'])} with AUC {R.with_ci(auc, as_pct=False)} and accuracy "
-                f"{R.with_ci(w['accuracy'])}. The disease cannot explain that; since the class labels are "
-                "confounded with source, a classifier can score by recognising the source.",
-            ))
-    if not metrics.get("within_class"):
-        overall = metrics["overall"].get("auc") or {}
-        if overall.get("value") is not None and overall["value"] >= NEAR_PERFECT_AUC:
-            flags.append(R.flag(
-                "source-predictable-confounded",
-                f"The source is predictable from the image (AUC {R.with_ci(overall, as_pct=False)}), and no class "
-                "comes from two sources with enough test images to tell whether the disease or something else "
-                "gives the source away.",
-            ))
-    return flags
-
-
-def run_source_probe(
-    train_images: np.ndarray, train_frame: Any, test_images: np.ndarray, test_frame: Any, *,
-    mode: str = "cnn", predictor: Any = None, epochs: int = 8, seed: int = 0, n_boot: int = 1000,
-    device: torch.device | str = "cpu", inputs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train the probe on the training pool, test it, and return the ``source`` audit result.
-
-    The frames need ``source``, ``label`` and ``patient_id`` columns in the images' row order.
+    ``all_frame`` (default ``frame``) is every image of the data, for the class/source confound.
     """
-    if mode not in ("cnn", "linear-probe"):
-        raise ValueError(f"mode must be 'cnn' or 'linear-probe'; got {mode!r}")
+    unknown = sorted(set(probes) - set(PROBES))
+    if unknown or not probes:
+        raise ValueError(f"probes must be some of {', '.join(PROBES)}; got {', '.join(probes) or 'none'}")
+    frame = frame.reset_index(drop=True)
+    names = sorted(set(frame["source"]))
+    if len(names) < 2:
+        raise DataError(f"the data holds one source only ({names[0]}); a source probe needs two or more")
+    y = _source_targets(frame, names)
+    parts = crossfit_parts(frame, seed=seed)
+    by_probe, scored = {}, []
+    for probe in probes:
+        fit = (stats_probe(image_statistics(images), seed) if probe == "stats" else
+               cnn_probe(images, len(names), epochs=epochs, min_steps=min_steps, seed=seed, device=device))
+        probs = crossfit(fit, y, parts, len(names))
+        by_probe[probe] = findings.probe_metrics(probs, frame, names, n_boot=n_boot, seed=seed)
+        scored.append(probs)
+    every = frame if all_frame is None else all_frame
+    metrics: dict[str, Any] = {
+        "mode": "crossfit", "probes": list(probes), "sources": names, "n_images": int(len(every)),
+        "n_scored": int(len(frame)), "cv_folds": len(parts),
+        **findings.probe_metrics(np.mean(scored, axis=0), frame, names, n_boot=n_boot, seed=seed),
+        "by_probe": by_probe, "confounded_classes": findings.confounded_classes(every),
+    }
+    return R.make_result("source", inputs=inputs or {}, metrics=metrics, thresholds=findings.thresholds(),
+                         flags=findings.source_flags(metrics, every), notes=findings.notes_for(metrics))
+
+
+def run_linear_probe(
+    predictor: Any, train_images: np.ndarray, train_frame: Any, test_images: np.ndarray, test_frame: Any, *,
+    seed: int = 0, n_boot: int = 1000, inputs: dict[str, Any] | None = None, all_frame: Any = None,
+) -> dict[str, Any]:
+    """A logistic regression on the checkpoint's frozen features, trained on the pool and tested on test."""
     names = sorted(set(train_frame["source"]) | set(test_frame["source"]))
     if len(set(train_frame["source"])) < 2:
         raise DataError(f"the training pool holds one source only ({names[0]}); a source probe needs two or more")
-    index = {s: i for i, s in enumerate(names)}
-    y_train = np.array([index[s] for s in train_frame["source"]], dtype=np.int64)
-    if mode == "cnn":
-        model = train_cnn_probe(train_images, y_train, len(names), epochs=epochs, seed=seed, device=device)
-        probs = cnn_probe_proba(model, test_images)
-    else:
-        layer, mean, std = train_linear_probe(pooled_features(predictor, train_images), y_train, len(names), seed=seed)
-        probs = linear_probe_proba(layer, mean, std, pooled_features(predictor, test_images))
-    src = np.asarray(test_frame["source"]).astype(str)
-    lab = np.asarray(test_frame["label"]).astype(str)
-    pid = np.asarray(test_frame["patient_id"]).astype(str)
+    y_train = _source_targets(train_frame, names)
+    layer, mean, std = train_linear_probe(pooled_features(predictor, train_images), y_train, len(names), seed=seed)
+    probs = linear_probe_proba(layer, mean, std, pooled_features(predictor, test_images))
+    every = all_frame if all_frame is not None else pd.concat([train_frame, test_frame], ignore_index=True)
     metrics: dict[str, Any] = {
-        "mode": mode, "sources": names, "n_train": int(len(y_train)), "n_test": int(len(src)),
-        "overall": source_metrics(probs, src, names, pid, n_boot=n_boot, seed=seed),
-        "within_class": {}, "confounded_classes": {},
+        "mode": "linear-probe", "sources": names, "n_train": int(len(y_train)), "n_test": int(len(test_frame)),
+        **findings.probe_metrics(probs, test_frame.reset_index(drop=True), names, n_boot=n_boot, seed=seed),
+        "confounded_classes": findings.confounded_classes(every),
     }
-    all_labels = np.concatenate([lab, np.asarray(train_frame["label"]).astype(str)])
-    all_sources = np.concatenate([src, np.asarray(train_frame["source"]).astype(str)])
-    for cls in sorted(set(all_labels)):
-        where = lab == cls
-        counts = {s: int((src[where] == s).sum()) for s in names}
-        if sum(c >= MIN_PER_SOURCE for c in counts.values()) >= 2:
-            keep = where & np.isin(src, [s for s, c in counts.items() if c >= MIN_PER_SOURCE])
-            metrics["within_class"][cls] = source_metrics(probs[keep], src[keep], names, pid[keep], n_boot=n_boot,
-                                                          seed=seed)
-        seen = set(all_sources[all_labels == cls])
-        if len(seen) == 1:
-            metrics["confounded_classes"][cls] = next(iter(seen))
-    thresholds = {
-        "near_perfect_auc": R.threshold(NEAR_PERFECT_AUC, "within-class source AUC at or above this is near-perfect: "
-                                        "the probe separates the sources almost without error, by something "
-                                        "other than the disease"),
-        "min_lower_auc": R.threshold(MIN_LOWER_AUC, "and the interval's lower end must reach this, so a lucky "
-                                     "handful of test images does not raise the flag"),
-        "min_per_source": R.threshold(MIN_PER_SOURCE, "test images needed from each of two sources for a class "
-                                      "to enter the within-class figures"),
-    }
-    notes = ["Plain accuracy is dominated by the largest source; read balanced accuracy and AUC."]
-    if not metrics["within_class"]:
-        notes.append("No class has enough test images from two sources: class and source cannot be told apart.")
-    return R.make_result("source", inputs=inputs or {}, metrics=metrics, thresholds=thresholds,
-                         flags=source_flags(metrics), notes=notes)
+    return R.make_result("source", inputs=inputs or {}, metrics=metrics, thresholds=findings.thresholds(),
+                         flags=findings.source_flags(metrics, every), notes=findings.notes_for(metrics))
 
 
 def audit_source(
     data: Path | None, *, fold: int | None = None, checkpoint: Path | None = None, epochs: int = 8, seed: int = 0,
-    device: str = "auto", precision: str = "auto", out_dir: Path | None = None,
+    probes: Sequence[str] = PROBES, min_steps: int = MIN_CNN_STEPS, device: str = "auto", precision: str = "auto",
+    out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """``covid-cxr audit source``: the probe on a prepared fold; writes ``source.json``.
+    """``covid-cxr audit source``: the probes on a prepared fold; writes ``source.json``.
 
-    Without ``checkpoint`` the CNN probe runs on the cache as prepared and the result goes to
+    Without ``checkpoint`` the cross-fitted probes run on every image of the fold (sampled down
+    to :data:`~covid_cxr.audit.probes.MAX_PER_CELL` per source and class) and the result goes to
     ``DATA/audit/fold<K>/``; with one, the linear probe runs on its features and the result goes
     beside the checkpoint's other audits.
     """
     from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
     from covid_cxr.inference import TorchPredictor
-
     from covid_cxr.runtime import choose_runtime
 
-    predictor, probe_device = None, choose_runtime(device, "fp32").device
-    if checkpoint is not None:
-        t = resolve_target(checkpoint, data, fold)
-        prepared, fold_k, data_path = open_prepared(t.data), t.fold, t.data
-        test = split_images(prepared, t)
-        cache = prepared.cache(image_size=t.checkpoint.preprocessing.image_size)
-        predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
-        mode, default_out = "linear-probe", R.audit_dir_for(checkpoint)
-    else:
+    if checkpoint is None:
         if data is None:
             raise DataError("which prepared data? give DATA (the folder 'covid-cxr prepare' wrote)")
-        prepared, fold_k, data_path = open_prepared(data), fold or 1, Path(data)
-        if not 1 <= fold_k <= prepared.num_folds:
-            raise DataError(f"{data}: fold {fold_k} does not exist; the prepared data has folds 1..{prepared.num_folds}")
-        cache = prepared.cache()
-        test_frame = prepared.fold(fold_k).test.reset_index(drop=True)
-        test = SplitImages(test_frame, probe_images(cache, test_frame["image_id"]))
-        mode, default_out = "cnn", Path(data) / "audit" / f"fold{fold_k}"
-    pool = training_pool(prepared, fold_k)
+        prepared, fold_k = open_prepared(data), fold or 1
+        pool = training_pool(prepared, fold_k)  # checks the fold
+        every = pd.concat([pool, prepared.fold(fold_k).test], ignore_index=True).drop_duplicates("image_id")
+        every = every.reset_index(drop=True)
+        if every["source"].nunique() < 2:
+            raise DataError(f"{data}: fold {fold_k} holds one source only ({every['source'].iloc[0]}); a source "
+                            "probe needs images from two sources or more")
+        scored = every.iloc[cap_cells(every, seed=seed)].reset_index(drop=True)
+        images = probe_images(prepared.cache(), scored["image_id"], size=STATS_SIZE)
+        inputs = {"data": str(Path(data).resolve()), "fold": fold_k, "checkpoint": None, "probe": "crossfit",
+                  "probes": list(probes), "seed": seed, "epochs": epochs, "min_steps": min_steps}
+        result = run_crossfit_probes(images, scored, probes=probes, epochs=epochs, min_steps=min_steps, seed=seed,
+                                     device=choose_runtime(device, "fp32").device, inputs=inputs, all_frame=every)
+        return result, R.write_result(result, out_dir or Path(data) / "audit" / f"fold{fold_k}")
+    t = resolve_target(checkpoint, data, fold)
+    prepared = open_prepared(t.data)
+    test = split_images(prepared, t)
+    cache = prepared.cache(image_size=t.checkpoint.preprocessing.image_size)
+    pool = training_pool(prepared, t.fold)
     if pool["source"].nunique() < 2:
-        raise DataError(f"{data_path}: the training pool of fold {fold_k} holds one source only "
+        raise DataError(f"{t.data}: the training pool of fold {t.fold} holds one source only "
                         f"({pool['source'].iloc[0]}); a source probe needs images from two sources or more")
-    pool_images = rows_of(cache, pool["image_id"]) if mode == "linear-probe" else probe_images(cache, pool["image_id"])
-    inputs = {"data": str(Path(data_path).resolve()), "fold": fold_k,
-              "checkpoint": str(checkpoint) if checkpoint is not None else None, "probe": mode, "seed": seed,
-              "epochs": epochs if mode == "cnn" else None}
-    result = run_source_probe(pool_images, pool, test.images, test.frame, mode=mode,
-                              predictor=predictor, epochs=epochs, seed=seed, device=probe_device, inputs=inputs)
-    return result, R.write_result(result, out_dir or default_out)
+    predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
+    inputs = {"data": str(Path(t.data).resolve()), "fold": t.fold, "checkpoint": str(checkpoint),
+              "probe": "linear-probe", "seed": seed, "epochs": None}
+    result = run_linear_probe(predictor, rows_of(cache, pool["image_id"]), pool, test.images, test.frame, seed=seed,
+                              inputs=inputs)
+    return result, R.write_result(result, out_dir or R.audit_dir_for(checkpoint))

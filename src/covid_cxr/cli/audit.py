@@ -25,7 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--fold", type=int, help="fold, 1-based (default 1, or the checkpoint run's fold)")
     s.add_argument("--checkpoint", type=Path,
                    help="run folder or .pt: probe its frozen features linearly instead of training a small CNN")
-    s.add_argument("--epochs", type=int, default=8, help="epochs of the CNN probe (default 8)")
+    s.add_argument("--probes", default="stats,cnn", metavar="LIST",
+                   help="probes without --checkpoint, comma-separated: stats (image statistics + logistic "
+                   "regression, seconds), cnn (a small CNN, minutes on a CPU); default stats,cnn")
+    s.add_argument("--epochs", type=int, default=8, help="epochs of the CNN probe (default 8; see --min-steps)")
+    s.add_argument("--min-steps", type=int, default=300, metavar="N",
+                   help="at least this many training steps of the CNN probe per cross-fitting part (default 300)")
     s.add_argument("--seed", type=int, default=0, help="seed of the probe (default 0)")
     _runtime_options(s, out_help="output folder (default: the checkpoint's audit folder, or DATA/audit/foldK without "
                                  "one; give RUN/audit to report it with that run's other audits)")
@@ -39,9 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser("cross-source", help="recall of a class on a source never seen for it, vs in-source recall")
     _target_options(c)
-    c.add_argument("--source", required=True, help="name of the unseen source (e.g. folder)")
-    c.add_argument("--source-data", type=Path, metavar="DIR", help="prepared folder holding that source's images "
-                   "(default: the model's own prepared data); e.g. from 'covid-cxr prepare --folder B --out DIR'")
+    c.add_argument("--source", help="name of the unseen source (e.g. hospital-b); may be left out when "
+                   "--source-data holds one source")
+    c.add_argument("--source-data", metavar="[NAME=]DIR",
+                   help="another collection, never trained on: a folder with one sub-folder per class or a "
+                   "labels.csv, named NAME (e.g. hospital-b=DIR), or a folder 'covid-cxr prepare' wrote "
+                   "(default: the model's own prepared data)")
     c.add_argument("--class", dest="cls", default="covid", help=f"class to test ({', '.join(CLASSES)}; default covid)")
     c.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default 64)")
     _runtime_options(c)
@@ -74,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
     if args.audit == "source":
         from covid_cxr.audit.source import audit_source
 
-        if args.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1; got {args.epochs}")
+        if args.epochs < 1 or args.min_steps < 0:
+            raise ValueError(f"--epochs must be >= 1 and --min-steps >= 0; got {args.epochs} and {args.min_steps}")
+        probes = [p.strip() for p in args.probes.split(",") if p.strip()]
         result, path = audit_source(args.data, fold=args.fold, checkpoint=args.checkpoint, epochs=args.epochs,
-                                    seed=args.seed, device=args.device, precision=args.precision, out_dir=args.out)
+                                    seed=args.seed, probes=probes, min_steps=args.min_steps, device=args.device,
+                                    precision=args.precision, out_dir=args.out)
     elif args.audit == "ablation":
         from covid_cxr.audit.ablation import audit_ablation
 

@@ -24,8 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--covid-chestxray", type=Path, metavar="DIR",
                    help="covid-chestxray-dataset folder (metadata.csv + images/) or its metadata CSV")
     p.add_argument("--rsna", type=Path, metavar="DIR", help="RSNA Pneumonia Detection Challenge folder")
-    p.add_argument("--folder", type=Path, metavar="DIR",
-                   help="your own images: one sub-folder per class, or a labels.csv (path,label[,patient_id,view])")
+    p.add_argument("--folder", action="append", metavar="[NAME=]DIR",
+                   help="your own images: one sub-folder per class, or a labels.csv (path,label[,patient_id,view,"
+                   "source]); NAME names the source in Table 1, the splits and the audits (e.g. nih=DIR, "
+                   "hospital-b=DIR; default: the CSV's source column, else 'folder'); repeat for several folders")
     p.add_argument("--covidx", nargs="+", metavar="FILE", help="COVID-Net's COVIDx split files (train_COVIDx9A.txt "
                    "test_COVIDx9A.txt, or their folder); its test file stays the test split")
     p.add_argument("--covidx-images", type=Path, metavar="DIR", help="the COVIDx images (train/ and test/ folders)")
@@ -73,7 +75,7 @@ def print_report(report: PrepareReport, console: Console) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = PrepareSettings(
-        out=args.out, covid_chestxray=args.covid_chestxray, rsna=args.rsna, folder=args.folder,
+        out=args.out, covid_chestxray=args.covid_chestxray, rsna=args.rsna, folder=tuple(args.folder or ()),
         covidx=tuple(args.covidx) if args.covidx else None, covidx_images=args.covidx_images,
         protocol=args.protocol, folds=args.folds, phases=args.phases, seed=args.seed, splits_from=args.splits_from,
         labels_only=args.labels_only, image_size=args.image_size, skip_bad=args.skip_bad, workers=args.workers,

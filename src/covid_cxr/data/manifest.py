@@ -4,6 +4,11 @@ Columns (:data:`COLUMNS`): ``image_id`` (unique, stable, file-system safe: ``<so
 prefix>/<name>``), ``path`` (absolute), ``label`` (a class key of :mod:`covid_cxr.labels`),
 ``patient_id`` (what splits group on), ``source`` and ``view``. Nothing downstream needs to
 know which adapter produced a row.
+
+``source`` is the name of the collection an image came from, as Table 1, the splits and the
+audits show it: ``covid-chestxray`` and ``rsna`` for the public datasets, the user's own name for a
+folder (``--folder nih=DIR``, or a labels CSV's ``source`` column), ``folder`` when none is given.
+The audits compare sources, so two collections must never share a name.
 """
 
 from __future__ import annotations
@@ -18,12 +23,37 @@ from covid_cxr.labels import CLASSES
 
 COLUMNS: tuple[str, ...] = ("image_id", "path", "label", "patient_id", "source", "view")
 SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_SOURCE_NAME = 64
+RESERVED_SOURCE_NAMES = ("total",)  # Table 1's totals row
 
 
 def safe_name(text: str) -> str:
     """A file-system safe version of a name: runs of other characters become one ``_``."""
     out = SAFE.sub("_", str(text).strip()).strip("._")
     return out or "_"
+
+
+def check_source_name(name: object, *, where: str) -> str:
+    """A valid source name (stripped), or :class:`DataError` naming ``where`` and what a name may be."""
+    text = str(name).strip()
+    problem = ""
+    if not text:
+        problem = "is empty"
+    elif len(text) > MAX_SOURCE_NAME:
+        problem = f"is longer than {MAX_SOURCE_NAME} characters"
+    elif not text.isprintable():
+        problem = "holds control characters"
+    elif text.lower() in RESERVED_SOURCE_NAMES:
+        problem = "is reserved (Table 1's totals row)"
+    if problem:
+        raise DataError(f"{where}: source name {text!r} {problem}; give a short name such as 'nih' or 'hospital-b'")
+    return text
+
+
+def source_prefix(name: str) -> str:
+    """The image-id prefix of a named source: its file-system safe, lower-case form (``NIH ChestX-ray14`` ->
+    ``nih_chestx-ray14``)."""
+    return safe_name(name).lower()
 
 
 def make_ids(prefix: str, names: pd.Series) -> pd.Series:
@@ -48,11 +78,21 @@ def finalize(rows: pd.DataFrame, where: str) -> pd.DataFrame:
         raise DataError(f"{where}: unknown labels {', '.join(bad)}; valid labels are {', '.join(CLASSES)}")
     if (out["patient_id"] == "").any():
         raise DataError(f"{where}: {int((out['patient_id'] == '').sum())} rows have no patient id")
+    if (out["source"] == "").any():
+        raise DataError(f"{where}: {int((out['source'] == '').sum())} rows have no source name")
     return out.reset_index(drop=True)
 
 
 def combine(parts: list[pd.DataFrame]) -> pd.DataFrame:
     """Concatenate manifest parts; image ids must be unique across all sources."""
+    seen: dict[str, int] = {}
+    for i, part in enumerate(parts):
+        for name in set(part["source"]):
+            if name in seen:
+                raise DataError(f"two of the given datasets are both named {name!r} (datasets {seen[name] + 1} and "
+                                f"{i + 1}); the audits compare sources, so give each its own name: "
+                                "--folder nih=DIR --folder hospital-b=DIR")
+            seen[name] = i
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(COLUMNS))
     dup = frame["image_id"][frame["image_id"].duplicated()]
     if len(dup):

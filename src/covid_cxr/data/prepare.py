@@ -30,7 +30,14 @@ from covid_cxr.data.cache import (
 )
 from covid_cxr.data.manifest import COLUMNS, combine, table1
 from covid_cxr.data.prepared import FORMAT, SPLIT_COLUMNS, hash_files, split_files
-from covid_cxr.data.sources import covidx, read_covid_chestxray, read_folder, read_rsna
+from covid_cxr.data.sources import (
+    covidx,
+    folder_specs,
+    parse_folder_spec,
+    read_covid_chestxray,
+    read_folder,
+    read_rsna,
+)
 from covid_cxr.data.splits import SplitPlan, SplitSettings, make_folds
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES
@@ -44,7 +51,7 @@ class PrepareSettings:
     out: Path
     covid_chestxray: Path | None = None
     rsna: Path | None = None
-    folder: Path | None = None
+    folder: Path | str | tuple[str, ...] | None = None  # one or more "[NAME=]DIR": named folder sources
     covidx: tuple[str, ...] | None = None  # COVIDx split files (or their folder); images under covidx_images
     covidx_images: Path | None = None
     protocol: str = "strict"
@@ -58,6 +65,7 @@ class PrepareSettings:
     workers: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "folder", folder_specs(self.folder) or None)
         if not (self.covid_chestxray or self.rsna or self.folder or self.covidx):
             raise ConfigError("give at least one dataset: --covid-chestxray DIR, --rsna DIR, --folder DIR "
                               "or --covidx FILES")
@@ -90,12 +98,16 @@ class PrepareReport:
 def read_sources(settings: PrepareSettings) -> tuple[pd.DataFrame, list[str]]:
     """The combined manifest of every given dataset, and each adapter's notes."""
     parts, notes = [], []
-    for root, reader in ((settings.covid_chestxray, read_covid_chestxray), (settings.rsna, read_rsna),
-                         (settings.folder, read_folder)):
+    for root, reader in ((settings.covid_chestxray, read_covid_chestxray), (settings.rsna, read_rsna)):
         if root is not None:
             frame, part_notes = reader(Path(root))
             parts.append(frame)
             notes += part_notes
+    for spec in settings.folder or ():
+        name, root = parse_folder_spec(spec)
+        frame, part_notes = read_folder(root, name)
+        parts.append(frame)
+        notes += part_notes
     if settings.covidx:
         frame, part_notes = covidx.read_covidx(settings.covidx, settings.covidx_images)
         parts.append(frame)

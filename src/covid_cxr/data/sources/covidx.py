@@ -260,22 +260,32 @@ def covidx_plan(given: Sequence[str | Path], manifest: pd.DataFrame, settings: S
 def _train_side(train: pd.DataFrame, settings: SplitSettings) -> tuple[list[str], list[list[str]], str]:
     """Validation patients carved from COVIDx's training file; the rest dealt over the phases as the paper does:
     every COVID-19 and covid-chestxray patient in each phase, every other patient in exactly one."""
-    rng = np.random.default_rng([settings.seed, 1])
     share = max(2, round(1 / settings.val_fraction))
-    inner = splits.assign_groups(splits.patient_table(train), share, rng)
-    val_pat = set(inner.index[inner == 0])
-    val = train.loc[train["patient_id"].isin(val_pat), "image_id"].tolist()
-    rest = train[~train["patient_id"].isin(val_pat)]
+    in_val = _deal(train, share, settings.seed) == 0
+    val_pat = set(train.loc[in_val, "patient_id"])
+    val = train.loc[in_val, "image_id"].tolist()
+    rest = train[~in_val]
     core = splits.core_mask(rest)
     core_ids = rest.loc[core, "image_id"].tolist()
     pool = rest[~core]
-    phase_of = (pool["patient_id"].map(splits.assign_groups(splits.patient_table(pool), settings.phases, rng))
-                if len(pool) else pd.Series(dtype=int))
+    phase_of = _deal(pool, settings.phases, settings.seed + 1)
     phases = [core_ids + pool.loc[phase_of == p, "image_id"].tolist() for p in range(settings.phases)]
     note = (f"validation: {len(val)} images of {len(val_pat)} patients from the COVIDx training file (1 in {share}, "
             f"by patient); the rest over {settings.phases} phases, every COVID-19 and covid-chestxray patient in "
             "each, the others dealt out once")
     return val, phases, note
+
+
+def _deal(frame: pd.DataFrame, k: int, seed: int) -> np.ndarray:
+    """Each image's group 0..k-1, whole patients, stratified by class (``StratifiedGroupKFold``, as the folds
+    are); fewer patients than groups get one group each."""
+    patients = frame["patient_id"].nunique()
+    if k == 1:
+        return np.zeros(len(frame), dtype=int)
+    if patients >= k:
+        return splits.patient_folds(frame, k, seed)
+    codes, _ = pd.factorize(frame["patient_id"])
+    return np.random.default_rng(seed).permutation(k)[:patients][codes] if patients else np.zeros(0, dtype=int)
 
 
 def check_settings(covidx: Sequence[str] | None, images: Path | None, *, others: bool, splits_from: Path | None,
