@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                                              *common, "--eval-set", str(ref.eval_set),
                                              "--out-probs", str(out / f"probs-{config}.npy"),
                                              "--batch-sizes", *map(str, args.batch_sizes), *timing]))
-    train_configs = [c for c in configs if c in TORCH_CONFIGS and not TORCH_CONFIGS[c].get("compile")]
+    train_configs = [c for c in configs if c == "default" or c in TORCH_CONFIGS and not TORCH_CONFIGS[c].get("compile")]
     if args.no_train:
         train_configs = []
     for config in train_configs:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_CONFIG = "torch-bf16-cl"  # what choose_runtime("auto") picks on a CPU with AVX512-BF16
+DEFAULT_CONFIG = "default"  # what predict/evaluate/serve and train run with every option at auto
 # Which instruction ceiling (benchmarks/peak.py) bounds each configuration's arithmetic.
 FORMAT_OF = {"keras-tf-fp32": "fp32", "torch-fp32": "fp32", "torch-fp32-cl": "fp32", "ort-fp32": "fp32"}
 TARGETS = {"train_ratio": 2.5, "infer_bf16_ratio": 2.5, "infer_int8_ratio": 3.0, "int8_max_pp_lost": 0.5,
@@ -35,7 +35,9 @@ def _rows(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def _format_of(config: str) -> str:
+def _format_of(config: str, runtime: str = "") -> str:
+    if config == DEFAULT_CONFIG:  # whatever auto chose on this CPU, as its runtime line says
+        return "bf16" if "precision=bf16" in runtime else "fp32"
     return FORMAT_OF.get(config.split(" [")[0], "int8" if "int8" in config else "bf16")
 
 
@@ -112,7 +114,7 @@ def analyse(runs: list[dict[str, Any]], ref: Any, out: Path, *, batch_sizes: lis
             }
         if gflop:
             item["infer_gflops"] = {b: ips * gflop for b, ips in item["infer_images_per_s"].items()}
-            fmt = _format_of(name)
+            fmt = _format_of(name, row.get("runtime", ""))
             item["format"] = fmt
             if peak.get("bf16"):
                 item["infer_pct_of_bf16_peak"] = {b: 100 * g / peak["bf16"] for b, g in item["infer_gflops"].items()}

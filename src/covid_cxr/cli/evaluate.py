@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from covid_cxr.cli.metrics import add_metric_options, check_metric_options, print_metrics
+from covid_cxr.deploy.backends import BACKENDS
 from covid_cxr.evaluate.run import SPLITS, evaluate_run
 from covid_cxr.inference import COMPILE_CHOICES, COMPILE_MIN_IMAGES
 from covid_cxr.runtime import PRECISIONS
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help=f"torch.compile the network (default auto: for splits of {COMPILE_MIN_IMAGES}+ images, "
                    "where the compilation pays for itself)")
+    p.add_argument("--backend", choices=BACKENDS, help="auto (default: the fastest exact path here), torch or onnx")
     p.add_argument("--out", type=Path, help="output folder (default RUN/eval-SPLIT or CKPT_STEM-eval-SPLIT)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_metric_options(p)
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_run(
         args.target, data=args.data, fold=args.fold, split=args.split, batch_size=args.batch_size,
         device=args.device, precision=args.precision, out_dir=args.out, prevalence=args.prevalence,
-        n_boot=args.bootstrap, progress=not args.no_progress, compile=args.compile,
+        n_boot=args.bootstrap, progress=not args.no_progress, compile=args.compile, backend=args.backend,
     )
     console = Console()
     info = result.info

@@ -20,7 +20,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from covid_cxr.data.images import load_image
-from covid_cxr.deploy.backends import BACKENDS, LoadedModel, is_checkpoint_file, load_model
+from covid_cxr.deploy.backends import BACKENDS, LoadedModel, is_checkpoint_file, load_model, resolve_compile
 from covid_cxr.deploy.files import expand_inputs
 from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import COMBINED, METHODS, GradCam, save_overlay
@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", type=Path, help="write the predictions to this .csv or .json file (default: print them)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--backend", choices=BACKENDS, help="torch or onnx (default: torch for .pt, onnx for .onnx)")
+    p.add_argument("--backend", choices=BACKENDS, help="auto (default: the fastest exact path here for a .pt, onnx for .onnx), torch or onnx")
     p.add_argument("--gradcam", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument("--gradcam-class", metavar="CLASS",
                    help="class the overlays explain (covid, pneumonia, normal; default: the predicted one)")
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.paths)
     compile_model = should_compile(args.compile, len(inputs.files))
     if compile_model and args.compile == "auto":  # auto compiles PyTorch checkpoints only, never an ONNX model
-        compile_model = args.backend != "onnx" and args.checkpoint.is_file() and is_checkpoint_file(args.checkpoint)
+        compile_model = args.checkpoint.is_file() and is_checkpoint_file(args.checkpoint) and resolve_compile(
+            args.compile, len(inputs.files), backend=args.backend, device=args.device, precision=args.precision)
     loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
                         compile=compile_model)
     print(f"model: {loaded.describe()}", file=sys.stderr)

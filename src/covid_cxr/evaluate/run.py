@@ -200,16 +200,20 @@ def evaluate_run(
     n_boot: int = 1000,
     progress: bool = True,
     compile: str = "auto",
+    backend: str | None = None,
 ) -> EvaluationResult:
     """Evaluate a run folder (its ``best.pt``) or a checkpoint on one split of the prepared data.
 
     ``data`` and ``fold`` default to the run's ``run.json``; a bare checkpoint needs both. ``compile``
-    (auto|on|off): ``torch.compile`` the network; auto does so for splits large enough to repay it.
+    (auto|on|off): ``torch.compile`` the network; auto does so for splits large enough to repay it, when the
+    backend is PyTorch. ``backend``: auto (None), torch or onnx (``covid_cxr.deploy.backends.choose_backend``).
     """
     # Imported here so that metrics and reports never load torch or the data area.
     from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.inference import TorchPredictor, predict_in_batches, should_compile
+    from covid_cxr.deploy.backends import make_predictor, resolve_compile
+    from covid_cxr.deploy.onnx import file_sha256
+    from covid_cxr.inference import predict_in_batches
 
     where = Path(target)
     tgt = resolve_target(where, data, fold, split, out_dir)
@@ -226,7 +230,9 @@ def evaluate_run(
     rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
     # Read the memory-mapped cache front to back: sort by cache row, keep the split's order in the output.
     order = np.argsort(rows, kind="stable")
-    predictor = TorchPredictor(ckpt, device=device, precision=precision, compile=should_compile(compile, len(rows)))
+    compiled = resolve_compile(compile, len(rows), backend=backend, device=device, precision=precision)
+    predictor, choice = make_predictor(ckpt, file_sha256(tgt.checkpoint), backend=backend, device=device,
+                                       precision=precision, compile=compiled)
 
     console = Console(stderr=True)
     started = time.perf_counter()
@@ -260,7 +266,7 @@ def evaluate_run(
         "image_size": ckpt.preprocessing.image_size,
         "scaling": ckpt.preprocessing.scaling,
         "classes_checkpoint": list(ckpt.classes),
-        "runtime": predictor.describe(),
+        "runtime": f"{predictor.backend} ({choice.reason}): {predictor.describe()}",  # type: ignore[attr-defined]
         "batch_size": batch_size,
         "images": len(rows),
         "seconds": seconds,
