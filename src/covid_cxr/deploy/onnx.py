@@ -204,7 +204,8 @@ class OnnxPredictor:
         self.fixed_batch = first.shape[0] if isinstance(first.shape[0], int) else None
 
     def describe(self) -> str:
-        return f"onnxruntime providers={','.join(self.session.get_providers())}"
+        threads = self.session.get_session_options().intra_op_num_threads
+        return f"onnxruntime providers={','.join(self.session.get_providers())} threads={threads}"
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S) -> float32 probabilities (N, C)."""
