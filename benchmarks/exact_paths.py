@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-avx2", action="store_true", help="skip the AVX2 stand-in rows")
+    parser.add_argument("--paths", nargs="+", choices=tuple(PATHS), default=None, help="only these paths (default all)")
+    parser.add_argument("--avx2-paths", nargs="+", choices=tuple(PATHS), default=None,
+                        help="only these paths under the AVX2 stand-in (default: every PyTorch fp32 path)")
     parser.add_argument("--worker", choices=tuple(PATHS), help=argparse.SUPPRESS)
     parser.add_argument("--isa", default="native", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
@@ -126,11 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "machine": describe_machine(), "load_average": [load_average()]}
-    ckpt, onnx, images, report["once_per_process"] = _prepare(out, args.image_size)
+    if (out / "stand-in.pt").is_file() and (out / "fp32.onnx").is_file():  # a rerun into the same folder
+        ckpt, onnx, images, report["once_per_process"] = out / "stand-in.pt", out / "fp32.onnx", out / "images.npy", {}
+    else:
+        ckpt, onnx, images, report["once_per_process"] = _prepare(out, args.image_size)
     print(f"[exact] prepared: {report['once_per_process']}", flush=True)
     results: list[dict[str, Any]] = []
     for isa in ("native",) if args.no_avx2 else ("native", "avx2"):
-        for name in _paths_for(isa, cpu_has_native_bf16()):
+        chosen = args.avx2_paths if isa == "avx2" else args.paths
+        for name in [n for n in _paths_for(isa, cpu_has_native_bf16()) if chosen is None or n in chosen]:
             probs = out / f"probs-{isa}-{name}.npy"
             argv_worker = [sys.executable, "-m", "benchmarks.exact_paths", "--worker", name, "--isa", isa,
                            "--checkpoint", str(ckpt), "--onnx", str(onnx), "--images", str(images),
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       for r in rows if r.get("batch")) + (" FAILED" if done.returncode else ""),
                   flush=True)
             report["load_average"].append(load_average())
-    reference = np.load(out / "probs-native-torch-fp32.npy")
+    reference = np.load(out / "probs-native-torch-fp32.npy")  # written by the torch-fp32 path (run it once)
     for row in results:
         if row.get("probabilities"):
             row["max_abs_prob_diff_vs_torch_fp32"] = float(np.abs(np.load(row["probabilities"]) - reference).max())

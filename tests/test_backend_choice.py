@@ -8,6 +8,8 @@ tested on the CPU running the suite, with a tolerance far above float32 rounding
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,18 @@ def test_auto_compiles_only_where_auto_runs_pytorch(cpu_kind) -> None:
     cpu_kind(False)
     assert not resolve_compile("auto", COMPILE_MIN_IMAGES, device="cpu")  # ONNX Runtime needs no compilation
     assert resolve_compile("on", 1, device="cpu")  # asked for: PyTorch, compiled
+
+
+def test_a_cpu_capped_to_avx2_is_treated_as_one() -> None:
+    """The AVX2 stand-in (oneDNN capped) must not run bf16 in emulation: auto sees no native bf16 there."""
+    import subprocess
+    import sys
+
+    probe = "from covid_cxr.runtime import cpu_has_native_bf16, choose_runtime; " \
+            "print(cpu_has_native_bf16(), choose_runtime('cpu').precision)"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "fp32"]
 
 
 def _random_batchnorm_statistics(model: torch.nn.Module) -> None:
