@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--out", type=Path, help="write the predictions to this .csv or .json file (default: print them)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--backend", choices=BACKENDS, help="auto (default: the fastest exact path here for a .pt, onnx for .onnx), torch or onnx")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="auto (default: the fastest exact path here for a .pt, onnx for .onnx), torch or onnx")
     p.add_argument("--gradcam", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument("--gradcam-class", metavar="CLASS",
                    help="class the overlays explain (covid, pneumonia, normal; default: the predicted one)")

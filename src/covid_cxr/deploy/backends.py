@@ -49,7 +49,8 @@ def choose_backend(
     """Resolve ``--backend`` (None: ``$COVID_CXR_BACKEND``, else auto) for a checkpoint on this machine."""
     backend = backend or os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
     if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r} (from --backend or ${BACKEND_ENV})")
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r} "
+                          f"(from --backend or ${BACKEND_ENV})")
     if backend != "auto":
         return BackendChoice(backend, "asked for")
     if compile:
