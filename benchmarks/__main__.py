@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] ceilings: {ceilings.get('gflops') or ceilings.get('error')}", flush=True)
 
     print("[bench] reference model, eval set, ONNX export and int8 quantization ...", flush=True)
+    formats = tuple(f for f in ("qoperator", "qdq") if f"ort-int8-{f}" in configs)  # quantize only what is timed
     ref = make_reference(out / "reference", checkpoint=args.checkpoint, image_size=args.image_size,
-                         max_eval=args.max_eval)
+                         max_eval=args.max_eval, int8_formats=formats)
     py = sys.executable
     timing = ["--warmup", str(args.warmup), "--reps", str(args.reps)]
     _LOG.append({"label": "ceilings", "results": [{"task": "ceilings", **ceilings}]})  # kept in raw-runs.json too
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                                              *common, "--eval-set", str(ref.eval_set),
                                              "--out-probs", str(out / f"probs-{config}.npy"),
                                              "--batch-sizes", *map(str, args.batch_sizes), *timing]))
-    train_configs = [c for c in configs if c in TORCH_CONFIGS and not TORCH_CONFIGS[c].get("compile")]
+    train_configs = [c for c in configs if c == "default" or c in TORCH_CONFIGS and not TORCH_CONFIGS[c].get("compile")]
     if args.no_train:
         train_configs = []
     for config in train_configs:

@@ -113,7 +113,7 @@ def _run_eval_set(ckpt_path: Path, max_eval: int, seed: int) -> tuple[np.ndarray
 
 
 def make_reference(out_dir: Path, *, checkpoint: Path | None = None, image_size: int = 300, max_eval: int = 600,
-                   seed: int = 0) -> Reference:
+                   seed: int = 0, int8_formats: tuple[str, ...] = ("qoperator", "qdq")) -> Reference:
     from covid_cxr.deploy.onnx import export_onnx
     from covid_cxr.deploy.quantize import quantize_onnx
 
@@ -152,7 +152,7 @@ def make_reference(out_dir: Path, *, checkpoint: Path | None = None, image_size:
     t0 = time.perf_counter()
     export_onnx(ckpt, onnx_dir / "fp32.onnx", dynamic_batch=True)
     seconds["export"] = time.perf_counter() - t0
-    for fmt in ("qoperator", "qdq"):
+    for fmt in int8_formats:
         t0 = time.perf_counter()
         quantize_onnx(onnx_dir / "fp32.onnx", onnx_dir / f"int8-{fmt}.onnx", calib, quant_format=fmt)
         seconds[f"quantize_{fmt}"] = time.perf_counter() - t0

@@ -28,10 +28,19 @@ TORCH_CONFIGS: dict[str, dict[str, Any]] = {
     "torch-bf16-cl-compile": {"precision": "bf16", "channels_last": True, "compile": True},
 }
 ORT_CONFIGS = ("ort-fp32", "ort-int8-qoperator", "ort-int8-qdq")
-CONFIGS = tuple(TORCH_CONFIGS) + ORT_CONFIGS
+# "default": what predict/evaluate/serve run from a checkpoint with every option left at auto (the backend
+# covid_cxr.deploy.backends.choose_backend picks for this CPU); trained as `train` does with precision auto.
+DEFAULT_CONFIG = "default"
+CONFIGS = (DEFAULT_CONFIG, *TORCH_CONFIGS, *ORT_CONFIGS)
 
 
 def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
+    if config == DEFAULT_CONFIG:
+        from covid_cxr.deploy.backends import load_model
+
+        loaded = load_model(checkpoint, device="cpu")
+        print(f"default: {loaded.describe()}", flush=True)
+        return loaded.predictor
     if config in TORCH_CONFIGS:
         import torch
 
@@ -58,7 +67,7 @@ def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
 
 def _describe(predictor: Any) -> str:
     if hasattr(predictor, "runtime"):
-        return predictor.runtime.describe()
+        return f"{predictor.backend} {predictor.describe()}"
     from covid_cxr.perf import apply_speed_settings
 
     return f"{predictor.describe()} {apply_speed_settings().describe()}"
@@ -104,7 +113,7 @@ def run_train(args: argparse.Namespace) -> None:
     from covid_cxr.train.loader import Batch
     from covid_cxr.train.runner import make_optimizer
 
-    spec = TORCH_CONFIGS[args.config]
+    spec = TORCH_CONFIGS.get(args.config, {"precision": "auto", "channels_last": None})
     if spec.get("compile"):
         raise SystemExit("training is not timed with torch.compile (see RESULTS.md)")
     runtime = choose_runtime("cpu", spec["precision"], spec["channels_last"])

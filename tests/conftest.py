@@ -30,6 +30,12 @@ def _fixtures_dir() -> Path | None:
     return None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """ONNX exports that ``--backend auto`` caches go to a folder of this session, never the user's cache."""
+    os.environ.setdefault("COVID_CXR_CACHE", str(tmp_path_factory.mktemp("covid-cxr-cache")))
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     path = _fixtures_dir()

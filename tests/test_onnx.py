@@ -84,7 +84,7 @@ def test_predict_through_both_backends_agrees(exported, tmp_path):
         cv2.imwrite(str(tmp_path / f"img{i}.png"), rng.integers(0, 256, (100 + i, 90), dtype=np.uint8))
     out_t, out_o = tmp_path / "torch.json", tmp_path / "onnx.json"
     assert main(["predict", str(ckpt_path), str(tmp_path), "--out", str(out_t), "--precision", "fp32",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--backend", "torch"]) == 0
     assert main(["predict", str(onnx_path), str(tmp_path), "--out", str(out_o)]) == 0
     rows_t = json.loads(out_t.read_text())["predictions"]
     rows_o = json.loads(out_o.read_text())["predictions"]

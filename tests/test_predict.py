@@ -71,7 +71,7 @@ def test_predict_folder_reports_the_bad_file_and_fails(ckpt, folder, tmp_path, c
     out = tmp_path / "preds.csv"
     cams = tmp_path / "cams"
     status = main(["predict", str(ckpt), str(folder), "--out", str(out), "--batch-size", "4",
-                   "--device", "cpu", "--precision", "fp32", "--gradcam", str(cams)])
+                   "--device", "cpu", "--precision", "fp32", "--backend", "torch", "--gradcam", str(cams)])
     err = capsys.readouterr().err
     assert status == 1
     everything = pd.read_csv(out, keep_default_na=False)

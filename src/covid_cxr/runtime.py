@@ -26,12 +26,19 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16)."""
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16) and oneDNN may use it.
+
+    oneDNN's own check follows ``ONEDNN_MAX_CPU_ISA``, so a process capped to AVX2 (how we stand in for an
+    AVX2-only CPU) is treated as one, instead of running bf16 in slow emulation.
+    """
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+    if not any(flag in flags for flag in (" avx512_bf16", " amx_bf16")):
+        return False
+    onednn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(onednn_check()) if onednn_check is not None else True
 
 
 @dataclass(frozen=True)

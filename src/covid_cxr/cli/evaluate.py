@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from covid_cxr.cli.metrics import add_metric_options, check_metric_options, print_metrics
+from covid_cxr.deploy.backends import BACKENDS
 from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, parse_prevalences
 from covid_cxr.evaluate.run import SPLITS, EvaluationResult, evaluate_run
 from covid_cxr.operating_point import FORMS, OperatingPoint
@@ -41,6 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help=f"torch.compile the network (default auto: for splits of {COMPILE_MIN_IMAGES}+ images, "
                    "where the compilation pays for itself)")
+    p.add_argument("--backend", choices=BACKENDS, help="auto (default: the fastest exact path here), torch or onnx")
     p.add_argument("--out", type=Path, help="output folder (default RUN/eval-SPLIT or CKPT_STEM-eval-SPLIT)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--operating-point", metavar="RULE",
@@ -54,7 +56,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "with one sub-folder per class, or a CSV with path,label[,patient_id,source] columns")
     ext.add_argument("--name", help="name of the external set (default: its folder or file name); output goes to "
                      "RUN/external-NAME/")
-    ext.add_argument("--backend", choices=("torch", "onnx"), help="for --external: torch or onnx (default: by file)")
     ext.add_argument("--workers", type=int, default=2, help="for --external: threads decoding images (default 2)")
     add_metric_options(p)
     p.set_defaults(func=run)
@@ -65,14 +66,14 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.external is None:
-        for flag in ("name", "backend"):
+        for flag in ("name",):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --external; add --external DATA_OR_CSV")
         result = evaluate_run(
             args.target, data=args.data, fold=args.fold, split=args.split, batch_size=args.batch_size,
             device=args.device, precision=args.precision, out_dir=args.out, prevalence=args.prevalence,
             n_boot=args.bootstrap, progress=not args.no_progress, compile=args.compile,
-            operating_point=args.operating_point, prevalences=args.prevalences,
+            operating_point=args.operating_point, prevalences=args.prevalences, backend=args.backend,
         )
         title = f"{result.info['network']} fold {result.info['fold']} {result.info['split']}"
     else:

@@ -26,7 +26,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from covid_cxr.data.images import load_image
-from covid_cxr.deploy.backends import BACKENDS, LoadedModel, is_checkpoint_file, load_model
+from covid_cxr.deploy.backends import BACKENDS, LoadedModel, is_checkpoint_file, load_model, resolve_compile
 from covid_cxr.deploy.files import display_path, expand_inputs
 from covid_cxr.deploy.output import SUFFIXES, PredictionSink
 from covid_cxr.deploy.saturation import print_int8_record
@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="write the predictions to this .csv or .json file as they are made "
                    "(default: print them); a refused input's row gives the reason in the 'error' column")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--backend", choices=BACKENDS, help="torch or onnx (default: torch for .pt, onnx for .onnx)")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="auto (default: the fastest exact path here for a .pt, onnx for .onnx), torch or onnx")
     p.add_argument("--gradcam", type=Path, metavar="DIR", help="write a Grad-CAM overlay PNG per image into DIR")
     p.add_argument("--gradcam-class", metavar="CLASS",
                    help="class the overlays explain (covid, pneumonia, normal; default: the predicted one)")
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     inputs = expand_inputs(args.paths)
     compile_model = should_compile(args.compile, len(inputs.files))
     if compile_model and args.compile == "auto":  # auto compiles PyTorch checkpoints only, never an ONNX model
-        compile_model = args.backend != "onnx" and args.checkpoint.is_file() and is_checkpoint_file(args.checkpoint)
+        compile_model = args.checkpoint.is_file() and is_checkpoint_file(args.checkpoint) and resolve_compile(
+            args.compile, len(inputs.files), backend=args.backend, device=args.device, precision=args.precision)
     loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
                         compile=compile_model)
     print(f"model: {loaded.describe()}", file=sys.stderr)

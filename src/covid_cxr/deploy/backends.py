@@ -1,14 +1,26 @@
-"""Open a model file for inference with the backend the user chose.
+"""Open a model file for inference on the fastest exact backend for this machine, or the one asked for.
 
-A covid-cxr checkpoint (a ``torch.save`` zip) runs on PyTorch or, exported in memory, on ONNX
-Runtime; an exported ``.onnx`` file runs on ONNX Runtime only. The file's bytes, not its name,
-say which it is. Grad-CAM needs gradients, so it is available whenever a checkpoint is at hand,
-whatever backend answers the predictions.
+A covid-cxr checkpoint (a ``torch.save`` zip) runs on PyTorch or, exported to ONNX, on ONNX Runtime;
+an exported ``.onnx`` file runs on ONNX Runtime only. The file's bytes, not its name, say which it is.
+Grad-CAM needs gradients, so it is available whenever a checkpoint is at hand, whatever backend
+answers the predictions.
+
+``--backend auto`` (the default of ``predict``, ``evaluate`` and ``serve``) decides by
+:func:`choose_backend`, one rule measured in ``benchmarks/RESULTS.md`` ("Which path auto takes"):
+
+- a GPU, or a CPU with native bf16 (AVX512-BF16/AMX) under ``--precision auto``: PyTorch, bf16 autocast,
+  channels_last, BatchNorms folded into the convolutions;
+- ``torch.compile`` asked for, or a precision only PyTorch runs (bf16, fp16): PyTorch;
+- otherwise (fp32 on a CPU: every AVX2-only CPU): ONNX Runtime fp32, the faster of the two exact fp32 paths.
+  The checkpoint is exported once (tens of seconds) and the export is cached under
+  ``$COVID_CXR_CACHE/onnx`` by the checkpoint's sha256, so later runs open it in a second.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +28,41 @@ from covid_cxr.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.deploy.onnx import OnnxPredictor, export_onnx_bytes, file_sha256
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.gradcam import GradCam
-from covid_cxr.inference import Predictor, TorchPredictor
+from covid_cxr.inference import Predictor, TorchPredictor, should_compile
+from covid_cxr.runtime import choose_runtime
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
+BACKEND_ENV = "COVID_CXR_BACKEND"  # the default for --backend (auto when unset)
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend runs a checkpoint, and the reason printed beside it."""
+
+    backend: str  # torch | onnx
+    reason: str
+
+
+def choose_backend(
+    backend: str | None = None, *, device: str = "auto", precision: str = "auto", compile: bool = False
+) -> BackendChoice:
+    """Resolve ``--backend`` (None: ``$COVID_CXR_BACKEND``, else auto) for a checkpoint on this machine."""
+    backend = backend or os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r} "
+                          f"(from --backend or ${BACKEND_ENV})")
+    if backend != "auto":
+        return BackendChoice(backend, "asked for")
+    if compile:
+        return BackendChoice("torch", "auto: torch.compile asked for")
+    if precision in ("bf16", "fp16"):
+        return BackendChoice("torch", f"auto: {precision} runs on PyTorch")
+    runtime = choose_runtime(device, precision)
+    if runtime.device.type != "cpu":
+        return BackendChoice("torch", f"auto: {runtime.device.type} device")
+    if runtime.precision == "bf16":
+        return BackendChoice("torch", "auto: native bf16 CPU, bf16 autocast is fastest")
+    return BackendChoice("onnx", "auto: fp32 on CPU, ONNX Runtime is the fastest exact path")
 
 
 @dataclass
@@ -27,9 +71,11 @@ class LoadedModel:
     network: str
     sha256: str  # of the file given, so a response names exactly the weights that produced it
     checkpoint: Checkpoint | None
+    choice: BackendChoice | None = None
 
     def describe(self) -> str:
-        return f"{self.network} on {self.predictor.backend}: {self.predictor.describe()}"  # type: ignore[attr-defined]
+        why = f" ({self.choice.reason})" if self.choice is not None else ""
+        return f"{self.network} on {self.predictor.backend}{why}: {self.predictor.describe()}"  # type: ignore[attr-defined]
 
     def gradcam(self) -> GradCam:
         """Grad-CAM on the PyTorch network (the predictor's own when it is PyTorch)."""
@@ -46,6 +92,69 @@ def is_checkpoint_file(path: Path) -> bool:
         return fh.read(4) == b"PK\x03\x04"
 
 
+def resolve_compile(
+    choice: str, images: int, *, backend: str | None = None, device: str = "auto", precision: str = "auto"
+) -> bool:
+    """``--compile auto|on|off`` for a checkpoint job of ``images`` images: auto compiles only when auto's
+    backend is PyTorch anyway (on an fp32-only CPU it is ONNX Runtime, which needs no compilation)."""
+    wanted = should_compile(choice, images)
+    if wanted and choice == "auto":
+        return choose_backend(backend, device=device, precision=precision).backend == "torch"
+    return wanted
+
+
+def cached_onnx(checkpoint: Checkpoint, sha256: str) -> tuple[bytes, str]:
+    """The checkpoint's fp32 ONNX export, from the cache when an earlier run wrote it; and where it came from.
+
+    Keyed by the checkpoint file's sha256 and the covid-cxr version (whose exporter wrote it). A cache that
+    cannot be written (read-only home, full disk) only costs the export again next time, and says so.
+    """
+    from covid_cxr import __version__
+    from covid_cxr.models.pretrained import default_cache_dir
+
+    target = default_cache_dir() / "onnx" / f"{sha256}-{__version__}.onnx"
+    if target.is_file():
+        return target.read_bytes(), f"cached export {target}"
+    started = time.perf_counter()
+    data = export_onnx_bytes(checkpoint, source_sha256=sha256)
+    took = f"exported in {time.perf_counter() - started:.0f} s"
+    tmp: str | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        return data, f"{took}; not cached ({exc.strerror or exc}: set COVID_CXR_CACHE to a writable folder)"
+    return data, f"{took}, cached as {target}"
+
+
+def make_predictor(
+    checkpoint: Checkpoint,
+    sha256: str,
+    *,
+    backend: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+) -> tuple[Predictor, BackendChoice]:
+    """The predictor for a loaded checkpoint on the chosen backend (see :func:`choose_backend`)."""
+    choice = choose_backend(backend, device=device, precision=precision, compile=compile)
+    if choice.backend == "onnx":
+        if compile:
+            raise ConfigError("--compile applies to the torch backend; ONNX Runtime optimises its graph itself")
+        if device not in ("auto", "cpu") or precision not in ("auto", "fp32"):
+            raise ConfigError("--backend onnx runs in fp32 on ONNX Runtime's own providers; drop --device/--precision")
+        data, origin = cached_onnx(checkpoint, sha256)
+        return OnnxPredictor(data), BackendChoice("onnx", f"{choice.reason}; {origin}")
+    # Folding is exact up to float rounding (benchmarks/RESULTS.md) and the compiled graph folds by itself.
+    predictor = TorchPredictor(checkpoint, device=device, precision=precision, compile=compile, fold=not compile)
+    return predictor, choice
+
+
 def load_model(
     path: str | os.PathLike[str],
     *,
@@ -54,7 +163,8 @@ def load_model(
     precision: str = "auto",
     compile: bool = False,
 ) -> LoadedModel:
-    """Open ``path`` (checkpoint or ONNX file) on ``backend`` (default: torch for a checkpoint, onnx for ONNX).
+    """Open ``path`` (checkpoint or ONNX file) on ``backend`` (default auto: :func:`choose_backend` for a
+    checkpoint, ONNX Runtime for an ONNX file).
 
     ``compile``: run the PyTorch network through ``torch.compile`` (see :class:`TorchPredictor`).
     """
@@ -64,19 +174,14 @@ def load_model(
     if backend is not None and backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     sha = file_sha256(path)
-    if compile and (backend == "onnx" or not is_checkpoint_file(path)):
-        raise ConfigError(f"{path}: --compile applies to a PyTorch checkpoint on the torch backend; ONNX Runtime "
-                          "optimises its graph itself")
     if not is_checkpoint_file(path):
+        if compile:
+            raise ConfigError(f"{path}: --compile applies to a PyTorch checkpoint on the torch backend; ONNX Runtime "
+                              "optimises its graph itself")
         if backend == "torch":
             raise ConfigError(f"{path} is an ONNX model; run it with --backend onnx, or give the .pt checkpoint")
         predictor = OnnxPredictor(path)
-        return LoadedModel(predictor, predictor.network, sha, None)
+        return LoadedModel(predictor, predictor.network, sha, None, BackendChoice("onnx", "an ONNX file"))
     ckpt = load_checkpoint(path)
-    if backend == "onnx":
-        if device not in ("auto", "cpu") or precision not in ("auto", "fp32"):
-            raise ConfigError("--backend onnx runs in fp32 on ONNX Runtime's own providers; drop --device/--precision")
-        predictor = OnnxPredictor(export_onnx_bytes(ckpt, source_sha256=sha))
-        return LoadedModel(predictor, ckpt.network, sha, ckpt)
-    predictor = TorchPredictor(ckpt, device=device, precision=precision, compile=compile)
-    return LoadedModel(predictor, ckpt.network, sha, ckpt)
+    predictor, choice = make_predictor(ckpt, sha, backend=backend, device=device, precision=precision, compile=compile)
+    return LoadedModel(predictor, ckpt.network, sha, ckpt, choice)

@@ -37,6 +37,7 @@ from covid_cxr.deploy.graph import fold_pads_into_pools
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference import check_batch
 from covid_cxr.labels import check_classes
+from covid_cxr.perf import apply_speed_settings
 from covid_cxr.preprocess import Preprocessing, to_model_input
 
 DEFAULT_OPSET = 18
@@ -187,6 +188,8 @@ class OnnxPredictor:
             raise CheckpointError(f"{where}: no such ONNX file")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = apply_speed_settings().threads  # physical cores, as for torch
         try:
             self.session = ort.InferenceSession(
                 source if isinstance(source, bytes) else os.fspath(source),
@@ -204,7 +207,8 @@ class OnnxPredictor:
         self.fixed_batch = first.shape[0] if isinstance(first.shape[0], int) else None
 
     def describe(self) -> str:
-        return f"onnxruntime providers={','.join(self.session.get_providers())}"
+        threads = self.session.get_session_options().intra_op_num_threads
+        return f"onnxruntime providers={','.join(self.session.get_providers())} threads={threads}"
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S) -> float32 probabilities (N, C)."""

@@ -283,21 +283,24 @@ class _Model:
     ckpt: Any
     prepared: Any
     predictor: Any
+    choice: Any  # the BackendChoice: which backend runs it, and why
     cache: Any = None  # the image cache the last split was read from
 
 
 def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None, *,
-          device: str, precision: str, compile: str, images: int | None = None) -> _Model:
+          device: str, precision: str, compile: str, images: int | None = None, backend: str | None = None) -> _Model:
     from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.inference import TorchPredictor, should_compile
+    from covid_cxr.deploy.backends import make_predictor, resolve_compile
+    from covid_cxr.deploy.onnx import file_sha256
 
     tgt = resolve_target(Path(target), data, fold, split, out_dir)
     ckpt = load_checkpoint(tgt.checkpoint)
     prepared = PreparedData(tgt.data)
-    predictor = TorchPredictor(ckpt, device=device, precision=precision,
-                               compile=should_compile(compile, images or 0))
-    return _Model(tgt, ckpt, prepared, predictor)
+    compiled = resolve_compile(compile, images or 0, backend=backend, device=device, precision=precision)
+    predictor, choice = make_predictor(ckpt, file_sha256(tgt.checkpoint), backend=backend, device=device,
+                                       precision=precision, compile=compiled)
+    return _Model(tgt, ckpt, prepared, predictor, choice)
 
 
 def _split_probs(m: _Model, split: str, *, batch_size: int, progress: bool, where: Path
@@ -366,6 +369,7 @@ def evaluate_run(
     compile: str = "auto",
     operating_point: str | None = None,
     prevalences: tuple[float, ...] = DEFAULT_PREVALENCES,
+    backend: str | None = None,
 ) -> EvaluationResult:
     """Evaluate a run folder (its ``best.pt``) or a checkpoint on one split of the prepared data.
 
@@ -373,13 +377,16 @@ def evaluate_run(
     (auto|on|off): ``torch.compile`` the network; auto does so for splits large enough to repay it.
     ``operating_point`` (e.g. ``sensitivity=0.95``) chooses a decision rule on the validation split for
     this evaluation (the checkpoint is left as it is; ``calibrate`` stores one); default: the checkpoint's.
+    ``backend``: auto (None), torch or onnx (``covid_cxr.deploy.backends.choose_backend``); ``compile``
+    applies when the backend is PyTorch.
     """
     where = Path(target)
     tgt = resolve_target(where, data, fold, split, out_dir)
     from covid_cxr.data.prepared import PreparedData
 
     n_images = len(load_split(PreparedData(tgt.data), tgt.fold, split, tgt.run, where)[0])
-    m = _open(where, data, fold, split, out_dir, device=device, precision=precision, compile=compile, images=n_images)
+    m = _open(where, data, fold, split, out_dir, device=device, precision=precision, compile=compile, images=n_images,
+              backend=backend)
     if operating_point is not None:
         op = choose_on_validation(m, operating_point, batch_size=batch_size, progress=progress, where=where)
     else:
@@ -404,7 +411,7 @@ def evaluate_run(
         "cache": str(m.cache.folder.resolve()),
         "classes_checkpoint": list(ckpt.classes),
         "operating_point": op.to_dict(),
-        "runtime": predictor.describe(),
+        "runtime": f"{predictor.backend} ({m.choice.reason}): {predictor.describe()}",
         "batch_size": batch_size,
         "images": len(frame),
         "seconds": seconds,

@@ -1,0 +1,170 @@
+"""--backend auto: the rule that picks the inference path, and that every path it can pick gives the same numbers.
+
+The rule is tested with the CPU's bf16 capability stood in (so both machine classes are covered on any
+CPU); the agreement of the exact fp32 paths (PyTorch, PyTorch with folded BatchNorms, ONNX Runtime) is
+tested on the CPU running the suite, with a tolerance far above float32 rounding through this network
+(measured differences are ~1e-6) and far below any change of class.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from covid_cxr import runtime
+from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.deploy import backends
+from covid_cxr.deploy.backends import choose_backend, load_model, resolve_compile
+from covid_cxr.errors import ConfigError
+from covid_cxr.inference import COMPILE_MIN_IMAGES, TorchPredictor, fold_batchnorms
+from covid_cxr.models import build_model
+from tests.test_server import tiny_checkpoint
+
+SIZE = 71
+PROB_ATOL = 1e-4  # fp32 paths differ only by the order of float sums: ~1e-6 here, on every CPU
+
+
+@pytest.fixture
+def cpu_kind(monkeypatch):
+    """Stand in for the CPU class: ``cpu_kind(True)`` has native bf16, ``cpu_kind(False)`` is fp32-only."""
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+
+    def set_kind(native_bf16: bool) -> None:
+        monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native_bf16)
+
+    return set_kind
+
+
+def test_auto_runs_bf16_torch_where_native_and_onnx_runtime_on_fp32_cpus(cpu_kind) -> None:
+    cpu_kind(True)
+    assert choose_backend(device="cpu").backend == "torch"
+    assert choose_backend(device="cpu", precision="fp32").backend == "onnx"  # the fastest exact fp32 path
+    cpu_kind(False)
+    choice = choose_backend(device="cpu")
+    assert choice.backend == "onnx" and "fp32" in choice.reason
+
+
+def test_what_only_pytorch_can_do_keeps_pytorch(cpu_kind, monkeypatch) -> None:
+    cpu_kind(False)
+    assert choose_backend(device="cpu", compile=True).backend == "torch"
+    assert choose_backend(device="cpu", precision="bf16").backend == "torch"
+    assert choose_backend("torch", device="cpu").reason == "asked for"
+    assert choose_backend("onnx", device="cpu").backend == "onnx"
+    monkeypatch.setenv(backends.BACKEND_ENV, "torch")  # the default for --backend, e.g. for a CI job
+    assert choose_backend(device="cpu").backend == "torch"
+    monkeypatch.setenv(backends.BACKEND_ENV, "tensorflow")
+    with pytest.raises(ConfigError, match="auto, torch, onnx"):
+        choose_backend(device="cpu")
+
+
+def test_auto_compiles_only_where_auto_runs_pytorch(cpu_kind) -> None:
+    cpu_kind(True)
+    assert resolve_compile("auto", COMPILE_MIN_IMAGES, device="cpu")
+    assert not resolve_compile("auto", COMPILE_MIN_IMAGES - 1, device="cpu")
+    cpu_kind(False)
+    assert not resolve_compile("auto", COMPILE_MIN_IMAGES, device="cpu")  # ONNX Runtime needs no compilation
+    assert resolve_compile("on", 1, device="cpu")  # asked for: PyTorch, compiled
+
+
+def test_a_cpu_capped_to_avx2_is_treated_as_one() -> None:
+    """The AVX2 stand-in (oneDNN capped) must not run bf16 in emulation: auto sees no native bf16 there."""
+    import subprocess
+    import sys
+
+    probe = "from covid_cxr.runtime import cpu_has_native_bf16, choose_runtime; " \
+            "print(cpu_has_native_bf16(), choose_runtime('cpu').precision)"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "fp32"]
+
+
+def _random_batchnorm_statistics(model: torch.nn.Module) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+
+
+@pytest.mark.parametrize("network", ["xception", "resnet50v2"])
+def test_folding_batchnorms_keeps_outputs_and_module_tree(network: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(network, image_size=SIZE).eval()
+    _random_batchnorm_statistics(model)
+    x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    with torch.no_grad():
+        before = model(x)
+        total = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+        folded = fold_batchnorms(model)
+        after = model(x)
+    left = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if network == "xception":  # every Xception BatchNorm follows a convolution
+        assert folded == total and not left
+    else:  # ResNet50V2's pre-activation BatchNorms follow an addition or the stem's pool: they stay
+        assert folded > 0 and left and all(n.endswith(("preact_bn", "post_bn")) for n in left)
+    assert model.gradcam_layers()  # the named layers Grad-CAM hooks are still there
+    torch.testing.assert_close(after, before, atol=1e-4 * before.abs().max().item(), rtol=1e-4)
+
+
+def test_folding_refuses_a_training_model() -> None:
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorms(build_model("xception", image_size=SIZE).train())
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("choice") / "tiny.pt", "xception", size=SIZE)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COVID_CXR_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_every_exact_path_gives_the_same_probabilities(ckpt, cache, cpu_kind) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (6, SIZE, SIZE), dtype=np.uint8)
+    reference = TorchPredictor(load_checkpoint(ckpt), device="cpu", precision="fp32").predict_proba(images)
+    assert reference.std() > 0.01  # outputs vary between images, so agreement means something
+    cpu_kind(False)
+    auto = load_model(ckpt, device="cpu")  # what predict/evaluate/serve open on an fp32-only CPU
+    assert auto.predictor.backend == "onnx" and "auto: fp32 on CPU" in auto.describe()
+    assert "cached as" in auto.describe() and len(list(cache.glob("onnx/*.onnx"))) == 1
+    torch_path = load_model(ckpt, backend="torch", device="cpu", precision="fp32")
+    assert "bn_folded=" in torch_path.describe()
+    for loaded in (auto, torch_path):
+        np.testing.assert_allclose(loaded.predictor.predict_proba(images), reference, atol=PROB_ATOL)
+    again = load_model(ckpt, device="cpu")  # a second run opens the cached export instead of exporting again
+    assert "cached export" in again.describe()
+    np.testing.assert_allclose(again.predictor.predict_proba(images), reference, atol=PROB_ATOL)
+
+
+def test_grad_cam_works_on_every_path(ckpt, cache, cpu_kind) -> None:
+    cpu_kind(False)
+    image = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
+    maps = [load_model(ckpt, backend=b, device="cpu", precision="fp32").gradcam() for b in ("torch", "onnx")]
+    heat = [cam(image[None])[0].map for cam in maps]  # folded network vs the checkpoint's own
+    assert heat[0].std() > 0.01
+    np.testing.assert_allclose(heat[0], heat[1], atol=1e-3)
+
+
+def test_onnx_backend_refuses_what_it_cannot_do(ckpt, cache) -> None:
+    with pytest.raises(ConfigError, match="torch backend"):
+        load_model(ckpt, backend="onnx", compile=True)
+    with pytest.raises(ConfigError, match="fp32"):
+        load_model(ckpt, backend="onnx", precision="bf16")
+
+
+def test_an_unwritable_cache_costs_the_export_not_the_run(ckpt, tmp_path, monkeypatch, cpu_kind) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("COVID_CXR_CACHE", str(blocker))
+    cpu_kind(False)
+    loaded = load_model(ckpt, device="cpu")
+    assert loaded.predictor.backend == "onnx" and "not cached" in loaded.describe()
