@@ -1,0 +1,80 @@
+"""Sizing the demo to a time budget: the projection, the choice of plan and ``--plan``, on made-up costs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from covid_cxr.cli.demo import parse_plan
+from covid_cxr.cli.demo_budget import PLANS, DemoPlan, SplitSizes, StepCost, choose_plan, projected_seconds
+from covid_cxr.runtime import choose_runtime
+
+SIZES = SplitSizes(phase_images=(176,) * 8, val_images=80, test_images=1175)  # the default demo's fold 1
+
+
+def _area_cost(step_at_96: float) -> callable:
+    """A machine whose step and forward costs scale with the image area; records the sizes measured."""
+    measured: list[int] = []
+
+    def measure(size: int) -> StepCost:
+        measured.append(size)
+        scale = (size / 96) ** 2
+        return StepCost(size, train_step_s=step_at_96 * scale, eval_image_s=step_at_96 / 48 * scale)
+
+    measure.measured = measured  # type: ignore[attr-defined]
+    return measure
+
+
+def test_projection_counts_steps_validation_test_and_export() -> None:
+    cost = StepCost(96, train_step_s=1.0, eval_image_s=0.01)
+    # 8 phases x 11 steps x 5 epochs; validation 5 x 8 x 80, test 1175, export 64 + 2 x 80 images
+    expected = 440 * 1.0 + (3200 + 1175 + 64 + 160) * 0.01 + 30.0
+    assert projected_seconds(DemoPlan(96, 5), cost, SIZES, 16) == pytest.approx(expected)
+    assert projected_seconds(DemoPlan(96, 4), cost, SIZES, 16) < projected_seconds(DemoPlan(96, 5), cost, SIZES, 16)
+
+
+def test_plans_shrink_in_cost_and_the_first_is_the_measured_demo() -> None:
+    assert PLANS[0] == DemoPlan(96, 5)
+    costs = [projected_seconds(p, _area_cost(1.0)(p.image_size), SIZES, 16) for p in PLANS]
+    assert all(a > b for a, b in zip(costs, costs[1:]))
+
+
+@pytest.mark.parametrize(("step_at_96", "expected"), [(0.5, PLANS[0]), (1.5, DemoPlan(72, 4)), (3.4, DemoPlan(72, 2)),
+                                                   (20.0, PLANS[-1])])
+def test_the_largest_plan_that_fits_is_chosen(step_at_96: float, expected: DemoPlan) -> None:
+    """A fast machine gets the full demo, a slower one a smaller plan projected inside the budget."""
+    budget = 8.5 * 60
+    measure = _area_cost(step_at_96)
+    plan, projections = choose_plan(measure, SIZES, 16, budget)
+    assert plan == expected
+    index = len(projections) - 1
+    assert projections[index][0] == plan  # it stops at the plan it chose...
+    assert all(seconds > budget for _, seconds in projections[:index])  # ...after every larger one was too long
+    assert projections[index][1] <= budget or plan == PLANS[-1]  # nothing fits: the smallest runs (and is said so)
+    # each size is measured once, from the largest down, only as far as the choice needed
+    assert measure.measured == sorted(set(measure.measured), reverse=True) and measure.measured[-1] == plan.image_size
+
+
+def test_plan_option() -> None:
+    assert parse_plan("96x5") == DemoPlan(96, 5) and parse_plan("72X2") == DemoPlan(72, 2)
+    for bad in ("96", "96x0", "64x5", "ax5", "96x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="SIDExEPOCHS"):
+            parse_plan(bad)
+
+
+def test_small_and_plan_are_refused_together(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from covid_cxr.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--small", "--plan", "72x2"]) == 2
+    assert "--small or --plan" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_measured_step_cost_is_positive() -> None:
+    """The probe itself runs a real network's training step and evaluation batch and times them."""
+    from covid_cxr.cli.demo_budget import measure_step_cost
+
+    runtime = choose_runtime("cpu", "fp32")
+    small = measure_step_cost("xception", 71, 2, runtime, lr=1e-4, steps=1)
+    assert small.image_size == 71 and small.train_step_s > 0 and small.eval_image_s > 0
