@@ -76,5 +76,5 @@ def test_measured_step_cost_is_positive() -> None:
     from covid_cxr.cli.demo_budget import measure_step_cost
 
     runtime = choose_runtime("cpu", "fp32")
-    small = measure_step_cost("xception", 71, 2, runtime, lr=1e-4, steps=1)
+    small = measure_step_cost("xception", 71, 2, runtime, lr=1e-4, steps=1, eval_batch=2)
     assert small.image_size == 71 and small.train_step_s > 0 and small.eval_image_s > 0

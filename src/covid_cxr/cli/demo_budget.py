@@ -92,7 +92,7 @@ def choose_plan(
 
 
 def measure_step_cost(network: str, image_size: int, batch_size: int, runtime: Runtime, *, lr: float,
-                      steps: int = 3) -> StepCost:  # fmt: skip
+                      steps: int = 3, eval_batch: int = EVAL_BATCH) -> StepCost:  # fmt: skip
     """Time ``steps`` training steps (after one warm-up) and one evaluation batch on random images.
 
     The median step is taken: a step of a busy machine's outlier should not pick the plan.
@@ -119,14 +119,14 @@ def measure_step_cost(network: str, image_size: int, batch_size: int, runtime: R
         _sync(runtime)
         times.append(time.perf_counter() - start)
     model.eval()
-    batch = torch.rand(EVAL_BATCH, 3, image_size, image_size, generator=gen).to(runtime.device, memory_format=memory)
+    batch = torch.rand(eval_batch, 3, image_size, image_size, generator=gen).to(runtime.device, memory_format=memory)
     with torch.inference_mode(), runtime.autocast():
         start = time.perf_counter()
         model(batch)
         _sync(runtime)
         eval_s = time.perf_counter() - start
     step_s = sorted(times[1:])[len(times[1:]) // 2]
-    return StepCost(image_size=image_size, train_step_s=step_s, eval_image_s=eval_s / EVAL_BATCH)
+    return StepCost(image_size=image_size, train_step_s=step_s, eval_image_s=eval_s / eval_batch)
 
 
 def _sync(runtime: Runtime) -> None:
