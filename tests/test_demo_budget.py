@@ -78,3 +78,25 @@ def test_measured_step_cost_is_positive() -> None:
     runtime = choose_runtime("cpu", "fp32")
     small = measure_step_cost("xception", 71, 2, runtime, lr=1e-4, steps=1, eval_batch=2)
     assert small.image_size == 71 and small.train_step_s > 0 and small.eval_image_s > 0
+
+
+def test_the_demo_prints_what_it_measured_and_chose(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """On a prepared set, the demo reads the split sizes, probes as far as needed and says why it chose."""
+    from covid_cxr.cli import demo
+    from tests.test_train_runner import tiny_prepared
+
+    data = tiny_prepared(tmp_path)
+    seen: list[tuple[int, int]] = []
+
+    def fake_measure(network: str, image_size: int, batch_size: int, runtime, *, lr: float) -> StepCost:
+        seen.append((image_size, batch_size))
+        return StepCost(image_size, train_step_s=75.0 * (image_size / 96) ** 2, eval_image_s=0.01)
+
+    monkeypatch.setattr(demo, "measure_step_cost", fake_measure)
+    plan = demo._plan_for_budget(data, demo.SIZES["default"], "cpu", "fp32", minutes=10, elapsed_s=30)
+    printed = capsys.readouterr().out
+    # 5 training images a phase, 2 phases: one step of 16 a phase and epoch; 75 s a step at 96 px
+    assert plan == DemoPlan(84, 4) and seen == [(96, 16), (84, 16)]
+    assert "measured at 96 px: 75.00 s a training step of 16" in printed and "<- runs" in printed
+    assert printed.count("too long") == 2 and "precision=fp32" in printed
