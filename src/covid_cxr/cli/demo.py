@@ -177,7 +177,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="synthetic data -> prepare -> train concat (cpu preset) -> evaluate -> report, no data needed",
         description="Runs the whole pipeline on a synthetic dataset made on the spot and prints where "
-        "everything is. About ten minutes on 2 CPU cores; --small is a CI-sized run of a few minutes.",
+        "everything is. The training is sized to --minutes (10) on this machine: a few timed training steps "
+        "at the start pick the largest plan projected to fit, and the choice is printed. --small is a fixed, "
+        "CI-sized run of a few minutes.",
     )
     p.add_argument("--out", type=Path, default=Path("covid-cxr-demo"), help="output folder (default covid-cxr-demo)")
     p.add_argument("--small", action="store_true", help="a smaller, quicker run (CI size)")
