@@ -56,6 +56,19 @@ def test_the_largest_plan_that_fits_is_chosen(step_at_96: float, expected: DemoP
     assert measure.measured == sorted(set(measure.measured), reverse=True) and measure.measured[-1] == plan.image_size
 
 
+def test_the_time_spent_measuring_comes_off_the_budget() -> None:
+    cost = StepCost(96, train_step_s=1.0, eval_image_s=0.01)
+    full = projected_seconds(PLANS[0], cost, SIZES, 16)
+    cheap = {"probe_s": 0.0}
+
+    def measure(size: int) -> StepCost:
+        return StepCost(size, cost.train_step_s * (size / 96) ** 2, cost.eval_image_s, probe_s=cheap["probe_s"])
+
+    assert choose_plan(measure, SIZES, 16, full + 5)[0] == PLANS[0]
+    cheap["probe_s"] = 10.0  # measuring took longer than the 5 s to spare
+    assert choose_plan(measure, SIZES, 16, full + 5)[0] == PLANS[1]
+
+
 def test_plan_option() -> None:
     assert parse_plan("96x5") == DemoPlan(96, 5) and parse_plan("72X2") == DemoPlan(72, 2)
     for bad in ("96", "96x0", "64x5", "ax5", "96x"):

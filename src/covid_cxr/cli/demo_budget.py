@@ -60,6 +60,7 @@ class StepCost:
     image_size: int
     train_step_s: float  # one training step (forward, backward, optimizer) at the demo's batch
     eval_image_s: float  # one image of an evaluation batch of EVAL_BATCH
+    probe_s: float = 0.0  # what measuring took: spent from the budget
 
 
 def projected_seconds(plan: DemoPlan, cost: StepCost, sizes: SplitSizes, batch_size: int) -> float:
@@ -77,13 +78,15 @@ def choose_plan(
 ) -> tuple[DemoPlan, list[tuple[DemoPlan, float]]]:  # fmt: skip
     """The first plan whose projection fits ``budget_s`` (else the last), and the projections made.
 
-    ``measure`` is called once per image size, from the largest down, only as far as needed.
+    ``measure`` is called once per image size, from the largest down, only as far as needed; the time
+    measuring takes comes off the budget.
     """
     costs: dict[int, StepCost] = {}
     projections: list[tuple[DemoPlan, float]] = []
     for plan in plans:
         if plan.image_size not in costs:
             costs[plan.image_size] = measure(plan.image_size)
+            budget_s -= costs[plan.image_size].probe_s
         seconds = projected_seconds(plan, costs[plan.image_size], sizes, batch_size)
         projections.append((plan, seconds))
         if seconds <= budget_s:
@@ -100,6 +103,7 @@ def measure_step_cost(network: str, image_size: int, batch_size: int, runtime: R
     from covid_cxr.labels import CLASSES
     from covid_cxr.models import build_model
 
+    began = time.perf_counter()
     model = build_model(network, num_classes=len(CLASSES), image_size=image_size).to(runtime.device)
     memory = torch.channels_last if runtime.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory)
@@ -126,7 +130,8 @@ def measure_step_cost(network: str, image_size: int, batch_size: int, runtime: R
         _sync(runtime)
         eval_s = time.perf_counter() - start
     step_s = sorted(times[1:])[len(times[1:]) // 2]
-    return StepCost(image_size=image_size, train_step_s=step_s, eval_image_s=eval_s / eval_batch)
+    return StepCost(image_size=image_size, train_step_s=step_s, eval_image_s=eval_s / eval_batch,
+                    probe_s=time.perf_counter() - began)
 
 
 def _sync(runtime: Runtime) -> None:
