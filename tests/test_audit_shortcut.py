@@ -128,9 +128,9 @@ def test_ablation_score_survives_lung_removal_only_with_the_shortcut(audited: di
     # Each model against itself and the two against each other, on the same test images (the datasets differ
     # only by the marker), rather than against absolute numbers: what a small model does with hidden lungs
     # moves by 0.15 between CPUs (clean COVID-19 recall with the lungs hidden: 0.37 on a Sapphire Rapids,
-    # 0.52 on a Zen 2); these contrasts measured 0.6-1.0 where the margins ask 0.25-0.4.
+    # 0.52 on a Zen 2); these contrasts measured 0.6-1.0 where the margins ask 0.2-0.4.
     assert clean["as_is"]["balanced_accuracy"] > 0.6  # the clean model did learn the disease (chance 1/3)...
-    assert recall(clean, "lungs_hidden") <= recall(clean, "as_is") - 0.25  # ...and loses COVID-19 without the lungs
+    assert recall(clean, "lungs_hidden") <= recall(clean, "as_is") - 0.2  # ...and loses COVID-19 without the lungs
     assert outside_minus_inside(marked) >= 0.3  # the shortcut model finds COVID-19 outside the lungs, not in them
     assert outside_minus_inside(marked) >= outside_minus_inside(clean) + 0.4
     assert "ablation-covid-survives" in _codes(audited["marked"]["ablation"])
