@@ -4,7 +4,9 @@ Two synthetic datasets differ only in ``shortcut='marker'`` (a bright square in 
 every covid-chestxray image, outside the lungs). On the marked one the source probe must find the
 source near-perfectly within the pneumonia class, a model trained on it must keep its score with
 the lungs hidden, the cross-source recall must drop on unmarked COVID-19 images, and the report
-section must flag all of it; on the clean one none of these flags may fire.
+section must flag all of it. The clean model, trained the same way with the same seed on the same
+images but for the marker, is the comparison: each property is asserted as a contrast with it, with
+a margin, because what a tiny model does with hidden lungs or an unseen source moves between CPUs.
 
 The class models are small CNNs trained here for a few seconds (the probe's architecture with
 three outputs, seeded): the registry's Xception/ResNet50V2 take minutes per epoch on two CPU
