@@ -143,7 +143,8 @@ def _plan_for_budget(data: Path, size: DemoSize, device: str, precision: str, *,
         print(f"  measured at {cost.image_size} px: {cost.train_step_s:.2f} s a training step of {size.batch_size}, "
               f"{1000 * cost.eval_image_s:.0f} ms an evaluated image (measuring took {cost.probe_s:.0f} s)")  # fmt: skip
     for candidate, seconds in projections:
-        mark = "<- runs" if candidate == plan else "too long"
+        timed = any(cost.image_size == candidate.image_size for cost in costs)
+        mark = "<- runs" if candidate == plan else "too long" if timed else "too long (by area from a timed size)"
         print(f"  {candidate.describe():<28} projected {seconds / 60:5.1f} min  {mark}")
     if projections[-1][1] > budget_s - sum(cost.probe_s for cost in costs):
         print("  even the smallest plan is projected over the budget on this machine: it runs anyway (see --plan)")
