@@ -19,6 +19,8 @@ def test_small_demo_runs_end_to_end_above_chance(tmp_path: Path, capsys: pytest.
     for where in ("synthetic datasets", "prepared data", "training run", "evaluation", "report", "ONNX + int8",
                   "test accuracy"):
         assert where in printed
+    assert "demo plan: 72 px x 8 epochs a phase (--small)" in printed  # a fixed plan: no probe, no sizing
+    assert "sizing the demo" not in printed
 
     run = out / "runs" / "concat-fold1"
     info = json.loads((run / "run.json").read_text())

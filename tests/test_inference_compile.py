@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,10 @@ def test_should_compile() -> None:
         should_compile("yes", 10)
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler (inductor builds its kernels); install g++",
+)
 def test_compiled_predictor_matches_eager_and_compiles_once(tmp_path) -> None:
     from torch._dynamo.utils import counters
 

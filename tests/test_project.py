@@ -121,3 +121,34 @@ def test_runtime_choices() -> None:
     with pytest.raises(ConfigError, match="precision must be one of"):
         choose_runtime("cpu", "int4")
     assert choose_runtime("cpu", "auto").precision in ("fp32", "bf16")
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "native"),
+    [
+        ({"avx2", "fma"}, {}, False),  # Zen 2
+        ({"avx2", "avx512f", "avx512_bf16"}, {}, True),  # Zen 4
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, {}, True),  # Sapphire Rapids
+        ({"avx2", "avx512f", "amx_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),  # run as an AVX2 CPU
+        ({"avx2", "avx512f", "avx512_bf16"}, {"DNNL_MAX_CPU_ISA": "avx512_core_vnni"}, False),
+    ],
+)
+def test_bf16_is_native_only_where_the_cpu_and_the_isa_caps_allow_it(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], env: dict[str, str], native: bool
+) -> None:
+    """``auto`` picks bf16 only where it is computed in hardware: an ISA cap makes the CPU an older one."""
+    from covid_cxr import runtime
+
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert runtime.cpu_has_native_bf16() is native
+    assert runtime.choose_runtime("cpu", "auto").precision == ("bf16" if native else "fp32")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2
+    assert not runtime.cpu_has_native_bf16()
+    assert runtime.bf16_capped_by_env() == (f"{next(iter(env))}={next(iter(env.values())).upper()}" if env and not native
+                                            else "ATEN_CPU_CAPABILITY=avx2")

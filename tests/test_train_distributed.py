@@ -30,9 +30,11 @@ pytestmark = pytest.mark.slow
 
 
 def _args(data: Path, out: Path, name: str, batch: int) -> list[str]:
+    # gloo on the CPU: "auto" on a one-GPU machine would give rank 1 no card
     return ["train", str(data), "--network", "xception", "--preset", "cpu", "--image-size", "71", "--epochs-per-phase",
             "1", "--batch-size", str(batch), "--precision", "fp32", "--seed", "11", "--drop-rate", "0",
-            "--out", str(out), "--name", name, "--no-channels-last"]  # fmt: skip
+            "--out", str(out), "--name", name, "--no-channels-last",
+            "--device", "cpu"]  # fmt: skip
 
 
 def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:

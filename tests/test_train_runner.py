@@ -107,7 +107,9 @@ def test_resume_after_kill_matches_uninterrupted(data: Path, straight: Path) -> 
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"training subprocess ended early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
             time.sleep(0.05)
-        time.sleep(0.5)  # well inside epoch 2
+        # Into epoch 2 by half of epoch 1's compute time (at most 0.5 s): a fixed sleep could outlast the
+        # remaining epochs on a fast machine (a GPU), and the kill would then find the run finished.
+        time.sleep(min(0.5, 0.5 * float(_log(run)[0]["seconds"])))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

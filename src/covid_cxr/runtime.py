@@ -11,6 +11,7 @@ pools: :mod:`covid_cxr.perf`), and ``describe`` names them.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,20 +25,41 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16) and oneDNN may use it.
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 dot products.
+_ONEDNN_BF16_ISAS = frozenset({"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                               "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
+                               "AVX10_2_512_AMX_2", "ALL", "DEFAULT", ""})
 
-    oneDNN's own check follows ``ONEDNN_MAX_CPU_ISA``, so a process capped to AVX2 (how we stand in for an
-    AVX2-only CPU) is treated as one, instead of running bf16 in slow emulation.
-    """
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
+        return frozenset()
+    return frozenset(f for line in lines if line.startswith("flags") for f in line.partition(":")[2].split())
+
+
+def bf16_capped_by_env() -> str | None:
+    """The environment variable that limits this process below bf16 instructions, if one does.
+
+    ``ONEDNN_MAX_CPU_ISA`` (convolutions, matmuls) or ``ATEN_CPU_CAPABILITY`` (the other kernels) set to
+    an older instruction set makes the CPU behave as one without bf16: bf16 would then be emulated.
+    """
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        isa = os.environ.get(name, "").strip().upper()
+        if isa not in _ONEDNN_BF16_ISAS:
+            return f"{name}={isa}"
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        return f"ATEN_CPU_CAPABILITY={torch.backends.cpu.get_cpu_capability().lower()}"
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16) and no ISA cap forbids it."""
+    if not _cpu_flags() & {"avx512_bf16", "amx_bf16"} or bf16_capped_by_env() is not None:
         return False
-    if not any(flag in flags for flag in (" avx512_bf16", " amx_bf16")):
-        return False
-    onednn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    onednn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # oneDNN's own word, when it has one
     return bool(onednn_check()) if onednn_check is not None else True
 
 
