@@ -28,7 +28,8 @@ import torch
 from covid_cxr.checkpoint import Checkpoint
 from covid_cxr.evaluate import write_evaluation
 from covid_cxr.evaluate.predictions import validate_predictions
-from covid_cxr.inference import TorchPredictor, predict_in_batches
+from covid_cxr.inference.protocol import predict_in_batches
+from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing

@@ -22,8 +22,8 @@ import pytest
 from covid_cxr.checkpoint import load_checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.data.images import load_image
-from covid_cxr.deploy.files import expand_inputs
-from covid_cxr.inference import TorchPredictor
+from covid_cxr.inference.inputs import expand_inputs
+from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES
 from covid_cxr.synth import render_chest
 from covid_cxr.synth.dicom import write_dicom
