@@ -1,7 +1,7 @@
 """Our side: one configuration of the concatenated network, timed through the package's own code paths.
 
-Inference goes through :class:`covid_cxr.inference.TorchPredictor` or
-:class:`covid_cxr.deploy.onnx.OnnxPredictor` (uint8 images in, probabilities out: what ``predict``,
+Inference goes through :class:`covid_cxr.inference.torch_model.TorchPredictor` or
+:class:`covid_cxr.inference.onnx_model.OnnxPredictor` (uint8 images in, probabilities out: what ``predict``,
 ``evaluate`` and the server run); a training step through :func:`covid_cxr.train.engine.train_one_epoch`
 on one batch, with the paper's optimizer and the on-device augmentation (what ``train`` runs).
 Each call is one process: its peak memory is the configuration's own.
@@ -29,7 +29,7 @@ TORCH_CONFIGS: dict[str, dict[str, Any]] = {
 }
 ORT_CONFIGS = ("ort-fp32", "ort-int8-qoperator", "ort-int8-qdq")
 # "default": what predict/evaluate/serve run from a checkpoint with every option left at auto (the backend
-# covid_cxr.deploy.backends.choose_backend picks for this CPU); trained as `train` does with precision auto.
+# covid_cxr.inference.backends.choose_backend picks for this CPU); trained as `train` does with precision auto.
 DEFAULT_CONFIG = "default"
 CONFIGS = (DEFAULT_CONFIG, *TORCH_CONFIGS, *ORT_CONFIGS)
 

@@ -20,7 +20,7 @@ the earlier graph kept 17 BatchNorms and 5 pads in fp32, and those islands with 
 layout transposes took a third of the int8 run time.
 
 The result keeps the source model's covid-cxr metadata (classes, preprocessing), so
-:class:`covid_cxr.deploy.onnx.OnnxPredictor` loads it like any exported model, and records how it
+:class:`covid_cxr.inference.onnx_model.OnnxPredictor` loads it like any exported model, and records how it
 was quantized under ``covid_cxr.quantization``.
 """
 

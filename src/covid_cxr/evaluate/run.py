@@ -2,7 +2,7 @@
 
 ``evaluate_run`` resolves what to evaluate, reads the fold's split from the prepared data,
 runs the checkpoint over the image cache in batches through the package's one inference loop
-(:func:`covid_cxr.inference.predict_in_batches`), and writes into the output folder:
+(:func:`covid_cxr.inference.protocol.predict_in_batches`), and writes into the output folder:
 ``predictions.csv``, ``metrics.json``, ``table3.csv``, ``table4.csv``,
 ``confusion_matrix.png``/``.pdf``, ``roc.png`` (the operating point marked) and ``calibration.png``.
 
@@ -377,7 +377,7 @@ def evaluate_run(
     (auto|on|off): ``torch.compile`` the network; auto does so for splits large enough to repay it.
     ``operating_point`` (e.g. ``sensitivity=0.95``) chooses a decision rule on the validation split for
     this evaluation (the checkpoint is left as it is; ``calibrate`` stores one); default: the checkpoint's.
-    ``backend``: auto (None), torch or onnx (``covid_cxr.deploy.backends.choose_backend``); ``compile``
+    ``backend``: auto (None), torch or onnx (``covid_cxr.inference.backends.choose_backend``); ``compile``
     applies when the backend is PyTorch.
     """
     where = Path(target)
