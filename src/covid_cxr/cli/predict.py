@@ -21,6 +21,7 @@ from pathlib import Path
 
 from covid_cxr.choices import BACKENDS, CAM_METHODS, COMPILE_CHOICES, COMPILE_MIN_IMAGES, PRECISIONS
 from covid_cxr.errors import ConfigError
+from covid_cxr.inference.inputs import expand_inputs
 from covid_cxr.inference.sink import SUFFIXES
 
 
@@ -52,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
     # The library (torch, numpy, onnxruntime) is imported here, not above: `covid-cxr --help` stays fast.
     from covid_cxr.deploy.saturation import print_int8_record
     from covid_cxr.inference.backends import load_model, resolve_compile
-    from covid_cxr.inference.inputs import expand_inputs
     from covid_cxr.inference.pipeline import Classifier, Overlays, predict_inputs
 
     if args.batch_size < 1 or args.workers < 1:
