@@ -1,7 +1,7 @@
 """Evaluation throughput: images/s of the batched inference loop at 300x300, and the cost of the metrics.
 
 Runs the same path as ``covid-cxr evaluate`` (a memory-mapped uint8 cache read a batch at a
-time by :func:`covid_cxr.inference.predict_in_batches` through :class:`TorchPredictor`) on an
+time by :func:`covid_cxr.inference.protocol.predict_in_batches` through :class:`TorchPredictor`) on an
 untrained network (speed does not depend on the weights), then times every metric, the patient
 bootstrap and the artefacts on a predictions table the size of a paper test fold (11,302 images).
 
@@ -28,7 +28,8 @@ import torch
 from covid_cxr.checkpoint import Checkpoint
 from covid_cxr.evaluate import write_evaluation
 from covid_cxr.evaluate.predictions import validate_predictions
-from covid_cxr.inference import TorchPredictor, predict_in_batches
+from covid_cxr.inference.protocol import predict_in_batches
+from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing

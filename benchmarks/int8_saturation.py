@@ -67,8 +67,9 @@ def accuracy(checkpoint: Path, folder: Path, check_count: int) -> dict[str, Any]
     import onnx
 
     from covid_cxr.deploy.calibration import check_int8
-    from covid_cxr.deploy.onnx import OnnxPredictor, export_onnx
+    from covid_cxr.deploy.onnx import export_onnx
     from covid_cxr.deploy.saturation import saturating_products
+    from covid_cxr.inference.onnx_model import OnnxPredictor
 
     ckpt, images = run_checkpoint(checkpoint, check_count)
     fp32_path = export_onnx(ckpt, folder / "m.onnx")

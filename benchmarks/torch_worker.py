@@ -1,7 +1,7 @@
 """Our side: one configuration of the concatenated network, timed through the package's own code paths.
 
-Inference goes through :class:`covid_cxr.inference.TorchPredictor` or
-:class:`covid_cxr.deploy.onnx.OnnxPredictor` (uint8 images in, probabilities out: what ``predict``,
+Inference goes through :class:`covid_cxr.inference.torch_model.TorchPredictor` or
+:class:`covid_cxr.inference.onnx_model.OnnxPredictor` (uint8 images in, probabilities out: what ``predict``,
 ``evaluate`` and the server run); a training step through :func:`covid_cxr.train.engine.train_one_epoch`
 on one batch, with the paper's optimizer and the on-device augmentation (what ``train`` runs).
 Each call is one process: its peak memory is the configuration's own.
@@ -29,14 +29,14 @@ TORCH_CONFIGS: dict[str, dict[str, Any]] = {
 }
 ORT_CONFIGS = ("ort-fp32", "ort-int8-qoperator", "ort-int8-qdq")
 # "default": what predict/evaluate/serve run from a checkpoint with every option left at auto (the backend
-# covid_cxr.deploy.backends.choose_backend picks for this CPU); trained as `train` does with precision auto.
+# covid_cxr.inference.backends.choose_backend picks for this CPU); trained as `train` does with precision auto.
 DEFAULT_CONFIG = "default"
 CONFIGS = (DEFAULT_CONFIG, *TORCH_CONFIGS, *ORT_CONFIGS)
 
 
 def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
     if config == DEFAULT_CONFIG:
-        from covid_cxr.deploy.backends import load_model
+        from covid_cxr.inference.backends import load_model
 
         loaded = load_model(checkpoint, device="cpu")
         print(f"default: {loaded.describe()}", flush=True)
@@ -45,7 +45,7 @@ def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
         import torch
 
         from covid_cxr.checkpoint import load_checkpoint
-        from covid_cxr.inference import TorchPredictor
+        from covid_cxr.inference.torch_model import TorchPredictor
 
         spec = TORCH_CONFIGS[config]
         predictor = TorchPredictor(
@@ -59,7 +59,7 @@ def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
             inductor_config.freezing = True
             predictor.model = torch.compile(predictor.model)
         return predictor
-    from covid_cxr.deploy.onnx import OnnxPredictor
+    from covid_cxr.inference.onnx_model import OnnxPredictor
 
     name = {"ort-fp32": "fp32", "ort-int8-qoperator": "int8-qoperator", "ort-int8-qdq": "int8-qdq"}[config]
     return OnnxPredictor(onnx_dir / f"{name}.onnx", providers=["CPUExecutionProvider"])
@@ -95,7 +95,7 @@ def run_infer(args: argparse.Namespace) -> None:
               "first_call_s": first_call})
     if args.eval_set is not None:
         data = np.load(args.eval_set)
-        from covid_cxr.inference import predict_in_batches
+        from covid_cxr.inference.protocol import predict_in_batches
 
         probs = predict_in_batches(predictor, data["images"], batch_size=20)
         np.save(args.out_probs, probs)

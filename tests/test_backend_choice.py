@@ -16,10 +16,11 @@ import torch
 
 from covid_cxr import runtime
 from covid_cxr.checkpoint import load_checkpoint
-from covid_cxr.deploy import backends
-from covid_cxr.deploy.backends import choose_backend, load_model, resolve_compile
+from covid_cxr.choices import COMPILE_MIN_IMAGES
 from covid_cxr.errors import ConfigError
-from covid_cxr.inference import COMPILE_MIN_IMAGES, TorchPredictor, fold_batchnorms
+from covid_cxr.inference import backends
+from covid_cxr.inference.backends import choose_backend, load_model, resolve_compile
+from covid_cxr.inference.torch_model import TorchPredictor, fold_batchnorms
 from covid_cxr.models import build_model
 from tests.test_server import tiny_checkpoint
 

@@ -32,7 +32,7 @@ def test_small_demo_runs_end_to_end_above_chance(tmp_path: Path, capsys: pytest.
     assert any(out.joinpath("report").glob("*.html"))
     # The int8 model of the trained network classifies like fp32 on the validation images: ONNX Runtime's
     # quantizer used to drop Xception's shared-input ReLUs, which put int8 at 52% agreement on the demo model.
-    from covid_cxr.deploy.onnx import OnnxPredictor
+    from covid_cxr.inference.onnx_model import OnnxPredictor
 
     int8 = OnnxPredictor(out / "deploy" / "concat.int8.onnx")
     check = json.loads(int8.metadata["quantization"])["check"]

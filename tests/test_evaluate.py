@@ -17,7 +17,7 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import evaluate_run
 from covid_cxr.evaluate.predictions import COLUMNS, predictions_frame, read_predictions
-from covid_cxr.inference import TorchPredictor
+from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES, KERAS_AUTHORS_ORDER
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from covid_cxr.checkpoint import load_checkpoint
-from covid_cxr.deploy.backends import load_model
-from covid_cxr.inference import COMPILE_MIN_IMAGES, TorchPredictor, predict_in_batches, should_compile
+from covid_cxr.choices import COMPILE_MIN_IMAGES
+from covid_cxr.inference.backends import load_model
+from covid_cxr.inference.protocol import predict_in_batches
+from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from tests.test_server import tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # one inductor compilation of a small Xception (~1 min on 2 cores)

@@ -204,8 +204,8 @@ def test_server_answers_the_card_as_markdown_and_html(run: Path) -> None:
 @pytest.mark.slow
 def test_export_writes_the_card_beside_the_model_and_serve_finds_it(tmp_path: Path) -> None:
     """``covid-cxr export`` (as the demo calls it) leaves MODEL_CARD.md beside the ONNX file, naming its hash."""
-    from covid_cxr.deploy.backends import load_model
     from covid_cxr.deploy.model_card import served_card
+    from covid_cxr.inference.backends import load_model
     from tests.test_server import tiny_checkpoint
 
     run_dir = tmp_path / "runs" / "xception-fold1"

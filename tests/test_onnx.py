@@ -10,10 +10,11 @@ import pytest
 
 from covid_cxr.checkpoint import load_checkpoint
 from covid_cxr.cli import main
-from covid_cxr.deploy.backends import load_model
-from covid_cxr.deploy.onnx import META_PREFIX, OnnxPredictor, file_sha256
 from covid_cxr.errors import CheckpointError, ConfigError
-from covid_cxr.inference import TorchPredictor, predict_in_batches
+from covid_cxr.inference.backends import load_model
+from covid_cxr.inference.onnx_model import META_PREFIX, OnnxPredictor, file_sha256
+from covid_cxr.inference.protocol import predict_in_batches
+from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import KERAS_AUTHORS_ORDER
 from tests.test_server import tiny_checkpoint
 

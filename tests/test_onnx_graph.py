@@ -10,8 +10,9 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from covid_cxr.deploy.graph import batchnorm_as_depthwise_conv, fold_pads_into_pools, unshare_pad_constants  # noqa: E402
+from covid_cxr.deploy.graph import batchnorm_as_depthwise_conv, unshare_pad_constants  # noqa: E402
 from covid_cxr.deploy.quantize import prepare_for_int8  # noqa: E402
+from covid_cxr.inference.onnx_graph import fold_pads_into_pools  # noqa: E402
 
 SIZE = 15  # odd, so "same" pooling pads one side only, as in Xception
 

@@ -147,7 +147,7 @@ def calibrated(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def _torch_probs(ckpt_path: Path, images: np.ndarray) -> np.ndarray:
     from covid_cxr.checkpoint import load_checkpoint
-    from covid_cxr.inference import TorchPredictor
+    from covid_cxr.inference.torch_model import TorchPredictor
 
     return TorchPredictor(load_checkpoint(ckpt_path), device="cpu", precision="fp32").predict_proba(images)
 
@@ -192,8 +192,8 @@ def test_predict_serve_and_onnx_give_the_same_thresholded_answers(calibrated: di
     from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.cli import main
     from covid_cxr.data.images import load_image
-    from covid_cxr.deploy.backends import load_model
     from covid_cxr.deploy.server import create_app
+    from covid_cxr.inference.backends import load_model
 
     ckpt_path = calibrated["run"] / "best.pt"
     ckpt = load_checkpoint(ckpt_path)

@@ -22,8 +22,8 @@ import pytest
 from covid_cxr.checkpoint import load_checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.data.images import load_image
-from covid_cxr.deploy.files import expand_inputs
-from covid_cxr.inference import TorchPredictor
+from covid_cxr.inference.inputs import expand_inputs
+from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES
 from covid_cxr.synth import render_chest
 from covid_cxr.synth.dicom import write_dicom
@@ -229,3 +229,44 @@ def test_predict_resizes_as_the_checkpoint_records(ckpt, tmp_path):
     area = predictor.predict_proba(load_image(path, SIZE, resize="area")[None])[0]
     np.testing.assert_allclose(got, bilinear, atol=1e-5)
     assert np.abs(bilinear - area).max() > 1e-3  # the method matters, so the test above can tell them apart
+
+
+def test_the_pipeline_runs_without_the_command_line(tmp_path, capsys):
+    """``predict``'s pipeline as a library call: a row per input in input order, the refusal where it fell, and
+    each class decided by the model's operating point, not by argmax (the step the web service runs too)."""
+    from covid_cxr.inference.inputs import Inputs
+    from covid_cxr.inference.pipeline import Classifier, predict_inputs
+    from covid_cxr.operating_point import OperatingPoint
+    from covid_cxr.preprocess import Preprocessing
+
+    class Fixed:  # p_covid 0.3 for every image: argmax says normal, a covid threshold of 0.25 says covid
+        backend = "fixed"
+        classes = CLASSES
+        preprocessing = Preprocessing(SIZE, "unit")
+
+        def predict_proba(self, images: np.ndarray) -> np.ndarray:
+            assert images.shape[1:] == (SIZE, SIZE) and images.dtype == np.uint8
+            return np.tile(np.float32([0.3, 0.2, 0.5]), (len(images), 1))
+
+        def describe(self) -> str:
+            return "fixed"
+
+        def warm_up(self, batch_size: int) -> None:
+            pass
+
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "c.png"):
+        cv2.imwrite(str(tmp_path / name), render_chest(rng, 64, "normal").image)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    files = [tmp_path / n for n in ("a.png", "b.png", "c.png")]
+    out = tmp_path / "rows.csv"
+    threshold = OperatingPoint("sensitivity", target=0.95, threshold=0.25)
+
+    sink = predict_inputs(Classifier(Fixed(), threshold), Inputs(files=files), out, batch_size=2, workers=1)
+    rows = pd.read_csv(out, keep_default_na=False)
+    assert list(rows["path"]) == [str(f) for f in files]
+    assert list(rows["class"]) == ["covid", "", "covid"] and rows["error"][1] != ""
+    assert sink.predicted == 2 and len(sink.failed) == 1
+    assert "predicted 2 images (covid 2, pneumonia 0, normal 0); 1 failed" in capsys.readouterr().err
+    argmax = Classifier(Fixed())(np.zeros((1, SIZE, SIZE), np.uint8))
+    assert CLASSES[int(argmax.decided[0])] == "normal"

@@ -17,10 +17,10 @@ pytest.importorskip("onnxruntime.quantization")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from covid_cxr.deploy.onnx import FORMAT, META_PREFIX, OnnxPredictor  # noqa: E402
 from covid_cxr.deploy.quantize import META_KEY, quantize_onnx  # noqa: E402
 from covid_cxr.deploy.saturation import INT16_MAX, int8_record_lines, pair_sum_bound, saturating_products  # noqa: E402
 from covid_cxr.errors import CheckpointError, ConfigError  # noqa: E402
+from covid_cxr.inference.onnx_model import FORMAT, META_PREFIX, OnnxPredictor  # noqa: E402
 from covid_cxr.labels import CLASSES  # noqa: E402
 
 SIZE = 72

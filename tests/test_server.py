@@ -25,8 +25,9 @@ import uvicorn
 
 from covid_cxr.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.data.images import load_image
-from covid_cxr.deploy.backends import load_model
-from covid_cxr.deploy.server import ServerLimits, create_app
+from covid_cxr.deploy.limits import ServerLimits
+from covid_cxr.deploy.server import create_app
+from covid_cxr.inference.backends import load_model
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing, to_model_input

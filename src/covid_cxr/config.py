@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
+from covid_cxr.choices import PRECISIONS
 from covid_cxr.errors import ConfigError
 from covid_cxr.preprocess import MIN_IMAGE_SIZE, SCALINGS
-from covid_cxr.runtime import PRECISIONS
 
 NETWORKS: tuple[str, ...] = ("concat", "xception", "resnet50v2")
 """The networks of the paper (``covid_cxr.models`` builds them); each has a Table 2 batch size."""

@@ -46,18 +46,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from covid_cxr.choices import CAM_METHODS
 from covid_cxr.errors import ConfigError
 from covid_cxr.labels import normalize_label
 from covid_cxr.preprocess import Preprocessing, to_model_input
 
 COMBINED = "combined"
-METHODS = ("auto", "hirescam", "gradcam")
 
 
 def resolve_method(model: torch.nn.Module, method: str) -> str:
     """``"hirescam"`` or ``"gradcam"``: ``"auto"`` picks Grad-CAM only for a model whose ``head_pools`` is true."""
-    if method not in METHODS:
-        raise ConfigError(f"CAM method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method not in CAM_METHODS:
+        raise ConfigError(f"CAM method must be one of {', '.join(CAM_METHODS)}; got {method!r}")
     if method != "auto":
         return method
     return "gradcam" if getattr(model, "head_pools", False) else "hirescam"

@@ -25,7 +25,7 @@ import numpy as np
 
 from covid_cxr.audit import results as R
 from covid_cxr.audit.lungs import LungFields
-from covid_cxr.inference import Predictor, predict_in_batches
+from covid_cxr.inference.protocol import Predictor, predict_in_batches
 
 CONDITIONS: tuple[str, ...] = ("as_is", "lungs_hidden", "only_lungs")
 FILL_DESCRIPTION = "the image's own mean intensity"
@@ -195,7 +195,7 @@ def audit_ablation(
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit ablation``: the checkpoint over the fold's test set, three ways; writes ``ablation.json``."""
     from covid_cxr.audit.data import load_test_images_and_lungs
-    from covid_cxr.inference import TorchPredictor
+    from covid_cxr.inference.torch_model import TorchPredictor
 
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
     predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)

@@ -25,7 +25,7 @@ from covid_cxr.audit import results as R
 from covid_cxr.audit.ablation import wilson
 from covid_cxr.data.sources import parse_folder_spec, read_folder
 from covid_cxr.errors import DataError
-from covid_cxr.inference import Predictor, predict_in_batches
+from covid_cxr.inference.protocol import Predictor, predict_in_batches
 
 RECALL_DROP = 0.20
 """Flag when recall on the unseen source is this much (absolute) below in-source recall..."""
@@ -123,7 +123,7 @@ def audit_cross_source(
     """
     from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
     from covid_cxr.evaluate.run import cache_for
-    from covid_cxr.inference import TorchPredictor
+    from covid_cxr.inference.torch_model import TorchPredictor
 
     t = resolve_target(target, data, fold)
     prepared = open_prepared(t.data)

@@ -259,7 +259,7 @@ def audit_source(
     beside the checkpoint's other audits.
     """
     from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
-    from covid_cxr.inference import TorchPredictor
+    from covid_cxr.inference.torch_model import TorchPredictor
     from covid_cxr.runtime import choose_runtime
 
     if checkpoint is None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from covid_cxr.choices import PRECISIONS
 from covid_cxr.evaluate.run import calibrate
 from covid_cxr.operating_point import FORMS, parse_rule
-from covid_cxr.runtime import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

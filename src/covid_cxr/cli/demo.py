@@ -165,7 +165,7 @@ def parse_plan(text: str) -> DemoPlan:
 def _export(checkpoint: Path, onnx_path: Path) -> tuple[Path, dict[str, Any]]:
     """``covid-cxr export CHECKPOINT --int8``; returns the fp32 file and the int8 check stored in the int8 file."""
     from covid_cxr.cli import build_parser
-    from covid_cxr.deploy.onnx import OnnxPredictor
+    from covid_cxr.inference.onnx_model import OnnxPredictor
 
     args = build_parser().parse_args(["export", str(checkpoint), "--int8", "--out", str(onnx_path)])
     args.func(args)

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from covid_cxr.checkpoint import load_checkpoint
-from covid_cxr.deploy.onnx import DEFAULT_OPSET, OnnxPredictor, export_onnx, file_sha256
+from covid_cxr.deploy.onnx import export_onnx
 from covid_cxr.deploy.quantize import DEFAULT_FORMAT, QUANT_FORMATS
 from covid_cxr.errors import ConfigError, DataError
+from covid_cxr.inference.onnx_model import DEFAULT_OPSET, OnnxPredictor, file_sha256
 
 if TYPE_CHECKING:  # onnx and the data area load only with --int8
     from covid_cxr.deploy.calibration import CalibrationSet

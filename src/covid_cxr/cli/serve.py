@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from covid_cxr.deploy.backends import BACKENDS, load_model
-from covid_cxr.deploy.model_card import served_card
-from covid_cxr.deploy.saturation import print_int8_record
-from covid_cxr.deploy.server import ServerLimits, create_app
-from covid_cxr.operating_point import OperatingPoint
-from covid_cxr.runtime import PRECISIONS
+from covid_cxr.choices import BACKENDS, PRECISIONS
+from covid_cxr.deploy.limits import ServerLimits
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,23 +39,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The library (torch, FastAPI, uvicorn) is imported here, not above: `covid-cxr --help` stays fast.
     import uvicorn
+
+    from covid_cxr.deploy.model_card import served_card
+    from covid_cxr.deploy.saturation import print_int8_record
+    from covid_cxr.deploy.server import create_app
+    from covid_cxr.inference.backends import load_model
 
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                           max_batch=args.max_batch)
     loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
                         compile=args.compile)
-    if args.compile:  # compile before the first upload, not during it; batches of uploads then run one by one
-        started = time.perf_counter()
-        loaded.predictor.warm_up(1)  # type: ignore[attr-defined]
-        print(f"compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    loaded.warm_up(1)  # compile before the first upload, not during it; batches of uploads then run one by one
     gradcam = None if args.no_heatmap or loaded.checkpoint is None else loaded.gradcam()
     card = served_card(args.checkpoint, loaded.sha256, loaded.checkpoint, loaded.predictor)
     app = create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256, gradcam=gradcam, limits=limits,
                      model_card=card)
     print(f"model: {loaded.describe()}; heatmaps {'on' if gradcam else 'off'}", file=sys.stderr)
-    print(f"operating point: {OperatingPoint.from_dict(app.state.model['operating_point']).describe()}",
-          file=sys.stderr)
+    print(f"operating point: {app.state.decision.describe()}", file=sys.stderr)
     print_int8_record(loaded.predictor, args.checkpoint)
     print(f"serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)

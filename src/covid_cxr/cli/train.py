@@ -10,9 +10,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from covid_cxr.choices import PRECISIONS
 from covid_cxr.config import NETWORKS, PRESETS, PRETRAINED, TrainConfig, load_config, make_config
 from covid_cxr.preprocess import SCALINGS
-from covid_cxr.runtime import PRECISIONS
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:

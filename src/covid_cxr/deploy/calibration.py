@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.data.images import load_image
-from covid_cxr.deploy.files import expand_inputs
 from covid_cxr.errors import ConfigError, DataError, ImageDecodeError
 from covid_cxr.evaluate.metrics import Proportion
-from covid_cxr.inference import Predictor
+from covid_cxr.inference.inputs import expand_inputs
+from covid_cxr.inference.protocol import Predictor
 
 SEED = 0  # the same checkpoint always gets the same calibration and check images
 CHECK_BATCH = 16  # images per forward pass in the check: bounds its memory on the full networks

@@ -1,10 +1,8 @@
 """Rewrites of exported ONNX graphs that change how a network runs, never what it computes.
 
-- :func:`fold_pads_into_pools` (applied at export): Keras' stride-2 "same" max-pool pads with
-  ``-inf`` before pooling (``Pad`` then ``MaxPool``). ONNX ``MaxPool`` has its own ``pads`` whose
-  cells never win the max, which is exactly a ``-inf`` pad, so the pair becomes one node. The
-  result is bit-identical, one full-size copy of the activations per pool lighter, and quantizable:
-  a tensor holding ``-inf`` has no 8-bit scale, so an unfolded pad kept its pool in fp32.
+- :func:`~covid_cxr.inference.onnx_graph.fold_pads_into_pools` (applied at every export, so it lives
+  with the exporter in :mod:`covid_cxr.inference.onnx_graph`) merges Keras' ``-inf`` pads into the
+  max-pools' own pads.
 - :func:`batchnorm_as_depthwise_conv` (applied before int8 quantization): ResNet50V2's
   pre-activation BatchNorms follow an addition, not a convolution, so the exporter cannot fold them
   and ONNX Runtime's quantizer has no int8 BatchNorm: each became an fp32 island (dequantize,
@@ -31,82 +29,7 @@ from typing import Any
 
 import numpy as np
 
-
-def graph_constants(graph: Any) -> dict[str, np.ndarray]:
-    """Initializers and ``Constant`` node outputs of ``graph``, by name."""
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
-def _readers(graph: Any) -> dict[str, list[Any]]:
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return readers
-
-
-def _attribute(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def is_minus_inf_pad(node: Any, constants: dict[str, np.ndarray]) -> bool:
-    """A constant-mode ``Pad`` whose fill value is ``-inf``."""
-    if node.op_type != "Pad" or _attribute(node, "mode", b"constant") != b"constant" or len(node.input) < 3:
-        return False
-    value = constants.get(node.input[2])
-    return value is not None and bool(np.all(np.isneginf(value)))
-
-
-def fold_pads_into_pools(model: Any) -> int:
-    """Merge every ``-inf`` ``Pad`` that feeds only unpadded 2-D ``MaxPool`` nodes into their ``pads``.
-
-    Returns the number of pads removed. Pads of the batch or channel axes, pads read by anything
-    else, and pads whose output is a graph output are left alone.
-    """
-    from onnx import helper
-
-    graph = model.graph
-    constants = graph_constants(graph)
-    readers = _readers(graph)
-    outputs = {out.name for out in graph.output}
-    folded = []
-    for node in graph.node:
-        if not is_minus_inf_pad(node, constants):
-            continue
-        pads = constants.get(node.input[1])
-        users = readers.get(node.output[0], [])
-        if pads is None or pads.shape != (8,) or np.any(pads < 0) or pads[[0, 1, 4, 5]].any():
-            continue
-        if not users or node.output[0] in outputs or (len(node.input) > 3 and node.input[3]):
-            continue  # unused, a graph output, or padding chosen axes (opset 18 "axes" input): leave it
-        if any(u.op_type != "MaxPool" or any(_attribute(u, "pads", [0, 0, 0, 0])) or
-               _attribute(u, "auto_pad", b"NOTSET") != b"NOTSET" for u in users):
-            continue
-        top, left, bottom, right = (int(pads[i]) for i in (2, 3, 6, 7))
-        for user in users:
-            attrs = [a for a in user.attribute if a.name != "pads"]
-            del user.attribute[:]
-            user.attribute.extend(attrs)
-            user.attribute.append(helper.make_attribute("pads", [top, left, bottom, right]))
-            user.input[0] = node.input[0]
-        folded.append(node)
-    for node in folded:
-        graph.node.remove(node)
-    drop_unused_initializers(model)
-    return len(folded)
+from covid_cxr.inference.onnx_graph import drop_unused_initializers, graph_constants, node_attribute, tensor_readers
 
 
 def batchnorm_as_depthwise_conv(model: Any) -> int:
@@ -119,12 +42,12 @@ def batchnorm_as_depthwise_conv(model: Any) -> int:
     for index, node in enumerate(list(graph.node)):
         if node.op_type != "BatchNormalization" or len([o for o in node.output if o]) != 1:
             continue
-        if _attribute(node, "training_mode", 0):
+        if node_attribute(node, "training_mode", 0):
             continue
         x, scale, bias, mean, var = node.input[:5]
         if not all(name in constants for name in (scale, bias, mean, var)):
             continue
-        eps = float(_attribute(node, "epsilon", 1e-5))
+        eps = float(node_attribute(node, "epsilon", 1e-5))
         gamma, beta, mu, sigma2 = (constants[n].astype(np.float64) for n in (scale, bias, mean, var))
         weight = gamma / np.sqrt(sigma2 + eps)
         shift = beta - mu * weight
@@ -154,7 +77,7 @@ def give_relus_their_own_input(model: Any) -> list[str]:
     import copy
 
     graph = model.graph
-    readers = _readers(graph)
+    readers = tensor_readers(graph)
     producers = {out: node for node in graph.node for out in node.output}
     keep = []
     for relu in [n for n in graph.node if n.op_type == "Relu"]:
@@ -179,7 +102,7 @@ def unshare_pad_constants(model: Any) -> int:
 
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    readers = _readers(graph)
+    readers = tensor_readers(graph)
     copies = 0
     for node in graph.node:
         if node.op_type != "Pad" or len(node.input) < 3 or node.input[2] not in inits:
@@ -192,12 +115,3 @@ def unshare_pad_constants(model: Any) -> int:
         node.input[2] = name
         copies += 1
     return copies
-
-
-def drop_unused_initializers(model: Any) -> None:
-    graph = model.graph
-    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-    keep = [init for init in graph.initializer if init.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)

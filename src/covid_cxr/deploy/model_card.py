@@ -327,7 +327,7 @@ def write_model_card(facts: ModelFacts, out: Path, run_dir: Path | None = None) 
 
 def write_export_card(ckpt: Any, checkpoint: Path, files: list[Path]) -> Path:
     """The card of an exported model, beside its files: the checkpoint's facts, its run folder, the files' hashes."""
-    from covid_cxr.deploy.onnx import file_sha256
+    from covid_cxr.inference.onnx_model import file_sha256
 
     facts = facts_from_checkpoint(checkpoint, ckpt)
     facts.files = [(Path(f).name, file_sha256(f)) for f in files] + [(Path(checkpoint).name, file_sha256(checkpoint))]
@@ -336,7 +336,7 @@ def write_export_card(ckpt: Any, checkpoint: Path, files: list[Path]) -> Path:
 
 def write_run_card(run_dir: Path) -> Path:
     """The card of a finished run, in the run folder, naming its best.pt by hash."""
-    from covid_cxr.deploy.onnx import file_sha256
+    from covid_cxr.inference.onnx_model import file_sha256
 
     best = Path(run_dir) / "best.pt"
     facts = facts_from_checkpoint(best)

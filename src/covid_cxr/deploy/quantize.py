@@ -20,7 +20,7 @@ the earlier graph kept 17 BatchNorms and 5 pads in fp32, and those islands with 
 layout transposes took a third of the int8 run time.
 
 The result keeps the source model's covid-cxr metadata (classes, preprocessing), so
-:class:`covid_cxr.deploy.onnx.OnnxPredictor` loads it like any exported model, and records how it
+:class:`covid_cxr.inference.onnx_model.OnnxPredictor` loads it like any exported model, and records how it
 was quantized under ``covid_cxr.quantization``.
 """
 
@@ -35,14 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from covid_cxr.deploy.graph import (
-    batchnorm_as_depthwise_conv,
-    fold_pads_into_pools,
-    give_relus_their_own_input,
-    graph_constants,
-    is_minus_inf_pad,
-    unshare_pad_constants,
-)
+from covid_cxr.deploy.graph import batchnorm_as_depthwise_conv, give_relus_their_own_input, unshare_pad_constants
+from covid_cxr.inference.onnx_graph import fold_pads_into_pools, graph_constants, is_minus_inf_pad
 from covid_cxr.deploy.saturation import (
     FULL_RANGE_SCHEME,
     INT16_MAX,
@@ -52,7 +46,7 @@ from covid_cxr.deploy.saturation import (
     pair_sum_bound,
 )
 from covid_cxr.errors import CheckpointError, ConfigError
-from covid_cxr.inference import check_batch
+from covid_cxr.inference.protocol import check_batch
 from covid_cxr.preprocess import Preprocessing, to_model_input
 
 QUANT_FORMATS = ("qoperator", "qdq")
@@ -139,7 +133,7 @@ def quantize_onnx(
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static
 
-    from covid_cxr.deploy.onnx import read_metadata
+    from covid_cxr.inference.onnx_model import read_metadata
 
     source = Path(source)
     out = Path(out)

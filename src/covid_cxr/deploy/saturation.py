@@ -80,7 +80,7 @@ def pair_sum_bound(model: Any) -> list[PairSum]:
     most 32767. In the QDQ format the products are the fp32 ``Conv``/``MatMul``/``Gemm`` nodes whose
     weight comes from a constant through ``DequantizeLinear`` (ONNX Runtime fuses them into integer ops).
     """
-    from covid_cxr.deploy.graph import graph_constants
+    from covid_cxr.inference.onnx_graph import graph_constants
 
     graph = model.graph
     constants = graph_constants(graph)

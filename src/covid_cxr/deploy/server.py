@@ -12,8 +12,9 @@ header) is logged.
 
 Concurrency: decoding runs in worker threads, at most ``decode_workers`` at once (bounding
 memory); the network is driven by one worker task that takes the uploads waiting in its queue,
-up to ``max_batch`` at a time, and runs them as one batch in a thread. Concurrent uploads thus
-queue and share batches instead of fighting over the cores.
+up to ``max_batch`` at a time, and runs them as one batch in a thread through the same
+predict-and-decide step as ``predict`` (:class:`~covid_cxr.inference.pipeline.Classifier`).
+Concurrent uploads thus queue and share batches instead of fighting over the cores.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import contextlib
 import functools
 import html
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -34,45 +34,35 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
+from markdown_it import MarkdownIt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covid_cxr import __version__
-from covid_cxr.data.images import decode_image, resize_gray
+from covid_cxr.data.images import decode_image
+from covid_cxr.deploy.limits import ServerLimits
+from covid_cxr.deploy.model_card import split_front_matter
 from covid_cxr.deploy.uploads import UploadError, read_multipart
-from covid_cxr.errors import ConfigError, ImageDecodeError
+from covid_cxr.errors import ImageDecodeError
 from covid_cxr.gradcam import CamResult, GradCam, overlay_png
-from covid_cxr.inference import Predictor
+from covid_cxr.inference.pipeline import Classifier
+from covid_cxr.inference.protocol import Predictor
 from covid_cxr.labels import DISPLAY_NAMES
-from covid_cxr.operating_point import OperatingPoint, of_predictor
 
 DISCLAIMER = "Research tool, not a diagnostic device: do not use it to diagnose, treat or triage patients."
 
 
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one request may cost; the defaults fit any real radiograph."""
-
-    max_upload_bytes: int = 64 * 2**20
-    max_pixels: int = 40_000_000
-    max_batch: int = 8
-    decode_workers: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_pixels", "max_batch", "decode_workers"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"server limit {name} must be >= 1; got {getattr(self, name)}")
+Answer = tuple[np.ndarray, int, CamResult | None]  # probabilities (C,), decided class index, heatmap
+Job = tuple[np.ndarray, bool, "asyncio.Future[Answer]"]  # image, heatmap wanted, where the answer goes
 
 
 class InferenceQueue:
     """One worker owns the network: uploads queue, and those waiting together run as one batch."""
 
-    def __init__(self, predictor: Predictor, gradcam: GradCam | None, max_batch: int,
-                 decision: OperatingPoint | None = None) -> None:
-        self.predictor = predictor
-        self.decision = decision or OperatingPoint()
+    def __init__(self, classifier: Classifier, gradcam: GradCam | None, max_batch: int) -> None:
+        self.classifier = classifier
         self.gradcam = gradcam
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[tuple[np.ndarray, bool, asyncio.Future[Any]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -84,22 +74,26 @@ class InferenceQueue:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def submit(self, image: np.ndarray, heatmap: bool) -> Any:
-        """Probabilities (C,) for one image; with ``heatmap``, (probabilities, :class:`~covid_cxr.gradcam.CamResult`)."""
+    async def submit(self, image: np.ndarray, heatmap: bool) -> Answer:
+        """Probabilities, decided class and, with ``heatmap``, the Grad-CAM of that class for one model-sized image."""
         if self._task is None:
             await self.start()  # apps driven without their lifespan (some test clients) start it on first use
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         await self._queue.put((image, heatmap, future))
         return await future
 
-    def _explain(self, image: np.ndarray) -> list[tuple[np.ndarray, CamResult]]:
-        """The predictor's probabilities (the same numbers as without a heatmap) and the map of its class."""
-        probs = self.predictor.predict_proba(image[None])[0]
-        target = int(self.decision.decide(probs[None], self.predictor.classes)[0])
-        return [(probs, self.gradcam(image[None], [target])[0])]
+    def _classify(self, images: np.ndarray) -> list[Answer]:
+        return [(probs, decided, None) for probs, decided in self.classifier(images).rows()]
+
+    def _explain(self, image: np.ndarray) -> list[Answer]:
+        """The same numbers as without a heatmap, and the map of the decided class."""
+        if self.gradcam is None:  # the endpoint refuses heatmap requests first; this only guards the worker
+            raise RuntimeError("a heatmap was asked of a server without Grad-CAM")
+        ((probs, decided, _),) = self._classify(image[None])
+        return [(probs, decided, self.gradcam(image[None], [decided])[0])]
 
     async def _run(self) -> None:
-        set_aside: list[tuple[np.ndarray, bool, asyncio.Future[Any]]] = []  # heatmap jobs met while batching
+        set_aside: list[Job] = []  # heatmap jobs met while batching
         while True:
             first = set_aside.pop(0) if set_aside else await self._queue.get()
             jobs = [first]
@@ -109,7 +103,7 @@ class InferenceQueue:
                 while len(jobs) < self.max_batch and not self._queue.empty():
                     job = self._queue.get_nowait()
                     (set_aside if job[1] else jobs).append(job)
-                work = functools.partial(self.predictor.predict_proba, np.stack([job[0] for job in jobs]))
+                work = functools.partial(self._classify, np.stack([job[0] for job in jobs]))
             try:
                 results = await anyio.to_thread.run_sync(work)
             except Exception as exc:  # handed to the requests that caused it; the worker keeps serving
@@ -191,9 +185,9 @@ def create_app(
     (Markdown) is served at ``/model-card`` and, rendered, at ``/model-card.html`` for the page."""
     limits = limits or ServerLimits()
     model = model_description(predictor, network=network, sha256=sha256)
-    decision = of_predictor(predictor)  # the model's operating point (argmax when it has none)
-    model["operating_point"] = decision.to_dict()
-    queue = InferenceQueue(predictor, gradcam, limits.max_batch, decision)
+    classifier = Classifier(predictor)  # with the model's operating point (argmax when it has none)
+    model["operating_point"] = classifier.decision.to_dict()
+    queue = InferenceQueue(classifier, gradcam, limits.max_batch)
     decode_slots = anyio.CapacityLimiter(limits.decode_workers)
     size = predictor.preprocessing.image_size
 
@@ -211,6 +205,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.model = model
+    app.state.decision = classifier.decision
     app.state.limits = limits
 
     @app.exception_handler(UploadError)
@@ -252,10 +247,8 @@ def create_app(
         del form  # the raw upload is not kept longer than decoding needs
         original = await anyio.to_thread.run_sync(_decode, data, limits.max_pixels, limiter=decode_slots)
         del data
-        image = resize_gray(original, size, predictor.preprocessing.resize)
-        result = await queue.submit(image, heatmap)
-        probs, cam = result if heatmap else (result, None)
-        best = int(decision.decide(np.asarray(probs)[None], predictor.classes)[0])
+        image = classifier.fit(original)
+        probs, best, cam = await queue.submit(image, heatmap)
         body: dict[str, Any] = {
             "class": predictor.classes[best],
             "label": DISPLAY_NAMES[predictor.classes[best]],
@@ -298,10 +291,6 @@ def create_app(
 
 def render_card_html(card: str) -> str:
     """The card's Markdown as an HTML fragment (raw HTML in it is escaped), its YAML header folded away."""
-    from markdown_it import MarkdownIt
-
-    from covid_cxr.deploy.model_card import split_front_matter
-
     header, body = split_front_matter(card)
     md = MarkdownIt("commonmark", {"html": False}).enable("table")
     meta = card[: len(card) - len(body)].strip().strip("-").strip() if header else ""

@@ -115,7 +115,7 @@ def evaluate_external(
     progress: bool = True,
 ) -> EvaluationResult:
     """Evaluate a model on an external labelled set; see the module doc for what it reads and writes."""
-    from covid_cxr.deploy.backends import load_model
+    from covid_cxr.inference.backends import load_model
 
     path, run_dir = model_path(target)
     name = safe_name(name or Path(external).stem)

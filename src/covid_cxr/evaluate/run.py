@@ -2,7 +2,7 @@
 
 ``evaluate_run`` resolves what to evaluate, reads the fold's split from the prepared data,
 runs the checkpoint over the image cache in batches through the package's one inference loop
-(:func:`covid_cxr.inference.predict_in_batches`), and writes into the output folder:
+(:func:`covid_cxr.inference.protocol.predict_in_batches`), and writes into the output folder:
 ``predictions.csv``, ``metrics.json``, ``table3.csv``, ``table4.csv``,
 ``confusion_matrix.png``/``.pdf``, ``roc.png`` (the operating point marked) and ``calibration.png``.
 
@@ -245,7 +245,7 @@ def predict_rows(predictor: Any, images: Any, rows: np.ndarray, *, batch_size: i
 
     A memory-mapped cache is read front to back (rows sorted), and the output put back in the given order.
     """
-    from covid_cxr.inference import predict_in_batches
+    from covid_cxr.inference.protocol import predict_in_batches
 
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
@@ -291,8 +291,8 @@ def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir
           device: str, precision: str, compile: str, images: int | None = None, backend: str | None = None) -> _Model:
     from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.deploy.backends import make_predictor, resolve_compile
-    from covid_cxr.deploy.onnx import file_sha256
+    from covid_cxr.inference.backends import make_predictor, resolve_compile
+    from covid_cxr.inference.onnx_model import file_sha256
 
     tgt = resolve_target(Path(target), data, fold, split, out_dir)
     ckpt = load_checkpoint(tgt.checkpoint)
@@ -377,7 +377,7 @@ def evaluate_run(
     (auto|on|off): ``torch.compile`` the network; auto does so for splits large enough to repay it.
     ``operating_point`` (e.g. ``sensitivity=0.95``) chooses a decision rule on the validation split for
     this evaluation (the checkpoint is left as it is; ``calibrate`` stores one); default: the checkpoint's.
-    ``backend``: auto (None), torch or onnx (``covid_cxr.deploy.backends.choose_backend``); ``compile``
+    ``backend``: auto (None), torch or onnx (``covid_cxr.inference.backends.choose_backend``); ``compile``
     applies when the backend is PyTorch.
     """
     where = Path(target)

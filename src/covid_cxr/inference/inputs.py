@@ -22,9 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from covid_cxr.data.names import display_path, printable
-
-__all__ = ["IMAGE_SUFFIXES", "Inputs", "display_path", "expand_inputs", "not_a_file", "printable"]
+from covid_cxr.data.names import display_path
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"})
 _GLOB_CHARS = frozenset("*?[")

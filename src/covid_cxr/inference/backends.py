@@ -19,19 +19,23 @@ answers the predictions.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from covid_cxr import __version__
 from covid_cxr.checkpoint import Checkpoint, load_checkpoint
-from covid_cxr.deploy.onnx import OnnxPredictor, export_onnx_bytes, file_sha256
+from covid_cxr.choices import BACKENDS
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.gradcam import GradCam
-from covid_cxr.inference import Predictor, TorchPredictor, should_compile
+from covid_cxr.inference.onnx_model import OnnxPredictor, export_onnx_bytes, file_sha256
+from covid_cxr.inference.protocol import Predictor
+from covid_cxr.inference.torch_model import TorchPredictor, should_compile
+from covid_cxr.models.pretrained import default_cache_dir
 from covid_cxr.runtime import choose_runtime
 
-BACKENDS = ("auto", "torch", "onnx")
 BACKEND_ENV = "COVID_CXR_BACKEND"  # the default for --backend (auto when unset)
 
 
@@ -67,6 +71,8 @@ def choose_backend(
 
 @dataclass
 class LoadedModel:
+    """A model file opened for inference: its predictor, identity, and the checkpoint when it is one."""
+
     predictor: Predictor
     network: str
     sha256: str  # of the file given, so a response names exactly the weights that produced it
@@ -75,7 +81,14 @@ class LoadedModel:
 
     def describe(self) -> str:
         why = f" ({self.choice.reason})" if self.choice is not None else ""
-        return f"{self.network} on {self.predictor.backend}{why}: {self.predictor.describe()}"  # type: ignore[attr-defined]
+        return f"{self.network} on {self.predictor.backend}{why}: {self.predictor.describe()}"
+
+    def warm_up(self, batch_size: int) -> None:
+        """Compile now for batches of ``batch_size`` (a compiled network only), saying how long it took on stderr."""
+        started = time.perf_counter()
+        self.predictor.warm_up(batch_size)
+        if isinstance(self.predictor, TorchPredictor) and self.predictor.compiled:
+            print(f"compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     def gradcam(self) -> GradCam:
         """Grad-CAM on the PyTorch network (the predictor's own when it is PyTorch)."""
@@ -93,12 +106,21 @@ def is_checkpoint_file(path: Path) -> bool:
 
 
 def resolve_compile(
-    choice: str, images: int, *, backend: str | None = None, device: str = "auto", precision: str = "auto"
+    choice: str,
+    images: int,
+    *,
+    backend: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    model: Path | None = None,
 ) -> bool:
-    """``--compile auto|on|off`` for a checkpoint job of ``images`` images: auto compiles only when auto's
-    backend is PyTorch anyway (on an fp32-only CPU it is ONNX Runtime, which needs no compilation)."""
+    """``--compile auto|on|off`` for a job of ``images`` images: auto compiles only a PyTorch checkpoint (never
+    the ``model`` file when it is an ONNX one), and only when auto's backend is PyTorch anyway (on an fp32-only
+    CPU it is ONNX Runtime, which needs no compilation)."""
     wanted = should_compile(choice, images)
     if wanted and choice == "auto":
+        if model is not None and not (model.is_file() and is_checkpoint_file(model)):
+            return False
         return choose_backend(backend, device=device, precision=precision).backend == "torch"
     return wanted
 
@@ -109,9 +131,6 @@ def cached_onnx(checkpoint: Checkpoint, sha256: str) -> tuple[bytes, str]:
     Keyed by the checkpoint file's sha256 and the covid-cxr version (whose exporter wrote it). A cache that
     cannot be written (read-only home, full disk) only costs the export again next time, and says so.
     """
-    from covid_cxr import __version__
-    from covid_cxr.models.pretrained import default_cache_dir
-
     target = default_cache_dir() / "onnx" / f"{sha256}-{__version__}.onnx"
     if target.is_file():
         return target.read_bytes(), f"cached export {target}"

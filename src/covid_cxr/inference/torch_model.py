@@ -1,45 +1,29 @@
-"""Batched inference from a checkpoint: uint8 grayscale images in, class probabilities out.
+"""The PyTorch backend: a checkpoint's network in eval mode, BatchNorms folded, optionally compiled.
 
-:class:`TorchPredictor` is the one inference loop of the package: ``evaluate`` runs it over a
-prepared split, ``predict`` over files, the web service over uploads, the audits over altered
-images. The ONNX Runtime backend (``covid_cxr.deploy.onnx``) offers the same surface
-(``classes``, ``preprocessing``, ``predict_proba``), so callers never care which one they hold.
+:class:`TorchPredictor` is the inference loop ``evaluate`` runs over a prepared split, ``predict`` over
+files, the web service over uploads and the audits over altered images; it is also the one place
+that compiles (:meth:`TorchPredictor.warm_up`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import numpy as np
 import torch
+from torch import fx
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from covid_cxr.checkpoint import Checkpoint
-from covid_cxr.preprocess import Preprocessing, to_model_input
+from covid_cxr.choices import COMPILE_CHOICES, COMPILE_MIN_IMAGES
+from covid_cxr.inference.protocol import check_batch
+from covid_cxr.models.layers import MaxPool2dSame
+from covid_cxr.preprocess import to_model_input
 from covid_cxr.runtime import Runtime, choose_runtime
 
 
-class Predictor(Protocol):
-    """What every inference backend offers."""
-
-    backend: str
-    classes: tuple[str, ...]
-    preprocessing: Preprocessing
-
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S) at ``preprocessing.image_size`` -> float32 probabilities (N, num_classes)."""
-        ...
-
-
-COMPILE_CHOICES = ("auto", "on", "off")
-# torch.compile of the concatenated network takes ~30 s on 2 cores and then saves ~12% per image at batch 20
-# (benchmarks/RESULTS.md: 9.4 -> 10.5 images/s at 300 px); below this many images it costs more than it saves.
-COMPILE_MIN_IMAGES = 3000
-
-
 def should_compile(choice: str, images: int) -> bool:
-    """Resolve ``--compile auto|on|off`` for a job of ``images`` images."""
+    """Resolve ``--compile auto|on|off`` for a job of ``images`` images (auto: :data:`COMPILE_MIN_IMAGES` or more)."""
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {choice!r}")
     return choice == "on" or (choice == "auto" and images >= COMPILE_MIN_IMAGES)
@@ -53,11 +37,6 @@ def fold_batchnorms(model: torch.nn.Module) -> int:
     Grad-CAM layers) stays as it was. BatchNorms after an addition (ResNet50V2's pre-activations) stay.
     The graph is read with ``torch.fx``; returns how many BatchNorms were folded.
     """
-    from torch import fx
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    from covid_cxr.models.layers import MaxPool2dSame
-
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: torch.nn.Module, name: str) -> bool:  # its padding reads the input's shape
             return isinstance(m, MaxPool2dSame) or super().is_leaf_module(m, name)
@@ -122,18 +101,20 @@ class TorchPredictor:
         self._compiled_batch: int | None = None
 
     def describe(self) -> str:
+        """Device, precision, layout, compilation and folded BatchNorms."""
         folded = f" bn_folded={self.folded}" if self.folded else ""
         return f"{self.runtime.describe()} compile={'on' if self.compiled else 'off'}{folded}"
 
-    def warm_up(self, batch: int) -> None:
-        """One forward pass on blank images: compiles now, for batches of ``batch``, instead of on the first real call."""
-        size = self.preprocessing.image_size
-        self.predict_proba(np.zeros((batch, size, size), dtype=np.uint8))
+    def warm_up(self, batch_size: int) -> None:
+        """Compile now, for batches of ``batch_size``, with one pass over blank images (eager mode: nothing to do)."""
+        if self._compiled_model is not None:
+            size = self.preprocessing.image_size
+            self.predict_proba(np.zeros((batch_size, size, size), dtype=np.uint8))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compiled_model is None:
             return self.model(x)
-        import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config  # ~1 s to import: only compiled predictors need it
 
         n = len(x)
         step = self._compiled_batch or n
@@ -170,41 +151,3 @@ class TorchPredictor:
 
     def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         return torch.softmax(self.logits(images), dim=1).cpu().numpy()
-
-
-def check_batch(batch: torch.Tensor | np.ndarray, image_size: int) -> None:
-    """Refuse a batch that is not uint8 (N, S, S) at the model's size, with the reason."""
-    shape = tuple(batch.shape)
-    if len(shape) != 3 or shape[1:] != (image_size, image_size):
-        raise ValueError(f"expected uint8 images of shape (N, {image_size}, {image_size}), got {shape}")
-    if str(batch.dtype) not in ("uint8", "torch.uint8"):
-        raise ValueError(f"expected uint8 images, got {batch.dtype}")
-
-
-def predict_in_batches(
-    predictor: Predictor,
-    images: np.ndarray | Sequence[np.ndarray],
-    *,
-    batch_size: int = 32,
-    indices: np.ndarray | None = None,
-    on_batch: Callable[[int], None] | None = None,
-) -> np.ndarray:
-    """Probabilities for ``images[indices]`` (all when None), ``batch_size`` at a time.
-
-    ``images`` may be a memory-mapped cache: rows are read a batch at a time, never all at once.
-    ``on_batch(n)`` is called after each batch with its size (for progress bars).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1; got {batch_size}")
-    order = np.arange(len(images)) if indices is None else np.asarray(indices, dtype=np.int64)
-    out = np.empty((len(order), len(predictor.classes)), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        if isinstance(images, np.ndarray):
-            batch = images[rows]
-        else:
-            batch = np.stack([images[i] for i in rows])
-        out[start : start + len(rows)] = predictor.predict_proba(np.ascontiguousarray(batch))
-        if on_batch is not None:
-            on_batch(len(rows))
-    return out
