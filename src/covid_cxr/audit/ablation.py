@@ -24,8 +24,11 @@ import cv2
 import numpy as np
 
 from covid_cxr.audit import results as R
+from covid_cxr.audit.data import load_test_images_and_lungs
 from covid_cxr.audit.lungs import LungFields
-from covid_cxr.inference import Predictor, predict_in_batches
+from covid_cxr.evaluate.metrics import balanced_accuracy, confusion_matrix
+from covid_cxr.inference import Predictor, TorchPredictor, predict_in_batches
+from covid_cxr.stats import Proportion
 
 CONDITIONS: tuple[str, ...] = ("as_is", "lungs_hidden", "only_lungs")
 FILL_DESCRIPTION = "the image's own mean intensity"
@@ -69,8 +72,6 @@ def hide(images: np.ndarray, masks: np.ndarray, keep: str) -> np.ndarray:
 
 def condition_metrics(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy and per-class recall, with Wilson intervals, for one condition."""
-    from covid_cxr.evaluate.metrics import balanced_accuracy, confusion_matrix
-
     labels = np.asarray(labels)
     preds = np.asarray(classes)[np.argmax(probs, axis=1)]
     cm = confusion_matrix(labels, preds, classes)
@@ -80,22 +81,14 @@ def condition_metrics(labels: Sequence[str], probs: np.ndarray, classes: Sequenc
     for k, cls in enumerate(classes):
         support = int(cm[k].sum())
         if support:
-            recall[cls] = wilson(int(cm[k, k]), support)
+            recall[cls] = Proportion(int(cm[k, k]), support).as_interval()
     return {
         "n": n,
-        "accuracy": wilson(correct, n),
+        "accuracy": Proportion(correct, n).as_interval(),
         "balanced_accuracy": balanced_accuracy(cm) / 100.0,
         "recall": recall,
         "confusion_matrix": cm.tolist(),
     }
-
-
-def wilson(k: int, n: int) -> dict[str, Any]:
-    """An interval dict for k of n with the evaluation helper's Wilson interval."""
-    from covid_cxr.evaluate.metrics import wilson_interval
-
-    low, high = wilson_interval(k, n)
-    return {"value": k / n if n else None, "low": low, "high": high, "n": n, "k": k, "method": "wilson"}
 
 
 def run_ablation(
@@ -194,9 +187,6 @@ def audit_ablation(
     out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit ablation``: the checkpoint over the fold's test set, three ways; writes ``ablation.json``."""
-    from covid_cxr.audit.data import load_test_images_and_lungs
-    from covid_cxr.inference import TorchPredictor
-
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
     predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
     inputs = {"checkpoint": str(t.checkpoint_path), "network": t.checkpoint.network, "data": str(t.data),

@@ -22,10 +22,13 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.audit import results as R
-from covid_cxr.audit.ablation import wilson
+from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
+from covid_cxr.data.cache import IMAGES_FILE, build_cache
 from covid_cxr.data.sources import parse_folder_spec, read_folder
 from covid_cxr.errors import DataError
-from covid_cxr.inference import Predictor, predict_in_batches
+from covid_cxr.evaluate.run import cache_for
+from covid_cxr.inference import Predictor, TorchPredictor, predict_in_batches
+from covid_cxr.stats import Proportion
 
 RECALL_DROP = 0.20
 """Flag when recall on the unseen source is this much (absolute) below in-source recall..."""
@@ -35,7 +38,7 @@ def recall_of(predictor: Predictor, images: np.ndarray, cls: str, batch_size: in
     """Share of ``images`` (all of class ``cls``) predicted as ``cls``, with its Wilson interval."""
     probs = predict_in_batches(predictor, images, batch_size=batch_size)
     hits = int((probs.argmax(axis=1) == list(predictor.classes).index(cls)).sum())
-    return wilson(hits, len(images))
+    return Proportion(hits, len(images)).as_interval()
 
 
 def run_cross_source(
@@ -84,8 +87,6 @@ class UnseenImages:
 
 def external_data(spec: Path | str, size: int) -> UnseenImages:
     """``--source-data``: a folder ``prepare`` wrote, or ``[NAME=]DIR`` decoded here as ``prepare`` decodes."""
-    from covid_cxr.audit.data import open_prepared, rows_of
-
     if (Path(spec) / "prepare.json").is_file():
         external = open_prepared(Path(spec))
         return UnseenImages(external.manifest, lambda ids: rows_of(external.cache(image_size=size), ids))
@@ -100,8 +101,6 @@ def external_data(spec: Path | str, size: int) -> UnseenImages:
 
 def decode_in_memory(manifest: pd.DataFrame, size: int) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
     """Decode ``manifest``'s images as ``prepare`` does: (decoded ids, uint8 images, failures)."""
-    from covid_cxr.data.cache import IMAGES_FILE, build_cache
-
     with tempfile.TemporaryDirectory(prefix="covid-cxr-source-") as tmp:
         build = build_cache(manifest, size, Path(tmp), progress=False)
         images = np.load(Path(tmp) / IMAGES_FILE)
@@ -121,10 +120,6 @@ def audit_cross_source(
     must hold no ``cls`` image of that source. ``source`` may be left out when ``source_data``
     holds one source.
     """
-    from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
-    from covid_cxr.evaluate.run import cache_for
-    from covid_cxr.inference import TorchPredictor
-
     t = resolve_target(target, data, fold)
     prepared = open_prepared(t.data)
     size = t.checkpoint.preprocessing.image_size

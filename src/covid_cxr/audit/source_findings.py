@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.audit import results as R
+from covid_cxr.evaluate.metrics import bootstrap_auc_ci, roc_auc
+from covid_cxr.stats import Proportion
 
 NEAR_PERFECT_AUC = 0.95
 """Within-class source AUC at or above this is flagged ("near-perfect")."""
@@ -37,9 +39,6 @@ def source_metrics(
     *, n_boot: int = 1000, seed: int = 0,
 ) -> dict[str, Any]:
     """Accuracy (Wilson), balanced accuracy, and AUC (patient bootstrap) of source predictions."""
-    from covid_cxr.audit.ablation import wilson
-    from covid_cxr.evaluate.metrics import bootstrap_auc_ci, roc_auc
-
     index = {s: i for i, s in enumerate(source_names)}
     true = np.array([index[s] for s in sources], dtype=np.int64)
     pred = probs.argmax(axis=1)
@@ -60,7 +59,7 @@ def source_metrics(
     return {
         "n": int(len(true)),
         "counts": {source_names[k]: int((true == k).sum()) for k in present},
-        "accuracy": wilson(int((pred == true).sum()), int(len(true))),
+        "accuracy": Proportion(int((pred == true).sum()), int(len(true))).as_interval(),
         "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
         "auc": auc if len(present) > 1 else None,
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, parse_prevalences
+from covid_cxr.stats import DEFAULT_PREVALENCES, parse_prevalences
 from covid_cxr.evaluate.report import write_report
 
 

@@ -25,8 +25,8 @@ import pandas as pd
 from covid_cxr.data.images import load_image
 from covid_cxr.deploy.files import expand_inputs
 from covid_cxr.errors import ConfigError, DataError, ImageDecodeError
-from covid_cxr.evaluate.metrics import Proportion
 from covid_cxr.inference import Predictor
+from covid_cxr.stats import Proportion
 
 SEED = 0  # the same checkpoint always gets the same calibration and check images
 CHECK_BATCH = 16  # images per forward pass in the check: bounds its memory on the full networks

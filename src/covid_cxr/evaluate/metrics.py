@@ -5,11 +5,11 @@ from hand-kept counters. Per class, as Table 3 and Table 4 of the paper define t
 correct detected = TP, not detected = FN, wrong detected = FP, TN = N - TP - FN - FP;
 recall TP/(TP+FN), specificity TN/(TN+FP), per-class accuracy (TP+TN)/N, precision TP/(TP+FP).
 
-Every proportion carries a 95% Wilson score interval: with 31 COVID-19 test images a point
-estimate alone says little. One-vs-rest ROC AUC gets a bootstrap interval resampled by patient
+Every proportion carries a 95% Wilson score interval (:mod:`covid_cxr.stats`): with 31 COVID-19
+test images a point estimate alone says little. One-vs-rest ROC AUC gets a bootstrap interval resampled by patient
 (images of one patient are not independent). Rates are percentages, AUC is on 0-1. A rate whose
 denominator is zero (e.g. precision of a class never predicted) is NaN and a note says why.
-No I/O here: reading and writing live in ``predictions.py``, ``run.py`` and ``report.py``.
+No I/O here: reading and writing live in ``predictions.py``, ``run.py`` and :mod:`covid_cxr.report`.
 
 Keys of :func:`compute_metrics` (and of ``covid-cxr metrics --json``), for each class ``c`` in
 ``covid, pneumonia, normal``: ``n``, ``accuracy``, ``balanced_accuracy``; ``c_n``, ``c_correct``,
@@ -25,12 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from covid_cxr.labels import CLASSES
+from covid_cxr.stats import (DEFAULT_PREVALENCES, Proportion, ppv_at_prevalence, predictive_values,
+                             wilson_interval)
 
 RATES: tuple[str, ...] = ("recall", "specificity", "accuracy", "precision")
 """Table 4's per-class figures, in the paper's order."""
@@ -76,47 +77,6 @@ def class_counts(cm: np.ndarray, k: int) -> ClassCounts:
     return ClassCounts(tp=tp, fn=fn, fp=fp, tn=int(cm.sum()) - tp - fn - fp)
 
 
-_Z95 = NormalDist().inv_cdf(0.975)
-
-
-def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of the proportion k/n, as fractions; (nan, nan) when n == 0.
-
-    Unlike the normal approximation it stays inside [0, 1] and behaves at k = 0 or k = n,
-    which is where small COVID-19 test sets live.
-    """
-    if n <= 0:
-        return (math.nan, math.nan)
-    if not 0 <= k <= n:
-        raise ValueError(f"successes must lie in 0..{n}; got {k}")
-    z = _Z95 if confidence == 0.95 else NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # At k = 0 (k = n) the bound is exactly 0 (1); say so rather than leave a rounding residue.
-    low = 0.0 if k == 0 else max(0.0, centre - half)
-    high = 1.0 if k == n else min(1.0, centre + half)
-    return (low, high)
-
-
-@dataclass(frozen=True)
-class Proportion:
-    """k out of n as a percentage with its Wilson interval (NaN when n == 0)."""
-
-    k: int
-    n: int
-
-    @property
-    def value(self) -> float:
-        return 100.0 * self.k / self.n if self.n else math.nan
-
-    @property
-    def ci(self) -> tuple[float, float]:
-        low, high = wilson_interval(self.k, self.n)
-        return (100.0 * low, 100.0 * high)
-
-
 def class_proportions(c: ClassCounts) -> dict[str, Proportion]:
     """Table 4's four rates of one class, as proportions with known numerator and denominator."""
     n = c.tp + c.fn + c.fp + c.tn
@@ -144,19 +104,6 @@ def balanced_accuracy(cm: np.ndarray) -> float:
     return float(100.0 * np.mean(np.diag(cm)[present] / support[present]))
 
 
-def ppv_at_prevalence(sensitivity: float, specificity: float, prevalence: float) -> float:
-    """Precision a classifier would have where the class has ``prevalence`` (fractions in, fraction out).
-
-    A test set's COVID-19 share (31 of 11302) is not a clinic's; Bayes' rule moves precision there.
-    """
-    if not 0.0 < prevalence < 1.0:
-        raise ValueError(f"prevalence must lie strictly between 0 and 1; got {prevalence}")
-    true_pos = sensitivity * prevalence
-    false_pos = (1.0 - specificity) * (1.0 - prevalence)
-    total = true_pos + false_pos
-    return true_pos / total if total > 0 else math.nan
-
-
 @dataclass(frozen=True)
 class BinaryFigures:
     """One class against the rest at the model's decision: what a screening reader asks for."""
@@ -181,75 +128,6 @@ def binary_figures(cm: np.ndarray, k: int) -> BinaryFigures:
     c = class_counts(cm, k)
     return BinaryFigures(sensitivity=Proportion(c.tp, c.tp + c.fn), specificity=Proportion(c.tn, c.tn + c.fp),
                          ppv=Proportion(c.tp, c.tp + c.fp), npv=Proportion(c.tn, c.tn + c.fn))
-
-
-def npv_at_prevalence(sensitivity: float, specificity: float, prevalence: float) -> float:
-    """Negative predictive value where the class has ``prevalence`` (Bayes' rule; fractions in and out)."""
-    if not 0.0 < prevalence < 1.0:
-        raise ValueError(f"prevalence must lie strictly between 0 and 1; got {prevalence}")
-    true_neg = specificity * (1.0 - prevalence)
-    false_neg = (1.0 - sensitivity) * prevalence
-    total = true_neg + false_neg
-    return true_neg / total if total > 0 else math.nan
-
-
-def predictive_values(sens: Proportion, spec: Proportion, prevalence: float) -> dict[str, float]:
-    """PPV and NPV (percentages) at ``prevalence``, with intervals propagated from those of sens and spec.
-
-    Both values rise with sensitivity and with specificity, so the Wilson bounds of the two,
-    pushed through Bayes' rule together, bound them (conservatively: both ends at once).
-    """
-    if not (sens.n and spec.n):
-        return {f"{w}{s}": math.nan for w in ("ppv", "npv") for s in ("", "_ci_low", "_ci_high")}
-    (s_lo, s_hi), (t_lo, t_hi) = wilson_interval(sens.k, sens.n), wilson_interval(spec.k, spec.n)
-    s, t = sens.k / sens.n, spec.k / spec.n
-    out = {}
-    for name, fn in (("ppv", ppv_at_prevalence), ("npv", npv_at_prevalence)):
-        out[name] = 100.0 * fn(s, t, prevalence)
-        out[f"{name}_ci_low"] = 100.0 * fn(s_lo, t_lo, prevalence)
-        out[f"{name}_ci_high"] = 100.0 * fn(s_hi, t_hi, prevalence)
-    return out
-
-
-def difference_interval(a: Proportion, b: Proportion, confidence: float = 0.95) -> tuple[float, float, float]:
-    """b - a in percentage points with Newcombe's hybrid score interval (independent samples, Wilson-based).
-
-    Newcombe (1998), method 10: the interval of a difference built from each proportion's Wilson
-    interval, good at the small counts and extreme rates of COVID-19 test sets. NaN when either is 0/0.
-    """
-    if not a.n or not b.n:
-        return (math.nan, math.nan, math.nan)
-    p1, p2 = a.k / a.n, b.k / b.n
-    l1, u1 = wilson_interval(a.k, a.n, confidence)
-    l2, u2 = wilson_interval(b.k, b.n, confidence)
-    d = p2 - p1
-    low = d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2)
-    high = d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
-    return (100.0 * d, 100.0 * low, 100.0 * high)
-
-
-DEFAULT_PREVALENCES: tuple[float, ...] = (0.01, 0.05, 0.20)
-"""Where PPV and NPV are stated besides the test set's own mix: a low, a middling and a high COVID-19 share."""
-
-
-def parse_prevalences(text: str) -> tuple[float, ...]:
-    """``'0.01,0.05,0.2'`` or ``'1%,5%,20%'`` -> fractions strictly between 0 and 1."""
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
-        except ValueError:
-            raise ValueError(f"prevalence {part!r} is not a number; "
-                             "write fractions (0.05) or percentages (5%)") from None
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"prevalence {part!r} must lie strictly between 0 and 1 (0.05 or 5%)")
-        out.append(value)
-    if not out:
-        raise ValueError("no prevalence given; write e.g. 0.01,0.05,0.2 or 1%,5%,20%")
-    return tuple(out)
 
 
 def decision_summary(cm: np.ndarray, k: int, prevalences: Sequence[float] = DEFAULT_PREVALENCES) -> dict[str, Any]:

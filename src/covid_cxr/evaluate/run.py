@@ -29,10 +29,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.evaluate import plots
-from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, decision_summary, table3_row, table4_row
+from covid_cxr.evaluate.metrics import decision_summary, table3_row, table4_row
 from covid_cxr.evaluate.predictions import Predictions, predictions_frame, validate_predictions, write_predictions
 from covid_cxr.labels import CLASSES, normalize_label
 from covid_cxr.operating_point import OperatingPoint, parse_rule
+from covid_cxr.stats import DEFAULT_PREVALENCES
 
 if TYPE_CHECKING:  # the data area is imported where used, so metrics and reports never load it
     from covid_cxr.data.prepared import ImageCache, PreparedData

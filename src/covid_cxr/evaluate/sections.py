@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from covid_cxr.evaluate.metrics import (Proportion, binary_figures, class_counts, class_proportions,
-                                        decision_summary, difference_interval)
+from covid_cxr.evaluate.metrics import binary_figures, class_counts, class_proportions, decision_summary
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint
+from covid_cxr.stats import Proportion, difference_interval
 
 ABSENT = "absent (no images)"
 

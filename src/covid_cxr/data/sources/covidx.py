@@ -33,6 +33,7 @@ from covid_cxr.data.manifest import finalize, make_ids
 from covid_cxr.data import splits
 from covid_cxr.data.splits import Fold, SplitPlan, SplitSettings
 from covid_cxr.errors import ConfigError, DataError
+from covid_cxr.stats import wilson_interval
 
 PREFIX = "covidx"
 SPLITS = ("train", "test")
@@ -311,8 +312,6 @@ def published_rows(metrics: dict[str, Any], version: str) -> list[list[str]]:
     sensitivities' intervals follow from their 100 images a class. Empty when nothing was published
     for ``version``.
     """
-    from covid_cxr.evaluate.metrics import wilson_interval  # the evaluate package loads plotting; not at import
-
     published = [p for p in PUBLISHED if p["test_set"] == str(version).upper()]
     if not published:
         return []
