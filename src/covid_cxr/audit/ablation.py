@@ -23,6 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from covid_cxr import fmt
 from covid_cxr.audit import results as R
 from covid_cxr.audit.data import load_test_images_and_lungs
 from covid_cxr.audit.lungs import LungFields
@@ -154,7 +155,8 @@ def ablation_flags(metrics: dict[str, Any]) -> list[dict[str, str]]:
         flags.append(R.flag(
             "ablation-score-survives",
             f"The score survives lung removal: with the lung fields hidden, balanced accuracy is "
-            f"{R.pct(hidden['balanced_accuracy'])} (chance {R.pct(chance)}; as is {R.pct(as_is['balanced_accuracy'])}). "
+            f"{fmt.percent(hidden['balanced_accuracy'], fraction=True)} (chance {fmt.percent(chance, fraction=True)}; "
+            f"as is {fmt.percent(as_is['balanced_accuracy'], fraction=True)}). "
             "The model finds class evidence outside the lungs, where the disease is not.",
         ))
     covid = hidden["recall"].get("covid")
@@ -168,9 +170,9 @@ def ablation_flags(metrics: dict[str, Any]) -> list[dict[str, str]]:
         if covid["value"] >= COVID_RECALL_SURVIVAL and covid["low"] > false_rate:
             flags.append(R.flag(
                 "ablation-covid-survives",
-                f"COVID-19 is still recognised with the lungs hidden: recall {R.with_ci(covid)} while only "
-                f"{R.pct(false_rate)} of the other images are called COVID-19 (as is: recall "
-                f"{R.with_ci(as_is['recall'].get('covid'))}).",
+                f"COVID-19 is still recognised with the lungs hidden: recall {fmt.record(covid)} while only "
+                f"{fmt.percent(false_rate, fraction=True)} of the other images are called COVID-19 (as is: recall "
+                f"{fmt.record(as_is['recall'].get('covid'))}).",
             ))
     return flags
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from covid_cxr import fmt
 from covid_cxr.audit import results as R
 from covid_cxr.audit.data import load_test_images_and_lungs
 from covid_cxr.audit.lungs import LungFields
@@ -86,7 +87,8 @@ def run_cam_stats(
             flags.append(R.flag(
                 "cam-outside-lungs",
                 f"For {R.class_name(cls)} images the Grad-CAM heatmap is no more on the lungs than chance: "
-                f"{R.with_ci(iv)} of its mass lies in lung fields that cover {R.pct(area)} of the image.",
+                f"{fmt.record(iv)} of its mass lies in lung fields that cover {fmt.percent(area, fraction=True)} of "
+                "the image.",
             ))
     metrics = {"target": "predicted", "per_class": per_class, "mask_source": lungs.method,
                "mask_description": lungs.description}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_cxr import fmt
 from covid_cxr.audit import results as R
 from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
 from covid_cxr.data.cache import IMAGES_FILE, build_cache
@@ -65,8 +66,8 @@ def run_cross_source(
     if metrics["difference"] >= RECALL_DROP and unseen["high"] < seen["low"]:
         flags.append(R.flag(
             "cross-source-recall-drop",
-            f"{R.class_name(cls)} recall drops on a source the model never saw for it: {R.with_ci(unseen)} on "
-            f"{source} against {R.with_ci(seen)} on the training sources. The model may have learned the source "
+            f"{R.class_name(cls)} recall drops on a source the model never saw for it: {fmt.record(unseen)} on "
+            f"{source} against {fmt.record(seen)} on the training sources. The model may have learned the source "
             "of its training images rather than the disease.",
         ))
     thresholds = {"recall_drop": R.threshold(

@@ -127,8 +127,8 @@ def print_decision(decision: dict[str, Any], console: Console) -> None:
 
 def _print_comparison(result: EvaluationResult, console: Console) -> None:
     """Internal beside external, when the run has an internal test evaluation."""
-    from covid_cxr.evaluate.report import load_evaluation
-    from covid_cxr.evaluate.sections import comparison_table
+    from covid_cxr.report.report import load_evaluation
+    from covid_cxr.report.sections import comparison_table
 
     internal_dir = result.info.get("internal")
     if not internal_dir:
