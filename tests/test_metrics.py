@@ -121,6 +121,43 @@ def test_bootstrap_by_patient_is_seeded_and_wider_for_duplicated_patients() -> N
     assert (by_patient[1] - by_patient[0]) > 1.5 * (by_image[1] - by_image[0])
 
 
+def test_the_bootstraps_own_auc_equals_scikit_learns_on_random_data() -> None:
+    # The bootstrap keeps its own AUC for speed (benchmarks/metrics_speed.py); it must be scikit-learn's.
+    from sklearn.metrics import roc_auc_score
+
+    from covid_cxr.evaluate.metrics import _AucPlan
+
+    rng = np.random.default_rng(7)
+    for n in (5, 40, 500):
+        positive = rng.random(n) < 0.3
+        positive[:2] = [True, False]
+        scores = np.round(rng.random(n), 2)  # rounded: ties
+        plan = _AucPlan.of(positive, scores)
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=20).astype(float)
+        weights[:, :2] += 1.0  # every resample keeps a positive and a negative
+        ours = plan.weighted(np.vstack([np.ones(n), weights]))
+        theirs = [roc_auc_score(positive, scores)] + [roc_auc_score(positive, scores, sample_weight=w) for w in weights]
+        assert ours == pytest.approx(theirs, abs=1e-12)
+        assert roc_auc(positive, scores) == pytest.approx(theirs[0], abs=1e-12)
+
+
+def test_calibration_bins_are_scikit_learns_with_counts() -> None:
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet([0.5, 0.5, 0.5], 400).astype(np.float32)
+    true = rng.integers(0, 3, 400)
+    bins = calibration_bins(probs, true, n_bins=10)
+    confidence = probs.max(axis=1).astype(np.float64)
+    hit, conf = calibration_curve(probs.argmax(axis=1) == true, confidence, n_bins=10)
+    filled = bins.count > 0
+    assert bins.count.sum() == 400 and np.isnan(bins.accuracy[~filled]).all()
+    assert bins.accuracy[filled] == pytest.approx(hit) and bins.confidence[filled] == pytest.approx(conf)
+    edges = np.linspace(0, 1, 11)
+    assert bins.count.tolist() == [int(((confidence > lo) & (confidence <= hi)).sum()) + int(lo == 0) * int(
+        (confidence == 0).sum()) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
 def test_calibration_error() -> None:
     # Confidence 0.9 on every image, right on 90% of them: perfectly calibrated.
     probs = np.tile([0.9, 0.05, 0.05], (100, 1))

@@ -9,6 +9,8 @@ Every proportion carries a 95% Wilson score interval (:mod:`covid_cxr.stats`): w
 test images a point estimate alone says little. One-vs-rest ROC AUC gets a bootstrap interval resampled by patient
 (images of one patient are not independent). Rates are percentages, AUC is on 0-1. A rate whose
 denominator is zero (e.g. precision of a class never predicted) is NaN and a note says why.
+The ROC curve, the AUC and the calibration bins are scikit-learn's; the patient bootstrap keeps
+its own AUC for its inner loop (16x faster, ``benchmarks/metrics_speed.py``).
 No I/O here: reading and writing live in ``predictions.py``, ``run.py`` and :mod:`covid_cxr.report`.
 
 Keys of :func:`compute_metrics` (and of ``covid-cxr metrics --json``), for each class ``c`` in
@@ -23,11 +25,15 @@ prevalence ``prevalence`` and ``<class>_ppv_at_prevalence`` (+ CI); ``notes`` (w
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as sklearn_metrics
+from sklearn.calibration import calibration_curve
+from sklearn.exceptions import UndefinedMetricWarning
 
 from covid_cxr.labels import CLASSES
 from covid_cxr.stats import (DEFAULT_PREVALENCES, Proportion, ppv_at_prevalence, predictive_values,
@@ -140,23 +146,27 @@ def decision_summary(cm: np.ndarray, k: int, prevalences: Sequence[float] = DEFA
 
 
 def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False- and true-positive rates at every distinct score threshold (descending), from (0, 0)."""
+    """False- and true-positive rates at every distinct score threshold (descending), from (0, 0).
+
+    scikit-learn's curve with every point kept; NaN rates where a side (positives or negatives) is empty.
+    """
     positive = np.asarray(positive, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], positive[order]
-    last_of_block = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1] if len(s) else np.array([], dtype=np.int64)
-    tps = np.cumsum(y)[last_of_block]
-    fps = np.cumsum(~y)[last_of_block]
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    tpr = np.r_[0.0, tps / n_pos] if n_pos else np.full(len(tps) + 1, math.nan)
-    fpr = np.r_[0.0, fps / n_neg] if n_neg else np.full(len(fps) + 1, math.nan)
-    return fpr, tpr, np.r_[np.inf, s[last_of_block]]
+    if not len(scores):
+        return np.full(1, math.nan), np.full(1, math.nan), np.array([np.inf])
+    with warnings.catch_warnings():  # one empty side: scikit-learn warns and answers NaN, as we want
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, thresholds = sklearn_metrics.roc_curve(positive, scores, drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 @dataclass(frozen=True)
 class _AucPlan:
-    """What the AUC of one class needs, sorted once: positives, negatives by score, and where each positive falls.
+    """The bootstrap's AUC of one class, sorted once: positives, negatives by score, and where each positive falls.
+
+    Ours, not scikit-learn's, for the bootstrap's inner loop only: one cumulative sum per resample
+    over all resamples at once, instead of a sort per resample; ``benchmarks/metrics_speed.py``
+    measures both (the test suite checks they agree). :func:`roc_auc` itself is scikit-learn's.
 
     ``lo[i]`` / ``hi[i]`` count the negatives scored below / at most positive i, so a positive
     beats ``lo[i]`` negatives and ties ``hi[i] - lo[i]`` (each tie counts one half).
@@ -196,11 +206,11 @@ class _AucPlan:
 
 
 def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
-    """One-vs-rest ROC AUC (Mann-Whitney, ties one half); NaN when one side is empty."""
-    plan = _AucPlan.of(positive, scores)
-    if not len(plan.pos) or not len(plan.neg):
+    """One-vs-rest ROC AUC (scikit-learn's; ties count one half); NaN when one side is empty."""
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
         return math.nan
-    return float(plan.weighted(np.ones((1, len(plan.pos) + len(plan.neg))))[0])
+    return float(sklearn_metrics.roc_auc_score(positive, np.asarray(scores, dtype=np.float64)))
 
 
 def bootstrap_auc_cis(positives: Sequence[np.ndarray], scores: Sequence[np.ndarray], groups: np.ndarray | None = None,
@@ -267,17 +277,22 @@ class CalibrationBins:
 
 
 def calibration_bins(probs: np.ndarray, true_idx: np.ndarray, n_bins: int = 15) -> CalibrationBins:
-    """Bin images by their top probability; compare the mean confidence with the hit rate."""
+    """Bin images by their top probability; compare the mean confidence with the hit rate.
+
+    scikit-learn's ``calibration_curve`` (uniform bins, each (low, high]) gives the filled bins'
+    hit rate and mean confidence; the counts, which it does not return, come from the same binning.
+    """
     probs = np.asarray(probs, dtype=np.float64)
     true_idx = np.asarray(true_idx, dtype=np.int64)
-    confidence = probs.max(axis=1)
-    hit = (probs.argmax(axis=1) == true_idx).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
-    count = np.bincount(which, minlength=n_bins).astype(np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.bincount(which, weights=confidence, minlength=n_bins) / count
-        mean_hit = np.bincount(which, weights=hit, minlength=n_bins) / count
+    mean_conf, mean_hit = np.full(n_bins, math.nan), np.full(n_bins, math.nan)
+    if not len(probs):
+        return CalibrationBins(edges=edges, confidence=mean_conf, accuracy=mean_hit, count=np.zeros(n_bins, np.int64))
+    confidence = np.clip(probs.max(axis=1), 0.0, 1.0)  # float32 softmax may overshoot 1 by an ulp
+    hit = probs.argmax(axis=1) == true_idx
+    count = np.bincount(np.searchsorted(edges[1:-1], confidence), minlength=n_bins).astype(np.int64)
+    filled = count > 0
+    mean_hit[filled], mean_conf[filled] = calibration_curve(hit, confidence, n_bins=n_bins, pos_label=True)
     return CalibrationBins(edges=edges, confidence=mean_conf, accuracy=mean_hit, count=count)
 
 
