@@ -19,7 +19,7 @@ import html
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,43 +271,24 @@ def render_section(results: Mapping[str, Mapping[str, Any]] | None, form: str = 
     """The "Did it learn the disease?" section as an HTML or Markdown fragment."""
     blocks = section_blocks(results)
     if form == "markdown":
-        return _markdown(blocks)
+        return "\n\n".join(_MARKDOWN[block[0]](block) for block in blocks) + "\n"
     if form == "html":
-        return _html(blocks)
+        body = [_HTML[block[0]](block) for block in blocks]
+        return "\n".join(['<section class="audit" id="did-it-learn-the-disease">', *body, "</section>"]) + "\n"
     raise ValueError(f"format must be 'html' or 'markdown'; got {form!r}")
 
 
-def _markdown(blocks: list[Block]) -> str:
-    out: list[str] = []
-    for block in blocks:
-        kind = block[0]
-        if kind == "h":
-            out.append(f"## {block[1]}")
-        elif kind == "h3":
-            out.append(f"### {block[1]}")
-        elif kind == "p":
-            out.append(block[1])
-        elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in block[1]))
-        elif kind == "table":
-            out.append(fmt.table_of(block[1], block[2]).markdown())
-    return "\n\n".join(out) + "\n"
-
-
-def _html(blocks: list[Block]) -> str:
-    e = html.escape
-    out: list[str] = ['<section class="audit" id="did-it-learn-the-disease">']
-    for block in blocks:
-        kind = block[0]
-        if kind == "h":
-            out.append(f"<h2>{e(block[1])}</h2>")
-        elif kind == "h3":
-            out.append(f"<h3>{e(block[1])}</h3>")
-        elif kind == "p":
-            out.append(f"<p>{e(block[1])}</p>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in block[1]) + "</ul>")
-        elif kind == "table":
-            out.append(fmt.table_of(block[1], block[2]).html())
-    out.append("</section>")
-    return "\n".join(out) + "\n"
+_MARKDOWN: dict[str, Callable[[Block], str]] = {
+    "h": lambda b: f"## {b[1]}",
+    "h3": lambda b: f"### {b[1]}",
+    "p": lambda b: b[1],
+    "ul": lambda b: "\n".join(f"- {item}" for item in b[1]),
+    "table": lambda b: fmt.table_of(b[1], b[2]).markdown(),
+}
+_HTML: dict[str, Callable[[Block], str]] = {
+    "h": lambda b: f"<h2>{html.escape(b[1])}</h2>",
+    "h3": lambda b: f"<h3>{html.escape(b[1])}</h3>",
+    "p": lambda b: f"<p>{html.escape(b[1])}</p>",
+    "ul": lambda b: "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in b[1]) + "</ul>",
+    "table": lambda b: fmt.table_of(b[1], b[2]).html(),
+}
