@@ -47,7 +47,7 @@ def _format_of(config: str, runtime: str = "") -> str:
 
 def _accuracy(row: dict[str, Any], labels: np.ndarray, reference: np.ndarray | None) -> dict[str, Any] | None:
     """Accuracy with its Wilson 95% interval; against fp32, the paired difference with a bootstrap 95% interval."""
-    from covid_cxr.evaluate.metrics import wilson_interval
+    from covid_cxr.stats import wilson_interval
 
     path = row.get("probabilities")
     if not path or not Path(path).is_file():

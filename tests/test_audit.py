@@ -129,7 +129,7 @@ def test_results_round_trip_and_section(tmp_path) -> None:
 
 
 def test_report_hook_renders_the_section() -> None:
-    from covid_cxr.evaluate.report import render_audit_section
+    from covid_cxr.report.report import render_audit_section
 
     cross = R.make_result(
         "cross_source", inputs={}, thresholds={}, flags=[],

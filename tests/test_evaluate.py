@@ -250,7 +250,7 @@ def test_external_evaluation_on_real_images_and_the_report_shows_both_columns(
 def test_a_class_absent_from_the_external_set_is_reported_absent_not_zero(
         trained_run: Path, fixtures_dir: Path, tmp_path: Path) -> None:
     from covid_cxr.evaluate.external import evaluate_external
-    from covid_cxr.evaluate.report import write_report
+    from covid_cxr.report.report import write_report
 
     truth = pd.read_csv(fixtures_dir / "real_cxr" / "labels.csv")
     subset = truth[truth["label"] != "covid"].groupby("label").head(6).copy()

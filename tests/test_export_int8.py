@@ -25,8 +25,8 @@ from covid_cxr.data.prepared import PreparedData  # noqa: E402
 from covid_cxr.deploy.calibration import stratified_sample  # noqa: E402
 from covid_cxr.deploy.quantize import META_KEY  # noqa: E402
 from covid_cxr.deploy.saturation import cpu_features, describe_cpu  # noqa: E402
-from covid_cxr.evaluate.metrics import wilson_interval  # noqa: E402
 from covid_cxr.inference.onnx_model import OnnxPredictor  # noqa: E402
+from covid_cxr.stats import wilson_interval  # noqa: E402
 from covid_cxr.synth import make_synthetic  # noqa: E402
 from tests.test_server import tiny_checkpoint  # noqa: E402
 

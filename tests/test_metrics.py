@@ -18,12 +18,10 @@ from covid_cxr.evaluate.metrics import (
     class_counts,
     compute_metrics,
     confusion_matrix,
-    ppv_at_prevalence,
     roc_auc,
     roc_curve,
     table3_row,
     table4_row,
-    wilson_interval,
 )
 from covid_cxr.labels import CLASSES
 
@@ -36,20 +34,6 @@ def predictions_from_confusion(cm: np.ndarray) -> pd.DataFrame:
             labels += [true] * int(cm[i, j])
             preds += [pred] * int(cm[i, j])
     return pd.DataFrame({"label": labels, "pred": preds})
-
-
-def test_wilson_reference_values() -> None:
-    low, high = wilson_interval(26, 31)
-    assert (round(100 * low, 2), round(100 * high, 2)) == (67.37, 92.91)
-    low, high = wilson_interval(25, 31)  # SPEC section 7
-    assert (round(100 * low, 1), round(100 * high, 1)) == (63.7, 90.8)
-    assert wilson_interval(0, 10)[0] == 0.0 and 0 < wilson_interval(0, 10)[1] < 0.35
-    assert wilson_interval(10, 10)[1] == 1.0 and 0.65 < wilson_interval(10, 10)[0] < 1
-    assert all(math.isnan(v) for v in wilson_interval(0, 0))
-    wide, narrow = wilson_interval(80, 100, 0.99), wilson_interval(80, 100, 0.90)
-    assert wide[0] < narrow[0] and wide[1] > narrow[1]
-    with pytest.raises(ValueError):
-        wilson_interval(5, 4)
 
 
 def test_confusion_matrix_and_counts() -> None:
@@ -137,6 +121,43 @@ def test_bootstrap_by_patient_is_seeded_and_wider_for_duplicated_patients() -> N
     assert (by_patient[1] - by_patient[0]) > 1.5 * (by_image[1] - by_image[0])
 
 
+def test_the_bootstraps_own_auc_equals_scikit_learns_on_random_data() -> None:
+    # The bootstrap keeps its own AUC for speed (benchmarks/metrics_speed.py); it must be scikit-learn's.
+    from sklearn.metrics import roc_auc_score
+
+    from covid_cxr.evaluate.metrics import _AucPlan
+
+    rng = np.random.default_rng(7)
+    for n in (5, 40, 500):
+        positive = rng.random(n) < 0.3
+        positive[:2] = [True, False]
+        scores = np.round(rng.random(n), 2)  # rounded: ties
+        plan = _AucPlan.of(positive, scores)
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=20).astype(float)
+        weights[:, :2] += 1.0  # every resample keeps a positive and a negative
+        ours = plan.weighted(np.vstack([np.ones(n), weights]))
+        theirs = [roc_auc_score(positive, scores)] + [roc_auc_score(positive, scores, sample_weight=w) for w in weights]
+        assert ours == pytest.approx(theirs, abs=1e-12)
+        assert roc_auc(positive, scores) == pytest.approx(theirs[0], abs=1e-12)
+
+
+def test_calibration_bins_are_scikit_learns_with_counts() -> None:
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet([0.5, 0.5, 0.5], 400).astype(np.float32)
+    true = rng.integers(0, 3, 400)
+    bins = calibration_bins(probs, true, n_bins=10)
+    confidence = probs.max(axis=1).astype(np.float64)
+    hit, conf = calibration_curve(probs.argmax(axis=1) == true, confidence, n_bins=10)
+    filled = bins.count > 0
+    assert bins.count.sum() == 400 and np.isnan(bins.accuracy[~filled]).all()
+    assert bins.accuracy[filled] == pytest.approx(hit) and bins.confidence[filled] == pytest.approx(conf)
+    edges = np.linspace(0, 1, 11)
+    assert bins.count.tolist() == [int(((confidence > lo) & (confidence <= hi)).sum()) + int(lo == 0) * int(
+        (confidence == 0).sum()) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
 def test_calibration_error() -> None:
     # Confidence 0.9 on every image, right on 90% of them: perfectly calibrated.
     probs = np.tile([0.9, 0.05, 0.05], (100, 1))
@@ -150,10 +171,7 @@ def test_calibration_error() -> None:
     assert bins.count.sum() == 10 and bins.count[-1] == 10
 
 
-def test_ppv_at_prevalence() -> None:
-    assert ppv_at_prevalence(0.8, 0.99, 0.05) == pytest.approx(0.04 / (0.04 + 0.0095))
-    with pytest.raises(ValueError, match="prevalence"):
-        ppv_at_prevalence(0.8, 0.9, 1.5)
+def test_ppv_at_prevalence_of_the_test_sets_own_mix_is_its_precision() -> None:
     # At the test set's own prevalence, Bayes' rule gives back the test set's precision.
     cm = np.array([[26, 2, 3], [40, 3983, 397], [61, 567, 6223]])
     share = cm[0].sum() / cm.sum()
@@ -191,41 +209,7 @@ def test_binary_figures_read_sensitivity_specificity_ppv_npv_off_the_matrix() ->
     assert (fig.ppv.k, fig.ppv.n) == (25, 105) and (fig.npv.k, fig.npv.n) == (fig.specificity.k, fig.specificity.k + 6)
 
 
-def test_predictive_values_follow_bayes_and_their_intervals_hold_them() -> None:
-    from covid_cxr.evaluate.metrics import Proportion, npv_at_prevalence, predictive_values
-
-    sens, spec = Proportion(25, 31), Proportion(900, 1000)
-    for p in (0.01, 0.05, 0.2):
-        out = predictive_values(sens, spec, p)
-        s, t = 25 / 31, 0.9
-        assert out["ppv"] == pytest.approx(100 * s * p / (s * p + (1 - t) * (1 - p)))
-        assert out["npv"] == pytest.approx(100 * t * (1 - p) / (t * (1 - p) + (1 - s) * p))
-        assert out["ppv_ci_low"] < out["ppv"] < out["ppv_ci_high"]
-        assert out["npv_ci_low"] < out["npv"] < out["npv_ci_high"]
-    # A perfect test at any prevalence: NPV 1; lower sensitivity lowers NPV.
-    assert npv_at_prevalence(1.0, 0.9, 0.05) == 1.0 and npv_at_prevalence(0.8, 0.9, 0.05) < 1.0
-    assert math.isnan(predictive_values(Proportion(0, 0), spec, 0.05)["ppv"])
-
-
-def test_difference_interval_is_newcombes_hybrid_score() -> None:
-    from covid_cxr.evaluate.metrics import Proportion, difference_interval
-
-    # Newcombe (1998), Statistics in Medicine 17:873, Table II example (a): 56/70 - 48/80, method 10: 0.0524 to 0.3339.
-    d, low, high = difference_interval(Proportion(48, 80), Proportion(56, 70))
-    assert d == pytest.approx(20.0) and low == pytest.approx(5.24, abs=0.01) and high == pytest.approx(33.39, abs=0.01)
-    assert all(math.isnan(v) for v in difference_interval(Proportion(0, 0), Proportion(1, 2)))
-
-
 def test_absent_classes_are_listed() -> None:
     cm = np.array([[0, 0, 0], [1, 5, 0], [0, 2, 7]])
     assert compute_metrics(cm)["absent_classes"] == ["covid"]
     assert compute_metrics(np.eye(3, dtype=int))["absent_classes"] == []
-
-
-def test_parse_prevalences_takes_fractions_or_percentages() -> None:
-    from covid_cxr.evaluate.metrics import parse_prevalences
-
-    assert parse_prevalences("0.01, 5%,0.2") == (0.01, 0.05, 0.2)
-    for bad in ("0", "1", "abc", "", "150%"):
-        with pytest.raises(ValueError, match="prevalence"):
-            parse_prevalences(bad)

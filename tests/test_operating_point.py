@@ -15,8 +15,9 @@ import pytest
 from scipy.stats import norm
 
 from covid_cxr.errors import ConfigError
-from covid_cxr.evaluate.metrics import Proportion, binary_figures, confusion_matrix, wilson_interval
+from covid_cxr.evaluate.metrics import binary_figures, confusion_matrix
 from covid_cxr.operating_point import OperatingPoint, choose, choose_from_probs, parse_rule
+from covid_cxr.stats import Proportion, wilson_interval
 from tests.test_evaluate import SIZE, data  # noqa: F401 - the prepared synthetic set (72 px), shared
 
 # A known score distribution: COVID-19 scores ~ N(1, 1), the others ~ N(-1, 1), squashed to (0, 1).

@@ -23,9 +23,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from covid_cxr import fmt
 from covid_cxr.audit import results as R
+from covid_cxr.audit.data import load_test_images_and_lungs
 from covid_cxr.audit.lungs import LungFields
+from covid_cxr.evaluate.metrics import balanced_accuracy, confusion_matrix
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
+from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.stats import Proportion
 
 CONDITIONS: tuple[str, ...] = ("as_is", "lungs_hidden", "only_lungs")
 FILL_DESCRIPTION = "the image's own mean intensity"
@@ -69,8 +74,6 @@ def hide(images: np.ndarray, masks: np.ndarray, keep: str) -> np.ndarray:
 
 def condition_metrics(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, balanced accuracy and per-class recall, with Wilson intervals, for one condition."""
-    from covid_cxr.evaluate.metrics import balanced_accuracy, confusion_matrix
-
     labels = np.asarray(labels)
     preds = np.asarray(classes)[np.argmax(probs, axis=1)]
     cm = confusion_matrix(labels, preds, classes)
@@ -80,22 +83,14 @@ def condition_metrics(labels: Sequence[str], probs: np.ndarray, classes: Sequenc
     for k, cls in enumerate(classes):
         support = int(cm[k].sum())
         if support:
-            recall[cls] = wilson(int(cm[k, k]), support)
+            recall[cls] = Proportion(int(cm[k, k]), support).as_interval()
     return {
         "n": n,
-        "accuracy": wilson(correct, n),
+        "accuracy": Proportion(correct, n).as_interval(),
         "balanced_accuracy": balanced_accuracy(cm) / 100.0,
         "recall": recall,
         "confusion_matrix": cm.tolist(),
     }
-
-
-def wilson(k: int, n: int) -> dict[str, Any]:
-    """An interval dict for k of n with the evaluation helper's Wilson interval."""
-    from covid_cxr.evaluate.metrics import wilson_interval
-
-    low, high = wilson_interval(k, n)
-    return {"value": k / n if n else None, "low": low, "high": high, "n": n, "k": k, "method": "wilson"}
 
 
 def run_ablation(
@@ -161,7 +156,8 @@ def ablation_flags(metrics: dict[str, Any]) -> list[dict[str, str]]:
         flags.append(R.flag(
             "ablation-score-survives",
             f"The score survives lung removal: with the lung fields hidden, balanced accuracy is "
-            f"{R.pct(hidden['balanced_accuracy'])} (chance {R.pct(chance)}; as is {R.pct(as_is['balanced_accuracy'])}). "
+            f"{fmt.percent(hidden['balanced_accuracy'], fraction=True)} (chance {fmt.percent(chance, fraction=True)}; "
+            f"as is {fmt.percent(as_is['balanced_accuracy'], fraction=True)}). "
             "The model finds class evidence outside the lungs, where the disease is not.",
         ))
     covid = hidden["recall"].get("covid")
@@ -175,9 +171,9 @@ def ablation_flags(metrics: dict[str, Any]) -> list[dict[str, str]]:
         if covid["value"] >= COVID_RECALL_SURVIVAL and covid["low"] > false_rate:
             flags.append(R.flag(
                 "ablation-covid-survives",
-                f"COVID-19 is still recognised with the lungs hidden: recall {R.with_ci(covid)} while only "
-                f"{R.pct(false_rate)} of the other images are called COVID-19 (as is: recall "
-                f"{R.with_ci(as_is['recall'].get('covid'))}).",
+                f"COVID-19 is still recognised with the lungs hidden: recall {fmt.record(covid)} while only "
+                f"{fmt.percent(false_rate, fraction=True)} of the other images are called COVID-19 (as is: recall "
+                f"{fmt.record(as_is['recall'].get('covid'))}).",
             ))
     return flags
 
@@ -194,9 +190,6 @@ def audit_ablation(
     out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit ablation``: the checkpoint over the fold's test set, three ways; writes ``ablation.json``."""
-    from covid_cxr.audit.data import load_test_images_and_lungs
-    from covid_cxr.inference.torch_model import TorchPredictor
-
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
     predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
     inputs = {"checkpoint": str(t.checkpoint_path), "network": t.checkpoint.network, "data": str(t.data),

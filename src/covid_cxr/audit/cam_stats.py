@@ -17,8 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from covid_cxr import fmt
 from covid_cxr.audit import results as R
+from covid_cxr.audit.data import load_test_images_and_lungs
 from covid_cxr.audit.lungs import LungFields
+from covid_cxr.gradcam import GradCam
+from covid_cxr.runtime import choose_runtime
 
 MIN_RATIO = 1.0
 """Flag a class whose mean mass share in the lungs is at most this multiple of the lung area."""
@@ -50,8 +54,6 @@ def mean_interval(values: np.ndarray) -> dict[str, Any]:
 def compute_cams(model: Any, preprocessing: Any, classes: Sequence[str], images: np.ndarray,
                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps (N, S, S) of the predicted class, and the predicted class indices."""
-    from covid_cxr.gradcam import GradCam
-
     cam = GradCam(model, preprocessing, classes)
     maps = np.empty(images.shape, dtype=np.float32)
     preds = np.empty(len(images), dtype=np.int64)
@@ -85,7 +87,8 @@ def run_cam_stats(
             flags.append(R.flag(
                 "cam-outside-lungs",
                 f"For {R.class_name(cls)} images the Grad-CAM heatmap is no more on the lungs than chance: "
-                f"{R.with_ci(iv)} of its mass lies in lung fields that cover {R.pct(area)} of the image.",
+                f"{fmt.record(iv)} of its mass lies in lung fields that cover {fmt.percent(area, fraction=True)} of "
+                "the image.",
             ))
     metrics = {"target": "predicted", "per_class": per_class, "mask_source": lungs.method,
                "mask_description": lungs.description}
@@ -101,9 +104,6 @@ def audit_cam(
     batch_size: int = 16, device: str = "auto", out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit cam``: Grad-CAM over the fold's test set; writes ``cam.json``."""
-    from covid_cxr.audit.data import load_test_images_and_lungs
-    from covid_cxr.runtime import choose_runtime
-
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
     runtime = choose_runtime(device, "fp32", False)  # Grad-CAM runs in fp32 whatever the hardware
     model = t.checkpoint.build_model().to(runtime.device)

@@ -21,11 +21,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_cxr import fmt
 from covid_cxr.audit import results as R
-from covid_cxr.audit.ablation import wilson
+from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
+from covid_cxr.data.cache import IMAGES_FILE, build_cache
 from covid_cxr.data.sources import parse_folder_spec, read_folder
 from covid_cxr.errors import DataError
+from covid_cxr.evaluate.run import cache_for
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
+from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.stats import Proportion
 
 RECALL_DROP = 0.20
 """Flag when recall on the unseen source is this much (absolute) below in-source recall..."""
@@ -35,7 +40,7 @@ def recall_of(predictor: Predictor, images: np.ndarray, cls: str, batch_size: in
     """Share of ``images`` (all of class ``cls``) predicted as ``cls``, with its Wilson interval."""
     probs = predict_in_batches(predictor, images, batch_size=batch_size)
     hits = int((probs.argmax(axis=1) == list(predictor.classes).index(cls)).sum())
-    return wilson(hits, len(images))
+    return Proportion(hits, len(images)).as_interval()
 
 
 def run_cross_source(
@@ -62,8 +67,8 @@ def run_cross_source(
     if metrics["difference"] >= RECALL_DROP and unseen["high"] < seen["low"]:
         flags.append(R.flag(
             "cross-source-recall-drop",
-            f"{R.class_name(cls)} recall drops on a source the model never saw for it: {R.with_ci(unseen)} on "
-            f"{source} against {R.with_ci(seen)} on the training sources. The model may have learned the source "
+            f"{R.class_name(cls)} recall drops on a source the model never saw for it: {fmt.record(unseen)} on "
+            f"{source} against {fmt.record(seen)} on the training sources. The model may have learned the source "
             "of its training images rather than the disease.",
         ))
     thresholds = {"recall_drop": R.threshold(
@@ -84,8 +89,6 @@ class UnseenImages:
 
 def external_data(spec: Path | str, size: int) -> UnseenImages:
     """``--source-data``: a folder ``prepare`` wrote, or ``[NAME=]DIR`` decoded here as ``prepare`` decodes."""
-    from covid_cxr.audit.data import open_prepared, rows_of
-
     if (Path(spec) / "prepare.json").is_file():
         external = open_prepared(Path(spec))
         return UnseenImages(external.manifest, lambda ids: rows_of(external.cache(image_size=size), ids))
@@ -100,8 +103,6 @@ def external_data(spec: Path | str, size: int) -> UnseenImages:
 
 def decode_in_memory(manifest: pd.DataFrame, size: int) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
     """Decode ``manifest``'s images as ``prepare`` does: (decoded ids, uint8 images, failures)."""
-    from covid_cxr.data.cache import IMAGES_FILE, build_cache
-
     with tempfile.TemporaryDirectory(prefix="covid-cxr-source-") as tmp:
         build = build_cache(manifest, size, Path(tmp), progress=False)
         images = np.load(Path(tmp) / IMAGES_FILE)
@@ -121,10 +122,6 @@ def audit_cross_source(
     must hold no ``cls`` image of that source. ``source`` may be left out when ``source_data``
     holds one source.
     """
-    from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
-    from covid_cxr.evaluate.run import cache_for
-    from covid_cxr.inference.torch_model import TorchPredictor
-
     t = resolve_target(target, data, fold)
     prepared = open_prepared(t.data)
     size = t.checkpoint.preprocessing.image_size

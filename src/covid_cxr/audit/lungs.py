@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from covid_cxr.data.images import decode_image  # the one decoder: PNG, JPEG or DICOM by content
 from covid_cxr.errors import DataError
 
 WORK_SIZE = 128
@@ -213,8 +214,6 @@ def find_mask_files(mask_dir: Path, image_ids: Sequence[str]) -> dict[str, Path]
 
 def load_user_masks(mask_dir: Path, image_ids: Sequence[str], image_size: int) -> LungFields:
     """Read the user's masks for ``image_ids`` at ``image_size``; refuse missing or empty ones, listing them."""
-    from covid_cxr.data.images import decode_image  # the one decoder: PNG, JPEG or DICOM by content
-
     files = find_mask_files(mask_dir, image_ids)
     masks = np.empty((len(image_ids), image_size, image_size), dtype=bool)
     empty: list[str] = []

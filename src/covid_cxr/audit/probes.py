@@ -13,8 +13,8 @@ Two probes, because no single one sees every kind of source difference:
   (intensity histogram and percentiles, an 8x8 thumbnail for borders, collimation and markers,
   Laplacian energy at four scales and the gradient histogram for noise, sharpening and
   resolution). Seconds on a CPU.
-- ``cnn``: the small CNN of :mod:`covid_cxr.audit.source`, trained for at least
-  :data:`MIN_CNN_STEPS` steps per part, for what hand-made statistics miss (text, shapes).
+- ``cnn``: the small CNN of :mod:`covid_cxr.audit.source` (its fit-and-score function lives there), trained for
+  at least :data:`MIN_CNN_STEPS` steps per part, for what hand-made statistics miss (text, shapes).
 
 A very large collection is sampled down to :data:`MAX_PER_CELL` images per source and class
 (seeded), which keeps the probes to minutes on the paper's 15,000 images.
@@ -98,19 +98,6 @@ def stats_probe(features: np.ndarray, seed: int = 0) -> Callable[[np.ndarray, np
         probs = np.zeros((len(test), int(targets.max()) + 1))
         probs[:, model.classes_] = model.predict_proba(features[test])
         return probs
-
-    return fit_score
-
-
-def cnn_probe(images: np.ndarray, num_sources: int, *, epochs: int, min_steps: int, seed: int, device: object,
-              ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """A fit-and-score function of the small CNN, trained for ``epochs`` but at least ``min_steps`` steps."""
-    from covid_cxr.audit.source import cnn_probe_proba, train_cnn_probe
-
-    def fit_score(train: np.ndarray, targets: np.ndarray, test: np.ndarray) -> np.ndarray:
-        model = train_cnn_probe(images[train], targets, num_sources, epochs=epochs, min_steps=min_steps, seed=seed,
-                                device=device)
-        return cnn_probe_proba(model, images[test])
 
     return fit_score
 

@@ -19,11 +19,11 @@ import html
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from covid_cxr import __version__
+from covid_cxr import __version__, fmt
 from covid_cxr.errors import DataError
 from covid_cxr.labels import DISPLAY_NAMES
 
@@ -119,34 +119,13 @@ def load_results(folder: Path) -> dict[str, dict[str, Any]] | None:
     return found or None
 
 
-# ----------------------------------------------------------------------------- formatting helpers
-
-
-def pct(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100.0 * x:.1f}%"
-
-
-def num(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def with_ci(iv: Mapping[str, Any] | None, *, as_pct: bool = True) -> str:
-    """``80.6% (95% CI 63.7-90.8%)`` for an interval dict."""
-    if not iv or iv.get("value") is None:
-        return "n/a"
-    fmt = pct if as_pct else num
-    if iv.get("low") is None or iv.get("high") is None:
-        return fmt(iv["value"])
-    if as_pct:
-        return f"{pct(iv['value'])} (95% CI {100 * iv['low']:.1f}-{100 * iv['high']:.1f}%)"
-    return f"{num(iv['value'])} (95% CI {num(iv['low'])}-{num(iv['high'])})"
+# ----------------------------------------------------------------------------- the report section
 
 
 def class_name(key: str) -> str:
+    """'covid' -> 'COVID-19'; a name that is no class stays as it is."""
     return DISPLAY_NAMES.get(key, key)
 
-
-# ----------------------------------------------------------------------------- the report section
 
 _GENERAL_CAVEATS: tuple[str, ...] = (
     "These audits can show that a model uses something other than the disease; none of them can prove "
@@ -192,20 +171,22 @@ def section_blocks(results: Mapping[str, Mapping[str, Any]] | None) -> list[Bloc
     return blocks
 
 
+def _probe_row(label: str, figures: Mapping[str, Any]) -> list[str]:
+    """One row of the source table: images, n, accuracy, balanced accuracy, AUC."""
+    return [label, str(figures["n"]), fmt.record(figures.get("accuracy")),
+            fmt.percent(figures.get("balanced_accuracy"), fraction=True),
+            fmt.record(figures.get("auc"), as_percent=False)]
+
+
 def _source_blocks(res: Mapping[str, Any]) -> list[Block]:
     m = res["metrics"]
     crossfit = m.get("mode") == "crossfit"
     scope = "all images" if crossfit else "all test images"
-    rows = [[f"{scope}{' (mean of the probes)' if len(m.get('probes', [])) > 1 else ''}", str(m["overall"]["n"]),
-             with_ci(m["overall"].get("accuracy")), pct(m["overall"].get("balanced_accuracy")),
-             with_ci(m["overall"].get("auc"), as_pct=False)]]
+    rows = [_probe_row(f"{scope}{' (mean of the probes)' if len(m.get('probes', [])) > 1 else ''}", m["overall"])]
     for cls, w in (m.get("within_class") or {}).items():
-        rows.append([f"{class_name(cls)} images only", str(w["n"]), with_ci(w.get("accuracy")),
-                     pct(w.get("balanced_accuracy")), with_ci(w.get("auc"), as_pct=False)])
+        rows.append(_probe_row(f"{class_name(cls)} images only", w))
     for probe, pm in (m.get("by_probe") or {}).items() if len(m.get("by_probe") or {}) > 1 else ():
-        o = pm["overall"]
-        rows.append([f"{scope}, {probe} probe alone", str(o["n"]), with_ci(o.get("accuracy")),
-                     pct(o.get("balanced_accuracy")), with_ci(o.get("auc"), as_pct=False)])
+        rows.append(_probe_row(f"{scope}, {probe} probe alone", pm["overall"]))
     if crossfit:
         how = (f"Probes ({', '.join(m.get('probes', []))}: image statistics with a logistic regression, a small CNN "
                f"trained from scratch) were trained to tell the image's source ({', '.join(m.get('sources', []))}) "
@@ -236,16 +217,17 @@ def _ablation_blocks(res: Mapping[str, Any]) -> list[Block]:
     rows = []
     for key, label in labels.items():
         c = m["conditions"][key]
-        rows.append([label, str(c["n"]), with_ci(c["accuracy"]), pct(c.get("balanced_accuracy"))]
-                    + [with_ci(c["recall"][k]) for k in classes])
+        balanced = fmt.percent(c.get("balanced_accuracy"), fraction=True)
+        rows.append([label, str(c["n"]), fmt.record(c["accuracy"]), balanced,
+                     *(fmt.record(c["recall"][k]) for k in classes)])
     return [
         ("h3", "Does the score survive when the lungs are hidden?"),
         ("p", f"The test set was evaluated three times: as is, with the lung fields (grown by "
-              f"{pct(m.get('hide_margin', 0.0))} of the image side) filled with "
+              f"{fmt.percent(m.get('hide_margin', 0.0), fraction=True)} of the image side) filled with "
               f"{m.get('fill_description', 'the image mean')}, and with everything but the lung fields so filled. "
               f"Lung fields: {m.get('mask_description', m.get('mask_source', ''))}. Chance balanced accuracy is "
-              f"{pct(m.get('chance_balanced_accuracy'))}. A model that reads the disease should fall to chance "
-              "without the lungs."),
+              f"{fmt.percent(m.get('chance_balanced_accuracy'), fraction=True)}. A model that reads the disease should "
+              "fall to chance without the lungs."),
         ("table", ["images", "n", "accuracy", "balanced accuracy"] + [f"{class_name(k)} recall" for k in classes], rows),
     ]
 
@@ -254,8 +236,8 @@ def _cross_source_blocks(res: Mapping[str, Any]) -> list[Block]:
     m = res["metrics"]
     cls = class_name(m["class"])
     rows = [
-        [f"seen sources ({', '.join(m['in_source']['sources'])})", str(m["in_source"]["n"]), with_ci(m["in_source"]["recall"])],
-        [f"unseen source {m['source']}", str(m["unseen_source"]["n"]), with_ci(m["unseen_source"]["recall"])],
+        [f"seen sources ({', '.join(m['in_source']['sources'])})", str(m["in_source"]["n"]), fmt.record(m["in_source"]["recall"])],
+        [f"unseen source {m['source']}", str(m["unseen_source"]["n"]), fmt.record(m["unseen_source"]["recall"])],
     ]
     return [
         ("h3", f"Does {cls} recall hold on a source the model never saw for that class?"),
@@ -268,8 +250,9 @@ def _cross_source_blocks(res: Mapping[str, Any]) -> list[Block]:
 
 def _cam_blocks(res: Mapping[str, Any]) -> list[Block]:
     m = res["metrics"]
-    rows = [[class_name(k), str(v["n"]), str(v.get("empty_maps", 0)), with_ci(v["mass_in_lungs"]), pct(v["lung_area"]),
-             num(v.get("ratio"), 2)] for k, v in m["per_class"].items()]
+    rows = [[class_name(k), str(v["n"]), str(v.get("empty_maps", 0)), fmt.record(v["mass_in_lungs"]),
+             fmt.percent(v["lung_area"], fraction=True), fmt.number(v.get("ratio"), 2)]
+            for k, v in m["per_class"].items()]
     return [
         ("h3", "Where does the Grad-CAM heatmap lie?"),
         ("p", f"Share of Grad-CAM mass (for the {m.get('target', 'predicted')} class) inside the lung fields, over the "
@@ -284,52 +267,28 @@ _RENDERERS = {"source": _source_blocks, "ablation": _ablation_blocks, "cross_sou
               "cam": _cam_blocks}
 
 
-def render_section(results: Mapping[str, Mapping[str, Any]] | None, fmt: str = "html") -> str:
+def render_section(results: Mapping[str, Mapping[str, Any]] | None, form: str = "html") -> str:
     """The "Did it learn the disease?" section as an HTML or Markdown fragment."""
     blocks = section_blocks(results)
-    if fmt == "markdown":
-        return _markdown(blocks)
-    if fmt == "html":
-        return _html(blocks)
-    raise ValueError(f"format must be 'html' or 'markdown'; got {fmt!r}")
+    if form == "markdown":
+        return "\n\n".join(_MARKDOWN[block[0]](block) for block in blocks) + "\n"
+    if form == "html":
+        body = [_HTML[block[0]](block) for block in blocks]
+        return "\n".join(['<section class="audit" id="did-it-learn-the-disease">', *body, "</section>"]) + "\n"
+    raise ValueError(f"format must be 'html' or 'markdown'; got {form!r}")
 
 
-def _markdown(blocks: list[Block]) -> str:
-    out: list[str] = []
-    for block in blocks:
-        kind = block[0]
-        if kind == "h":
-            out.append(f"## {block[1]}")
-        elif kind == "h3":
-            out.append(f"### {block[1]}")
-        elif kind == "p":
-            out.append(block[1])
-        elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in block[1]))
-        elif kind == "table":
-            header, rows = block[1], block[2]
-            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
-            out.append("\n".join(lines))
-    return "\n\n".join(out) + "\n"
-
-
-def _html(blocks: list[Block]) -> str:
-    e = html.escape
-    out: list[str] = ['<section class="audit" id="did-it-learn-the-disease">']
-    for block in blocks:
-        kind = block[0]
-        if kind == "h":
-            out.append(f"<h2>{e(block[1])}</h2>")
-        elif kind == "h3":
-            out.append(f"<h3>{e(block[1])}</h3>")
-        elif kind == "p":
-            out.append(f"<p>{e(block[1])}</p>")
-        elif kind == "ul":
-            out.append("<ul>" + "".join(f"<li>{e(item)}</li>" for item in block[1]) + "</ul>")
-        elif kind == "table":
-            head = "".join(f"<th>{e(h)}</th>" for h in block[1])
-            body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-    out.append("</section>")
-    return "\n".join(out) + "\n"
+_MARKDOWN: dict[str, Callable[[Block], str]] = {
+    "h": lambda b: f"## {b[1]}",
+    "h3": lambda b: f"### {b[1]}",
+    "p": lambda b: b[1],
+    "ul": lambda b: "\n".join(f"- {item}" for item in b[1]),
+    "table": lambda b: fmt.table_of(b[1], b[2]).markdown(),
+}
+_HTML: dict[str, Callable[[Block], str]] = {
+    "h": lambda b: f"<h2>{html.escape(b[1])}</h2>",
+    "h3": lambda b: f"<h3>{html.escape(b[1])}</h3>",
+    "p": lambda b: f"<p>{html.escape(b[1])}</p>",
+    "ul": lambda b: "<ul>" + "".join(f"<li>{html.escape(item)}</li>" for item in b[1]) + "</ul>",
+    "table": lambda b: fmt.table_of(b[1], b[2]).html(),
+}

@@ -22,7 +22,7 @@ that ONE source provides is the strongest confound of all, and is said so first
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +35,20 @@ from torch.nn import functional as F
 
 from covid_cxr.audit import results as R
 from covid_cxr.audit import source_findings as findings
+from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
 from covid_cxr.audit.probes import (
     MIN_CNN_STEPS,
     PROBES,
     STATS_SIZE,
     cap_cells,
-    cnn_probe,
     crossfit,
     crossfit_parts,
     image_statistics,
     stats_probe,
 )
 from covid_cxr.errors import DataError
+from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.runtime import choose_runtime
 
 PROBE_SIZE = 64
 """Side the CNN probe sees images at: enough for markers, text and borders, and fast on a CPU."""
@@ -81,8 +83,6 @@ def to_probe_input(images: np.ndarray, size: int = PROBE_SIZE) -> torch.Tensor:
 
 def probe_images(cache: Any, image_ids: Sequence[str], size: int = PROBE_SIZE, chunk: int = 1024) -> np.ndarray:
     """Cached images of ``image_ids`` downscaled to the probe's size, a chunk at a time (never all at 300 px)."""
-    from covid_cxr.audit.data import rows_of
-
     ids = list(image_ids)
     out = np.empty((len(ids), size, size), np.uint8)
     for start in range(0, len(ids), chunk):
@@ -141,6 +141,17 @@ def cnn_probe_proba(model: SourceCNN, images: np.ndarray, batch_size: int = 256)
     out = [torch.softmax(model(to_probe_input(images[i : i + batch_size]).to(device)), dim=1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
+
+
+def cnn_probe(images: np.ndarray, num_sources: int, *, epochs: int, min_steps: int, seed: int, device: torch.device | str,
+              ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """A fit-and-score function of the small CNN, trained for ``epochs`` but at least ``min_steps`` steps."""
+    def fit_score(train: np.ndarray, targets: np.ndarray, test: np.ndarray) -> np.ndarray:
+        model = train_cnn_probe(images[train], targets, num_sources, epochs=epochs, min_steps=min_steps, seed=seed,
+                                device=device)
+        return cnn_probe_proba(model, images[test])
+
+    return fit_score
 
 
 def train_linear_probe(
@@ -258,10 +269,6 @@ def audit_source(
     ``DATA/audit/fold<K>/``; with one, the linear probe runs on its features and the result goes
     beside the checkpoint's other audits.
     """
-    from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
-    from covid_cxr.inference.torch_model import TorchPredictor
-    from covid_cxr.runtime import choose_runtime
-
     if checkpoint is None:
         if data is None:
             raise DataError("which prepared data? give DATA (the folder 'covid-cxr prepare' wrote)")

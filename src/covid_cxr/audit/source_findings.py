@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_cxr import fmt
 from covid_cxr.audit import results as R
+from covid_cxr.evaluate.metrics import bootstrap_auc_ci, roc_auc
+from covid_cxr.stats import Proportion
 
 NEAR_PERFECT_AUC = 0.95
 """Within-class source AUC at or above this is flagged ("near-perfect")."""
@@ -37,9 +40,6 @@ def source_metrics(
     *, n_boot: int = 1000, seed: int = 0,
 ) -> dict[str, Any]:
     """Accuracy (Wilson), balanced accuracy, and AUC (patient bootstrap) of source predictions."""
-    from covid_cxr.audit.ablation import wilson
-    from covid_cxr.evaluate.metrics import bootstrap_auc_ci, roc_auc
-
     index = {s: i for i, s in enumerate(source_names)}
     true = np.array([index[s] for s in sources], dtype=np.int64)
     pred = probs.argmax(axis=1)
@@ -60,7 +60,7 @@ def source_metrics(
     return {
         "n": int(len(true)),
         "counts": {source_names[k]: int((true == k).sum()) for k in present},
-        "accuracy": wilson(int((pred == true).sum()), int(len(true))),
+        "accuracy": Proportion(int((pred == true).sum()), int(len(true))).as_interval(),
         "balanced_accuracy": float(np.mean(recalls)) if recalls else None,
         "auc": auc if len(present) > 1 else None,
     }
@@ -103,7 +103,7 @@ def confound_flag(frame: pd.DataFrame, overall_auc: dict[str, Any] | None) -> di
         also = (f" (which also provides {', '.join(R.class_name(o) for o in others)})" if others
                 else " (which provides no other class)")
         parts.append(f"every {R.class_name(cls)} image comes from {src}{also}")
-    probe = (f" The probe tells the sources apart with AUC {R.with_ci(overall_auc, as_pct=False)}."
+    probe = (f" The probe tells the sources apart with AUC {fmt.record(overall_auc, as_percent=False)}."
              if overall_auc and overall_auc.get("value") is not None else "")
     return R.flag(
         "class-from-one-source",
@@ -127,15 +127,15 @@ def source_flags(metrics: dict[str, Any], frame: pd.DataFrame | None = None) -> 
             flags.append(R.flag(
                 "source-predictable",
                 f"The source is predictable from the image: among {R.class_name(cls)} images alone the probe tells "
-                f"{' from '.join(w['counts'])} with AUC {R.with_ci(auc, as_pct=False)} and accuracy "
-                f"{R.with_ci(w['accuracy'])}. The disease cannot explain that; since the class labels are "
+                f"{' from '.join(w['counts'])} with AUC {fmt.record(auc, as_percent=False)} and accuracy "
+                f"{fmt.record(w['accuracy'])}. The disease cannot explain that; since the class labels are "
                 "confounded with source, a classifier can score by recognising the source.",
             ))
     if not metrics.get("within_class") and confound is None:
         if overall.get("value") is not None and overall["value"] >= NEAR_PERFECT_AUC:
             flags.append(R.flag(
                 "source-predictable-confounded",
-                f"The source is predictable from the image (AUC {R.with_ci(overall, as_pct=False)}), and no class "
+                f"The source is predictable from the image (AUC {fmt.record(overall, as_percent=False)}), and no class "
                 "comes from two sources with enough images to tell whether the disease or something else "
                 "gives the source away.",
             ))

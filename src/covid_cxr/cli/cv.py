@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                                   precision=base.precision)  # fmt: skip
             print(f"fold {k}: test accuracy {float(result.metrics['accuracy']):.2f}% -> {result.out_dir}")
     if not args.no_eval:
-        from covid_cxr.evaluate.report import write_report
+        from covid_cxr.report.report import write_report
 
         html = write_report(runs, Path(base.out) / f"{base.network}-cv-report")
         print(f"report: {html}")

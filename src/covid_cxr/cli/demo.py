@@ -59,7 +59,7 @@ def run_demo(out: Path, *, small: bool = False, seed: int = 0, device: str = "au
     """
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
     from covid_cxr.evaluate import evaluate_run
-    from covid_cxr.evaluate.report import write_report
+    from covid_cxr.report.report import write_report
     from covid_cxr.synth import make_synthetic
     from covid_cxr.train.runner import train_fold
 

@@ -17,9 +17,9 @@ from rich.table import Table
 
 from covid_cxr.choices import BACKENDS, COMPILE_CHOICES, COMPILE_MIN_IMAGES, PRECISIONS
 from covid_cxr.cli.metrics import add_metric_options, check_metric_options, print_metrics
-from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, parse_prevalences
 from covid_cxr.evaluate.run import SPLITS, EvaluationResult, evaluate_run
 from covid_cxr.operating_point import FORMS, OperatingPoint
+from covid_cxr.stats import DEFAULT_PREVALENCES, parse_prevalences
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -125,8 +125,8 @@ def print_decision(decision: dict[str, Any], console: Console) -> None:
 
 def _print_comparison(result: EvaluationResult, console: Console) -> None:
     """Internal beside external, when the run has an internal test evaluation."""
-    from covid_cxr.evaluate.report import load_evaluation
-    from covid_cxr.evaluate.sections import comparison_table
+    from covid_cxr.report.report import load_evaluation
+    from covid_cxr.report.sections import comparison_table
 
     internal_dir = result.info.get("internal")
     if not internal_dir:

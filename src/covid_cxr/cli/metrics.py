@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
-from covid_cxr.evaluate.metrics import COUNTS, RATES
-from covid_cxr.evaluate.predictions import read_predictions
-from covid_cxr.evaluate.run import write_json
+from covid_cxr import fmt
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
 
@@ -48,47 +42,40 @@ def check_metric_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--bootstrap must be >= 0; got {args.bootstrap}")
 
 
-def _pct(m: dict[str, Any], key: str, digits: int = 2) -> str:
-    value = m.get(key)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
-    if low is None or math.isnan(low):
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+def _ci(m: dict[str, Any], key: str, digits: int = 2) -> str:
+    """Figure ``key`` of ``m`` with its interval when it has one."""
+    return fmt.interval(m.get(key), m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high"), digits)
 
 
-def print_metrics(m: dict[str, Any], console: Console, title: str = "") -> None:
-    """Table 3 (counts), Table 4 (percentages with Wilson 95% CIs) and the extra figures."""
-    t3 = Table(title=f"Table 3 {title}".strip())
-    t3.add_column("class")
-    for col in (*COUNTS, "support"):
-        t3.add_column(col, justify="right")
-    for c in CLASSES:
-        t3.add_row(DISPLAY_NAMES[c], *(str(m[f"{c}_{k}"]) for k in COUNTS), str(m[f"{c}_n"]))
-    console.print(t3)
-    t4 = Table(title=" ".join(filter(None, ["Table 4", title])) + ": % [95% Wilson CI]")
-    t4.add_column("class")
-    for rate in RATES:
-        t4.add_column(rate, justify="right")
-    t4.add_column("F1", justify="right")
-    t4.add_column("AUC [bootstrap CI]", justify="right")
-    for c in CLASSES:
-        t4.add_row(DISPLAY_NAMES[c], *(_pct(m, f"{c}_{r}") for r in RATES), _pct(m, f"{c}_f1"),
-                   _pct(m, f"{c}_auc", 3) if f"{c}_auc" in m else "no probabilities")
-    console.print(t4)
-    lines = [f"accuracy {_pct(m, 'accuracy')} %   balanced accuracy {_pct(m, 'balanced_accuracy')} %   N = {m['n']}"]
+def print_metrics(m: dict[str, Any], console: Any, title: str = "") -> None:
+    """Table 3 (counts), Table 4 (percentages with Wilson 95% CIs) and the extra figures, on a rich console."""
+    from covid_cxr.evaluate.metrics import COUNTS, RATES  # NumPy loads only when a verb prints metrics
+
+    t3 = fmt.table_of(["class", *COUNTS, "support"],
+                      [[DISPLAY_NAMES[c], *(m[f"{c}_{k}"] for k in COUNTS), m[f"{c}_n"]] for c in CLASSES])
+    console.print(t3.rich(f"Table 3 {title}".strip()))
+    t4 = fmt.table_of(["class", *RATES, "F1", "AUC [bootstrap CI]"],
+                      [[DISPLAY_NAMES[c], *(_ci(m, f"{c}_{r}") for r in RATES), _ci(m, f"{c}_f1"),
+                        _ci(m, f"{c}_auc", 3) if f"{c}_auc" in m else "no probabilities"] for c in CLASSES])
+    console.print(t4.rich(" ".join(filter(None, ["Table 4", title])) + ": % [95% Wilson CI]"))
+    lines = [f"accuracy {_ci(m, 'accuracy')} %   balanced accuracy {_ci(m, 'balanced_accuracy')} %   N = {m['n']}"]
     if "ece" in m:
-        lines.append(f"expected calibration error {_pct(m, 'ece')} %   (AUC bootstrap by {m['auc_bootstrap']['unit']}, "
+        lines.append(f"expected calibration error {_ci(m, 'ece')} %   (AUC bootstrap by {m['auc_bootstrap']['unit']}, "
                      f"{m['auc_bootstrap']['resamples']} resamples)")
     for key in [k for k in m if k.endswith("_ppv_at_prevalence")]:
-        lines.append(f"{key.split('_')[0]} precision at prevalence {m['prevalence']:g}: {_pct(m, key)} %")
+        lines.append(f"{key.split('_')[0]} precision at prevalence {m['prevalence']:g}: {_ci(m, key)} %")
     for note in m.get("notes", []):
         lines.append(f"[yellow]note:[/] {note}")
     console.print("\n".join(lines))
 
 
 def run(args: argparse.Namespace) -> int:
+    """Read the predictions, print the tables, write the JSON when asked."""
+    from rich.console import Console
+
+    from covid_cxr.evaluate.predictions import read_predictions
+    from covid_cxr.evaluate.run import write_json
+
     check_metric_options(args)
     preds = read_predictions(args.predictions)
     metrics = preds.metrics(prevalence=args.prevalence, prevalence_class=args.prevalence_class,

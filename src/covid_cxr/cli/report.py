@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, parse_prevalences
-from covid_cxr.evaluate.report import write_report
+from covid_cxr.stats import DEFAULT_PREVALENCES, parse_prevalences
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,12 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Read the evaluations (and audit results), write the report, say where."""
+    from covid_cxr.audit.results import load_results  # the library (pandas, matplotlib) loads only when run
+    from covid_cxr.report.report import write_report
+
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0; got {args.bootstrap}")
     audit = None
     if args.audit is not None:
-        from covid_cxr.audit.results import load_results
-
         if not args.audit.is_dir():
             raise FileNotFoundError(f"{args.audit}: no such folder; give a run folder or its audit/ folder")
         audit = load_results(args.audit)

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from covid_cxr.data.images import decode_image_info, resize_gray
 from covid_cxr.data.names import name_bytes, printable
 from covid_cxr.errors import ImageDecodeError
+from covid_cxr.progress import progress_bar
 
 CACHE_VERSION = 1
 IMAGES_FILE, INDEX_FILE, META_FILE = "images.npy", "index.csv", "meta.json"
@@ -116,9 +116,7 @@ def build_cache(
                                         shape=(max(n, 1), image_size, image_size))
     ok = np.zeros(n, dtype=bool)
     build = CacheBuild(folder=folder, image_ids=[], resize=resize)
-    columns = (TextColumn("decoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        task = bar.add_task("decode", total=n)
+    with progress_bar("decoding", n, enabled=progress, transient=True) as advance:
         for row, (image_id, img, error, digest, view) in enumerate(_results(jobs, workers)):
             if img is None:
                 build.failures.append({"image_id": image_id, "path": printable(jobs[row][1]), "reason": error})
@@ -128,7 +126,7 @@ def build_cache(
                 build.views[image_id] = view
             if digest:
                 build.sha256[image_id] = digest
-            bar.advance(task)
+            advance(1)
     good = np.flatnonzero(ok)
     scratch.flush()
     if len(good) == n and n > 0:  # the usual case: every image decoded, the scratch array is the cache

@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_cxr import fmt
 from covid_cxr.data.images import load_image
 from covid_cxr.errors import ConfigError, DataError, ImageDecodeError
-from covid_cxr.evaluate.metrics import Proportion
 from covid_cxr.inference.inputs import expand_inputs
 from covid_cxr.inference.protocol import Predictor
+from covid_cxr.stats import Proportion
 
 SEED = 0  # the same checkpoint always gets the same calibration and check images
 CHECK_BATCH = 16  # images per forward pass in the check: bounds its memory on the full networks
@@ -168,7 +169,8 @@ class Int8Check:
         """One line for the terminal."""
         text = f"int8 check on {self.agreed.n} {self.source}: "
         if self.fp32 is not None and self.int8 is not None:
-            text += (f"accuracy fp32 {_pct(self.fp32)}, int8 {_pct(self.int8)}, difference "
+            text += (f"accuracy fp32 {fmt.with_ci(self.fp32.value, *self.fp32.ci)}, "
+                     f"int8 {fmt.with_ci(self.int8.value, *self.int8.ci)}, difference "
                      f"{self.difference_pp:+.2f} pp; ")
         text += f"classes agree on {self.agreed.value:.1f}% ({self.agreed.k}/{self.agreed.n})"
         if self.fp32 is None:
@@ -184,11 +186,6 @@ class Int8Check:
         if self.agreed.value < MIN_AGREEMENT_PCT:
             found.append(f"gives fp32's class on only {self.agreed.value:.1f}% of the images")
         return found
-
-
-def _pct(p: Proportion) -> str:
-    low, high = p.ci
-    return f"{p.value:.1f}% [95% CI {low:.1f}-{high:.1f}]"
 
 
 def _classify(predictor: Predictor, images: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from covid_cxr import __version__
+from covid_cxr import __version__, fmt
 from covid_cxr.labels import DISPLAY_NAMES
 
 INTENDED_USE = (
@@ -88,13 +88,8 @@ def _number(value: Any) -> float | None:
 
 def with_ci(metrics: dict[str, Any], key: str) -> str:
     """``90.0 [82.6, 94.5]`` (percent; AUC as a fraction), ``-`` when undefined."""
-    value = _number(metrics.get(key))
-    if value is None:
-        return "-"
-    digits = 3 if key.endswith("_auc") else 1
     low, high = _number(metrics.get(f"{key}_ci_low")), _number(metrics.get(f"{key}_ci_high"))
-    interval = f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else ""
-    return f"{value:.{digits}f}{interval}"
+    return fmt.interval(_number(metrics.get(key)), low, high, 3 if key.endswith("_auc") else 1, na="-")
 
 
 def difference(external: dict[str, Any], internal: dict[str, Any], key: str) -> str:
@@ -107,7 +102,7 @@ def difference(external: dict[str, Any], internal: dict[str, Any], key: str) -> 
     d = e - i  # type: ignore[operator]
     low = d - math.hypot(e - el, ih - i)  # type: ignore[operator]
     high = d + math.hypot(eh - e, i - il)  # type: ignore[operator]
-    return f"{d:+.1f} [{low:+.1f}, {high:+.1f}]"
+    return fmt.interval(d, low, high, 1, sign=True)
 
 
 def _covidx_version(data: str) -> str | None:

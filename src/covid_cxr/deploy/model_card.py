@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from covid_cxr import __version__
+from covid_cxr import __version__, fmt
 from covid_cxr.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from covid_cxr.checkpoint import load_checkpoint
 from covid_cxr.deploy.card_text import (
@@ -248,19 +248,14 @@ def _details(facts: ModelFacts, run: dict[str, Any], config: dict[str, Any]) -> 
                 ("preset", "preset"), ("num_phases", "phases:"), ("epochs_per_phase", "epochs a phase:"),
                 ("status", "status"), ("best_epoch", "checkpoint of epoch")) if run.get(key) is not None]
         if run.get("best_val_accuracy") is not None:
-            said.append(f"best validation accuracy {_pct(run['best_val_accuracy'])}")
+            best = fmt.percent(run["best_val_accuracy"], fraction=True, na="unknown")
+            said.append(f"best validation accuracy {best}")
         lines.append("- Training run: " + ", ".join(said))
     if config.get("pretrained"):
         lines.append(f"- Initial weights: `{config['pretrained']}`; seed {config.get('seed')}")
     for name, sha in facts.files:
         lines.append(f"- File `{name}`: sha256 `{sha}`")
     return lines + [""]
-
-
-def _pct(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "unknown"
-    return f"{100 * value:.1f}%" if value <= 1 else f"{value:.1f}%"
 
 
 def _training_section(table: pd.DataFrame | None, run: dict[str, Any]) -> list[str]:

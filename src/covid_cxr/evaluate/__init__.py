@@ -1,7 +1,7 @@
-"""Evaluation: the paper's Tables 3 and 4 with confidence intervals, ROC, calibration, reports.
+"""Evaluation: the paper's Tables 3 and 4 with confidence intervals, ROC, calibration.
 
 ``metrics`` holds pure functions; ``predictions`` reads and checks predictions files;
-``run`` evaluates a checkpoint on a prepared split; ``report`` compares folds and the paper.
+``run`` evaluates a checkpoint on a prepared split. The cross-fold report is :mod:`covid_cxr.report`.
 """
 
 from __future__ import annotations

@@ -26,12 +26,12 @@ import pandas as pd
 
 from covid_cxr.data.manifest import safe_name
 from covid_cxr.errors import DataError, ImageDecodeError
-from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES
 from covid_cxr.evaluate.predictions import validate_predictions, write_predictions
 from covid_cxr.evaluate.run import (CHECKPOINT_IN_RUN, EvaluationResult, decided_table, predict_rows,
                                     read_run_file, write_evaluation)
 from covid_cxr.labels import CLASSES
 from covid_cxr.operating_point import of_predictor
+from covid_cxr.stats import DEFAULT_PREVALENCES
 
 
 def model_path(target: Path) -> tuple[Path, Path | None]:

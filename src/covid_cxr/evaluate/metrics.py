@@ -5,11 +5,13 @@ from hand-kept counters. Per class, as Table 3 and Table 4 of the paper define t
 correct detected = TP, not detected = FN, wrong detected = FP, TN = N - TP - FN - FP;
 recall TP/(TP+FN), specificity TN/(TN+FP), per-class accuracy (TP+TN)/N, precision TP/(TP+FP).
 
-Every proportion carries a 95% Wilson score interval: with 31 COVID-19 test images a point
-estimate alone says little. One-vs-rest ROC AUC gets a bootstrap interval resampled by patient
+Every proportion carries a 95% Wilson score interval (:mod:`covid_cxr.stats`): with 31 COVID-19
+test images a point estimate alone says little. One-vs-rest ROC AUC gets a bootstrap interval resampled by patient
 (images of one patient are not independent). Rates are percentages, AUC is on 0-1. A rate whose
 denominator is zero (e.g. precision of a class never predicted) is NaN and a note says why.
-No I/O here: reading and writing live in ``predictions.py``, ``run.py`` and ``report.py``.
+The ROC curve, the AUC and the calibration bins are scikit-learn's; the patient bootstrap keeps
+its own AUC for its inner loop (16x faster, ``benchmarks/metrics_speed.py``).
+No I/O here: reading and writing live in ``predictions.py``, ``run.py`` and :mod:`covid_cxr.report`.
 
 Keys of :func:`compute_metrics` (and of ``covid-cxr metrics --json``), for each class ``c`` in
 ``covid, pneumonia, normal``: ``n``, ``accuracy``, ``balanced_accuracy``; ``c_n``, ``c_correct``,
@@ -23,14 +25,19 @@ prevalence ``prevalence`` and ``<class>_ppv_at_prevalence`` (+ CI); ``notes`` (w
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as sklearn_metrics
+from sklearn.calibration import calibration_curve
+from sklearn.exceptions import UndefinedMetricWarning
 
 from covid_cxr.labels import CLASSES
+from covid_cxr.stats import (DEFAULT_PREVALENCES, Proportion, ppv_at_prevalence, predictive_values,
+                             wilson_interval)
 
 RATES: tuple[str, ...] = ("recall", "specificity", "accuracy", "precision")
 """Table 4's per-class figures, in the paper's order."""
@@ -76,47 +83,6 @@ def class_counts(cm: np.ndarray, k: int) -> ClassCounts:
     return ClassCounts(tp=tp, fn=fn, fp=fp, tn=int(cm.sum()) - tp - fn - fp)
 
 
-_Z95 = NormalDist().inv_cdf(0.975)
-
-
-def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of the proportion k/n, as fractions; (nan, nan) when n == 0.
-
-    Unlike the normal approximation it stays inside [0, 1] and behaves at k = 0 or k = n,
-    which is where small COVID-19 test sets live.
-    """
-    if n <= 0:
-        return (math.nan, math.nan)
-    if not 0 <= k <= n:
-        raise ValueError(f"successes must lie in 0..{n}; got {k}")
-    z = _Z95 if confidence == 0.95 else NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # At k = 0 (k = n) the bound is exactly 0 (1); say so rather than leave a rounding residue.
-    low = 0.0 if k == 0 else max(0.0, centre - half)
-    high = 1.0 if k == n else min(1.0, centre + half)
-    return (low, high)
-
-
-@dataclass(frozen=True)
-class Proportion:
-    """k out of n as a percentage with its Wilson interval (NaN when n == 0)."""
-
-    k: int
-    n: int
-
-    @property
-    def value(self) -> float:
-        return 100.0 * self.k / self.n if self.n else math.nan
-
-    @property
-    def ci(self) -> tuple[float, float]:
-        low, high = wilson_interval(self.k, self.n)
-        return (100.0 * low, 100.0 * high)
-
-
 def class_proportions(c: ClassCounts) -> dict[str, Proportion]:
     """Table 4's four rates of one class, as proportions with known numerator and denominator."""
     n = c.tp + c.fn + c.fp + c.tn
@@ -142,19 +108,6 @@ def balanced_accuracy(cm: np.ndarray) -> float:
     if not present.any():
         return math.nan
     return float(100.0 * np.mean(np.diag(cm)[present] / support[present]))
-
-
-def ppv_at_prevalence(sensitivity: float, specificity: float, prevalence: float) -> float:
-    """Precision a classifier would have where the class has ``prevalence`` (fractions in, fraction out).
-
-    A test set's COVID-19 share (31 of 11302) is not a clinic's; Bayes' rule moves precision there.
-    """
-    if not 0.0 < prevalence < 1.0:
-        raise ValueError(f"prevalence must lie strictly between 0 and 1; got {prevalence}")
-    true_pos = sensitivity * prevalence
-    false_pos = (1.0 - specificity) * (1.0 - prevalence)
-    total = true_pos + false_pos
-    return true_pos / total if total > 0 else math.nan
 
 
 @dataclass(frozen=True)
@@ -183,75 +136,6 @@ def binary_figures(cm: np.ndarray, k: int) -> BinaryFigures:
                          ppv=Proportion(c.tp, c.tp + c.fp), npv=Proportion(c.tn, c.tn + c.fn))
 
 
-def npv_at_prevalence(sensitivity: float, specificity: float, prevalence: float) -> float:
-    """Negative predictive value where the class has ``prevalence`` (Bayes' rule; fractions in and out)."""
-    if not 0.0 < prevalence < 1.0:
-        raise ValueError(f"prevalence must lie strictly between 0 and 1; got {prevalence}")
-    true_neg = specificity * (1.0 - prevalence)
-    false_neg = (1.0 - sensitivity) * prevalence
-    total = true_neg + false_neg
-    return true_neg / total if total > 0 else math.nan
-
-
-def predictive_values(sens: Proportion, spec: Proportion, prevalence: float) -> dict[str, float]:
-    """PPV and NPV (percentages) at ``prevalence``, with intervals propagated from those of sens and spec.
-
-    Both values rise with sensitivity and with specificity, so the Wilson bounds of the two,
-    pushed through Bayes' rule together, bound them (conservatively: both ends at once).
-    """
-    if not (sens.n and spec.n):
-        return {f"{w}{s}": math.nan for w in ("ppv", "npv") for s in ("", "_ci_low", "_ci_high")}
-    (s_lo, s_hi), (t_lo, t_hi) = wilson_interval(sens.k, sens.n), wilson_interval(spec.k, spec.n)
-    s, t = sens.k / sens.n, spec.k / spec.n
-    out = {}
-    for name, fn in (("ppv", ppv_at_prevalence), ("npv", npv_at_prevalence)):
-        out[name] = 100.0 * fn(s, t, prevalence)
-        out[f"{name}_ci_low"] = 100.0 * fn(s_lo, t_lo, prevalence)
-        out[f"{name}_ci_high"] = 100.0 * fn(s_hi, t_hi, prevalence)
-    return out
-
-
-def difference_interval(a: Proportion, b: Proportion, confidence: float = 0.95) -> tuple[float, float, float]:
-    """b - a in percentage points with Newcombe's hybrid score interval (independent samples, Wilson-based).
-
-    Newcombe (1998), method 10: the interval of a difference built from each proportion's Wilson
-    interval, good at the small counts and extreme rates of COVID-19 test sets. NaN when either is 0/0.
-    """
-    if not a.n or not b.n:
-        return (math.nan, math.nan, math.nan)
-    p1, p2 = a.k / a.n, b.k / b.n
-    l1, u1 = wilson_interval(a.k, a.n, confidence)
-    l2, u2 = wilson_interval(b.k, b.n, confidence)
-    d = p2 - p1
-    low = d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2)
-    high = d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
-    return (100.0 * d, 100.0 * low, 100.0 * high)
-
-
-DEFAULT_PREVALENCES: tuple[float, ...] = (0.01, 0.05, 0.20)
-"""Where PPV and NPV are stated besides the test set's own mix: a low, a middling and a high COVID-19 share."""
-
-
-def parse_prevalences(text: str) -> tuple[float, ...]:
-    """``'0.01,0.05,0.2'`` or ``'1%,5%,20%'`` -> fractions strictly between 0 and 1."""
-    out = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            value = float(part[:-1]) / 100 if part.endswith("%") else float(part)
-        except ValueError:
-            raise ValueError(f"prevalence {part!r} is not a number; "
-                             "write fractions (0.05) or percentages (5%)") from None
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"prevalence {part!r} must lie strictly between 0 and 1 (0.05 or 5%)")
-        out.append(value)
-    if not out:
-        raise ValueError("no prevalence given; write e.g. 0.01,0.05,0.2 or 1%,5%,20%")
-    return tuple(out)
-
-
 def decision_summary(cm: np.ndarray, k: int, prevalences: Sequence[float] = DEFAULT_PREVALENCES) -> dict[str, Any]:
     """Class ``k`` against the rest at the decisions made: sensitivity, specificity, PPV, NPV with intervals,
     and PPV/NPV moved by Bayes' rule to each prevalence (the test set's own mix is rarely a clinic's)."""
@@ -262,23 +146,27 @@ def decision_summary(cm: np.ndarray, k: int, prevalences: Sequence[float] = DEFA
 
 
 def roc_curve(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False- and true-positive rates at every distinct score threshold (descending), from (0, 0)."""
+    """False- and true-positive rates at every distinct score threshold (descending), from (0, 0).
+
+    scikit-learn's curve with every point kept; NaN rates where a side (positives or negatives) is empty.
+    """
     positive = np.asarray(positive, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], positive[order]
-    last_of_block = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1] if len(s) else np.array([], dtype=np.int64)
-    tps = np.cumsum(y)[last_of_block]
-    fps = np.cumsum(~y)[last_of_block]
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    tpr = np.r_[0.0, tps / n_pos] if n_pos else np.full(len(tps) + 1, math.nan)
-    fpr = np.r_[0.0, fps / n_neg] if n_neg else np.full(len(fps) + 1, math.nan)
-    return fpr, tpr, np.r_[np.inf, s[last_of_block]]
+    if not len(scores):
+        return np.full(1, math.nan), np.full(1, math.nan), np.array([np.inf])
+    with warnings.catch_warnings():  # one empty side: scikit-learn warns and answers NaN, as we want
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        fpr, tpr, thresholds = sklearn_metrics.roc_curve(positive, scores, drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 @dataclass(frozen=True)
 class _AucPlan:
-    """What the AUC of one class needs, sorted once: positives, negatives by score, and where each positive falls.
+    """The bootstrap's AUC of one class, sorted once: positives, negatives by score, and where each positive falls.
+
+    Ours, not scikit-learn's, for the bootstrap's inner loop only: one cumulative sum per resample
+    over all resamples at once, instead of a sort per resample; ``benchmarks/metrics_speed.py``
+    measures both (the test suite checks they agree). :func:`roc_auc` itself is scikit-learn's.
 
     ``lo[i]`` / ``hi[i]`` count the negatives scored below / at most positive i, so a positive
     beats ``lo[i]`` negatives and ties ``hi[i] - lo[i]`` (each tie counts one half).
@@ -318,11 +206,11 @@ class _AucPlan:
 
 
 def roc_auc(positive: np.ndarray, scores: np.ndarray) -> float:
-    """One-vs-rest ROC AUC (Mann-Whitney, ties one half); NaN when one side is empty."""
-    plan = _AucPlan.of(positive, scores)
-    if not len(plan.pos) or not len(plan.neg):
+    """One-vs-rest ROC AUC (scikit-learn's; ties count one half); NaN when one side is empty."""
+    positive = np.asarray(positive, dtype=bool)
+    if positive.all() or not positive.any():
         return math.nan
-    return float(plan.weighted(np.ones((1, len(plan.pos) + len(plan.neg))))[0])
+    return float(sklearn_metrics.roc_auc_score(positive, np.asarray(scores, dtype=np.float64)))
 
 
 def bootstrap_auc_cis(positives: Sequence[np.ndarray], scores: Sequence[np.ndarray], groups: np.ndarray | None = None,
@@ -389,17 +277,22 @@ class CalibrationBins:
 
 
 def calibration_bins(probs: np.ndarray, true_idx: np.ndarray, n_bins: int = 15) -> CalibrationBins:
-    """Bin images by their top probability; compare the mean confidence with the hit rate."""
+    """Bin images by their top probability; compare the mean confidence with the hit rate.
+
+    scikit-learn's ``calibration_curve`` (uniform bins, each (low, high]) gives the filled bins'
+    hit rate and mean confidence; the counts, which it does not return, come from the same binning.
+    """
     probs = np.asarray(probs, dtype=np.float64)
     true_idx = np.asarray(true_idx, dtype=np.int64)
-    confidence = probs.max(axis=1)
-    hit = (probs.argmax(axis=1) == true_idx).astype(np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
-    count = np.bincount(which, minlength=n_bins).astype(np.int64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.bincount(which, weights=confidence, minlength=n_bins) / count
-        mean_hit = np.bincount(which, weights=hit, minlength=n_bins) / count
+    mean_conf, mean_hit = np.full(n_bins, math.nan), np.full(n_bins, math.nan)
+    if not len(probs):
+        return CalibrationBins(edges=edges, confidence=mean_conf, accuracy=mean_hit, count=np.zeros(n_bins, np.int64))
+    confidence = np.clip(probs.max(axis=1), 0.0, 1.0)  # float32 softmax may overshoot 1 by an ulp
+    hit = probs.argmax(axis=1) == true_idx
+    count = np.bincount(np.searchsorted(edges[1:-1], confidence), minlength=n_bins).astype(np.int64)
+    filled = count > 0
+    mean_hit[filled], mean_conf[filled] = calibration_curve(hit, confidence, n_bins=n_bins, pos_label=True)
     return CalibrationBins(edges=edges, confidence=mean_conf, accuracy=mean_hit, count=count)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from covid_cxr import fmt
 from covid_cxr.evaluate.metrics import calibration_bins, roc_curve
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
@@ -46,8 +47,7 @@ def confusion_figure(cm: np.ndarray, classes: Sequence[str] = CLASSES, title: st
         top = shown.max() if shown.size else 0
         for i in range(len(names)):
             for j in range(len(names)):
-                text = f"{data[i, j]:d}" if panel == "counts" else (
-                    "n/a" if np.isnan(data[i, j]) else f"{100 * data[i, j]:.1f}%")
+                text = f"{data[i, j]:d}" if panel == "counts" else fmt.percent(float(data[i, j]), fraction=True)
                 dark = shown[i, j] > 0.6 * top
                 ax.text(j, i, text, ha="center", va="center", color="white" if dark else "black", fontsize=11)
     fig.suptitle(title or f"Confusion matrix (N = {int(cm.sum())})")
@@ -85,7 +85,7 @@ def roc_figure(true_idx: np.ndarray, probs: np.ndarray, classes: Sequence[str] =
         label = f"{DISPLAY_NAMES.get(name, name)} (n={int(positive.sum())})"
         if aucs and name in aucs:
             auc, low, high = aucs[name]
-            label += f": AUC {auc:.3f} [{low:.3f}, {high:.3f}]"
+            label += f": AUC {fmt.interval(auc, low, high, 3)}"
         ax.plot(fpr, tpr, color=_COLOURS.get(name), linewidth=1.8, label=label, drawstyle="default")
     for mark, marker in zip(marks, ("o", "s", "D", "^")):
         ax.plot([mark.fpr], [mark.tpr], marker=marker, markersize=9, markerfacecolor="none", markeredgewidth=2,
@@ -116,7 +116,7 @@ def calibration_figure(true_idx: np.ndarray, probs: np.ndarray, n_bins: int = 15
              label="(mean confidence, accuracy)")
     top.set_ylim(0, 1.02)
     top.set_ylabel("accuracy")
-    top.set_title(title or f"Calibration: ECE {bins.ece:.2f}%")
+    top.set_title(title or f"Calibration: ECE {fmt.percent(bins.ece, 2)}")
     top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
     bottom.bar(centres, bins.count, width=width * 0.9, color="0.5")

@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.evaluate import plots
-from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, decision_summary, table3_row, table4_row
+from covid_cxr.evaluate.metrics import decision_summary, table3_row, table4_row
 from covid_cxr.evaluate.predictions import Predictions, predictions_frame, validate_predictions, write_predictions
 from covid_cxr.labels import CLASSES, normalize_label
 from covid_cxr.operating_point import OperatingPoint, parse_rule
+from covid_cxr.progress import progress_bar
+from covid_cxr.stats import DEFAULT_PREVALENCES
 
 if TYPE_CHECKING:  # the data area is imported where used, so metrics and reports never load it
     from covid_cxr.data.prepared import ImageCache, PreparedData
@@ -249,18 +249,8 @@ def predict_rows(predictor: Any, images: Any, rows: np.ndarray, *, batch_size: i
 
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
-    console = Console(stderr=True)
     started = time.perf_counter()
-    with Progress(TextColumn("[bold]evaluate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console,
-                  disable=not progress, transient=False) as bar:
-        task = bar.add_task(description, total=len(rows), rate="")
-
-        def advance(n: int) -> None:
-            done = bar.tasks[0].completed + n
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=n, rate=f"{rate:.1f} img/s")
-
+    with progress_bar(f"[bold]evaluate[/] {description}", len(rows), enabled=progress, rate_unit="img") as advance:
         probs_sorted = predict_in_batches(predictor, images, batch_size=batch_size, indices=rows[order],
                                           on_batch=advance)
     probs = np.empty_like(probs_sorted)

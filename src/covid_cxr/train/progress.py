@@ -11,14 +11,8 @@ import sys
 import time
 from typing import TextIO
 
+from covid_cxr.fmt import duration
 from covid_cxr.train.engine import EpochStats
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(int(round(seconds)), 0)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
 class Progress:
@@ -77,7 +71,7 @@ class Progress:
         fraction = (index + 1) / num_batches if num_batches else 0.0
         line = (
             f"phase {self._phase}/{self.num_phases} epoch {self._epoch}/{self._epochs_per_phase} "
-            f"batch {index + 1}/{num_batches} loss {loss:.4f} {rate:.1f} img/s ETA {format_duration(self._eta(fraction))}"
+            f"batch {index + 1}/{num_batches} loss {loss:.4f} {rate:.1f} img/s ETA {duration(self._eta(fraction))}"
         )
         self.stream.write("\r\x1b[2K" + line)
         self.stream.flush()
@@ -92,7 +86,7 @@ class Progress:
         self.stream.write(
             f"{prefix}phase {self._phase}/{self.num_phases} epoch {self._epoch}/{self._epochs_per_phase} "
             f"loss {train.loss:.4f} acc {train.accuracy:.3f} val_loss {val.loss:.4f} val_acc {val.accuracy:.3f} "
-            f"{train.images_per_s:.1f} img/s {train.seconds:.1f}s ETA {format_duration(self._eta(0.0))}{mark}\n"
+            f"{train.images_per_s:.1f} img/s {train.seconds:.1f}s ETA {duration(self._eta(0.0))}{mark}\n"
         )
         self.stream.flush()
 

@@ -19,7 +19,6 @@ refused with a message saying so.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,10 +28,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_cxr import fmt
 from covid_cxr.data.manifest import finalize, make_ids
 from covid_cxr.data import splits
 from covid_cxr.data.splits import Fold, SplitPlan, SplitSettings
 from covid_cxr.errors import ConfigError, DataError
+from covid_cxr.stats import wilson_interval
 
 PREFIX = "covidx"
 SPLITS = ("train", "test")
@@ -311,8 +312,6 @@ def published_rows(metrics: dict[str, Any], version: str) -> list[list[str]]:
     sensitivities' intervals follow from their 100 images a class. Empty when nothing was published
     for ``version``.
     """
-    from covid_cxr.evaluate.metrics import wilson_interval  # the evaluate package loads plotting; not at import
-
     published = [p for p in PUBLISHED if p["test_set"] == str(version).upper()]
     if not published:
         return []
@@ -320,16 +319,10 @@ def published_rows(metrics: dict[str, Any], version: str) -> list[list[str]]:
     for p in published:
         n = p["per_class"]
         low, high = wilson_interval(round(p["sensitivity"]["covid"] * n / 100), n)
-        sensitivity = f"{p['sensitivity']['covid']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+        sensitivity = fmt.interval(p["sensitivity"]["covid"], 100 * low, 100 * high)
         rows.append([f"{p['model']} (published)", sensitivity, f"{p['ppv']['covid']:.1f}", f"{p['accuracy']:.1f}"])
     return rows
 
 
 def _ci(metrics: dict[str, Any], key: str) -> str:
-    value = metrics.get(key)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    if low is None or high is None:
-        return f"{value:.1f}"
-    return f"{value:.1f} [{low:.1f}, {high:.1f}]"
+    return fmt.interval(metrics.get(key), metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high"), na="-")

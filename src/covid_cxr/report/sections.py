@@ -8,54 +8,20 @@ normal approximation from the two patient-bootstrap intervals.
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from covid_cxr.evaluate.metrics import (Proportion, binary_figures, class_counts, class_proportions,
-                                        decision_summary, difference_interval)
+from covid_cxr import fmt
+from covid_cxr.evaluate.metrics import binary_figures, class_counts, class_proportions, decision_summary
+from covid_cxr.fmt import Table
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint
+from covid_cxr.stats import Proportion, difference_interval
 
 ABSENT = "absent (no images)"
-
-
-@dataclass
-class Table:
-    """A small table rendered both as Markdown and as HTML."""
-
-    headers: list[str]
-    rows: list[list[str]]
-
-    def markdown(self) -> str:
-        lines = ["| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
-        return "\n".join(lines)
-
-    def html(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _ci(value: float, low: float, high: float, digits: int = 1) -> str:
-    if math.isnan(value):
-        return "n/a"
-    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
-
-def _prop(p: Proportion) -> str:
-    return "n/a (0/0)" if not p.n else f"{_ci(p.value, *p.ci)} ({p.k}/{p.n})"
 
 
 def describe_rules(infos: Sequence[dict[str, Any]]) -> str:
@@ -70,14 +36,18 @@ def operating_tables(cm: np.ndarray, positive_class: str, prevalences: Sequence[
     fig = binary_figures(cm, k)
     name = DISPLAY_NAMES[positive_class]
     figures = Table(["figure", "% [95% Wilson CI] (k/n)"], [
-        [f"{name} sensitivity", _prop(fig.sensitivity)], [f"{name} specificity", _prop(fig.specificity)],
-        ["PPV (at this set's own prevalence)", _prop(fig.ppv)], ["NPV (at this set's own prevalence)", _prop(fig.npv)],
+        [f"{name} sensitivity", fmt.proportion(fig.sensitivity)],
+        [f"{name} specificity", fmt.proportion(fig.specificity)],
+        ["PPV (at this set's own prevalence)", fmt.proportion(fig.ppv)],
+        ["NPV (at this set's own prevalence)", fmt.proportion(fig.npv)],
     ])
     summary = decision_summary(cm, k, prevalences)
-    rows = [[f"{100 * summary['test_prevalence']:.2f}% (this set)", _prop(fig.ppv), _prop(fig.npv)]]
+    own = fmt.percent(summary["test_prevalence"], 2, fraction=True)
+    rows = [[f"{own} (this set)", fmt.proportion(fig.ppv), fmt.proportion(fig.npv)]]
     for at in summary["at_prevalence"]:
-        rows.append([f"{100 * at['prevalence']:g}%", _ci(at["ppv"], at["ppv_ci_low"], at["ppv_ci_high"], 2),
-                     _ci(at["npv"], at["npv_ci_low"], at["npv_ci_high"], 2)])
+        rows.append([fmt.percent(at["prevalence"], None, fraction=True),
+                     fmt.interval(at["ppv"], at["ppv_ci_low"], at["ppv_ci_high"], 2),
+                     fmt.interval(at["npv"], at["npv_ci_low"], at["npv_ci_high"], 2)])
     at_prev = Table([f"{name} prevalence", "PPV % [CI]", "NPV % [CI]"], rows)
     return figures, at_prev
 
@@ -104,12 +74,10 @@ def _auc_drop(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
     """External minus internal AUC, with a normal approximation from the two bootstrap intervals."""
     va, vb = a.get(key, math.nan), b.get(key, math.nan)
     if any(v is None or math.isnan(v) for v in (va, vb)):
-        return "n/a"
+        return fmt.NA
     halves = [(m.get(f"{key}_ci_high", math.nan) - m.get(f"{key}_ci_low", math.nan)) / 2 for m in (a, b)]
-    if any(h is None or math.isnan(h) for h in halves):
-        return f"{vb - va:+.3f}"
-    half = math.hypot(*halves)
-    return f"{vb - va:+.3f} [{vb - va - half:+.3f}, {vb - va + half:+.3f}]"
+    half = math.nan if any(h is None or math.isnan(h) for h in halves) else math.hypot(*halves)
+    return fmt.interval(vb - va, vb - va - half, vb - va + half, 3, sign=True)
 
 
 def comparison_table(internal: tuple[str, np.ndarray, dict[str, Any]] | None,
@@ -131,12 +99,12 @@ def comparison_table(internal: tuple[str, np.ndarray, dict[str, Any]] | None,
         cls = key.split("_")[0] if "_" in key else None
         absent = lambda s: cls is not None and cls in s and not key.endswith(("specificity", "npv"))  # noqa: E731
         ip = int_p.get(key)
-        int_cell = ABSENT if absent(absent_int) else ("n/a" if ip is None else _prop(ip))
-        ext_cell = ABSENT if absent(absent_ext) else _prop(ep)
-        drop = "n/a"
+        int_cell = ABSENT if absent(absent_int) else (fmt.NA if ip is None else fmt.proportion(ip))
+        ext_cell = ABSENT if absent(absent_ext) else fmt.proportion(ep)
+        drop = fmt.NA
         if ip is not None and not absent(absent_int) and not absent(absent_ext):
             d, lo, hi = difference_interval(ip, ep)
-            drop = "n/a" if math.isnan(d) else f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+            drop = fmt.interval(d, lo, hi, 1, sign=True)
         rows.append([_label(key), int_cell, ext_cell, drop])
     for c in CLASSES:
         key = f"{c}_auc"
@@ -145,8 +113,8 @@ def comparison_table(internal: tuple[str, np.ndarray, dict[str, Any]] | None,
         cells = []
         for m, gone, given in ((int_m, c in absent_int, internal is not None), (ext_m, c in absent_ext, True)):
             v = m.get(key, math.nan)
-            cells.append("n/a" if not given else ABSENT if gone else "n/a" if v is None or math.isnan(v) else
-                         _ci(v, m.get(f"{key}_ci_low", math.nan), m.get(f"{key}_ci_high", math.nan), 3))
+            cells.append(fmt.NA if not given else ABSENT if gone else
+                         fmt.interval(v, m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high"), 3))
         gone = c in absent_ext or c in absent_int
-        rows.append([_label(key), *cells, "n/a" if gone or internal is None else _auc_drop(int_m, ext_m, key)])
+        rows.append([_label(key), *cells, fmt.NA if gone or internal is None else _auc_drop(int_m, ext_m, key)])
     return Table(headers, rows)

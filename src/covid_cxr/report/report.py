@@ -21,15 +21,19 @@ from typing import Any
 
 import pandas as pd
 
+from covid_cxr import fmt
+from covid_cxr.audit.results import render_section
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
-from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, COUNTS, RATES, table3_row, table4_row
+from covid_cxr.evaluate.metrics import COUNTS, RATES, table3_row, table4_row
 from covid_cxr.evaluate.paper import paper_average, paper_network_name
 from covid_cxr.evaluate.predictions import Predictions, read_predictions, validate_predictions
 from covid_cxr.evaluate.run import roc_marks, write_json
-from covid_cxr.evaluate.sections import Table, comparison_table, describe_rules, fmt, operating_tables
+from covid_cxr.fmt import Table
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint
+from covid_cxr.report.sections import comparison_table, describe_rules, operating_tables
+from covid_cxr.stats import DEFAULT_PREVALENCES
 
 TABLE4_KEYS: tuple[str, ...] = ("accuracy", *(f"{c}_{r}" for r in RATES for c in CLASSES))
 EXTRA_KEYS: tuple[str, ...] = (
@@ -53,9 +57,6 @@ class FoldResult:
     @property
     def external(self) -> bool:
         return self.info.get("kind") == "external"
-
-
-_fmt = fmt
 
 
 _WORDS = {"auc": "AUC", "f1": "F1", "ece": "ECE (calibration error)"}
@@ -160,8 +161,6 @@ def render_audit_section(audit: dict[str, Any] | None) -> tuple[str, str]:
     """
     if not audit:
         return "", ""
-    from covid_cxr.audit.results import render_section  # the audit area owns its section's wording
-
     return render_section(audit, "markdown"), render_section(audit, "html")
 
 
@@ -183,17 +182,17 @@ def _rates_table(summary: dict[str, Any], keys: Sequence[str], with_paper: bool)
         if all(v is None or math.isnan(v) for v in values):
             continue  # e.g. AUC and ECE when the predictions carry no probabilities
         digits = 3 if key.endswith("_auc") else 2
-        row = [_label(key), *(_fmt(r[key], digits) for r in summary["per_fold"])]
+        row = [_label(key), *(fmt.number(r[key], digits) for r in summary["per_fold"])]
         mean, sd = summary["mean"][key], summary["sd"][key]
-        row.append(_fmt(mean, digits) if math.isnan(sd) else f"{_fmt(mean, digits)} ± {_fmt(sd, digits)}")
+        row.append(fmt.mean_sd(mean, sd, digits))
         pooled = summary["pooled"]
-        low, high = pooled.get(f"{key}_ci_low"), pooled.get(f"{key}_ci_high")
-        cell = _fmt(pooled.get(key, math.nan), digits)
-        row.append(cell + (f" [{_fmt(low, digits)}, {_fmt(high, digits)}]" if low is not None else ""))
+        row.append(fmt.interval(pooled.get(key), pooled.get(f"{key}_ci_low"), pooled.get(f"{key}_ci_high"), digits))
         if with_paper:
             paper = summary["paper_average"].get(key) if summary["paper_average"] else None
-            diff = "n/a" if paper is None or math.isnan(mean) else f"{mean - paper:+.2f}".replace("-0.00", "+0.00")
-            row += [_fmt(paper), diff]
+            # The mean rounding to zero from below is no difference: "+0.00", not "-0.00".
+            diff = (fmt.NA if paper is None or math.isnan(mean) else
+                    fmt.signed(mean - paper, 2).replace("-0.00", "+0.00"))
+            row += [fmt.number(paper), diff]
         rows.append(row)
     return Table(headers, rows)
 
@@ -208,8 +207,9 @@ def _network_figures(summary: dict[str, Any], title: str, op: dict[str, Any] | N
         aucs = {c: (m[f"{c}_auc"], m[f"{c}_auc_ci_low"], m[f"{c}_auc_ci_high"]) for c in CLASSES}
         figs["roc"] = plots.roc_figure(preds.true_idx, preds.probs, aucs=aucs, title=f"{title}: ROC, pooled",
                                        marks=roc_marks(m, op))
+        ece = fmt.percent(m["ece"], 2)
         figs["calibration"] = plots.calibration_figure(preds.true_idx, preds.probs,
-                                                       title=f"{title}: calibration, pooled (ECE {m['ece']:.2f}%)")
+                                                       title=f"{title}: calibration, pooled (ECE {ece})")
     return {name: plots.figure_png(fig) for name, fig in figs.items()}
 
 
