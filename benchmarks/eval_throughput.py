@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from covid_cxr.checkpoint import Checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.evaluate import write_evaluation
 from covid_cxr.evaluate.predictions import validate_predictions
 from covid_cxr.inference import TorchPredictor, predict_in_batches

@@ -44,7 +44,7 @@ def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
     if config in TORCH_CONFIGS:
         import torch
 
-        from covid_cxr.checkpoint import load_checkpoint
+        from covid_cxr.runs.checkpoint import load_checkpoint
         from covid_cxr.inference import TorchPredictor
 
         spec = TORCH_CONFIGS[config]
@@ -105,7 +105,7 @@ def run_infer(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> None:
     import torch
 
-    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.runs.checkpoint import load_checkpoint
     from covid_cxr.config import make_config
     from covid_cxr.runtime import choose_runtime
     from covid_cxr.train.augment import Augmenter

@@ -29,7 +29,7 @@ from covid_cxr.audit.cross_source import run_cross_source
 from covid_cxr.audit.data import rows_of, training_pool
 from covid_cxr.audit.lungs import estimate_lung_fields
 from covid_cxr.audit.source import audit_source, cnn_probe_proba, train_cnn_probe
-from covid_cxr.checkpoint import Checkpoint, save_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from covid_cxr import runtime
-from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.deploy import backends
 from covid_cxr.deploy.backends import choose_backend, load_model, resolve_compile
 from covid_cxr.errors import ConfigError

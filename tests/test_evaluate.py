@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_cxr.checkpoint import Checkpoint, save_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.data.prepared import PreparedData
@@ -86,7 +86,7 @@ def test_evaluate_a_run_folder_writes_every_file(data: Path, tmp_path: Path) -> 
 
 
 def _load(path: Path) -> Checkpoint:
-    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.deploy.backends import load_model
 from covid_cxr.inference import COMPILE_MIN_IMAGES, TorchPredictor, predict_in_batches, should_compile
 from tests.test_server import tiny_checkpoint

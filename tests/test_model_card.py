@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from covid_cxr.audit.results import flag, make_result, write_result
-from covid_cxr.checkpoint import Checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.cli import main
-from covid_cxr.deploy.card_text import difference
-from covid_cxr.deploy.model_card import (
+from covid_cxr.runs.card_text import difference
+from covid_cxr.runs.model_card import (
     CARD_NAME,
     build_card,
     facts_from_checkpoint,
@@ -177,7 +177,7 @@ def test_rendered_card_escapes_html() -> None:
 def test_server_answers_the_card_as_markdown_and_html(run: Path) -> None:
     import httpx
 
-    from covid_cxr.deploy.model_card import served_card
+    from covid_cxr.runs.model_card import served_card
     from covid_cxr.deploy.server import create_app
     from tests.test_server import serve
 
@@ -205,7 +205,7 @@ def test_server_answers_the_card_as_markdown_and_html(run: Path) -> None:
 def test_export_writes_the_card_beside_the_model_and_serve_finds_it(tmp_path: Path) -> None:
     """``covid-cxr export`` (as the demo calls it) leaves MODEL_CARD.md beside the ONNX file, naming its hash."""
     from covid_cxr.deploy.backends import load_model
-    from covid_cxr.deploy.model_card import served_card
+    from covid_cxr.runs.model_card import served_card
     from tests.test_server import tiny_checkpoint
 
     run_dir = tmp_path / "runs" / "xception-fold1"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from covid_cxr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from covid_cxr.errors import ConfigError
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model, list_models

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.deploy.backends import load_model
 from covid_cxr.deploy.onnx import META_PREFIX, OnnxPredictor, file_sha256

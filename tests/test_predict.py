@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covid_cxr.checkpoint import load_checkpoint, save_checkpoint
+from covid_cxr.runs.checkpoint import load_checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.data.images import load_image
 from covid_cxr.deploy.files import expand_inputs

@@ -23,7 +23,7 @@ import pytest
 import torch
 import uvicorn
 
-from covid_cxr.checkpoint import Checkpoint, save_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.data.images import load_image
 from covid_cxr.deploy.backends import load_model
 from covid_cxr.deploy.server import ServerLimits, create_app

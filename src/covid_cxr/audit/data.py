@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covid_cxr.checkpoint import Checkpoint, load_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.errors import CheckpointError, DataError
 
 

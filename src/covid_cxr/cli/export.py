@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.deploy.onnx import DEFAULT_OPSET, OnnxPredictor, export_onnx, file_sha256
 from covid_cxr.deploy.quantize import DEFAULT_FORMAT, QUANT_FORMATS
 from covid_cxr.errors import ConfigError, DataError
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
           f"classes {','.join(check.classes)}", file=sys.stderr)
     if prepared is not None:
         _write_int8(args, out, check, prepared)
-    from covid_cxr.deploy.model_card import write_export_card
+    from covid_cxr.runs.model_card import write_export_card
 
     int8 = [out.with_name(f"{out.stem}.int8.onnx")] if prepared is not None else []
     print(f"wrote {write_export_card(ckpt, args.checkpoint, [out, *int8])}", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covid_cxr.deploy.model_card import CARD_NAME, facts_from_checkpoint, run_folder_of, write_model_card
+from covid_cxr.runs.model_card import CARD_NAME, facts_from_checkpoint, run_folder_of, write_model_card
 from covid_cxr.errors import CheckpointError
 
 

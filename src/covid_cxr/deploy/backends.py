@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from covid_cxr.checkpoint import Checkpoint, load_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.deploy.onnx import OnnxPredictor, export_onnx_bytes, file_sha256
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.gradcam import GradCam

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from covid_cxr import __version__
-from covid_cxr.checkpoint import Checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.deploy.graph import fold_pads_into_pools
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference import check_batch

@@ -300,7 +300,7 @@ def render_card_html(card: str) -> str:
     """The card's Markdown as an HTML fragment (raw HTML in it is escaped), its YAML header folded away."""
     from markdown_it import MarkdownIt
 
-    from covid_cxr.deploy.model_card import split_front_matter
+    from covid_cxr.runs.model_card import split_front_matter
 
     header, body = split_front_matter(card)
     md = MarkdownIt("commonmark", {"html": False}).enable("table")

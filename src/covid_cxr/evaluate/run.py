@@ -289,7 +289,7 @@ class _Model:
 
 def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None, *,
           device: str, precision: str, compile: str, images: int | None = None, backend: str | None = None) -> _Model:
-    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.runs.checkpoint import load_checkpoint
     from covid_cxr.data.prepared import PreparedData
     from covid_cxr.deploy.backends import make_predictor, resolve_compile
     from covid_cxr.deploy.onnx import file_sha256
@@ -344,7 +344,7 @@ def calibrate(target: Path, rule: str, *, data: Path | None = None, fold: int | 
     ``data``/``fold``). ``out`` writes a new checkpoint instead of rewriting. No retraining: only the
     validation split's probabilities are computed.
     """
-    from covid_cxr.checkpoint import save_checkpoint
+    from covid_cxr.runs.checkpoint import save_checkpoint
 
     m = _open(Path(target), data, fold, "val", None, device=device, precision=precision, compile="off")
     op = choose_on_validation(m, rule, batch_size=batch_size, progress=progress, where=Path(target))

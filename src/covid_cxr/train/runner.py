@@ -32,7 +32,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from covid_cxr.checkpoint import Checkpoint, atomic_torch_save, load_checkpoint, save_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, atomic_torch_save, load_checkpoint, save_checkpoint
 from covid_cxr.config import TrainConfig, dump_config, load_config
 from covid_cxr.errors import CheckpointError, ConfigError, DataError
 from covid_cxr.labels import CLASSES
@@ -362,7 +362,7 @@ def _run(
     if dist.is_main:
         info.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         write_json(run_dir / "run.json", info)
-        from covid_cxr.deploy.model_card import write_run_card
+        from covid_cxr.runs.model_card import write_run_card
 
         write_run_card(run_dir)  # MODEL_CARD.md; 'covid-cxr model-card RUN' refreshes it after evaluate/audit
         if writer is not None:

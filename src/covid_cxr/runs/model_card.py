@@ -21,9 +21,9 @@ import pandas as pd
 import yaml
 
 from covid_cxr import __version__
-from covid_cxr.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from covid_cxr.checkpoint import load_checkpoint
-from covid_cxr.deploy.card_text import (
+from covid_cxr.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from covid_cxr.runs.checkpoint import load_checkpoint
+from covid_cxr.runs.card_text import (
     CITATIONS,
     DATASET_IDS,
     INTENDED_USE,
