@@ -107,7 +107,7 @@ def test_evaluate_refuses_what_it_cannot_evaluate(data: Path, tmp_path: Path) ->
         evaluate_run(ckpt, data=data)
     with pytest.raises(DataError, match="--data"):
         evaluate_run(ckpt, fold=1)
-    with pytest.raises(DataError, match="folds 1..2"):
+    with pytest.raises(DataError, match="folds 1-2"):
         evaluate_run(ckpt, data=data, fold=3)
     with pytest.raises(DataError, match="split"):
         evaluate_run(ckpt, data=data, fold=1, split="train")

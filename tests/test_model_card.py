@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from covid_cxr.audit.results import flag, make_result, write_result
+from covid_cxr.audit.results import flag
+from covid_cxr.runs.results import make_result, write_result
 from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.cli import main
 from covid_cxr.runs.card_text import difference

@@ -26,6 +26,7 @@ import numpy as np
 from covid_cxr.audit import results as R
 from covid_cxr.audit.lungs import LungFields
 from covid_cxr.inference import Predictor, predict_in_batches
+from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 
 CONDITIONS: tuple[str, ...] = ("as_is", "lungs_hidden", "only_lungs")
 FILL_DESCRIPTION = "the image's own mean intensity"
@@ -145,7 +146,7 @@ def run_ablation(
             "other images called COVID-19, means COVID-19 is recognised without the lungs",
         ),
     }
-    return R.make_result(
+    return make_result(
         "ablation", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=ablation_flags(metrics),
         notes=[f"Lung fields: {lungs.description}."],
     )
@@ -204,4 +205,4 @@ def audit_ablation(
               "runtime": predictor.runtime.describe()}
     result = run_ablation(predictor, test.images, [str(v) for v in test.frame["label"]], lungs,
                           batch_size=batch_size, inputs=inputs)
-    return result, R.write_result(result, out_dir or R.audit_dir_for(target))
+    return result, write_result(result, out_dir or audit_dir_for(target))

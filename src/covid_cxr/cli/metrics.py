@@ -12,7 +12,7 @@ from rich.table import Table
 
 from covid_cxr.evaluate.metrics import COUNTS, RATES
 from covid_cxr.evaluate.predictions import read_predictions
-from covid_cxr.evaluate.run import write_json
+from covid_cxr.atomic import write_json
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
 
@@ -96,6 +96,6 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     print_metrics(metrics, console, title=f"({args.predictions})")
     if args.json:
-        write_json(metrics, args.json)
+        write_json(args.json, metrics)
         console.print(f"wrote {args.json}")
     return 0
