@@ -2,8 +2,8 @@
 
 Every audit writes ``<audit>.json`` (``source``, ``ablation``, ``cross_source``, ``cam``) through
 :mod:`covid_cxr.runs.results`, which owns the files and their shape. :func:`render_section` turns
-the loaded results into Markdown or HTML for the report. The section says what the figures mean and what they do not: the audits can show a shortcut; no
-audit can prove there is none.
+the loaded results into Markdown or HTML for the report. The section says what the figures mean
+and what they do not: the audits can show a shortcut; no audit can prove there is none.
 """
 
 from __future__ import annotations

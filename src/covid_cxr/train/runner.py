@@ -208,7 +208,9 @@ class Trainer:
             raise DataError(f"{self.data_root} has no {self.config.image_size} px cache; prepare it with "
                             f"--image-size {self.config.image_size}")
         if self.config.batch_size < self.dist.world_size:
-            raise ConfigError(f"batch size {self.config.batch_size} is smaller than the {self.dist.world_size} processes")
+            raise ConfigError(
+                f"batch size {self.config.batch_size} is smaller than the {self.dist.world_size} processes"
+            )
 
     def _set_global_flags(self) -> None:
         """Deterministic kernels (or cuDNN autotuning); :func:`train_fold` restores the deterministic flag."""
