@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from covid_cxr.runs.checkpoint import Checkpoint
-from covid_cxr.evaluate import write_evaluation
+from covid_cxr.evaluate.run import write_evaluation
 from covid_cxr.evaluate.predictions import validate_predictions
 from covid_cxr.inference import TorchPredictor, predict_in_batches
 from covid_cxr.labels import CLASSES

@@ -156,7 +156,7 @@ def _torch_probs(ckpt_path: Path, images: np.ndarray) -> np.ndarray:
 def test_calibrated_rule_meets_its_target_on_validation_and_is_used_on_test(calibrated: dict) -> None:
     from covid_cxr.runs.checkpoint import load_checkpoint
     from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.evaluate import evaluate_run
+    from covid_cxr.evaluate.run import evaluate_run
     from covid_cxr.evaluate.predictions import read_predictions
 
     ckpt = load_checkpoint(calibrated["run"] / "best.pt")

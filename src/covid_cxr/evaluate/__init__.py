@@ -1,11 +1,6 @@
 """Evaluation: the paper's Tables 3 and 4 with confidence intervals, ROC, calibration, reports.
 
 ``metrics`` holds pure functions; ``predictions`` reads and checks predictions files;
-``run`` evaluates a checkpoint on a prepared split; ``report`` compares folds and the paper.
+``run`` evaluates a checkpoint on a prepared split (it loads torch; the rest does not);
+``report`` compares folds and the paper.
 """
-
-from __future__ import annotations
-
-from covid_cxr.evaluate.run import EvaluationResult, evaluate_run, write_evaluation
-
-__all__ = ["EvaluationResult", "evaluate_run", "write_evaluation"]
