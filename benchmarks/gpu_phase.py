@@ -33,10 +33,10 @@ def time_network(network: str, args: argparse.Namespace) -> dict[str, Any]:
 
     from covid_cxr.config import make_config
     from covid_cxr.inference import TorchPredictor, predict_in_batches
-    from covid_cxr.runs.checkpoint import Checkpoint
     from covid_cxr.labels import CLASSES
     from covid_cxr.models import build_model
     from covid_cxr.preprocess import Preprocessing
+    from covid_cxr.runs.checkpoint import Checkpoint
     from covid_cxr.runtime import choose_runtime
     from covid_cxr.train.augment import Augmenter
     from covid_cxr.train.engine import train_one_epoch

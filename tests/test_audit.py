@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from covid_cxr.audit import results as R
-from covid_cxr.runs import results as results_io
 from covid_cxr.audit.ablation import hide
 from covid_cxr.audit.cam_stats import mass_in_lungs, run_cam_stats
 from covid_cxr.audit.lungs import LungFields, dice, estimate_lung_fields, iou, load_user_masks, mask_stem, prior_mask
 from covid_cxr.errors import DataError
+from covid_cxr.runs import results as results_io
 from covid_cxr.synth import render_chest
 
 

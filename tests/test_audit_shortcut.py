@@ -24,18 +24,18 @@ import pytest
 import torch
 
 from covid_cxr.audit import results as R
-from covid_cxr.runs import results as results_io
 from covid_cxr.audit.ablation import run_ablation
 from covid_cxr.audit.cross_source import run_cross_source
 from covid_cxr.audit.data import rows_of
-from covid_cxr.runs.resolve import training_pool
 from covid_cxr.audit.lungs import estimate_lung_fields
 from covid_cxr.audit.source import audit_source, cnn_probe_proba, train_cnn_probe
-from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs import results as results_io
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
+from covid_cxr.runs.resolve import training_pool
 from covid_cxr.synth import make_synthetic, render_chest
 
 SIZE = 72

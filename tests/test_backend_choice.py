@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from covid_cxr import runtime
-from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.deploy import backends
 from covid_cxr.deploy.backends import choose_backend, load_model, resolve_compile
 from covid_cxr.errors import ConfigError
 from covid_cxr.inference import COMPILE_MIN_IMAGES, TorchPredictor, fold_batchnorms
 from covid_cxr.models import build_model
+from covid_cxr.runs.checkpoint import load_checkpoint
 from tests.test_server import tiny_checkpoint
 
 SIZE = 71

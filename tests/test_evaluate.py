@@ -10,17 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import DataError
-from covid_cxr.evaluate.run import evaluate_run
 from covid_cxr.evaluate.predictions import COLUMNS, predictions_frame, read_predictions
+from covid_cxr.evaluate.run import evaluate_run
 from covid_cxr.inference import TorchPredictor
 from covid_cxr.labels import CLASSES, KERAS_AUTHORS_ORDER
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.synth import make_synthetic
 
 SIZE = 72

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.deploy.backends import load_model
 from covid_cxr.inference import COMPILE_MIN_IMAGES, TorchPredictor, predict_in_batches, should_compile
+from covid_cxr.runs.checkpoint import load_checkpoint
 from tests.test_server import tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # one inductor compilation of a small Xception (~1 min on 2 cores)

@@ -13,10 +13,12 @@ import torch
 import yaml
 
 from covid_cxr.audit.results import flag
-from covid_cxr.runs.results import make_result, write_result
-from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.cli import main
+from covid_cxr.deploy.server import render_card_html
+from covid_cxr.evaluate.metrics import compute_metrics
+from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.card_text import difference
+from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.runs.model_card import (
     CARD_NAME,
     build_card,
@@ -25,9 +27,7 @@ from covid_cxr.runs.model_card import (
     split_front_matter,
     write_export_card,
 )
-from covid_cxr.deploy.server import render_card_html
-from covid_cxr.evaluate.metrics import compute_metrics
-from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs.results import make_result, write_result
 
 OP = {"rule": "sensitivity", "target": 0.95, "positive_class": "covid", "threshold": 0.0731,
       "validation": {"sensitivity": 96.2, "specificity": 81.0, "images": 120}}
@@ -178,8 +178,8 @@ def test_rendered_card_escapes_html() -> None:
 def test_server_answers_the_card_as_markdown_and_html(run: Path) -> None:
     import httpx
 
-    from covid_cxr.runs.model_card import served_card
     from covid_cxr.deploy.server import create_app
+    from covid_cxr.runs.model_card import served_card
     from tests.test_server import serve
 
     class Still:

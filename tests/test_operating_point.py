@@ -146,18 +146,18 @@ def calibrated(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _torch_probs(ckpt_path: Path, images: np.ndarray) -> np.ndarray:
-    from covid_cxr.runs.checkpoint import load_checkpoint
     from covid_cxr.inference import TorchPredictor
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     return TorchPredictor(load_checkpoint(ckpt_path), device="cpu", precision="fp32").predict_proba(images)
 
 
 @pytest.mark.slow
 def test_calibrated_rule_meets_its_target_on_validation_and_is_used_on_test(calibrated: dict) -> None:
-    from covid_cxr.runs.checkpoint import load_checkpoint
     from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.evaluate.run import evaluate_run
     from covid_cxr.evaluate.predictions import read_predictions
+    from covid_cxr.evaluate.run import evaluate_run
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(calibrated["run"] / "best.pt")
     op = OperatingPoint.from_dict(ckpt.operating_point)
@@ -189,11 +189,11 @@ def test_predict_serve_and_onnx_give_the_same_thresholded_answers(calibrated: di
     import pandas as pd
     from fastapi.testclient import TestClient
 
-    from covid_cxr.runs.checkpoint import load_checkpoint
     from covid_cxr.cli import main
     from covid_cxr.data.images import load_image
     from covid_cxr.deploy.backends import load_model
     from covid_cxr.deploy.server import create_app
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     ckpt_path = calibrated["run"] / "best.pt"
     ckpt = load_checkpoint(ckpt_path)
@@ -238,8 +238,8 @@ def test_predict_serve_and_onnx_give_the_same_thresholded_answers(calibrated: di
 
 @pytest.mark.slow
 def test_evaluate_option_and_calibrate_copies_leave_the_run_alone(calibrated: dict, tmp_path: Path, capsys) -> None:
-    from covid_cxr.runs.checkpoint import load_checkpoint
     from covid_cxr.cli import main
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     run = calibrated["run"]
     stored = load_checkpoint(run / "best.pt").operating_point

@@ -249,8 +249,8 @@ def test_full_8bit_weights_fail_the_property(tiny: Path, tmp_path: Path) -> None
 
 def test_real_concat_network_cannot_saturate(tmp_path: Path) -> None:
     """The concatenated Xception + ResNet50V2, exported and quantized as ``export --int8`` does (at 71 px)."""
-    from covid_cxr.runs.checkpoint import load_checkpoint
     from covid_cxr.deploy.onnx import export_onnx
+    from covid_cxr.runs.checkpoint import load_checkpoint
     from tests.test_server import tiny_checkpoint
 
     size = 71

@@ -23,13 +23,13 @@ import pytest
 import torch
 import uvicorn
 
-from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.data.images import load_image
 from covid_cxr.deploy.backends import load_model
 from covid_cxr.deploy.server import ServerLimits, create_app
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing, to_model_input
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.synth.dicom import write_dicom
 
 SIZE = 71

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.cli import main as cli_main
 from covid_cxr.config import load_config, make_config
 from covid_cxr.errors import ConfigError, DataError
+from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.train.run_log import LOG_COLUMNS
 from covid_cxr.train.runner import ids_sha1, train_fold
 

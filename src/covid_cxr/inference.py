@@ -15,8 +15,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.preprocess import Preprocessing, to_model_input
+from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.runtime import Runtime, choose_runtime
 
 

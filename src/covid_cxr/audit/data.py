@@ -13,6 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covid_cxr.audit.lungs import LungFields, estimate_lung_fields, load_user_masks
+from covid_cxr.data.prepared import ImageCache, PreparedData
+from covid_cxr.errors import CheckpointError
+from covid_cxr.runs import resolve
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
+from covid_cxr.runs.folder import RunInfo
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train (and evaluate) each fold in turn, then report over them."""
-    from covid_cxr.evaluate.run import evaluate_run  # the library is loaded by the verb, not by --help
     from covid_cxr.evaluate.report import write_report
+    from covid_cxr.evaluate.run import evaluate_run  # the library is loaded by the verb, not by --help
     from covid_cxr.train.runner import train_fold
 
     folds = parse_folds(args.folds)

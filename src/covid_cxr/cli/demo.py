@@ -58,8 +58,8 @@ def run_demo(out: Path, *, small: bool = False, seed: int = 0, device: str = "au
     this machine is projected to finish, demo included, in ``minutes``.
     """
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
-    from covid_cxr.evaluate.run import evaluate_run
     from covid_cxr.evaluate.report import write_report
+    from covid_cxr.evaluate.run import evaluate_run
     from covid_cxr.synth import make_synthetic
     from covid_cxr.train.runner import train_fold
 

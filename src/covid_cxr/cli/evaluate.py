@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 from typing import Any
 
 from rich.console import Console
@@ -19,9 +18,9 @@ from covid_cxr.cli.metrics import add_metric_options, check_metric_options, prin
 from covid_cxr.deploy.backends import BACKENDS
 from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, parse_prevalences
 from covid_cxr.evaluate.run import EvaluationResult, evaluate_run
-from covid_cxr.runs.folder import SPLITS
-from covid_cxr.operating_point import FORMS, OperatingPoint
 from covid_cxr.inference import COMPILE_CHOICES, COMPILE_MIN_IMAGES
+from covid_cxr.operating_point import FORMS, OperatingPoint
+from covid_cxr.runs.folder import SPLITS
 from covid_cxr.runtime import PRECISIONS
 
 

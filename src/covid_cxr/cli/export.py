@@ -19,10 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.deploy.onnx import DEFAULT_OPSET, OnnxPredictor, export_onnx, file_sha256
 from covid_cxr.deploy.quantize import DEFAULT_FORMAT, QUANT_FORMATS
 from covid_cxr.errors import ConfigError, DataError
+from covid_cxr.runs.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:  # onnx and the data area load only with --int8
     from covid_cxr.deploy.calibration import CalibrationSet

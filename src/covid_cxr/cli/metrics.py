@@ -10,9 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from covid_cxr.atomic import write_json
 from covid_cxr.evaluate.metrics import COUNTS, RATES
 from covid_cxr.evaluate.predictions import read_predictions
-from covid_cxr.atomic import write_json
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
 

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from covid_cxr.deploy.backends import BACKENDS, load_model
-from covid_cxr.runs.model_card import served_card
 from covid_cxr.deploy.saturation import print_int8_record
 from covid_cxr.deploy.server import ServerLimits, create_app
 from covid_cxr.operating_point import OperatingPoint
+from covid_cxr.runs.model_card import served_card
 from covid_cxr.runtime import PRECISIONS
 
 

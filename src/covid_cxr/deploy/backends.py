@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.deploy.onnx import OnnxPredictor, export_onnx_bytes, file_sha256
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.gradcam import GradCam
 from covid_cxr.inference import Predictor, TorchPredictor, should_compile
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.runtime import choose_runtime
 
 BACKENDS = ("auto", "torch", "onnx")

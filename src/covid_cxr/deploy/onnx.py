@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from covid_cxr import __version__
-from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.deploy.graph import fold_pads_into_pools
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference import check_batch
 from covid_cxr.labels import check_classes
 from covid_cxr.perf import apply_speed_settings
 from covid_cxr.preprocess import Preprocessing, to_model_input
+from covid_cxr.runs.checkpoint import Checkpoint
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the lowest opset the torch.export-based exporter writes without a lossy conversion

@@ -24,7 +24,7 @@ import pandas as pd
 from covid_cxr.atomic import write_json
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
-from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, COUNTS, RATES, table3_row, table4_row
+from covid_cxr.evaluate.metrics import COUNTS, DEFAULT_PREVALENCES, RATES, table3_row, table4_row
 from covid_cxr.evaluate.paper import paper_average, paper_network_name
 from covid_cxr.evaluate.predictions import Predictions, read_predictions, validate_predictions
 from covid_cxr.evaluate.run import roc_marks

@@ -24,7 +24,7 @@ from torch import nn
 
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.labels import CLASSES, KERAS_AUTHORS_ORDER, check_classes
-from covid_cxr.models.concat import BACKBONES, HEAD_CHANNELS, CxrNet
+from covid_cxr.models.concat import BACKBONES, HEAD_CHANNELS
 from covid_cxr.models.keras_reader import KerasLayer, KerasWeights, read_keras_weights
 from covid_cxr.models.layers import SeparableConv2d
 from covid_cxr.models.registry import backbones_of, build_model, list_models

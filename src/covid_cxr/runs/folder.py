@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from covid_cxr.atomic import read_json_object, write_json
-from covid_cxr.errors import DataError
 
 RUN_FILE = "run.json"
 BEST = "best.pt"

@@ -37,6 +37,7 @@ from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.runs.evaluations import evaluations
 from covid_cxr.runs.folder import CARD_NAME, RunFolder, RunInfo
 from covid_cxr.runs.results import load_results
+
 BASE_MODELS = {
     "concat": ["keras.applications.Xception (ImageNet)", "keras.applications.ResNet50V2 (ImageNet)"],
     "xception": ["keras.applications.Xception (ImageNet)"],
