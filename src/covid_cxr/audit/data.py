@@ -15,7 +15,6 @@ import pandas as pd
 
 from covid_cxr.audit.lungs import LungFields, estimate_lung_fields, load_user_masks
 from covid_cxr.data.prepared import ImageCache, PreparedData
-from covid_cxr.errors import CheckpointError
 from covid_cxr.runs import resolve
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.runs.folder import RunInfo
@@ -46,23 +45,12 @@ def resolve_target(target: Path, data: Path | None, fold: int | None) -> AuditTa
     return AuditTarget(load_checkpoint(t.checkpoint), t.checkpoint, t.data, t.fold, t.run)
 
 
-def check_classes_match(ckpt: Checkpoint, labels: pd.Series | list[str], where: Path) -> None:
-    """Refuse a checkpoint whose output classes do not cover the data's labels."""
-    unknown = sorted(set(labels) - set(ckpt.classes))
-    if unknown:
-        raise CheckpointError(
-            f"{where}: the checkpoint's classes are {', '.join(ckpt.classes)} but the data has labels "
-            f"{', '.join(unknown)}; audit it with data of the classes it was trained on"
-        )
-
-
 def split_images(prepared: PreparedData, target: AuditTarget, split: str = "test") -> SplitImages:
     """The fold's ``split`` table and its images at the checkpoint's input size, after every check."""
-    where = target.checkpoint_path
-    frame, _split_hash = resolve.load_split(prepared, target.fold, split, target.run, where)
-    check_classes_match(target.checkpoint, frame["label"], where)
-    cache = resolve.cache_for(prepared, target.checkpoint.preprocessing.image_size, target.data)
-    return SplitImages(frame=frame, images=rows_of(cache, frame["image_id"]))
+    # The audits read the prepared (area-resized) images, as they decode unseen sources (cross-source).
+    opened = resolve.open_split(prepared, target.fold, split, target.run, target.checkpoint, target.checkpoint_path,
+                                resize="area")
+    return SplitImages(frame=opened.frame, images=rows_of(opened.cache, opened.frame["image_id"]))
 
 
 def load_test_images_and_lungs(

@@ -27,7 +27,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from covid_cxr.atomic import file_sha256, write_json
 from covid_cxr.data.prepared import ImageCache, PreparedData
-from covid_cxr.errors import CheckpointError
 from covid_cxr.evaluate import plots
 from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, decision_summary, table3_row, table4_row
 from covid_cxr.evaluate.predictions import Predictions, predictions_frame, validate_predictions, write_predictions
@@ -35,7 +34,7 @@ from covid_cxr.inference import Predictor, predict_in_batches
 from covid_cxr.labels import CLASSES, normalize_label
 from covid_cxr.operating_point import OperatingPoint, choose_from_probs, parse_rule
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from covid_cxr.runs.resolve import Target, cache_for, load_split, resolve_target
+from covid_cxr.runs.resolve import Target, load_split, open_split, resolve_target
 
 
 @dataclass
@@ -157,20 +156,12 @@ def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir
 def _split_probs(m: _Model, split: str, *, batch_size: int, progress: bool, where: Path
                  ) -> tuple[pd.DataFrame, str, np.ndarray, float]:
     """One split's table, split hash, probabilities (model's class order) and seconds."""
-    frame, split_hash = load_split(m.prepared, m.target.fold, split, m.target.run, where)
-    uncovered = set(frame["label"]) - set(m.ckpt.classes)
-    if uncovered:
-        raise CheckpointError(
-            f"{m.target.checkpoint}: predicts {', '.join(m.ckpt.classes)} but the {split} set holds "
-            f"{', '.join(sorted(uncovered))}; evaluate it on data of its own classes"
-        )
-    cache = cache_for(m.prepared, m.ckpt.preprocessing.image_size, m.target.checkpoint, m.ckpt.preprocessing.resize,
-                      progress=progress)
-    m.cache = cache
-    rows = np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64)
-    probs, seconds = predict_rows(m.predictor, cache.images, rows, batch_size=batch_size, progress=progress,
+    opened = open_split(m.prepared, m.target.fold, split, m.target.run, m.ckpt, where, progress=progress)
+    m.cache = opened.cache
+    rows = np.asarray(opened.cache.rows(opened.frame["image_id"].to_numpy()), dtype=np.int64)
+    probs, seconds = predict_rows(m.predictor, opened.cache.images, rows, batch_size=batch_size, progress=progress,
                                   description=f"{m.ckpt.network} fold {m.target.fold} {split}")
-    return frame, split_hash, probs, seconds
+    return opened.frame, opened.split_hash, probs, seconds
 
 
 def choose_on_validation(m: _Model, rule: str, *, batch_size: int, progress: bool, where: Path) -> OperatingPoint:

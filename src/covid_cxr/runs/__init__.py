@@ -4,5 +4,6 @@
 run folder; ``RunInfo``: what ``run.json`` holds), :mod:`.resolve` (a run folder or checkpoint ->
 checkpoint, prepared data, fold, split and image cache, checked once), :mod:`.results` (audit
 result files), :mod:`.evaluations` (the evaluation folders a run holds), :mod:`.model_card`
-(``MODEL_CARD.md``), :mod:`.keras_import` (Keras files -> checkpoint).
+and :mod:`.card_text` (``MODEL_CARD.md``), :mod:`.keras_import` (Keras files -> checkpoint). Everything
+that reads or writes a run folder goes through here; files are written by :mod:`covid_cxr.atomic`.
 """

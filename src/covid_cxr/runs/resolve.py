@@ -17,6 +17,7 @@ import pandas as pd
 from covid_cxr.data.cache import cache_dirname, cache_key, cache_matches, ensure_cache
 from covid_cxr.data.prepared import FoldSplits, ImageCache, PreparedData
 from covid_cxr.errors import CheckpointError, DataError
+from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.runs.folder import SPLITS, RunFolder, RunInfo
 
 
@@ -90,6 +91,33 @@ def load_split(prepared: PreparedData, fold: int, split: str, run: RunInfo | Non
     if frame is None or len(frame) == 0:
         raise DataError(f"{where}: fold {fold} of {prepared.root} has no {split} images")
     return frame.reset_index(drop=True), splits.split_hash
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of a fold, checked for a checkpoint, and the image cache its images are read from."""
+
+    frame: pd.DataFrame
+    split_hash: str
+    cache: ImageCache
+
+
+def open_split(prepared: PreparedData, fold: int, split: str, run: RunInfo | None, ckpt: Checkpoint, where: Path, *,
+               resize: str | None = None, progress: bool = True) -> Split:  # fmt: skip
+    """The fold's ``split`` for ``ckpt``: the run's own splits, classes it predicts, a cache at its input size.
+
+    The cache is resized by ``resize`` (default: the checkpoint's own method).
+    """
+    frame, split_hash = load_split(prepared, fold, split, run, where)
+    uncovered = set(frame["label"]) - set(ckpt.classes)
+    if uncovered:
+        raise CheckpointError(
+            f"{where}: predicts {', '.join(ckpt.classes)} but the {split} set holds {', '.join(sorted(uncovered))}; "
+            "evaluate or audit it with data of the classes it was trained on"
+        )
+    pre = ckpt.preprocessing
+    cache = cache_for(prepared, pre.image_size, where, resize or pre.resize, progress=progress)
+    return Split(frame, split_hash, cache)
 
 
 def training_pool(prepared: PreparedData, fold: int) -> pd.DataFrame:
