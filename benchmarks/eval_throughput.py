@@ -25,14 +25,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from covid_cxr.checkpoint import Checkpoint
-from covid_cxr.evaluate import write_evaluation
 from covid_cxr.evaluate.predictions import validate_predictions
+from covid_cxr.evaluate.run import write_evaluation
 from covid_cxr.inference.protocol import predict_in_batches
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs.checkpoint import Checkpoint
 
 PAPER_TEST_IMAGES = 11302  # 31 COVID-19, 4420 pneumonia, 6851 normal (SPEC section 2)
 

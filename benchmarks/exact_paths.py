@@ -44,9 +44,9 @@ PATHS: dict[str, dict[str, Any]] = {
 
 
 def _predictor(name: str, checkpoint: Path, onnx: Path) -> Any:
-    from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.inference.onnx_model import OnnxPredictor
     from covid_cxr.inference.torch_model import TorchPredictor
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     spec = PATHS[name]
     if spec["backend"] == "onnx":
@@ -78,8 +78,8 @@ def worker(args: argparse.Namespace) -> None:
 def _prepare(out: Path, image_size: int) -> tuple[Path, Path, Path, dict[str, float]]:
     """A stand-in checkpoint (fitted BatchNorm statistics, so outputs vary with the image), its ONNX export, images."""
     from benchmarks.reference import _fit_stand_in, synthetic_chests
-    from covid_cxr.checkpoint import load_checkpoint, save_checkpoint
     from covid_cxr.inference.onnx_model import OnnxPredictor, export_onnx_bytes
+    from covid_cxr.runs.checkpoint import load_checkpoint, save_checkpoint
 
     seconds: dict[str, float] = {}
     fit, labels = synthetic_chests(4, image_size, 0)

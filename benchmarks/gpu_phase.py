@@ -31,13 +31,13 @@ def time_network(network: str, args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from covid_cxr.checkpoint import Checkpoint
     from covid_cxr.config import make_config
     from covid_cxr.inference.protocol import predict_in_batches
     from covid_cxr.inference.torch_model import TorchPredictor
     from covid_cxr.labels import CLASSES
     from covid_cxr.models import build_model
     from covid_cxr.preprocess import Preprocessing
+    from covid_cxr.runs.checkpoint import Checkpoint
     from covid_cxr.runtime import choose_runtime
     from covid_cxr.train.augment import Augmenter
     from covid_cxr.train.engine import train_one_epoch

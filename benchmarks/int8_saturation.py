@@ -50,9 +50,9 @@ def _quantize_both(fp32: Path, folder: Path, calibration: np.ndarray) -> dict[st
 
 def run_checkpoint(checkpoint: Path, check_count: int) -> tuple[Any, Any]:
     """The checkpoint and its calibration and validation images, chosen as ``export --int8`` chooses them."""
-    from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.cli.export import CALIBRATION_COUNT
     from covid_cxr.deploy.calibration import read_run, run_images
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     run = read_run(checkpoint)
@@ -95,11 +95,11 @@ def speed(folder: Path, size: int, reps: int) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    from covid_cxr.checkpoint import Checkpoint
     from covid_cxr.deploy.onnx import export_onnx
     from covid_cxr.labels import CLASSES
     from covid_cxr.models.registry import build_model
     from covid_cxr.preprocess import Preprocessing, to_model_input
+    from covid_cxr.runs.checkpoint import Checkpoint
 
     torch.manual_seed(0)
     pre = Preprocessing(size, "symmetric")

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covid_cxr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from covid_cxr.labels import CLASSES
 from covid_cxr.preprocess import Preprocessing, to_model_input
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 
 @dataclass(frozen=True)

@@ -45,10 +45,10 @@ def free_port() -> int:
 def random_checkpoint(folder: Path, network: str, image_size: int) -> Path:
     import torch
 
-    from covid_cxr.checkpoint import Checkpoint, save_checkpoint
     from covid_cxr.labels import CLASSES
     from covid_cxr.models import build_model
     from covid_cxr.preprocess import Preprocessing
+    from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model(network, image_size=image_size)

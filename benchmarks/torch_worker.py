@@ -44,8 +44,8 @@ def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
     if config in TORCH_CONFIGS:
         import torch
 
-        from covid_cxr.checkpoint import load_checkpoint
         from covid_cxr.inference.torch_model import TorchPredictor
+        from covid_cxr.runs.checkpoint import load_checkpoint
 
         spec = TORCH_CONFIGS[config]
         predictor = TorchPredictor(
@@ -105,8 +105,8 @@ def run_infer(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> None:
     import torch
 
-    from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.config import make_config
+    from covid_cxr.runs.checkpoint import load_checkpoint
     from covid_cxr.runtime import choose_runtime
     from covid_cxr.train.augment import Augmenter
     from covid_cxr.train.engine import train_one_epoch

@@ -12,8 +12,17 @@ import pytest
 from covid_cxr.audit import results as R
 from covid_cxr.audit.ablation import hide
 from covid_cxr.audit.cam_stats import mass_in_lungs, run_cam_stats
-from covid_cxr.audit.lungs import LungFields, dice, estimate_lung_fields, iou, load_user_masks, mask_stem, prior_mask
+from covid_cxr.audit.lungs import (
+    LungFields,
+    dice,
+    estimate_lung_fields,
+    iou,
+    load_user_masks,
+    mask_stem,
+    prior_mask,
+)
 from covid_cxr.errors import DataError
+from covid_cxr.runs import results as results_io
 from covid_cxr.synth import render_chest
 
 
@@ -103,16 +112,16 @@ def test_cam_mass_share_and_flag() -> None:
 
 def test_results_round_trip_and_section(tmp_path) -> None:
     iv = {"value": 0.99, "low": 0.95, "high": 1.0, "n": 40, "method": "wilson"}
-    source = R.make_result(
+    source = results_io.make_result(
         "source", inputs={}, thresholds={},
         metrics={"mode": "cnn", "sources": ["a", "b"], "overall": {"n": 40, "accuracy": iv, "balanced_accuracy": 0.99,
                                                                     "auc": {**iv, "value": float("nan")}},
                  "within_class": {}, "confounded_classes": {"covid": "a"}},
         flags=[R.flag("source-predictable", "source predictable <b>")],
     )
-    path = R.write_result(source, tmp_path / "run" / "audit")
+    path = results_io.write_result(source, tmp_path / "run" / "audit")
     assert json.loads(path.read_text())["metrics"]["overall"]["auc"]["value"] is None  # NaN -> null
-    loaded = R.load_results(tmp_path / "run")
+    loaded = results_io.load_results(tmp_path / "run")
     assert loaded is not None and set(loaded) == {"source"}
     html = R.render_section(loaded, "html")
     md = R.render_section(loaded, "markdown")
@@ -121,17 +130,17 @@ def test_results_round_trip_and_section(tmp_path) -> None:
     assert "not proof" in md and "does not prove the absence of shortcuts" in md
     empty = R.render_section(None, "markdown")
     assert "No audit was run" in empty and "not proof" in empty
-    assert R.load_results(tmp_path / "nothing-here") is None
+    assert results_io.load_results(tmp_path / "nothing-here") is None
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "cam.json").write_text("{")
     with pytest.raises(DataError, match="not valid JSON"):
-        R.load_results(tmp_path / "bad")
+        results_io.load_results(tmp_path / "bad")
 
 
 def test_report_hook_renders_the_section() -> None:
     from covid_cxr.report.report import render_audit_section
 
-    cross = R.make_result(
+    cross = results_io.make_result(
         "cross_source", inputs={}, thresholds={}, flags=[],
         metrics={"class": "covid", "source": "hospital-b", "difference": 0.1,
                  "in_source": {"sources": ["covid-chestxray"], "n": 30,
@@ -223,7 +232,12 @@ def test_crossfit_parts_keep_each_patient_on_one_side() -> None:
 
 def test_stats_probe_sees_post_processing_and_not_a_random_split() -> None:
     """Sharpened vs plain renderings of the same anatomy: found; two halves of one collection: not."""
-    from covid_cxr.audit.probes import crossfit, crossfit_parts, image_statistics, stats_probe
+    from covid_cxr.audit.probes import (
+        crossfit,
+        crossfit_parts,
+        image_statistics,
+        stats_probe,
+    )
     from covid_cxr.audit.source_findings import source_metrics
 
     rng = np.random.default_rng(3)

@@ -26,14 +26,16 @@ import torch
 from covid_cxr.audit import results as R
 from covid_cxr.audit.ablation import run_ablation
 from covid_cxr.audit.cross_source import run_cross_source
-from covid_cxr.audit.data import rows_of, training_pool
+from covid_cxr.audit.data import rows_of
 from covid_cxr.audit.lungs import estimate_lung_fields
 from covid_cxr.audit.source import audit_source, cnn_probe_proba, train_cnn_probe
-from covid_cxr.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs import results as results_io
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
+from covid_cxr.runs.resolve import training_pool
 from covid_cxr.synth import make_synthetic, render_chest
 
 SIZE = 72
@@ -92,8 +94,8 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         covid = test["label"] == "covid"
         cross = run_cross_source(predictor, test_images[covid.to_numpy()], list(test["source"][covid]), other,
                                  source="other-hospital", cls="covid")
-        R.write_result(ablation, root / "audit")
-        R.write_result(cross, root / "audit")
+        results_io.write_result(ablation, root / "audit")
+        results_io.write_result(cross, root / "audit")
         found[name] = {"source": source, "ablation": ablation, "cross_source": cross, "root": root, "data": data}
     return found
 
@@ -161,8 +163,8 @@ def test_cross_source_recall_drops_only_with_the_shortcut(audited: dict) -> None
 
 
 def test_report_section_flags_the_shortcut(audited: dict) -> None:
-    marked = R.render_section(R.load_results(audited["marked"]["root"]), "html")
-    clean = R.render_section(R.load_results(audited["clean"]["root"]), "markdown")
+    marked = R.render_section(results_io.load_results(audited["marked"]["root"]), "html")
+    clean = R.render_section(results_io.load_results(audited["clean"]["root"]), "markdown")
     assert "Warning:" in marked and "The source is predictable from the image" in marked
     assert "COVID-19 is still recognised with the lungs hidden" in marked
     assert "Class and source are confounded" in clean  # the data's confound, whatever the model learned

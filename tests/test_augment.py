@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from covid_cxr.config import AugmentSettings
-from covid_cxr.train.augment import AffineParams, Augmenter, grid_matrices, pixel_matrices, sample_params, warp
+from covid_cxr.train.augment import (
+    AffineParams,
+    Augmenter,
+    grid_matrices,
+    pixel_matrices,
+    sample_params,
+    warp,
+)
 
 PAPER = AugmentSettings()
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from covid_cxr import runtime
-from covid_cxr.checkpoint import load_checkpoint
 from covid_cxr.choices import COMPILE_MIN_IMAGES
 from covid_cxr.errors import ConfigError
 from covid_cxr.inference import backends
 from covid_cxr.inference.backends import choose_backend, load_model, resolve_compile
 from covid_cxr.inference.torch_model import TorchPredictor, fold_batchnorms
 from covid_cxr.models import build_model
+from covid_cxr.runs.checkpoint import load_checkpoint
 from tests.test_server import tiny_checkpoint
 
 SIZE = 71

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from covid_cxr.config import PAPER_BATCH_SIZES, AugmentSettings, TrainConfig, dump_config, load_config, make_config
+from covid_cxr.config import (
+    PAPER_BATCH_SIZES,
+    AugmentSettings,
+    TrainConfig,
+    dump_config,
+    load_config,
+    make_config,
+)
 from covid_cxr.errors import ConfigError
 
 

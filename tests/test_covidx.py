@@ -11,9 +11,14 @@ import pandas as pd
 import pytest
 
 from covid_cxr.cli import main
-from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+from covid_cxr.data.prepare import PrepareSettings
 from covid_cxr.data.prepared import PreparedData
-from covid_cxr.data.sources.covidx import PUBLISHED, covidx_plan, published_rows, read_covidx
+from covid_cxr.data.sources.covidx import (
+    PUBLISHED,
+    covidx_plan,
+    published_rows,
+    read_covidx,
+)
 from covid_cxr.data.splits import SplitSettings
 from covid_cxr.errors import ConfigError, DataError
 

@@ -7,7 +7,14 @@ import argparse
 import pytest
 
 from covid_cxr.cli.demo import parse_plan
-from covid_cxr.cli.demo_budget import PLANS, DemoPlan, SplitSizes, StepCost, choose_plan, projected_seconds
+from covid_cxr.cli.demo_budget import (
+    PLANS,
+    DemoPlan,
+    SplitSizes,
+    StepCost,
+    choose_plan,
+    projected_seconds,
+)
 from covid_cxr.runtime import choose_runtime
 
 SIZES = SplitSizes(phase_images=(176,) * 8, val_images=80, test_images=1175)  # the default demo's fold 1

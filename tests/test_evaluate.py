@@ -10,17 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_cxr.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import DataError
-from covid_cxr.evaluate import evaluate_run
 from covid_cxr.evaluate.predictions import COLUMNS, predictions_frame, read_predictions
+from covid_cxr.evaluate.run import evaluate_run
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES, KERAS_AUTHORS_ORDER
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.synth import make_synthetic
 
 SIZE = 72
@@ -86,7 +86,7 @@ def test_evaluate_a_run_folder_writes_every_file(data: Path, tmp_path: Path) -> 
 
 
 def _load(path: Path) -> Checkpoint:
-    from covid_cxr.checkpoint import load_checkpoint
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     return load_checkpoint(path)
 
@@ -107,7 +107,7 @@ def test_evaluate_refuses_what_it_cannot_evaluate(data: Path, tmp_path: Path) ->
         evaluate_run(ckpt, data=data)
     with pytest.raises(DataError, match="--data"):
         evaluate_run(ckpt, fold=1)
-    with pytest.raises(DataError, match="folds 1..2"):
+    with pytest.raises(DataError, match="folds 1-2"):
         evaluate_run(ckpt, data=data, fold=3)
     with pytest.raises(DataError, match="split"):
         evaluate_run(ckpt, data=data, fold=1, split="train")

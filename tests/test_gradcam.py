@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from covid_cxr.checkpoint import load_checkpoint
 from covid_cxr.errors import ConfigError
 from covid_cxr.gradcam import COMBINED, GradCam, overlay
 from covid_cxr.preprocess import to_model_input
+from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.synth import render_chest
 from tests.test_server import tiny_checkpoint
 

@@ -14,7 +14,14 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from covid_cxr.data.images import MAX_PIXELS, RESIZE_METHODS, decode_image, is_dicom, load_image, resize_gray
+from covid_cxr.data.images import (
+    MAX_PIXELS,
+    RESIZE_METHODS,
+    decode_image,
+    is_dicom,
+    load_image,
+    resize_gray,
+)
 from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.preprocess import Preprocessing
 from covid_cxr.synth.dicom import write_dicom

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from covid_cxr.checkpoint import load_checkpoint
 from covid_cxr.choices import COMPILE_MIN_IMAGES
 from covid_cxr.inference.backends import load_model
 from covid_cxr.inference.protocol import predict_in_batches
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
+from covid_cxr.runs.checkpoint import load_checkpoint
 from tests.test_server import tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # one inductor compilation of a small Xception (~1 min on 2 cores)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from covid_cxr.checkpoint import load_checkpoint
 from covid_cxr.cli import main as cli_main
 from covid_cxr.errors import CheckpointError
 from covid_cxr.labels import KERAS_AUTHORS_ORDER
 from covid_cxr.models import build_model
-from covid_cxr.models.keras_import import import_keras
 from covid_cxr.models.pretrained import load_imagenet_weights
+from covid_cxr.runs.checkpoint import load_checkpoint
+from covid_cxr.runs.keras_import import import_keras
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")

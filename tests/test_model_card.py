@@ -12,11 +12,14 @@ import pytest
 import torch
 import yaml
 
-from covid_cxr.audit.results import flag, make_result, write_result
-from covid_cxr.checkpoint import Checkpoint
+from covid_cxr.audit.results import flag
 from covid_cxr.cli import main
-from covid_cxr.deploy.card_text import difference
-from covid_cxr.deploy.model_card import (
+from covid_cxr.deploy.server import render_card_html
+from covid_cxr.evaluate.metrics import compute_metrics
+from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs.card_text import difference
+from covid_cxr.runs.checkpoint import Checkpoint
+from covid_cxr.runs.model_card import (
     CARD_NAME,
     build_card,
     facts_from_checkpoint,
@@ -24,9 +27,7 @@ from covid_cxr.deploy.model_card import (
     split_front_matter,
     write_export_card,
 )
-from covid_cxr.deploy.server import render_card_html
-from covid_cxr.evaluate.metrics import compute_metrics
-from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs.results import make_result, write_result
 
 OP = {"rule": "sensitivity", "target": 0.95, "positive_class": "covid", "threshold": 0.0731,
       "validation": {"sensitivity": 96.2, "specificity": 81.0, "images": 120}}
@@ -177,8 +178,8 @@ def test_rendered_card_escapes_html() -> None:
 def test_server_answers_the_card_as_markdown_and_html(run: Path) -> None:
     import httpx
 
-    from covid_cxr.deploy.model_card import served_card
     from covid_cxr.deploy.server import create_app
+    from covid_cxr.runs.model_card import served_card
     from tests.test_server import serve
 
     class Still:
@@ -204,8 +205,8 @@ def test_server_answers_the_card_as_markdown_and_html(run: Path) -> None:
 @pytest.mark.slow
 def test_export_writes_the_card_beside_the_model_and_serve_finds_it(tmp_path: Path) -> None:
     """``covid-cxr export`` (as the demo calls it) leaves MODEL_CARD.md beside the ONNX file, naming its hash."""
-    from covid_cxr.deploy.model_card import served_card
     from covid_cxr.inference.backends import load_model
+    from covid_cxr.runs.model_card import served_card
     from tests.test_server import tiny_checkpoint
 
     run_dir = tmp_path / "runs" / "xception-fold1"

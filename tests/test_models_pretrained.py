@@ -10,7 +10,13 @@ import pytest
 
 from covid_cxr.errors import CheckpointError
 from covid_cxr.models import build_model
-from covid_cxr.models.pretrained import IMAGENET_WEIGHTS, WeightsFile, default_cache_dir, fetch_weights, load_imagenet_weights
+from covid_cxr.models.pretrained import (
+    IMAGENET_WEIGHTS,
+    WeightsFile,
+    default_cache_dir,
+    fetch_weights,
+    load_imagenet_weights,
+)
 
 
 def _entry(tmp_path: Path, payload: bytes, *, sha256: str | None = None) -> WeightsFile:

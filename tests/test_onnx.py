@@ -8,14 +8,15 @@ import numpy as np
 import onnx
 import pytest
 
-from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.atomic import file_sha256
 from covid_cxr.cli import main
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference.backends import load_model
-from covid_cxr.inference.onnx_model import META_PREFIX, OnnxPredictor, file_sha256
+from covid_cxr.inference.onnx_model import META_PREFIX, OnnxPredictor
 from covid_cxr.inference.protocol import predict_in_batches
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import KERAS_AUTHORS_ORDER
+from covid_cxr.runs.checkpoint import load_checkpoint
 from tests.test_server import tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # one torch.export-based export, shared by the module

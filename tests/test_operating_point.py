@@ -16,7 +16,12 @@ from scipy.stats import norm
 
 from covid_cxr.errors import ConfigError
 from covid_cxr.evaluate.metrics import binary_figures, confusion_matrix
-from covid_cxr.operating_point import OperatingPoint, choose, choose_from_probs, parse_rule
+from covid_cxr.operating_point import (
+    OperatingPoint,
+    choose,
+    choose_from_probs,
+    parse_rule,
+)
 from covid_cxr.stats import Proportion, wilson_interval
 from tests.test_evaluate import SIZE, data  # noqa: F401 - the prepared synthetic set (72 px), shared
 
@@ -147,18 +152,18 @@ def calibrated(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _torch_probs(ckpt_path: Path, images: np.ndarray) -> np.ndarray:
-    from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.inference.torch_model import TorchPredictor
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     return TorchPredictor(load_checkpoint(ckpt_path), device="cpu", precision="fp32").predict_proba(images)
 
 
 @pytest.mark.slow
 def test_calibrated_rule_meets_its_target_on_validation_and_is_used_on_test(calibrated: dict) -> None:
-    from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.evaluate import evaluate_run
     from covid_cxr.evaluate.predictions import read_predictions
+    from covid_cxr.evaluate.run import evaluate_run
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(calibrated["run"] / "best.pt")
     op = OperatingPoint.from_dict(ckpt.operating_point)
@@ -190,11 +195,11 @@ def test_predict_serve_and_onnx_give_the_same_thresholded_answers(calibrated: di
     import pandas as pd
     from fastapi.testclient import TestClient
 
-    from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.cli import main
     from covid_cxr.data.images import load_image
     from covid_cxr.deploy.server import create_app
     from covid_cxr.inference.backends import load_model
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     ckpt_path = calibrated["run"] / "best.pt"
     ckpt = load_checkpoint(ckpt_path)
@@ -239,8 +244,8 @@ def test_predict_serve_and_onnx_give_the_same_thresholded_answers(calibrated: di
 
 @pytest.mark.slow
 def test_evaluate_option_and_calibrate_copies_leave_the_run_alone(calibrated: dict, tmp_path: Path, capsys) -> None:
-    from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.cli import main
+    from covid_cxr.runs.checkpoint import load_checkpoint
 
     run = calibrated["run"]
     stored = load_checkpoint(run / "best.pt").operating_point

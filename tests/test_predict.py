@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covid_cxr.checkpoint import load_checkpoint, save_checkpoint
 from covid_cxr.cli import main
 from covid_cxr.data.images import load_image
 from covid_cxr.inference.inputs import expand_inputs
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES
+from covid_cxr.runs.checkpoint import load_checkpoint, save_checkpoint
 from covid_cxr.synth import render_chest
 from covid_cxr.synth.dicom import write_dicom
 from tests.test_images import write_raw_dicom

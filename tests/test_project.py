@@ -10,10 +10,15 @@ import pytest
 import torch
 
 from covid_cxr import __version__
-from covid_cxr.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from covid_cxr.errors import CheckpointError, ConfigError
-from covid_cxr.labels import CLASSES, check_classes, covid_chestxray_class, normalize_label
+from covid_cxr.labels import (
+    CLASSES,
+    check_classes,
+    covid_chestxray_class,
+    normalize_label,
+)
 from covid_cxr.preprocess import Preprocessing, to_model_input
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from tests.conftest import REPO
 
 

@@ -18,7 +18,12 @@ pytest.importorskip("onnxruntime.quantization")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from covid_cxr.deploy.quantize import META_KEY, quantize_onnx  # noqa: E402
-from covid_cxr.deploy.saturation import INT16_MAX, int8_record_lines, pair_sum_bound, saturating_products  # noqa: E402
+from covid_cxr.deploy.saturation import (  # noqa: E402
+    INT16_MAX,
+    int8_record_lines,
+    pair_sum_bound,
+    saturating_products,
+)
 from covid_cxr.errors import CheckpointError, ConfigError  # noqa: E402
 from covid_cxr.inference.onnx_model import FORMAT, META_PREFIX, OnnxPredictor  # noqa: E402
 from covid_cxr.labels import CLASSES  # noqa: E402
@@ -249,8 +254,8 @@ def test_full_8bit_weights_fail_the_property(tiny: Path, tmp_path: Path) -> None
 
 def test_real_concat_network_cannot_saturate(tmp_path: Path) -> None:
     """The concatenated Xception + ResNet50V2, exported and quantized as ``export --int8`` does (at 71 px)."""
-    from covid_cxr.checkpoint import load_checkpoint
     from covid_cxr.deploy.onnx import export_onnx
+    from covid_cxr.runs.checkpoint import load_checkpoint
     from tests.test_server import tiny_checkpoint
 
     size = 71

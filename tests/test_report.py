@@ -14,11 +14,12 @@ import pytest
 
 from covid_cxr.cli import main
 from covid_cxr.errors import DataError
-from covid_cxr.evaluate import paper, plots, write_evaluation
+from covid_cxr.evaluate import paper, plots
 from covid_cxr.evaluate.metrics import confusion_matrix, roc_auc, table3_row
 from covid_cxr.evaluate.predictions import validate_predictions, write_predictions
-from covid_cxr.report.report import render_audit_section, write_report
+from covid_cxr.evaluate.run import write_evaluation
 from covid_cxr.labels import CLASSES
+from covid_cxr.report.report import render_audit_section, write_report
 from tests.test_metrics import predictions_from_confusion
 
 OUR_NAME = {v: k for k, v in paper.NETWORK_NAMES.items()}

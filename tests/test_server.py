@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import logging
 import socket
 import struct
@@ -23,7 +22,6 @@ import pytest
 import torch
 import uvicorn
 
-from covid_cxr.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.data.images import load_image
 from covid_cxr.deploy.limits import ServerLimits
 from covid_cxr.deploy.server import create_app
@@ -31,6 +29,7 @@ from covid_cxr.inference.backends import load_model
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing, to_model_input
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.synth.dicom import write_dicom
 
 SIZE = 71

@@ -14,7 +14,6 @@ from covid_cxr.data.sources import read_covid_chestxray, read_folder, read_rsna
 from covid_cxr.errors import DataError
 
 
-
 @pytest.fixture(scope="module")
 def real_manifest(fixtures_dir: Path) -> pd.DataFrame:
     cxr, _ = read_covid_chestxray(fixtures_dir / "covid_chestxray" / "metadata_2020-04-08.csv")

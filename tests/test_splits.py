@@ -10,10 +10,10 @@ import pytest
 
 from covid_cxr.data.author_splits import read_author_splits
 from covid_cxr.data.manifest import combine
+from covid_cxr.data.phases import PAPER_PHASE, paper_shares, plan_phase
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources import read_covid_chestxray, read_rsna
-from covid_cxr.data.phases import PAPER_PHASE, paper_shares, plan_phase
 from covid_cxr.data.splits import (
     PROTOCOLS,
     Fold,

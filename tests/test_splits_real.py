@@ -19,7 +19,14 @@ from covid_cxr.data.manifest import combine
 from covid_cxr.data.phases import paper_shares
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources import read_covid_chestxray, read_folder, read_rsna
-from covid_cxr.data.splits import PROTOCOLS, Fold, SplitPlan, SplitSettings, check_disjoint, make_folds
+from covid_cxr.data.splits import (
+    PROTOCOLS,
+    Fold,
+    SplitPlan,
+    SplitSettings,
+    check_disjoint,
+    make_folds,
+)
 from covid_cxr.errors import DataError
 
 pytestmark = pytest.mark.fixtures

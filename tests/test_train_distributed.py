@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from covid_cxr.checkpoint import load_checkpoint
 from covid_cxr.models import build_model
+from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.train.runner import epoch_seed
 from tests.test_train_runner import tiny_prepared
 

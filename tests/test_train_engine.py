@@ -15,7 +15,12 @@ from covid_cxr.preprocess import Preprocessing, to_model_input
 from covid_cxr.runtime import choose_runtime
 from covid_cxr.train.augment import Augmenter
 from covid_cxr.train.engine import evaluate, train_one_epoch
-from covid_cxr.train.loader import eval_loader, global_batches, label_indices, train_loader
+from covid_cxr.train.loader import (
+    eval_loader,
+    global_batches,
+    label_indices,
+    train_loader,
+)
 from covid_cxr.train.progress import Progress
 
 SIZE = 72

@@ -16,11 +16,12 @@ import pandas as pd
 import pytest
 import torch
 
-from covid_cxr.checkpoint import load_checkpoint
 from covid_cxr.cli import main as cli_main
 from covid_cxr.config import load_config, make_config
 from covid_cxr.errors import ConfigError, DataError
-from covid_cxr.train.runner import LOG_COLUMNS, ids_sha1, train_fold
+from covid_cxr.runs.checkpoint import load_checkpoint
+from covid_cxr.train.run_log import LOG_COLUMNS
+from covid_cxr.train.runner import ids_sha1, train_fold
 
 pytestmark = pytest.mark.slow
 
@@ -135,7 +136,7 @@ def test_clear_errors(data: Path, straight: Path, tmp_path: Path) -> None:
     base = config_for(data, tmp_path, "x")
     with pytest.raises(DataError, match="is not a prepared dataset"):
         train_fold(replace(base, data=str(tmp_path)))
-    with pytest.raises(ConfigError, match=r"fold 3 is out of range: .* folds 1-2"):
+    with pytest.raises(DataError, match=r"fold 3 is out of range: .* folds 1-2"):
         train_fold(replace(base, fold=3))
     with pytest.raises(DataError, match="no image cache of 96 px"):
         train_fold(replace(base, image_size=96))

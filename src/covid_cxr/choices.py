@@ -14,3 +14,10 @@ COMPILE_CHOICES = ("auto", "on", "off")  # covid_cxr.inference.torch_model.shoul
 # torch.compile of the concatenated network takes ~30 s on 2 cores and then saves ~12% per image at batch 20
 # (benchmarks/RESULTS.md: 9.4 -> 10.5 images/s at 300 px); below this many images it costs more than it saves.
 COMPILE_MIN_IMAGES = 3000
+
+RESIZE_METHODS: dict[str, str] = {
+    "area": "anti-aliased: OpenCV INTER_AREA when shrinking, INTER_LINEAR when enlarging (our checkpoints)",
+    "bilinear": "OpenCV INTER_LINEAR, cv2.resize's default, no anti-aliasing (the authors' evaluation)",
+    "nearest": "Pillow NEAREST, as Keras load_img resizes (the authors' training generator)",
+}
+"""How an image is brought to the network's size; a checkpoint records its method (see ``Preprocessing.resize``)."""

@@ -159,7 +159,9 @@ class Table:
 
     def rich(self, title: str = "") -> Any:
         """A :class:`rich.table.Table`: first column left, the figures right-aligned."""
-        from rich.table import Table as RichTable  # rich costs start-up time; only a printing verb needs it
+        from rich.table import (
+            Table as RichTable,  # rich costs start-up time; only a printing verb needs it
+        )
 
         out = RichTable(title=title or None)
         for i, header in enumerate(self.headers):

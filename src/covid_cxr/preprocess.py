@@ -2,7 +2,7 @@
 
 Images travel as grayscale ``uint8`` of shape (N, H, W) (or (N, 1, H, W)) already resized to
 ``image_size`` by the data cache or the inference loader, by the method :attr:`Preprocessing.resize`
-names (:data:`covid_cxr.data.images.RESIZE_METHODS`): ``area`` (anti-aliased) for our models,
+names (:data:`covid_cxr.choices.RESIZE_METHODS`): ``area`` (anti-aliased) for our models,
 ``bilinear`` for a model imported from the authors' Keras files, whose evaluation used
 ``cv2.resize``'s default. A checkpoint written before the field existed reads as ``area``, which
 is what the package always did. On the device they become float
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from covid_cxr.data.images import RESIZE_METHODS
+from covid_cxr.choices import RESIZE_METHODS
 from covid_cxr.errors import ConfigError
 
 SCALINGS: dict[str, tuple[float, float]] = {

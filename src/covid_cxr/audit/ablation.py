@@ -30,6 +30,7 @@ from covid_cxr.audit.lungs import LungFields
 from covid_cxr.evaluate.metrics import balanced_accuracy, confusion_matrix
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.stats import Proportion
 
 CONDITIONS: tuple[str, ...] = ("as_is", "lungs_hidden", "only_lungs")
@@ -140,7 +141,7 @@ def run_ablation(
             "other images called COVID-19, means COVID-19 is recognised without the lungs",
         ),
     }
-    return R.make_result(
+    return make_result(
         "ablation", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=ablation_flags(metrics),
         notes=[f"Lung fields: {lungs.description}."],
     )
@@ -197,4 +198,4 @@ def audit_ablation(
               "runtime": predictor.runtime.describe()}
     result = run_ablation(predictor, test.images, [str(v) for v in test.frame["label"]], lungs,
                           batch_size=batch_size, inputs=inputs)
-    return result, R.write_result(result, out_dir or R.audit_dir_for(target))
+    return result, write_result(result, out_dir or audit_dir_for(target))

@@ -22,6 +22,7 @@ from covid_cxr.audit import results as R
 from covid_cxr.audit.data import load_test_images_and_lungs
 from covid_cxr.audit.lungs import LungFields
 from covid_cxr.gradcam import GradCam
+from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.runtime import choose_runtime
 
 MIN_RATIO = 1.0
@@ -96,7 +97,7 @@ def run_cam_stats(
                                            "image means the map favours the lungs no more than a uniform map"),
                   "min_maps": R.threshold(MIN_MAPS, "non-empty maps a class needs before it can be flagged")}
     notes = ["A heatmap that sits on the lungs is not proof that the model reads the disease."]
-    return R.make_result("cam", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags, notes=notes)
+    return make_result("cam", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags, notes=notes)
 
 
 def audit_cam(
@@ -111,4 +112,4 @@ def audit_cam(
     inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "split": "test",
               "masks": str(masks) if masks is not None else None, "runtime": runtime.describe()}
     result = run_cam_stats(cams, [str(v) for v in test.frame["label"]], lungs, t.checkpoint.classes, inputs=inputs)
-    return result, R.write_result(result, out_dir or R.audit_dir_for(target))
+    return result, write_result(result, out_dir or audit_dir_for(target))

@@ -23,13 +23,15 @@ import pandas as pd
 
 from covid_cxr import fmt
 from covid_cxr.audit import results as R
-from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
+from covid_cxr.audit.data import resolve_target, rows_of, split_images
 from covid_cxr.data.cache import IMAGES_FILE, build_cache
+from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources import parse_folder_spec, read_folder
 from covid_cxr.errors import DataError
-from covid_cxr.evaluate.run import cache_for
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.runs.resolve import cache_for, training_pool
+from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.stats import Proportion
 
 RECALL_DROP = 0.20
@@ -74,7 +76,7 @@ def run_cross_source(
     thresholds = {"recall_drop": R.threshold(
         RECALL_DROP, "a drop of at least this much, with the two 95% intervals apart, is flagged; smaller or "
         "overlapping differences may be chance")}
-    return R.make_result("cross_source", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags)
+    return make_result("cross_source", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags)
 
 
 @dataclass
@@ -90,7 +92,7 @@ class UnseenImages:
 def external_data(spec: Path | str, size: int) -> UnseenImages:
     """``--source-data``: a folder ``prepare`` wrote, or ``[NAME=]DIR`` decoded here as ``prepare`` decodes."""
     if (Path(spec) / "prepare.json").is_file():
-        external = open_prepared(Path(spec))
+        external = PreparedData(Path(spec))
         return UnseenImages(external.manifest, lambda ids: rows_of(external.cache(image_size=size), ids))
     name, root = parse_folder_spec(spec)
     manifest, notes = read_folder(root, name)
@@ -123,7 +125,7 @@ def audit_cross_source(
     holds one source.
     """
     t = resolve_target(target, data, fold)
-    prepared = open_prepared(t.data)
+    prepared = PreparedData(t.data)
     size = t.checkpoint.preprocessing.image_size
     where = str(source_data) if source_data is not None else str(t.data)
     if source_data is not None:
@@ -163,4 +165,4 @@ def audit_cross_source(
     result = run_cross_source(predictor, in_images, list(in_frame["source"]), out_images, source=source, cls=cls,
                               batch_size=batch_size, inputs=inputs)
     result["notes"] = unseen.notes
-    return result, R.write_result(result, out_dir or R.audit_dir_for(target))
+    return result, write_result(result, out_dir or audit_dir_for(target))

@@ -1,30 +1,34 @@
 """What every audit reads: a checkpoint (or a run folder) and the images of a fold's split.
 
-Resolution of run folder / checkpoint / data / fold and the split and cache checks are the
-evaluation's own (:mod:`covid_cxr.evaluate.run`), so an audit and ``covid-cxr evaluate`` can never
-disagree about which images a model is tested on.
+Resolution of run folder / checkpoint / data / fold and the split and cache checks are the run
+folder's (:mod:`covid_cxr.runs.resolve`), as evaluation's are, so an audit and ``covid-cxr evaluate``
+can never disagree about which images a model is tested on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from covid_cxr.checkpoint import Checkpoint, load_checkpoint
-from covid_cxr.errors import CheckpointError, DataError
+from covid_cxr.audit.lungs import LungFields, estimate_lung_fields, load_user_masks
+from covid_cxr.data.prepared import ImageCache, PreparedData
+from covid_cxr.runs import resolve
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
+from covid_cxr.runs.folder import RunInfo
 
 
 @dataclass(frozen=True)
 class AuditTarget:
+    """The audited checkpoint (loaded), its file, and the prepared data and fold it was trained on."""
+
     checkpoint: Checkpoint
     checkpoint_path: Path
     data: Path
     fold: int
-    run: dict[str, Any]
+    run: RunInfo
 
 
 @dataclass(frozen=True)
@@ -37,64 +41,31 @@ class SplitImages:
 
 def resolve_target(target: Path, data: Path | None, fold: int | None) -> AuditTarget:
     """Checkpoint, prepared data and fold of a run folder or a ``.pt`` (run.json fills what is not given)."""
-    from covid_cxr.evaluate.run import resolve_target
-
-    t = resolve_target(Path(target), data, fold, "test", None)
+    t = resolve.resolve_target(Path(target), data, fold, "test", None)
     return AuditTarget(load_checkpoint(t.checkpoint), t.checkpoint, t.data, t.fold, t.run)
 
 
-def open_prepared(data: Path) -> Any:
-    from covid_cxr.data.prepared import PreparedData
-
-    return PreparedData(Path(data))
-
-
-def check_classes_match(ckpt: Checkpoint, labels: pd.Series | list[str], where: Path) -> None:
-    """Refuse a checkpoint whose output classes do not cover the data's labels."""
-    unknown = sorted(set(labels) - set(ckpt.classes))
-    if unknown:
-        raise CheckpointError(
-            f"{where}: the checkpoint's classes are {', '.join(ckpt.classes)} but the data has labels "
-            f"{', '.join(unknown)}; audit it with data of the classes it was trained on"
-        )
-
-
-def split_images(prepared: Any, target: AuditTarget, split: str = "test") -> SplitImages:
+def split_images(prepared: PreparedData, target: AuditTarget, split: str = "test") -> SplitImages:
     """The fold's ``split`` table and its images at the checkpoint's input size, after every check."""
-    from covid_cxr.evaluate.run import cache_for, load_split
-
-    where = target.checkpoint_path
-    frame, _split_hash = load_split(prepared, target.fold, split, target.run, where)
-    check_classes_match(target.checkpoint, frame["label"], where)
-    cache = cache_for(prepared, target.checkpoint.preprocessing.image_size, target.data)
-    return SplitImages(frame=frame, images=rows_of(cache, frame["image_id"]))
+    # The audits read the prepared (area-resized) images, as they decode unseen sources (cross-source).
+    opened = resolve.open_split(prepared, target.fold, split, target.run, target.checkpoint, target.checkpoint_path,
+                                resize="area")
+    return SplitImages(frame=opened.frame, images=rows_of(opened.cache, opened.frame["image_id"]))
 
 
 def load_test_images_and_lungs(
     target: Path, data: Path | None, fold: int | None, masks: Path | None
-) -> tuple[AuditTarget, SplitImages, Any]:
+) -> tuple[AuditTarget, SplitImages, LungFields]:
     """The audited checkpoint, its fold's test images, and their lung fields (the user's masks or the estimate)."""
-    from covid_cxr.audit.lungs import estimate_lung_fields, load_user_masks
-
     t = resolve_target(target, data, fold)
-    test = split_images(open_prepared(t.data), t)
+    test = split_images(PreparedData(t.data), t)
     size = t.checkpoint.preprocessing.image_size
     image_ids = [str(i) for i in test.frame["image_id"]]
     lungs = load_user_masks(masks, image_ids, size) if masks is not None else estimate_lung_fields(test.images)
     return t, test, lungs
 
 
-def rows_of(cache: Any, image_ids: pd.Series | list[str]) -> np.ndarray:
+def rows_of(cache: ImageCache, image_ids: pd.Series | list[str]) -> np.ndarray:
     """Copy the cached images of ``image_ids`` into memory, in that order."""
     rows = np.asarray(cache.rows(list(image_ids)), dtype=np.int64)
     return np.ascontiguousarray(cache.images[np.sort(rows)][np.argsort(np.argsort(rows))])
-
-
-def training_pool(prepared: Any, fold: int) -> pd.DataFrame:
-    """Every image a model of ``fold`` may have learned from: all phases and the validation set."""
-    if not 1 <= fold <= prepared.num_folds:
-        raise DataError(f"fold {fold} does not exist; the prepared data has folds 1..{prepared.num_folds}")
-    splits = prepared.fold(fold)
-    frames = [*splits.phases, splits.val]
-    pool = pd.concat([f for f in frames if f is not None and len(f)], ignore_index=True)
-    return pool.drop_duplicates("image_id").reset_index(drop=True)

@@ -24,7 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from covid_cxr.data.images import decode_image  # the one decoder: PNG, JPEG or DICOM by content
+from covid_cxr.data.images import (
+    decode_image,  # the one decoder: PNG, JPEG or DICOM by content
+)
 from covid_cxr.errors import DataError
 
 WORK_SIZE = 128

@@ -1,34 +1,21 @@
-"""Audit results: one JSON file per audit, and the report's "Did it learn the disease?" section.
+"""Audit results' contents (flags, thresholds) and the report's "Did it learn the disease?" section.
 
-Every audit writes ``<audit>.json`` (``source``, ``ablation``, ``cross_source``, ``cam``) into
-``RUN/audit/`` (or the folder the user names) with this shape::
-
-    {"audit": "source", "schema_version": 1, "created": "...", "inputs": {...},
-     "metrics": {...}, "thresholds": {"name": {"value": x, "why": "..."}}, "flags": [
-        {"code": "source-predictable", "message": "plain-language finding"}], "notes": [...]}
-
-An interval is ``{"value": x, "low": l, "high": h, "n": n, "method": "wilson"|"bootstrap"}``.
-:func:`render_section` turns the loaded results into Markdown or HTML for the report. The
-section says what the figures mean and what they do not: the audits can show a shortcut; no
-audit can prove there is none.
+Every audit writes ``<audit>.json`` (``source``, ``ablation``, ``cross_source``, ``cam``) through
+:mod:`covid_cxr.runs.results`, which owns the files and their shape. :func:`render_section` turns
+the loaded results into Markdown or HTML for the report. The section says what the figures mean
+and what they do not: the audits can show a shortcut; no audit can prove there is none.
 """
 
 from __future__ import annotations
 
 import html
-import json
-import math
-import time
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from covid_cxr import __version__, fmt
-from covid_cxr.errors import DataError
+from covid_cxr import fmt
 from covid_cxr.labels import DISPLAY_NAMES
+from covid_cxr.runs.results import AUDITS
 
-AUDITS: tuple[str, ...] = ("source", "ablation", "cross_source", "cam")
-SCHEMA_VERSION = 1
 SECTION_TITLE = "Did it learn the disease?"
 
 Block = tuple[Any, ...]  # ("h", text) | ("p", text) | ("ul", [text]) | ("table", header, rows)
@@ -40,83 +27,8 @@ def flag(code: str, message: str) -> dict[str, str]:
 
 
 def threshold(value: float, why: str) -> dict[str, Any]:
+    """A threshold an audit applied, with the reason for its value."""
     return {"value": value, "why": why}
-
-
-def make_result(
-    audit: str,
-    *,
-    inputs: Mapping[str, Any],
-    metrics: Mapping[str, Any],
-    thresholds: Mapping[str, Any],
-    flags: Sequence[Mapping[str, str]],
-    notes: Sequence[str] = (),
-) -> dict[str, Any]:
-    if audit not in AUDITS:
-        raise ValueError(f"unknown audit {audit!r}; one of {', '.join(AUDITS)}")
-    return {
-        "audit": audit,
-        "schema_version": SCHEMA_VERSION,
-        "covid_cxr_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "inputs": dict(inputs),
-        "metrics": dict(metrics),
-        "thresholds": dict(thresholds),
-        "flags": [dict(f) for f in flags],
-        "notes": list(notes),
-    }
-
-
-def write_result(result: Mapping[str, Any], out_dir: Path) -> Path:
-    """Write ``<out_dir>/<audit>.json`` through a temporary file, so a crash never leaves half a file."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{result['audit']}.json"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(result), indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def _finite(obj: Any) -> Any:
-    # JSON has no NaN: an undefined figure (e.g. AUC with one class present) is written as null.
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def audit_dir_for(target: Path) -> Path:
-    """Where audit results of ``target`` go: ``RUN/audit`` for a run folder or a checkpoint inside one."""
-    target = Path(target)
-    if target.is_dir():
-        return target / "audit"
-    if (target.parent / "run.json").is_file():
-        return target.parent / "audit"
-    return target.parent / f"{target.stem}-audit"
-
-
-def load_results(folder: Path) -> dict[str, dict[str, Any]] | None:
-    """Read every ``<audit>.json`` in ``folder`` (a run folder or its ``audit/``); None when there is none."""
-    folder = Path(folder)
-    if (folder / "audit").is_dir():
-        folder = folder / "audit"
-    found: dict[str, dict[str, Any]] = {}
-    for name in AUDITS:
-        path = folder / f"{name}.json"
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc}); rerun 'covid-cxr audit' to rewrite it") from exc
-        if not isinstance(data, dict) or data.get("audit") != name:
-            raise DataError(f"{path}: not a covid-cxr audit result; rerun 'covid-cxr audit' to rewrite it")
-        found[name] = data
-    return found or None
 
 
 # ----------------------------------------------------------------------------- the report section

@@ -33,9 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from covid_cxr.audit import results as R
 from covid_cxr.audit import source_findings as findings
-from covid_cxr.audit.data import open_prepared, resolve_target, rows_of, split_images, training_pool
+from covid_cxr.audit.data import resolve_target, rows_of, split_images
 from covid_cxr.audit.probes import (
     MIN_CNN_STEPS,
     PROBES,
@@ -46,8 +45,11 @@ from covid_cxr.audit.probes import (
     image_statistics,
     stats_probe,
 )
+from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import DataError
 from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.runs.resolve import training_pool
+from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.runtime import choose_runtime
 
 PROBE_SIZE = 64
@@ -232,7 +234,7 @@ def run_crossfit_probes(
         **findings.probe_metrics(np.mean(scored, axis=0), frame, names, n_boot=n_boot, seed=seed),
         "by_probe": by_probe, "confounded_classes": findings.confounded_classes(every),
     }
-    return R.make_result("source", inputs=inputs or {}, metrics=metrics, thresholds=findings.thresholds(),
+    return make_result("source", inputs=inputs or {}, metrics=metrics, thresholds=findings.thresholds(),
                          flags=findings.source_flags(metrics, every), notes=findings.notes_for(metrics))
 
 
@@ -253,7 +255,7 @@ def run_linear_probe(
         **findings.probe_metrics(probs, test_frame.reset_index(drop=True), names, n_boot=n_boot, seed=seed),
         "confounded_classes": findings.confounded_classes(every),
     }
-    return R.make_result("source", inputs=inputs or {}, metrics=metrics, thresholds=findings.thresholds(),
+    return make_result("source", inputs=inputs or {}, metrics=metrics, thresholds=findings.thresholds(),
                          flags=findings.source_flags(metrics, every), notes=findings.notes_for(metrics))
 
 
@@ -272,7 +274,7 @@ def audit_source(
     if checkpoint is None:
         if data is None:
             raise DataError("which prepared data? give DATA (the folder 'covid-cxr prepare' wrote)")
-        prepared, fold_k = open_prepared(data), fold or 1
+        prepared, fold_k = PreparedData(data), fold or 1
         pool = training_pool(prepared, fold_k)  # checks the fold
         every = pd.concat([pool, prepared.fold(fold_k).test], ignore_index=True).drop_duplicates("image_id")
         every = every.reset_index(drop=True)
@@ -285,9 +287,9 @@ def audit_source(
                   "probes": list(probes), "seed": seed, "epochs": epochs, "min_steps": min_steps}
         result = run_crossfit_probes(images, scored, probes=probes, epochs=epochs, min_steps=min_steps, seed=seed,
                                      device=choose_runtime(device, "fp32").device, inputs=inputs, all_frame=every)
-        return result, R.write_result(result, out_dir or Path(data) / "audit" / f"fold{fold_k}")
+        return result, write_result(result, out_dir or Path(data) / "audit" / f"fold{fold_k}")
     t = resolve_target(checkpoint, data, fold)
-    prepared = open_prepared(t.data)
+    prepared = PreparedData(t.data)
     test = split_images(prepared, t)
     cache = prepared.cache(image_size=t.checkpoint.preprocessing.image_size)
     pool = training_pool(prepared, t.fold)
@@ -299,4 +301,4 @@ def audit_source(
               "probe": "linear-probe", "seed": seed, "epochs": None}
     result = run_linear_probe(predictor, rows_of(cache, pool["image_id"]), pool, test.images, test.frame, seed=seed,
                               inputs=inputs)
-    return result, R.write_result(result, out_dir or R.audit_dir_for(checkpoint))
+    return result, write_result(result, out_dir or audit_dir_for(checkpoint))

@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from covid_cxr.audit import results as R  # light: the wording and JSON of the audits, no NumPy
+from covid_cxr.audit import (
+    results as R,  # light: the wording and JSON of the audits, no NumPy
+)
 from covid_cxr.choices import PRECISIONS
 from covid_cxr.fmt import table_of
 from covid_cxr.labels import CLASSES, normalize_label

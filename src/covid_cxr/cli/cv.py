@@ -35,6 +35,7 @@ def parse_folds(text: str) -> list[int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``cv`` verb."""
     p = subparsers.add_parser(
         "cv",
         help="train and evaluate several folds one after another, then report over them",
@@ -50,6 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train (and evaluate) each fold in turn, then report over them."""
+    from covid_cxr.evaluate.run import (
+        evaluate_run,  # the library is loaded by the verb, not by --help
+    )
+    from covid_cxr.report.report import write_report
     from covid_cxr.train.runner import train_fold
 
     folds = parse_folds(args.folds)
@@ -60,13 +66,10 @@ def run(args: argparse.Namespace) -> int:
         run_dir = train_fold(replace(base, fold=k))
         runs.append(run_dir)
         if not args.no_eval:
-            from covid_cxr.evaluate import evaluate_run
-
             result = evaluate_run(run_dir, batch_size=args.eval_batch_size, device=base.device,
                                   precision=base.precision)  # fmt: skip
             print(f"fold {k}: test accuracy {float(result.metrics['accuracy']):.2f}% -> {result.out_dir}")
     if not args.no_eval:
-        from covid_cxr.report.report import write_report
 
         html = write_report(runs, Path(base.out) / f"{base.network}-cv-report")
         print(f"report: {html}")

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from covid_cxr.cli.demo_budget import PLANS, DemoPlan, SplitSizes, StepCost, choose_plan, measure_step_cost
+from covid_cxr.cli.demo_budget import (
+    PLANS,
+    DemoPlan,
+    SplitSizes,
+    StepCost,
+    choose_plan,
+    measure_step_cost,
+)
 from covid_cxr.config import make_config
 from covid_cxr.errors import ConfigError
 
@@ -58,7 +65,7 @@ def run_demo(out: Path, *, small: bool = False, seed: int = 0, device: str = "au
     this machine is projected to finish, demo included, in ``minutes``.
     """
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
-    from covid_cxr.evaluate import evaluate_run
+    from covid_cxr.evaluate.run import evaluate_run
     from covid_cxr.report.report import write_report
     from covid_cxr.synth import make_synthetic
     from covid_cxr.train.runner import train_fold

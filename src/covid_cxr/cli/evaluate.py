@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from covid_cxr.choices import BACKENDS, COMPILE_CHOICES, COMPILE_MIN_IMAGES, PRECISIONS
-from covid_cxr.cli.metrics import add_metric_options, check_metric_options, print_metrics
-from covid_cxr.evaluate.run import SPLITS, EvaluationResult, evaluate_run
+from covid_cxr.cli.metrics import (
+    add_metric_options,
+    check_metric_options,
+    print_metrics,
+)
+from covid_cxr.evaluate.run import EvaluationResult, evaluate_run
 from covid_cxr.operating_point import FORMS, OperatingPoint
+from covid_cxr.runs.folder import SPLITS
 from covid_cxr.stats import DEFAULT_PREVALENCES, parse_prevalences
 
 

@@ -19,11 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from covid_cxr.checkpoint import load_checkpoint
+from covid_cxr.atomic import file_sha256
 from covid_cxr.deploy.onnx import export_onnx
 from covid_cxr.deploy.quantize import DEFAULT_FORMAT, QUANT_FORMATS
 from covid_cxr.errors import ConfigError, DataError
-from covid_cxr.inference.onnx_model import DEFAULT_OPSET, OnnxPredictor, file_sha256
+from covid_cxr.inference.onnx_model import DEFAULT_OPSET, OnnxPredictor
+from covid_cxr.runs.checkpoint import load_checkpoint
 
 if TYPE_CHECKING:  # onnx and the data area load only with --int8
     from covid_cxr.deploy.calibration import CalibrationSet
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
           f"classes {','.join(check.classes)}", file=sys.stderr)
     if prepared is not None:
         _write_int8(args, out, check, prepared)
-    from covid_cxr.deploy.model_card import write_export_card
+    from covid_cxr.runs.model_card import write_export_card
 
     int8 = [out.with_name(f"{out.stem}.int8.onnx")] if prepared is not None else []
     print(f"wrote {write_export_card(ckpt, args.checkpoint, [out, *int8])}", file=sys.stderr)
@@ -91,7 +92,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _int8_inputs(args: argparse.Namespace, image_size: int, classes: tuple[str, ...]) -> CalibrationSet:
     """Calibration and check images, read before any export so that a missing image fails fast."""
-    from covid_cxr.deploy.calibration import CalibrationSet, load_calibration_files, read_run, run_images
+    from covid_cxr.deploy.calibration import (
+        CalibrationSet,
+        load_calibration_files,
+        read_run,
+        run_images,
+    )
 
     from_run = None
     run_problem = "no run.json beside it"

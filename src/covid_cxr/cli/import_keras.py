@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covid_cxr.checkpoint import save_checkpoint
-from covid_cxr.data.images import RESIZE_METHODS
+from covid_cxr.choices import RESIZE_METHODS
 from covid_cxr.models import list_models
-from covid_cxr.models.keras_import import import_keras
 from covid_cxr.preprocess import SCALINGS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``import-keras`` verb."""
     parser = subparsers.add_parser(
         "import-keras",
         help="convert a Keras model or weights file to a covid-cxr checkpoint",
@@ -50,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Convert the files and write the checkpoint."""
+    from covid_cxr.runs.checkpoint import (
+        save_checkpoint,  # the library is loaded by the verb, not by --help
+    )
+    from covid_cxr.runs.keras_import import import_keras
+
     ckpt = import_keras(
         args.files if len(args.files) > 1 else args.files[0],
         args.network,

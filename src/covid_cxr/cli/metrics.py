@@ -49,7 +49,10 @@ def _ci(m: dict[str, Any], key: str, digits: int = 2) -> str:
 
 def print_metrics(m: dict[str, Any], console: Any, title: str = "") -> None:
     """Table 3 (counts), Table 4 (percentages with Wilson 95% CIs) and the extra figures, on a rich console."""
-    from covid_cxr.evaluate.metrics import COUNTS, RATES  # NumPy loads only when a verb prints metrics
+    from covid_cxr.evaluate.metrics import (  # NumPy loads only when a verb prints metrics
+        COUNTS,
+        RATES,
+    )
 
     t3 = fmt.table_of(["class", *COUNTS, "support"],
                       [[DISPLAY_NAMES[c], *(m[f"{c}_{k}"] for k in COUNTS), m[f"{c}_n"]] for c in CLASSES])
@@ -83,6 +86,6 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     print_metrics(metrics, console, title=f"({args.predictions})")
     if args.json:
-        write_json(metrics, args.json)
+        write_json(args.json, metrics)
         console.print(f"wrote {args.json}")
     return 0

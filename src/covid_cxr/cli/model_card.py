@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covid_cxr.deploy.model_card import CARD_NAME, facts_from_checkpoint, run_folder_of, write_model_card
 from covid_cxr.errors import CheckpointError
+from covid_cxr.runs.folder import BEST, CARD_NAME
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``model-card`` verb."""
     p = sub.add_parser("model-card", help="write MODEL_CARD.md for a run or checkpoint (Hugging Face layout)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", type=Path, help="a run folder (its best.pt) or a .pt checkpoint")
@@ -23,8 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the card and say where."""
+    from covid_cxr.runs.model_card import (  # loads torch
+        facts_from_checkpoint,
+        run_folder_of,
+        write_model_card,
+    )
+
     target = Path(args.target)
-    checkpoint = target / "best.pt" if target.is_dir() else target
+    checkpoint = target / BEST if target.is_dir() else target
     if not checkpoint.is_file():
         raise CheckpointError(f"{checkpoint}: no such checkpoint; give a run folder holding best.pt or a .pt file")
     run_dir = run_folder_of(target)

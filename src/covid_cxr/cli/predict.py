@@ -19,7 +19,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from covid_cxr.choices import BACKENDS, CAM_METHODS, COMPILE_CHOICES, COMPILE_MIN_IMAGES, PRECISIONS
+from covid_cxr.choices import (
+    BACKENDS,
+    CAM_METHODS,
+    COMPILE_CHOICES,
+    COMPILE_MIN_IMAGES,
+    PRECISIONS,
+)
 from covid_cxr.errors import ConfigError
 from covid_cxr.inference.inputs import expand_inputs
 from covid_cxr.inference.sink import SUFFIXES

@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read the evaluations (and audit results), write the report, say where."""
-    from covid_cxr.audit.results import load_results  # the library (pandas, matplotlib) loads only when run
+    from covid_cxr.audit.results import (
+        load_results,  # the library (pandas, matplotlib) loads only when run
+    )
     from covid_cxr.report.report import write_report
 
     if args.bootstrap < 0:

@@ -42,10 +42,10 @@ def run(args: argparse.Namespace) -> int:
     # The library (torch, FastAPI, uvicorn) is imported here, not above: `covid-cxr --help` stays fast.
     import uvicorn
 
-    from covid_cxr.deploy.model_card import served_card
     from covid_cxr.deploy.saturation import print_int8_record
     from covid_cxr.deploy.server import create_app
     from covid_cxr.inference.backends import load_model
+    from covid_cxr.runs.model_card import served_card
 
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                           max_batch=args.max_batch)

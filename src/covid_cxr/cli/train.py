@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from covid_cxr.choices import PRECISIONS
-from covid_cxr.config import NETWORKS, PRESETS, PRETRAINED, TrainConfig, load_config, make_config
+from covid_cxr.config import NETWORKS, PRESETS, PRETRAINED, TrainConfig, make_config
 from covid_cxr.preprocess import SCALINGS
+
+if TYPE_CHECKING:
+    from covid_cxr.config import TrainConfig
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -44,6 +47,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """The preset with every option the user gave on top."""
+
     values: dict[str, Any] = {
         "network": args.network, "epochs_per_phase": args.epochs_per_phase, "image_size": args.image_size,
         "batch_size": args.batch_size, "lr": args.lr, "drop_rate": args.drop_rate, "scaling": args.scaling,
@@ -61,6 +65,7 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` verb."""
     p = subparsers.add_parser(
         "train",
         help="train one fold (phases in order, best checkpoint by validation accuracy)",
@@ -76,21 +81,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from covid_cxr.train.runner import train_fold
+    """Train (or resume) one fold and print where the run folder is."""
+    from covid_cxr.train.runner import (  # the library is loaded by the verb, not by --help
+        resume_config,
+        train_fold,
+    )
 
     if args.resume is not None:
-        saved_path = args.resume / "config.yaml"
-        saved = load_config(saved_path) if saved_path.is_file() else None
-        if saved is None:
-            raise FileNotFoundError(
-                f"{args.resume}: not a run folder (no config.yaml); give the folder 'covid-cxr train' made"
-            )
-        if args.network and args.network != saved.network:
-            raise ValueError(
-                f"{args.resume} is a {saved.network} run; it cannot be resumed as {args.network} "
-                f"(drop --network or pass --network {saved.network})"
-            )
-        run_dir = train_fold(saved, resume=args.resume)
+        run_dir = train_fold(resume_config(args.resume, args.network), resume=args.resume)
     else:
         if args.data is None:
             raise ValueError("give the prepared folder DATA (or --resume RUN to continue a run)")

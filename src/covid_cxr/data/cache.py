@@ -15,7 +15,6 @@ imported Keras models: ``bilinear``) gets its own ``size300-bilinear`` beside it
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -28,9 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_cxr.atomic import read_json, write_json
 from covid_cxr.data.images import decode_image_info, resize_gray
 from covid_cxr.data.names import name_bytes, printable
-from covid_cxr.errors import ImageDecodeError
+from covid_cxr.errors import DataError, ImageDecodeError
 from covid_cxr.progress import progress_bar
 
 CACHE_VERSION = 1
@@ -157,12 +157,12 @@ def write_cache_index(build: CacheBuild, image_size: int, key: str) -> None:
                             "count": len(build.image_ids),
                             "key": key, "failures": build.failures,
                             "failure_sha256": {f["image_id"]: build.sha256.get(f["image_id"], "") for f in build.failures}}
-    (build.folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(build.folder / META_FILE, meta, indent=1)
 
 
 def read_cache_build(folder: Path) -> CacheBuild:
     """Read a complete cache folder back as a :class:`CacheBuild` (for reuse)."""
-    meta = json.loads((folder / META_FILE).read_text())
+    meta = read_json(folder / META_FILE, fix="delete that cache folder and run 'covid-cxr prepare' again")
     index = pd.read_csv(folder / INDEX_FILE, dtype=str, keep_default_na=False)
     sha = dict(zip(index["image_id"], index["sha256"]))
     sha.update({k: v for k, v in meta.get("failure_sha256", {}).items() if v})
@@ -174,8 +174,8 @@ def read_cache_build(folder: Path) -> CacheBuild:
 def cache_matches(folder: Path, key: str) -> bool:
     """True when ``folder`` is a complete cache built from exactly these inputs."""
     try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, ValueError):
+        meta = read_json(folder / META_FILE)
+    except DataError:
         return False
     return meta.get("key") == key and (folder / IMAGES_FILE).is_file() and (folder / INDEX_FILE).is_file()
 

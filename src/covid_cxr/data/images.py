@@ -22,8 +22,13 @@ import pydicom
 from PIL import Image, ImageOps
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
+from covid_cxr.choices import RESIZE_METHODS
 from covid_cxr.errors import ImageDecodeError
 
 MAX_PIXELS = 50_000_000
@@ -235,14 +240,6 @@ def decode_image(source: Source, *, name: str | None = None) -> np.ndarray:
     :class:`ImageDecodeError` for a missing, corrupt, truncated, non-image or oversized input.
     """
     return decode_image_info(source, name=name)[0]
-
-
-RESIZE_METHODS: dict[str, str] = {
-    "area": "anti-aliased: OpenCV INTER_AREA when shrinking, INTER_LINEAR when enlarging (our checkpoints)",
-    "bilinear": "OpenCV INTER_LINEAR, cv2.resize's default, no anti-aliasing (the authors' evaluation)",
-    "nearest": "Pillow NEAREST, as Keras load_img resizes (the authors' training generator)",
-}
-"""How an image is brought to the network's size; a checkpoint records its method (see ``Preprocessing.resize``)."""
 
 
 def resize_gray(img: np.ndarray, size: int, method: str = "area") -> np.ndarray:

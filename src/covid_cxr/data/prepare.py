@@ -8,7 +8,6 @@ folder intact. A cache whose inputs are unchanged is carried over instead of dec
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from covid_cxr import __version__
+from covid_cxr.atomic import write_json
 from covid_cxr.data.author_splits import read_author_splits
 from covid_cxr.data.cache import (
     CacheBuild,
@@ -157,7 +157,7 @@ def write_splits(plan: SplitPlan, manifest: pd.DataFrame, splits_dir: Path) -> l
     summary = {"protocol": plan.protocol, "origin": plan.origin, "selection_on_test": plan.protocol == "paper",
                "num_folds": len(plan.folds), "num_phases": num_phases, "settings": plan.settings,
                "notes": plan.notes, "phase_balance": plan.phase_info, "folds": folds}
-    (splits_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(splits_dir / "summary.json", summary, indent=1)
     return folds
 
 
@@ -265,5 +265,5 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
         "notes": report.notes, "skipped": report.skipped, "duplicates": report.duplicates,
         "decode_seconds": round(report.decode_seconds, 2), "cache_reused": report.cache_reused,
     }
-    (tmp / "prepare.json").write_text(json.dumps(info, indent=1, default=int) + "\n")
+    write_json(tmp / "prepare.json", info, indent=1)
     return report

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_cxr.atomic import read_json
 from covid_cxr.data.cache import IMAGES_FILE, INDEX_FILE, META_FILE, cache_dirname
 from covid_cxr.data.manifest import read_manifest
 from covid_cxr.errors import DataError
@@ -55,7 +55,7 @@ class ImageCache:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        meta = json.loads((self.folder / META_FILE).read_text())
+        meta = read_json(self.folder / META_FILE, fix="delete that cache folder and run 'covid-cxr prepare' again")
         self.image_size: int = int(meta["image_size"])
         self.resize: str = str(meta.get("resize", "area"))  # caches from before the field were all area
         self.images: np.memmap = np.load(self.folder / IMAGES_FILE, mmap_mode="r")
@@ -86,8 +86,8 @@ class PreparedData:
         self.root = Path(root)
         info = self.root / "prepare.json"
         try:
-            self.info: dict[str, Any] = json.loads(info.read_text())
-        except (OSError, ValueError):
+            self.info: dict[str, Any] = read_json(info)
+        except DataError:
             self.info = {}
         if self.info.get("format") != FORMAT or not (self.root / "manifest.csv").is_file():
             raise DataError(f"{self.root} is not a prepared dataset: run 'covid-cxr prepare --covid-chestxray DIR "
@@ -117,12 +117,13 @@ class PreparedData:
 
     @property
     def summary(self) -> dict[str, Any]:
-        return json.loads((self.root / "splits" / "summary.json").read_text())
+        return read_json(self.root / "splits" / "summary.json", fix="run 'covid-cxr prepare' again")
 
     def fold(self, k: int) -> FoldSplits:
         """Fold ``k`` (1-based) read from its split files."""
         if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_folds:
-            raise DataError(f"fold must be between 1 and {self.num_folds} for {self.root}; got {k!r}")
+            raise DataError(f"fold {k!r} is out of range: {self.root} was prepared with folds 1-{self.num_folds}; "
+                            f"give a fold between 1 and {self.num_folds}")
         fold_dir = self.root / "splits" / f"fold{k}"
         files = split_files(fold_dir, self.num_phases)
         tables = []

@@ -31,7 +31,14 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from covid_cxr.data.phases import PhaseQuota, deviation, describe, plan_phase, shares, spread
+from covid_cxr.data.phases import (
+    PhaseQuota,
+    describe,
+    deviation,
+    plan_phase,
+    shares,
+    spread,
+)
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 

@@ -24,9 +24,12 @@ import pandas as pd
 
 from covid_cxr import fmt
 from covid_cxr.data.images import load_image
+from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import ConfigError, DataError, ImageDecodeError
 from covid_cxr.inference.inputs import expand_inputs
 from covid_cxr.inference.protocol import Predictor
+from covid_cxr.runs.folder import RunFolder, RunInfo
+from covid_cxr.runs.resolve import cache_for, load_split
 from covid_cxr.stats import Proportion
 
 SEED = 0  # the same checkpoint always gets the same calibration and check images
@@ -46,12 +49,10 @@ class CalibrationSet:
     check_source: str
 
 
-def read_run(checkpoint: Path) -> dict[str, Any] | None:
+def read_run(checkpoint: Path) -> RunInfo | None:
     """The ``run.json`` beside ``checkpoint``, or None when the checkpoint is not inside a run folder."""
-    from covid_cxr.evaluate.run import read_run_file
-
-    path = checkpoint.parent / "run.json"
-    return read_run_file(path) if path.is_file() else None
+    home = RunFolder.containing(checkpoint) if Path(checkpoint).is_file() else None
+    return home.info() if home is not None else None
 
 
 def stratified_sample(frame: pd.DataFrame, n: int, seed: int = SEED) -> pd.DataFrame:
@@ -68,7 +69,7 @@ def stratified_sample(frame: pd.DataFrame, n: int, seed: int = SEED) -> pd.DataF
 
 def run_images(
     checkpoint: Path,
-    run: dict[str, Any],
+    run: RunInfo,
     image_size: int,
     classes: tuple[str, ...],
     *,
@@ -81,14 +82,11 @@ def run_images(
     the run was trained on (its validation images might then be training images), or holds classes
     the checkpoint does not predict.
     """
-    from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.evaluate.run import cache_for, load_split
-
     where = checkpoint.parent / "run.json"
-    if not run.get("data") or run.get("fold") is None:
+    if not run.data or run.fold is None:
         raise DataError(f"{where} does not name the prepared data and fold the run was trained on")
-    prepared = PreparedData(Path(run["data"]))
-    fold = int(run["fold"])
+    prepared = PreparedData(Path(run.data))
+    fold = int(run.fold)
     val, _ = load_split(prepared, fold, "val", run, where)
     unknown = sorted(set(val["label"]) - set(classes))
     if unknown:

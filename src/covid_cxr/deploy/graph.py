@@ -29,7 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from covid_cxr.inference.onnx_graph import drop_unused_initializers, graph_constants, node_attribute, tensor_readers
+from covid_cxr.inference.onnx_graph import (
+    drop_unused_initializers,
+    graph_constants,
+    node_attribute,
+    tensor_readers,
+)
 
 
 def batchnorm_as_depthwise_conv(model: Any) -> int:

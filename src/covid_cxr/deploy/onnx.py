@@ -11,8 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from covid_cxr.checkpoint import Checkpoint
 from covid_cxr.inference.onnx_model import DEFAULT_OPSET, export_onnx_bytes
+from covid_cxr.runs.checkpoint import Checkpoint
 
 
 def export_onnx(

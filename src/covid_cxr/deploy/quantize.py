@@ -35,8 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from covid_cxr.deploy.graph import batchnorm_as_depthwise_conv, give_relus_their_own_input, unshare_pad_constants
-from covid_cxr.inference.onnx_graph import fold_pads_into_pools, graph_constants, is_minus_inf_pad
+from covid_cxr.deploy.graph import (
+    batchnorm_as_depthwise_conv,
+    give_relus_their_own_input,
+    unshare_pad_constants,
+)
 from covid_cxr.deploy.saturation import (
     FULL_RANGE_SCHEME,
     INT16_MAX,
@@ -46,6 +49,11 @@ from covid_cxr.deploy.saturation import (
     pair_sum_bound,
 )
 from covid_cxr.errors import CheckpointError, ConfigError
+from covid_cxr.inference.onnx_graph import (
+    fold_pads_into_pools,
+    graph_constants,
+    is_minus_inf_pad,
+)
 from covid_cxr.inference.protocol import check_batch
 from covid_cxr.preprocess import Preprocessing, to_model_input
 
@@ -130,8 +138,13 @@ def quantize_onnx(
     """
     import onnx
     from google.protobuf.message import DecodeError
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     from covid_cxr.inference.onnx_model import read_metadata
 

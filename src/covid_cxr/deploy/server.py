@@ -32,7 +32,12 @@ import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from markdown_it import MarkdownIt
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,13 +45,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from covid_cxr import __version__
 from covid_cxr.data.images import decode_image
 from covid_cxr.deploy.limits import ServerLimits
-from covid_cxr.deploy.model_card import split_front_matter
 from covid_cxr.deploy.uploads import UploadError, read_multipart
 from covid_cxr.errors import ImageDecodeError
 from covid_cxr.gradcam import CamResult, GradCam, overlay_png
 from covid_cxr.inference.pipeline import Classifier
 from covid_cxr.inference.protocol import Predictor
 from covid_cxr.labels import DISPLAY_NAMES
+from covid_cxr.runs.model_card import split_front_matter
 
 DISCLAIMER = "Research tool, not a diagnostic device: do not use it to diagnose, treat or triage patients."
 

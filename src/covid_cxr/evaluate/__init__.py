@@ -3,9 +3,3 @@
 ``metrics`` holds pure functions; ``predictions`` reads and checks predictions files;
 ``run`` evaluates a checkpoint on a prepared split. The cross-fold report is :mod:`covid_cxr.report`.
 """
-
-from __future__ import annotations
-
-from covid_cxr.evaluate.run import EvaluationResult, evaluate_run, write_evaluation
-
-__all__ = ["EvaluationResult", "evaluate_run", "write_evaluation"]

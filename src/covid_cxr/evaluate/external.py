@@ -27,10 +27,15 @@ import pandas as pd
 from covid_cxr.data.manifest import safe_name
 from covid_cxr.errors import DataError, ImageDecodeError
 from covid_cxr.evaluate.predictions import validate_predictions, write_predictions
-from covid_cxr.evaluate.run import (CHECKPOINT_IN_RUN, EvaluationResult, decided_table, predict_rows,
-                                    read_run_file, write_evaluation)
+from covid_cxr.evaluate.run import (
+    EvaluationResult,
+    decided_table,
+    predict_rows,
+    write_evaluation,
+)
 from covid_cxr.labels import CLASSES
 from covid_cxr.operating_point import of_predictor
+from covid_cxr.runs.folder import RunFolder
 from covid_cxr.stats import DEFAULT_PREVALENCES
 
 
@@ -40,7 +45,7 @@ def model_path(target: Path) -> tuple[Path, Path | None]:
     if target.is_dir():
         if not (target / "run.json").is_file():
             raise DataError(f"{target}: not a run folder (no run.json); give a run folder, a .pt or an .onnx model")
-        path = target / CHECKPOINT_IN_RUN
+        path = RunFolder(target).best
         if not path.is_file():
             raise DataError(f"{path}: no such file; the run has not saved a best checkpoint yet")
         return path, target
@@ -139,14 +144,14 @@ def evaluate_external(
     table = decided_table(frame, probs, predictor.classes, op)
     preds = validate_predictions(table, str(out / "predictions.csv"))
     write_predictions(table, out / "predictions.csv")
-    run = read_run_file(run_dir / "run.json") if run_dir is not None else {}
+    run = RunFolder(run_dir).info() if run_dir is not None else None
     internal = run_dir / "eval-test" if run_dir is not None and (run_dir / "eval-test" / "metrics.json").is_file() \
         else None
     info = {
         "kind": "external",
         "name": name,
         "network": loaded.network,
-        **({"fold": run["fold"]} if run.get("fold") is not None else {}),
+        **({"fold": run.fold} if run is not None and run.fold is not None else {}),
         "split": f"external:{name}",
         "model": str(path.resolve()),
         "model_sha256": loaded.sha256,

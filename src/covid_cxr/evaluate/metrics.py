@@ -36,8 +36,13 @@ from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
 
 from covid_cxr.labels import CLASSES
-from covid_cxr.stats import (DEFAULT_PREVALENCES, Proportion, ppv_at_prevalence, predictive_values,
-                             wilson_interval)
+from covid_cxr.stats import (
+    DEFAULT_PREVALENCES,
+    Proportion,
+    ppv_at_prevalence,
+    predictive_values,
+    wilson_interval,
+)
 
 RATES: tuple[str, ...] = ("recall", "specificity", "accuracy", "precision")
 """Table 4's per-class figures, in the paper's order."""

@@ -26,14 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covid_cxr import __version__
-from covid_cxr.checkpoint import Checkpoint, load_checkpoint
+from covid_cxr.atomic import file_sha256
 from covid_cxr.choices import BACKENDS
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.gradcam import GradCam
-from covid_cxr.inference.onnx_model import OnnxPredictor, export_onnx_bytes, file_sha256
+from covid_cxr.inference.onnx_model import OnnxPredictor, export_onnx_bytes
 from covid_cxr.inference.protocol import Predictor
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.models.pretrained import default_cache_dir
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.runtime import choose_runtime
 
 BACKEND_ENV = "COVID_CXR_BACKEND"  # the default for --backend (auto when unset)

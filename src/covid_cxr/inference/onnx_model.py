@@ -18,7 +18,6 @@ to run; ``torch.export`` resolves those shapes to constants (only the batch axis
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -32,12 +31,12 @@ import numpy as np
 import torch
 
 from covid_cxr import __version__
-from covid_cxr.checkpoint import Checkpoint
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference.protocol import check_batch
 from covid_cxr.labels import check_classes
 from covid_cxr.perf import apply_speed_settings
 from covid_cxr.preprocess import Preprocessing, to_model_input
+from covid_cxr.runs.checkpoint import Checkpoint
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the lowest opset the torch.export-based exporter writes without a lossy conversion
@@ -70,15 +69,6 @@ def _quiet_exporter() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks: identifies exactly which weights answer a request."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_onnx_bytes(

@@ -14,11 +14,11 @@ import torch
 from torch import fx
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from covid_cxr.checkpoint import Checkpoint
 from covid_cxr.choices import COMPILE_CHOICES, COMPILE_MIN_IMAGES
 from covid_cxr.inference.protocol import check_batch
 from covid_cxr.models.layers import MaxPool2dSame
 from covid_cxr.preprocess import to_model_input
+from covid_cxr.runs.checkpoint import Checkpoint
 from covid_cxr.runtime import Runtime, choose_runtime
 
 

@@ -1,4 +1,4 @@
-"""Keras weights -> our PyTorch networks, and whole Keras models -> our checkpoint format.
+"""Keras weights -> our PyTorch networks (:mod:`covid_cxr.runs.keras_import` makes a checkpoint of one).
 
 Every weight-holding module of our networks carries its Keras layer name (``keras_name``; see
 :mod:`covid_cxr.models.layers`). Named layers are matched by name. Layers Keras names
@@ -15,20 +15,19 @@ channels-last flatten, which our head reproduces, so no reordering is needed.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from covid_cxr.checkpoint import Checkpoint
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.labels import CLASSES, KERAS_AUTHORS_ORDER, check_classes
-from covid_cxr.models.concat import BACKBONES, HEAD_CHANNELS, CxrNet
+from covid_cxr.models.concat import BACKBONES, HEAD_CHANNELS
 from covid_cxr.models.keras_reader import KerasLayer, KerasWeights, read_keras_weights
 from covid_cxr.models.layers import SeparableConv2d
 from covid_cxr.models.registry import backbones_of, build_model, list_models
-from covid_cxr.preprocess import Preprocessing
 
 # A layer name that only one backbone has: how a file tells which backbone it holds.
 SIGNATURE_LAYERS: dict[str, str] = {"xception": "block1_conv1", "resnet50v2": "conv1_conv"}
@@ -149,41 +148,40 @@ def _dense_layers(weights: KerasWeights) -> list[KerasLayer]:
     return [layer for layer in weights.layers if layer.kind == "dense"]
 
 
-def import_keras(
+@dataclass(frozen=True)
+class KerasModel:
+    """Keras file(s) read into one of our networks, with what the files say about it."""
+
+    network: str
+    model: nn.Module
+    classes: tuple[str, ...]
+    image_size: int
+    whole: bool  # a whole model (with its head); False: backbone weights, the head freshly initialised
+    paths: tuple[Path, ...]
+    formats: tuple[str, ...]
+
+
+def load_keras_model(
     path: str | Path | Sequence[str | Path],
     network: str | None = None,
     *,
     classes: Sequence[str] | None = None,
     image_size: int | None = None,
-    scaling: str = "unit",
-    resize: str | None = None,
-) -> Checkpoint:
-    """Convert Keras file(s) to our :class:`~covid_cxr.checkpoint.Checkpoint`.
+) -> KerasModel:
+    """Read Keras file(s) into our network ``network`` (inferred from the layers when ``None``).
 
     ``path`` is a whole Keras model (legacy ``.h5``/``.hdf5`` as the authors published theirs,
     Keras 3 ``.keras`` or ``.weights.h5``), or backbone weights without top (the Keras ImageNet
-    files; ``concat`` then needs both, as a list). ``network`` is inferred from the layers when
-    ``None``. A whole model's classes default to the authors' order
-    (:data:`~covid_cxr.labels.KERAS_AUTHORS_ORDER`); without a head, the head is freshly
+    files; ``concat`` then needs both, as a list). A whole model's classes default to the authors'
+    order (:data:`~covid_cxr.labels.KERAS_AUTHORS_ORDER`); without a head, the head is freshly
     initialised and the classes default to our canonical order.
-
-    ``resize`` defaults to ``bilinear`` for a whole model: the authors evaluated theirs (Tables 3-4)
-    on ``cv2.resize(cv2.imread(path), (300, 300))``, so their model meets their figures only on
-    images shrunk the same way. Backbone weights, which our training goes on from, default to ``area``.
     """
     paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
     if not paths:
         raise ConfigError("import_keras needs at least one Keras file")
     files = [read_keras_weights(p) for p in paths]
+    network = network or _infer_network(files, paths)
     found = [b for f in files for b in backbones_in(f)]
-    if network is None:
-        matches = [n for n in list_models() if sorted(backbones_of(n)) == sorted(set(found))]
-        if not matches:
-            raise ConfigError(
-                f"{', '.join(map(str, paths))}: cannot tell the network (no Xception or ResNet50V2 layers); "
-                "pass --network"
-            )
-        network = matches[0]
     wanted = backbones_of(network)
     if sorted(found) != sorted(wanted):
         raise CheckpointError(
@@ -191,19 +189,8 @@ def import_keras(
             "(each once); give the matching --network or one file per backbone"
         )
     whole = len(files) == 1 and bool(_dense_layers(files[0]))
-    size = image_size or files[0].input_size or 300
-    num_classes = 3
-    if whole:
-        dense = _dense_layers(files[0])
-        if len(dense) != 1:
-            raise CheckpointError(f"{paths[0]}: expected one Dense layer in the head, found {len(dense)}")
-        flat, num_classes = dense[0].weights["kernel"].shape
-        side = int(round((flat / HEAD_CHANNELS) ** 0.5))
-        if image_size is None and side * side * HEAD_CHANNELS == flat:
-            size = _size_for_side(network, side, preferred=size)
-    if classes is None:
-        classes = KERAS_AUTHORS_ORDER if whole else CLASSES
-    class_keys = check_classes(classes)
+    size, num_classes = _head_shape(network, files[0], paths[0], whole, image_size)
+    class_keys = check_classes(classes if classes is not None else (KERAS_AUTHORS_ORDER if whole else CLASSES))
     if len(class_keys) != num_classes:
         raise ConfigError(
             f"{paths[0]}: the model has {num_classes} output units but {len(class_keys)} classes were given"
@@ -214,16 +201,35 @@ def import_keras(
     else:
         for f in files:
             load_keras_layers(model.backbones[backbones_in(f)[0]], f.layers, source=str(f.path))
-    meta = {
-        "source": {
-            "kind": "keras-import",
-            "files": [str(p.resolve()) for p in paths],
-            "formats": [f.file_format for f in files],
-            "head": "imported" if whole else "initialised (the file has no head)",
-        }
-    }
-    pre = Preprocessing(image_size=size, scaling=scaling, resize=resize or ("bilinear" if whole else "area"))
-    return Checkpoint(network, class_keys, pre, model.state_dict(), meta)
+    return KerasModel(network, model, class_keys, size, whole, tuple(paths), tuple(f.file_format for f in files))
+
+
+def _infer_network(files: list[KerasWeights], paths: list[Path]) -> str:
+    """The network whose backbones are exactly the files' ones."""
+    found = sorted({b for f in files for b in backbones_in(f)})
+    matches = [n for n in list_models() if sorted(backbones_of(n)) == found]
+    if not matches:
+        raise ConfigError(
+            f"{', '.join(map(str, paths))}: cannot tell the network (no Xception or ResNet50V2 layers); "
+            "pass --network"
+        )
+    return matches[0]
+
+
+def _head_shape(network: str, first: KerasWeights, path: Path, whole: bool, image_size: int | None
+                ) -> tuple[int, int]:  # fmt: skip
+    """Input size and number of outputs: a whole model's Dense layer tells both (the size when not given)."""
+    size = image_size or first.input_size or 300
+    if not whole:
+        return size, 3
+    dense = _dense_layers(first)
+    if len(dense) != 1:
+        raise CheckpointError(f"{path}: expected one Dense layer in the head, found {len(dense)}")
+    flat, num_classes = dense[0].weights["kernel"].shape
+    side = int(round((flat / HEAD_CHANNELS) ** 0.5))
+    if image_size is None and side * side * HEAD_CHANNELS == flat:
+        size = _size_for_side(network, side, preferred=size)
+    return size, num_classes
 
 
 def _size_for_side(network: str, side: int, *, preferred: int) -> int:
@@ -232,19 +238,3 @@ def _size_for_side(network: str, side: int, *, preferred: int) -> int:
         if all(BACKBONES[b].feature_size(candidate) == side for b in backbones_of(network)):
             return candidate
     raise CheckpointError(f"no input size gives a {side}x{side} map for {network}; pass --image-size")
-
-
-def load_keras_backbone(model: CxrNet, path: str | Path) -> str:
-    """Load a Keras backbone file (e.g. an ImageNet no-top file) into the matching backbone of ``model``.
-
-    Returns the backbone's name; the head is left as it is.
-    """
-    weights = read_keras_weights(path)
-    found = [b for b in backbones_in(weights) if b in model.backbones]
-    if len(found) != 1:
-        raise CheckpointError(
-            f"{path}: holds backbones {backbones_in(weights) or 'none'}; network {model.network_name!r} has "
-            f"{list(model.backbones)}: give the no-top weights file of one of those"
-        )
-    load_keras_layers(model.backbones[found[0]], weights.layers, source=str(path))
-    return found[0]

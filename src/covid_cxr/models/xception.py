@@ -13,7 +13,13 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from covid_cxr.models.layers import MaxPool2dSame, SeparableConv2d, batch_norm, init_like_keras, keras_layer
+from covid_cxr.models.layers import (
+    MaxPool2dSame,
+    SeparableConv2d,
+    batch_norm,
+    init_like_keras,
+    keras_layer,
+)
 
 BN_EPS = 1e-3
 

@@ -22,17 +22,23 @@ from typing import Any
 import pandas as pd
 
 from covid_cxr import fmt
+from covid_cxr.atomic import write_json
 from covid_cxr.audit.results import render_section
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
 from covid_cxr.evaluate.metrics import COUNTS, RATES, table3_row, table4_row
 from covid_cxr.evaluate.paper import paper_average, paper_network_name
-from covid_cxr.evaluate.predictions import Predictions, read_predictions, validate_predictions
-from covid_cxr.evaluate.run import roc_marks, write_json
+from covid_cxr.evaluate.predictions import (
+    Predictions,
+    read_predictions,
+    validate_predictions,
+)
+from covid_cxr.evaluate.run import roc_marks
 from covid_cxr.fmt import Table
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint
 from covid_cxr.report.sections import comparison_table, describe_rules, operating_tables
+from covid_cxr.runs.evaluations import external_evaluations
 from covid_cxr.stats import DEFAULT_PREVALENCES
 
 TABLE4_KEYS: tuple[str, ...] = ("accuracy", *(f"{c}_{r}" for r in RATES for c in CLASSES))
@@ -100,14 +106,6 @@ def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
     return FoldResult(network=str(info.get("network") or "unknown"), fold=fold,
                       split=str(info.get("split") or "test"), eval_dir=eval_dir if info else None,
                       preds=preds, metrics=metrics, info=info)
-
-
-def external_evaluations(path: Path) -> list[Path]:
-    """The external evaluations a run folder holds (``RUN/external-NAME/``, written by ``evaluate --external``)."""
-    path = Path(path)
-    if not path.is_dir() or not (path / "run.json").is_file():
-        return []
-    return sorted(p for p in path.glob("external-*") if (p / "predictions.csv").is_file())
 
 
 def _fold_order(r: FoldResult) -> tuple[int, int, str]:
@@ -400,7 +398,7 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         md.append(audit_md)
         body.append(audit_html)
     (out / "report.md").write_text("\n".join(md) + "\n")
-    write_json(summary_json, out / "summary.json")
+    write_json(out / "summary.json", summary_json)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>covid-cxr evaluation report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
     path = out / "report.html"
@@ -413,4 +411,4 @@ def _img(png: bytes, alt: str) -> str:
     return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
-__all__ = ["FoldResult", "external_evaluations", "load_evaluation", "render_audit_section", "summarize", "write_report"]
+__all__ = ["FoldResult", "load_evaluation", "render_audit_section", "summarize", "write_report"]

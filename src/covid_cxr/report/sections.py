@@ -15,7 +15,12 @@ from typing import Any
 import numpy as np
 
 from covid_cxr import fmt
-from covid_cxr.evaluate.metrics import binary_figures, class_counts, class_proportions, decision_summary
+from covid_cxr.evaluate.metrics import (
+    binary_figures,
+    class_counts,
+    class_proportions,
+    decision_summary,
+)
 from covid_cxr.fmt import Table
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint

@@ -16,7 +16,6 @@ are rendered and written in parallel, each from its own child seed.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid
@@ -29,6 +28,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from covid_cxr.atomic import write_json
 from covid_cxr.synth.dicom import write_dicom
 from covid_cxr.synth.render import render_chest
 
@@ -286,5 +286,5 @@ def make_synthetic(
                        "rsna": sum(r["kind"] == "other" for r in rsna_rows)},
         files=len(cxr_rows) + len(rsna_rows), seconds=round(time.perf_counter() - start, 2), settings=settings,
     )
-    (out / "synth.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    write_json(out / "synth.json", summary.to_dict())
     return summary

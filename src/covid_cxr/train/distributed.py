@@ -76,14 +76,6 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> 
     return DistributedDataParallel(model)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside a DDP or compiled wrapper (for saving and evaluation)."""
-    inner = getattr(model, "_orig_mod", model)
-    if isinstance(inner, DistributedDataParallel):
-        inner = inner.module
-    return getattr(inner, "_orig_mod", inner)
-
-
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum over ranks (a copy; identity in a world of one)."""
     if not info.enabled:

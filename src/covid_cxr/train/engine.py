@@ -25,6 +25,8 @@ from covid_cxr.train.loader import Batch
 
 @dataclass(frozen=True)
 class EpochStats:
+    """One pass's mean loss and accuracy over every image of every rank, and its duration."""
+
     loss: float
     accuracy: float
     images: int
@@ -39,10 +41,42 @@ BatchCallback = Callable[[int, int, float, int], None]
 """``on_batch(batch_index, num_batches, running_loss, images_so_far)`` for progress displays."""
 
 
+Step = Callable[[torch.Tensor, torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor]]
+"""``step(x, y, batch) -> (logits, per-image loss)`` on one batch already on the device."""
+
+
 def _inputs(batch: Batch, pre: Preprocessing, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     images = batch.images.to(runtime.device, non_blocking=True)
     labels = batch.labels.to(runtime.device, non_blocking=True)
     return to_model_input(images, pre), labels
+
+
+def _memory_format(x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
+
+
+def _loop(batches: Iterable[Batch], step: Step, *, preprocessing: Preprocessing, runtime: Runtime, dist: DistInfo,
+          on_batch: BatchCallback | None = None) -> EpochStats:  # fmt: skip
+    """The loop training and evaluation share: each batch to the device, ``step``, and the all-reduced sums."""
+    num_batches = len(batches) if hasattr(batches, "__len__") else 0  # type: ignore[arg-type]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
+    seen_global = 0
+    start = time.perf_counter()
+    for index, batch in enumerate(batches):
+        seen_global += batch.global_size
+        if batch.images.shape[0] == 0:  # this rank's slice of a last evaluation batch smaller than the world
+            continue
+        x, y = _inputs(batch, preprocessing, runtime)
+        logits, per_image = step(x, y, batch)
+        loss_sum += per_image.detach().sum().double()
+        correct += (logits.detach().argmax(1) == y).sum()
+        if on_batch is not None:
+            on_batch(index, num_batches, float(loss_sum) / max(seen_global // dist.world_size, 1), seen_global)
+    totals = all_reduce_sum(torch.stack([loss_sum, correct.double()]), dist)
+    seconds = time.perf_counter() - start
+    n = max(seen_global, 1)
+    return EpochStats(loss=float(totals[0]) / n, accuracy=float(totals[1]) / n, images=seen_global, seconds=seconds)
 
 
 def train_one_epoch(
@@ -60,17 +94,11 @@ def train_one_epoch(
     """Train over ``batches`` once; returns the mean loss and accuracy over all images of all ranks."""
     dist = dist or DistInfo()
     model.train()
-    num_batches = len(batches) if hasattr(batches, "__len__") else 0  # type: ignore[arg-type]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
-    seen_global = 0
-    start = time.perf_counter()
-    for index, batch in enumerate(batches):
-        x, y = _inputs(batch, preprocessing, runtime)
+
+    def step(x: torch.Tensor, y: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if augmenter is not None:
             x = augmenter(x, global_size=batch.global_size, rank=dist.rank, world=dist.world_size)
-        if runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _memory_format(x, runtime)
         optimizer.zero_grad(set_to_none=True)
         with runtime.autocast():
             logits = model(x)
@@ -83,15 +111,9 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        loss_sum += per_image.detach().sum().double()
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen_global += batch.global_size
-        if on_batch is not None:
-            on_batch(index, num_batches, float(loss_sum) / max(seen_global // dist.world_size, 1), seen_global)
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.double()]), dist)
-    seconds = time.perf_counter() - start
-    n = max(seen_global, 1)
-    return EpochStats(loss=float(totals[0]) / n, accuracy=float(totals[1]) / n, images=seen_global, seconds=seconds)
+        return logits, per_image
+
+    return _loop(batches, step, preprocessing=preprocessing, runtime=runtime, dist=dist, on_batch=on_batch)
 
 
 @torch.inference_mode()
@@ -106,22 +128,10 @@ def evaluate(
     """Loss and accuracy without augmentation (resize and scale only), in eval mode."""
     dist = dist or DistInfo()
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
-    correct = torch.zeros((), dtype=torch.int64, device=runtime.device)
-    seen_global = 0
-    start = time.perf_counter()
-    for batch in batches:
-        seen_global += batch.global_size
-        if batch.images.shape[0] == 0:
-            continue
-        x, y = _inputs(batch, preprocessing, runtime)
-        if runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+
+    def step(x: torch.Tensor, y: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with runtime.autocast():
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.double()]), dist)
-    seconds = time.perf_counter() - start
-    n = max(seen_global, 1)
-    return EpochStats(loss=float(totals[0]) / n, accuracy=float(totals[1]) / n, images=seen_global, seconds=seconds)
+            logits = model(_memory_format(x, runtime)).float()
+        return logits, F.cross_entropy(logits, y, reduction="none")
+
+    return _loop(batches, step, preprocessing=preprocessing, runtime=runtime, dist=dist)

@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr import fmt
-from covid_cxr.data.manifest import finalize, make_ids
 from covid_cxr.data import splits
+from covid_cxr.data.manifest import finalize, make_ids
 from covid_cxr.data.splits import Fold, SplitPlan, SplitSettings
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.stats import wilson_interval

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from covid_cxr import __version__, fmt
+from covid_cxr.atomic import read_json
+from covid_cxr.errors import DataError
 from covid_cxr.labels import DISPLAY_NAMES
 
 INTENDED_USE = (
@@ -108,14 +109,14 @@ def difference(external: dict[str, Any], internal: dict[str, Any], key: str) -> 
 def _covidx_version(data: str) -> str | None:
     """The COVIDx version of a folder made by ``prepare --covidx`` (its splits' settings record it)."""
     try:
-        settings = json.loads((Path(data) / "splits" / "summary.json").read_text()).get("settings", {})
-    except (OSError, ValueError, AttributeError):
+        settings = read_json(Path(data) / "splits" / "summary.json").get("settings", {})
+    except (DataError, AttributeError):
         return None
     version = settings.get("covidx_version") if isinstance(settings, dict) else None
     return str(version).upper() if version else None
 
 
-def evaluation_section(evals: list[dict[str, Any]], run: dict[str, Any]) -> list[str]:
+def evaluation_section(evals: list[dict[str, Any]]) -> list[str]:
     """Every evaluation with its intervals; internal beside external with the drop; COVID-Net's figures on COVIDx."""
     lines = ["## Evaluation", ""]
     if not evals:
@@ -146,7 +147,11 @@ def evaluation_section(evals: list[dict[str, Any]], run: dict[str, Any]) -> list
 
 
 def _covidx_lines(evals: list[dict[str, Any]]) -> list[str]:
-    from covid_cxr.data.sources.covidx import COVID_NET_CITATION, PUBLISHED_WHERE, published_rows
+    from covid_cxr.data.sources.covidx import (
+        COVID_NET_CITATION,
+        PUBLISHED_WHERE,
+        published_rows,
+    )
 
     out: list[str] = []
     for e in evals:

@@ -16,14 +16,13 @@ A checkpoint is a ``torch.save`` of a plain dict (loadable with ``weights_only=T
                        (:meth:`covid_cxr.operating_point.OperatingPoint.to_dict`); absent means argmax
 =====================  =======================================================================
 
-Writes are atomic: a temporary file in the same folder, flushed and fsynced, then renamed
-over the target, so a crash at any moment leaves either the old file or the new one.
+Writes are atomic (:func:`covid_cxr.atomic.replace_atomically`), so a crash at any moment leaves
+either the old file or the new one.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,10 @@ from typing import Any
 import torch
 
 from covid_cxr import __version__
+from covid_cxr.atomic import replace_atomically
 from covid_cxr.errors import CheckpointError
 from covid_cxr.labels import check_classes
+from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing
 
 FORMAT = "covid-cxr-checkpoint"
@@ -42,6 +43,8 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Checkpoint:
+    """A network's name, classes, preprocessing and weights: everything needed to rebuild it."""
+
     network: str
     classes: tuple[str, ...]
     preprocessing: Preprocessing
@@ -51,6 +54,7 @@ class Checkpoint:
     operating_point: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The dict ``torch.save`` writes (the format in the module docstring)."""
         out: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -68,8 +72,6 @@ class Checkpoint:
 
     def build_model(self, *, strict: bool = True) -> torch.nn.Module:
         """Rebuild the network with its weights, in eval mode."""
-        from covid_cxr.models import build_model  # models import this module's users, not the reverse
-
         model = build_model(self.network, num_classes=len(self.classes), image_size=self.preprocessing.image_size)
         missing, unexpected = model.load_state_dict(self.model_state, strict=False)
         if strict and (missing or unexpected):
@@ -82,37 +84,11 @@ class Checkpoint:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     """Save ``obj`` to ``path`` through a temporary file and a rename; never leaves a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a folder be opened.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return replace_atomically(path, lambda fh: torch.save(obj, fh))
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
+    """Write ``ckpt`` atomically to ``path``."""
     return atomic_torch_save(ckpt.to_dict(), path)
 
 

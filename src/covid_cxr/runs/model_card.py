@@ -12,18 +12,19 @@ by ``export``; ``serve`` shows it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 import yaml
 
 from covid_cxr import __version__, fmt
-from covid_cxr.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from covid_cxr.checkpoint import load_checkpoint
-from covid_cxr.deploy.card_text import (
+from covid_cxr.atomic import file_sha256, write_text
+from covid_cxr.errors import CheckpointError, DataError
+from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+from covid_cxr.runs.card_text import (
     CITATIONS,
     DATASET_IDS,
     INTENDED_USE,
@@ -31,10 +32,12 @@ from covid_cxr.deploy.card_text import (
     evaluation_section,
     operating_point_lines,
 )
-from covid_cxr.errors import CheckpointError
-from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+from covid_cxr.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from covid_cxr.runs.checkpoint import load_checkpoint
+from covid_cxr.runs.evaluations import evaluations
+from covid_cxr.runs.folder import CARD_NAME, RunFolder, RunInfo
+from covid_cxr.runs.results import load_results
 
-CARD_NAME = "MODEL_CARD.md"
 BASE_MODELS = {
     "concat": ["keras.applications.Xception (ImageNet)", "keras.applications.ResNet50V2 (ImageNet)"],
     "xception": ["keras.applications.Xception (ImageNet)"],
@@ -67,8 +70,6 @@ def _operating_point(value: Any) -> dict[str, Any] | None:
 
 def facts_from_checkpoint(path: Path, ckpt: Any = None) -> ModelFacts:
     """Facts from a checkpoint file; its weights are memory-mapped, not read, unless ``ckpt`` is given loaded."""
-    import torch
-
     path = Path(path)
     if ckpt is not None:
         raw = {"operating_point": getattr(ckpt, "operating_point", None)}
@@ -98,20 +99,22 @@ def facts_from_onnx(metadata: dict[str, str], network: str, classes: tuple[str, 
 
 def run_folder_of(path: Path) -> Path | None:
     """The run folder a checkpoint belongs to (``run.json`` beside it), or the folder itself when it is one."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    return folder if (folder / "run.json").is_file() else None
+    home = RunFolder.containing(path)
+    return home.root if home is not None else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _run_info(run_dir: Path | None) -> RunInfo | None:
+    """The run's run.json, or None without a run folder or when it cannot be read (the card then says so)."""
+    if run_dir is None:
+        return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return RunFolder(run_dir).info()
+    except DataError:
+        return None
 
 
 def _config(run_dir: Path | None) -> dict[str, Any]:
+    """The run's resolved settings (config.yaml), or {} without them."""
     if run_dir is None or not (run_dir / "config.yaml").is_file():
         return {}
     data = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -139,29 +142,8 @@ def training_data(run_dir: Path | None) -> pd.DataFrame | None:
     return table.sort_index(level=0, key=lambda idx: idx.map(order), sort_remaining=True)
 
 
-def evaluations(run_dir: Path | None, checkpoint: Path | None) -> list[dict[str, Any]]:
-    """Every ``metrics.json`` of an evaluation of ``checkpoint`` in the run folder, internal ones first."""
-    if run_dir is None:
-        return []
-    run = _read_json(run_dir / "run.json")
-    home = str(Path(run.get("data", "")).resolve()) if run.get("data") else ""
-    found = []
-    for path in sorted(run_dir.glob("*eval-*/metrics.json")):
-        metrics = _read_json(path)
-        info = metrics.get("evaluation") if isinstance(metrics.get("evaluation"), dict) else {}
-        if checkpoint is not None and info.get("checkpoint") and Path(info["checkpoint"]).name != checkpoint.name:
-            continue  # an evaluation of another checkpoint of the run (e.g. last.pt); names survive a moved folder
-        data = str(info.get("data", ""))
-        external = bool(info.get("external")) or (bool(home) and bool(data) and str(Path(data).resolve()) != home)
-        found.append({"name": path.parent.name, "metrics": metrics, "info": info, "external": external})
-    return sorted(found, key=lambda e: (e["external"], e["info"].get("split") != "test", e["name"]))
-
-
 def audit_verdicts(run_dir: Path | None) -> list[tuple[str, list[str]]]:
     """Per audit run: its flags' messages (empty when it flagged nothing)."""
-    from covid_cxr.audit.results import load_results
-    from covid_cxr.errors import DataError
-
     if run_dir is None:
         return []
     try:
@@ -217,7 +199,7 @@ def _index_entry(e: dict[str, Any]) -> dict[str, Any]:
 
 def build_card(facts: ModelFacts, run_dir: Path | None = None) -> str:
     """The whole card as text: front matter, then the sections."""
-    run = _read_json(run_dir / "run.json") if run_dir else {}
+    run = _run_info(run_dir)
     config = _config(run_dir)
     table = training_data(run_dir)
     evals = evaluations(run_dir, facts.checkpoint)
@@ -227,15 +209,16 @@ def build_card(facts: ModelFacts, run_dir: Path | None = None) -> str:
     out += _details(facts, run, config)
     out += ["## Intended use", "", INTENDED_USE, ""]
     out += _training_section(table, run)
-    out += evaluation_section(evals, run)
+    out += evaluation_section(evals)
     out += ["## Operating point", "", *operating_point_lines(facts.operating_point, facts.classes), ""]
     out += _audit_section(audit_verdicts(run_dir))
-    out += ["## Limitations", "", *_limitations(table, run), ""]
+    out += ["## Limitations", "", *_limitations(table), ""]
     out += ["## How to cite", "", "```bibtex", *[CITATIONS[k] for k in _citations(sources)], "```", ""]
     return "\n".join(out)
 
 
-def _details(facts: ModelFacts, run: dict[str, Any], config: dict[str, Any]) -> list[str]:
+def _details(facts: ModelFacts, run: RunInfo | None, config: dict[str, Any]) -> list[str]:
+    """The model: network, classes, input, versions, the run that made it, its files."""
     pre = facts.preprocessing
     lines = ["## Model details", "",
              f"- Network: `{facts.network}` (Rahimzadeh & Attar 2020: Keras-exact Xception / ResNet50V2 in PyTorch)",
@@ -243,13 +226,13 @@ def _details(facts: ModelFacts, run: dict[str, Any], config: dict[str, Any]) -> 
              f"- Input: grayscale X-ray resized to {pre.get('image_size')} x {pre.get('image_size')}"
              + (f" ({pre['resize']} resize)" if pre.get("resize") else "") + f", scaling `{pre.get('scaling')}`",
              f"- Written by covid-cxr {__version__} (model made with {facts.meta.get('covid_cxr_version', 'unknown')})"]
-    if run:
-        said = [f"{label} {run[key]}" for key, label in (("fold", "fold"), ("data", "of"), ("protocol", "protocol"),
-                ("preset", "preset"), ("num_phases", "phases:"), ("epochs_per_phase", "epochs a phase:"),
-                ("status", "status"), ("best_epoch", "checkpoint of epoch")) if run.get(key) is not None]
-        if run.get("best_val_accuracy") is not None:
-            best = fmt.percent(run["best_val_accuracy"], fraction=True, na="unknown")
-            said.append(f"best validation accuracy {best}")
+    if run is not None and run.to_json():
+        said = [f"{label} {getattr(run, key)}" for key, label in (("fold", "fold"), ("data", "of"),
+                ("protocol", "protocol"), ("preset", "preset"), ("num_phases", "phases:"),
+                ("epochs_per_phase", "epochs a phase:"), ("status", "status"), ("best_epoch", "checkpoint of epoch"))
+                if getattr(run, key) is not None]  # fmt: skip
+        if run.best_val_accuracy is not None:
+            said.append(f"best validation accuracy {fmt.percent(run.best_val_accuracy, fraction=True, na='unknown')}")
         lines.append("- Training run: " + ", ".join(said))
     if config.get("pretrained"):
         lines.append(f"- Initial weights: `{config['pretrained']}`; seed {config.get('seed')}")
@@ -258,7 +241,8 @@ def _details(facts: ModelFacts, run: dict[str, Any], config: dict[str, Any]) -> 
     return lines + [""]
 
 
-def _training_section(table: pd.DataFrame | None, run: dict[str, Any]) -> list[str]:
+def _training_section(table: pd.DataFrame | None, run: RunInfo | None) -> list[str]:
+    """Images per split part, source and class, from the run's own split files."""
     lines = ["## Training data", ""]
     if table is None:
         return lines + ["Not recorded with this model: it was not trained by a covid-cxr run folder at hand (an "
@@ -268,7 +252,7 @@ def _training_section(table: pd.DataFrame | None, run: dict[str, Any]) -> list[s
               "|---|---|" + "---:|" * (len(table.columns) + 1)]
     for (part, source), row in table.iterrows():
         lines.append(f"| {part} | {source} | " + " | ".join(str(int(v)) for v in row) + f" | {int(row.sum())} |")
-    if run.get("protocol") == "paper":
+    if run is not None and run.protocol == "paper":
         lines += ["", "Protocol `paper`: the validation set that chose this checkpoint was drawn from the test set "
                   "(the authors' s_test), so the test figures below are optimistic."]
     return lines + [""]
@@ -285,7 +269,8 @@ def _audit_section(verdicts: list[tuple[str, list[str]]]) -> list[str]:
     return lines + [""]
 
 
-def _limitations(table: pd.DataFrame | None, run: dict[str, Any]) -> list[str]:
+def _limitations(table: pd.DataFrame | None) -> list[str]:
+    """The fixed limitations, and those the training data shows (confounded sources, few COVID-19 images)."""
     lines = [f"- {text}" for text in LIMITATIONS]
     if table is not None and "training" in table.index.get_level_values("part"):
         train = table.loc["training"]
@@ -313,17 +298,11 @@ def write_model_card(facts: ModelFacts, out: Path, run_dir: Path | None = None) 
     """Write the card to ``out`` (a file, or a folder to hold ``MODEL_CARD.md``) through a temporary file."""
     out = Path(out)
     path = out / CARD_NAME if out.is_dir() else out
-    text = build_card(facts, run_dir)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, build_card(facts, run_dir))
 
 
 def write_export_card(ckpt: Any, checkpoint: Path, files: list[Path]) -> Path:
     """The card of an exported model, beside its files: the checkpoint's facts, its run folder, the files' hashes."""
-    from covid_cxr.inference.onnx_model import file_sha256
-
     facts = facts_from_checkpoint(checkpoint, ckpt)
     facts.files = [(Path(f).name, file_sha256(f)) for f in files] + [(Path(checkpoint).name, file_sha256(checkpoint))]
     return write_model_card(facts, Path(files[0]).parent / CARD_NAME, run_folder_of(checkpoint))
@@ -331,12 +310,10 @@ def write_export_card(ckpt: Any, checkpoint: Path, files: list[Path]) -> Path:
 
 def write_run_card(run_dir: Path) -> Path:
     """The card of a finished run, in the run folder, naming its best.pt by hash."""
-    from covid_cxr.inference.onnx_model import file_sha256
-
-    best = Path(run_dir) / "best.pt"
-    facts = facts_from_checkpoint(best)
-    facts.files = [(best.name, file_sha256(best))]
-    return write_model_card(facts, Path(run_dir) / CARD_NAME, Path(run_dir))
+    folder = RunFolder(run_dir)
+    facts = facts_from_checkpoint(folder.best)
+    facts.files = [(folder.best.name, file_sha256(folder.best))]
+    return write_model_card(facts, folder.card, folder.root)
 
 
 def served_card(path: Path, sha256: str, checkpoint: Any, predictor: Any) -> str:

@@ -1,0 +1,115 @@
+"""The one atomic file writer, and the one JSON reader.
+
+Every file the package writes for keeps (run.json, metrics.json, audit results, model cards,
+checkpoints) goes through :func:`replace_atomically`: a temporary file in the target's folder,
+flushed and fsynced, then renamed over the target, and the folder fsynced, so a crash at any
+moment leaves either the old file or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from covid_cxr.errors import DataError
+
+PathLike = str | os.PathLike[str]
+
+
+def replace_atomically(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write`` on a temporary binary file beside ``path``, make it durable, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable; not every platform lets a folder be opened, which is then skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return replace_atomically(path, lambda fh: fh.write(data))
+
+
+def write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return write_bytes(path, text.encode(encoding))
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON: NaN and infinities become null (JSON has neither), numpy scalars Python numbers.
+
+    Anything else JSON cannot hold (a path, a date) is written as its text.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        value = value.item()  # a numpy or torch scalar, without importing either
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def write_json(path: PathLike, data: Any, *, indent: int = 2) -> Path:
+    """Write ``data`` as JSON (made finite and serialisable by :func:`jsonable`) to ``path`` atomically."""
+    return write_text(path, json.dumps(jsonable(data), indent=indent) + "\n")
+
+
+def read_json(path: PathLike, *, fix: str = "write it again") -> Any:
+    """The JSON in ``path``; a missing, unreadable or malformed file raises :class:`DataError` naming ``fix``."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such file; {fix}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); {fix}") from exc
+
+
+def read_json_object(path: PathLike, *, what: str = "a JSON object", fix: str = "write it again") -> dict[str, Any]:
+    """:func:`read_json` for files that hold one object (run.json, metrics.json, audit results)."""
+    data = read_json(path, fix=fix)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: not {what} (expected a JSON object); {fix}")
+    return data
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file, read in chunks: identifies exactly which weights a result or a card belongs to."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

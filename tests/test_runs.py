@@ -1,0 +1,98 @@
+"""The run folder's owner: the atomic writer, RunInfo, RunFolder, and resolution of a target."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covid_cxr.atomic import (
+    file_sha256,
+    read_json,
+    read_json_object,
+    write_json,
+    write_text,
+)
+from covid_cxr.errors import DataError
+from covid_cxr.runs.evaluations import evaluations, external_evaluations
+from covid_cxr.runs.folder import RunFolder, RunInfo
+from covid_cxr.runs.resolve import resolve_target
+from covid_cxr.runs.results import audit_dir_for
+
+
+def test_write_json_is_finite_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "sub" / "m.json", {"nan": math.nan, "inf": math.inf, "n": np.int64(3),
+                                                    "x": np.float32(0.5), "p": tmp_path, "t": (1, 2)})
+    assert json.loads(path.read_text()) == {"nan": None, "inf": None, "n": 3, "x": 0.5, "p": str(tmp_path),
+                                            "t": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["m.json"]
+    write_text(path, "replaced")
+    assert path.read_text() == "replaced" and len(file_sha256(path)) == 64
+
+
+def test_read_json_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(DataError, match=r"bad\.json: not valid JSON .*; do this"):
+        read_json(bad, fix="do this")
+    with pytest.raises(DataError, match=r"missing\.json: no such file"):
+        read_json(tmp_path / "missing.json")
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(DataError, match="expected a JSON object"):
+        read_json_object(tmp_path / "list.json")
+
+
+def test_run_info_round_trips_and_keeps_unknown_keys(tmp_path: Path) -> None:
+    data = {"network": "xception", "fold": 2, "status": "running", "from_the_future": {"a": 1}}
+    info = RunInfo.from_json(data)
+    assert info.network == "xception" and info.fold == 2 and info.best_epoch is None
+    assert info.to_json() == data
+    folder = RunFolder(tmp_path / "run")
+    assert not folder.exists()
+    folder.write_info(info.replace(status="finished", best_epoch=3))
+    again = folder.info()
+    assert again.status == "finished" and again.best_epoch == 3 and again.extra == {"from_the_future": {"a": 1}}
+    assert RunFolder.containing(folder.best) is not None and RunFolder.containing(tmp_path) is None
+    assert folder.eval_dir("val").name == "eval-val" and folder.card.name == "MODEL_CARD.md"
+    assert audit_dir_for(folder.root) == folder.audit and audit_dir_for(folder.best) == folder.audit
+    assert audit_dir_for(tmp_path / "loose.pt") == tmp_path / "loose-audit"
+
+
+def test_a_damaged_run_json_is_named(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text("[]")
+    with pytest.raises(DataError, match=r"run\.json: not a run description"):
+        RunFolder(tmp_path).info()
+    assert evaluations(tmp_path, None) == []  # a card says what is absent instead of failing
+
+
+def test_resolve_target_says_what_is_missing(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path / "run")
+    folder.write_info(RunInfo(network="xception", fold=1, data=str(tmp_path / "data"), status="running"))
+    with pytest.raises(DataError, match="split must be one of"):
+        resolve_target(folder.root, None, None, "train", None)
+    with pytest.raises(ValueError, match="has not saved a best checkpoint yet .*'running'"):
+        resolve_target(folder.root, None, None, "test", None)
+    folder.best.write_bytes(b"")
+    t = resolve_target(folder.root, None, None, "val", None)
+    assert (t.checkpoint, t.fold, t.data, t.out_dir) == (folder.best, 1, tmp_path / "data", folder.eval_dir("val"))
+    loose = tmp_path / "loose.pt"
+    loose.write_bytes(b"")
+    with pytest.raises(DataError, match="--data"):
+        resolve_target(loose, None, 1, "test", None)
+    with pytest.raises(DataError, match="--fold"):
+        resolve_target(loose, tmp_path, None, "test", None)
+    assert resolve_target(loose, tmp_path, 2, "test", None).out_dir == tmp_path / "loose-eval-test"
+
+
+def test_external_evaluations_lists_only_complete_ones(tmp_path: Path) -> None:
+    folder = RunFolder(tmp_path)
+    assert external_evaluations(tmp_path) == []  # not a run folder
+    folder.write_info(RunInfo(status="finished"))
+    for name, done in (("b", True), ("a", True), ("c", False)):
+        folder.external_dir(name).mkdir()
+        if done:
+            (folder.external_dir(name) / "predictions.csv").write_text("x\n")
+    assert [p.name for p in external_evaluations(tmp_path)] == ["external-a", "external-b"]
