@@ -31,10 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Read the evaluations (and audit results), write the report, say where."""
-    from covid_cxr.audit.results import (
-        load_results,  # the library (pandas, matplotlib) loads only when run
-    )
-    from covid_cxr.report.report import write_report
+    from covid_cxr.report.report import write_report  # the library (pandas, matplotlib) loads only when run
+    from covid_cxr.runs.results import load_results
 
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0; got {args.bootstrap}")

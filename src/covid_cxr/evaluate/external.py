@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_cxr.data.images import load_image
 from covid_cxr.data.manifest import safe_name
+from covid_cxr.data.prepared import PreparedData
+from covid_cxr.data.sources.folder import read_folder
 from covid_cxr.errors import DataError, ImageDecodeError
 from covid_cxr.evaluate.predictions import validate_predictions, write_predictions
 from covid_cxr.evaluate.run import (
@@ -33,6 +36,7 @@ from covid_cxr.evaluate.run import (
     predict_rows,
     write_evaluation,
 )
+from covid_cxr.inference.backends import load_model
 from covid_cxr.labels import CLASSES
 from covid_cxr.operating_point import of_predictor
 from covid_cxr.runs.folder import RunFolder
@@ -56,9 +60,6 @@ def model_path(target: Path) -> tuple[Path, Path | None]:
 
 def read_external(source: Path) -> tuple[pd.DataFrame, Any]:
     """Manifest rows of a labelled set and, for a prepared folder, its :class:`PreparedData` (else None)."""
-    from covid_cxr.data.prepared import PreparedData
-    from covid_cxr.data.sources.folder import read_folder
-
     source = Path(source)
     if source.is_dir() and (source / "prepare.json").is_file():
         prepared = PreparedData(source)
@@ -77,8 +78,6 @@ def read_external(source: Path) -> tuple[pd.DataFrame, Any]:
 
 def _decode_all(frame: pd.DataFrame, size: int, workers: int) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Decode and resize every image (threads); unreadable ones are returned as (path, reason), not fatal."""
-    from covid_cxr.data.images import load_image
-
     def one(path: str) -> np.ndarray | str:
         try:
             return load_image(path, size)
@@ -120,8 +119,6 @@ def evaluate_external(
     progress: bool = True,
 ) -> EvaluationResult:
     """Evaluate a model on an external labelled set; see the module doc for what it reads and writes."""
-    from covid_cxr.inference.backends import load_model
-
     path, run_dir = model_path(target)
     name = safe_name(name or Path(external).stem)
     out = Path(out_dir) if out_dir is not None else (

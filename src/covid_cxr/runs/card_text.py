@@ -8,6 +8,11 @@ from typing import Any
 
 from covid_cxr import __version__, fmt
 from covid_cxr.atomic import read_json
+from covid_cxr.data.sources.covidx import (
+    COVID_NET_CITATION,
+    PUBLISHED_WHERE,
+    published_rows,
+)
 from covid_cxr.errors import DataError
 from covid_cxr.labels import DISPLAY_NAMES
 
@@ -147,12 +152,6 @@ def evaluation_section(evals: list[dict[str, Any]]) -> list[str]:
 
 
 def _covidx_lines(evals: list[dict[str, Any]]) -> list[str]:
-    from covid_cxr.data.sources.covidx import (
-        COVID_NET_CITATION,
-        PUBLISHED_WHERE,
-        published_rows,
-    )
-
     out: list[str] = []
     for e in evals:
         version = _covidx_version(str(e["info"].get("data", ""))) if e["info"].get("split") == "test" else None
