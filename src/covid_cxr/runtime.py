@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
+from covid_cxr.config import PRECISIONS
 from covid_cxr.errors import ConfigError
 from covid_cxr.perf import SpeedSettings, apply_speed_settings
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -24,10 +24,11 @@ from torch import nn
 from covid_cxr.checkpoint import Checkpoint
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.labels import CLASSES, KERAS_AUTHORS_ORDER, check_classes
-from covid_cxr.models.concat import BACKBONES, HEAD_CHANNELS, CxrNet
+from covid_cxr.models.concat import BACKBONES, HEAD_CHANNELS
 from covid_cxr.models.keras_reader import KerasLayer, KerasWeights, read_keras_weights
 from covid_cxr.models.layers import SeparableConv2d
 from covid_cxr.models.registry import backbones_of, build_model, list_models
+from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
 from covid_cxr.preprocess import Preprocessing
 
 # A layer name that only one backbone has: how a file tells which backbone it holds.
@@ -191,7 +192,7 @@ def import_keras(
             "(each once); give the matching --network or one file per backbone"
         )
     whole = len(files) == 1 and bool(_dense_layers(files[0]))
-    size = image_size or files[0].input_size or 300
+    size = image_size or files[0].input_size or PAPER_IMAGE_SIZE
     num_classes = 3
     if whole:
         dense = _dense_layers(files[0])
@@ -228,23 +229,7 @@ def import_keras(
 
 def _size_for_side(network: str, side: int, *, preferred: int) -> int:
     """An input size whose feature map has ``side`` (the preferred one if it does)."""
-    for candidate in (preferred, 300, 299, *range(71, 2049)):
+    for candidate in (preferred, PAPER_IMAGE_SIZE, 299, *range(MIN_IMAGE_SIZE, 2049)):
         if all(BACKBONES[b].feature_size(candidate) == side for b in backbones_of(network)):
             return candidate
     raise CheckpointError(f"no input size gives a {side}x{side} map for {network}; pass --image-size")
-
-
-def load_keras_backbone(model: CxrNet, path: str | Path) -> str:
-    """Load a Keras backbone file (e.g. an ImageNet no-top file) into the matching backbone of ``model``.
-
-    Returns the backbone's name; the head is left as it is.
-    """
-    weights = read_keras_weights(path)
-    found = [b for b in backbones_in(weights) if b in model.backbones]
-    if len(found) != 1:
-        raise CheckpointError(
-            f"{path}: holds backbones {backbones_in(weights) or 'none'}; network {model.network_name!r} has "
-            f"{list(model.backbones)}: give the no-top weights file of one of those"
-        )
-    load_keras_layers(model.backbones[found[0]], weights.layers, source=str(path))
-    return found[0]
