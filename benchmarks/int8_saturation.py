@@ -51,7 +51,7 @@ def _quantize_both(fp32: Path, folder: Path, calibration: np.ndarray) -> dict[st
 def run_checkpoint(checkpoint: Path, check_count: int) -> tuple[Any, Any]:
     """The checkpoint and its calibration and validation images, chosen as ``export --int8`` chooses them."""
     from covid_cxr.checkpoint import load_checkpoint
-    from covid_cxr.cli.export import CALIBRATION_COUNT
+    from covid_cxr.config import CALIBRATION_COUNT
     from covid_cxr.deploy.calibration import read_run, run_images
 
     ckpt = load_checkpoint(checkpoint)

@@ -43,6 +43,7 @@ SHORTCUTS: tuple[str, ...] = ("marker",)
 
 QUANT_FORMATS: tuple[str, ...] = ("qoperator", "qdq")
 DEFAULT_QUANT_FORMAT = "qoperator"
+MIN_CALIBRATION_IMAGES = 8  # fewer cannot estimate the activation ranges
 CALIBRATION_COUNT = 64  # about 21 per class, as benchmarks/reference.py calibrates; memory stays at one batch
 CHECK_COUNT = 300  # paired: the agreement figure shows changes much smaller than each accuracy's interval
 
