@@ -36,6 +36,8 @@ PROTOCOLS: tuple[str, ...] = ("strict", "paper", "kfold")
 """How validation images are drawn (:mod:`covid_cxr.data.splits`)."""
 FORMS = "argmax, youden, sensitivity=T or specificity=T with 0 < T <= 1 (e.g. sensitivity=0.95)"
 """The operating-point rules :func:`covid_cxr.operating_point.parse_rule` accepts."""
+SPLITS: tuple[str, ...] = ("test", "val")
+"""The prepared splits a model is evaluated on (:mod:`covid_cxr.evaluate.run`)."""
 SHORTCUTS: tuple[str, ...] = ("marker",)
 """Source shortcuts the synthetic data can carry (:mod:`covid_cxr.synth.layouts`)."""
 

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from covid_cxr.config import PRECISIONS
 from covid_cxr.labels import CLASSES, normalize_label
-from covid_cxr.runtime import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

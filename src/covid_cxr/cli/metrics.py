@@ -7,19 +7,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from covid_cxr.evaluate.metrics import COUNTS, RATES
-from covid_cxr.evaluate.predictions import read_predictions
-from covid_cxr.evaluate.run import write_json
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "metrics",
-        help="Table 3/4 figures with 95%% CIs, AUC, calibration from a predictions CSV",
         description="Read a predictions file (columns label and pred; p_covid, p_pneumonia, p_normal and "
         "patient_id when present) and print the paper's Table 3 and Table 4 rows plus F1, balanced accuracy, "
         "AUC (patient bootstrap CI) and calibration error.",
@@ -60,6 +58,10 @@ def _pct(m: dict[str, Any], key: str, digits: int = 2) -> str:
 
 def print_metrics(m: dict[str, Any], console: Console, title: str = "") -> None:
     """Table 3 (counts), Table 4 (percentages with Wilson 95% CIs) and the extra figures."""
+    from rich.table import Table
+
+    from covid_cxr.evaluate.metrics import COUNTS, RATES  # numpy and the evaluation package: only when printing
+
     t3 = Table(title=f"Table 3 {title}".strip())
     t3.add_column("class")
     for col in (*COUNTS, "support"):
@@ -89,6 +91,11 @@ def print_metrics(m: dict[str, Any], console: Console, title: str = "") -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from covid_cxr.evaluate.predictions import read_predictions  # pandas and the evaluation package: only now
+    from covid_cxr.evaluate.run import write_json
+
     check_metric_options(args)
     preds = read_predictions(args.predictions)
     metrics = preds.metrics(prevalence=args.prevalence, prevalence_class=args.prevalence_class,

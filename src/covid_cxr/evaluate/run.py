@@ -27,6 +27,7 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from covid_cxr.config import SPLITS
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.evaluate import plots
 from covid_cxr.evaluate.metrics import DEFAULT_PREVALENCES, decision_summary, table3_row, table4_row
@@ -37,7 +38,6 @@ from covid_cxr.operating_point import OperatingPoint, parse_rule
 if TYPE_CHECKING:  # the data area is imported where used, so metrics and reports never load it
     from covid_cxr.data.prepared import ImageCache, PreparedData
 
-SPLITS = ("test", "val")
 CHECKPOINT_IN_RUN = "best.pt"
 
 
