@@ -22,6 +22,7 @@ pytest.importorskip("onnxruntime.quantization")
 from covid_cxr.cli import main  # noqa: E402
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset  # noqa: E402
 from covid_cxr.data.prepared import PreparedData  # noqa: E402
+from covid_cxr.data.splits import SplitSettings  # noqa: E402
 from covid_cxr.deploy.calibration import stratified_sample  # noqa: E402
 from covid_cxr.deploy.onnx import OnnxPredictor  # noqa: E402
 from covid_cxr.deploy.quantize import META_KEY  # noqa: E402
@@ -45,7 +46,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("int8data")
     synth = make_synthetic(root / "synthetic", seed=0, n_covid=16, n_pneumonia=20, n_normal=16, size=64, workers=1)
     prepare_dataset(PrepareSettings(out=root / "data", covid_chestxray=synth.covid_chestxray, rsna=synth.rsna,
-                                    image_size=SIZE, folds=2, phases=1, seed=0), progress=False)  # fmt: skip
+                                    image_size=SIZE, split=SplitSettings(folds=2, phases=1, seed=0)), progress=False)  # fmt: skip
     return root / "data"
 
 

@@ -83,11 +83,13 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset  # pandas, OpenCV, pydicom: only now
+    from covid_cxr.data.splits import SplitSettings
 
     settings = PrepareSettings(
         out=args.out, covid_chestxray=args.covid_chestxray, rsna=args.rsna, folder=tuple(args.folder or ()),
         covidx=tuple(args.covidx) if args.covidx else None, covidx_images=args.covidx_images,
-        protocol=args.protocol, folds=args.folds, phases=args.phases, seed=args.seed, splits_from=args.splits_from,
+        split=SplitSettings(folds=args.folds, phases=args.phases, seed=args.seed, protocol=args.protocol),
+        splits_from=args.splits_from,
         labels_only=args.labels_only, image_size=args.image_size, skip_bad=args.skip_bad, workers=args.workers,
     )
     report = prepare_dataset(settings, progress=not args.quiet)

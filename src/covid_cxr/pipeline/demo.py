@@ -19,6 +19,7 @@ from typing import Any
 from covid_cxr.config import make_config
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.data.prepared import PreparedData
+from covid_cxr.data.splits import SplitSettings
 from covid_cxr.deploy.export import Int8Settings, export_checkpoint, int8_path
 from covid_cxr.evaluate import evaluate_run
 from covid_cxr.evaluate.report import write_report
@@ -78,7 +79,8 @@ def run_demo(out: Path, *, small: bool = False, seed: int = 0, device: str = "au
 
     def prepare(image_size: int) -> None:
         prepare_dataset(PrepareSettings(out=data, covid_chestxray=synth.covid_chestxray, rsna=synth.rsna,
-                                        image_size=image_size, phases=size.phases, seed=seed), progress=progress)  # fmt: skip
+                                        image_size=image_size, split=SplitSettings(phases=size.phases, seed=seed)),
+                        progress=progress)  # fmt: skip
 
     prepare((plan or PLANS[0]).image_size)
     timings["prepare"] = time.perf_counter() - t
