@@ -24,10 +24,12 @@ from covid_cxr.data.prepare import PrepareSettings, prepare_dataset  # noqa: E40
 from covid_cxr.data.prepared import PreparedData  # noqa: E402
 from covid_cxr.data.splits import SplitSettings  # noqa: E402
 from covid_cxr.deploy.calibration import stratified_sample  # noqa: E402
+from covid_cxr.deploy.export import Int8Settings, export_checkpoint  # noqa: E402
 from covid_cxr.deploy.onnx import OnnxPredictor  # noqa: E402
 from covid_cxr.deploy.quantize import META_KEY  # noqa: E402
 from covid_cxr.deploy.saturation import cpu_features, describe_cpu  # noqa: E402
 from covid_cxr.evaluate.metrics import wilson_interval  # noqa: E402
+from covid_cxr.errors import ConfigError  # noqa: E402
 from covid_cxr.synth import make_synthetic  # noqa: E402
 from tests.test_server import tiny_checkpoint  # noqa: E402
 
@@ -163,6 +165,21 @@ def test_calibration_folder_without_a_run(data: Path, pngs: Path, tmp_path: Path
     assert info["calibration_images"] == 10 and info["format"] == "qdq"
     assert info["check"]["images"] == 10 and info["check"]["labelled"] is False
     assert 0 <= info["check"]["agreement_pct"] <= 100 and "int8_accuracy_pct" not in info["check"]
+
+
+def test_the_library_call_returns_what_it_wrote(pngs: Path, tmp_path: Path) -> None:
+    """export_checkpoint is what the command line and the demo call: typed settings in, the files and check out."""
+    ckpt = tiny_checkpoint(tmp_path / "loose.pt", "xception", size=SIZE, seed=2)
+    lines: list[str] = []
+    result = export_checkpoint(ckpt, int8=Int8Settings(calibration=(str(pngs),)), say=lines.append)
+    assert result.onnx == tmp_path / "loose.onnx" and result.int8 == tmp_path / "loose.int8.onnx"
+    assert result.int8.is_file() and result.card.is_file() and result.check is not None
+    assert _quantization(result.int8)["check"] == result.check.as_dict()
+    assert any(line.startswith(f"wrote {result.int8}") for line in lines)
+    with pytest.raises(ConfigError, match=r"got 'qdqq' \(did you mean 'qdq'\?\)"):
+        Int8Settings(quant_format="qdqq")
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        Int8Settings(check_count=0)
 
 
 def test_refusals_name_the_fix(data: Path, pngs: Path, tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="X-ray files, folders or globs to calibrate on (default: training images of the "
                    "checkpoint's run, from run.json beside it)")
     q.add_argument("--calibration-count", type=int, metavar="N",
-                   help=f"calibrate on at most N images (default {CALIBRATION_COUNT}; at least {MIN_CALIBRATION_IMAGES})")
+                   help=f"calibrate on at most N images (default {CALIBRATION_COUNT}; "
+                   f"at least {MIN_CALIBRATION_IMAGES})")
     q.add_argument("--check-count", type=int, metavar="N",
                    help=f"compare fp32 and int8 on at most N of the run's validation images (default {CHECK_COUNT})")
     q.add_argument("--int8-format", choices=QUANT_FORMATS, help=f"int8 graph format (default {DEFAULT_QUANT_FORMAT})")

@@ -84,7 +84,7 @@ def export_checkpoint(
     int8: Int8Settings | None = None,
     say: Say = _quiet,
 ) -> ExportResult:
-    """Write ``checkpoint`` as ONNX to ``out`` (default: beside it, ``.onnx``), the int8 model with ``int8``, and the card.
+    """Write ``checkpoint`` as ONNX to ``out`` (default: beside it), with ``int8`` the int8 model too, and the card.
 
     The int8 inputs are read before any export, so that a missing image fails fast; the int8 model's
     final name appears only once it is quantized and checked. ``say`` receives one line per step.
