@@ -50,7 +50,7 @@ def _quantize_both(fp32: Path, folder: Path, calibration: np.ndarray) -> dict[st
 
 def run_checkpoint(checkpoint: Path, check_count: int) -> tuple[Any, Any]:
     """The checkpoint and its calibration and validation images, chosen as ``export --int8`` chooses them."""
-    from covid_cxr.cli.export import CALIBRATION_COUNT
+    from covid_cxr.config import CALIBRATION_COUNT
     from covid_cxr.deploy.calibration import read_run, run_images
     from covid_cxr.runs.checkpoint import load_checkpoint
 

@@ -59,12 +59,14 @@ class SmallCnnPredictor:
 
 def _prepare(root: Path, shortcut: str | None) -> Path:
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+    from covid_cxr.data.splits import SplitSettings
 
     raw = make_synthetic(root / "raw", seed=3, n_covid=80, n_pneumonia=200, n_normal=200, size=96,
                          shortcut=shortcut, cxr_pneumonia_fraction=0.3, workers=1)
     out = root / "data"
-    prepare_dataset(PrepareSettings(out=out, covid_chestxray=raw.covid_chestxray, rsna=raw.rsna, folds=3, phases=8,
-                                    seed=0, image_size=SIZE, workers=0), progress=False)
+    prepare_dataset(PrepareSettings(out=out, covid_chestxray=raw.covid_chestxray, rsna=raw.rsna,
+                                    split=SplitSettings(folds=3, phases=8, seed=0), image_size=SIZE, workers=0),
+                    progress=False)
     return out
 
 
@@ -224,13 +226,15 @@ def _prepare_folder_source(root: Path) -> Path:
     import cv2
 
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+    from covid_cxr.data.splits import SplitSettings
 
     rng = np.random.default_rng(5)
     for cls in CLASSES:
         (root / "images" / cls).mkdir(parents=True)
         for i in range(12):
             cv2.imwrite(str(root / "images" / cls / f"{i}.png"), render_chest(rng, 96, cls).image)
-    prepare_dataset(PrepareSettings(out=root / "data", folder=root / "images", folds=2, phases=1, image_size=SIZE),
+    prepare_dataset(PrepareSettings(out=root / "data", folder=root / "images", split=SplitSettings(folds=2, phases=1),
+                                    image_size=SIZE),
                     progress=False)
     return root / "data"
 

@@ -6,15 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from covid_cxr.config import (
-    PAPER_BATCH_SIZES,
-    AugmentSettings,
-    TrainConfig,
-    dump_config,
-    load_config,
-    make_config,
-)
+from covid_cxr.config import AugmentSettings, TrainConfig, dump_config, load_config, make_config
 from covid_cxr.errors import ConfigError
+from covid_cxr.networks import network_entry
 
 
 def test_paper_preset_is_table_2() -> None:
@@ -22,7 +16,7 @@ def test_paper_preset_is_table_2() -> None:
     assert (c.lr, c.epochs_per_phase, c.batch_size, c.image_size, c.scaling) == (1e-4, 100, 20, 300, "unit")
     assert c.pretrained == "imagenet" and c.drop_rate == 0.5
     assert make_config("paper", network="xception").resolved(image_size=300).batch_size == 30
-    assert PAPER_BATCH_SIZES["resnet50v2"] == 30
+    assert network_entry("resnet50v2").paper_batch_size == 30
     aug = c.augment
     assert (aug.rotation_range, aug.zoom_range, aug.width_shift_range, aug.height_shift_range, aug.shear_range) == (
         360.0, 0.05, 0.05, 0.05, 0.05,
@@ -75,3 +69,43 @@ def test_yaml_round_trip_and_refusal(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="no such settings file"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_a_near_miss_is_answered_with_the_nearest_valid_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) epochs_per_phse \(did you mean 'epochs_per_phase'\?\)"):
+        make_config("paper", epochs_per_phse=3)
+    with pytest.raises(ConfigError, match=r"unknown setting\(s\) rotaton_range \(did you mean 'rotation_range'\?\)"):
+        TrainConfig.from_dict({"augment": {"rotaton_range": 10}})
+    with pytest.raises(ConfigError, match=r"got 'conact' \(did you mean 'concat'\?\)"):
+        make_config("paper", network="conact")
+    with pytest.raises(ConfigError, match=r"got 'papr' \(did you mean 'paper'\?\)"):
+        make_config("papr")
+    with pytest.raises(ConfigError, match=r"got 'bf61' \(did you mean 'bf16'\?\)"):
+        make_config("paper", precision="bf61")
+    # Nothing close: no guess, only the valid list.
+    with pytest.raises(ConfigError) as err:
+        make_config("paper", network="vgg16")
+    assert "did you mean" not in str(err.value)
+    path = tmp_path / "config.yaml"
+    path.write_text("network: concat\nbatchsize: 8\n")
+    with pytest.raises(ConfigError, match=r"config.yaml: unknown setting\(s\) batchsize \(did you mean 'batch_size'\?\)"):
+        load_config(path)
+
+
+def test_defaults_come_from_the_network_entries() -> None:
+    for name in ("concat", "xception", "resnet50v2"):
+        entry = network_entry(name)
+        c = make_config("paper", network=name).resolved(image_size=entry.image_size)
+        assert c.batch_size == entry.paper_batch_size and c.image_size == entry.image_size == 300
+        assert (c.lr, c.nadam_eps, c.nadam_momentum_decay) == (
+            entry.optimizer.lr, entry.optimizer.eps, entry.optimizer.momentum_decay,
+        )  # fmt: skip
+
+
+def test_imagenet_weights_with_the_papers_scaling_warn() -> None:
+    paper = make_config("paper")
+    assert (paper.pretrained, paper.scaling) == ("imagenet", "unit")
+    message = paper.scaling_warning()
+    assert message is not None and "expect scaling 'symmetric'" in message and "'unit'" in message
+    assert make_config("paper", scaling="symmetric").scaling_warning() is None
+    assert make_config("cpu").scaling_warning() is None  # from scratch: nothing to mismatch

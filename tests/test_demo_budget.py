@@ -7,14 +7,7 @@ import argparse
 import pytest
 
 from covid_cxr.cli.demo import parse_plan
-from covid_cxr.cli.demo_budget import (
-    PLANS,
-    DemoPlan,
-    SplitSizes,
-    StepCost,
-    choose_plan,
-    projected_seconds,
-)
+from covid_cxr.pipeline.budget import PLANS, DemoPlan, SplitSizes, StepCost, choose_plan, projected_seconds
 from covid_cxr.runtime import choose_runtime
 
 SIZES = SplitSizes(phase_images=(176,) * 8, val_images=80, test_images=1175)  # the default demo's fold 1
@@ -95,7 +88,7 @@ def test_small_and_plan_are_refused_together(tmp_path, capsys: pytest.CaptureFix
 
 def test_measured_step_cost_is_positive() -> None:
     """The probe itself runs a real network's training step and evaluation batch and times them."""
-    from covid_cxr.cli.demo_budget import measure_step_cost
+    from covid_cxr.pipeline.budget import measure_step_cost
 
     runtime = choose_runtime("cpu", "fp32")
     small = measure_step_cost("xception", 71, 2, runtime, lr=1e-4, steps=1, eval_batch=2)
@@ -105,7 +98,7 @@ def test_measured_step_cost_is_positive() -> None:
 def test_the_demo_prints_what_it_measured_and_chose(tmp_path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     """On a prepared set, the demo reads the split sizes, probes as far as needed and says why it chose."""
-    from covid_cxr.cli import demo
+    from covid_cxr.pipeline import demo
     from tests.test_train_runner import tiny_prepared
 
     data = tiny_prepared(tmp_path)
@@ -116,7 +109,7 @@ def test_the_demo_prints_what_it_measured_and_chose(tmp_path, monkeypatch: pytes
         return StepCost(image_size, train_step_s=75.0 * (image_size / 96) ** 2, eval_image_s=0.01)
 
     monkeypatch.setattr(demo, "measure_step_cost", fake_measure)
-    plan = demo._plan_for_budget(data, demo.SIZES["default"], "cpu", "fp32", minutes=10, elapsed_s=30)
+    plan = demo.plan_for_budget(data, demo.SIZES["default"], "cpu", "fp32", minutes=10, elapsed_s=30)
     printed = capsys.readouterr().out
     # 5 training images a phase, 2 phases: one step of 16 a phase and epoch; 75 s a step at 96 px
     assert plan == DemoPlan(84, 4) and seen == [(96, 16), (84, 16)]

@@ -12,6 +12,7 @@ import torch
 
 from covid_cxr.cli import main
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+from covid_cxr.data.splits import SplitSettings
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate.predictions import COLUMNS, predictions_frame, read_predictions
@@ -31,7 +32,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("evaldata")
     make_synthetic(root / "raw", seed=1, n_covid=10, n_pneumonia=12, n_normal=10, size=96, workers=1)
     prepare_dataset(PrepareSettings(out=root / "data", covid_chestxray=root / "raw" / "covid-chestxray-dataset",
-                                    rsna=root / "raw" / "rsna", folds=2, phases=2, image_size=SIZE, workers=1),
+                                    rsna=root / "raw" / "rsna", split=SplitSettings(folds=2, phases=2), image_size=SIZE,
+                                    workers=1),
                     progress=False)
     return root / "data"
 
@@ -187,7 +189,8 @@ def test_a_resize_mismatch_without_the_source_files_is_refused(tmp_path: Path) -
     root = tmp_path
     make_synthetic(root / "raw", seed=2, n_covid=10, n_pneumonia=12, n_normal=10, size=96, workers=1)
     prepare_dataset(PrepareSettings(out=root / "data", covid_chestxray=root / "raw" / "covid-chestxray-dataset",
-                                    rsna=root / "raw" / "rsna", folds=2, phases=2, image_size=SIZE, workers=1),
+                                    rsna=root / "raw" / "rsna", split=SplitSettings(folds=2, phases=2), image_size=SIZE,
+                                    workers=1),
                     progress=False)
     gone = Path(PreparedData(root / "data").manifest["path"].iloc[0])
     gone.unlink()

@@ -22,9 +22,12 @@ pytest.importorskip("onnxruntime.quantization")
 from covid_cxr.cli import main  # noqa: E402
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset  # noqa: E402
 from covid_cxr.data.prepared import PreparedData  # noqa: E402
+from covid_cxr.data.splits import SplitSettings  # noqa: E402
 from covid_cxr.deploy.calibration import stratified_sample  # noqa: E402
+from covid_cxr.deploy.export import Int8Settings, export_checkpoint  # noqa: E402
 from covid_cxr.deploy.quantize import META_KEY  # noqa: E402
 from covid_cxr.deploy.saturation import cpu_features, describe_cpu  # noqa: E402
+from covid_cxr.errors import ConfigError  # noqa: E402
 from covid_cxr.inference.onnx_model import OnnxPredictor  # noqa: E402
 from covid_cxr.stats import wilson_interval  # noqa: E402
 from covid_cxr.synth import make_synthetic  # noqa: E402
@@ -45,7 +48,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("int8data")
     synth = make_synthetic(root / "synthetic", seed=0, n_covid=16, n_pneumonia=20, n_normal=16, size=64, workers=1)
     prepare_dataset(PrepareSettings(out=root / "data", covid_chestxray=synth.covid_chestxray, rsna=synth.rsna,
-                                    image_size=SIZE, folds=2, phases=1, seed=0), progress=False)  # fmt: skip
+                                    image_size=SIZE, split=SplitSettings(folds=2, phases=1, seed=0)), progress=False)  # fmt: skip
     return root / "data"
 
 
@@ -162,6 +165,21 @@ def test_calibration_folder_without_a_run(data: Path, pngs: Path, tmp_path: Path
     assert info["calibration_images"] == 10 and info["format"] == "qdq"
     assert info["check"]["images"] == 10 and info["check"]["labelled"] is False
     assert 0 <= info["check"]["agreement_pct"] <= 100 and "int8_accuracy_pct" not in info["check"]
+
+
+def test_the_library_call_returns_what_it_wrote(pngs: Path, tmp_path: Path) -> None:
+    """export_checkpoint is what the command line and the demo call: typed settings in, the files and check out."""
+    ckpt = tiny_checkpoint(tmp_path / "loose.pt", "xception", size=SIZE, seed=2)
+    lines: list[str] = []
+    result = export_checkpoint(ckpt, int8=Int8Settings(calibration=(str(pngs),)), say=lines.append)
+    assert result.onnx == tmp_path / "loose.onnx" and result.int8 == tmp_path / "loose.int8.onnx"
+    assert result.int8.is_file() and result.card.is_file() and result.check is not None
+    assert _quantization(result.int8)["check"] == result.check.as_dict()
+    assert any(line.startswith(f"wrote {result.int8}") for line in lines)
+    with pytest.raises(ConfigError, match=r"got 'qdqq' \(did you mean 'qdq'\?\)"):
+        Int8Settings(quant_format="qdqq")
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        Int8Settings(check_count=0)
 
 
 def test_refusals_name_the_fix(data: Path, pngs: Path, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """The package's dependencies point down: a module imports only its own package or a lower layer.
 
 The layers, top to bottom (README, "Layout"): the command line; the demo pipeline; the report; deployment;
-audits; evaluation; training; inference; the run folder; models, data and synthetic data (siblings that never
-import each other); settings, runtime and the operating point; the foundations. The test reads every module's
+audits; evaluation; training; inference; the run folder; models, data, synthetic data and CAMs (siblings that
+never import each other); runtime, preprocessing, the operating point and statistics; the settings; the
+foundations (formatting, the atomic writer, the progress bar, option values, network entries); labels; errors. The test reads every module's
 imports (top-level and deferred alike) with ``ast``, so it needs no heavy import and holds on every machine.
 """
 
@@ -27,9 +28,11 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(names) for names in (
     {"inference"},
     {"runs"},
     {"models", "data", "synth", "gradcam"},
-    {"config", "runtime", "perf", "preprocess", "operating_point", "stats"},
+    {"runtime", "perf", "preprocess", "operating_point", "stats"},
+    {"config"},
     {"fmt", "atomic", "progress", "choices", "networks"},
-    {"labels", "errors", "__init__"},
+    {"labels"},
+    {"errors", "__init__"},
 ))
 # Layers whose members are independent siblings: a member may not import another member of its layer.
 SIBLINGS = {frozenset({"models", "data", "synth", "gradcam"})}

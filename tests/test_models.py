@@ -12,7 +12,8 @@ from covid_cxr.errors import ConfigError
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model, list_models
 from covid_cxr.models.layers import MaxPool2dSame, same_padding
-from covid_cxr.preprocess import MIN_IMAGE_SIZE, Preprocessing
+from covid_cxr.networks import MIN_IMAGE_SIZE
+from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 # Keras' count_params (trainable + BatchNorm moving statistics) for each network with the head.

@@ -10,13 +10,8 @@ import pytest
 
 from covid_cxr.errors import CheckpointError
 from covid_cxr.models import build_model
-from covid_cxr.models.pretrained import (
-    IMAGENET_WEIGHTS,
-    WeightsFile,
-    default_cache_dir,
-    fetch_weights,
-    load_imagenet_weights,
-)
+from covid_cxr.models.pretrained import default_cache_dir, fetch_weights, load_imagenet_weights
+from covid_cxr.networks import IMAGENET_FILES, WeightsFile
 
 
 def _entry(tmp_path: Path, payload: bytes, *, sha256: str | None = None) -> WeightsFile:
@@ -63,7 +58,7 @@ def test_wrong_sha256_is_refused_and_nothing_is_cached(tmp_path: Path) -> None:
 
 def test_offline_without_a_file_says_what_to_download_and_where(tmp_path: Path) -> None:
     model = build_model("xception", image_size=71)
-    entry = IMAGENET_WEIGHTS["xception"]
+    entry = IMAGENET_FILES["xception"]
     with pytest.raises(CheckpointError) as err:
         load_imagenet_weights(model, allow_download=False, cache_dir=tmp_path / "cache")
     message = str(err.value)
@@ -73,7 +68,7 @@ def test_offline_without_a_file_says_what_to_download_and_where(tmp_path: Path) 
 
 
 def test_official_entries_point_at_the_keras_files() -> None:
-    for backbone, entry in IMAGENET_WEIGHTS.items():
+    for backbone, entry in IMAGENET_FILES.items():
         assert entry.backbone == backbone
         assert entry.url.startswith("https://storage.googleapis.com/tensorflow/keras-applications/")
         assert entry.url.endswith("/" + entry.filename) and entry.filename.endswith("_notop.h5")

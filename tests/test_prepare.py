@@ -15,6 +15,7 @@ from PIL import Image
 from covid_cxr.cli import main
 from covid_cxr.data.images import decode_image, resize_gray
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+from covid_cxr.data.splits import SplitSettings
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.synth import make_synthetic, render_chest
@@ -30,7 +31,8 @@ def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _settings(raw: Path, out: Path, **kw: object) -> PrepareSettings:
-    base = dict(out=out, covid_chestxray=raw / "covid-chestxray-dataset", rsna=raw / "rsna", folds=3, phases=2,
+    split = SplitSettings(folds=3, phases=2, seed=int(kw.pop("seed", 0)), protocol=str(kw.pop("protocol", "strict")))
+    base = dict(out=out, covid_chestxray=raw / "covid-chestxray-dataset", rsna=raw / "rsna", split=split,
                 image_size=SIZE, workers=1)
     base.update(kw)
     return PrepareSettings(**base)  # type: ignore[arg-type]
@@ -202,7 +204,7 @@ def test_own_folder_with_patient_ids(tmp_path: Path) -> None:
             rows.append({"path": name, "label": label, "patient_id": f"pt{p}"})
     pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
     out = tmp_path / "data"
-    prepare_dataset(PrepareSettings(out=out, folder=tmp_path, folds=2, phases=2, image_size=SIZE, workers=1),
+    prepare_dataset(PrepareSettings(out=out, folder=tmp_path, split=SplitSettings(folds=2, phases=2), image_size=SIZE, workers=1),
                     progress=False)
     data = PreparedData(out)
     assert set(data.manifest["source"]) == {"folder"} and len(data.cache()) == len(rows)

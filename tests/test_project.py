@@ -50,6 +50,8 @@ def test_label_spellings() -> None:
     assert normalize_label("No Finding") == "normal"
     with pytest.raises(ValueError, match="unknown class label 'ARDS' in x.csv row 3"):
         normalize_label("ARDS", where="x.csv row 3")
+    with pytest.raises(ValueError, match=r"unknown class label 'Pneumnia' \(did you mean 'pneumonia'\?\); valid labels"):
+        normalize_label("Pneumnia")
     assert check_classes(["COVID-19", "normal", "pneumonia"]) == ("covid", "normal", "pneumonia")
     with pytest.raises(ValueError):
         check_classes(["covid", "normal"])

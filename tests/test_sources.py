@@ -77,6 +77,10 @@ def test_rsna_errors_name_the_file(tmp_path: Path) -> None:
         tmp_path / "stage_2_detailed_class_info.csv", index=False)
     with pytest.raises(DataError, match="stage_2_detailed_class_info.csv: unknown class value.*Mild Haze"):
         read_rsna(tmp_path)
+    pd.DataFrame({"patientId": ["p1", "p2"], "class": ["Normal", "Lung opacity"]}).to_csv(
+        tmp_path / "stage_2_detailed_class_info.csv", index=False)
+    with pytest.raises(DataError, match=r"'Lung opacity' \(did you mean 'Lung Opacity'\?\)"):
+        read_rsna(tmp_path)
     pd.DataFrame({"patientId": ["p1", "p2"], "class": ["Normal", "Lung Opacity"]}).to_csv(
         tmp_path / "stage_2_detailed_class_info.csv", index=False)
     frame, _ = read_rsna(tmp_path)

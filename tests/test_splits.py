@@ -234,7 +234,7 @@ def test_authors_phase_files_reproduced_exactly(fixtures_dir: Path, tmp_path: Pa
     splits = fixtures_dir / "mr7495_splits"
     out = tmp_path / "data"
     prepare_dataset(PrepareSettings(out=out, covid_chestxray=fixtures_dir / "covid_chestxray" / "metadata_2020-04-08.csv",
-                                    rsna=fixtures_dir / "rsna", splits_from=splits, labels_only=True, protocol="paper"),
+                                    rsna=fixtures_dir / "rsna", splits_from=splits, labels_only=True, split=SplitSettings(protocol="paper")),
                     progress=False)
     data = PreparedData(out)
     assert (data.num_folds, data.num_phases, data.protocol) == (5, 8, "paper")

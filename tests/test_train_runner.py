@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from covid_cxr.cli import main as cli_main
-from covid_cxr.config import load_config, make_config
+from covid_cxr.config import TrainConfig, load_config, make_config
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.train.run_log import LOG_COLUMNS
@@ -32,12 +32,13 @@ TRAIN_ARGS = ["--network", "xception", "--preset", "cpu", "--fold", "1", "--imag
 def tiny_prepared(root: Path, *, phases: int = 2) -> Path:
     """Smallest synthetic set that fills 2 folds of ``phases`` phases (5 training images a phase)."""
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+    from covid_cxr.data.splits import SplitSettings
     from covid_cxr.synth import make_synthetic
 
     synth = make_synthetic(root / "synthetic", seed=0, n_covid=10, n_pneumonia=14, n_normal=12, size=64, workers=1)
     data = root / "data"
     prepare_dataset(PrepareSettings(out=data, covid_chestxray=synth.covid_chestxray, rsna=synth.rsna, image_size=71,
-                                    folds=2, phases=phases, seed=0), progress=False)  # fmt: skip
+                                    split=SplitSettings(folds=2, phases=phases, seed=0)), progress=False)  # fmt: skip
     return data
 
 
@@ -149,3 +150,18 @@ def test_clear_errors(data: Path, straight: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()  # nothing written for a refused run
     assert pd.read_csv(straight / "log.csv").shape[0] == 4  # and the refused resume left the run alone
     assert not torch.are_deterministic_algorithms_enabled()  # the deterministic runs restored the global flag
+
+
+def test_a_settings_warning_is_printed_and_recorded_in_the_run(data: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """What the settings warn about (e.g. ImageNet weights fed another scaling) reaches stderr and run.json."""
+    message = "xception's ImageNet weights expect scaling 'symmetric' but the settings say 'unit'"
+    monkeypatch.setattr(TrainConfig, "scaling_warning", lambda self: message)
+    run = train_fold(replace(config_for(data, tmp_path, "warned"), epochs_per_phase=1), live=False)
+    assert f"warning: {message}" in capsys.readouterr().err
+    assert json.loads((run / "run.json").read_text())["warnings"] == [message]
+
+
+def test_a_run_without_warnings_records_none(straight: Path) -> None:
+    assert "warnings" not in json.loads((straight / "run.json").read_text())

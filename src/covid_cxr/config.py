@@ -1,9 +1,11 @@
-"""Training settings: every default in one place, typed, frozen, validated, dumped to the run folder.
+"""Settings: every default and named choice in one place, typed, frozen, validated, dumped to the run folder.
 
 A :class:`TrainConfig` is built from a preset (``paper`` reproduces Table 2 of the paper; ``cpu``
 is a small, quick configuration that still runs every phase) plus the user's overrides. Bad
 values raise :class:`~covid_cxr.errors.ConfigError` naming the valid range; unknown keys (in
-code or in a YAML file) are refused with the list of valid ones. The resolved settings go to
+code or in a YAML file) are refused with the nearest valid one and the list of all. The per-network
+defaults (batch size, image size, optimizer recipe) come from the entries of :mod:`covid_cxr.networks`.
+This module imports nothing heavy: the command line builds its parser from these tables. The resolved settings go to
 ``RUN/config.yaml`` and come back with :func:`load_config`.
 """
 
@@ -16,16 +18,35 @@ from typing import Any
 import yaml
 
 from covid_cxr.choices import PRECISIONS
-from covid_cxr.errors import ConfigError
-from covid_cxr.preprocess import MIN_IMAGE_SIZE, SCALINGS
+from covid_cxr.errors import ConfigError, did_you_mean
+from covid_cxr.networks import MIN_IMAGE_SIZE, NETWORK_NAMES, PAPER_OPTIMIZER, network_entry, pretrained_scaling_warning
 
-NETWORKS: tuple[str, ...] = ("concat", "xception", "resnet50v2")
-"""The networks of the paper (``covid_cxr.models`` builds them); each has a Table 2 batch size."""
+# -- named choices: settings validate against them and the command line offers them (nothing heavy is
+# imported here, so building the parser stays fast) ---------------------------------------------------
+
+SCALINGS: dict[str, tuple[float, float]] = {
+    # name: (multiplier, offset) so that x_float = x_uint8 * multiplier + offset
+    "unit": (1.0 / 255.0, 0.0),  # the paper's rescale=1/255
+    "symmetric": (1.0 / 127.5, -1.0),  # Keras 'tf' mode, what the ImageNet weights expect
+}
 PRETRAINED: tuple[str, ...] = ("imagenet", "none")
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "nearest")
+PROTOCOLS: tuple[str, ...] = ("strict", "paper", "kfold")
+"""How validation images are drawn (:mod:`covid_cxr.data.splits`)."""
+FORMS = "argmax, youden, sensitivity=T or specificity=T with 0 < T <= 1 (e.g. sensitivity=0.95)"
+"""The operating-point rules :func:`covid_cxr.operating_point.parse_rule` accepts."""
+SPLITS: tuple[str, ...] = ("test", "val")
+"""The prepared splits a model is evaluated on (:mod:`covid_cxr.evaluate.run`)."""
+SHORTCUTS: tuple[str, ...] = ("marker",)
+"""Source shortcuts the synthetic data can carry (:mod:`covid_cxr.synth.layouts`)."""
 
-PAPER_BATCH_SIZES: dict[str, int] = {"concat": 20, "xception": 30, "resnet50v2": 30}
-"""Table 2 of the paper: batch 20 for the concatenated network, 30 for the single backbones."""
+# -- int8 export defaults (covid_cxr.deploy.export) -----------------------------------------------------
+
+QUANT_FORMATS: tuple[str, ...] = ("qoperator", "qdq")
+DEFAULT_QUANT_FORMAT = "qoperator"
+MIN_CALIBRATION_IMAGES = 8  # fewer cannot estimate the activation ranges
+CALIBRATION_COUNT = 64  # about 21 per class, as benchmarks/reference.py calibrates; memory stays at one batch
+CHECK_COUNT = 300  # paired: the agreement figure shows changes much smaller than each accuracy's interval
 
 
 @dataclass(frozen=True)
@@ -60,15 +81,15 @@ class TrainConfig:
     fold: int = 1
     preset: str = "paper"
     epochs_per_phase: int = 100
-    image_size: int | None = None  # None: the prepared cache's size (300 for the paper)
-    batch_size: int | None = None  # None: the paper's per-network batch (PAPER_BATCH_SIZES); global across ranks
+    image_size: int | None = None  # None: the prepared cache's size (the network entry's 300 for the paper)
+    batch_size: int | None = None  # None: the network entry's paper batch (Table 2); global across ranks
     val_batch_size: int = 64
-    lr: float = 1e-4
-    nadam_eps: float = 1e-7  # Keras Nadam's epsilon (torch's default is 1e-8)
-    nadam_momentum_decay: float = 4e-3  # Keras' schedule_decay 0.004, the same momentum schedule as torch
+    lr: float = PAPER_OPTIMIZER.lr  # the optimizer recipe of covid_cxr.networks (Keras Nadam)
+    nadam_eps: float = PAPER_OPTIMIZER.eps
+    nadam_momentum_decay: float = PAPER_OPTIMIZER.momentum_decay
     drop_rate: float = 0.5
     bn_momentum: float | None = None  # None: the networks' Keras 0.99 (PyTorch 0.01); PyTorch convention
-    scaling: str = "unit"  # the paper's 1/255; 'symmetric' is what the ImageNet weights expect
+    scaling: str = "unit"  # the paper's 1/255; 'symmetric' is what the ImageNet weights expect (see scaling_warning)
     pretrained: str = "imagenet"
     weights_files: tuple[str, ...] = ()  # local Keras .h5 ImageNet files (one per backbone for concat)
     augment: AugmentSettings = field(default_factory=AugmentSettings)
@@ -84,7 +105,7 @@ class TrainConfig:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("network", self.network, NETWORKS)
+        _check_choice("network", self.network, NETWORK_NAMES)
         _check_choice("preset", self.preset, tuple(PRESETS))
         _check_int("fold", self.fold, 1, 1000)
         _check_int("epochs_per_phase", self.epochs_per_phase, 1, 100_000)
@@ -117,8 +138,15 @@ class TrainConfig:
         return replace(
             self,
             image_size=self.image_size or image_size,
-            batch_size=self.batch_size or PAPER_BATCH_SIZES[self.network],
+            batch_size=self.batch_size or network_entry(self.network).paper_batch_size,
         )
+
+    def scaling_warning(self) -> str | None:
+        """Why these settings feed the ImageNet weights inputs of another range than they expect, or ``None``.
+
+        Training warns with it and records it in the run: a silent mismatch cost accuracy before.
+        """
+        return pretrained_scaling_warning(self.network, self.pretrained, self.scaling)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -173,7 +201,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def make_config(preset: str = "paper", **overrides: Any) -> TrainConfig:
     """The preset's settings with ``overrides`` on top (``None`` overrides are ignored)."""
     if preset not in PRESETS:
-        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}{did_you_mean(preset, PRESETS)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     values["preset"] = preset
     if isinstance(values.get("augment"), AugmentSettings):
@@ -216,13 +244,14 @@ def _unknown(cls: type, data: dict[str, Any]) -> set[str]:
 def _refuse_unknown(cls: type, data: dict[str, Any], where: str) -> None:
     unknown = _unknown(cls, data)
     if unknown:
-        valid = ", ".join(f.name for f in fields(cls))
-        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}; valid settings are {valid}")
+        names = [f.name for f in fields(cls)]
+        named = ", ".join(f"{key}{did_you_mean(key, names)}" for key in sorted(unknown))
+        raise ConfigError(f"{where}: unknown setting(s) {named}; valid settings are {', '.join(names)}")
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}{did_you_mean(value, choices)}")
 
 
 def _check_int(name: str, value: object, low: int, high: int, *, why: str = "") -> None:
@@ -242,8 +271,6 @@ def _check_range(name: str, value: object, low: float, high: float, *, low_open:
 
 __all__ = [
     "AugmentSettings",
-    "NETWORKS",
-    "PAPER_BATCH_SIZES",
     "PRESETS",
     "TrainConfig",
     "dump_config",

@@ -7,6 +7,9 @@ prints the message alone, without a traceback, and exits with status 2.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class CovidCxrError(Exception):
     """Base class of the errors this package raises for bad input or bad settings."""
@@ -31,3 +34,9 @@ class ConfigError(CovidCxrError, ValueError):
 
 class CheckpointError(CovidCxrError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit what it is used for."""
+
+
+def did_you_mean(value: object, valid: Iterable[str]) -> str:
+    """`` (did you mean 'concat'?)`` for the closest valid name, as Ultralytics answers a typo; else ``""``."""
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from covid_cxr.errors import did_you_mean
+
 CLASSES: tuple[str, ...] = ("covid", "pneumonia", "normal")
 """Canonical class keys, in the paper's table order. Used in files, JSON keys and columns."""
 
@@ -39,6 +41,14 @@ COVID_CHESTXRAY_FINDINGS: dict[str, str] = {
     "Normal": "normal",
 }
 
+# RSNA Pneumonia Detection Challenge ``class`` values (stage_2_detailed_class_info.csv). "No Lung Opacity /
+# Not Normal" is neither pneumonia nor normal (other findings) and is left out: None.
+RSNA_CLASSES: dict[str, str | None] = {
+    "Normal": "normal",
+    "Lung Opacity": "pneumonia",
+    "No Lung Opacity / Not Normal": None,
+}
+
 
 def normalize_label(raw: object, *, where: str = "") -> str:
     """Return the canonical class key for a label spelling, or raise ``ValueError``.
@@ -49,7 +59,7 @@ def normalize_label(raw: object, *, where: str = "") -> str:
     if key is None:
         place = f" in {where}" if where else ""
         raise ValueError(
-            f"unknown class label {raw!r}{place}; valid labels are "
+            f"unknown class label {raw!r}{place}{did_you_mean(str(raw).strip().lower(), _ALIASES)}; valid labels are "
             f"{', '.join(CLASSES)} (also accepted: COVID-19, No Finding)"
         )
     return key

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from covid_cxr.config import FORMS
 from covid_cxr.errors import ConfigError
 
 RULES: tuple[str, ...] = ("argmax", "sensitivity", "specificity", "youden")
 POSITIVE_CLASS = "covid"
-FORMS = "argmax, youden, sensitivity=T or specificity=T with 0 < T <= 1 (e.g. sensitivity=0.95)"
 CHECKPOINT_KEY = "operating_point"
 ONNX_KEY = "operating_point"  # under the covid_cxr. metadata prefix
 

@@ -20,23 +20,16 @@ from typing import Any
 import torch
 
 from covid_cxr.choices import RESIZE_METHODS
+from covid_cxr.config import SCALINGS
 from covid_cxr.errors import ConfigError
-
-SCALINGS: dict[str, tuple[float, float]] = {
-    # name: (multiplier, offset) so that x_float = x_uint8 * multiplier + offset
-    "unit": (1.0 / 255.0, 0.0),  # the paper's rescale=1/255
-    "symmetric": (1.0 / 127.5, -1.0),  # Keras 'tf' mode, what the ImageNet weights expect
-}
-
-MIN_IMAGE_SIZE = 71
-"""Smallest input for which both backbones still produce a feature map (Keras' own minimum for Xception)."""
+from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
 
 
 @dataclass(frozen=True)
 class Preprocessing:
     """How a raw grayscale uint8 image becomes the network's input."""
 
-    image_size: int = 300
+    image_size: int = PAPER_IMAGE_SIZE
     scaling: str = "unit"
     channels: int = 3
     resize: str = "area"

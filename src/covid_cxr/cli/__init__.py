@@ -5,6 +5,10 @@ Each verb module defines ``register(subparsers)``, which adds its parser and set
 library, print. Errors a user can fix (``CovidCxrError``, ``ValueError``,
 ``FileNotFoundError``) are printed as one line and exit with status 2; anything else is a bug
 and keeps its traceback.
+
+Answering fast is the design here: ``covid-cxr --help`` lists the verbs from :data:`VERBS` without
+importing a verb module, and ``covid-cxr VERB ...`` imports that verb's module alone. A verb module
+imports only light modules at the top (argparse, the settings' tables) and the library inside ``run``.
 """
 
 from __future__ import annotations
@@ -15,21 +19,35 @@ import sys
 from collections.abc import Sequence
 
 from covid_cxr import __version__
+from covid_cxr.errors import did_you_mean
 
-# Order here is the order in --help. Add a verb by adding its module name.
-VERBS: tuple[str, ...] = (
-    "synth", "prepare",
-    "train", "cv", "demo",
-    "evaluate", "calibrate",
-    "metrics",
-    "report",
-    "predict", "export", "serve", "model-card",
-    "import-keras",
-    "audit",
-)
+# Order here is the order in --help; the text is the verb's line there. Add a verb by adding its module.
+VERBS: dict[str, str] = {
+    "synth": "write synthetic chest X-ray datasets in the covid-chestxray and RSNA layouts",
+    "prepare": "build the manifest, patient folds, training phases and image cache",
+    "train": "train one fold (phases in order, best checkpoint by validation accuracy)",
+    "cv": "train and evaluate several folds one after another, then report over them",
+    "demo": "synthetic data -> prepare -> train concat (cpu preset) -> evaluate -> report, no data needed",
+    "evaluate": "evaluate a run (its best.pt) or a checkpoint on a fold's test or validation split",
+    "calibrate": "choose a decision rule (operating point) on the validation split and store it in the checkpoint",
+    "metrics": "Table 3/4 figures with 95% CIs, AUC, calibration from a predictions CSV",
+    "report": "cross-fold report (Markdown + one self-contained HTML page) beside the paper's Table 4",
+    "predict": "classify X-ray files, folders or globs with a checkpoint or ONNX model",
+    "export": "export a checkpoint to ONNX (with its preprocessing in the metadata), optionally also as int8",
+    "serve": "serve a model over HTTP: REST API, OpenAPI docs and a web page",
+    "model-card": "write MODEL_CARD.md for a run or checkpoint (Hugging Face layout)",
+    "import-keras": "convert a Keras model or weights file to a covid-cxr checkpoint",
+    "audit": "validity audits: source probe, lung ablation, cross-source recall, Grad-CAM in the lungs",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def verb_module(verb: str) -> str:
+    """The module that registers ``verb``."""
+    return f"covid_cxr.cli.{verb.replace('-', '_')}"
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``verb``, that verb's full parser (its module imported), the others as names only."""
     parser = argparse.ArgumentParser(
         prog="covid-cxr",
         description=(
@@ -39,14 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"covid-cxr {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND")
-    for name in VERBS:
-        module = importlib.import_module(f"covid_cxr.cli.{name.replace('-', '_')}")
-        module.register(sub)
+    for name, line in VERBS.items():
+        if name == verb:
+            importlib.import_module(verb_module(name)).register(sub)
+        else:
+            sub.add_parser(name, help=line.replace("%", "%%"), add_help=False)
     return parser
 
 
+def _verb_in(argv: Sequence[str]) -> str | None:
+    """The verb ``argv`` names (its first word, as argparse reads it), when it is one of :data:`VERBS`."""
+    return argv[0] if argv and argv[0] in VERBS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in VERBS:
+        print(f"covid-cxr: error: unknown command {argv[0]!r}{did_you_mean(argv[0], VERBS)}; commands are "
+              f"{', '.join(VERBS)} (covid-cxr --help says what each does)", file=sys.stderr)
+        return 2
+    parser = build_parser(_verb_in(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

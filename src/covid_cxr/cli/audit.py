@@ -6,11 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from covid_cxr.audit import (
-    results as R,  # light: the wording and JSON of the audits, no NumPy
-)
 from covid_cxr.choices import PRECISIONS
-from covid_cxr.fmt import table_of
 from covid_cxr.labels import CLASSES, normalize_label
 
 
@@ -117,6 +113,11 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(result: dict[str, Any]) -> str:
     """The audit's figures in a few lines, then its flags (or that none fired)."""
+    from covid_cxr.audit import (
+        results as R,  # the audits' wording, loaded when one has run
+    )
+    from covid_cxr.fmt import table_of
+
     section = R.section_blocks({result["audit"]: result})
     lines = [line for block in section[1:] if block[0] == "table" for line in table_of(block[1], block[2]).lines()]
     flags = result.get("flags") or []

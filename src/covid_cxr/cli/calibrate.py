@@ -12,14 +12,12 @@ import argparse
 from pathlib import Path
 
 from covid_cxr.choices import PRECISIONS
-from covid_cxr.evaluate.run import calibrate
-from covid_cxr.operating_point import FORMS, parse_rule
+from covid_cxr.config import FORMS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "calibrate",
-        help="choose a decision rule (operating point) on the validation split and store it in the checkpoint",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("target", type=Path, help="run folder (its best.pt is rewritten) or a .pt checkpoint")
@@ -36,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from covid_cxr.evaluate.run import (
+        calibrate,  # torch and the evaluation package: only when calibrating
+    )
+    from covid_cxr.operating_point import parse_rule
+
     parse_rule(args.operating_point)  # refuse a bad rule before loading anything
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from covid_cxr.choices import BACKENDS, COMPILE_CHOICES, COMPILE_MIN_IMAGES, PRECISIONS
 from covid_cxr.cli.metrics import (
@@ -20,16 +17,17 @@ from covid_cxr.cli.metrics import (
     check_metric_options,
     print_metrics,
 )
-from covid_cxr.evaluate.run import EvaluationResult, evaluate_run
-from covid_cxr.operating_point import FORMS, OperatingPoint
-from covid_cxr.runs.folder import SPLITS
-from covid_cxr.stats import DEFAULT_PREVALENCES, parse_prevalences
+from covid_cxr.config import FORMS, SPLITS
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from covid_cxr.evaluate.run import EvaluationResult
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate",
-        help="evaluate a run (its best.pt) or a checkpoint on a fold's test or validation split",
         description="Writes predictions.csv, metrics.json, table3.csv, table4.csv, confusion_matrix.png/.pdf, "
         "roc.png and calibration.png into RUN/eval-SPLIT/ (for a checkpoint: next to it, or --out).",
     )
@@ -50,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--operating-point", metavar="RULE",
                    help=f"decide by RULE, chosen now on the run's validation split ({FORMS}); default: the "
                    "checkpoint's rule (argmax when it has none). 'covid-cxr calibrate' stores a rule in the checkpoint")
-    p.add_argument("--prevalences", type=parse_prevalences, default=DEFAULT_PREVALENCES, metavar="P,P,...",
+    p.add_argument("--prevalences", metavar="P,P,...",
                    help="state COVID-19 PPV and NPV at these prevalences (default 0.01,0.05,0.2; 5%% also works)")
     ext = p.add_argument_group("external validation")
     ext.add_argument("--external", type=Path, metavar="DATA_OR_CSV",
@@ -64,7 +62,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from covid_cxr.evaluate.run import evaluate_run  # the evaluation library: only now
+    from covid_cxr.stats import DEFAULT_PREVALENCES, parse_prevalences
+
     check_metric_options(args)
+    prevalences = parse_prevalences(args.prevalences) if args.prevalences is not None else DEFAULT_PREVALENCES
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.external is None:
@@ -75,11 +79,11 @@ def run(args: argparse.Namespace) -> int:
             args.target, data=args.data, fold=args.fold, split=args.split, batch_size=args.batch_size,
             device=args.device, precision=args.precision, out_dir=args.out, prevalence=args.prevalence,
             n_boot=args.bootstrap, progress=not args.no_progress, compile=args.compile,
-            operating_point=args.operating_point, prevalences=args.prevalences, backend=args.backend,
+            operating_point=args.operating_point, prevalences=prevalences, backend=args.backend,
         )
         title = f"{result.info['network']} fold {result.info['fold']} {result.info['split']}"
     else:
-        result = _external(args)
+        result = _external(args, prevalences)
         title = f"{result.info['network']} on {result.info['name']}"
     console = Console()
     info = result.info
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _external(args: argparse.Namespace) -> EvaluationResult:
+def _external(args: argparse.Namespace, prevalences: tuple[float, ...]) -> EvaluationResult:
     from covid_cxr.evaluate.external import evaluate_external
 
     for flag, default in (("data", None), ("fold", None), ("operating_point", None)):
@@ -104,12 +108,14 @@ def _external(args: argparse.Namespace) -> EvaluationResult:
         raise ValueError(f"--workers must be >= 1; got {args.workers}")
     return evaluate_external(args.target, args.external, name=args.name, out_dir=args.out,
                              batch_size=args.batch_size, device=args.device, precision=args.precision,
-                             backend=args.backend, prevalence=args.prevalence, prevalences=args.prevalences,
+                             backend=args.backend, prevalence=args.prevalence, prevalences=prevalences,
                              n_boot=args.bootstrap, workers=args.workers, progress=not args.no_progress)
 
 
 def print_decision(decision: dict[str, Any], console: Console) -> None:
     """The operating point and sensitivity, specificity, PPV, NPV at it (95% Wilson CIs), and at other prevalences."""
+    from covid_cxr.operating_point import OperatingPoint
+
     op = OperatingPoint.from_dict(decision["operating_point"])
     console.print(f"operating point: {op.describe()}")
     parts = []
@@ -129,6 +135,8 @@ def print_decision(decision: dict[str, Any], console: Console) -> None:
 
 def _print_comparison(result: EvaluationResult, console: Console) -> None:
     """Internal beside external, when the run has an internal test evaluation."""
+    from rich.table import Table
+
     from covid_cxr.report.report import load_evaluation
     from covid_cxr.report.sections import comparison_table
 

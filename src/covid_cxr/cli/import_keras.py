@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from covid_cxr.choices import RESIZE_METHODS
-from covid_cxr.models import list_models
-from covid_cxr.preprocess import SCALINGS
+from covid_cxr.config import SCALINGS
+from covid_cxr.networks import NETWORK_NAMES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="Keras file(s)")
     parser.add_argument(
-        "--network", choices=list_models(), help="network of the file (default: inferred from its layers)"
+        "--network", choices=NETWORK_NAMES, help="network of the file (default: inferred from its layers)"
     )
     parser.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint to write")
     parser.add_argument(

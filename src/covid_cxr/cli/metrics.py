@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from covid_cxr import fmt
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+
+if TYPE_CHECKING:
+    pass
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "metrics",
-        help="Table 3/4 figures with 95%% CIs, AUC, calibration from a predictions CSV",
         description="Read a predictions file (columns label and pred; p_covid, p_pneumonia, p_normal and "
         "patient_id when present) and print the paper's Table 3 and Table 4 rows plus F1, balanced accuracy, "
         "AUC (patient bootstrap CI) and calibration error.",

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
-from covid_cxr.data.prepare import PrepareReport, PrepareSettings, prepare_dataset
-from covid_cxr.data.splits import PROTOCOLS
+from covid_cxr.config import PROTOCOLS
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+from covid_cxr.networks import PAPER_IMAGE_SIZE
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from covid_cxr.data.prepare import PrepareReport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prepare",
-        help="build the manifest, patient folds, training phases and image cache",
         description="Read the datasets in their public layouts, write DATA/manifest.csv, "
         "DATA/splits/fold*/phase*.csv, val.csv, test.csv and summary.json, and decode every image once into "
         "a memory-mapped cache. Nothing is written when any input is bad.",
@@ -43,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reproduce the authors' splits from their files (All.csv, foldK/trainP.csv)")
     p.add_argument("--labels-only", action="store_true",
                    help="manifest and splits from the metadata alone; no images read")
-    p.add_argument("--image-size", type=int, default=300, metavar="PX", help="cache image size (default 300, as the paper)")
+    p.add_argument("--image-size", type=int, default=PAPER_IMAGE_SIZE, metavar="PX",
+                   help=f"cache image size (default {PAPER_IMAGE_SIZE}, as the paper)")
     p.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be decoded (listed) instead of failing")
     p.add_argument("--workers", type=int, default=0, metavar="N", help="decoding processes (default: all CPUs, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -52,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def print_report(report: PrepareReport, console: Console) -> None:
     """Table 1 (images per source and class), the notes, and per-fold sizes."""
+    from rich.table import Table
+
     table = Table(title="Table 1: images per source and class")
     table.add_column("source")
     for c in CLASSES:
@@ -74,10 +79,19 @@ def print_report(report: PrepareReport, console: Console) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from covid_cxr.data.prepare import (  # pandas, OpenCV, pydicom: only now
+        PrepareSettings,
+        prepare_dataset,
+    )
+    from covid_cxr.data.splits import SplitSettings
+
     settings = PrepareSettings(
         out=args.out, covid_chestxray=args.covid_chestxray, rsna=args.rsna, folder=tuple(args.folder or ()),
         covidx=tuple(args.covidx) if args.covidx else None, covidx_images=args.covidx_images,
-        protocol=args.protocol, folds=args.folds, phases=args.phases, seed=args.seed, splits_from=args.splits_from,
+        split=SplitSettings(folds=args.folds, phases=args.phases, seed=args.seed, protocol=args.protocol),
+        splits_from=args.splits_from,
         labels_only=args.labels_only, image_size=args.image_size, skip_bad=args.skip_bad, workers=args.workers,
     )
     report = prepare_dataset(settings, progress=not args.quiet)

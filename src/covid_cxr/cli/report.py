@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covid_cxr.stats import DEFAULT_PREVALENCES, parse_prevalences
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
-        help="cross-fold report (Markdown + one self-contained HTML page) beside the paper's Table 4",
         description="Each RUN is a run folder (its eval-test/ is read, and its external-*/ evaluations are put beside "
         "it), an evaluation folder or a predictions CSV. Runs are grouped by network; each fold may appear once per "
         "network. External evaluations ('evaluate --external') are compared with their network's internal test.",
@@ -23,19 +20,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--audit", type=Path, metavar="DIR", help="audit results to add as the 'Did it learn the "
                    "disease?' section: a run folder or its audit/ folder ('covid-cxr audit' writes them)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="AUC bootstrap resamples (default 1000)")
-    p.add_argument("--prevalences", type=parse_prevalences, default=DEFAULT_PREVALENCES, metavar="P,P,...",
+    p.add_argument("--prevalences", metavar="P,P,...",
                    help="state COVID-19 PPV and NPV at the operating point at these prevalences "
                    "(default 0.01,0.05,0.2; 5%% also works)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Read the evaluations (and audit results), write the report, say where."""
-    from covid_cxr.report.report import write_report  # the library (pandas, matplotlib) loads only when run
+    from covid_cxr.report.report import (
+        write_report,  # the library (pandas, matplotlib) loads only when run
+    )
     from covid_cxr.runs.results import load_results
+    from covid_cxr.stats import DEFAULT_PREVALENCES, parse_prevalences
 
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap must be >= 0; got {args.bootstrap}")
+    prevalences = parse_prevalences(args.prevalences) if args.prevalences is not None else DEFAULT_PREVALENCES
     audit = None
     if args.audit is not None:
         if not args.audit.is_dir():
@@ -45,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.audit}: no audit results (source.json, ablation.json, ...); "
                                     "run 'covid-cxr audit' on the model first")
     path = write_report(args.runs, args.out, network_label=args.network_label, audit=audit, n_boot=args.bootstrap,
-                        prevalences=args.prevalences)
+                        prevalences=prevalences)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0

@@ -5,16 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
-
-from covid_cxr.synth import make_synthetic
-from covid_cxr.synth.layouts import SHORTCUTS
+from covid_cxr.config import SHORTCUTS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "synth",
-        help="write synthetic chest X-ray datasets in the covid-chestxray and RSNA layouts",
         description="Write DIR/covid-chestxray-dataset (metadata.csv + images/) and DIR/rsna (the stage-2 CSVs + "
         "DICOMs) with synthetic radiographs whose classes a CNN can learn, including the layouts' quirks "
         "(excluded views and findings, multi-box patients, 16-bit and MONOCHROME1 DICOMs). Deterministic for a seed.",
@@ -35,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from covid_cxr.synth import (
+        make_synthetic,  # numpy, OpenCV, pydicom: only when writing
+    )
+
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file; give a folder")
     summary = make_synthetic(args.out, seed=args.seed, n_covid=args.covid, n_pneumonia=args.pneumonia,

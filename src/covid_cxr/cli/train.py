@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covid_cxr.choices import PRECISIONS
-from covid_cxr.config import NETWORKS, PRESETS, PRETRAINED, TrainConfig, make_config
-from covid_cxr.preprocess import SCALINGS
+from covid_cxr.config import PRESETS, PRETRAINED, SCALINGS, TrainConfig, make_config
+from covid_cxr.networks import NETWORK_NAMES
 
 if TYPE_CHECKING:
     from covid_cxr.config import TrainConfig
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``train`` and ``cv`` (unset ones take the preset's value)."""
-    p.add_argument("--network", choices=NETWORKS, help="network to train (default concat)")
+    p.add_argument("--network", choices=NETWORK_NAMES, help="network to train (default concat)")
     p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
                    help="paper: Table 2 of the paper; cpu: small and quick, all phases (default paper)")  # fmt: skip
     p.add_argument("--epochs-per-phase", type=int, metavar="N", help="epochs on each phase (paper: 100)")

@@ -41,7 +41,7 @@ from covid_cxr.data.sources import (
 from covid_cxr.data.splits import SplitPlan, SplitSettings, make_folds
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES
-from covid_cxr.preprocess import MIN_IMAGE_SIZE
+from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -54,13 +54,10 @@ class PrepareSettings:
     folder: Path | str | tuple[str, ...] | None = None  # one or more "[NAME=]DIR": named folder sources
     covidx: tuple[str, ...] | None = None  # COVIDx split files (or their folder); images under covidx_images
     covidx_images: Path | None = None
-    protocol: str = "strict"
-    folds: int = 5
-    phases: int = 8
-    seed: int = 0
+    split: SplitSettings = field(default_factory=SplitSettings)  # folds, phases, seed, validation protocol
     splits_from: Path | None = None
     labels_only: bool = False
-    image_size: int = 300
+    image_size: int = PAPER_IMAGE_SIZE
     skip_bad: bool = False
     workers: int = 0
 
@@ -74,9 +71,11 @@ class PrepareSettings:
                               labels_only=self.labels_only)
         if not self.labels_only and not MIN_IMAGE_SIZE <= self.image_size <= 2048:
             raise ConfigError(f"image size must be between {MIN_IMAGE_SIZE} and 2048 pixels; got {self.image_size}")
-        SplitSettings(folds=self.folds, phases=self.phases, seed=self.seed, protocol=self.protocol)
+        if not isinstance(self.split, SplitSettings):
+            raise ConfigError(f"split must be SplitSettings; got {type(self.split).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
+        """What ``prepare.json`` records (paths as text, the split settings nested)."""
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 
@@ -246,8 +245,7 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
             notes.append(f"{len(report.duplicates)} groups of byte-identical files under different names "
                          f"(e.g. {', '.join(report.duplicates[0][:3])}); listed in prepare.json")
         report.table1 = table1(manifest)
-    split_settings = SplitSettings(folds=settings.folds, phases=settings.phases, seed=settings.seed,
-                                   protocol=settings.protocol)
+    split_settings = settings.split
     plan = (read_author_splits(Path(settings.splits_from), manifest, split_settings) if settings.splits_from
             else covidx.covidx_plan(settings.covidx, manifest, split_settings) if settings.covidx
             else make_folds(manifest, split_settings))

@@ -31,18 +31,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from covid_cxr.data.phases import (
-    PhaseQuota,
-    describe,
-    deviation,
-    plan_phase,
-    shares,
-    spread,
-)
+from covid_cxr.config import PROTOCOLS
+from covid_cxr.data.phases import PhaseQuota, deviation, describe, plan_phase, shares, spread
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
-PROTOCOLS = ("strict", "paper", "kfold")
 CORE_SOURCES = ("covid-chestxray",)
 UNITS_PER_KIND = 500
 """Most units :func:`patient_folds` splits patients with images of the same strata into (bundles beyond)."""

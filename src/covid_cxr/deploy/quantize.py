@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from covid_cxr.config import DEFAULT_QUANT_FORMAT, MIN_CALIBRATION_IMAGES, QUANT_FORMATS
 from covid_cxr.deploy.graph import (
     batchnorm_as_depthwise_conv,
     give_relus_their_own_input,
@@ -57,9 +58,6 @@ from covid_cxr.inference.onnx_graph import (
 from covid_cxr.inference.protocol import check_batch
 from covid_cxr.preprocess import Preprocessing, to_model_input
 
-QUANT_FORMATS = ("qoperator", "qdq")
-DEFAULT_FORMAT = "qoperator"
-MIN_CALIBRATION_IMAGES = 8
 META_KEY = "covid_cxr.quantization"
 
 
@@ -124,7 +122,7 @@ def quantize_onnx(
     out: str | os.PathLike[str],
     calibration_images: np.ndarray,
     *,
-    quant_format: str = DEFAULT_FORMAT,
+    quant_format: str = DEFAULT_QUANT_FORMAT,
     per_channel: bool = True,
     batch_size: int = 8,
     seven_bit_weights: bool = True,

@@ -22,13 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
 from covid_cxr.data.images import load_image, resize_gray
 from covid_cxr.data.names import display_path
@@ -39,6 +32,7 @@ from covid_cxr.inference.protocol import Predictor
 from covid_cxr.inference.sink import PredictionSink
 from covid_cxr.operating_point import OperatingPoint, of_predictor
 from covid_cxr.preprocess import Preprocessing
+from covid_cxr.progress import progress_bar
 
 GRADCAM_BATCH = 4  # a backward pass keeps every activation: small batches bound its memory
 
@@ -166,21 +160,19 @@ def predict_files(
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch size and workers must be >= 1; got {batch_size} and {workers}")
     batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
-    progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        transient=True, disable=len(batches) < 2 or not sys.stderr.isatty())
     pool = ThreadPoolExecutor(workers)
 
     def decode(batch: list[Path]) -> list[Future[np.ndarray]]:
         return [pool.submit(classifier.read, f) for f in batch]
 
     try:
-        with progress:
-            task = progress.add_task("predict", total=len(files))
+        with progress_bar("predict", len(files), enabled=len(batches) >= 2 and sys.stderr.isatty(), transient=True,
+                          rate_unit="img") as advance:
             upcoming = decode(batches[0]) if batches else []
             for k, batch in enumerate(batches):
                 current, upcoming = upcoming, decode(batches[k + 1]) if k + 1 < len(batches) else []
                 _predict_batch(classifier, batch, [_decoded(future) for future in current], sink, overlays)
-                progress.advance(task, len(batch))
+                advance(len(batch))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

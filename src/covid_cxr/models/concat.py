@@ -16,7 +16,7 @@ from covid_cxr.errors import ConfigError
 from covid_cxr.models.layers import keras_layer
 from covid_cxr.models.resnet_v2 import ResNet50V2
 from covid_cxr.models.xception import Xception
-from covid_cxr.preprocess import MIN_IMAGE_SIZE
+from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
 
 BACKBONES: dict[str, type[nn.Module]] = {"xception": Xception, "resnet50v2": ResNet50V2}
 HEAD_CHANNELS = 1024
@@ -31,7 +31,7 @@ class CxrNet(nn.Module):
         network_name: str,
         backbones: tuple[str, ...],
         num_classes: int = 3,
-        image_size: int = 300,
+        image_size: int = PAPER_IMAGE_SIZE,
         *,
         drop_rate: float = 0.5,
     ) -> None:

@@ -28,6 +28,7 @@ from covid_cxr.models.concat import BACKBONES, HEAD_CHANNELS
 from covid_cxr.models.keras_reader import KerasLayer, KerasWeights, read_keras_weights
 from covid_cxr.models.layers import SeparableConv2d
 from covid_cxr.models.registry import backbones_of, build_model, list_models
+from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
 
 # A layer name that only one backbone has: how a file tells which backbone it holds.
 SIGNATURE_LAYERS: dict[str, str] = {"xception": "block1_conv1", "resnet50v2": "conv1_conv"}
@@ -219,7 +220,7 @@ def _infer_network(files: list[KerasWeights], paths: list[Path]) -> str:
 def _head_shape(network: str, first: KerasWeights, path: Path, whole: bool, image_size: int | None
                 ) -> tuple[int, int]:  # fmt: skip
     """Input size and number of outputs: a whole model's Dense layer tells both (the size when not given)."""
-    size = image_size or first.input_size or 300
+    size = image_size or first.input_size or PAPER_IMAGE_SIZE
     if not whole:
         return size, 3
     dense = _dense_layers(first)
@@ -234,7 +235,7 @@ def _head_shape(network: str, first: KerasWeights, path: Path, whole: bool, imag
 
 def _size_for_side(network: str, side: int, *, preferred: int) -> int:
     """An input size whose feature map has ``side`` (the preferred one if it does)."""
-    for candidate in (preferred, 300, 299, *range(71, 2049)):
+    for candidate in (preferred, PAPER_IMAGE_SIZE, 299, *range(MIN_IMAGE_SIZE, 2049)):
         if all(BACKBONES[b].feature_size(candidate) == side for b in backbones_of(network)):
             return candidate
     raise CheckpointError(f"no input size gives a {side}x{side} map for {network}; pass --image-size")

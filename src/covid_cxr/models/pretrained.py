@@ -1,5 +1,6 @@
 """The Keras ImageNet weights (no top) for our backbones: find, fetch, verify, cache, load.
 
+The files, their digests and the input scaling they expect are the network entries' (:mod:`covid_cxr.networks`).
 Where a file comes from, in order: the files the caller names (``weights_file``: a file, a
 folder holding the official file names, or a list of files, each recognised by its layers);
 the cache (``$COVID_CXR_CACHE``, else ``$XDG_CACHE_HOME/covid-cxr``, else ``~/.cache/covid-cxr``);
@@ -11,63 +12,18 @@ and checked by their layer names and shapes when loaded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from covid_cxr.errors import CheckpointError
 from covid_cxr.models.concat import CxrNet
 from covid_cxr.models.keras_import import backbones_in, load_keras_layers
 from covid_cxr.models.keras_reader import KerasWeights, read_keras_weights
-
-_BASE = "https://storage.googleapis.com/tensorflow/keras-applications"
-
-
-@dataclass(frozen=True)
-class WeightsFile:
-    """One downloadable weights file and the digest it must have."""
-
-    backbone: str
-    filename: str
-    url: str
-    sha256: str | None = None
-    md5: str | None = None
-
-    def check(self, path: Path) -> None:
-        """Raise :class:`CheckpointError` if ``path`` does not have the known digest."""
-        algorithm, expected = ("sha256", self.sha256) if self.sha256 else ("md5", self.md5)
-        if expected is None:
-            raise CheckpointError(f"{self.filename}: no known digest to check the file against")
-        digest = hashlib.new(algorithm)
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        if digest.hexdigest() != expected.lower():
-            raise CheckpointError(
-                f"{path}: {algorithm.upper()} is {digest.hexdigest()}, expected {expected} for {self.filename}; "
-                f"the file is corrupt or not the official one: delete it and download it again from {self.url}"
-            )
-
-
-IMAGENET_WEIGHTS: dict[str, WeightsFile] = {
-    "xception": WeightsFile(
-        "xception",
-        "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        f"{_BASE}/xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        md5="b0042744bf5b25fce3cb969f33bebb97",
-    ),
-    "resnet50v2": WeightsFile(
-        "resnet50v2",
-        "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        f"{_BASE}/resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        md5="fac2f116257151a9d068a22e544a4917",
-    ),
-}
+from covid_cxr.networks import IMAGENET_FILES, WeightsFile
 
 
 def default_cache_dir() -> Path:
@@ -117,7 +73,7 @@ def _named_files(weights_file: Path | Sequence[Path], wanted: Sequence[str]) -> 
     for item in items:
         if item.is_dir():
             for backbone in wanted:
-                candidate = item / IMAGENET_WEIGHTS[backbone].filename
+                candidate = item / IMAGENET_FILES[backbone].filename
                 if candidate.is_file() and backbone not in found:
                     found[backbone] = read_keras_weights(candidate)
             continue
@@ -128,7 +84,7 @@ def _named_files(weights_file: Path | Sequence[Path], wanted: Sequence[str]) -> 
         if len(held) != 1:
             raise CheckpointError(
                 f"{item}: not the no-top weights of one of {', '.join(wanted)}; expected e.g. "
-                + " or ".join(IMAGENET_WEIGHTS[b].filename for b in wanted)
+                + " or ".join(IMAGENET_FILES[b].filename for b in wanted)
             )
         if held[0] in found:
             raise CheckpointError(f"{item}: a second weights file for {held[0]} (first: {found[held[0]].path})")
@@ -137,7 +93,7 @@ def _named_files(weights_file: Path | Sequence[Path], wanted: Sequence[str]) -> 
     if missing:
         raise CheckpointError(
             "no weights file given for "
-            + ", ".join(f"{b} (expected {IMAGENET_WEIGHTS[b].filename}, from {IMAGENET_WEIGHTS[b].url})" for b in missing)
+            + ", ".join(f"{b} (expected {IMAGENET_FILES[b].filename}, from {IMAGENET_FILES[b].url})" for b in missing)
         )
     return found
 
@@ -159,7 +115,7 @@ def load_imagenet_weights(
         files = _named_files(weights_file, wanted)
     else:
         files = {
-            b: read_keras_weights(fetch_weights(IMAGENET_WEIGHTS[b], allow_download=allow_download, cache_dir=cache_dir))
+            b: read_keras_weights(fetch_weights(IMAGENET_FILES[b], allow_download=allow_download, cache_dir=cache_dir))
             for b in wanted
         }
     for backbone, weights in files.items():

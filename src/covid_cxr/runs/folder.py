@@ -22,7 +22,6 @@ LAST = "last.pt"
 CONFIG = "config.yaml"
 LOG = "log.csv"
 CARD_NAME = "MODEL_CARD.md"
-SPLITS = ("test", "val")  # the splits a run is evaluated on, each into eval-<split>/
 
 
 def now() -> str:
@@ -57,6 +56,7 @@ class RunInfo:
     best_val_accuracy: float | None = None
     started: str | None = None
     finished: str | None = None
+    warnings: list[str] | None = None  # settings that train but deserve a word (e.g. ImageNet weights' scaling)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod

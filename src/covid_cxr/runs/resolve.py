@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from covid_cxr.config import SPLITS
 from covid_cxr.data.cache import cache_dirname, cache_key, cache_matches, ensure_cache
 from covid_cxr.data.prepared import FoldSplits, ImageCache, PreparedData
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.runs.checkpoint import Checkpoint
-from covid_cxr.runs.folder import SPLITS, RunFolder, RunInfo
+from covid_cxr.runs.folder import RunFolder, RunInfo
 
 
 @dataclass(frozen=True)

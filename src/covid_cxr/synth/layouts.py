@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.atomic import write_json
+from covid_cxr.config import SHORTCUTS
 from covid_cxr.synth.dicom import write_dicom
 from covid_cxr.synth.render import render_chest
 
@@ -50,7 +51,6 @@ HIERARCHICAL = {
     "E.Coli": "Pneumonia/Bacterial/E.Coli",
     "ARDS": "ARDS",
 }
-SHORTCUTS = ("marker",)
 RSNA_SPECIAL_FRACTION = 0.01  # each of: 16-bit, MONOCHROME1, preamble-less
 
 

@@ -21,6 +21,7 @@ import hashlib
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -193,6 +194,9 @@ class Trainer:
             folder = RunFolder(_new_run_dir(self.config))
             self.config = replace(self.config, name=folder.name)
         self.folder = folder
+        self.warnings = [w for w in (self.config.scaling_warning(),) if w]
+        for warning in self.warnings if dist.is_main else ():
+            print(f"warning: {warning}", file=sys.stderr)
         self._build(last)
         self.epochs = self.config.epochs_per_phase
         self.total_epochs = len(self.phases) * self.epochs
@@ -285,7 +289,7 @@ class Trainer:
             world_size=self.dist.world_size, runtime=self.runtime.describe(), num_phases=len(self.phases),
             epochs_per_phase=self.epochs, total_epochs=self.total_epochs, status="running", epochs_done=self.done,
             best_epoch=self.best_epoch, best_val_accuracy=self.best_acc if self.best_epoch is not None else None,
-            started=old.started or now(), finished=None,
+            started=old.started or now(), finished=None, warnings=self.warnings or None,
         )  # fmt: skip
 
     def _open_folder(self) -> None:

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from covid_cxr.config import CALIBRATION_COUNT
+from covid_cxr.labels import CLASSES
+from covid_cxr.models import build_model
 from covid_cxr.runtime import Runtime
 
 
@@ -41,7 +44,6 @@ PLANS: tuple[DemoPlan, ...] = (
 
 EVAL_BATCH = 64  # the cpu preset's val_batch_size; evaluation runs at this batch
 EXPORT_FIXED_S = 30.0  # ONNX export and int8 quantization besides their forward passes (about 35 s in all on Zen 4)
-CALIBRATION_IMAGES = 64  # covid-cxr export's default calibration count
 SKIP_MEASURING_OVER = 1.5  # an image size whose area-scaled projection is this far over the budget is not timed
 
 
@@ -69,7 +71,7 @@ def projected_seconds(plan: DemoPlan, cost: StepCost, sizes: SplitSizes, batch_s
     steps = plan.epochs_per_phase * sum(math.ceil(n / batch_size) for n in sizes.phase_images)
     validation = plan.epochs_per_phase * len(sizes.phase_images) * sizes.val_images
     # export: calibration, then fp32 and int8 on the validation images (ONNX Runtime at about torch's speed)
-    forwards = validation + sizes.test_images + CALIBRATION_IMAGES + 2 * sizes.val_images
+    forwards = validation + sizes.test_images + CALIBRATION_COUNT + 2 * sizes.val_images
     return steps * cost.train_step_s + forwards * cost.eval_image_s + EXPORT_FIXED_S
 
 
@@ -115,9 +117,6 @@ def measure_step_cost(network: str, image_size: int, batch_size: int, runtime: R
 
     The median step is taken: a step of a busy machine's outlier should not pick the plan.
     """
-    from covid_cxr.labels import CLASSES
-    from covid_cxr.models import build_model
-
     began = time.perf_counter()
     model = build_model(network, num_classes=len(CLASSES), image_size=image_size).to(runtime.device)
     memory = torch.channels_last if runtime.channels_last else torch.contiguous_format

@@ -1,0 +1,1 @@
+"""Pipelines that chain the library end to end: the demo (:mod:`.demo`) and its sizing to a time budget (:mod:`.budget`)."""
