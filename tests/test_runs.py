@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from covid_cxr.atomic import (
+    atomic_path,
     file_sha256,
     read_json,
     read_json_object,
@@ -31,6 +32,21 @@ def test_write_json_is_finite_and_leaves_no_temporary_file(tmp_path: Path) -> No
     assert [p.name for p in path.parent.iterdir()] == ["m.json"]
     write_text(path, "replaced")
     assert path.read_text() == "replaced" and len(file_sha256(path)) == 64
+
+
+def test_atomic_path_renames_on_success_and_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
+    """A writer that wants a file name (onnx.save, the quantizer) gets all-or-nothing too."""
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half of a new mod")
+        raise RuntimeError("the writer died")
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    with atomic_path(target, suffix=".partial.onnx") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.endswith(".partial.onnx") and tmp != target
+        tmp.write_bytes(b"new")
+        assert target.read_bytes() == b"old"  # nothing shows at the final name until the block ends
+    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]
 
 
 def test_read_json_names_the_file_and_the_fix(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """The one atomic file writer, and the one JSON reader.
 
 Every file the package writes for keeps (run.json, metrics.json, audit results, model cards,
-checkpoints) goes through :func:`replace_atomically`: a temporary file in the target's folder,
-flushed and fsynced, then renamed over the target, and the folder fsynced, so a crash at any
-moment leaves either the old file or the new one, never half of either.
+checkpoints, exported models, downloaded weights) goes through :func:`replace_atomically` (a writer
+given a file object) or :func:`atomic_path` (a writer that wants a file name: ``onnx.save``, ONNX
+Runtime's quantizer): a temporary file in the target's folder, flushed and fsynced, then renamed
+over the target, and the folder fsynced, so a crash at any moment leaves either the old file or the
+new one, never half of either.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +41,25 @@ def replace_atomically(path: PathLike, write: Callable[[IO[bytes]], None]) -> Pa
         raise
     fsync_dir(path.parent)
     return path
+
+
+@contextmanager
+def atomic_path(path: PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file name beside ``path`` to write to; when the block ends without an error the file is
+    made durable and renamed to ``path``, otherwise it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:

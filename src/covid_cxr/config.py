@@ -17,9 +17,16 @@ from typing import Any
 
 import yaml
 
+from covid_cxr.atomic import write_text
 from covid_cxr.choices import PRECISIONS
 from covid_cxr.errors import ConfigError, did_you_mean
-from covid_cxr.networks import MIN_IMAGE_SIZE, NETWORK_NAMES, PAPER_OPTIMIZER, network_entry, pretrained_scaling_warning
+from covid_cxr.networks import (
+    MIN_IMAGE_SIZE,
+    NETWORK_NAMES,
+    PAPER_OPTIMIZER,
+    network_entry,
+    pretrained_scaling_warning,
+)
 
 # -- named choices: settings validate against them and the command line offers them (nothing heavy is
 # imported here, so building the parser stays fast) ---------------------------------------------------
@@ -216,10 +223,7 @@ def dump_config(config: TrainConfig, path: str | Path, *, extra: dict[str, Any] 
     text = yaml.safe_dump(body, sort_keys=False)
     if extra:
         text += "# recorded at run time, not settings:\n" + yaml.safe_dump({"recorded": extra}, sort_keys=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text(path, text)
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -32,7 +32,6 @@ from covid_cxr.errors import ConfigError
 
 RULES: tuple[str, ...] = ("argmax", "sensitivity", "specificity", "youden")
 POSITIVE_CLASS = "covid"
-CHECKPOINT_KEY = "operating_point"
 ONNX_KEY = "operating_point"  # under the covid_cxr. metadata prefix
 
 

@@ -169,18 +169,6 @@ def estimate_lung_fields(images: np.ndarray) -> LungFields:
     return LungFields(masks=masks, method="coarse-estimate", prior_used=prior)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    total = a.sum() + b.sum()
-    return float(2.0 * (a & b).sum() / total) if total else 1.0
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
-
-
 def mask_stem(image_id: str) -> str:
     """The file name (without extension) a user mask for ``image_id`` must have."""
     return str(image_id).replace("/", "__")

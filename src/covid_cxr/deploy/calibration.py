@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr import fmt
+from covid_cxr.atomic import atomic_path
 from covid_cxr.data.images import load_image
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import ConfigError, DataError, ImageDecodeError
@@ -217,10 +217,5 @@ def record_in_metadata(model_path: Path, extra: dict[str, Any]) -> None:
         entry = model.metadata_props.add()
         entry.key, entry.value = META_KEY, "{}"
     entry.value = json.dumps({**json.loads(entry.value), **extra}, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{model_path.name}.", suffix=".tmp", dir=model_path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, model_path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(model_path) as tmp:
+        onnx.save(model, os.fspath(tmp))

@@ -12,14 +12,12 @@ load either file. Both ``covid-cxr export`` and the demo call :func:`export_chec
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from covid_cxr.atomic import file_sha256
+from covid_cxr.atomic import atomic_path, file_sha256
 from covid_cxr.config import (
     CALIBRATION_COUNT,
     CHECK_COUNT,
@@ -159,18 +157,12 @@ def write_int8(fp32_path: Path, fp32: OnnxPredictor, images: CalibrationSet, qua
                say: Say = _quiet) -> Int8Check:  # fmt: skip
     """Quantize beside the fp32 file, check, store the figures; the final name appears only when all is done."""
     final = int8_path(fp32_path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial.onnx", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(final, suffix=".partial.onnx") as tmp:
         with _root_logger_at(logging.ERROR):  # ORT's quantizer logs advice on the root logger that does not apply
             quantize_onnx(fp32_path, tmp, images.calibration, quant_format=quant_format)
         result = check_int8(fp32, OnnxPredictor(tmp), images.check_images, images.check_labels, images.check_source)
         record_in_metadata(tmp, {"calibration_source": images.calibration_source, "check": result.as_dict(),
                                  "checked_on": cpu_features()})
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     say(f"wrote {final} ({final.stat().st_size / 2**20:.1f} MiB): int8 {quant_format} (uint8 activations, "
         f"{WEIGHT_SCHEME}), calibrated on {len(images.calibration)} {images.calibration_source}")
     say(f"{result.summary()}; on {describe_cpu(cpu_features())}")

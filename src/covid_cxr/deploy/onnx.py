@@ -8,9 +8,9 @@ which the cached fp32 backend runs too; the file opens with
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
+from covid_cxr.atomic import write_bytes
 from covid_cxr.inference.onnx_model import DEFAULT_OPSET, export_onnx_bytes
 from covid_cxr.runs.checkpoint import Checkpoint
 
@@ -25,14 +25,4 @@ def export_onnx(
 ) -> Path:
     """Write the ONNX model to ``out`` atomically (temporary file, then rename)."""
     data = export_onnx_bytes(checkpoint, dynamic_batch=dynamic_batch, opset=opset, source_sha256=source_sha256)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_bytes(out, data)

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from covid_cxr.atomic import atomic_path
 from covid_cxr.config import DEFAULT_QUANT_FORMAT, MIN_CALIBRATION_IMAGES, QUANT_FORMATS
 from covid_cxr.deploy.graph import (
     batchnorm_as_depthwise_conv,
@@ -173,10 +173,7 @@ def quantize_onnx(
         pass
 
     reader = Reader(calibration_images, pre, input_name, batch_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         quantize_static(
             model,
             tmp,
@@ -213,9 +210,6 @@ def quantize_onnx(
             sort_keys=True,
         )
         onnx.save(quantized, tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return out
 
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from covid_cxr import __version__
-from covid_cxr.atomic import file_sha256
+from covid_cxr.atomic import file_sha256, write_bytes
 from covid_cxr.choices import BACKENDS
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.gradcam import GradCam
@@ -138,16 +137,9 @@ def cached_onnx(checkpoint: Checkpoint, sha256: str) -> tuple[bytes, str]:
     started = time.perf_counter()
     data = export_onnx_bytes(checkpoint, source_sha256=sha256)
     took = f"exported in {time.perf_counter() - started:.0f} s"
-    tmp: str | None = None
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
+        write_bytes(target, data)
     except OSError as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         return data, f"{took}; not cached ({exc.strerror or exc}: set COVID_CXR_CACHE to a writable folder)"
     return data, f"{took}, cached as {target}"
 

@@ -13,12 +13,12 @@ and checked by their layer names and shapes when loaded.
 from __future__ import annotations
 
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from covid_cxr.atomic import atomic_path
 from covid_cxr.errors import CheckpointError
 from covid_cxr.models.concat import CxrNet
 from covid_cxr.models.keras_import import backbones_in, load_keras_layers
@@ -43,19 +43,14 @@ def fetch_weights(entry: WeightsFile, *, allow_download: bool = True, cache_dir:
         return target
     if not allow_download:
         raise CheckpointError(_missing_message(entry, target, "downloads are off"))
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=folder)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-        entry.check(tmp)
-        os.replace(tmp, target)
+        with atomic_path(target, suffix=".part") as tmp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+            entry.check(tmp)  # a wrong sha256 raises here: the partial file is removed, nothing is cached
     except (urllib.error.URLError, OSError) as exc:
         raise CheckpointError(_missing_message(entry, target, f"the download failed: {exc}")) from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

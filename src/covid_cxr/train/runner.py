@@ -37,6 +37,7 @@ from covid_cxr.errors import CheckpointError, ConfigError, DataError
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.models.pretrained import load_imagenet_weights
+from covid_cxr.networks import network_entry
 from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.checkpoint import (
     Checkpoint,
@@ -81,11 +82,11 @@ def seed_epoch(seed: int, global_epoch: int, augmenter: Augmenter) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Keras Nadam as torch allows: same betas, epsilon 1e-7 and 0.004 momentum schedule."""
+    """Keras Nadam as torch allows, from the network's recipe (betas) and the settings (lr, epsilon, schedule)."""
     return torch.optim.NAdam(
         model.parameters(),
         lr=config.lr,
-        betas=(0.9, 0.999),
+        betas=network_entry(config.network).optimizer.betas,
         eps=config.nadam_eps,
         momentum_decay=config.nadam_momentum_decay,
     )
