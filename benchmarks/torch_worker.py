@@ -37,8 +37,9 @@ CONFIGS = (DEFAULT_CONFIG, *TORCH_CONFIGS, *ORT_CONFIGS)
 def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
     if config == DEFAULT_CONFIG:
         from covid_cxr.inference.backends import load_model
+        from covid_cxr.inference.settings import InferenceSettings
 
-        loaded = load_model(checkpoint, device="cpu")
+        loaded = load_model(checkpoint, InferenceSettings(device="cpu"))
         print(f"default: {loaded.describe()}", flush=True)
         return loaded.predictor
     if config in TORCH_CONFIGS:

@@ -30,7 +30,7 @@ from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runtime import choose_runtime
 from covid_cxr.train.augment import Augmenter
 from covid_cxr.train.engine import train_one_epoch
-from covid_cxr.train.loader import train_loader
+from covid_cxr.train.loader import LoaderOptions, train_loader
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Training throughput"
@@ -65,8 +65,8 @@ def measure(network: str, image_size: int, batch: int, steps: int, warmup: int, 
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    loader = train_loader(images, np.arange(n), labels, batch_size=batch, seed=0, epoch=0,
-                          pin_memory=runtime.device.type == "cuda")  # fmt: skip
+    options = LoaderOptions(pin_memory=runtime.device.type == "cuda")
+    loader = train_loader(images, np.arange(n), labels, batch_size=batch, seed=0, epoch=0, options=options)
     train_one_epoch(model, loader, optimizer, preprocessing=pre, runtime=runtime, augmenter=aug, on_batch=on_batch)
     seconds = stamps[-1] - stamps[warmup - 1] if warmup else stamps[-1] - stamps[0]
     timed = steps if warmup else steps - 1

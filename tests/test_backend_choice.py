@@ -19,12 +19,14 @@ from covid_cxr.choices import COMPILE_MIN_IMAGES
 from covid_cxr.errors import ConfigError
 from covid_cxr.inference import backends
 from covid_cxr.inference.backends import choose_backend, load_model, resolve_compile
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, fold_batchnorms
 from covid_cxr.models import build_model
 from covid_cxr.runs.checkpoint import load_checkpoint
 from tests.test_server import tiny_checkpoint
 
 SIZE = 71
+ON_CPU = InferenceSettings(device="cpu")  # precision auto: what predict/evaluate/serve get with --device cpu
 PROB_ATOL = 1e-4  # fp32 paths differ only by the order of float sums: ~1e-6 here, on every CPU
 
 
@@ -63,11 +65,11 @@ def test_what_only_pytorch_can_do_keeps_pytorch(cpu_kind, monkeypatch) -> None:
 
 def test_auto_compiles_only_where_auto_runs_pytorch(cpu_kind) -> None:
     cpu_kind(True)
-    assert resolve_compile("auto", COMPILE_MIN_IMAGES, device="cpu")
-    assert not resolve_compile("auto", COMPILE_MIN_IMAGES - 1, device="cpu")
+    assert resolve_compile("auto", COMPILE_MIN_IMAGES, ON_CPU)
+    assert not resolve_compile("auto", COMPILE_MIN_IMAGES - 1, ON_CPU)
     cpu_kind(False)
-    assert not resolve_compile("auto", COMPILE_MIN_IMAGES, device="cpu")  # ONNX Runtime needs no compilation
-    assert resolve_compile("on", 1, device="cpu")  # asked for: PyTorch, compiled
+    assert not resolve_compile("auto", COMPILE_MIN_IMAGES, ON_CPU)  # ONNX Runtime needs no compilation
+    assert resolve_compile("on", 1, ON_CPU)  # asked for: PyTorch, compiled
 
 
 def test_a_cpu_capped_to_avx2_is_treated_as_one() -> None:
@@ -134,14 +136,14 @@ def test_every_exact_path_gives_the_same_probabilities(ckpt, cache, cpu_kind) ->
     reference = TorchPredictor(load_checkpoint(ckpt), device="cpu", precision="fp32").predict_proba(images)
     assert reference.std() > 0.01  # outputs vary between images, so agreement means something
     cpu_kind(False)
-    auto = load_model(ckpt, device="cpu")  # what predict/evaluate/serve open on an fp32-only CPU
+    auto = load_model(ckpt, ON_CPU)  # what predict/evaluate/serve open on an fp32-only CPU
     assert auto.predictor.backend == "onnx" and "auto: fp32 on CPU" in auto.describe()
     assert "cached as" in auto.describe() and len(list(cache.glob("onnx/*.onnx"))) == 1
-    torch_path = load_model(ckpt, backend="torch", device="cpu", precision="fp32")
+    torch_path = load_model(ckpt, InferenceSettings(device="cpu", precision="fp32", backend="torch"))
     assert "bn_folded=" in torch_path.describe()
     for loaded in (auto, torch_path):
         np.testing.assert_allclose(loaded.predictor.predict_proba(images), reference, atol=PROB_ATOL)
-    again = load_model(ckpt, device="cpu")  # a second run opens the cached export instead of exporting again
+    again = load_model(ckpt, ON_CPU)  # a second run opens the cached export instead of exporting again
     assert "cached export" in again.describe()
     np.testing.assert_allclose(again.predictor.predict_proba(images), reference, atol=PROB_ATOL)
 
@@ -149,7 +151,8 @@ def test_every_exact_path_gives_the_same_probabilities(ckpt, cache, cpu_kind) ->
 def test_grad_cam_works_on_every_path(ckpt, cache, cpu_kind) -> None:
     cpu_kind(False)
     image = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE), dtype=np.uint8)
-    maps = [load_model(ckpt, backend=b, device="cpu", precision="fp32").gradcam() for b in ("torch", "onnx")]
+    exact = [InferenceSettings(device="cpu", precision="fp32", backend=b) for b in ("torch", "onnx")]
+    maps = [load_model(ckpt, how).gradcam() for how in exact]
     heat = [cam(image[None])[0].map for cam in maps]  # folded network vs the checkpoint's own
     assert heat[0].std() > 0.01
     np.testing.assert_allclose(heat[0], heat[1], atol=1e-3)
@@ -157,9 +160,9 @@ def test_grad_cam_works_on_every_path(ckpt, cache, cpu_kind) -> None:
 
 def test_onnx_backend_refuses_what_it_cannot_do(ckpt, cache) -> None:
     with pytest.raises(ConfigError, match="torch backend"):
-        load_model(ckpt, backend="onnx", compile=True)
+        load_model(ckpt, InferenceSettings(backend="onnx"), compile=True)
     with pytest.raises(ConfigError, match="fp32"):
-        load_model(ckpt, backend="onnx", precision="bf16")
+        load_model(ckpt, InferenceSettings(precision="bf16", backend="onnx"))
 
 
 def test_an_unwritable_cache_costs_the_export_not_the_run(ckpt, tmp_path, monkeypatch, cpu_kind) -> None:
@@ -167,5 +170,5 @@ def test_an_unwritable_cache_costs_the_export_not_the_run(ckpt, tmp_path, monkey
     blocker.write_text("")
     monkeypatch.setenv("COVID_CXR_CACHE", str(blocker))
     cpu_kind(False)
-    loaded = load_model(ckpt, device="cpu")
+    loaded = load_model(ckpt, ON_CPU)
     assert loaded.predictor.backend == "onnx" and "not cached" in loaded.describe()

@@ -17,6 +17,7 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate.predictions import COLUMNS, predictions_frame, read_predictions
 from covid_cxr.evaluate.run import evaluate_run
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES, KERAS_AUTHORS_ORDER
 from covid_cxr.models import build_model
@@ -25,6 +26,7 @@ from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.synth import make_synthetic
 
 SIZE = 72
+CPU = InferenceSettings(device="cpu", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +61,8 @@ def test_evaluate_a_run_folder_writes_every_file(data: Path, tmp_path: Path) -> 
     prepared = PreparedData(data)
     fold = prepared.fold(2)
     run = _run_folder(tmp_path / "run", data, 2, fold.split_hash)
-    result = evaluate_run(run, batch_size=16, device="cpu", precision="fp32", n_boot=50, progress=False,
-                          backend="torch")  # compared with TorchPredictor below, to float rounding
+    how = InferenceSettings(batch_size=16, device="cpu", precision="fp32", backend="torch")
+    result = evaluate_run(run, how, n_boot=50, progress=False)  # compared with TorchPredictor below, to float rounding
     assert result.out_dir == run / "eval-test"
     assert {p.name for p in result.out_dir.iterdir()} == {
         "predictions.csv", "metrics.json", "table3.csv", "table4.csv", "confusion_matrix.png",
@@ -168,7 +170,7 @@ def test_a_checkpoint_that_resizes_otherwise_is_fed_images_resized_its_way(data:
     from covid_cxr.data.images import load_image
 
     ckpt = _checkpoint(tmp_path / "bilinear.pt", resize="bilinear")
-    result = evaluate_run(ckpt, data=data, fold=1, device="cpu", precision="fp32", n_boot=20, progress=False)
+    result = evaluate_run(ckpt, CPU, data=data, fold=1, n_boot=20, progress=False)
     assert "built by 'area'" in capsys.readouterr().err
     prepared = PreparedData(data)
     cache = prepared.cache(SIZE, "bilinear")
@@ -181,7 +183,7 @@ def test_a_checkpoint_that_resizes_otherwise_is_fed_images_resized_its_way(data:
     assert not np.array_equal(images, prepared.cache(SIZE).images[prepared.cache(SIZE).rows(test["image_id"])])
     direct = TorchPredictor(_load(ckpt), device="cpu", precision="fp32").predict_proba(images)
     np.testing.assert_allclose(result.predictions[[f"p_{c}" for c in CLASSES]].to_numpy()[:4], direct, atol=2e-6)
-    evaluate_run(ckpt, data=data, fold=1, device="cpu", precision="fp32", n_boot=20, progress=False)
+    evaluate_run(ckpt, CPU, data=data, fold=1, n_boot=20, progress=False)
     assert "decoding them again" not in capsys.readouterr().err  # the second run reuses the bilinear cache
 
 
@@ -196,7 +198,7 @@ def test_a_resize_mismatch_without_the_source_files_is_refused(tmp_path: Path) -
     gone.unlink()
     ckpt = _checkpoint(tmp_path / "bilinear.pt", resize="bilinear")
     with pytest.raises(DataError, match="built by 'area'.*cannot be decoded again") as err:
-        evaluate_run(ckpt, data=root / "data", fold=1, device="cpu", n_boot=20, progress=False)
+        evaluate_run(ckpt, InferenceSettings(device="cpu"), data=root / "data", fold=1, n_boot=20, progress=False)
     assert gone.name in str(err.value)
 
 
@@ -213,7 +215,7 @@ def trained_run(data: Path) -> Path:
                          batch_size=4, precision="fp32", deterministic=True, seed=5, out=str(data.parent / "runs"),
                          name="tiny")
     run = train_fold(config, live=False)
-    evaluate_run(run, device="cpu", precision="fp32", n_boot=20, progress=False)
+    evaluate_run(run, CPU, n_boot=20, progress=False)
     return run
 
 
@@ -260,8 +262,8 @@ def test_a_class_absent_from_the_external_set_is_reported_absent_not_zero(
     subset["path"] = [str(fixtures_dir / "real_cxr" / p) for p in subset["path"]]
     csv = tmp_path / "no-covid.csv"
     subset.to_csv(csv, index=False)
-    result = evaluate_external(trained_run, csv, name="no-covid", out_dir=tmp_path / "ext", device="cpu",
-                               precision="fp32", n_boot=20, progress=False)
+    result = evaluate_external(trained_run, csv, CPU, name="no-covid", out_dir=tmp_path / "ext", n_boot=20,
+                               progress=False)
     assert result.metrics["absent_classes"] == ["covid"] and result.info["classes_absent"] == ["covid"]
     html_path = write_report([trained_run / "eval-test", tmp_path / "ext"], tmp_path / "report", n_boot=20)
     md = html_path.with_suffix(".md").read_text()
@@ -286,8 +288,7 @@ def test_external_on_a_prepared_folder_reads_its_whole_manifest_from_the_cache(d
     from covid_cxr.evaluate.external import evaluate_external
 
     ckpt = _checkpoint(tmp_path / "model.pt")
-    result = evaluate_external(ckpt, data, name="all of it", device="cpu", precision="fp32", n_boot=10,
-                               progress=False)
+    result = evaluate_external(ckpt, data, CPU, name="all of it", n_boot=10, progress=False)
     manifest = PreparedData(data).manifest
     assert result.out_dir == tmp_path / "model-external-all_of_it"
     assert result.predictions["image_id"].tolist() == manifest["image_id"].tolist()

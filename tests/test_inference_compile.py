@@ -11,6 +11,7 @@ import torch
 from covid_cxr.choices import COMPILE_MIN_IMAGES
 from covid_cxr.inference.backends import load_model
 from covid_cxr.inference.protocol import predict_in_batches
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.runs.checkpoint import load_checkpoint
 from tests.test_server import tiny_checkpoint
@@ -38,7 +39,8 @@ def test_compiled_predictor_matches_eager_and_compiles_once(tmp_path) -> None:
     eager = TorchPredictor(load_checkpoint(path), device="cpu", precision="fp32")
     torch._dynamo.reset()
     counters.clear()
-    loaded = load_model(path, device="cpu", precision="fp32", compile=True)  # as predict/serve --compile open it
+    fp32_cpu = InferenceSettings(device="cpu", precision="fp32")
+    loaded = load_model(path, fp32_cpu, compile=True)  # as predict/serve --compile open it
     compiled = loaded.predictor
     compiled.warm_up(5)  # compiles here, for batches of 5
     assert "compile=on" in loaded.describe()

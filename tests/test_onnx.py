@@ -14,6 +14,7 @@ from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference.backends import load_model
 from covid_cxr.inference.onnx_model import META_PREFIX, OnnxPredictor
 from covid_cxr.inference.protocol import predict_in_batches
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import KERAS_AUTHORS_ORDER
 from covid_cxr.runs.checkpoint import load_checkpoint
@@ -102,7 +103,7 @@ def test_refusals(exported, tmp_path, capsys):
     assert "--opset must be between 18" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(ConfigError, match="backend onnx"):
-        load_model(onnx_path, backend="torch")
+        load_model(onnx_path, InferenceSettings(backend="torch"))
     plain = onnx.load(str(onnx_path))
     del plain.metadata_props[:]
     foreign = tmp_path / "foreign.onnx"

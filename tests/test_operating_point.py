@@ -22,6 +22,7 @@ from covid_cxr.operating_point import (
     choose_from_probs,
     parse_rule,
 )
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.stats import Proportion, wilson_interval
 from tests.test_evaluate import SIZE, data  # noqa: F401 - the prepared synthetic set (72 px), shared
 
@@ -178,7 +179,8 @@ def test_calibrated_rule_meets_its_target_on_validation_and_is_used_on_test(cali
     assert op.validation["n_positive"] == is_covid.sum()
     assert op.validation["tp"] == (probs[is_covid, k] >= op.threshold).sum()
     # evaluate uses the stored rule on test and states the sensitivity reached with its Wilson interval.
-    result = evaluate_run(calibrated["run"], device="cpu", precision="fp32", n_boot=20, progress=False)
+    fp32_cpu = InferenceSettings(device="cpu", precision="fp32")
+    result = evaluate_run(calibrated["run"], fp32_cpu, n_boot=20, progress=False)
     saved = json.loads((result.out_dir / "metrics.json").read_text())
     assert saved["evaluation"]["operating_point"] == op.to_dict()
     d = saved["decision"]
@@ -225,7 +227,7 @@ def test_predict_serve_and_onnx_give_the_same_thresholded_answers(calibrated: di
         extra = ["--precision", "fp32", "--device", "cpu"] if name == "torch" else []
         assert main(["predict", str(model), *map(str, files), "--out", str(out), *extra]) == 0
         answers[name] = pd.read_csv(out).set_index("path").loc[[str(f) for f in files], "class"].to_numpy()
-    loaded = load_model(ckpt_path, device="cpu", precision="fp32")
+    loaded = load_model(ckpt_path, InferenceSettings(device="cpu", precision="fp32"))
     with TestClient(create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256)) as client:
         assert client.get("/health").json()["model"]["operating_point"] == op.to_dict()
         answers["serve"] = np.array([client.post("/predict", files={"file": (f.name, f.read_bytes())}).json()["class"]

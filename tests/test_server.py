@@ -26,6 +26,7 @@ from covid_cxr.data.images import load_image
 from covid_cxr.deploy.limits import ServerLimits
 from covid_cxr.deploy.server import create_app
 from covid_cxr.inference.backends import load_model
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing, to_model_input
@@ -94,7 +95,7 @@ def serve(app) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = tiny_checkpoint(tmp_path_factory.mktemp("server") / "tiny.pt")
-    return load_model(path, device="cpu", precision="fp32")
+    return load_model(path, InferenceSettings(device="cpu", precision="fp32"))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from covid_cxr.runtime import choose_runtime
 from covid_cxr.train.augment import Augmenter
 from covid_cxr.train.engine import evaluate, train_one_epoch
 from covid_cxr.train.loader import (
+    LoaderOptions,
     eval_loader,
     global_batches,
     label_indices,
@@ -86,7 +87,8 @@ def test_epoch_order_batches_and_rank_slices() -> None:
     assert a == b and a != c and [len(x) for x in a] == [4, 4, 2]
     whole = list(train_loader(images, rows, labels, batch_size=4, seed=3, epoch=2))
     for rank in range(2):
-        part = list(train_loader(images, rows, labels, batch_size=4, seed=3, epoch=2, rank=rank, world=2))
+        share = LoaderOptions(rank=rank, world=2)
+        part = list(train_loader(images, rows, labels, batch_size=4, seed=3, epoch=2, options=share))
         for w, p in zip(whole, part, strict=True):
             assert torch.equal(p.images, w.images[rank::2]) and p.global_size == w.global_size
     assert [len(x) for x in global_batches(np.arange(9), 4, world=2)] == [4, 4]  # a 1-image tail is dropped
@@ -101,8 +103,9 @@ def test_worker_processes_read_the_memmap_file(tmp_path: Path) -> None:
     mm.flush()
     ro = np.memmap(path, dtype=np.uint8, mode="r", shape=images.shape)
     rows = np.arange(12)
-    inline = list(train_loader(ro, rows, labels, batch_size=5, seed=0, epoch=0, workers=0))
-    workers = list(train_loader(ro, rows, labels, batch_size=5, seed=0, epoch=0, workers=1, prefetch=2))
+    inline = list(train_loader(ro, rows, labels, batch_size=5, seed=0, epoch=0, options=LoaderOptions(workers=0)))
+    spawned = LoaderOptions(workers=1, prefetch=2)
+    workers = list(train_loader(ro, rows, labels, batch_size=5, seed=0, epoch=0, options=spawned))
     assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(inline, workers))
     assert inline[0].images.dtype == torch.uint8
 

@@ -29,6 +29,7 @@ from covid_cxr.audit.data import load_test_images_and_lungs
 from covid_cxr.audit.lungs import LungFields
 from covid_cxr.evaluate.metrics import balanced_accuracy, confusion_matrix
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.stats import Proportion
@@ -181,21 +182,19 @@ def ablation_flags(metrics: dict[str, Any]) -> list[dict[str, str]]:
 
 def audit_ablation(
     target: Path,
+    settings: InferenceSettings = InferenceSettings(),
     *,
     data: Path | None = None,
     fold: int | None = None,
     masks: Path | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    precision: str = "auto",
     out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit ablation``: the checkpoint over the fold's test set, three ways; writes ``ablation.json``."""
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
-    predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
+    predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
     inputs = {"checkpoint": str(t.checkpoint_path), "network": t.checkpoint.network, "data": str(t.data),
               "fold": t.fold, "split": "test", "masks": str(masks) if masks is not None else None,
               "runtime": predictor.runtime.describe()}
     result = run_ablation(predictor, test.images, [str(v) for v in test.frame["label"]], lungs,
-                          batch_size=batch_size, inputs=inputs)
+                          batch_size=settings.batch_size, inputs=inputs)
     return result, write_result(result, out_dir or audit_dir_for(target))

@@ -22,6 +22,7 @@ from covid_cxr.audit import results as R
 from covid_cxr.audit.data import load_test_images_and_lungs
 from covid_cxr.audit.lungs import LungFields
 from covid_cxr.gradcam import GradCam
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.runtime import choose_runtime
 
@@ -101,14 +102,17 @@ def run_cam_stats(
 
 
 def audit_cam(
-    target: Path, *, data: Path | None = None, fold: int | None = None, masks: Path | None = None,
-    batch_size: int = 16, device: str = "auto", out_dir: Path | None = None,
+    target: Path, settings: InferenceSettings = InferenceSettings(batch_size=16), *, data: Path | None = None,
+    fold: int | None = None, masks: Path | None = None, out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """``covid-cxr audit cam``: Grad-CAM over the fold's test set; writes ``cam.json``."""
+    """``covid-cxr audit cam``: Grad-CAM over the fold's test set; writes ``cam.json``.
+
+    Grad-CAM runs in fp32 whatever ``settings.precision`` says (autocast would blur the gradients it maps).
+    """
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
-    runtime = choose_runtime(device, "fp32", False)  # Grad-CAM runs in fp32 whatever the hardware
+    runtime = choose_runtime(settings.device, "fp32", False)  # Grad-CAM runs in fp32 whatever the hardware
     model = t.checkpoint.build_model().to(runtime.device)
-    cams, _ = compute_cams(model, t.checkpoint.preprocessing, t.checkpoint.classes, test.images, batch_size)
+    cams, _ = compute_cams(model, t.checkpoint.preprocessing, t.checkpoint.classes, test.images, settings.batch_size)
     inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "split": "test",
               "masks": str(masks) if masks is not None else None, "runtime": runtime.describe()}
     result = run_cam_stats(cams, [str(v) for v in test.frame["label"]], lungs, t.checkpoint.classes, inputs=inputs)

@@ -29,6 +29,7 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources import parse_folder_spec, read_folder
 from covid_cxr.errors import DataError
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.runs.resolve import cache_for, training_pool
 from covid_cxr.runs.results import audit_dir_for, make_result, write_result
@@ -112,9 +113,9 @@ def decode_in_memory(manifest: pd.DataFrame, size: int) -> tuple[list[str], np.n
 
 
 def audit_cross_source(
-    target: Path, *, source: str | None = None, cls: str = "covid", data: Path | None = None,
-    fold: int | None = None, source_data: Path | str | None = None, batch_size: int = 64, device: str = "auto",
-    precision: str = "auto", out_dir: Path | None = None,
+    target: Path, settings: InferenceSettings = InferenceSettings(), *, source: str | None = None, cls: str = "covid",
+    data: Path | None = None, fold: int | None = None, source_data: Path | str | None = None,
+    out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit cross-source``: writes ``cross_source.json``.
 
@@ -158,11 +159,11 @@ def audit_cross_source(
     in_frame = test.frame[(test.frame["label"] == cls) & (test.frame["source"] != source)]
     in_images = test.images[in_frame.index.to_numpy()]
     out_images = unseen.images(out_frame["image_id"])
-    predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
+    predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
     inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "source": source,
               "source_data": str(source_data) if source_data is not None else None, "class": cls,
               "runtime": predictor.runtime.describe()}
     result = run_cross_source(predictor, in_images, list(in_frame["source"]), out_images, source=source, cls=cls,
-                              batch_size=batch_size, inputs=inputs)
+                              batch_size=settings.batch_size, inputs=inputs)
     result["notes"] = unseen.notes
     return result, write_result(result, out_dir or audit_dir_for(target))

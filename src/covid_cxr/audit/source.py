@@ -48,6 +48,7 @@ from covid_cxr.audit.probes import (
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import DataError
 from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.runs.resolve import training_pool
 from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.runtime import choose_runtime
@@ -241,14 +242,16 @@ def run_crossfit_probes(
 def run_linear_probe(
     predictor: Any, train_images: np.ndarray, train_frame: Any, test_images: np.ndarray, test_frame: Any, *,
     seed: int = 0, n_boot: int = 1000, inputs: dict[str, Any] | None = None, all_frame: Any = None,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """A logistic regression on the checkpoint's frozen features, trained on the pool and tested on test."""
     names = sorted(set(train_frame["source"]) | set(test_frame["source"]))
     if len(set(train_frame["source"])) < 2:
         raise DataError(f"the training pool holds one source only ({names[0]}); a source probe needs two or more")
     y_train = _source_targets(train_frame, names)
-    layer, mean, std = train_linear_probe(pooled_features(predictor, train_images), y_train, len(names), seed=seed)
-    probs = linear_probe_proba(layer, mean, std, pooled_features(predictor, test_images))
+    train_x = pooled_features(predictor, train_images, batch_size)
+    layer, mean, std = train_linear_probe(train_x, y_train, len(names), seed=seed)
+    probs = linear_probe_proba(layer, mean, std, pooled_features(predictor, test_images, batch_size))
     every = all_frame if all_frame is not None else pd.concat([train_frame, test_frame], ignore_index=True)
     metrics: dict[str, Any] = {
         "mode": "linear-probe", "sources": names, "n_train": int(len(y_train)), "n_test": int(len(test_frame)),
@@ -260,9 +263,9 @@ def run_linear_probe(
 
 
 def audit_source(
-    data: Path | None, *, fold: int | None = None, checkpoint: Path | None = None, epochs: int = 8, seed: int = 0,
-    probes: Sequence[str] = PROBES, min_steps: int = MIN_CNN_STEPS, device: str = "auto", precision: str = "auto",
-    out_dir: Path | None = None,
+    data: Path | None, settings: InferenceSettings = InferenceSettings(), *, fold: int | None = None,
+    checkpoint: Path | None = None, epochs: int = 8, seed: int = 0, probes: Sequence[str] = PROBES,
+    min_steps: int = MIN_CNN_STEPS, out_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit source``: the probes on a prepared fold; writes ``source.json``.
 
@@ -286,7 +289,8 @@ def audit_source(
         inputs = {"data": str(Path(data).resolve()), "fold": fold_k, "checkpoint": None, "probe": "crossfit",
                   "probes": list(probes), "seed": seed, "epochs": epochs, "min_steps": min_steps}
         result = run_crossfit_probes(images, scored, probes=probes, epochs=epochs, min_steps=min_steps, seed=seed,
-                                     device=choose_runtime(device, "fp32").device, inputs=inputs, all_frame=every)
+                                     device=choose_runtime(settings.device, "fp32").device, inputs=inputs,
+                                     all_frame=every)
         return result, write_result(result, out_dir or Path(data) / "audit" / f"fold{fold_k}")
     t = resolve_target(checkpoint, data, fold)
     prepared = PreparedData(t.data)
@@ -296,9 +300,9 @@ def audit_source(
     if pool["source"].nunique() < 2:
         raise DataError(f"{t.data}: the training pool of fold {t.fold} holds one source only "
                         f"({pool['source'].iloc[0]}); a source probe needs images from two sources or more")
-    predictor = TorchPredictor(t.checkpoint, device=device, precision=precision)
+    predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
     inputs = {"data": str(Path(t.data).resolve()), "fold": t.fold, "checkpoint": str(checkpoint),
               "probe": "linear-probe", "seed": seed, "epochs": None}
     result = run_linear_probe(predictor, rows_of(cache, pool["image_id"]), pool, test.images, test.frame, seed=seed,
-                              inputs=inputs)
+                              inputs=inputs, batch_size=settings.batch_size)
     return result, write_result(result, out_dir or audit_dir_for(checkpoint))

@@ -76,8 +76,13 @@ def _runtime_options(p: argparse.ArgumentParser, out_help: str = "output folder 
 
 
 def run(args: argparse.Namespace) -> int:
+    from covid_cxr.inference.settings import InferenceSettings
+
     if getattr(args, "batch_size", 1) < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    # source has no --batch-size (its features go 64 at a time), cam no --precision (Grad-CAM runs in fp32)
+    settings = InferenceSettings(batch_size=getattr(args, "batch_size", 64), device=args.device,
+                                 precision=getattr(args, "precision", "auto"))
     result: dict[str, Any]
     if args.audit == "source":
         from covid_cxr.audit.source import audit_source
@@ -85,27 +90,25 @@ def run(args: argparse.Namespace) -> int:
         if args.epochs < 1 or args.min_steps < 0:
             raise ValueError(f"--epochs must be >= 1 and --min-steps >= 0; got {args.epochs} and {args.min_steps}")
         probes = [p.strip() for p in args.probes.split(",") if p.strip()]
-        result, path = audit_source(args.data, fold=args.fold, checkpoint=args.checkpoint, epochs=args.epochs,
-                                    seed=args.seed, probes=probes, min_steps=args.min_steps, device=args.device,
-                                    precision=args.precision, out_dir=args.out)
+        result, path = audit_source(args.data, settings, fold=args.fold, checkpoint=args.checkpoint,
+                                    epochs=args.epochs, seed=args.seed, probes=probes, min_steps=args.min_steps,
+                                    out_dir=args.out)
     elif args.audit == "ablation":
         from covid_cxr.audit.ablation import audit_ablation
 
-        result, path = audit_ablation(args.target, data=args.data, fold=args.fold, masks=args.masks,
-                                      batch_size=args.batch_size, device=args.device, precision=args.precision,
+        result, path = audit_ablation(args.target, settings, data=args.data, fold=args.fold, masks=args.masks,
                                       out_dir=args.out)
     elif args.audit == "cross-source":
         from covid_cxr.audit.cross_source import audit_cross_source
 
-        result, path = audit_cross_source(args.target, source=args.source, cls=normalize_label(args.cls),
+        result, path = audit_cross_source(args.target, settings, source=args.source, cls=normalize_label(args.cls),
                                           data=args.data, fold=args.fold, source_data=args.source_data,
-                                          batch_size=args.batch_size,
-                                          device=args.device, precision=args.precision, out_dir=args.out)
+                                          out_dir=args.out)
     else:
         from covid_cxr.audit.cam_stats import audit_cam
 
-        result, path = audit_cam(args.target, data=args.data, fold=args.fold, masks=args.masks,
-                                 batch_size=args.batch_size, device=args.device, out_dir=args.out)
+        result, path = audit_cam(args.target, settings, data=args.data, fold=args.fold, masks=args.masks,
+                                 out_dir=args.out)
     print(summary(result))
     print(f"wrote {path}")
     return 0

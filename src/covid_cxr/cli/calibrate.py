@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from covid_cxr.evaluate.run import (
         calibrate,  # torch and the evaluation package: only when calibrating
     )
+    from covid_cxr.inference.settings import InferenceSettings
     from covid_cxr.operating_point import parse_rule
 
     parse_rule(args.operating_point)  # refuse a bad rule before loading anything
@@ -44,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
     if args.out is not None and args.out.suffix != ".pt":
         raise ValueError(f"--out must end in .pt; got {args.out}")
-    op, path = calibrate(args.target, args.operating_point, data=args.data, fold=args.fold, out=args.out,
-                         batch_size=args.batch_size, device=args.device, precision=args.precision,
+    settings = InferenceSettings(batch_size=args.batch_size, device=args.device, precision=args.precision)
+    op, path = calibrate(args.target, args.operating_point, settings, data=args.data, fold=args.fold, out=args.out,
                          progress=not args.no_progress)
     print(f"operating point: {op.describe()}")
     print(f"wrote {path}; 'covid-cxr evaluate' and 'covid-cxr export' use it from now on")

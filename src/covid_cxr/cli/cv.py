@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from covid_cxr.evaluate.run import (
         evaluate_run,  # the library is loaded by the verb, not by --help
     )
+    from covid_cxr.inference.settings import InferenceSettings
     from covid_cxr.report.report import write_report
     from covid_cxr.train.runner import train_fold
 
@@ -66,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir = train_fold(replace(base, fold=k))
         runs.append(run_dir)
         if not args.no_eval:
-            result = evaluate_run(run_dir, batch_size=args.eval_batch_size, device=base.device,
-                                  precision=base.precision)  # fmt: skip
+            how = InferenceSettings(batch_size=args.eval_batch_size, device=base.device, precision=base.precision)
+            result = evaluate_run(run_dir, how)
             print(f"fold {k}: test accuracy {float(result.metrics['accuracy']):.2f}% -> {result.out_dir}")
     if not args.no_eval:
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from covid_cxr.evaluate.run import EvaluationResult
+    from covid_cxr.inference.settings import InferenceSettings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,25 +66,27 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from covid_cxr.evaluate.run import evaluate_run  # the evaluation library: only now
+    from covid_cxr.inference.settings import InferenceSettings
     from covid_cxr.stats import DEFAULT_PREVALENCES, parse_prevalences
 
     check_metric_options(args)
     prevalences = parse_prevalences(args.prevalences) if args.prevalences is not None else DEFAULT_PREVALENCES
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    settings = InferenceSettings(batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                 backend=args.backend)
     if args.external is None:
         for flag in ("name",):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --external; add --external DATA_OR_CSV")
         result = evaluate_run(
-            args.target, data=args.data, fold=args.fold, split=args.split, batch_size=args.batch_size,
-            device=args.device, precision=args.precision, out_dir=args.out, prevalence=args.prevalence,
-            n_boot=args.bootstrap, progress=not args.no_progress, compile=args.compile,
-            operating_point=args.operating_point, prevalences=prevalences, backend=args.backend,
+            args.target, settings, data=args.data, fold=args.fold, split=args.split, out_dir=args.out,
+            prevalence=args.prevalence, n_boot=args.bootstrap, progress=not args.no_progress, compile=args.compile,
+            operating_point=args.operating_point, prevalences=prevalences,
         )
         title = f"{result.info['network']} fold {result.info['fold']} {result.info['split']}"
     else:
-        result = _external(args, prevalences)
+        result = _external(args, settings, prevalences)
         title = f"{result.info['network']} on {result.info['name']}"
     console = Console()
     info = result.info
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _external(args: argparse.Namespace, prevalences: tuple[float, ...]) -> EvaluationResult:
+def _external(args: argparse.Namespace, settings: InferenceSettings, prevalences: tuple[float, ...]
+              ) -> EvaluationResult:
     from covid_cxr.evaluate.external import evaluate_external
 
     for flag, default in (("data", None), ("fold", None), ("operating_point", None)):
@@ -106,10 +110,9 @@ def _external(args: argparse.Namespace, prevalences: tuple[float, ...]) -> Evalu
                              "whole external set with its own operating point ('covid-cxr calibrate' sets one)")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1; got {args.workers}")
-    return evaluate_external(args.target, args.external, name=args.name, out_dir=args.out,
-                             batch_size=args.batch_size, device=args.device, precision=args.precision,
-                             backend=args.backend, prevalence=args.prevalence, prevalences=prevalences,
-                             n_boot=args.bootstrap, workers=args.workers, progress=not args.no_progress)
+    return evaluate_external(args.target, args.external, settings, name=args.name, out_dir=args.out,
+                             prevalence=args.prevalence, prevalences=prevalences, n_boot=args.bootstrap,
+                             workers=args.workers, progress=not args.no_progress)
 
 
 def print_decision(decision: dict[str, Any], console: Console) -> None:

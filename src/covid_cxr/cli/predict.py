@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from covid_cxr.deploy.saturation import print_int8_record
     from covid_cxr.inference.backends import load_model, resolve_compile
     from covid_cxr.inference.pipeline import Classifier, Overlays, predict_inputs
+    from covid_cxr.inference.settings import InferenceSettings
 
     if args.batch_size < 1 or args.workers < 1:
         raise ConfigError("--batch-size and --workers must be >= 1")
@@ -70,18 +71,18 @@ def run(args: argparse.Namespace) -> int:
     if args.gradcam_method and not args.gradcam:
         raise ConfigError("--gradcam-method needs --gradcam DIR")
     inputs = expand_inputs(args.paths)
-    compile_model = resolve_compile(args.compile, len(inputs.files), backend=args.backend, device=args.device,
-                                    precision=args.precision, model=args.checkpoint)
-    loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
-                        compile=compile_model)
+    settings = InferenceSettings(batch_size=args.batch_size, device=args.device, precision=args.precision,
+                                 backend=args.backend)
+    compile_model = resolve_compile(args.compile, len(inputs.files), settings, model=args.checkpoint)
+    loaded = load_model(args.checkpoint, settings, compile=compile_model)
     classifier = Classifier(loaded.predictor)
     print(f"model: {loaded.describe()}", file=sys.stderr)
     print(f"operating point: {classifier.decision.describe()}", file=sys.stderr)
     print_int8_record(loaded.predictor, args.checkpoint)
-    loaded.warm_up(args.batch_size)
+    loaded.warm_up(settings.batch_size)
     overlays = None
     if args.gradcam:
         overlays = Overlays(loaded.gradcam(), args.gradcam, target=args.gradcam_class, method=args.gradcam_method)
-    sink = predict_inputs(classifier, inputs, args.out, batch_size=args.batch_size, workers=args.workers,
+    sink = predict_inputs(classifier, inputs, args.out, batch_size=settings.batch_size, workers=args.workers,
                           overlays=overlays)
     return 1 if sink.failed or not sink.predicted else 0

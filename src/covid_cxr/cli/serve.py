@@ -45,12 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from covid_cxr.deploy.saturation import print_int8_record
     from covid_cxr.deploy.server import create_app
     from covid_cxr.inference.backends import load_model
+    from covid_cxr.inference.settings import InferenceSettings
     from covid_cxr.runs.model_card import served_card
 
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                           max_batch=args.max_batch)
-    loaded = load_model(args.checkpoint, backend=args.backend, device=args.device, precision=args.precision,
-                        compile=args.compile)
+    settings = InferenceSettings(device=args.device, precision=args.precision, backend=args.backend)
+    loaded = load_model(args.checkpoint, settings, compile=args.compile)
     loaded.warm_up(1)  # compile before the first upload, not during it; batches of uploads then run one by one
     gradcam = None if args.no_heatmap or loaded.checkpoint is None else loaded.gradcam()
     card = served_card(args.checkpoint, loaded.sha256, loaded.checkpoint, loaded.predictor)

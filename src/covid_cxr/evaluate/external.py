@@ -37,6 +37,7 @@ from covid_cxr.evaluate.run import (
     write_evaluation,
 )
 from covid_cxr.inference.backends import load_model
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.labels import CLASSES
 from covid_cxr.operating_point import of_predictor
 from covid_cxr.runs.folder import RunFolder
@@ -105,13 +106,10 @@ def _images_for(frame: pd.DataFrame, prepared: Any, size: int, workers: int
 def evaluate_external(
     target: Path,
     external: Path,
+    settings: InferenceSettings = InferenceSettings(),
     *,
     name: str | None = None,
     out_dir: Path | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    precision: str = "auto",
-    backend: str | None = None,
     prevalence: float | None = None,
     prevalences: tuple[float, ...] = DEFAULT_PREVALENCES,
     n_boot: int = 1000,
@@ -123,7 +121,7 @@ def evaluate_external(
     name = safe_name(name or Path(external).stem)
     out = Path(out_dir) if out_dir is not None else (
         (run_dir / f"external-{name}") if Path(target).is_dir() else path.parent / f"{path.stem}-external-{name}")
-    loaded = load_model(path, backend=backend, device=device, precision=precision)
+    loaded = load_model(path, settings)
     predictor = loaded.predictor
     op = of_predictor(predictor)
     frame, prepared = read_external(Path(external))
@@ -136,7 +134,7 @@ def evaluate_external(
         print(f"external: skipped {p}: {reason}", file=sys.stderr)
     if not len(frame):
         raise DataError(f"{external}: none of its {len(failed)} images could be read; see the reasons above")
-    probs, seconds = predict_rows(predictor, images, rows, batch_size=batch_size, progress=progress,
+    probs, seconds = predict_rows(predictor, images, rows, batch_size=settings.batch_size, progress=progress,
                                   description=f"{loaded.network} on {name}")
     table = decided_table(frame, probs, predictor.classes, op)
     preds = validate_predictions(table, str(out / "predictions.csv"))

@@ -35,6 +35,7 @@ from covid_cxr.evaluate.predictions import (
 )
 from covid_cxr.inference.backends import make_predictor, resolve_compile
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.labels import CLASSES, normalize_label
 from covid_cxr.operating_point import OperatingPoint, choose_from_probs, parse_rule
 from covid_cxr.progress import progress_bar
@@ -135,16 +136,15 @@ class _Model:
     cache: ImageCache | None = None  # the image cache the last split was read from
 
 
-def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None, *,
-          device: str, precision: str, compile: str, images: int | None = None, backend: str | None = None) -> _Model:
+def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None,
+          settings: InferenceSettings, *, compile: str, images: int | None = None) -> _Model:
     """Resolve ``target``, load its checkpoint and prepared data, and make the predictor that runs it."""
 
     tgt = resolve_target(Path(target), data, fold, split, out_dir)
     ckpt = load_checkpoint(tgt.checkpoint)
     prepared = PreparedData(tgt.data)
-    compiled = resolve_compile(compile, images or 0, backend=backend, device=device, precision=precision)
-    predictor, choice = make_predictor(ckpt, file_sha256(tgt.checkpoint), backend=backend, device=device,
-                                       precision=precision, compile=compiled)
+    compiled = resolve_compile(compile, images or 0, settings)
+    predictor, choice = make_predictor(ckpt, file_sha256(tgt.checkpoint), settings, compile=compiled)
     return _Model(tgt, ckpt, prepared, predictor, choice)
 
 
@@ -170,8 +170,8 @@ def choose_on_validation(m: _Model, rule: str, *, batch_size: int, progress: boo
     return op
 
 
-def calibrate(target: Path, rule: str, *, data: Path | None = None, fold: int | None = None,
-              out: Path | None = None, batch_size: int = 64, device: str = "auto", precision: str = "auto",
+def calibrate(target: Path, rule: str, settings: InferenceSettings = InferenceSettings(), *,
+              data: Path | None = None, fold: int | None = None, out: Path | None = None,
               progress: bool = True) -> tuple[OperatingPoint, Path]:
     """Choose ``rule`` on the run's validation split and write it into the checkpoint (atomically).
 
@@ -179,8 +179,8 @@ def calibrate(target: Path, rule: str, *, data: Path | None = None, fold: int | 
     ``data``/``fold``). ``out`` writes a new checkpoint instead of rewriting. No retraining: only the
     validation split's probabilities are computed.
     """
-    m = _open(Path(target), data, fold, "val", None, device=device, precision=precision, compile="off")
-    op = choose_on_validation(m, rule, batch_size=batch_size, progress=progress, where=Path(target))
+    m = _open(Path(target), data, fold, "val", None, settings, compile="off")
+    op = choose_on_validation(m, rule, batch_size=settings.batch_size, progress=progress, where=Path(target))
     m.ckpt.operating_point = None if op.rule == "argmax" else op.to_dict()
     path = save_checkpoint(m.ckpt, out if out is not None else m.target.checkpoint)
     return op, path
@@ -188,13 +188,11 @@ def calibrate(target: Path, rule: str, *, data: Path | None = None, fold: int | 
 
 def evaluate_run(
     target: Path,
+    settings: InferenceSettings = InferenceSettings(),
     *,
     data: Path | None = None,
     fold: int | None = None,
     split: str = "test",
-    batch_size: int = 64,
-    device: str = "auto",
-    precision: str = "auto",
     out_dir: Path | None = None,
     prevalence: float | None = None,
     n_boot: int = 1000,
@@ -202,7 +200,6 @@ def evaluate_run(
     compile: str = "auto",
     operating_point: str | None = None,
     prevalences: tuple[float, ...] = DEFAULT_PREVALENCES,
-    backend: str | None = None,
 ) -> EvaluationResult:
     """Evaluate a run folder (its ``best.pt``) or a checkpoint on one split of the prepared data.
 
@@ -210,14 +207,14 @@ def evaluate_run(
     (auto|on|off): ``torch.compile`` the network; auto does so for splits large enough to repay it.
     ``operating_point`` (e.g. ``sensitivity=0.95``) chooses a decision rule on the validation split for
     this evaluation (the checkpoint is left as it is; ``calibrate`` stores one); default: the checkpoint's.
-    ``backend``: auto (None), torch or onnx (``covid_cxr.inference.backends.choose_backend``); ``compile``
-    applies when the backend is PyTorch.
+    ``settings.backend``: auto (None), torch or onnx (``covid_cxr.inference.backends.choose_backend``);
+    ``compile`` applies when the backend is PyTorch.
     """
     where = Path(target)
     tgt = resolve_target(where, data, fold, split, out_dir)
     n_images = len(load_split(PreparedData(tgt.data), tgt.fold, split, tgt.run, where)[0])
-    m = _open(where, data, fold, split, out_dir, device=device, precision=precision, compile=compile, images=n_images,
-              backend=backend)
+    m = _open(where, data, fold, split, out_dir, settings, compile=compile, images=n_images)
+    batch_size = settings.batch_size
     if operating_point is not None:
         op = choose_on_validation(m, operating_point, batch_size=batch_size, progress=progress, where=where)
     else:

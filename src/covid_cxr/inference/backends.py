@@ -31,6 +31,7 @@ from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.gradcam import GradCam
 from covid_cxr.inference.onnx_model import OnnxPredictor, export_onnx_bytes
 from covid_cxr.inference.protocol import Predictor
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.models.pretrained import default_cache_dir
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
@@ -106,13 +107,7 @@ def is_checkpoint_file(path: Path) -> bool:
 
 
 def resolve_compile(
-    choice: str,
-    images: int,
-    *,
-    backend: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    model: Path | None = None,
+    choice: str, images: int, settings: InferenceSettings = InferenceSettings(), *, model: Path | None = None
 ) -> bool:
     """``--compile auto|on|off`` for a job of ``images`` images: auto compiles only a PyTorch checkpoint (never
     the ``model`` file when it is an ONNX one), and only when auto's backend is PyTorch anyway (on an fp32-only
@@ -121,7 +116,8 @@ def resolve_compile(
     if wanted and choice == "auto":
         if model is not None and not (model.is_file() and is_checkpoint_file(model)):
             return False
-        return choose_backend(backend, device=device, precision=precision).backend == "torch"
+        auto = choose_backend(settings.backend, device=settings.device, precision=settings.precision)
+        return auto.backend == "torch"
     return wanted
 
 
@@ -145,16 +141,11 @@ def cached_onnx(checkpoint: Checkpoint, sha256: str) -> tuple[bytes, str]:
 
 
 def make_predictor(
-    checkpoint: Checkpoint,
-    sha256: str,
-    *,
-    backend: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    compile: bool = False,
+    checkpoint: Checkpoint, sha256: str, settings: InferenceSettings = InferenceSettings(), *, compile: bool = False
 ) -> tuple[Predictor, BackendChoice]:
     """The predictor for a loaded checkpoint on the chosen backend (see :func:`choose_backend`)."""
-    choice = choose_backend(backend, device=device, precision=precision, compile=compile)
+    device, precision = settings.device, settings.precision
+    choice = choose_backend(settings.backend, device=device, precision=precision, compile=compile)
     if choice.backend == "onnx":
         if compile:
             raise ConfigError("--compile applies to the torch backend; ONNX Runtime optimises its graph itself")
@@ -168,21 +159,17 @@ def make_predictor(
 
 
 def load_model(
-    path: str | os.PathLike[str],
-    *,
-    backend: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    compile: bool = False,
+    path: str | os.PathLike[str], settings: InferenceSettings = InferenceSettings(), *, compile: bool = False
 ) -> LoadedModel:
-    """Open ``path`` (checkpoint or ONNX file) on ``backend`` (default auto: :func:`choose_backend` for a
-    checkpoint, ONNX Runtime for an ONNX file).
+    """Open ``path`` (checkpoint or ONNX file) on ``settings.backend`` (default auto: :func:`choose_backend` for a
+    checkpoint, ONNX Runtime for an ONNX file); ``settings.batch_size`` is the caller's to use.
 
     ``compile``: run the PyTorch network through ``torch.compile`` (see :class:`TorchPredictor`).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file (a .pt checkpoint or an exported .onnx model)")
+    backend = settings.backend
     if backend is not None and backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     sha = file_sha256(path)
@@ -195,5 +182,5 @@ def load_model(
         predictor = OnnxPredictor(path)
         return LoadedModel(predictor, predictor.network, sha, None, BackendChoice("onnx", "an ONNX file"))
     ckpt = load_checkpoint(path)
-    predictor, choice = make_predictor(ckpt, sha, backend=backend, device=device, precision=precision, compile=compile)
+    predictor, choice = make_predictor(ckpt, sha, settings, compile=compile)
     return LoadedModel(predictor, ckpt.network, sha, ckpt, choice)

@@ -22,6 +22,7 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.splits import SplitSettings
 from covid_cxr.deploy.export import Int8Settings, export_checkpoint, int8_path
 from covid_cxr.evaluate.run import evaluate_run
+from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.pipeline.budget import (
     PLANS,
     DemoPlan,
@@ -108,7 +109,7 @@ def run_demo(out: Path, *, small: bool = False, seed: int = 0, device: str = "au
     train_fold(config, live=None if progress else False)
     timings["train"] = time.perf_counter() - t
     t = time.perf_counter()
-    result = evaluate_run(run_dir, device=device, precision=precision, progress=progress, n_boot=200)
+    result = evaluate_run(run_dir, InferenceSettings(device=device, precision=precision), progress=progress, n_boot=200)
     timings["evaluate"] = time.perf_counter() - t
     t = time.perf_counter()
     report = write_report([run_dir], out / "report", n_boot=200)

@@ -95,8 +95,19 @@ class _BatchReader(Dataset):
         self.__dict__.update(state)
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How a loader delivers batches, whatever their order: this rank's share, workers, pinned memory."""
+
+    rank: int = 0
+    world: int = 1
+    workers: int = 0
+    prefetch: int = 2
+    pin_memory: bool = False
+
+
 class BatchLoader:
-    """Iterable of :class:`Batch` for one epoch over ``rows`` of the cache."""
+    """Iterable of :class:`Batch` for one epoch over ``rows`` of the cache, in the order ``batches`` give."""
 
     def __init__(
         self,
@@ -104,72 +115,44 @@ class BatchLoader:
         rows: np.ndarray,
         labels: np.ndarray,
         batches: list[np.ndarray],
-        *,
-        rank: int = 0,
-        world: int = 1,
-        workers: int = 0,
-        prefetch: int = 2,
-        pin_memory: bool = False,
+        options: LoaderOptions = LoaderOptions(),
     ) -> None:
         if len(rows) != len(labels):
             raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
-        self.reader = _BatchReader(images, np.asarray(rows, dtype=np.int64), labels, batches, rank, world)
-        self.workers = workers
-        self.prefetch = prefetch
-        self.pin_memory = pin_memory
+        rows = np.asarray(rows, dtype=np.int64)
+        self.reader = _BatchReader(images, rows, labels, batches, options.rank, options.world)
+        self.options = options
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __iter__(self) -> Iterator[Batch]:
+        workers = self.options.workers
         loader = DataLoader(
             self.reader,
             batch_size=None,
             shuffle=False,
-            num_workers=self.workers,
-            prefetch_factor=self.prefetch if self.workers > 0 else None,
-            pin_memory=self.pin_memory,
+            num_workers=workers,
+            prefetch_factor=self.options.prefetch if workers > 0 else None,
+            pin_memory=self.options.pin_memory,
         )
         for images, labels, global_size in loader:
             yield Batch(images=images, labels=labels, global_size=int(global_size))
 
 
 def train_loader(
-    images: np.ndarray,
-    rows: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    rank: int = 0,
-    world: int = 1,
-    workers: int = 0,
-    prefetch: int = 2,
-    pin_memory: bool = False,
-) -> BatchLoader:
+    images: np.ndarray, rows: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int, epoch: int,
+    options: LoaderOptions = LoaderOptions(),
+) -> BatchLoader:  # fmt: skip
     """One shuffled training epoch (the order depends only on ``seed`` and ``epoch``)."""
-    batches = global_batches(epoch_order(len(rows), seed=seed, epoch=epoch), batch_size, world=world)
-    return BatchLoader(
-        images, rows, labels, batches, rank=rank, world=world, workers=workers, prefetch=prefetch, pin_memory=pin_memory
-    )
+    order = epoch_order(len(rows), seed=seed, epoch=epoch)
+    return BatchLoader(images, rows, labels, global_batches(order, batch_size, world=options.world), options)
 
 
 def eval_loader(
-    images: np.ndarray,
-    rows: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int,
-    rank: int = 0,
-    world: int = 1,
-    workers: int = 0,
-    prefetch: int = 2,
-    pin_memory: bool = False,
-) -> BatchLoader:
+    images: np.ndarray, rows: np.ndarray, labels: np.ndarray, *, batch_size: int,
+    options: LoaderOptions = LoaderOptions(),
+) -> BatchLoader:  # fmt: skip
     """Every row once, in order; ranks split each batch, none is dropped (empty slices are fine)."""
-    order = np.arange(len(rows))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return BatchLoader(
-        images, rows, labels, batches, rank=rank, world=world, workers=workers, prefetch=prefetch, pin_memory=pin_memory
-    )
+    batches = [np.arange(i, min(i + batch_size, len(rows))) for i in range(0, len(rows), batch_size)]
+    return BatchLoader(images, rows, labels, batches, options)

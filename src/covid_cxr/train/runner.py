@@ -51,7 +51,7 @@ from covid_cxr.runtime import Runtime, choose_runtime
 from covid_cxr.train import distributed
 from covid_cxr.train.augment import Augmenter
 from covid_cxr.train.engine import EpochStats, evaluate, train_one_epoch
-from covid_cxr.train.loader import eval_loader, label_indices, train_loader
+from covid_cxr.train.loader import LoaderOptions, eval_loader, label_indices, train_loader
 from covid_cxr.train.progress import Progress
 from covid_cxr.train.run_log import append_log, log_row, truncate_log, write_scalars
 
@@ -332,9 +332,9 @@ class Trainer:
         distributed.barrier(self.dist)
         return self.folder.root
 
-    def _loader_options(self) -> dict[str, Any]:
-        return {"rank": self.dist.rank, "world": self.dist.world_size, "workers": self.config.workers,
-                "prefetch": self.config.prefetch, "pin_memory": self.runtime.device.type == "cuda"}  # fmt: skip
+    def _loader_options(self) -> LoaderOptions:
+        return LoaderOptions(rank=self.dist.rank, world=self.dist.world_size, workers=self.config.workers,
+                             prefetch=self.config.prefetch, pin_memory=self.runtime.device.type == "cuda")  # fmt: skip
 
     def _epoch(self, global_epoch: int) -> None:
         """Train on the epoch's phase, score on validation, and (main process) save and log."""
@@ -343,12 +343,12 @@ class Trainer:
         seed_epoch(config.seed, global_epoch, self.augmenter)
         self.progress.start_epoch(phase_idx + 1, epoch_idx + 1, self.epochs, global_epoch)
         batches = train_loader(self.cache.images, phase.rows, phase.labels, batch_size=config.batch_size,
-                               seed=config.seed, epoch=global_epoch, **self._loader_options())  # fmt: skip
+                               seed=config.seed, epoch=global_epoch, options=self._loader_options())  # fmt: skip
         train = train_one_epoch(self.net, batches, self.optimizer, preprocessing=self.pre, runtime=self.runtime,
                                 augmenter=self.augmenter if config.augment.enabled else None, dist=self.dist,
                                 scaler=self.scaler, on_batch=self.progress.on_batch)  # fmt: skip
         val_batches = eval_loader(self.cache.images, self.val.rows, self.val.labels,
-                                  batch_size=config.val_batch_size, **self._loader_options())  # fmt: skip
+                                  batch_size=config.val_batch_size, options=self._loader_options())  # fmt: skip
         val = evaluate(self.model, val_batches, preprocessing=self.pre, runtime=self.runtime, dist=self.dist)
         improved = val.accuracy > self.best_acc
         if improved:
