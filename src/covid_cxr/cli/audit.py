@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the probe (default 0)")
     _runtime_options(s, out_help="output folder (default: the checkpoint's audit folder, or DATA/audit/foldK without "
                                  "one; give RUN/audit to report it with that run's other audits)")
+    s.set_defaults(batch_size=64)  # its features go 64 images at a time; no option for it
 
     a = sub.add_parser("ablation", help="evaluate as is, with the lung fields hidden, and with only the lungs shown")
     _target_options(a)
@@ -78,10 +79,10 @@ def _runtime_options(p: argparse.ArgumentParser, out_help: str = "output folder 
 def run(args: argparse.Namespace) -> int:
     from covid_cxr.inference.settings import InferenceSettings
 
-    if getattr(args, "batch_size", 1) < 1:
+    if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    # source has no --batch-size (its features go 64 at a time), cam no --precision (Grad-CAM runs in fp32)
-    settings = InferenceSettings(batch_size=getattr(args, "batch_size", 64), device=args.device,
+    # cam has no --precision: Grad-CAM runs in fp32
+    settings = InferenceSettings(batch_size=args.batch_size, device=args.device,
                                  precision=getattr(args, "precision", "auto"))
     result: dict[str, Any]
     if args.audit == "source":
