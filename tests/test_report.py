@@ -182,3 +182,12 @@ def test_report_on_bare_predictions_files(tmp_path: Path) -> None:
     assert "fold site-a" in page and "fold site-b" in page and "paper avg" not in page
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["unknown-test"]
     assert summary["folds"] == ["site-a", "site-b"] and summary["paper_average"] is None
+
+
+@pytest.mark.parametrize("damage", ["{not json", "[1, 2]"])
+def test_a_damaged_metrics_file_is_named_with_the_fix(tmp_path: Path, damage: str) -> None:
+    """A broken metrics.json beside the predictions stops the report with the file and the command that rewrites it."""
+    folder = _eval_dir(tmp_path / "eval-test", _with_probs((6, 6, 6), seed=1), "concat", 1)
+    (folder / "metrics.json").write_text(damage)
+    with pytest.raises(DataError, match=r"metrics\.json: .*re-run 'covid-cxr evaluate'"):
+        write_report([folder], tmp_path / "report", n_boot=0)

@@ -163,7 +163,7 @@ def result_metrics(r: Any) -> dict[str, Any]:
     """The internal evaluation's saved figures (its AUC intervals from metrics.json), else the recomputed ones."""
     saved = r.eval_dir / "metrics.json" if r.eval_dir is not None else None
     if saved is not None and saved.is_file():
-        import json
+        from covid_cxr.atomic import read_json_object
 
-        return json.loads(saved.read_text())
+        return read_json_object(saved, what="an evaluation's metrics", fix="re-run 'covid-cxr evaluate'")
     return r.metrics

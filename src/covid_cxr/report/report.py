@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from covid_cxr import fmt
-from covid_cxr.atomic import write_json
+from covid_cxr.atomic import read_json_object, write_json
 from covid_cxr.audit.results import render_section
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
@@ -94,10 +93,8 @@ def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
     info: dict[str, Any] = {}
     meta_file = eval_dir / "metrics.json"
     if meta_file.is_file() and csv.name == "predictions.csv":
-        try:
-            info = json.loads(meta_file.read_text()).get("evaluation", {}) or {}
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{meta_file}: not valid JSON ({exc}); re-run 'covid-cxr evaluate'") from exc
+        saved = read_json_object(meta_file, what="an evaluation's metrics", fix="re-run 'covid-cxr evaluate'")
+        info = saved.get("evaluation", {}) or {}
     preds = read_predictions(csv)
     # Recomputed from the predictions, the one source of truth, rather than trusted from metrics.json.
     metrics = preds.metrics(n_boot=n_boot)
