@@ -58,7 +58,7 @@ def run_checkpoint(checkpoint: Path, check_count: int) -> tuple[Any, Any]:
     run = read_run(checkpoint)
     if run is None:
         raise SystemExit(f"{checkpoint}: no run.json beside it; give the best.pt of a training run")
-    return ckpt, run_images(checkpoint, run, ckpt.preprocessing.image_size, ckpt.classes,
+    return ckpt, run_images(checkpoint, run, ckpt.preprocessing, ckpt.classes,
                             calibration_count=CALIBRATION_COUNT, check_count=check_count)
 
 

@@ -121,6 +121,8 @@ def test_int8_from_the_run_is_int8_and_carries_its_check(data: Path, exported_ru
     # Calibrated on the fold's phase-1 training images (all of them: fewer than the default 64).
     assert info["calibration_images"] == len(prepared.fold(1).phases[0]) and info["format"] == "qoperator"
     assert "phase-1 training images of fold 1" in info["calibration_source"]
+    # ...resized, like the check images, by the checkpoint's own method, which the record names.
+    assert info["resize"] == "area" and "resized by 'area'" in err
     assert f"int8 check on {n} validation images" in err and "wrote " + str(int8_path) in err
     # The weight scheme cannot saturate, and the record names the CPU the check ran on.
     assert info["saturation_free"] is True and info["max_int16_pair_sum"] <= 32767 and "7-bit" in info["weight_scheme"]

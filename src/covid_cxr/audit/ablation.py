@@ -192,9 +192,10 @@ def audit_ablation(
     """``covid-cxr audit ablation``: the checkpoint over the fold's test set, three ways; writes ``ablation.json``."""
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
     predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
+    pre = t.checkpoint.preprocessing
     inputs = {"checkpoint": str(t.checkpoint_path), "network": t.checkpoint.network, "data": str(t.data),
-              "fold": t.fold, "split": "test", "masks": str(masks) if masks is not None else None,
-              "runtime": predictor.runtime.describe()}
+              "fold": t.fold, "split": "test", "image_size": pre.image_size, "resize": pre.resize,
+              "masks": str(masks) if masks is not None else None, "runtime": predictor.runtime.describe()}
     result = run_ablation(predictor, test.images, [str(v) for v in test.frame["label"]], lungs,
                           batch_size=settings.batch_size, inputs=inputs)
     return result, write_result(result, out_dir or audit_dir_for(target))

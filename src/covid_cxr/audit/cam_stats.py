@@ -112,8 +112,10 @@ def audit_cam(
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
     runtime = choose_runtime(settings.device, "fp32", False)  # Grad-CAM runs in fp32 whatever the hardware
     model = t.checkpoint.build_model().to(runtime.device)
-    cams, _ = compute_cams(model, t.checkpoint.preprocessing, t.checkpoint.classes, test.images, settings.batch_size)
+    pre = t.checkpoint.preprocessing
+    cams, _ = compute_cams(model, pre, t.checkpoint.classes, test.images, settings.batch_size)
     inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "split": "test",
-              "masks": str(masks) if masks is not None else None, "runtime": runtime.describe()}
+              "image_size": pre.image_size, "resize": pre.resize, "masks": str(masks) if masks is not None else None,
+              "runtime": runtime.describe()}
     result = run_cam_stats(cams, [str(v) for v in test.frame["label"]], lungs, t.checkpoint.classes, inputs=inputs)
     return result, write_result(result, out_dir or audit_dir_for(target))

@@ -7,7 +7,8 @@ intervals: with a few dozen images a drop must be large before it means anything
 The other collection is a named source (``hospital-b``): a folder or labels CSV given as
 ``--source-data hospital-b=DIR`` (decoded here as ``prepare`` decodes, never trained on), a
 folder that ``prepare`` wrote, or a source of the model's own prepared data that its fold never
-trained on for the class.
+trained on for the class. Images from either side are resized by the checkpoint's own method, so
+a recall drop is the model's, not one of images it would never be given in use.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def run_cross_source(
 
 @dataclass
 class UnseenImages:
-    """The manifest of ``--source-data``, and a way to get its images at the checkpoint's size."""
+    """The manifest of ``--source-data``, and a way to get its images at the checkpoint's size and resize method."""
 
     manifest: pd.DataFrame
     images: Callable[[pd.Series], np.ndarray]
@@ -90,24 +91,40 @@ class UnseenImages:
     failed: set[str] = field(default_factory=set)
 
 
-def external_data(spec: Path | str, size: int) -> UnseenImages:
-    """``--source-data``: a folder ``prepare`` wrote, or ``[NAME=]DIR`` decoded here as ``prepare`` decodes."""
+def unseen_images(source_data: Path | str | None, prepared: PreparedData, size: int, resize: str,
+                  where: Path) -> UnseenImages:  # fmt: skip
+    """The images to look for the unseen source in: ``--source-data``, or the model's own prepared data.
+
+    ``where`` (the checkpoint) is what messages about its size or resize method name.
+    """
+    if source_data is not None:
+        return external_data(source_data, size, resize, where)
+    return UnseenImages(prepared.manifest, lambda ids: rows_of(cache_for(prepared, size, where, resize), ids))
+
+
+def external_data(spec: Path | str, size: int, resize: str, where: Path) -> UnseenImages:
+    """``--source-data``: a folder ``prepare`` wrote, or ``[NAME=]DIR`` decoded here as ``prepare`` decodes.
+
+    Either way its images are resized by ``resize``: a prepared folder's cache built by another
+    method is decoded again by this one, once (:func:`~covid_cxr.runs.resolve.cache_for`).
+    """
     if (Path(spec) / "prepare.json").is_file():
         external = PreparedData(Path(spec))
-        return UnseenImages(external.manifest, lambda ids: rows_of(external.cache(image_size=size), ids))
+        return UnseenImages(external.manifest, lambda ids: rows_of(cache_for(external, size, where, resize), ids))
     name, root = parse_folder_spec(spec)
     manifest, notes = read_folder(root, name)
-    ids, decoded, failures = decode_in_memory(manifest, size)
+    ids, decoded, failures = decode_in_memory(manifest, size, resize)
     row = {image_id: i for i, image_id in enumerate(ids)}
     notes += [f"left out, cannot be decoded: {f['path']}: {f['reason']}" for f in failures]
     return UnseenImages(manifest, lambda wanted: decoded[[row[i] for i in wanted]], notes,
                         {f["image_id"] for f in failures})
 
 
-def decode_in_memory(manifest: pd.DataFrame, size: int) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:
-    """Decode ``manifest``'s images as ``prepare`` does: (decoded ids, uint8 images, failures)."""
+def decode_in_memory(manifest: pd.DataFrame, size: int, resize: str
+                     ) -> tuple[list[str], np.ndarray, list[dict[str, str]]]:  # fmt: skip
+    """Decode ``manifest``'s images as ``prepare`` does, resized by ``resize``: (decoded ids, uint8 images, failures)."""
     with tempfile.TemporaryDirectory(prefix="covid-cxr-source-") as tmp:
-        build = build_cache(manifest, size, Path(tmp), progress=False)
+        build = build_cache(manifest, size, Path(tmp), progress=False, resize=resize)
         images = np.load(Path(tmp) / IMAGES_FILE)
     return build.image_ids, images[: len(build.image_ids)], build.failures
 
@@ -127,12 +144,9 @@ def audit_cross_source(
     """
     t = resolve_target(target, data, fold)
     prepared = PreparedData(t.data)
-    size = t.checkpoint.preprocessing.image_size
+    pre = t.checkpoint.preprocessing
     where = str(source_data) if source_data is not None else str(t.data)
-    if source_data is not None:
-        unseen = external_data(source_data, size)
-    else:
-        unseen = UnseenImages(prepared.manifest, lambda ids: rows_of(cache_for(prepared, size, t.data), ids))
+    unseen = unseen_images(source_data, prepared, pre.image_size, pre.resize, t.checkpoint_path)
     manifest = unseen.manifest
     known = sorted(set(manifest["source"]))
     if source is None:
@@ -162,7 +176,7 @@ def audit_cross_source(
     predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
     inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "source": source,
               "source_data": str(source_data) if source_data is not None else None, "class": cls,
-              "runtime": predictor.runtime.describe()}
+              "image_size": pre.image_size, "resize": pre.resize, "runtime": predictor.runtime.describe()}
     result = run_cross_source(predictor, in_images, list(in_frame["source"]), out_images, source=source, cls=cls,
                               batch_size=settings.batch_size, inputs=inputs)
     result["notes"] = unseen.notes

@@ -46,17 +46,24 @@ def resolve_target(target: Path, data: Path | None, fold: int | None) -> AuditTa
 
 
 def split_images(prepared: PreparedData, target: AuditTarget, split: str = "test") -> SplitImages:
-    """The fold's ``split`` table and its images at the checkpoint's input size, after every check."""
-    # The audits read the prepared (area-resized) images, as they decode unseen sources (cross-source).
-    opened = resolve.open_split(prepared, target.fold, split, target.run, target.checkpoint, target.checkpoint_path,
-                                resize="area")
+    """The fold's ``split`` table and its images at the checkpoint's input size, after every check.
+
+    The images are resized by the checkpoint's own method (:func:`covid_cxr.runs.resolve.open_split`):
+    an audit measures the model on what ``predict`` would feed it, never on images it does not see in use.
+    """
+    opened = resolve.open_split(prepared, target.fold, split, target.run, target.checkpoint, target.checkpoint_path)
     return SplitImages(frame=opened.frame, images=rows_of(opened.cache, opened.frame["image_id"]))
 
 
 def load_test_images_and_lungs(
     target: Path, data: Path | None, fold: int | None, masks: Path | None
 ) -> tuple[AuditTarget, SplitImages, LungFields]:
-    """The audited checkpoint, its fold's test images, and their lung fields (the user's masks or the estimate)."""
+    """The audited checkpoint, its fold's test images, and their lung fields (the user's masks or the estimate).
+
+    Both kinds of field line up with the images whatever the checkpoint's resize method: the estimate
+    is made on the resized images themselves, and a user's mask, like its image, is stretched from
+    the whole original frame to the whole square (by nearest neighbour, so that it stays a mask).
+    """
     t = resolve_target(target, data, fold)
     test = split_images(PreparedData(t.data), t)
     size = t.checkpoint.preprocessing.image_size

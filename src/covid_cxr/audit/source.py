@@ -8,7 +8,9 @@ Probes are trained to predict ``source`` instead of the class:
   image gets an out-of-sample score (:mod:`covid_cxr.audit.probes`); their mean is the probe;
 - with a checkpoint, "does the trained model's representation carry the source?": a logistic
   regression on the checkpoint's frozen, globally pooled features, trained on the fold's
-  training pool and tested on its test set.
+  training pool and tested on its test set. The checkpoint is fed its images resized by its own
+  method (``Preprocessing.resize``), as ``predict`` would feed it; the probes without one read the
+  prepared (``area``) cache, since they model no network's input.
 
 Because classes and sources are confounded in this field's data (every COVID-19 image from one
 collection), a probe can predict the source from the disease itself. So the finding that
@@ -49,7 +51,7 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import DataError
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.inference.settings import InferenceSettings
-from covid_cxr.runs.resolve import training_pool
+from covid_cxr.runs.resolve import cache_for, training_pool
 from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.runtime import choose_runtime
 
@@ -85,7 +87,10 @@ def to_probe_input(images: np.ndarray, size: int = PROBE_SIZE) -> torch.Tensor:
 
 
 def probe_images(cache: Any, image_ids: Sequence[str], size: int = PROBE_SIZE, chunk: int = 1024) -> np.ndarray:
-    """Cached images of ``image_ids`` downscaled to the probe's size, a chunk at a time (never all at 300 px)."""
+    """Cached images of ``image_ids`` downscaled to the probe's size, a chunk at a time (never all at 300 px).
+
+    Always by ``area``: these are the probes' own inputs, made to the probes' measure, not a checkpoint's.
+    """
     ids = list(image_ids)
     out = np.empty((len(ids), size, size), np.uint8)
     for start in range(0, len(ids), chunk):
@@ -285,9 +290,12 @@ def audit_source(
             raise DataError(f"{data}: fold {fold_k} holds one source only ({every['source'].iloc[0]}); a source "
                             "probe needs images from two sources or more")
         scored = every.iloc[cap_cells(every, seed=seed)].reset_index(drop=True)
-        images = probe_images(prepared.cache(), scored["image_id"], size=STATS_SIZE)
+        # Not a model's input: the probes read image statistics of the prepared cache, as prepared.
+        cache = prepared.cache()
+        images = probe_images(cache, scored["image_id"], size=STATS_SIZE)
         inputs = {"data": str(Path(data).resolve()), "fold": fold_k, "checkpoint": None, "probe": "crossfit",
-                  "probes": list(probes), "seed": seed, "epochs": epochs, "min_steps": min_steps}
+                  "probes": list(probes), "seed": seed, "epochs": epochs, "min_steps": min_steps,
+                  "resize": cache.resize}
         result = run_crossfit_probes(images, scored, probes=probes, epochs=epochs, min_steps=min_steps, seed=seed,
                                      device=choose_runtime(settings.device, "fp32").device, inputs=inputs,
                                      all_frame=every)
@@ -295,14 +303,16 @@ def audit_source(
     t = resolve_target(checkpoint, data, fold)
     prepared = PreparedData(t.data)
     test = split_images(prepared, t)
-    cache = prepared.cache(image_size=t.checkpoint.preprocessing.image_size)
+    pre = t.checkpoint.preprocessing
+    cache = cache_for(prepared, pre.image_size, t.checkpoint_path, pre.resize)  # the model's input, as test's
     pool = training_pool(prepared, t.fold)
     if pool["source"].nunique() < 2:
         raise DataError(f"{t.data}: the training pool of fold {t.fold} holds one source only "
                         f"({pool['source'].iloc[0]}); a source probe needs images from two sources or more")
     predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
     inputs = {"data": str(Path(t.data).resolve()), "fold": t.fold, "checkpoint": str(checkpoint),
-              "probe": "linear-probe", "seed": seed, "epochs": None}
+              "probe": "linear-probe", "seed": seed, "epochs": None, "image_size": pre.image_size,
+              "resize": pre.resize}
     result = run_linear_probe(predictor, rows_of(cache, pool["image_id"]), pool, test.images, test.frame, seed=seed,
                               inputs=inputs, batch_size=settings.batch_size)
     return result, write_result(result, out_dir or audit_dir_for(checkpoint))

@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="validity audits: source probe, lung ablation, cross-source recall, Grad-CAM in the lungs",
         description="Each audit writes <audit>.json (metrics, 95% intervals, thresholds, plain-language flags) "
         "into RUN/audit/ (for a bare checkpoint: CKPT_STEM-audit/ beside it; for 'source' without a "
-        "checkpoint: DATA/audit/foldK/), or --out. 'covid-cxr report' shows them as 'Did it learn the disease?'.",
+        "checkpoint: DATA/audit/foldK/), or --out. 'covid-cxr report' shows them as 'Did it learn the disease?'. "
+        "A checkpoint is fed its images resized by its own method (its recorded resize), as 'predict' feeds it.",
     )
     sub = p.add_subparsers(dest="audit", metavar="AUDIT", required=True)
 

@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = p.add_argument_group("int8")
     q.add_argument("--int8", action="store_true", help="also write <out stem>.int8.onnx, calibrated and checked")
     q.add_argument("--calibration", nargs="+", metavar="PATH",
-                   help="X-ray files, folders or globs to calibrate on (default: training images of the "
-                   "checkpoint's run, from run.json beside it)")
+                   help="X-ray files, folders or globs to calibrate on, resized as the checkpoint records "
+                   "(default: training images of the checkpoint's run, from run.json beside it)")
     q.add_argument("--calibration-count", type=int, metavar="N",
                    help=f"calibrate on at most N images (default {CALIBRATION_COUNT}; "
                    f"at least {MIN_CALIBRATION_IMAGES})")

@@ -6,7 +6,9 @@ belongs to (``run.json`` beside it): training images of the fold's first phase, 
 each class as far as each has images (a rare class still sets the ranges its images produce). The
 check then runs both models on the run's validation split, images the model was not trained on.
 Without a run, the user's own X-rays (``--calibration``) are decoded exactly as ``predict`` decodes
-them; with no labels the check can only say how often fp32 and int8 agree.
+them; with no labels the check can only say how often fp32 and int8 agree. Either way the images are
+resized by the checkpoint's own method (``Preprocessing.resize``): ranges calibrated on images
+resized otherwise would be ranges of inputs the model never gets.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import ConfigError, DataError, ImageDecodeError
 from covid_cxr.inference.inputs import expand_inputs
 from covid_cxr.inference.protocol import Predictor
+from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.folder import RunFolder, RunInfo
 from covid_cxr.runs.resolve import cache_for, load_split
 from covid_cxr.stats import Proportion
@@ -47,6 +50,7 @@ class CalibrationSet:
     check_images: np.ndarray  # uint8 (M, S, S)
     check_labels: np.ndarray | None  # class names, one per check image; None: unlabelled
     check_source: str
+    resize: str  # the method both sets were resized by: the model's own
 
 
 def read_run(checkpoint: Path) -> RunInfo | None:
@@ -70,13 +74,16 @@ def stratified_sample(frame: pd.DataFrame, n: int, seed: int = SEED) -> pd.DataF
 def run_images(
     checkpoint: Path,
     run: RunInfo,
-    image_size: int,
+    pre: Preprocessing,
     classes: tuple[str, ...],
     *,
     calibration_count: int,
     check_count: int,
 ) -> CalibrationSet:
     """Calibration (phase 1 training) and check (validation) images of the run's fold, from its image cache.
+
+    The cache is the one at the model's input size and resize method (``pre``); a prepared cache
+    built by another method is decoded again by the model's, once (:func:`~covid_cxr.runs.resolve.cache_for`).
 
     Raises :class:`DataError` when the prepared data the run names cannot be read, is not the data
     the run was trained on (its validation images might then be training images), or holds classes
@@ -93,7 +100,7 @@ def run_images(
         raise DataError(f"{where}: the validation images of fold {fold} of {prepared.root} include "
                         f"{', '.join(unknown)}, which {checkpoint} does not predict ({', '.join(classes)})")
     train = prepared.fold(fold).phases[0]
-    cache = cache_for(prepared, image_size, where)
+    cache = cache_for(prepared, pre.image_size, checkpoint, pre.resize)
     calib = stratified_sample(train, calibration_count)
     rng = np.random.default_rng(SEED)
     check = val.iloc[np.sort(rng.permutation(len(val))[:check_count])]
@@ -105,13 +112,16 @@ def run_images(
         check_images=np.asarray(cache.images[check_rows[order]]),
         check_labels=check["label"].to_numpy()[order],
         check_source=f"validation images of fold {fold} of {prepared.root}",
+        resize=cache.resize,
     )
 
 
 def load_calibration_files(
-    paths: list[str], image_size: int, count: int, failures: list[tuple[str, str]], workers: int = 2
+    paths: list[str], pre: Preprocessing, count: int, failures: list[tuple[str, str]], workers: int = 2
 ) -> np.ndarray:
     """Decode up to ``count`` X-rays from files, folders or globs as ``predict`` does; uint8 (N, S, S).
+
+    Each is resized to the model's input size by the model's method (``pre``), as ``predict`` resizes.
 
     A path that names nothing is an error (named); a file that does not decode is appended to
     ``failures`` (path, reason) and skipped, as long as some images remain.
@@ -125,7 +135,7 @@ def load_calibration_files(
         files = [files[i] for i in np.sort(np.random.default_rng(SEED).permutation(len(files))[:count])]
     images = []
     with ThreadPoolExecutor(workers) as pool:
-        for path, future in [(f, pool.submit(load_image, f, image_size)) for f in files]:
+        for path, future in [(f, pool.submit(load_image, f, pre.image_size, resize=pre.resize)) for f in files]:
             try:
                 images.append(future.result())
             except ImageDecodeError as exc:

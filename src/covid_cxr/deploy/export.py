@@ -5,8 +5,9 @@ CPUs without VNNI cannot saturate them: :mod:`covid_cxr.deploy.quantize`), about
 VNNI CPUs as bf16 PyTorch. Calibration images come from the caller's X-ray files or, by default, from
 the training run the checkpoint belongs to (``run.json`` beside it); fp32 and int8 are then compared on
 the run's validation images (or, without a run, on the calibration images), and the figures are
-stored in the int8 model's metadata (:mod:`covid_cxr.deploy.calibration`). ``predict`` and ``serve``
-load either file. Both ``covid-cxr export`` and the demo call :func:`export_checkpoint`.
+stored in the int8 model's metadata (:mod:`covid_cxr.deploy.calibration`) with the method both sets of
+images were resized by (``resize``): the checkpoint's own. ``predict`` and ``serve`` load either file.
+Both ``covid-cxr export`` and the demo call :func:`export_checkpoint`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from covid_cxr.deploy.quantize import quantize_onnx
 from covid_cxr.deploy.saturation import WEIGHT_SCHEME, cpu_features, describe_cpu
 from covid_cxr.errors import ConfigError, DataError, did_you_mean
 from covid_cxr.inference.onnx_model import DEFAULT_OPSET, OnnxPredictor
+from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.runs.model_card import write_export_card
 
@@ -98,7 +100,7 @@ def export_checkpoint(
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     out = Path(out) if out is not None else checkpoint.with_suffix(".onnx")
-    images = int8_inputs(checkpoint, ckpt.preprocessing.image_size, ckpt.classes, int8, say) if int8 else None
+    images = int8_inputs(checkpoint, ckpt.preprocessing, ckpt.classes, int8, say) if int8 else None
     dynamic = dynamic_batch or int8 is not None  # int8 is for throughput: batches of any size
     export_onnx(ckpt, out, dynamic_batch=dynamic, opset=opset, source_sha256=file_sha256(checkpoint))
     fp32 = OnnxPredictor(out)  # proves the file loads and its metadata rebuilds the preprocessing
@@ -115,21 +117,24 @@ def export_checkpoint(
     return ExportResult(out, written[1] if check is not None else None, card, check)
 
 
-def int8_inputs(checkpoint: Path, image_size: int, classes: tuple[str, ...], settings: Int8Settings,
+def int8_inputs(checkpoint: Path, pre: Preprocessing, classes: tuple[str, ...], settings: Int8Settings,
                 say: Say = _quiet) -> CalibrationSet:  # fmt: skip
-    """Calibration and check images: the caller's files when given, else (and for the check) the checkpoint's run."""
+    """Calibration and check images: the caller's files when given, else (and for the check) the checkpoint's run.
+
+    All of them at the model's input size, resized by its method (``pre``), as ``predict`` feeds it.
+    """
     from_run = None
     run_problem = "no run.json beside it"
     try:
         run = read_run(checkpoint)
         if run is not None:
-            from_run = run_images(checkpoint, run, image_size, classes, calibration_count=settings.calibration_count,
+            from_run = run_images(checkpoint, run, pre, classes, calibration_count=settings.calibration_count,
                                   check_count=settings.check_count)
     except DataError as exc:
         run_problem = f"its run's data cannot be used ({exc})"
     if settings.calibration:
         failures: list[tuple[str, str]] = []
-        calib = load_calibration_files(list(settings.calibration), image_size, settings.calibration_count, failures)
+        calib = load_calibration_files(list(settings.calibration), pre, settings.calibration_count, failures)
         for path, reason in failures:
             say(f"skipped: {path}: {reason}")
         calib_source = f"images from {' '.join(settings.calibration)}"
@@ -138,7 +143,7 @@ def int8_inputs(checkpoint: Path, image_size: int, classes: tuple[str, ...], set
             return replace(from_run, calibration=calib, calibration_source=calib_source)
         say(f"note: {checkpoint}: {run_problem}, so int8 is checked against fp32 on the calibration images, "
             "without labels")
-        return CalibrationSet(calib, calib_source, calib, None, "calibration images")
+        return CalibrationSet(calib, calib_source, calib, None, "calibration images", pre.resize)
     if from_run is None:
         raise ConfigError(f"{checkpoint}: no calibration images for --int8: {run_problem}. Pass --calibration "
                           "with a folder of X-rays like those the model will see (a few dozen of each class)")
@@ -162,9 +167,10 @@ def write_int8(fp32_path: Path, fp32: OnnxPredictor, images: CalibrationSet, qua
             quantize_onnx(fp32_path, tmp, images.calibration, quant_format=quant_format)
         result = check_int8(fp32, OnnxPredictor(tmp), images.check_images, images.check_labels, images.check_source)
         record_in_metadata(tmp, {"calibration_source": images.calibration_source, "check": result.as_dict(),
-                                 "checked_on": cpu_features()})
+                                 "checked_on": cpu_features(), "resize": images.resize})
     say(f"wrote {final} ({final.stat().st_size / 2**20:.1f} MiB): int8 {quant_format} (uint8 activations, "
-        f"{WEIGHT_SCHEME}), calibrated on {len(images.calibration)} {images.calibration_source}")
+        f"{WEIGHT_SCHEME}), calibrated on {len(images.calibration)} {images.calibration_source} "
+        f"(resized by '{images.resize}', as the model resizes)")
     say(f"{result.summary()}; on {describe_cpu(cpu_features())}")
     problems = result.problems()
     if problems:

@@ -4,13 +4,18 @@ The internal test set comes from the same collections as the training images; a 
 learned a collection's look scores well there and falls on another hospital's images. This
 module evaluates a model (run folder, ``.pt`` checkpoint or exported ``.onnx``) on:
 
-- a prepared data folder's whole manifest (its image cache when it has one at the model's size),
+- a prepared data folder's whole manifest (its image cache when it was prepared at the model's size),
 - a labelled folder (one sub-folder per class) or a CSV of images (``path,label[,patient_id,source,...]``,
   paths relative to the CSV), as the ``folder`` source reads them,
 
 with the model's own operating point, and writes the same artefacts as ``evaluate`` into
 ``RUN/external-NAME/`` (``metrics.json`` says ``kind: external``), which ``report`` puts beside
 the internal test figures. Classes the model knows but the set lacks are listed as absent.
+
+Every image is resized by the model's own method (the checkpoint's ``Preprocessing.resize``, or
+the ONNX model's metadata), as ``predict`` resizes, and ``metrics.json`` records it: a prepared
+cache built by another method is decoded again by the model's, once
+(:func:`~covid_cxr.runs.resolve.cache_for`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,7 +44,9 @@ from covid_cxr.inference.backends import load_model
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.labels import CLASSES
 from covid_cxr.operating_point import of_predictor
+from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.folder import RunFolder
+from covid_cxr.runs.resolve import cache_for
 from covid_cxr.stats import DEFAULT_PREVALENCES
 
 
@@ -59,7 +65,7 @@ def model_path(target: Path) -> tuple[Path, Path | None]:
     raise DataError(f"{target}: no such run folder, checkpoint or ONNX model")
 
 
-def read_external(source: Path) -> tuple[pd.DataFrame, Any]:
+def read_external(source: Path) -> tuple[pd.DataFrame, PreparedData | None]:
     """Manifest rows of a labelled set and, for a prepared folder, its :class:`PreparedData` (else None)."""
     source = Path(source)
     if source.is_dir() and (source / "prepare.json").is_file():
@@ -77,11 +83,12 @@ def read_external(source: Path) -> tuple[pd.DataFrame, Any]:
     return frame, None
 
 
-def _decode_all(frame: pd.DataFrame, size: int, workers: int) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Decode and resize every image (threads); unreadable ones are returned as (path, reason), not fatal."""
+def _decode_all(frame: pd.DataFrame, pre: Preprocessing, workers: int
+                ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:  # fmt: skip
+    """Decode and resize (by the model's method) every image, in threads; unreadable ones come back as (path, reason)."""
     def one(path: str) -> np.ndarray | str:
         try:
-            return load_image(path, size)
+            return load_image(path, pre.image_size, resize=pre.resize)
         except ImageDecodeError as exc:
             return exc.reason
 
@@ -89,17 +96,22 @@ def _decode_all(frame: pd.DataFrame, size: int, workers: int) -> tuple[np.ndarra
         results = list(pool.map(one, frame["path"].tolist()))
     good = [i for i, r in enumerate(results) if not isinstance(r, str)]
     failed = [(frame["path"].iloc[i], str(r)) for i, r in enumerate(results) if isinstance(r, str)]
+    size = pre.image_size
     images = np.stack([results[i] for i in good]) if good else np.empty((0, size, size), np.uint8)
     return images, good, failed
 
 
-def _images_for(frame: pd.DataFrame, prepared: Any, size: int, workers: int
-                ) -> tuple[Any, np.ndarray, pd.DataFrame, list[tuple[str, str]]]:
-    """(images, rows into them, the frame of readable images, failures): the cache when it fits, else decoding."""
-    if prepared is not None and prepared.image_size == size:
-        cache = prepared.cache(size)
+def external_images(frame: pd.DataFrame, prepared: PreparedData | None, pre: Preprocessing, workers: int,
+                    where: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, list[tuple[str, str]]]:  # fmt: skip
+    """(images, rows into them, the frame of readable images, failures), at the model's size and resize method.
+
+    A prepared folder prepared at the model's size gives its cache (decoded again by the model's
+    method when built by another, once); anything else is decoded from its files.
+    """
+    if prepared is not None and prepared.image_size == pre.image_size:
+        cache = cache_for(prepared, pre.image_size, where, pre.resize)
         return cache.images, np.asarray(cache.rows(frame["image_id"].to_numpy()), dtype=np.int64), frame, []
-    images, good, failed = _decode_all(frame, size, workers)
+    images, good, failed = _decode_all(frame, pre, workers)
     return images, np.arange(len(good), dtype=np.int64), frame.iloc[good].reset_index(drop=True), failed
 
 
@@ -129,7 +141,7 @@ def evaluate_external(
     if unknown:
         raise DataError(f"{external}: holds {', '.join(unknown)}, which {path} does not predict "
                         f"({', '.join(predictor.classes)}); leave those images out of the set")
-    images, rows, frame, failed = _images_for(frame, prepared, predictor.preprocessing.image_size, workers)
+    images, rows, frame, failed = external_images(frame, prepared, predictor.preprocessing, workers, path)
     for p, reason in failed:
         print(f"external: skipped {p}: {reason}", file=sys.stderr)
     if not len(frame):
@@ -153,6 +165,7 @@ def evaluate_external(
         "backend": predictor.backend,
         "data": str(Path(external).resolve()),
         "image_size": predictor.preprocessing.image_size,
+        "resize": predictor.preprocessing.resize,
         "classes_checkpoint": list(predictor.classes),
         "classes_present": [c for c in CLASSES if (frame["label"] == c).any()],
         "classes_absent": [c for c in predictor.classes if not (frame["label"] == c).any()],
@@ -169,4 +182,4 @@ def evaluate_external(
     return EvaluationResult(out_dir=out, metrics=metrics, predictions=table, info=info)
 
 
-__all__ = ["evaluate_external", "model_path", "read_external"]
+__all__ = ["evaluate_external", "external_images", "model_path", "read_external"]

@@ -104,10 +104,10 @@ class Split:
 
 
 def open_split(prepared: PreparedData, fold: int, split: str, run: RunInfo | None, ckpt: Checkpoint, where: Path, *,
-               resize: str | None = None, progress: bool = True) -> Split:  # fmt: skip
+               progress: bool = True) -> Split:  # fmt: skip
     """The fold's ``split`` for ``ckpt``: the run's own splits, classes it predicts, a cache at its input size.
 
-    The cache is resized by ``resize`` (default: the checkpoint's own method).
+    The cache is resized by the checkpoint's own method, as ``predict`` resizes what it is given.
     """
     frame, split_hash = load_split(prepared, fold, split, run, where)
     uncovered = set(frame["label"]) - set(ckpt.classes)
@@ -117,7 +117,7 @@ def open_split(prepared: PreparedData, fold: int, split: str, run: RunInfo | Non
             "evaluate or audit it with data of the classes it was trained on"
         )
     pre = ckpt.preprocessing
-    cache = cache_for(prepared, pre.image_size, where, resize or pre.resize, progress=progress)
+    cache = cache_for(prepared, pre.image_size, where, pre.resize, progress=progress)
     return Split(frame, split_hash, cache)
 
 
@@ -129,13 +129,15 @@ def training_pool(prepared: PreparedData, fold: int) -> pd.DataFrame:
     return pool.drop_duplicates("image_id").reset_index(drop=True)
 
 
-def cache_for(prepared: PreparedData, image_size: int, where: Path, resize: str = "area", *,
+def cache_for(prepared: PreparedData, image_size: int, where: Path | str, resize: str, *,
               progress: bool = True) -> ImageCache:
     """The image cache at the checkpoint's input size and resize method (the data area's error names the command).
 
     ``prepare`` builds the anti-aliased (``area``) cache. A checkpoint that resizes otherwise (an
     imported authors' model: ``bilinear``) is never fed those images: they are decoded again from
     their files by its method into a cache of their own beside it (once; later runs reuse it).
+    ``resize`` has no default: every caller says whose method it is (the checkpoint's, the ONNX
+    model's metadata), so no model is fed images resized another way by omission.
     """
     try:
         cache = prepared.cache(image_size=image_size)
@@ -155,7 +157,7 @@ def cache_for(prepared: PreparedData, image_size: int, where: Path, resize: str 
     return cache
 
 
-def _cache_resized(prepared: PreparedData, image_size: int, resize: str, where: Path, have: str,
+def _cache_resized(prepared: PreparedData, image_size: int, resize: str, where: Path | str, have: str,
                    progress: bool) -> ImageCache:
     """Decode the prepared images again by ``resize`` (the prepared cache was built by ``have``)."""
     key = cache_key(prepared.manifest, image_size, resize)
