@@ -23,12 +23,13 @@ from covid_cxr.cli import main  # noqa: E402
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset  # noqa: E402
 from covid_cxr.data.prepared import PreparedData  # noqa: E402
 from covid_cxr.data.splits import SplitSettings  # noqa: E402
-from covid_cxr.deploy.calibration import stratified_sample  # noqa: E402
+from covid_cxr.deploy.calibration import check_int8, stratified_sample  # noqa: E402
 from covid_cxr.deploy.export import Int8Settings, export_checkpoint  # noqa: E402
 from covid_cxr.deploy.quantize import META_KEY  # noqa: E402
 from covid_cxr.deploy.saturation import cpu_features, describe_cpu  # noqa: E402
 from covid_cxr.errors import ConfigError  # noqa: E402
 from covid_cxr.inference.onnx_model import OnnxPredictor  # noqa: E402
+from covid_cxr.operating_point import ONNX_KEY, OperatingPoint  # noqa: E402
 from covid_cxr.stats import wilson_interval  # noqa: E402
 from covid_cxr.synth import make_synthetic  # noqa: E402
 from tests.test_server import tiny_checkpoint  # noqa: E402
@@ -213,3 +214,59 @@ def test_stratified_sample_gives_a_rare_class_its_share() -> None:
     assert counts["covid"] == 3 and sorted([counts["normal"], counts["pneumonia"]]) == [4, 5]
     assert picked["image_id"].is_unique and picked.equals(stratified_sample(frame, 12))
     assert len(stratified_sample(frame, 500)) == 73
+
+
+class _FixedPredictor:
+    """A model of known probabilities carrying an operating point in its metadata, as an exported file does."""
+
+    classes = ("covid", "pneumonia", "normal")
+
+    def __init__(self, p_covid: float, op: OperatingPoint) -> None:
+        self.p_covid = p_covid
+        self.metadata = {ONNX_KEY: json.dumps(op.to_dict())}
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        rest = (1.0 - self.p_covid) / 2
+        return np.tile([self.p_covid, rest - 0.05, rest + 0.05], (len(images), 1))
+
+
+def test_the_int8_check_decides_by_the_models_operating_point() -> None:
+    # fp32 puts p_covid at 0.30 and int8 at 0.26: the same argmax (normal), but on either side of a 0.28
+    # threshold, so predict and serve would decide differently; the check must count that as disagreement.
+    op = OperatingPoint(rule="sensitivity", target=0.95, threshold=0.28)
+    images = np.zeros((10, 8, 8), np.uint8)
+    labels = np.array(["covid"] * 10)
+    check = check_int8(_FixedPredictor(0.30, op), _FixedPredictor(0.26, op), images, labels, "test images")
+    assert check.agreed.k == 0 and check.argmax_agreed is not None and check.argmax_agreed.k == 10
+    assert check.fp32 is not None and check.fp32.k == 10 and check.int8 is not None and check.int8.k == 0
+    record = check.as_dict()
+    assert record["agreement_pct"] == 0 and record["argmax_agreement_pct"] == 100
+    assert record["decision_rule"].startswith("sensitivity=0.95")
+    assert "0.0% (0/10) decided by sensitivity=0.95" in check.summary()
+    assert check.problems()  # under 99% agreement and 100 points lost: the export warns
+
+
+def test_the_int8_check_by_argmax_keeps_one_agreement() -> None:
+    check = check_int8(_FixedPredictor(0.30, OperatingPoint()), _FixedPredictor(0.26, OperatingPoint()),
+                       np.zeros((4, 8, 8), np.uint8), None, "calibration images")
+    assert check.agreed.k == 4 and check.argmax_agreed is None
+    assert check.as_dict()["decision_rule"] == "argmax" and "argmax_agreement_pct" not in check.as_dict()
+
+
+def test_export_never_overwrites_its_checkpoint_nor_leaves_a_stale_int8(pngs: Path, tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "best.pt", "xception", size=SIZE, seed=3)
+    before = ckpt.read_bytes()
+    for out in (ckpt, tmp_path / "model.pt", tmp_path / "model"):
+        with pytest.raises(ConfigError, match="ending in .onnx"):
+            export_checkpoint(ckpt, tmp_path / out.name)
+    assert ckpt.read_bytes() == before and not list(tmp_path.glob("*.onnx"))
+
+    out = tmp_path / "model.onnx"
+    first = export_checkpoint(ckpt, out, int8=Int8Settings(calibration=(str(pngs),)))
+    assert first.int8 is not None and first.int8.is_file()
+    export_checkpoint(ckpt, out)  # the same weights again, fp32 only: their int8 file stays
+    assert first.int8.is_file()
+    other = tiny_checkpoint(tmp_path / "other.pt", "xception", size=SIZE, seed=4)
+    lines: list[str] = []
+    export_checkpoint(other, out, say=lines.append)  # other weights under the same name: the old int8 goes
+    assert not first.int8.exists() and any(line.startswith(f"removed {first.int8}") for line in lines)

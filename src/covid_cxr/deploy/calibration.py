@@ -30,6 +30,7 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import ConfigError, DataError, ImageDecodeError
 from covid_cxr.inference.inputs import expand_inputs
 from covid_cxr.inference.protocol import Predictor
+from covid_cxr.operating_point import of_predictor
 from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.folder import RunFolder, RunInfo
 from covid_cxr.runs.resolve import cache_for, load_split
@@ -153,9 +154,11 @@ class Int8Check:
     """fp32 and int8 run on the same images: agreement, and accuracies when the images have labels."""
 
     source: str
-    agreed: Proportion
+    agreed: Proportion  # same decided class, by the model's own decision rule
     fp32: Proportion | None  # None: no labels, accuracy not checked
     int8: Proportion | None
+    rule: str = "argmax"  # the decision rule the classes were decided by (the model's operating point)
+    argmax_agreed: Proportion | None = None  # same argmax class, when the rule is not argmax
 
     @property
     def difference_pp(self) -> float | None:
@@ -165,7 +168,9 @@ class Int8Check:
     def as_dict(self) -> dict[str, Any]:
         """The figures stored in the int8 model's metadata."""
         out: dict[str, Any] = {"images": self.agreed.n, "source": self.source, "labelled": self.fp32 is not None,
-                               "agreement_pct": round(self.agreed.value, 3)}
+                               "agreement_pct": round(self.agreed.value, 3), "decision_rule": self.rule}
+        if self.argmax_agreed is not None:
+            out["argmax_agreement_pct"] = round(self.argmax_agreed.value, 3)
         if self.fp32 is not None and self.int8 is not None:
             for name, p in (("fp32", self.fp32), ("int8", self.int8)):
                 out[f"{name}_accuracy_pct"] = round(p.value, 3)
@@ -181,6 +186,9 @@ class Int8Check:
                      f"int8 {fmt.with_ci(self.int8.value, *self.int8.ci)}, difference "
                      f"{self.difference_pp:+.2f} pp; ")
         text += f"classes agree on {self.agreed.value:.1f}% ({self.agreed.k}/{self.agreed.n})"
+        if self.argmax_agreed is not None:
+            text += (f" decided by {self.rule} ({self.argmax_agreed.value:.1f}% by argmax, "
+                     f"{self.argmax_agreed.k}/{self.argmax_agreed.n})")
         if self.fp32 is None:
             text += "; accuracy not checked: no labelled images were given"
         return text
@@ -196,23 +204,32 @@ class Int8Check:
         return found
 
 
-def _classify(predictor: Predictor, images: np.ndarray) -> np.ndarray:
+def _probabilities(predictor: Predictor, images: np.ndarray) -> np.ndarray:
     batches = range(0, len(images), CHECK_BATCH)
-    return np.concatenate([predictor.predict_proba(images[i : i + CHECK_BATCH]).argmax(1) for i in batches])
+    return np.concatenate([predictor.predict_proba(images[i : i + CHECK_BATCH]) for i in batches])
 
 
 def check_int8(
     fp32: Predictor, int8: Predictor, images: np.ndarray, labels: np.ndarray | None, source: str
 ) -> Int8Check:
-    """Classify ``images`` with both models; ``labels`` (class names of the models' classes) when known."""
-    pred32, pred8 = _classify(fp32, images), _classify(int8, images)
-    agreed = Proportion(int((pred32 == pred8).sum()), len(images))
+    """Classify ``images`` with both models; ``labels`` (class names of the models' classes) when known.
+
+    Classes are decided as ``predict`` and ``serve`` decide them: by the model's operating point (the int8
+    file carries the fp32 file's), so a threshold near which int8 moves probabilities shows up here. With
+    a rule other than argmax, the argmax agreement is kept beside it.
+    """
+    op = of_predictor(fp32)
+    p32, p8 = _probabilities(fp32, images), _probabilities(int8, images)
+    pred32, pred8 = op.decide(p32, fp32.classes), op.decide(p8, fp32.classes)
+    n = len(images)
+    agreed = Proportion(int((pred32 == pred8).sum()), n)
+    argmax_agreed = None if op.rule == "argmax" else Proportion(int((p32.argmax(1) == p8.argmax(1)).sum()), n)
+    rule = op.name if op.rule == "argmax" else f"{op.name} (p_{op.positive_class} >= {op.threshold:.4g})"
     if labels is None:
-        return Int8Check(source, agreed, None, None)
+        return Int8Check(source, agreed, None, None, rule, argmax_agreed)
     truth = np.asarray([fp32.classes.index(c) for c in labels])
-    n = len(truth)
     return Int8Check(source, agreed, Proportion(int((pred32 == truth).sum()), n),
-                     Proportion(int((pred8 == truth).sum()), n))
+                     Proportion(int((pred8 == truth).sum()), n), rule, argmax_agreed)
 
 
 def record_in_metadata(model_path: Path, extra: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ Both ``covid-cxr export`` and the demo call :func:`export_checkpoint`.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -39,7 +40,7 @@ from covid_cxr.deploy.onnx import export_onnx
 from covid_cxr.deploy.quantize import quantize_onnx
 from covid_cxr.deploy.saturation import WEIGHT_SCHEME, cpu_features, describe_cpu
 from covid_cxr.errors import ConfigError, DataError, did_you_mean
-from covid_cxr.inference.onnx_model import DEFAULT_OPSET, OnnxPredictor
+from covid_cxr.inference.onnx_model import DEFAULT_OPSET, META_PREFIX, OnnxPredictor
 from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.runs.model_card import write_export_card
@@ -98,11 +99,16 @@ def export_checkpoint(
     final name appears only once it is quantized and checked. ``say`` receives one line per step.
     """
     checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
     out = Path(out) if out is not None else checkpoint.with_suffix(".onnx")
+    if out.suffix.lower() != ".onnx" or out.resolve() == checkpoint.resolve():
+        raise ConfigError(f"--out {out}: an exported model is written to a file ending in .onnx (predict and serve "
+                          f"tell formats by it), never over the checkpoint; e.g. --out {checkpoint.with_suffix('.onnx')}")
+    ckpt = load_checkpoint(checkpoint)
+    sha256 = file_sha256(checkpoint)
     images = int8_inputs(checkpoint, ckpt.preprocessing, ckpt.classes, int8, say) if int8 else None
     dynamic = dynamic_batch or int8 is not None  # int8 is for throughput: batches of any size
-    export_onnx(ckpt, out, dynamic_batch=dynamic, opset=opset, source_sha256=file_sha256(checkpoint))
+    _remove_stale_int8(int8_path(out), sha256, say)
+    export_onnx(ckpt, out, dynamic_batch=dynamic, opset=opset, source_sha256=sha256)
     fp32 = OnnxPredictor(out)  # proves the file loads and its metadata rebuilds the preprocessing
     pre = fp32.preprocessing
     say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {ckpt.network}, opset {opset}, "
@@ -115,6 +121,27 @@ def export_checkpoint(
     card = write_export_card(ckpt, checkpoint, written)
     say(f"wrote {card}")
     return ExportResult(out, written[1] if check is not None else None, card, check)
+
+
+def _remove_stale_int8(path: Path, sha256: str, say: Say) -> None:
+    """Remove an int8 model beside ``out`` that was made from other weights than the checkpoint being exported.
+
+    Left there, it would sit beside the new fp32 file under the same stem, and ``predict``/``serve`` would run
+    the old weights without a word; an int8 file of these same weights is kept.
+    """
+    if not path.is_file():
+        return
+    import onnx  # deferred: about 1 s to import, and only needed when an int8 file is there
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(os.fspath(path), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - an unreadable file there is stale whatever it holds
+        meta = {}
+    if meta.get(f"{META_PREFIX}source_sha256") == sha256:
+        return
+    path.unlink()
+    say(f"removed {path}: an int8 model of other weights than {sha256[:12]}, which would have sat beside the new "
+        "fp32 file (export with --int8 to write one of these weights)")
 
 
 def int8_inputs(checkpoint: Path, pre: Preprocessing, classes: tuple[str, ...], settings: Int8Settings,
