@@ -72,10 +72,10 @@ def print_report(report: PrepareReport, console: Console) -> None:
     for f in report.fold_summary:
         folds.add_row(str(f["fold"]), fmt(f["phase1"]), fmt(f["train_distinct"]), fmt(f["val"]), fmt(f["test"]))
     console.print(folds)
-    for note in report.notes:
-        console.print(f"note: {note}", markup=False)
+    for note in report.notes:  # one line each, unwrapped, so that the paths in them can be copied
+        console.print(f"note: {note}", markup=False, soft_wrap=True)
     for f in report.skipped:
-        console.print(f"skipped: {f['path']}: {f['reason']}", markup=False)
+        console.print(f"skipped: {f['path']}: {f['reason']}", markup=False, soft_wrap=True)
 
 
 def run(args: argparse.Namespace) -> int:

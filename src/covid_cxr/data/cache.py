@@ -28,12 +28,12 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.atomic import read_json, write_json
-from covid_cxr.data.images import decode_image_info, resize_gray
+from covid_cxr.data.images import decode_radiograph, read_file, resize_gray
 from covid_cxr.data.names import name_bytes, printable
 from covid_cxr.errors import DataError, ImageDecodeError
 from covid_cxr.progress import progress_bar
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: palette-colour DICOMs through their LUT; multi-page, tiny and NaN images refused
 IMAGES_FILE, INDEX_FILE, META_FILE = "images.npy", "index.csv", "meta.json"
 
 
@@ -77,16 +77,16 @@ def _decode_one(job: Job) -> Result:
     """Worker: (image_id, path, size, resize) -> (image_id, image or None, error, sha256, view)."""
     image_id, path, size, resize = job
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return image_id, None, "file not found", "", ""
-    except OSError as exc:
-        return image_id, None, f"cannot read the file ({exc.strerror or exc})", "", ""
+        data = read_file(Path(path), printable(path))
+    except ImageDecodeError as exc:
+        return image_id, None, exc.reason, "", ""
     digest = hashlib.sha256(data).hexdigest()
     try:
-        img, info = decode_image_info(data, name=printable(path))
+        img, info = decode_radiograph(data, name=printable(path))
     except ImageDecodeError as exc:
         return image_id, None, exc.reason, digest, ""
+    except Exception as exc:  # an unforeseen failure of one file is that file's failure, not the end of prepare
+        return image_id, None, f"unexpected error while decoding ({type(exc).__name__}: {exc})", digest, ""
     return image_id, resize_gray(img, size, resize), "", digest, info.get("view", "")
 
 

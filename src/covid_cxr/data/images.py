@@ -3,16 +3,26 @@
 The format is decided by the bytes, never by the file name: a DICOM file carries ``DICM`` at
 offset 128 or, as older PACS exports write it, is a bare dataset without preamble and file meta
 (read with ``force=True``; its transfer syntax is the encoding it was read in, implicit or explicit
-VR little endian); everything else goes to Pillow. A multi-frame object is refused with its frame
-count: a classifier of single radiographs must not silently take one frame. DICOM pixels pass
-through the modality LUT (rescale slope/intercept) and the VOI LUT or window, MONOCHROME1 is
-inverted so that bone is always bright, and data deeper than 8 bits is stretched to 0-255. Sizes are checked from the header before any pixel is decoded, so a
-decompression bomb costs nothing.
+VR little endian); everything else goes to Pillow. A multi-frame object (a DICOM cine, a multi-page
+TIFF, an animated PNG or GIF) is refused with its frame count: a classifier of single radiographs
+must not silently take one frame; a phone's MPO JPEG is its first picture.
+
+DICOM pixels pass through the modality LUT (rescale slope/intercept) and the first VOI LUT or
+window the header gives (what the modality meant to show), are stretched to 0-255 when deeper
+than 8 bits, and MONOCHROME1 is inverted, so that bone is always bright; colour (RGB, YBR, palette)
+becomes luma. Compressed pixel data whose decoder plugin is not installed is refused with the
+package to install. Pillow images are turned upright by their EXIF orientation (phone photographs
+of films); 16-bit and float data are stretched min-max, so that 12-bit data in 16 bits fills the
+range as full 16-bit data does; CMYK, palette, 1-bit and alpha images become luma.
+
+Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs
+nothing; :func:`decode_radiograph` also refuses images too small to be a radiograph.
 """
 
 from __future__ import annotations
 
 import io
+import stat
 import warnings
 from pathlib import Path
 
@@ -21,11 +31,17 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    get_decoder,
+)
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
 )
 
 from covid_cxr.choices import RESIZE_METHODS
@@ -36,6 +52,12 @@ MAX_PIXELS = 50_000_000
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
 """Largest file we read at all."""
+
+MIN_SIDE = 32
+"""Smallest side of an image taken as a radiograph; anything smaller is an icon or placeholder, not an X-ray."""
+
+APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
+"""How a macOS AppleDouble file (``._name``, resource data beside a file in archives made on macOS) starts."""
 
 # Pillow's own guard would only warn below twice its limit; ours refuses first, from the header.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -50,26 +72,34 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexErr
                   Image.DecompressionBombError)
 
 
+def read_file(path: Path, label: str) -> bytes:
+    """The bytes of an image file; :class:`ImageDecodeError` for a missing file, a folder, anything that is not a
+    regular file (a pipe would block the read forever) or a file over :data:`MAX_FILE_BYTES`."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageDecodeError(label, "file not found" if not path.is_symlink() else "a broken symbolic link") from None
+    except OSError as exc:
+        raise ImageDecodeError(label, f"cannot read the file ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageDecodeError(label, "is a folder, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageDecodeError(label, "is not a regular file (a pipe, socket or device), not an image file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise ImageDecodeError(label, f"file of {st.st_size} bytes is larger than the {MAX_FILE_BYTES}-byte limit")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(label, f"cannot read the file ({exc.strerror or exc})") from None
+
+
 def _read(source: Source, name: str | None) -> tuple[bytes, str]:
     """The file's bytes and the name used in error messages."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), name or "<uploaded bytes>"
     path = Path(source)
     label = name or str(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageDecodeError(label, "file not found") from None
-    except OSError as exc:
-        raise ImageDecodeError(label, f"cannot read the file ({exc.strerror or exc})") from None
-    if path.is_dir():
-        raise ImageDecodeError(label, "is a folder, not an image file")
-    if size > MAX_FILE_BYTES:
-        raise ImageDecodeError(label, f"file of {size} bytes is larger than the {MAX_FILE_BYTES}-byte limit")
-    try:
-        return path.read_bytes(), label
-    except OSError as exc:
-        raise ImageDecodeError(label, f"cannot read the file ({exc.strerror or exc})") from None
+    return read_file(path, label), label
 
 
 # Groups a bare (preamble-less, meta-less) dataset starts with: its first element is the lowest
@@ -96,15 +126,19 @@ def is_dicom(data: bytes) -> bool:
     return data[4:6] in _VRS or int.from_bytes(data[4:8], "little") < len(data)
 
 
+def _too_large(label: str, size: str) -> ImageDecodeError:
+    return ImageDecodeError(
+        label, f"image of {size} pixels exceeds the limit of {MAX_PIXELS} pixels (a radiograph has under 20 million); "
+        "shrink it, e.g. to 4096 pixels on its longer side (a file that claims such a size may also be a "
+        "decompression bomb)")
+
+
 def _check_pixels(label: str, width: int, height: int, frames: int = 1) -> None:
     if width <= 0 or height <= 0:
         raise ImageDecodeError(label, f"image header gives an empty size {width}x{height}")
     total = int(width) * int(height) * max(int(frames), 1)
     if total > MAX_PIXELS:
-        raise ImageDecodeError(
-            label, f"image of {width}x{height} pixels (x{frames} frames) exceeds the limit of {MAX_PIXELS} pixels; "
-            "refusing a possible decompression bomb"
-        )
+        raise _too_large(label, f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else ""))
 
 
 def to_uint8(values: np.ndarray, *, stretch: bool) -> np.ndarray:
@@ -143,6 +177,41 @@ def _set_transfer_syntax(ds: pydicom.Dataset, label: str) -> None:
                                       ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
+def _check_decoder(ds: pydicom.Dataset, label: str) -> None:
+    """Refuse, before decoding, pixel data compressed in a way no installed plugin decodes, naming what to install."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise ImageDecodeError(label, f"DICOM transfer syntax {syntax} ({syntax.name}) is one pydicom cannot decode; "
+                               "convert the file to uncompressed DICOM (e.g. gdcmconv --raw, or dcmdjpeg)") from None
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies)
+        raise ImageDecodeError(label, f"DICOM pixel data is compressed as {syntax.name} and no decoder for it is "
+                               f"installed; install one with pip ({needs}; gdcm's package is python-gdcm)")
+
+
+def _dicom_gray(ds: pydicom.Dataset, arr: np.ndarray, photometric: str, label: str) -> np.ndarray:
+    """Decoded DICOM pixels as a grayscale uint8 image with bone bright, as the header says to show them."""
+    if photometric.startswith("MONOCHROME"):
+        has_modality = ("ModalityLUTSequence" in ds or float(ds.get("RescaleSlope", 1) or 1) != 1
+                        or float(ds.get("RescaleIntercept", 0) or 0) != 0)
+        has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
+        deep = int(ds.get("BitsStored", 8) or 8) > 8 or arr.dtype != np.uint8
+        values = apply_modality_lut(arr, ds) if has_modality else arr
+        if has_voi:
+            values = apply_voi_lut(values, ds, index=0)
+        img = to_uint8(values, stretch=has_modality or has_voi or deep)
+        return 255 - img if photometric == "MONOCHROME1" else img
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        if arr.dtype == np.uint16:  # 16-bit palette entries span 0-65535
+            arr = (arr >> 8).astype(np.uint8)
+    # pydicom converts YBR to RGB on decode.
+    img = _to_gray(arr, label)
+    return to_uint8(img, stretch=img.dtype != np.uint8)
+
+
 def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
     try:
         with warnings.catch_warnings():  # a truncated file is reported below, as an error
@@ -150,18 +219,23 @@ def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except _DECODE_ERRORS as exc:
         raise ImageDecodeError(label, f"unreadable DICOM header ({exc})") from None
+    if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+        raise ImageDecodeError(label, "a DICOMDIR, the index of a DICOM media set, not an image; give the image "
+                               "files it lists (they lie in the folders beside it)")
     if "PixelData" not in ds:
         raise ImageDecodeError(label, "DICOM file holds no pixel data: the file is truncated or is not an image object")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError):
-        raise ImageDecodeError(label, f"DICOM NumberOfFrames {ds.get('NumberOfFrames')!r} is not a number") from None
+        raise ImageDecodeError(label, f"DICOM Rows {ds.get('Rows')!r}, Columns {ds.get('Columns')!r} or "
+                               f"NumberOfFrames {ds.get('NumberOfFrames')!r} is not a number") from None
     if frames > 1:
         raise ImageDecodeError(label, f"multi-frame DICOM ({frames} frames): the classifier takes one radiograph; "
                                "export the frame to classify as its own file")
     _check_pixels(label, cols, rows, frames)
     _set_transfer_syntax(ds, label)
+    _check_decoder(ds, label)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -170,48 +244,55 @@ def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
         raise ImageDecodeError(label, f"DICOM pixel data cannot be decoded, the file may be truncated ({exc})") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     info = {"view": str(ds.get("ViewPosition", "") or ""), "photometric": photometric}
-    if photometric.startswith("MONOCHROME"):
-        has_rescale = float(ds.get("RescaleSlope", 1) or 1) != 1 or float(ds.get("RescaleIntercept", 0) or 0) != 0
-        has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
-        deep = int(ds.get("BitsStored", 8) or 8) > 8 or arr.dtype != np.uint8
-        values = arr
-        if has_rescale:
-            values = apply_modality_lut(values, ds)
-        if has_voi:
-            values = apply_voi_lut(values, ds, index=0)
-        img = to_uint8(values, stretch=has_rescale or has_voi or deep)
-        if photometric == "MONOCHROME1":
-            img = 255 - img
-    else:
-        # pydicom converts YBR to RGB on decode; palette colour is rare in radiographs.
-        img = _to_gray(arr, label)
-        img = to_uint8(img, stretch=img.dtype != np.uint8)
+    try:
+        img = _dicom_gray(ds, arr, photometric, label)
+    except ImageDecodeError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise ImageDecodeError(label, f"DICOM header values (rescale, window, LUT) do not fit its pixels ({exc}); "
+                               "re-export the image from the PACS") from None
     return np.ascontiguousarray(img), info
 
 
+def _pillow_gray(im: Image.Image, label: str) -> np.ndarray:
+    """A loaded Pillow image as grayscale uint8: deep data (16-bit, float) stretched min-max, colour to luma."""
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im)
+        if mode == "F" and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise ImageDecodeError(label, f"floating-point image with {bad} of its {arr.size} pixels not a finite "
+                                   "number (NaN or infinity); save it with every pixel a number, e.g. as a 16-bit PNG")
+        if mode == "I" and arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
+            return arr.astype(np.uint8)
+        return to_uint8(arr, stretch=True)
+    if mode == "CMYK":  # a print-ready JPEG: Pillow takes Adobe's inverted CMYK to RGB, then luma
+        im = im.convert("RGB")
+    if im.mode in ("RGB", "RGBA"):
+        return _to_gray(np.asarray(im), label)
+    return np.asarray(im.convert("L"))
+
+
 def _decode_pillow(data: bytes, label: str) -> np.ndarray:
+    if data.startswith(APPLEDOUBLE_MAGIC):
+        raise ImageDecodeError(label, "a macOS AppleDouble file (the resource data macOS keeps beside a file as "
+                               "._name), not an image; leave it out, the image is the file without ._")
     try:
         with warnings.catch_warnings():  # we refuse oversized images ourselves, from the header
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
         with im:
-            _check_pixels(label, im.width, im.height, getattr(im, "n_frames", 1) if im.format == "TIFF" else 1)
+            _check_pixels(label, im.width, im.height)
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1 and im.format != "MPO":  # MPO: a phone's JPEG, its first image the photograph
+                raise ImageDecodeError(label, f"{im.format} image of {frames} pages or frames: the classifier takes "
+                                       "one radiograph; save the page to classify as its own file")
             im.load()
-            im = ImageOps.exif_transpose(im)
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(im)
-                if mode == "I" and arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
-                    return arr.astype(np.uint8)
-                return to_uint8(arr, stretch=True)
-            if mode in ("RGB", "RGBA"):
-                return _to_gray(np.asarray(im), label)
-            return np.asarray(im.convert("L"))
+            return _pillow_gray(ImageOps.exif_transpose(im), label)
     except ImageDecodeError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(label, f"image exceeds the limit of {MAX_PIXELS} pixels; refusing a possible "
-                               f"decompression bomb ({exc})") from None
+    except Image.DecompressionBombError:
+        raise _too_large(label, f"more than {2 * MAX_PIXELS}") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(label, "not an image: neither DICOM nor a format Pillow reads (PNG, JPEG, ...)") from None
     except _DECODE_ERRORS as exc:
@@ -230,6 +311,17 @@ def decode_image_info(source: Source, *, name: str | None = None) -> tuple[np.nd
         img, info = _decode_pillow(data, label), {"format": "image"}
     if img.ndim != 2 or img.dtype != np.uint8:
         raise ImageDecodeError(label, f"decoded to an unexpected array {img.dtype} {img.shape}")
+    return img, info
+
+
+def decode_radiograph(source: Source, *, name: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
+    """:func:`decode_image_info` for what a classifier is fed: an image under :data:`MIN_SIDE` pixels a side (an
+    icon, a thumbnail, a placeholder) is refused rather than blown up to a meaningless picture."""
+    data, label = _read(source, name)
+    img, info = decode_image_info(data, name=label)
+    if min(img.shape) < MIN_SIDE:
+        raise ImageDecodeError(label, f"image of {img.shape[1]}x{img.shape[0]} pixels is too small to be a radiograph "
+                               f"(at least {MIN_SIDE} pixels a side); give the full-size image, not an icon or thumbnail")
     return img, info
 
 
@@ -263,5 +355,5 @@ def resize_gray(img: np.ndarray, size: int, method: str = "area") -> np.ndarray:
 
 
 def load_image(source: Source, image_size: int, *, name: str | None = None, resize: str = "area") -> np.ndarray:
-    """Decode and resize by ``resize``: what training caches and inference feed the networks."""
-    return resize_gray(decode_image(source, name=name), image_size, resize)
+    """Decode a radiograph (:func:`decode_radiograph`) and resize by ``resize``: what inference feeds the networks."""
+    return resize_gray(decode_radiograph(source, name=name)[0], image_size, resize)

@@ -43,7 +43,7 @@ from markdown_it import MarkdownIt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covid_cxr import __version__
-from covid_cxr.data.images import decode_image
+from covid_cxr.data.images import decode_radiograph
 from covid_cxr.deploy.limits import ServerLimits
 from covid_cxr.deploy.uploads import UploadError, read_multipart
 from covid_cxr.errors import ImageDecodeError
@@ -306,7 +306,7 @@ def render_card_html(card: str) -> str:
 def _decode(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode by content; a bomb (refused from its header) or an oversized image is a 413, garbage a 422."""
     try:
-        image = decode_image(data, name="upload")
+        image, _ = decode_radiograph(data, name="upload")
     except ImageDecodeError as exc:
         too_large = "decompression bomb" in exc.reason or "exceeds the limit" in exc.reason
         raise UploadError(413 if too_large else 422, f"cannot use the upload: {exc.reason}") from None

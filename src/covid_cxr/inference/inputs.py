@@ -1,13 +1,15 @@
 """Turn what a user typed (files, folders, globs) into the list of files to predict.
 
 A file named on the command line is always taken: its content, not its name, decides whether it
-is a PNG, a JPEG or a DICOM. Inside folders (walked recursively) only files that look like images
-are taken (:data:`IMAGE_SUFFIXES`, or no suffix at all, as many PACS exports name DICOMs), so a
-``metadata.csv`` beside the images is not reported as a broken X-ray. A path that matches nothing
-is not an exception: it comes back as a failure, like an unreadable file, so the rest still runs.
-So does anything named like an image that is not a regular file (a folder called ``x.png``, a
-pipe, a broken link): it is reported, never opened (reading a pipe would wait forever), never
-silently dropped.
+is a PNG, a JPEG, a TIFF or a DICOM. Inside folders (walked recursively, links to folders followed
+once) only files that look like images are taken (an image suffix in any case, no suffix, or the
+all-digit suffix of a DICOM named by its UID: :func:`~covid_cxr.data.sources.folder.scan_folder`),
+so a ``metadata.csv`` beside the images is not reported as a broken X-ray. A path that matches
+nothing is not an exception: it comes back as a failure, like an unreadable file, so the rest still
+runs. So does anything named like an image that is not a regular file (a folder called ``x.png``, a
+pipe, a broken link, a link loop): it is reported, never opened (reading a pipe would wait forever),
+never silently dropped. Hidden files, macOS AppleDouble files (``._x.png``) and DICOMDIR indexes are
+passed over with a note: they are never images, and hospital exports and macOS archives are full of them.
 
 File names are whatever bytes the OS holds; Python hands names that are not UTF-8 over with
 surrogate escapes; :func:`~covid_cxr.data.names.display_path` is how such a name is printed or written.
@@ -17,74 +19,41 @@ from __future__ import annotations
 
 import glob
 import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from covid_cxr.data.names import display_path
+from covid_cxr.data.sources.folder import (
+    FOLDER_NAMED_LIKE_IMAGE,
+    named_like_image,
+    not_a_file,
+    scan_folder,
+    skipped_notes,
+)
 
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"})
 _GLOB_CHARS = frozenset("*?[")
 
 
 @dataclass
 class Inputs:
-    """Files to read, in a stable order, and the inputs that named nothing readable."""
+    """Files to read, in a stable order, the inputs that named nothing readable, and what folders held that
+    is passed over on purpose (hidden and AppleDouble files, DICOMDIR indexes: notes, not failures)."""
 
     files: list[Path] = field(default_factory=list)
     missing: list[tuple[str, str]] = field(default_factory=list)  # (what the user typed, reason)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (path found, why it is not read)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path found, kind of SKIPPED_KINDS)
 
     @property
     def failures(self) -> list[tuple[str, str]]:
         """Everything that will not be read, with the reason, names printable."""
         return [(display_path(p), reason) for p, reason in self.missing + self.refused]
 
-
-def _named_like_image(path: Path) -> bool:
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _is_candidate(path: Path) -> bool:
-    return not path.name.startswith(".") and (path.suffix.lower() in IMAGE_SUFFIXES or path.suffix == "")
-
-
-def not_a_file(path: Path) -> str | None:
-    """Why ``path`` is not a regular file we may read (None when it is one)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return "a broken symbolic link" if path.is_symlink() else "no such file or folder"
-    except OSError as exc:
-        return f"cannot be examined ({exc.strerror or exc})"
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "a folder, not an image file"
-    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-    return f"{kind}, not an image file"
-
-
-def _walk(folder: Path, refused: list[tuple[str, str]]) -> list[Path]:
-    """Image candidates under ``folder``; folders named like images and other non-files go to ``refused``."""
-    found = []
-    for root, dirs, names in os.walk(folder):
-        for d in sorted(dirs):
-            if _named_like_image(Path(d)):
-                refused.append((str(Path(root) / d), "a folder named like an image file; its contents are not read"))
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not _named_like_image(Path(d)))
-        for n in sorted(names):
-            path = Path(root) / n
-            if not _is_candidate(path):
-                continue
-            reason = not_a_file(path)
-            if reason is None:
-                found.append(path)
-            else:
-                refused.append((str(path), reason))
-    return found
+    @property
+    def notes(self) -> list[str]:
+        """One line per kind of file passed over, names printable."""
+        return skipped_notes([(display_path(p), kind) for p, kind in self.skipped])
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> Inputs:
@@ -102,14 +71,16 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> Inputs:
         reason = not_a_file(path)
         if reason is None:
             add(path)
-        elif path.is_dir() and (typed or not _named_like_image(path)):
-            for f in _walk(path, out.refused):
+        elif path.is_dir() and (typed or not named_like_image(path.name)):
+            scan = scan_folder(path)
+            out.refused += scan.refused
+            out.skipped += scan.skipped
+            for f in scan.files:
                 add(f)
         elif typed:
             out.missing.append((str(path), reason))
         else:
-            out.refused.append((str(path), reason if not path.is_dir() else
-                                "a folder named like an image file; its contents are not read"))
+            out.refused.append((str(path), reason if not path.is_dir() else FOLDER_NAMED_LIKE_IMAGE))
 
     for raw in paths:
         text = os.fspath(raw)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,12 +132,15 @@ def predict_inputs(
         complete = True
     finally:
         sink.close(complete=complete)
-        summarise(sink, out, complete)
+        summarise(sink, out, complete, notes=inputs.notes)
     return sink
 
 
-def summarise(sink: PredictionSink, out: Path | None, complete: bool) -> None:
-    """The stderr epilogue: where the rows went, every refused input with its reason, the counts."""
+def summarise(sink: PredictionSink, out: Path | None, complete: bool, *, notes: Sequence[str] = ()) -> None:
+    """The stderr epilogue: what the folders held that was passed over, where the rows went, every refused
+    input with its reason, the counts."""
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     if out is not None:
         print(f"wrote {sink.predicted} predictions and {len(sink.failed)} refusals to {display_path(out)}",
               file=sys.stderr)

@@ -1,9 +1,13 @@
 """A user's own images: one sub-folder per class, or a CSV listing them.
 
 Folder layout: ``DIR/<class>/...`` where the class folder is ``covid``/``COVID-19``,
-``pneumonia`` or ``normal`` (any depth below). Without patient ids every image is its own
-patient. CSV layout: ``DIR/labels.csv`` (or the CSV path itself) with ``path`` (relative to the
-CSV) or ``filename``, ``label``, and optionally ``patient_id``, ``view`` and ``source``.
+``pneumonia`` or ``normal`` (any depth below, walked by :func:`scan_folder`, which ``predict``
+shares: hidden and AppleDouble files, ``__MACOSX`` and DICOMDIR are skipped with a note, links to
+folders followed once, and a folder named like an image becomes a row that decoding refuses by
+name). Without patient ids every image is its own patient. CSV layout: ``DIR/labels.csv`` (or the
+CSV path itself) with ``path`` (relative to the CSV) or ``filename``, ``label``, and optionally
+``patient_id``, ``view`` and ``source``, as spreadsheets save it (:func:`~._common.read_table`); a
+row repeated is read once, the same file listed with another label is refused.
 
 Every folder is a named source (``--folder nih=DIR``): the name the user gives wins; without one,
 a CSV's per-row ``source`` column names each image's collection; otherwise the source is
@@ -14,6 +18,8 @@ a CSV's per-row ``source`` column names each image's collection; otherwise the s
 from __future__ import annotations
 
 import os
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -24,8 +30,124 @@ from covid_cxr.errors import DataError
 from covid_cxr.labels import normalize_label
 
 SOURCE = "folder"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ""}
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".ima", ".bmp", ".tif",
+                                            ".tiff"})
+"""Suffixes (any case) of the files a folder walk takes; so do names without one, and the SOP-instance-UID names
+PACS exports give DICOMs (``1.2.840.113619.2.55.3.1234``: an all-digit suffix)."""
 FIX = "give a folder with one sub-folder per class (covid, pneumonia, normal) or a labels.csv"
+
+# What a folder walk passes over on purpose, each with a note: never images, and common in hospital exports and
+# in archives made on macOS. Keys are the kinds a note counts; values, how the note names them.
+SKIPPED_KINDS: dict[str, str] = {
+    "appledouble": "macOS AppleDouble files (._name: the resource data of a file, not an image)",
+    "hidden": "hidden files (names starting with '.', such as .DS_Store)",
+    "hidden-folder": "hidden folders (names starting with '.'), not searched",
+    "macosx": "__MACOSX folders (macOS archive metadata), not searched",
+    "dicomdir": "DICOMDIR files (the index of a DICOM media set; its images are read from their own files)",
+    "seen": "links to a folder already read (a loop or a second way in), not searched again",
+}
+FOLDER_NAMED_LIKE_IMAGE = "a folder named like an image file; its contents are not read"
+
+
+@dataclass
+class FolderScan:
+    """What a walk of a folder found: image candidates, inputs that cannot be read, and what it passed over."""
+
+    files: list[Path] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (path, why): named like an image, not a file
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, kind of SKIPPED_KINDS)
+
+
+def named_like_image(name: str) -> bool:
+    """A name with an image suffix that is not hidden: what a folder of that name is refused for."""
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def is_candidate(name: str) -> bool:
+    """A file a walk takes: an image suffix, no suffix, or an all-digit one (a DICOM named by its UID)."""
+    suffix = Path(name).suffix
+    return suffix.lower() in IMAGE_SUFFIXES or suffix == "" or suffix[1:].isdigit()
+
+
+def skipped_kind(name: str, *, folder: bool) -> str | None:
+    """The kind of :data:`SKIPPED_KINDS` a walk passes ``name`` over as, or None to look at it."""
+    if name.startswith("._") and not folder:
+        return "appledouble"
+    if name.startswith("."):
+        return "hidden-folder" if folder else "hidden"
+    if folder and name == "__MACOSX":
+        return "macosx"
+    if not folder and name.upper() == "DICOMDIR":
+        return "dicomdir"
+    return None
+
+
+def skipped_notes(skipped: list[tuple[str, str]], *, examples: int = 3) -> list[str]:
+    """One note per kind of :data:`SKIPPED_KINDS`: how many were passed over, and the first few."""
+    by_kind: dict[str, list[str]] = {}
+    for path, kind in skipped:
+        by_kind.setdefault(kind, []).append(path)
+    notes = []
+    for kind, paths in by_kind.items():
+        more = f" and {len(paths) - examples} more" if len(paths) > examples else ""
+        notes.append(f"skipped {len(paths)} {SKIPPED_KINDS[kind]}: {', '.join(paths[:examples])}{more}")
+    return notes
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` is not a regular file we may read (None when it is one)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if path.is_symlink() else "no such file or folder"
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image file"
+    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return f"{kind}, not an image file"
+
+
+def scan_folder(folder: Path) -> FolderScan:
+    """Image candidates under ``folder``, recursively and in sorted order, following links to folders once each.
+
+    A folder named like an image and anything named like one that is not a regular file (a pipe, a broken
+    link, a link loop) is refused with the reason, never opened; hidden files, AppleDouble files, DICOMDIR
+    indexes, ``__MACOSX`` folders and links back to a folder already read are skipped with a note.
+    """
+    scan = FolderScan()
+    seen = {os.path.realpath(folder)}
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            path = Path(root) / d
+            kind = skipped_kind(d, folder=True)
+            real = os.path.realpath(path)
+            if kind is None and real in seen:
+                kind = "seen"
+            if kind is not None:
+                scan.skipped.append((str(path), kind))
+            elif named_like_image(d):
+                scan.refused.append((str(path), FOLDER_NAMED_LIKE_IMAGE))
+            else:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
+        for n in sorted(names):
+            path = Path(root) / n
+            kind = skipped_kind(n, folder=False)
+            if kind is not None:
+                scan.skipped.append((str(path), kind))
+            elif is_candidate(n):
+                reason = not_a_file(path)
+                if reason is None:
+                    scan.files.append(path)
+                else:
+                    scan.refused.append((str(path), reason))
+    return scan
 
 
 def parse_folder_spec(text: str | os.PathLike[str]) -> tuple[str | None, Path]:
@@ -60,49 +182,101 @@ def _sources(frame: pd.DataFrame, csv: Path, name: str | None) -> tuple[pd.Serie
     return names, [f"{csv}: sources from its source column: {counts}"]
 
 
-def _from_csv(csv: Path, name: str | None) -> tuple[pd.DataFrame, list[str]]:
-    head = read_table(csv, (), fix=FIX)
-    name_col = "path" if "path" in head.columns else "filename"
-    frame = read_table(csv, (name_col, "label"), fix="its columns are path (or filename), label, "
-                       "optional patient_id and view")
-    labels = []
-    for i, raw in enumerate(frame["label"]):
+def _relative(names: pd.Series) -> pd.Series:
+    """The CSV's file names, stripped and normalised (``./a.png`` and ``a.png`` are one file)."""
+    return names.str.strip().map(os.path.normpath)
+
+
+def _labels(frame: pd.DataFrame, csv: Path) -> pd.Series:
+    """Each row's class key, whatever its spelling, case or surrounding spaces; an unknown one names its row."""
+    labels = {}
+    for i, raw in zip(frame.index, frame["label"]):
         try:
-            labels.append(normalize_label(raw, where=f"{csv} row {i + 2}"))
+            labels[i] = normalize_label(raw, where=f"{csv} row {i + 2}")
         except ValueError as exc:
             raise DataError(str(exc)) from None
+    return pd.Series(labels, dtype=str)
+
+
+def _drop_repeats(frame: pd.DataFrame, name_col: str, csv: Path) -> tuple[pd.DataFrame, list[str]]:
+    """A row that repeats an earlier one (same file, same fields) is read once, with a note; the same file
+    listed with a different label, patient or view is refused, naming its rows."""
+    same = frame.apply(lambda col: col.str.strip()).assign(**{name_col: _relative(frame[name_col])})
+    repeated = same.duplicated(keep="first")
+    shown = ", ".join(str(i + 2) for i in frame.index[repeated][:5]) + (" ..." if repeated.sum() > 5 else "")
+    notes = [f"{csv}: rows {shown} repeat an earlier row and are read once"] if repeated.any() else []
+    key = same.loc[~repeated, name_col]
+    clash = key[key.duplicated(keep=False)]
+    if len(clash):
+        first = clash.iloc[0]
+        rows = ", ".join(str(i + 2) for i in clash.index[clash == first])
+        raise DataError(f"{csv}: {first} is listed in rows {rows} with different labels or other fields; "
+                        "keep one row per image")
+    return frame[~repeated], notes
+
+
+def _from_csv(csv: Path, name: str | None) -> tuple[pd.DataFrame, list[str]]:
+    head = read_table(csv, (), fix=FIX)
+    name_col = "path" if "path" in {c.lower() for c in head.columns} else "filename"
+    frame = read_table(csv, (name_col, "label"), fix="its columns are path (or filename), label, "
+                       "optional patient_id and view")
+    if frame.empty:
+        raise DataError(f"{csv} lists no images (it has a header only); add one row per image: {name_col},label")
+    frame, repeat_notes = _drop_repeats(frame.assign(label=_labels(frame, csv)), name_col, csv)
     base = csv.parent.resolve()
-    rel = frame[name_col].str.strip()
+    rel = _relative(frame[name_col])
     sources, notes = _sources(frame, csv, name)
-    out = pd.DataFrame({"path": [str(base / r) for r in rel], "label": labels, "source": sources.values})
-    safe_rel = rel.str.replace("/", "_", regex=False)
+    out = pd.DataFrame({"path": [str(base / r) for r in rel], "label": frame["label"].to_numpy(),
+                        "source": sources.to_numpy()})
+    safe_rel = rel.str.replace("/", "_", regex=False).reset_index(drop=True)
     out["image_id"] = ""
     for source in sorted(set(out["source"])):  # ids unique within each source's prefix
         rows = (out["source"] == source).to_numpy()
         out.loc[rows, "image_id"] = make_ids(source_prefix(source), safe_rel[rows]).values
-    pid = frame["patient_id"].str.strip() if "patient_id" in frame else pd.Series("", index=frame.index)
-    out["patient_id"] = pid.where(pid != "", out["image_id"]).values
-    out["view"] = frame["view"].values if "view" in frame else ""
-    return out, notes
+    pid = frame["patient_id"].str.strip().to_numpy() if "patient_id" in frame else [""] * len(out)
+    out["patient_id"] = [p or i for p, i in zip(pid, out["image_id"])]
+    out["view"] = frame["view"].to_numpy() if "view" in frame else ""
+    return out, repeat_notes + notes
 
 
-def _from_tree(root: Path, prefix: str) -> pd.DataFrame:
-    rows = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+def _class_folders(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]], list[str]]:
+    """(class folder, label) pairs under ``root``, what was skipped there, and its image files left loose."""
+    folders, skipped, loose = [], [], []
+    for sub in sorted(root.iterdir()):
+        if not sub.is_dir():
+            if named_like_image(sub.name):
+                loose.append(sub.name)
+            continue
+        kind = skipped_kind(sub.name, folder=True)
+        if kind is not None:
+            skipped.append((str(sub), kind))
+            continue
         try:
-            label = normalize_label(sub.name, where=f"folder name {sub}")
+            folders.append((sub, normalize_label(sub.name, where=f"folder name {sub}")))
         except ValueError as exc:
             raise DataError(f"{exc}; rename the folder or move it out of {root}") from None
-        for f in sorted(sub.rglob("*")):
-            if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append({"path": str(f.resolve()), "label": label, "rel": f.relative_to(root).as_posix()})
+    return folders, skipped, loose
+
+
+def _from_tree(root: Path, prefix: str) -> tuple[pd.DataFrame, list[str]]:
+    """Rows of a class-folder tree. Entries named like images that are not files (a folder ``x.png``, a broken
+    link) are rows too, so that decoding refuses them by name, as every bad image is."""
+    folders, skipped, loose = _class_folders(root)
+    rows = []
+    for sub, label in folders:
+        scan = scan_folder(sub)
+        skipped += scan.skipped
+        for f in [*scan.files, *(Path(p) for p, _ in scan.refused)]:
+            rows.append({"path": str(f), "label": label, "rel": f.relative_to(root).as_posix()})
     if not rows:
         raise DataError(f"{root} holds no images in class sub-folders; {FIX}")
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows).sort_values("rel", kind="stable").reset_index(drop=True)
     out["image_id"] = make_ids(prefix, out["rel"].str.replace("/", "_", regex=False))
     out["patient_id"] = out["image_id"]
     out["view"] = ""
-    return out
+    more = f" and {len(loose) - 3} more" if len(loose) > 3 else ""
+    notes = [f"{root}: image files in no class sub-folder are left out: {', '.join(loose[:3])}{more}"] if loose else []
+    return out, notes + skipped_notes(skipped)
 
 
 def read_folder(root: Path, name: str | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -115,7 +289,7 @@ def read_folder(root: Path, name: str | None = None) -> tuple[pd.DataFrame, list
     if csv.is_file():
         frame, notes = _from_csv(csv, name)
     elif root.is_dir():
-        frame = _from_tree(root.resolve(), source_prefix(name or SOURCE))
+        frame, notes = _from_tree(root.resolve(), source_prefix(name or SOURCE))
         frame["source"] = name or SOURCE
     else:
         raise DataError(f"{root} not found; {FIX}")
