@@ -74,12 +74,7 @@ def read_external(source: Path) -> tuple[pd.DataFrame, PreparedData | None]:
     if not source.exists():
         raise DataError(f"{source}: no such folder or CSV; give a prepared data folder, a folder with one "
                         "sub-folder per class, or a CSV with path,label columns")
-    frame, _ = read_folder(source)
-    csv = source if source.suffix.lower() == ".csv" else source / "labels.csv"
-    if csv.is_file():  # keep the CSV's own source column (several hospitals in one file), where it has one
-        raw = pd.read_csv(csv, dtype=str, keep_default_na=False)
-        if "source" in raw.columns and len(raw) == len(frame):
-            frame["source"] = raw["source"].where(raw["source"].str.strip() != "", "folder").to_numpy()
+    frame, _ = read_folder(source)  # a CSV's own source column (several hospitals in one file) names each row
     return frame, None
 
 
