@@ -118,7 +118,7 @@ def test_a_validation_split_holding_test_images_is_refused_unless_acknowledged(
     assert "includes test images" in out and "never on test" not in out
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert saved["decision"]["fitted_on_test"] is True
-    assert any("includes test images" in w for w in saved["evaluation"]["warnings"])
+    assert any(f"includes {shared} of these test images" in w for w in saved["evaluation"]["warnings"])
     page = write_report([tmp_path / "ev"], tmp_path / "report", n_boot=0).read_text()
     assert "includes test images" in page and "never on test" not in page
     card = "\n".join(operating_point_lines(op.to_dict(), ("covid", "normal", "pneumonia")))

@@ -263,7 +263,9 @@ def evaluation_warnings(op: OperatingPoint, split: str, split_hash: str, fold: i
         return []
     v, warnings = op.validation, []
     if op.fitted_on_test and split == "test":
-        warnings.append(op.chosen_on())
+        warnings.append(f"the threshold ({op.name}) was chosen on a validation split that includes "
+                        f"{v['test_images_shared']} of these test images (--allow-test-overlap): the figures at it "
+                        "are optimistic; prepare with --protocol strict or kfold for honest ones")
     same = v.get("split_hash") == split_hash if v.get("split_hash") else v.get("fold") in (fold, None)
     if split == "val" and same:
         warnings.append(f"the threshold ({op.name}) was chosen on this validation split and is scored on the same "
