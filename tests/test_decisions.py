@@ -107,6 +107,7 @@ def test_a_validation_split_holding_test_images_is_refused_unless_acknowledged(
     assert "--allow-test-overlap" in capsys.readouterr().err
     assert not (tmp_path / "refused" / "metrics.json").exists()
 
+    assert calibrate(run, "argmax", FP32_CPU, progress=False)[0] == OperatingPoint()  # no threshold: nothing fitted
     assert main(["calibrate", str(run), "--operating-point", "youden", "--device", "cpu", "--allow-test-overlap",
                  "--no-progress"]) == 0
     assert "includes test images" in capsys.readouterr().out

@@ -224,7 +224,8 @@ def choose_on_validation(m: _Model, rule: str, *, batch_size: int, progress: boo
     Refused when the validation split shares images with the test split, unless ``allow_test_overlap``;
     the record says how many it shares and which backend and precision gave the probabilities.
     """
-    parse_rule(rule)  # a bad rule fails before any image is read
+    if parse_rule(rule)[0] == "argmax":  # a bad rule fails before any image is read; argmax needs none
+        return OperatingPoint()
     val, _ = load_split(m.prepared, m.target.fold, "val", m.target.run, where)
     shared, n_test = shared_with_test(m, val, where)
     if shared and not allow_test_overlap:
@@ -232,8 +233,6 @@ def choose_on_validation(m: _Model, rule: str, *, batch_size: int, progress: boo
     with exact_fp32():
         frame, split_hash, probs, _ = _split_probs(m, "val", batch_size=batch_size, progress=progress, where=where)
     op = choose_from_probs(rule, probs, [normalize_label(v) for v in frame["label"]], m.ckpt.classes)
-    if op.rule == "argmax":
-        return op
     record = {**op.validation, "fold": m.target.fold, "split_hash": split_hash, "precision": FP32,
               "backend": m.predictor.backend, "runtime": m.predictor.describe(),
               "test_images_shared": shared, "test_images": n_test}
