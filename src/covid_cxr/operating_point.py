@@ -1,4 +1,4 @@
-"""From a score to a decision: the operating point, chosen on the validation split, never on test.
+"""From a score to a decision: the operating point, chosen on the validation split, in fp32.
 
 The paper decides by argmax. A screening tool wants a known COVID-19 sensitivity (or specificity),
 which means a threshold on the COVID-19 probability chosen where the model has not been tested.
@@ -11,8 +11,12 @@ An :class:`OperatingPoint` is that rule and its threshold:
 
 With a threshold, an image is COVID-19 when ``p_covid >= threshold``; otherwise it gets the more
 probable of the other classes. The threshold sits halfway between the two validation scores it
-separates, so a backend's rounding (ONNX Runtime against PyTorch) cannot move a validation image
-across it. The rule travels in the checkpoint (key ``operating_point``) and in the ONNX metadata
+separates, and is chosen on fp32 probabilities (ONNX Runtime or PyTorch fp32, which agree to about
+1e-6), so the fp32 model that ``export`` ships makes the validation decisions the record states.
+bf16 autocast (``--precision auto`` on GPUs and AVX512-BF16/AMX CPUs) moves a probability by up to
+~0.1, so bf16 decisions may differ on images near the threshold. The record says which precision and
+backend gave the probabilities, and how many of the validation images are also test images.
+The rule travels in the checkpoint (key ``operating_point``) and in the ONNX metadata
 (``covid_cxr.operating_point``) as :meth:`OperatingPoint.to_dict`; a model without it decides by argmax.
 """
 
@@ -84,9 +88,23 @@ class OperatingPoint:
         text = f"{self.name}: {self.positive_class} when p_{self.positive_class} >= {self.threshold:.6g}"
         v = self.validation
         if v.get("sensitivity") is not None:
-            text += (f" (validation: sensitivity {100 * v['sensitivity']:.1f}% of {v['n_positive']}, "
-                     f"specificity {100 * v['specificity']:.1f}% of {v['n_negative']})")
+            text += (f" (validation{self.probabilities()}: sensitivity {100 * v['sensitivity']:.1f}% of "
+                     f"{v['n_positive']}, specificity {100 * v['specificity']:.1f}% of {v['n_negative']})")
         return text
+
+    def probabilities(self) -> str:
+        """Which probabilities the threshold was chosen on (``", fp32 onnx"``), or "" where not recorded."""
+        v = self.validation
+        return f", {v['precision']} {v.get('backend', '')}".rstrip() if v.get("precision") else ""
+
+    def chosen_on(self) -> str:
+        """Where the threshold was chosen, as a sentence true of this record ("" for argmax)."""
+        return where_chosen([self])
+
+    @property
+    def fitted_on_test(self) -> bool:
+        """Whether the threshold was chosen on images that include test images."""
+        return self.rule != "argmax" and bool(self.validation.get("test_images_shared"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"rule": self.rule, "target": self.target, "positive_class": self.positive_class,
@@ -136,6 +154,26 @@ class OperatingPoint:
         out = others.argmax(axis=1)
         out[probs[:, k] >= self.threshold] = k
         return out
+
+
+def where_chosen(points: Sequence[OperatingPoint]) -> str:
+    """One sentence, true of every record in ``points`` (e.g. a report's folds), on where the thresholds were chosen.
+
+    "Never on test" is said only where each record checked its validation images against the test split.
+    """
+    chosen = [p for p in points if p.rule != "argmax"]
+    if not chosen:
+        return ""
+    fitted = [p for p in chosen if p.fitted_on_test]
+    if fitted:
+        shared = "; ".join(f"{p.validation['test_images_shared']} of {p.validation.get('test_images', '?')}"
+                           for p in fitted)
+        return (f"Its threshold was chosen on a validation split that includes test images ({shared} test images; "
+                "--allow-test-overlap): the figures on test at it are optimistic.")
+    if any(p.validation.get("test_images_shared") is None for p in chosen):
+        return ("Its threshold was chosen on the validation split; whether that split shares images with test was "
+                "not recorded (re-run 'covid-cxr calibrate' to check).")
+    return "Its threshold was chosen on the validation split, which shares no image with the test split."
 
 
 def choose(rule: str | tuple[str, float | None], positive: np.ndarray, scores: np.ndarray, *,

@@ -1,9 +1,12 @@
 """``covid-cxr calibrate RUN_OR_CHECKPOINT --operating-point RULE``: set the decision rule without retraining.
 
-The rule's threshold is chosen on the run's validation split (never on test) and written into
-the checkpoint (atomically: a crash leaves the old file or the new one), where ``predict``,
+The rule's threshold is chosen on fp32 probabilities of the run's validation split (whatever
+--precision says: the fp32 model is the one export ships) and written into the checkpoint (atomically: a crash leaves the old file or the new one), where ``predict``,
 ``serve``, ``evaluate``, ``export`` and the report find it. ``--out`` writes a copy instead.
 Rules: argmax (the paper's; removes a stored threshold), youden, sensitivity=T, specificity=T.
+Where the validation split shares images with the test split (data prepared with --protocol paper),
+calibrate refuses: the threshold would be fitted on test images. --allow-test-overlap chooses it
+anyway, and the checkpoint, evaluate, the report and the model card then say so.
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="images per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="autocast precision (default auto); fp32 gives the probabilities an exported ONNX model gives")
+                   help="ignored for choosing: the threshold is always chosen on fp32 probabilities (ONNX Runtime or "
+                   "PyTorch fp32), the ones an exported ONNX model gives")
+    p.add_argument("--allow-test-overlap", action="store_true",
+                   help="choose the threshold even where the validation split shares images with test (--protocol "
+                   "paper); the record, evaluate, the report and the model card then say so")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -47,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must end in .pt; got {args.out}")
     settings = InferenceSettings(batch_size=args.batch_size, device=args.device, precision=args.precision)
     op, path = calibrate(args.target, args.operating_point, settings, data=args.data, fold=args.fold, out=args.out,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, allow_test_overlap=args.allow_test_overlap)
     print(f"operating point: {op.describe()}")
+    if op.chosen_on():
+        print(op.chosen_on())
     print(f"wrote {path}; 'covid-cxr evaluate' and 'covid-cxr export' use it from now on")
     return 0

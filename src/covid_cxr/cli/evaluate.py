@@ -47,8 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output folder (default RUN/eval-SPLIT or CKPT_STEM-eval-SPLIT)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--operating-point", metavar="RULE",
-                   help=f"decide by RULE, chosen now on the run's validation split ({FORMS}); default: the "
-                   "checkpoint's rule (argmax when it has none). 'covid-cxr calibrate' stores a rule in the checkpoint")
+                   help=f"decide by RULE, chosen now on fp32 probabilities of the run's validation split ({FORMS}); "
+                   "default: the checkpoint's rule (argmax when it has none). 'covid-cxr calibrate' stores a rule "
+                   "in the checkpoint")
+    p.add_argument("--allow-test-overlap", action="store_true",
+                   help="with --operating-point: choose it even where the validation split shares images with test "
+                   "(--protocol paper); every output then says the threshold was fitted on test images")
     p.add_argument("--prevalences", metavar="P,P,...",
                    help="state COVID-19 PPV and NPV at these prevalences (default 0.01,0.05,0.2; 5%% also works)")
     ext = p.add_argument_group("external validation")
@@ -79,10 +83,14 @@ def run(args: argparse.Namespace) -> int:
         for flag in ("name",):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag} applies to --external; add --external DATA_OR_CSV")
+        if args.allow_test_overlap and args.operating_point is None:
+            raise ValueError("--allow-test-overlap applies to --operating-point (or 'covid-cxr calibrate'); "
+                             "add --operating-point RULE or drop it")
         result = evaluate_run(
             args.target, settings, data=args.data, fold=args.fold, split=args.split, out_dir=args.out,
-            prevalence=args.prevalence, n_boot=args.bootstrap, progress=not args.no_progress, compile=args.compile,
-            operating_point=args.operating_point, prevalences=prevalences,
+            prevalence=args.prevalence, prevalence_class=args.prevalence_class, n_boot=args.bootstrap,
+            seed=args.seed, progress=not args.no_progress, compile=args.compile,
+            operating_point=args.operating_point, allow_test_overlap=args.allow_test_overlap, prevalences=prevalences,
         )
         title = f"{result.info['network']} fold {result.info['fold']} {result.info['split']}"
     else:
@@ -94,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
                   f"({info['images_per_second']:.1f} images/s; {info['runtime']})")
     print_metrics(result.metrics, console)
     print_decision(result.metrics["decision"], console)
+    for warning in info.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
     if info.get("kind") == "external":
         _print_comparison(result, console)
     console.print(f"wrote {result.out_dir}")
@@ -104,15 +114,16 @@ def _external(args: argparse.Namespace, settings: InferenceSettings, prevalences
               ) -> EvaluationResult:
     from covid_cxr.evaluate.external import evaluate_external
 
-    for flag, default in (("data", None), ("fold", None), ("operating_point", None)):
+    for flag, default in (("data", None), ("fold", None), ("operating_point", None), ("allow_test_overlap", False)):
         if getattr(args, flag) != default:
             raise ValueError(f"--{flag.replace('_', '-')} does not apply to --external: the model is evaluated on the "
                              "whole external set with its own operating point ('covid-cxr calibrate' sets one)")
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1; got {args.workers}")
     return evaluate_external(args.target, args.external, settings, name=args.name, out_dir=args.out,
-                             prevalence=args.prevalence, prevalences=prevalences, n_boot=args.bootstrap,
-                             workers=args.workers, progress=not args.no_progress)
+                             prevalence=args.prevalence, prevalence_class=args.prevalence_class,
+                             prevalences=prevalences, n_boot=args.bootstrap, seed=args.seed, workers=args.workers,
+                             progress=not args.no_progress)
 
 
 def print_decision(decision: dict[str, Any], console: Console) -> None:
@@ -121,6 +132,8 @@ def print_decision(decision: dict[str, Any], console: Console) -> None:
 
     op = OperatingPoint.from_dict(decision["operating_point"])
     console.print(f"operating point: {op.describe()}")
+    if op.chosen_on():
+        console.print(f"  {op.chosen_on()}")
     parts = []
     for key in ("sensitivity", "specificity", "ppv", "npv"):
         v = decision[key]

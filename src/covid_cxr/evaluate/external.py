@@ -118,8 +118,10 @@ def evaluate_external(
     name: str | None = None,
     out_dir: Path | None = None,
     prevalence: float | None = None,
+    prevalence_class: str = "covid",
     prevalences: tuple[float, ...] = DEFAULT_PREVALENCES,
     n_boot: int = 1000,
+    seed: int = 0,
     workers: int = 2,
     progress: bool = True,
 ) -> EvaluationResult:
@@ -173,7 +175,8 @@ def evaluate_external(
         "seconds": seconds,
         "images_per_second": len(frame) / seconds if seconds > 0 else math.nan,
     }
-    metrics = write_evaluation(preds, out, info, prevalence=prevalence, n_boot=n_boot, prevalences=prevalences)
+    metrics = write_evaluation(preds, out, info, prevalence=prevalence, prevalence_class=prevalence_class,
+                               n_boot=n_boot, seed=seed, prevalences=prevalences)
     return EvaluationResult(out_dir=out, metrics=metrics, predictions=table, info=info)
 
 

@@ -10,21 +10,31 @@ runs the checkpoint over the image cache in batches through the package's one in
 argmax when it has none), and ``metrics.json`` holds under ``decision`` the COVID-19
 sensitivity, specificity, PPV and NPV at it, with PPV/NPV at other prevalences. :func:`calibrate`
 chooses a rule on the validation split and stores it in the checkpoint.
+
+A rule is always chosen on fp32 probabilities (ONNX Runtime or PyTorch fp32, whatever ``--precision``
+the rest of the job runs in): bf16 moves a probability near a threshold by up to ~0.1, so a threshold
+chosen in bf16 would not describe the fp32 model that ``export`` ships. Where the validation split shares
+images with the test split (``--protocol paper``), choosing is refused unless asked for explicitly, and
+then every output says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from covid_cxr.atomic import file_sha256, write_json
 from covid_cxr.data.prepared import ImageCache, PreparedData
+from covid_cxr.errors import ConfigError
 from covid_cxr.evaluate import plots
 from covid_cxr.evaluate.metrics import decision_summary, table3_row, table4_row
 from covid_cxr.evaluate.predictions import (
@@ -36,12 +46,22 @@ from covid_cxr.evaluate.predictions import (
 from covid_cxr.inference.backends import make_predictor, resolve_compile
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
+from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES, normalize_label
 from covid_cxr.operating_point import OperatingPoint, choose_from_probs, parse_rule
 from covid_cxr.progress import progress_bar
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from covid_cxr.runs.resolve import Target, load_split, open_split, resolve_target
+from covid_cxr.runs.resolve import (
+    Target,
+    load_split,
+    open_split,
+    resolve_target,
+    trained_splits,
+)
 from covid_cxr.stats import DEFAULT_PREVALENCES
+
+FP32 = "fp32"  # the precision every operating point is chosen in
+ALLOW_OVERLAP_FLAG = "--allow-test-overlap"
 
 
 @dataclass
@@ -66,19 +86,21 @@ def roc_marks(metrics: dict[str, Any], op: dict[str, Any] | None) -> list[plots.
 
 
 def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
-                     prevalence: float | None = None, n_boot: int = 1000, seed: int = 0,
-                     prevalences: tuple[float, ...] = DEFAULT_PREVALENCES) -> dict[str, Any]:
+                     prevalence: float | None = None, prevalence_class: str = "covid", n_boot: int = 1000,
+                     seed: int = 0, prevalences: tuple[float, ...] = DEFAULT_PREVALENCES) -> dict[str, Any]:
     """Write metrics.json, table3.csv, table4.csv and the plots for a predictions table; return the metrics.
 
     ``info`` (network, fold, split, paths...) goes into metrics.json under ``evaluation`` and
     names the rows of the two tables. ``decision`` holds the operating point's figures
-    (:func:`~covid_cxr.evaluate.metrics.decision_summary`, PPV/NPV at ``prevalences``).
+    (:func:`~covid_cxr.evaluate.metrics.decision_summary`, PPV/NPV at ``prevalences``) and where its
+    threshold was chosen; ``prevalence``/``prevalence_class`` add one class's PPV at that prevalence.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = preds.metrics(prevalence=prevalence, n_boot=n_boot, seed=seed)
+    metrics = preds.metrics(prevalence=prevalence, prevalence_class=prevalence_class, n_boot=n_boot, seed=seed)
     op = OperatingPoint.from_dict(info.get("operating_point"))
     metrics["decision"] = {"operating_point": op.to_dict(), "positive_class": op.positive_class,
+                           "chosen_on": op.chosen_on(), "fitted_on_test": op.fitted_on_test,
                            **decision_summary(preds.confusion(), CLASSES.index(op.positive_class), prevalences)}
     write_json(out_dir / "metrics.json", {**metrics, "evaluation": info})
     cm = preds.confusion()
@@ -133,6 +155,7 @@ class _Model:
     prepared: PreparedData
     predictor: Predictor
     choice: Any  # the BackendChoice: which backend runs it, and why
+    exact: bool  # an exact fp32 path (ONNX Runtime, or PyTorch fp32 uncompiled): fit to choose a rule on
     cache: ImageCache | None = None  # the image cache the last split was read from
 
 
@@ -145,7 +168,9 @@ def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir
     prepared = PreparedData(tgt.data)
     compiled = resolve_compile(compile, images or 0, settings)
     predictor, choice = make_predictor(ckpt, file_sha256(tgt.checkpoint), settings, compile=compiled)
-    return _Model(tgt, ckpt, prepared, predictor, choice)
+    exact = predictor.backend == "onnx" or (
+        isinstance(predictor, TorchPredictor) and predictor.runtime.precision == FP32 and not compiled)
+    return _Model(tgt, ckpt, prepared, predictor, choice, exact)
 
 
 def _split_probs(m: _Model, split: str, *, batch_size: int, progress: bool, where: Path
@@ -159,31 +184,92 @@ def _split_probs(m: _Model, split: str, *, batch_size: int, progress: bool, wher
     return opened.frame, opened.split_hash, probs, seconds
 
 
-def choose_on_validation(m: _Model, rule: str, *, batch_size: int, progress: bool, where: Path) -> OperatingPoint:
-    """The operating point ``rule`` chosen on the run's validation split (never on test)."""
-    parse_rule(rule)  # a bad rule fails before any image is read
-    frame, split_hash, probs, _ = _split_probs(m, "val", batch_size=batch_size, progress=progress, where=where)
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """CUDA convolutions and matmuls in true fp32 (PyTorch lets cuDNN use TF32 by default), restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _fp32_model(where: Path, data: Path | None, fold: int | None, settings: InferenceSettings) -> _Model:
+    """The checkpoint on an exact fp32 path (ONNX Runtime or PyTorch fp32, never compiled), to choose a rule on."""
+    return _open(where, data, fold, "val", None, replace(settings, precision=FP32), compile="off")
+
+
+def shared_with_test(m: _Model, val: pd.DataFrame, where: Path) -> tuple[int, int]:
+    """How many validation images are also test images (by image id), and how many test images there are."""
+    test = trained_splits(m.prepared, m.target.fold, m.target.run, where).test
+    test_ids = set(test["image_id"]) if test is not None else set()
+    return int(val["image_id"].isin(test_ids).sum()), len(test_ids)
+
+
+def overlap_refusal(where: Path, m: _Model, shared: int, n_val: int) -> ConfigError:
+    """The error for a validation split that holds test images: why it matters, and the two ways out."""
+    return ConfigError(
+        f"{where}: fold {m.target.fold}'s validation split shares {shared} of its {n_val} images with the test split "
+        f"(data {m.prepared.root} prepared with --protocol {m.prepared.protocol}; the paper's validation set holds "
+        "its test COVID-19 images), so a threshold chosen on it would be fitted on the images the test scores. "
+        "Prepare the data with --protocol strict or --protocol kfold and retrain, or pass "
+        f"{ALLOW_OVERLAP_FLAG} to choose it anyway (every output then says so)")
+
+
+def choose_on_validation(m: _Model, rule: str, *, batch_size: int, progress: bool, where: Path,
+                         allow_test_overlap: bool = False) -> OperatingPoint:
+    """The operating point ``rule`` chosen on the run's validation split, with ``m`` (an fp32 model).
+
+    Refused when the validation split shares images with the test split, unless ``allow_test_overlap``;
+    the record says how many it shares and which backend and precision gave the probabilities.
+    """
+    if parse_rule(rule)[0] == "argmax":  # a bad rule fails before any image is read; argmax needs none
+        return OperatingPoint()
+    val, _ = load_split(m.prepared, m.target.fold, "val", m.target.run, where)
+    shared, n_test = shared_with_test(m, val, where)
+    if shared and not allow_test_overlap:
+        raise overlap_refusal(where, m, shared, len(val))
+    with exact_fp32():
+        frame, split_hash, probs, _ = _split_probs(m, "val", batch_size=batch_size, progress=progress, where=where)
     op = choose_from_probs(rule, probs, [normalize_label(v) for v in frame["label"]], m.ckpt.classes)
-    if op.rule != "argmax":
-        op = OperatingPoint.from_dict({**op.to_dict(), "validation": {**op.validation, "fold": m.target.fold,
-                                                                       "split_hash": split_hash}})
-    return op
+    record = {**op.validation, "fold": m.target.fold, "split_hash": split_hash, "precision": FP32,
+              "backend": m.predictor.backend, "runtime": m.predictor.describe(),
+              "test_images_shared": shared, "test_images": n_test}
+    return OperatingPoint.from_dict({**op.to_dict(), "validation": record})
 
 
 def calibrate(target: Path, rule: str, settings: InferenceSettings = InferenceSettings(), *,
               data: Path | None = None, fold: int | None = None, out: Path | None = None,
-              progress: bool = True) -> tuple[OperatingPoint, Path]:
+              progress: bool = True, allow_test_overlap: bool = False) -> tuple[OperatingPoint, Path]:
     """Choose ``rule`` on the run's validation split and write it into the checkpoint (atomically).
 
     ``target`` is a run folder (its best.pt is rewritten) or a checkpoint in a run folder (or with
     ``data``/``fold``). ``out`` writes a new checkpoint instead of rewriting. No retraining: only the
-    validation split's probabilities are computed.
+    validation split's probabilities are computed, in fp32 whatever ``settings.precision`` says.
     """
-    m = _open(Path(target), data, fold, "val", None, settings, compile="off")
-    op = choose_on_validation(m, rule, batch_size=settings.batch_size, progress=progress, where=Path(target))
+    m = _fp32_model(Path(target), data, fold, settings)
+    op = choose_on_validation(m, rule, batch_size=settings.batch_size, progress=progress, where=Path(target),
+                              allow_test_overlap=allow_test_overlap)
     m.ckpt.operating_point = None if op.rule == "argmax" else op.to_dict()
     path = save_checkpoint(m.ckpt, out if out is not None else m.target.checkpoint)
     return op, path
+
+
+def evaluation_warnings(op: OperatingPoint, split: str, split_hash: str, fold: int) -> list[str]:
+    """What a reader of the figures at ``op`` must know: a threshold fitted on the images it is scored on."""
+    if op.rule == "argmax":
+        return []
+    v, warnings = op.validation, []
+    if op.fitted_on_test and split == "test":
+        warnings.append(f"the threshold ({op.name}) was chosen on a validation split that includes "
+                        f"{v['test_images_shared']} of these test images (--allow-test-overlap): the figures at it "
+                        "are optimistic; prepare with --protocol strict or kfold for honest ones")
+    same = v.get("split_hash") == split_hash if v.get("split_hash") else v.get("fold") in (fold, None)
+    if split == "val" and same:
+        warnings.append(f"the threshold ({op.name}) was chosen on this validation split and is scored on the same "
+                        "images: the figures at it are optimistic by construction; evaluate on test for honest ones")
+    return warnings
 
 
 def evaluate_run(
@@ -195,10 +281,13 @@ def evaluate_run(
     split: str = "test",
     out_dir: Path | None = None,
     prevalence: float | None = None,
+    prevalence_class: str = "covid",
     n_boot: int = 1000,
+    seed: int = 0,
     progress: bool = True,
     compile: str = "auto",
     operating_point: str | None = None,
+    allow_test_overlap: bool = False,
     prevalences: tuple[float, ...] = DEFAULT_PREVALENCES,
 ) -> EvaluationResult:
     """Evaluate a run folder (its ``best.pt``) or a checkpoint on one split of the prepared data.
@@ -206,9 +295,11 @@ def evaluate_run(
     ``data`` and ``fold`` default to the run's ``run.json``; a bare checkpoint needs both. ``compile``
     (auto|on|off): ``torch.compile`` the network; auto does so for splits large enough to repay it.
     ``operating_point`` (e.g. ``sensitivity=0.95``) chooses a decision rule on the validation split for
-    this evaluation (the checkpoint is left as it is; ``calibrate`` stores one); default: the checkpoint's.
+    this evaluation, in fp32 (the checkpoint is left as it is; ``calibrate`` stores one); default: the
+    checkpoint's. ``allow_test_overlap``: choose it even where validation shares images with test.
     ``settings.backend``: auto (None), torch or onnx (``covid_cxr.inference.backends.choose_backend``);
-    ``compile`` applies when the backend is PyTorch.
+    ``compile`` applies when the backend is PyTorch. ``prevalence``/``prevalence_class`` and ``seed`` (of
+    the AUC bootstrap) as in ``covid-cxr metrics``.
     """
     where = Path(target)
     tgt = resolve_target(where, data, fold, split, out_dir)
@@ -216,7 +307,9 @@ def evaluate_run(
     m = _open(where, data, fold, split, out_dir, settings, compile=compile, images=n_images)
     batch_size = settings.batch_size
     if operating_point is not None:
-        op = choose_on_validation(m, operating_point, batch_size=batch_size, progress=progress, where=where)
+        exact = m if m.exact else _fp32_model(where, data, fold, settings)
+        op = choose_on_validation(exact, operating_point, batch_size=batch_size, progress=progress, where=where,
+                                  allow_test_overlap=allow_test_overlap)
     else:
         op = OperatingPoint.from_dict(m.ckpt.operating_point)
     frame, split_hash, probs, seconds = _split_probs(m, split, batch_size=batch_size, progress=progress, where=where)
@@ -246,7 +339,8 @@ def evaluate_run(
         "images_per_second": len(frame) / seconds if seconds > 0 else math.nan,
         "run_status": tgt.run.status,
         "best_epoch": tgt.run.best_epoch,
+        "warnings": evaluation_warnings(op, split, split_hash, tgt.fold),
     }
-    metrics = write_evaluation(preds, tgt.out_dir, info, prevalence=prevalence, n_boot=n_boot,
-                               prevalences=prevalences)
+    metrics = write_evaluation(preds, tgt.out_dir, info, prevalence=prevalence, prevalence_class=prevalence_class,
+                               n_boot=n_boot, seed=seed, prevalences=prevalences)
     return EvaluationResult(out_dir=tgt.out_dir, metrics=metrics, predictions=table, info=info)

@@ -35,7 +35,7 @@ from covid_cxr.evaluate.predictions import (
 from covid_cxr.evaluate.run import roc_marks
 from covid_cxr.fmt import Table
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
-from covid_cxr.operating_point import OperatingPoint
+from covid_cxr.operating_point import OperatingPoint, where_chosen
 from covid_cxr.report.sections import comparison_table, describe_rules, operating_tables
 from covid_cxr.runs.evaluations import external_evaluations
 from covid_cxr.stats import DEFAULT_PREVALENCES
@@ -242,8 +242,8 @@ def _decision_section(doc: _Doc, cm: Any, infos: Sequence[dict[str, Any]], preva
     op = OperatingPoint.from_dict(infos[0].get("operating_point") if infos else None)
     figures, at_prev = operating_tables(cm, op.positive_class, prevalences)
     doc.heading(level, "Operating point")
-    chosen = "" if all(OperatingPoint.from_dict(i.get("operating_point")).rule == "argmax" for i in infos) else \
-        " Its threshold was chosen on the validation split, never on test."
+    chosen = where_chosen([OperatingPoint.from_dict(i.get("operating_point")) for i in infos])
+    chosen = f" {chosen}" if chosen else ""
     doc.para(f"Decision rule: {describe_rules(infos)}.{chosen} {DISPLAY_NAMES[op.positive_class]} against the rest "
              "at the decisions made, with 95% Wilson intervals; PPV and NPV at other prevalences follow from "
              "sensitivity and specificity by Bayes' rule, their intervals from theirs.")

@@ -15,6 +15,7 @@ from covid_cxr.data.sources.covidx import (
 )
 from covid_cxr.errors import DataError
 from covid_cxr.labels import DISPLAY_NAMES
+from covid_cxr.operating_point import OperatingPoint, where_chosen
 
 INTENDED_USE = (
     "Research on chest X-ray classification (COVID-19, pneumonia, normal): reproducing Rahimzadeh & Attar (2020), "
@@ -180,7 +181,7 @@ def operating_point_lines(op: dict[str, Any] | None, classes: tuple[str, ...]) -
     if isinstance(validation, dict) and validation:
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in validation.items()
                           if not isinstance(v, (dict, list)))
-        lines.append(f"- Chosen on the validation split, never on test: {shown}.")
+        lines.append(f"- {where_chosen([OperatingPoint.from_dict(op)])} Validation record: {shown}.")
     elif validation is not None:
         lines.append(f"- Chosen on: {validation}.")
     return lines
