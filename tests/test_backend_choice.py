@@ -202,7 +202,7 @@ def test_files_that_are_no_model_say_what_they_are(tmp_path) -> None:
     keras = tmp_path / "covid_concat.hdf5"
     with h5py.File(keras, "w") as fh:  # a real HDF5 file, as Keras writes one
         fh.create_dataset("model_weights/dense/kernel", data=np.zeros((4, 3), np.float32))
-    with pytest.raises(CheckpointError, match=r"Keras HDF5 model.*covid-cxr import-keras .*covid_concat.hdf5 --out model.pt"):
+    with pytest.raises(CheckpointError, match=r"Keras HDF5 model.*import-keras .*covid_concat.hdf5 --out model.pt"):
         load_model(keras)
     empty = tmp_path / "model.onnx"
     empty.write_bytes(b"")

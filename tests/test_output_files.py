@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 
 from covid_cxr.atomic import current_umask
-from covid_cxr.evaluate import plots
 from covid_cxr.errors import DataError
-from covid_cxr.evaluate.predictions import read_predictions, validate_predictions, write_predictions
+from covid_cxr.evaluate import plots
+from covid_cxr.evaluate.predictions import (
+    read_predictions,
+    validate_predictions,
+    write_predictions,
+)
 from covid_cxr.evaluate.run import write_evaluation
 from covid_cxr.report.report import write_report
 from tests.test_report import _with_probs

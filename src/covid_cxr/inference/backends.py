@@ -65,8 +65,9 @@ def requested_backend(backend: str | None) -> tuple[str, str]:
     else:
         origin = "--backend"
     if backend not in BACKENDS:
-        raise ConfigError(f"{origin} must be one of {', '.join(BACKENDS)}; got {backend!r}{did_you_mean(backend, BACKENDS)}"
-                          + (f" (unset {BACKEND_ENV} or fix its value)" if origin != "--backend" else ""))
+        fix = f" (unset {BACKEND_ENV} or fix its value)" if origin != "--backend" else ""
+        raise ConfigError(f"{origin} must be one of {', '.join(BACKENDS)}; got {backend!r}"
+                          f"{did_you_mean(backend, BACKENDS)}{fix}")
     return backend, origin
 
 
@@ -234,8 +235,8 @@ def _load_onnx_file(path: Path, settings: InferenceSettings, *, compile: bool) -
         raise ConfigError(f"{path}: --compile applies to a PyTorch checkpoint on the torch backend; ONNX Runtime "
                           "optimises its graph itself")
     if backend == "torch":
-        raise ConfigError(f"{path} is an ONNX model, which runs on ONNX Runtime, but {_asked('torch', origin)} asks for "
-                          f"PyTorch; give the .pt checkpoint, or use --backend onnx{_or_unset(origin)}")
+        raise ConfigError(f"{path} is an ONNX model, which runs on ONNX Runtime, but {_asked('torch', origin)} asks "
+                          f"for PyTorch; give the .pt checkpoint, or use --backend onnx{_or_unset(origin)}")
     if settings.precision not in ("auto", "fp32"):
         raise ConfigError(f"{path} is an ONNX model, which runs in fp32; drop --precision {settings.precision}")
     predictor = OnnxPredictor(path, device=settings.device)
