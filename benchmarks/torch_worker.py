@@ -63,7 +63,7 @@ def _predictor(config: str, checkpoint: Path, onnx_dir: Path) -> Any:
     from covid_cxr.inference.onnx_model import OnnxPredictor
 
     name = {"ort-fp32": "fp32", "ort-int8-qoperator": "int8-qoperator", "ort-int8-qdq": "int8-qdq"}[config]
-    return OnnxPredictor(onnx_dir / f"{name}.onnx", providers=["CPUExecutionProvider"])
+    return OnnxPredictor(onnx_dir / f"{name}.onnx", device="cpu")
 
 
 def _describe(predictor: Any) -> str:

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from covid_cxr import runtime
 from covid_cxr.choices import COMPILE_MIN_IMAGES
-from covid_cxr.errors import ConfigError
+from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.inference import backends
 from covid_cxr.inference.backends import choose_backend, load_model, resolve_compile
+from covid_cxr.inference.onnx_model import export_onnx_bytes, onnx_providers
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, fold_batchnorms
 from covid_cxr.models import build_model
@@ -172,3 +174,64 @@ def test_an_unwritable_cache_costs_the_export_not_the_run(ckpt, tmp_path, monkey
     cpu_kind(False)
     loaded = load_model(ckpt, ON_CPU)
     assert loaded.predictor.backend == "onnx" and "not cached" in loaded.describe()
+
+
+GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]  # onnxruntime-gpu's list
+
+
+def test_device_cpu_asks_onnx_runtime_for_the_cpu_alone(ckpt, cache) -> None:
+    assert onnx_providers("cpu", GPU_BUILD) == ["CPUExecutionProvider"]  # even where onnxruntime-gpu is installed
+    assert onnx_providers("auto", GPU_BUILD) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers("cuda:1", GPU_BUILD) == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    with pytest.raises(ConfigError, match="onnxruntime-gpu"):
+        onnx_providers("cuda", ["CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="cuda:N"):
+        onnx_providers("tpu", GPU_BUILD)
+    loaded = load_model(ckpt, InferenceSettings(device="cpu", backend="onnx"))
+    assert loaded.predictor.session.get_providers() == ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def onnx_file(ckpt, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    path.write_bytes(export_onnx_bytes(load_checkpoint(ckpt)))
+    return path
+
+
+def test_files_that_are_no_model_say_what_they_are(tmp_path) -> None:
+    keras = tmp_path / "covid_concat.hdf5"
+    with h5py.File(keras, "w") as fh:  # a real HDF5 file, as Keras writes one
+        fh.create_dataset("model_weights/dense/kernel", data=np.zeros((4, 3), np.float32))
+    with pytest.raises(CheckpointError, match=r"Keras HDF5 model.*import-keras .*covid_concat.hdf5 --out model.pt"):
+        load_model(keras)
+    empty = tmp_path / "model.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model.onnx: empty file \(0 bytes\)"):
+        load_model(empty)
+    legacy = tmp_path / "weights.pt"  # torch.save's pre-zip format: a pickle, no covid-cxr checkpoint
+    torch.save({"state": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    text = tmp_path / "notes.pt"
+    text.write_text("not weights at all")
+    for path in (legacy, text):
+        with pytest.raises(CheckpointError, match=f"{path.name}: not a covid-cxr checkpoint") as caught:
+            load_model(path)
+        assert "Protobuf" not in str(caught.value)
+
+
+def test_covid_cxr_backend_is_validated_applied_and_named(ckpt, onnx_file, cache, monkeypatch) -> None:
+    monkeypatch.setenv(backends.BACKEND_ENV, "onxx")
+    for path in (ckpt, onnx_file):  # an ONNX file used to skip the variable altogether
+        with pytest.raises(ConfigError, match=r"\$COVID_CXR_BACKEND must be one of .*did you mean 'onnx'"):
+            load_model(path, ON_CPU)
+    monkeypatch.setenv(backends.BACKEND_ENV, "torch")
+    with pytest.raises(ConfigError, match=r"\$COVID_CXR_BACKEND=torch asks for PyTorch.*unset COVID_CXR_BACKEND"):
+        load_model(onnx_file, ON_CPU)
+    with pytest.raises(ConfigError, match=r"--backend torch asks for PyTorch"):
+        load_model(onnx_file, InferenceSettings(backend="torch"))
+    monkeypatch.setenv(backends.BACKEND_ENV, "onnx")
+    with pytest.raises(ConfigError, match=r"\$COVID_CXR_BACKEND=onnx runs in fp32.*unset COVID_CXR_BACKEND") as caught:
+        load_model(ckpt, InferenceSettings(precision="bf16"))
+    assert "--backend onnx" not in str(caught.value)  # the user never typed it
+    loaded = load_model(ckpt, ON_CPU)
+    assert loaded.predictor.backend == "onnx" and "asked for by $COVID_CXR_BACKEND" in loaded.describe()
+    assert load_model(onnx_file, ON_CPU).predictor.backend == "onnx"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from covid_cxr.perf import physical_cores
+from covid_cxr.perf import SpeedSettings, cgroup_cpu_limit, physical_cores
 
 JEMALLOC_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
@@ -106,3 +107,37 @@ def test_preloaded_jemalloc_is_detected_and_left_alone(path: str | None) -> None
         pytest.skip("libjemalloc.so.2 is not installed (apt-get install libjemalloc2)")
     result = _probe(LD_PRELOAD=path)
     assert "allocator=jemalloc (preloaded)" in result["describe"]
+
+
+def _cgroup_tree(root: Path, files: dict[str, str]) -> Path:
+    """A cgroup file tree as a container sees it at /sys/fs/cgroup (real files, read by the real reader)."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    return root
+
+
+@pytest.mark.parametrize(("files", "limit"), [
+    ({"cpu.max": "max 100000"}, None),  # cgroup v2, no quota
+    ({"cpu.max": "200000 100000"}, 2.0),  # docker --cpus=2
+    ({"cpu.max": "150000 100000"}, 1.5),
+    ({"cpu.max": "50000 100000"}, 0.5),  # a Kubernetes limit of 500m
+    ({"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3.0),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ({}, None),  # no cgroup files at all (macOS, Windows, a bare host)
+])
+def test_cgroup_quota_is_read_from_v1_and_v2_files(tmp_path: Path, files: dict[str, str], limit: float | None) -> None:
+    root = _cgroup_tree(tmp_path / "cgroup", files)
+    assert cgroup_cpu_limit(root) == limit
+    unlimited = physical_cores(tmp_path / "none")
+    expected = unlimited if limit is None else max(1, min(unlimited, math.ceil(limit)))
+    assert physical_cores(root) == expected
+
+
+def test_a_quota_below_the_cores_caps_the_threads(tmp_path: Path) -> None:
+    half = _cgroup_tree(tmp_path / "half", {"cpu.max": "50000 100000"})
+    assert physical_cores(half) == 1  # never below one thread
+    many = _cgroup_tree(tmp_path / "many", {"cpu.max": f"{1000 * 100000} 100000"})
+    assert physical_cores(many) == physical_cores(tmp_path / "none")  # a quota above the cores changes nothing
+    assert "(cgroup CPU limit 1.5)" in SpeedSettings("system", 2, 2, cpu_limit=1.5).describe()
+    assert "cgroup" not in SpeedSettings("system", 2, 2).describe()

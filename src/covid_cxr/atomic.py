@@ -6,6 +6,10 @@ given a file object) or :func:`atomic_path` (a writer that wants a file name: ``
 Runtime's quantizer): a temporary file in the target's folder, flushed and fsynced, then renamed
 over the target, and the folder fsynced, so a crash at any moment leaves either the old file or the
 new one, never half of either.
+
+The written file gets the permissions a plain ``open()`` would give it (``0o666`` less the umask), or
+keeps those of the file it replaces: ``mkstemp`` creates its file ``0o600`` and a rename keeps that,
+which would leave an exported model unreadable to the service user that runs it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +30,37 @@ from covid_cxr.errors import DataError
 
 PathLike = str | os.PathLike[str]
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask(status: Path = Path("/proc/self/status")) -> int:
+    """The process's umask, read when a file is written (a program may change it after import).
+
+    Linux reports it in ``/proc/self/status`` (since 4.7): a read with no side effect. Elsewhere the
+    only way to read it is to set it and set it back; that happens under a lock, so two writers here
+    never see each other's temporary value, and the temporary value is ``0o077`` so a file another
+    thread creates in that instant is at worst too private, never too open.
+    """
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def _give_mode(tmp: PathLike, target: Path) -> None:
+    """Give ``tmp`` the mode of the ``target`` it will replace, or that of a new file from ``open()``."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~current_umask()
+    os.chmod(tmp, mode)
+
 
 def replace_atomically(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write`` on a temporary binary file beside ``path``, make it durable, then rename it to ``path``."""
@@ -32,6 +69,7 @@ def replace_atomically(path: PathLike, write: Callable[[IO[bytes]], None]) -> Pa
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            _give_mode(tmp, path)
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -54,6 +92,7 @@ def atomic_path(path: PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        _give_mode(tmp, path)  # after the writer: one that recreates the file would have dropped an earlier mode
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

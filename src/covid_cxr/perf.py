@@ -19,12 +19,15 @@ choice is the ``COVID_CXR_ALLOCATOR`` environment variable:
 Threads: PyTorch's intra-op pool is sized to the physical cores this process may run on (hyper-
 threads share one core's vector units and only add contention to convolution kernels); the
 inter-op pool gets one thread per physical core too but never more than 4, since our graphs are
-sequential. ``COVID_CXR_THREADS`` overrides the intra-op count.
+sequential. Both are capped by the container's CPU quota (``docker --cpus``, a Kubernetes CPU limit:
+the cgroup's ``cpu.max``), rounded up: affinity still lists every core of a 64-core host there, and 32
+threads on a 2-CPU quota spend their time throttled. ``COVID_CXR_THREADS`` overrides the intra-op count.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ GLIBC_TUNING: dict[str, tuple[int, int]] = {
 }
 
 _PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # the process's own cgroup inside a container (cgroup namespace)
 
 
 @dataclass(frozen=True)
@@ -57,16 +61,44 @@ class SpeedSettings:
     allocator: str
     threads: int
     interop_threads: int
+    cpu_limit: float | None = None  # the cgroup CPU quota when it capped the thread count
 
     def describe(self) -> str:
-        return f"allocator={self.allocator} threads={self.threads}/{self.interop_threads}"
+        capped = "" if self.cpu_limit is None else f" (cgroup CPU limit {self.cpu_limit:g})"
+        return f"allocator={self.allocator} threads={self.threads}/{self.interop_threads}{capped}"
 
 
 _applied: SpeedSettings | None = None
 
 
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may use (hyper-threads counted once)."""
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs the cgroup quota allows per period (``"200000 100000"`` -> 2.0), or None when there is no quota.
+
+    cgroup v2 keeps it in ``cpu.max`` ("QUOTA PERIOD", QUOTA "max" when unlimited); v1 in
+    ``cpu/cpu.cfs_quota_us`` (-1 when unlimited) and ``cpu/cpu.cfs_period_us``.
+    """
+    v2 = _read(root / "cpu.max")
+    if v2 is not None:
+        quota, _, period = v2.partition(" ")
+    else:
+        quota = _read(root / "cpu" / "cpu.cfs_quota_us") or "-1"
+        period = _read(root / "cpu" / "cpu.cfs_period_us") or ""
+    try:
+        q, p = int(quota), int(period or 100_000)
+    except ValueError:
+        return None  # "max", or a file we do not understand: no quota to respect
+    return q / p if q > 0 and p > 0 else None
+
+
+def _affinity_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyper-threads counted once)."""
     try:
         allowed = os.sched_getaffinity(0)
     except (AttributeError, OSError):
@@ -81,6 +113,13 @@ def physical_cores() -> int:
     except OSError:
         return max(1, len(allowed))
     return max(1, len(cores))
+
+
+def physical_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Physical cores this process may use: those of its CPU affinity, capped by the cgroup CPU quota (rounded up)."""
+    cores = _affinity_cores()
+    limit = cgroup_cpu_limit(cgroup_root)
+    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
 
 
 def preloaded_allocator() -> str | None:
@@ -120,17 +159,19 @@ def _choose_allocator(choice: str) -> str:
     return "glibc-tuned" if tune_glibc_malloc() else "system"
 
 
-def _thread_count() -> int:
+def _thread_count() -> tuple[int, float | None]:
+    """Intra-op threads, and the cgroup CPU quota when it is what capped them."""
     raw = os.environ.get("COVID_CXR_THREADS", "").strip()
     if not raw:
-        return physical_cores()
+        limit = cgroup_cpu_limit()
+        return physical_cores(), limit if limit is not None and math.ceil(limit) < _affinity_cores() else None
     try:
         count = int(raw)
     except ValueError:
         count = 0
     if count < 1:
         raise ConfigError(f"COVID_CXR_THREADS must be a whole number >= 1; got {raw!r}")
-    return count
+    return count, None
 
 
 def apply_speed_settings() -> SpeedSettings:
@@ -143,7 +184,7 @@ def apply_speed_settings() -> SpeedSettings:
     if _applied is not None:
         return _applied
     allocator = _choose_allocator(os.environ.get("COVID_CXR_ALLOCATOR", "auto").strip().lower() or "auto")
-    threads = _thread_count()
+    threads, cpu_limit = _thread_count()
     torch.set_num_threads(threads)
     interop = min(threads, 4)
     try:
@@ -151,5 +192,5 @@ def apply_speed_settings() -> SpeedSettings:
     except RuntimeError:
         # The inter-op pool can be sized only before its first use; keep what it already has.
         interop = torch.get_num_interop_threads()
-    _applied = SpeedSettings(allocator=allocator, threads=threads, interop_threads=interop)
+    _applied = SpeedSettings(allocator=allocator, threads=threads, interop_threads=interop, cpu_limit=cpu_limit)
     return _applied

@@ -109,7 +109,7 @@ def build_cache(
     """
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    workers = workers or min(8, len(os.sched_getaffinity(0)))
+    workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     jobs = [(i, p, image_size, resize) for i, p in zip(manifest["image_id"], manifest["path"])]
     n = len(jobs)
     scratch = np.lib.format.open_memmap(folder / "decode.tmp.npy", mode="w+", dtype=np.uint8,

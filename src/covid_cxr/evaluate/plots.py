@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from covid_cxr import fmt
+from covid_cxr.atomic import atomic_path
 from covid_cxr.evaluate.metrics import calibration_bins, roc_curve
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
@@ -131,12 +132,12 @@ def calibration_figure(true_idx: np.ndarray, probs: np.ndarray, n_bins: int = 15
 
 
 def save_figure(fig: Figure, *paths: str | Path, dpi: int = 120) -> list[Path]:
-    """Write ``fig`` to each path (the suffix picks the format)."""
+    """Write ``fig`` to each path (the suffix picks the format), atomically: an old plot stays whole until replaced."""
     out = []
     for path in paths:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp, dpi=dpi)
         out.append(path)
     return out
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covid_cxr.atomic import write_text
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate.metrics import compute_metrics, confusion_matrix
 from covid_cxr.labels import CLASSES, normalize_label
@@ -154,7 +155,5 @@ def predictions_frame(split: pd.DataFrame, probs: np.ndarray, classes: tuple[str
 
 def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write a predictions table with probabilities to 6 decimals (enough for AUC ties to stay ties)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False, float_format="%.6f")
-    return path
+    # Rendered whole, then written atomically: a failure or a reader mid-write never meets half a table.
+    return write_text(path, frame.to_csv(index=False, float_format="%.6f", lineterminator="\n"))

@@ -14,6 +14,9 @@ answers the predictions.
 - otherwise (fp32 on a CPU: every AVX2-only CPU): ONNX Runtime fp32, the faster of the two exact fp32 paths.
   The checkpoint is exported once (tens of seconds) and the export is cached under
   ``$COVID_CXR_CACHE/onnx`` by the checkpoint's sha256, so later runs open it in a second.
+
+``$COVID_CXR_BACKEND`` is the default for ``--backend``, for checkpoints and ONNX files alike; an error it
+causes names it, so a user who never typed ``--backend`` knows what to unset.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 from covid_cxr import __version__
 from covid_cxr.atomic import file_sha256, write_bytes
 from covid_cxr.choices import BACKENDS
-from covid_cxr.errors import CheckpointError, ConfigError
+from covid_cxr.errors import CheckpointError, ConfigError, did_you_mean
 from covid_cxr.gradcam import GradCam
 from covid_cxr.inference.onnx_model import OnnxPredictor, export_onnx_bytes
 from covid_cxr.inference.protocol import Predictor
@@ -38,6 +41,9 @@ from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.runtime import choose_runtime
 
 BACKEND_ENV = "COVID_CXR_BACKEND"  # the default for --backend (auto when unset)
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras .h5/.hdf5 files (the authors' models)
+PICKLE_MAGIC = b"\x80"  # a pickle: torch.save's legacy format, or a pickled model
 
 
 @dataclass(frozen=True)
@@ -46,18 +52,32 @@ class BackendChoice:
 
     backend: str  # torch | onnx
     reason: str
+    origin: str = "auto"  # what asked for it: --backend, $COVID_CXR_BACKEND, or auto (the rule)
+
+
+def requested_backend(backend: str | None) -> tuple[str, str]:
+    """``--backend`` when given, else ``$COVID_CXR_BACKEND``, else auto; and which of them it came from."""
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV, "").strip().lower()
+        if not backend:
+            return "auto", "auto"
+        origin = f"${BACKEND_ENV}"
+    else:
+        origin = "--backend"
+    if backend not in BACKENDS:
+        fix = f" (unset {BACKEND_ENV} or fix its value)" if origin != "--backend" else ""
+        raise ConfigError(f"{origin} must be one of {', '.join(BACKENDS)}; got {backend!r}"
+                          f"{did_you_mean(backend, BACKENDS)}{fix}")
+    return backend, origin
 
 
 def choose_backend(
     backend: str | None = None, *, device: str = "auto", precision: str = "auto", compile: bool = False
 ) -> BackendChoice:
     """Resolve ``--backend`` (None: ``$COVID_CXR_BACKEND``, else auto) for a checkpoint on this machine."""
-    backend = backend or os.environ.get(BACKEND_ENV, "").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r} "
-                          f"(from --backend or ${BACKEND_ENV})")
+    backend, origin = requested_backend(backend)
     if backend != "auto":
-        return BackendChoice(backend, "asked for")
+        return BackendChoice(backend, "asked for" if origin == "--backend" else f"asked for by {origin}", origin)
     if compile:
         return BackendChoice("torch", "auto: torch.compile asked for")
     if precision in ("bf16", "fp16"):
@@ -103,7 +123,28 @@ class LoadedModel:
 def is_checkpoint_file(path: Path) -> bool:
     """``torch.save`` writes a zip archive; an ONNX model is a protobuf, which never starts with ``PK``."""
     with open(path, "rb") as fh:
-        return fh.read(4) == b"PK\x03\x04"
+        return fh.read(4) == ZIP_MAGIC
+
+
+def model_file_kind(path: Path) -> str:
+    """``"checkpoint"`` or ``"onnx"`` by the file's first bytes; a file that is neither raises, naming the fix.
+
+    Everything that is not a zip would otherwise reach ONNX Runtime and come back as "InvalidProtobuf".
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(len(HDF5_MAGIC))
+    if head.startswith(ZIP_MAGIC):
+        return "checkpoint"
+    if not head:
+        raise CheckpointError(f"{path}: empty file (0 bytes), likely an interrupted copy or download; copy the model "
+                              "file again")
+    if head == HDF5_MAGIC:
+        raise CheckpointError(f"{path}: a Keras HDF5 model; convert it first with 'covid-cxr import-keras {path} "
+                              "--out model.pt', then give model.pt")
+    if head.startswith(PICKLE_MAGIC) or path.suffix.lower() in (".pt", ".pth", ".ckpt"):
+        raise CheckpointError(f"{path}: not a covid-cxr checkpoint (those are zip archives written by 'covid-cxr "
+                              "train' or 'covid-cxr import-keras') nor an exported .onnx model; give one of those")
+    return "onnx"
 
 
 def resolve_compile(
@@ -148,14 +189,25 @@ def make_predictor(
     choice = choose_backend(settings.backend, device=device, precision=precision, compile=compile)
     if choice.backend == "onnx":
         if compile:
-            raise ConfigError("--compile applies to the torch backend; ONNX Runtime optimises its graph itself")
-        if device not in ("auto", "cpu") or precision not in ("auto", "fp32"):
-            raise ConfigError("--backend onnx runs in fp32 on ONNX Runtime's own providers; drop --device/--precision")
-        data, origin = cached_onnx(checkpoint, sha256)
-        return OnnxPredictor(data), BackendChoice("onnx", f"{choice.reason}; {origin}")
+            raise ConfigError(f"--compile applies to the torch backend, not to {_asked('onnx', choice.origin)}: ONNX "
+                              f"Runtime optimises its graph itself{_or_unset(choice.origin)}")
+        if precision not in ("auto", "fp32"):
+            raise ConfigError(f"{_asked('onnx', choice.origin)} runs in fp32 on ONNX Runtime; drop --precision "
+                              f"{precision}{_or_unset(choice.origin)}")
+        data, cached = cached_onnx(checkpoint, sha256)
+        return OnnxPredictor(data, device=device), BackendChoice("onnx", f"{choice.reason}; {cached}", choice.origin)
     # Folding is exact up to float rounding (benchmarks/RESULTS.md) and the compiled graph folds by itself.
     predictor = TorchPredictor(checkpoint, device=device, precision=precision, compile=compile, fold=not compile)
     return predictor, choice
+
+
+def _asked(backend: str, origin: str) -> str:
+    """How the user asked for ``backend``, in their words: '--backend onnx' or '$COVID_CXR_BACKEND=onnx'."""
+    return f"{origin}={backend}" if origin.startswith("$") else f"{origin} {backend}"
+
+
+def _or_unset(origin: str) -> str:
+    return f" (or unset {BACKEND_ENV})" if origin.startswith("$") else ""
 
 
 def load_model(
@@ -169,18 +221,24 @@ def load_model(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file (a .pt checkpoint or an exported .onnx model)")
-    backend = settings.backend
-    if backend is not None and backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    sha = file_sha256(path)
-    if not is_checkpoint_file(path):
-        if compile:
-            raise ConfigError(f"{path}: --compile applies to a PyTorch checkpoint on the torch backend; ONNX Runtime "
-                              "optimises its graph itself")
-        if backend == "torch":
-            raise ConfigError(f"{path} is an ONNX model; run it with --backend onnx, or give the .pt checkpoint")
-        predictor = OnnxPredictor(path)
-        return LoadedModel(predictor, predictor.network, sha, None, BackendChoice("onnx", "an ONNX file"))
-    ckpt = load_checkpoint(path)
+    if model_file_kind(path) == "onnx":
+        return _load_onnx_file(path, settings, compile=compile)
+    sha, ckpt = file_sha256(path), load_checkpoint(path)
     predictor, choice = make_predictor(ckpt, sha, settings, compile=compile)
     return LoadedModel(predictor, ckpt.network, sha, ckpt, choice)
+
+
+def _load_onnx_file(path: Path, settings: InferenceSettings, *, compile: bool) -> LoadedModel:
+    """An exported ONNX model: ONNX Runtime in fp32, on the providers for ``settings.device``."""
+    backend, origin = requested_backend(settings.backend)
+    if compile:
+        raise ConfigError(f"{path}: --compile applies to a PyTorch checkpoint on the torch backend; ONNX Runtime "
+                          "optimises its graph itself")
+    if backend == "torch":
+        raise ConfigError(f"{path} is an ONNX model, which runs on ONNX Runtime, but {_asked('torch', origin)} asks "
+                          f"for PyTorch; give the .pt checkpoint, or use --backend onnx{_or_unset(origin)}")
+    if settings.precision not in ("auto", "fp32"):
+        raise ConfigError(f"{path} is an ONNX model, which runs in fp32; drop --precision {settings.precision}")
+    predictor = OnnxPredictor(path, device=settings.device)
+    choice = BackendChoice("onnx", "an ONNX file", origin)
+    return LoadedModel(predictor, predictor.network, file_sha256(path), None, choice)

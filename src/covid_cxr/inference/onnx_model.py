@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +148,8 @@ class OnnxPredictor:
 
     backend = "onnx"
 
-    def __init__(self, source: str | os.PathLike[str] | bytes, *, providers: list[str] | None = None) -> None:
+    def __init__(self, source: str | os.PathLike[str] | bytes, *, device: str = "auto") -> None:
+        """Open ``source`` on the execution providers for ``device`` (see :func:`onnx_providers`)."""
         import onnxruntime as ort  # imported only by the runs that use this backend
 
         where = "<in-memory ONNX model>" if isinstance(source, bytes) else str(source)
@@ -157,12 +158,12 @@ class OnnxPredictor:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = apply_speed_settings().threads  # physical cores, as for torch
+        self.speed = apply_speed_settings()
+        options.intra_op_num_threads = self.speed.threads  # physical cores, as for torch
+        providers = onnx_providers(device, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(
-                source if isinstance(source, bytes) else os.fspath(source),
-                sess_options=options,
-                providers=providers or _default_providers(ort),
+                source if isinstance(source, bytes) else os.fspath(source), sess_options=options, providers=providers
             )
         except Exception as exc:  # ORT raises its own exception types for every kind of bad file
             raise CheckpointError(f"{where}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from exc
@@ -177,7 +178,8 @@ class OnnxPredictor:
     def describe(self) -> str:
         """Execution providers and threads."""
         threads = self.session.get_session_options().intra_op_num_threads
-        return f"onnxruntime providers={','.join(self.session.get_providers())} threads={threads}"
+        capped = "" if self.speed.cpu_limit is None else f" (cgroup CPU limit {self.speed.cpu_limit:g})"
+        return f"onnxruntime providers={','.join(self.session.get_providers())} threads={threads}{capped}"
 
     def warm_up(self, batch_size: int) -> None:
         """Nothing to do: ONNX Runtime optimises its graph when the session opens."""
@@ -194,7 +196,21 @@ class OnnxPredictor:
         return np.concatenate(probs).astype(np.float32, copy=False) if probs else np.empty((0, len(self.classes)), np.float32)
 
 
-def _default_providers(ort: Any) -> list[str]:
-    available = ort.get_available_providers()
-    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return wanted or available
+def onnx_providers(device: str, available: Sequence[str]) -> list[str | tuple[str, dict[str, Any]]]:
+    """ONNX Runtime execution providers for ``--device``, given those this onnxruntime build has.
+
+    ``cpu``: the CPU alone, even where onnxruntime-gpu is installed; ``cuda`` / ``cuda:N``: that GPU
+    (the CPU runs any op it lacks); ``auto``: the GPU first where there is one.
+    """
+    cuda = "CUDAExecutionProvider"
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "auto":
+        return [p for p in (cuda, "CPUExecutionProvider") if p in available] or list(available)
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index or "0").isdigit():
+        raise ConfigError(f"--device {device!r}: ONNX Runtime runs on cpu, cuda or cuda:N")
+    if cuda not in available:
+        raise ConfigError(f"--device {device}: this onnxruntime has no CUDA provider (it has {', '.join(available)}); "
+                          "install onnxruntime-gpu, or use --device cpu")
+    return [(cuda, {"device_id": int(index or 0)}), "CPUExecutionProvider"]

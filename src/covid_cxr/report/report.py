@@ -5,6 +5,10 @@ and also the pooled figures (one confusion matrix over the concatenated predicti
 folds) with Wilson intervals, since the mean of five rates hides how few COVID-19 images stand
 behind them. Output: ``report.md`` (+ ``report_files/*.png``), one self-contained
 ``report.html`` (inline CSS, plots as base64 PNG, no external URL) and ``summary.json``.
+
+Everything is checked and rendered before the first byte is written; then each file is written
+atomically, and only the images an earlier report left and this one no longer links are removed.
+A refused report leaves the previous one as it was.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from covid_cxr import fmt
-from covid_cxr.atomic import read_json_object, write_json
+from covid_cxr.atomic import read_json_object, write_bytes, write_json, write_text
 from covid_cxr.audit.results import render_section
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
@@ -251,13 +254,24 @@ def _decision_section(doc: _Doc, cm: Any, infos: Sequence[dict[str, Any]], preva
     doc.table(at_prev)
 
 
+def _external_key(r: FoldResult) -> tuple[str, str, str]:
+    """(network, fold, set name) of an external evaluation; fold is "" when the run did not record one."""
+    fold = r.info.get("fold")
+    return r.network, "" if fold is None else str(fold), str(r.info.get("name") or r.fold)
+
+
 def _external_section(doc: _Doc, r: FoldResult, internal: tuple[str, Any, dict[str, Any]] | None,
-                      prevalences: Sequence[float], files_dir: Path) -> dict[str, Any]:
-    """One external evaluation beside the internal test figures: the drop, with intervals."""
-    name = str(r.info.get("name") or r.fold)
+                      prevalences: Sequence[float], images: dict[str, bytes]) -> dict[str, Any]:
+    """One external evaluation beside the internal test figures: the drop, with intervals.
+
+    Each fold of a cross-validated network is evaluated on the external set separately, so the heading
+    and the image files name the network and the fold: one section, and one set of files, per model.
+    """
+    network, fold, name = _external_key(r)
+    which = f"{network} fold {fold}" if fold else network
     cm = r.preds.confusion()
     absent = [DISPLAY_NAMES[c] for c in r.info.get("classes_absent", r.metrics.get("absent_classes", []))]
-    doc.heading(3, f"{r.network} on {name} (N = {int(cm.sum())})")
+    doc.heading(3, f"{which} on {name} (N = {int(cm.sum())})")
     text = f"Model {r.info.get('model', '')}; data {r.info.get('data', r.preds.path)}."
     if absent:
         text += f" Absent from this set (no images, so no recall or AUC; not zero): {', '.join(absent)}."
@@ -270,10 +284,10 @@ def _external_section(doc: _Doc, r: FoldResult, internal: tuple[str, Any, dict[s
     for plot in ("confusion_matrix.png", "roc.png"):
         if r.eval_dir is not None and (r.eval_dir / plot).is_file():
             png = (r.eval_dir / plot).read_bytes()
-            target = files_dir / f"external-{name}-{plot}"
-            target.write_bytes(png)
-            doc.md += [f"![{name} {plot}](report_files/{target.name})", ""]
-            doc.body.append(_img(png, f"{name} {plot}"))
+            target = f"external-{network}{f'-fold{fold}' if fold else ''}-{name}-{plot}"
+            images[target] = png
+            doc.md += [f"![{which} on {name} {plot}](report_files/{target})", ""]
+            doc.body.append(_img(png, f"{which} on {name} {plot}"))
     return {"name": name, "info": r.info, "metrics": r.metrics}
 
 
@@ -287,6 +301,42 @@ def _gather(runs: Sequence[Path], n_boot: int) -> tuple[list[FoldResult], list[F
                 named.add(ext.resolve())
                 results.append(load_evaluation(ext, n_boot=n_boot))
     return [r for r in results if not r.external], [r for r in results if r.external]
+
+
+def _check(groups: dict[tuple[str, str], list[FoldResult]], externals: Sequence[FoldResult],
+           network_label: str | None) -> None:
+    """Refuse what would make a wrong report, before anything is written: one label for several networks,
+    a fold given twice (the mean over folds would count it twice), an external evaluation given twice."""
+    if network_label and len(groups) > 1:
+        raise DataError(f"--network-label names one network, but the runs hold {len(groups)}: "
+                        f"{', '.join(f'{n} ({s})' for n, s in groups)}; report them separately")
+    for (network, _), members in groups.items():
+        folds = [str(r.fold) for r in members]
+        twice = sorted({f for f in folds if folds.count(f) > 1})
+        if twice:
+            raise DataError(f"two evaluations of {network} on fold {twice[0]}; give each fold once")
+    keys = [_external_key(r) for r in externals]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        network, fold, name = twice
+        raise DataError(f"two external evaluations of {network}{f' fold {fold}' if fold else ''} on {name}; "
+                        "give each once")
+
+
+def _publish(out: Path, images: dict[str, bytes], md: str, summary: dict[str, Any], page: str) -> Path:
+    """Write the rendered report, each file atomically: images first, so report.md never links a missing one;
+    then remove the images an earlier report left that this one no longer links. Returns report.html."""
+    files_dir = out / "report_files"
+    for name, png in images.items():
+        write_bytes(files_dir / name, png)
+    write_text(out / "report.md", md)
+    write_json(out / "summary.json", summary)
+    path = write_text(out / "report.html", page)
+    if files_dir.is_dir():
+        for old in files_dir.glob("*.png"):
+            if old.name not in images:
+                old.unlink()
+    return path
 
 
 def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None = None,
@@ -304,14 +354,8 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
     groups: dict[tuple[str, str], list[FoldResult]] = {}
     for r in results:
         groups.setdefault((r.network, r.split), []).append(r)
-    if network_label and len(groups) > 1:
-        raise DataError(f"--network-label names one network, but the runs hold {len(groups)}: "
-                        f"{', '.join(f'{n} ({s})' for n, s in groups)}; report them separately")
-    out = Path(out)
-    files_dir = out / "report_files"
-    if files_dir.exists():
-        shutil.rmtree(files_dir)
-    files_dir.mkdir(parents=True)
+    _check(groups, externals, network_label)
+    images: dict[str, bytes] = {}  # report_files/NAME -> PNG bytes, written once everything is rendered
     intro = ("Per fold, the paper's Table 3 counts and Table 4 percentages. 'mean ± sd' averages the per-fold "
              "figures as the paper does (sd: sample standard deviation over folds); 'pooled' counts all folds' "
              "predictions in one confusion matrix, with a 95% Wilson interval. Where the folds' test sets share "
@@ -326,11 +370,6 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
     internal_of: dict[str, tuple[str, Any, dict[str, Any]]] = {}
     for (network, split), members in groups.items():
         members.sort(key=_fold_order)
-        seen: dict[str, FoldResult] = {}
-        for r in members:
-            if str(r.fold) in seen:
-                raise DataError(f"two evaluations of {network} on fold {r.fold}; give each fold once")
-            seen[str(r.fold)] = r
         label = network_label or paper_network_name(network) or network
         paper_name = paper_network_name(network_label or "") or paper_network_name(network)
         summary = summarize(members, paper_network=paper_name, n_boot=n_boot)
@@ -366,7 +405,7 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         md += ["### Plots (pooled over folds)", ""]
         body.append("<h3>Plots (pooled over folds)</h3>")
         for name, png in figures.items():
-            (files_dir / f"{slug}-{name}.png").write_bytes(png)
+            images[f"{slug}-{name}.png"] = png
             md.append(f"![{name}](report_files/{slug}-{name}.png)")
             body.append(_img(png, f"{label} {name}"))
         md.append("")
@@ -376,9 +415,9 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
             body.append("<details><summary>Per-fold plots</summary>")
             for r, name in per_fold_imgs:
                 png = (r.eval_dir / name).read_bytes()  # type: ignore[operator]
-                target = files_dir / f"{slug}-fold{r.fold}-{name}"
-                target.write_bytes(png)
-                md.append(f"![fold {r.fold} {name}](report_files/{target.name})")
+                target = f"{slug}-fold{r.fold}-{name}"
+                images[target] = png
+                md.append(f"![fold {r.fold} {name}](report_files/{target})")
                 body.append(_img(png, f"fold {r.fold} {name}"))
             body.append("</details>")
             md.append("")
@@ -388,19 +427,15 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         doc.para("The drop is external minus internal, in percentage points, with Newcombe's hybrid score interval "
                  "for two independent proportions (AUC: a normal approximation from the two bootstrap intervals). "
                  "A class absent from a set is marked absent: its recall and AUC are undefined there, not zero.")
-        summary_json["external"] = [_external_section(doc, r, internal_of.get(r.network), prevalences, files_dir)
+        summary_json["external"] = [_external_section(doc, r, internal_of.get(r.network), prevalences, images)
                                     for r in externals]
     audit_md, audit_html = render_audit_section(audit)  # the audit plug-in point
     if audit_md:
         md.append(audit_md)
         body.append(audit_html)
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    write_json(out / "summary.json", summary_json)
     page = (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>covid-cxr evaluation report</title>"
             f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>\n")
-    path = out / "report.html"
-    path.write_text(page)
-    return path
+    return _publish(Path(out), images, "\n".join(md) + "\n", summary_json, page)
 
 
 def _img(png: bytes, alt: str) -> str:
