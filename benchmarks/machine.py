@@ -46,7 +46,7 @@ def describe_machine(keras_versions: dict[str, str] | None = None) -> dict[str, 
          "numpy.__version__, torch.backends.mkldnn.is_available())"],
         capture_output=True, text=True, check=False,
     ).stdout.split()
-    from covid_cxr.perf import physical_cores
+    from covid_cxr.cpus import physical_cores
 
     return {
         "cpu_model": info.get("model name", platform.processor()),

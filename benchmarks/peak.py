@@ -27,7 +27,7 @@ SOURCE = Path(__file__).with_name("peak.c")
 
 def measure_ceilings(repeats: int = 3, threads: int | None = None) -> dict[str, Any]:
     """``{"gflops": {"fp32": ..., "bf16": ..., "int8": ...}, "threads": n, "runs": [...]}``, or ``{"error": why}``."""
-    from covid_cxr.perf import physical_cores
+    from covid_cxr.cpus import physical_cores
 
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from covid_cxr.cpus import usable_cpus
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.synth import make_synthetic
 
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="synthetic RSNA DICOM size (default 1024)")
     parser.add_argument("--image-size", type=int, default=300, help="cache image size (default 300)")
     args = parser.parse_args()
-    workers = args.workers or min(8, len(os.sched_getaffinity(0)))
+    workers = args.workers or min(8, usable_cpus())
     with tempfile.TemporaryDirectory(prefix="covid-cxr-bench-") as tmp:
         root = Path(tmp)
         synth, synth_wall, synth_cpu = timed(make_synthetic, root / "raw", seed=0, size=args.size, workers=workers)
@@ -48,7 +49,7 @@ def main() -> None:
         again, again_wall, _ = timed(prepare_dataset, settings, progress=False)
         n = report.images_decoded
         load = os.getloadavg()[0]
-    print(f"| {dt.date.today()} | {len(os.sched_getaffinity(0))} CPUs, load {load:.1f} | {workers} | "
+    print(f"| {dt.date.today()} | {usable_cpus()} CPUs, load {load:.1f} | {workers} | "
           f"{synth.files} files ({args.size} px DICOMs): {synth_wall:.1f} s wall, {synth_cpu:.1f} s CPU | "
           f"{n} images to {args.image_size} px: {prep_wall:.1f} s wall ({n / prep_wall:.0f} images/s), "
           f"{prep_cpu:.1f} s CPU ({n / prep_cpu:.0f} images per CPU-second) | "

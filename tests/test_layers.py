@@ -30,7 +30,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(names) for names in (
     {"models", "data", "synth", "gradcam"},
     {"runtime", "perf", "preprocess", "operating_point", "stats"},
     {"config"},
-    {"fmt", "atomic", "progress", "choices", "networks"},
+    {"fmt", "atomic", "progress", "choices", "networks", "cpus"},
     {"labels"},
     {"errors", "__init__"},
 ))

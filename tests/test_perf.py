@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from covid_cxr.perf import SpeedSettings, cgroup_cpu_limit, physical_cores
+from covid_cxr.cpus import cgroup_cpu_limit, physical_cores, usable_cpus
+from covid_cxr.perf import SpeedSettings
 
 JEMALLOC_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
@@ -140,4 +141,6 @@ def test_a_quota_below_the_cores_caps_the_threads(tmp_path: Path) -> None:
     many = _cgroup_tree(tmp_path / "many", {"cpu.max": f"{1000 * 100000} 100000"})
     assert physical_cores(many) == physical_cores(tmp_path / "none")  # a quota above the cores changes nothing
     assert "(cgroup CPU limit 1.5)" in SpeedSettings("system", 2, 2, cpu_limit=1.5).describe()
+    # The decoding pools (prepare's cache, the synthetic writer) are capped by the same quota.
+    assert usable_cpus(half) == 1 and usable_cpus(many) == usable_cpus(tmp_path / "none") >= physical_cores(many)
     assert "cgroup" not in SpeedSettings("system", 2, 2).describe()

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from covid_cxr.cpus import affinity_cores, cgroup_cpu_limit, physical_cores
 from covid_cxr.errors import ConfigError
 
 ALLOCATOR_CHOICES = ("auto", "system")
@@ -51,7 +52,6 @@ GLIBC_TUNING: dict[str, tuple[int, int]] = {
 }
 
 _PRELOADED = ("jemalloc", "tcmalloc", "mimalloc")
-CGROUP_ROOT = Path("/sys/fs/cgroup")  # the process's own cgroup inside a container (cgroup namespace)
 
 
 @dataclass(frozen=True)
@@ -69,57 +69,6 @@ class SpeedSettings:
 
 
 _applied: SpeedSettings | None = None
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
-    """CPUs the cgroup quota allows per period (``"200000 100000"`` -> 2.0), or None when there is no quota.
-
-    cgroup v2 keeps it in ``cpu.max`` ("QUOTA PERIOD", QUOTA "max" when unlimited); v1 in
-    ``cpu/cpu.cfs_quota_us`` (-1 when unlimited) and ``cpu/cpu.cfs_period_us``.
-    """
-    v2 = _read(root / "cpu.max")
-    if v2 is not None:
-        quota, _, period = v2.partition(" ")
-    else:
-        quota = _read(root / "cpu" / "cpu.cfs_quota_us") or "-1"
-        period = _read(root / "cpu" / "cpu.cfs_period_us") or ""
-    try:
-        q, p = int(quota), int(period or 100_000)
-    except ValueError:
-        return None  # "max", or a file we do not understand: no quota to respect
-    return q / p if q > 0 and p > 0 else None
-
-
-def _affinity_cores() -> int:
-    """Physical cores among the CPUs this process may run on (hyper-threads counted once)."""
-    try:
-        allowed = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-    cores: set[tuple[str, str]] = set()
-    try:
-        for cpu in allowed:
-            topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-            package = (topo / "physical_package_id").read_text().strip()
-            core = (topo / "core_id").read_text().strip()
-            cores.add((package, core))
-    except OSError:
-        return max(1, len(allowed))
-    return max(1, len(cores))
-
-
-def physical_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
-    """Physical cores this process may use: those of its CPU affinity, capped by the cgroup CPU quota (rounded up)."""
-    cores = _affinity_cores()
-    limit = cgroup_cpu_limit(cgroup_root)
-    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
 
 
 def preloaded_allocator() -> str | None:
@@ -164,7 +113,7 @@ def _thread_count() -> tuple[int, float | None]:
     raw = os.environ.get("COVID_CXR_THREADS", "").strip()
     if not raw:
         limit = cgroup_cpu_limit()
-        return physical_cores(), limit if limit is not None and math.ceil(limit) < _affinity_cores() else None
+        return physical_cores(), limit if limit is not None and math.ceil(limit) < affinity_cores() else None
     try:
         count = int(raw)
     except ValueError:

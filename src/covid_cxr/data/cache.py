@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.atomic import read_json, write_json
+from covid_cxr.cpus import usable_cpus
 from covid_cxr.data.images import decode_radiograph, read_file, resize_gray
 from covid_cxr.data.names import name_bytes, printable
 from covid_cxr.errors import DataError, ImageDecodeError
@@ -109,7 +110,7 @@ def build_cache(
     """
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = workers or min(8, usable_cpus())
     jobs = [(i, p, image_size, resize) for i, p in zip(manifest["image_id"], manifest["path"])]
     n = len(jobs)
     scratch = np.lib.format.open_memmap(folder / "decode.tmp.npy", mode="w+", dtype=np.uint8,

@@ -30,6 +30,7 @@ import pandas as pd
 
 from covid_cxr.atomic import write_json
 from covid_cxr.config import SHORTCUTS
+from covid_cxr.cpus import usable_cpus
 from covid_cxr.synth.dicom import write_dicom
 from covid_cxr.synth.render import render_chest
 
@@ -256,7 +257,7 @@ def make_synthetic(
                   "path": str(rsna_dir / "stage_2_train_images" / f"{row['patientId']}.dcm")}
                  for i, row in enumerate(rsna_rows)]
 
-    workers = workers or min(8, len(os.sched_getaffinity(0)))
+    workers = workers or min(8, usable_cpus())
     _run(_write_cxr_image, cxr_jobs, workers)
     boxes = _run(_write_rsna_image, rsna_jobs, workers)
 
