@@ -40,6 +40,7 @@ from covid_cxr.data.images import (
     decode_radiograph,
     load_image,
 )
+from covid_cxr.data.manifest import combine, make_ids
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources import read_folder
 from covid_cxr.data.sources.folder import FOLDER_NAMED_LIKE_IMAGE
@@ -555,3 +556,13 @@ def test_the_web_upload_takes_phone_photos_and_refuses_the_rest_clearly(ckpt: Pa
         for name, (data, status, words) in refused.items():
             r = httpx.post(f"{url}/predict", files={"file": (name, data)}, timeout=120)
             assert r.status_code == status and words in r.json()["detail"], (name, r.text)
+
+
+def test_names_that_differ_only_in_replaced_characters_keep_their_own_ids() -> None:
+    ids = make_ids("hospital-b", pd.Series(["covid/病例一.png", "covid/病例二.png", "covid/plain.png"]))
+    assert ids.is_unique and ids.iloc[2] == "hospital-b/covid_plain"
+    assert all(i.startswith("hospital-b/covid__png-") and len(i.rsplit("-", 1)[1]) == 8 for i in ids.iloc[:2])
+    # Ids that still clash (here: two sources' parts built by hand) are refused naming both files.
+    part = pd.DataFrame({"image_id": ["a/x", "a/x"], "path": ["/d/sub/x.png", "/d/sub_x.png"], "source": ["a", "a"]})
+    with pytest.raises(DataError, match=r"2 images share an image id \(a/x: /d/sub/x.png and /d/sub_x.png\)"):
+        combine([part])

@@ -13,6 +13,7 @@ The audits compare sources, so two collections must never share a name.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -57,12 +58,22 @@ def source_prefix(name: str) -> str:
 
 
 def make_ids(prefix: str, names: pd.Series) -> pd.Series:
-    """Image ids ``<prefix>/<safe stem>``; stems that collide keep their extension (``_png``) too."""
+    """Image ids ``<prefix>/<safe stem>``; stems that collide keep their extension (``_png``) too.
+
+    Names that still collide differ only in characters the safe form replaces (``病例一.png`` and
+    ``病例二.png`` are both ``___png``): each of those gets 8 hex digits of its name's SHA-1 as well.
+    """
     names = names.astype(str)
     stems = names.map(lambda n: safe_name(n.rsplit(".", 1)[0] if "." in n else n))
     clash = stems.duplicated(keep=False)
     stems = stems.where(~clash, names.map(safe_name).str.replace(".", "_", regex=False))
+    clash = stems.duplicated(keep=False)
+    stems = stems.where(~clash, stems + "-" + names.map(_name_digest))
     return prefix + "/" + stems
+
+
+def _name_digest(name: str) -> str:
+    return hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
 def finalize(rows: pd.DataFrame, where: str) -> pd.DataFrame:
@@ -94,9 +105,12 @@ def combine(parts: list[pd.DataFrame]) -> pd.DataFrame:
                                 "--folder nih=DIR --folder hospital-b=DIR")
             seen[name] = i
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(COLUMNS))
-    dup = frame["image_id"][frame["image_id"].duplicated()]
-    if len(dup):
-        raise DataError(f"image ids are not unique across sources: {', '.join(sorted(set(dup))[:10])}")
+    dup = frame["image_id"].duplicated(keep=False)
+    if dup.any():
+        clashes = frame.loc[dup].groupby("image_id")["path"].apply(lambda paths: " and ".join(map(str, paths)))
+        shown = "; ".join(f"{image_id}: {paths}" for image_id, paths in list(clashes.items())[:5])
+        raise DataError(f"{int(dup.sum())} images share an image id ({shown}); ids are made from the file names "
+                        "within each source, so rename one file of each pair (or list it once in the labels CSV)")
     return frame.sort_values(["source", "image_id"], kind="stable").reset_index(drop=True)
 
 
