@@ -270,3 +270,18 @@ def test_the_pipeline_runs_without_the_command_line(tmp_path, capsys):
     assert "predicted 2 images (covid 2, pneumonia 0, normal 0); 1 failed" in capsys.readouterr().err
     argmax = Classifier(Fixed())(np.zeros((1, SIZE, SIZE), np.uint8))
     assert CLASSES[int(argmax.decided[0])] == "normal"
+
+
+def test_overlays_of_files_with_the_same_stem_never_overwrite_each_other(ckpt, tmp_path):
+    # a/x.png and b/x.png would both be x.png; c/x-2.png's own stem is the name b/x.png gets next.
+    chest = render_chest(np.random.default_rng(5), SIZE + 9, "covid").image
+    files = [tmp_path / d / n for d, n in (("a", "x.png"), ("b", "x.png"), ("c", "x-2.png"))]
+    for k, path in enumerate(files):
+        path.parent.mkdir()
+        assert cv2.imwrite(str(path), np.roll(chest, 7 * k, axis=1))
+    cams = tmp_path / "cams"
+    assert main(["predict", str(ckpt), *map(str, files), "--out", str(tmp_path / "p.csv"),
+                 "--gradcam", str(cams), "--device", "cpu"]) == 0
+    written = sorted(p.name for p in cams.iterdir())
+    assert written == ["x-2-2.png", "x-2.png", "x.png"]
+    assert len({(cams / name).read_bytes() for name in written}) == 3  # three different images, none overwritten

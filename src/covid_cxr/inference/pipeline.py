@@ -6,17 +6,17 @@ Keras models), a batch of them runs through the predictor, and each image gets t
 operating point decides (argmax when it has none).
 
 :func:`predict_inputs` runs it over files: they are decoded in worker threads while the previous batch
-runs through the network; every input gets a row, in input order, written as the run goes (a CSV is
-flushed after every batch, so an interrupted or killed run keeps what was done): a prediction, or the
-reason the input was refused (an unreadable, truncated or multi-frame file, a folder named like an
-image, a pattern that matches nothing). The web service (:mod:`covid_cxr.deploy.server`) runs the same
+runs through the network; every input gets a row, written as the run goes (a CSV is flushed after every
+batch, so an interrupted or killed run keeps what was done): first the inputs that name no file to read
+(a missing file, a pattern that matches nothing, a folder named like an image) with the reason, then
+every file in input order, with its prediction or the reason it was refused (unreadable, truncated,
+multi-frame). The web service (:mod:`covid_cxr.deploy.server`) runs the same
 step over uploads that arrive together.
 """
 
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,8 +81,9 @@ class Classifier:
 
 
 class Overlays:
-    """Grad-CAM overlay PNGs for a ``predict`` run: ``<stem>.png`` per image (``<stem>-2.png`` for a stem seen
-    before), and ``<stem>.<backbone>.png`` per backbone of a network with several."""
+    """Grad-CAM overlay PNGs for a ``predict`` run: ``<stem>.png`` per image (``<stem>-2.png``, ``-3`` ... when that
+    name is taken in this run, also by a file whose own stem is ``<stem>-2``), and ``<stem>.<backbone>.png`` per
+    backbone of a network with several."""
 
     def __init__(self, cam: GradCam, folder: Path, *, target: str | None = None, method: str | None = None) -> None:
         self.cam = cam.with_method(method) if method else cam
@@ -90,7 +91,7 @@ class Overlays:
             self.cam.class_index(target)  # refuse a bad class name before any work
         self.folder = folder
         self.target = target or None  # None: explain the class decided for each image
-        self._stems: Counter[str] = Counter()
+        self._taken: set[str] = set()
 
     def write(self, images: np.ndarray, paths: list[Path], decided: np.ndarray) -> None:
         """The overlays of a batch of model-sized images, ``GRADCAM_BATCH`` backward passes at a time."""
@@ -98,14 +99,22 @@ class Overlays:
         for start in range(0, len(images), GRADCAM_BATCH):
             chunk = slice(start, start + GRADCAM_BATCH)
             for path, image, result in zip(paths[chunk], images[chunk], self.cam(images[chunk], targets[chunk])):
-                self._stems[path.stem] += 1
-                seen = self._stems[path.stem]
-                stem = path.stem if seen == 1 else f"{path.stem}-{seen}"
+                stem = self._free_stem(path.stem)
                 save_overlay(self.folder / f"{stem}.png", image, result.map)
                 if len(result.maps) > 1:
                     for layer, heat in result.maps.items():
                         if layer != COMBINED:
                             save_overlay(self.folder / f"{stem}.{layer}.png", image, heat)
+
+
+    def _free_stem(self, stem: str) -> str:
+        """``stem``, or ``stem-2``, ``stem-3`` ...: the first not yet written in this run."""
+        name, k = stem, 1
+        while name in self._taken:
+            k += 1
+            name = f"{stem}-{k}"
+        self._taken.add(name)
+        return name
 
 
 def predict_inputs(
