@@ -218,6 +218,7 @@ def prepare_dataset(settings: PrepareSettings, *, progress: bool = True) -> Prep
 def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.DataFrame, notes: list[str],
                   progress: bool) -> PrepareReport:
     report = PrepareReport(out=out, table1=table1(manifest), notes=notes)
+    digests: dict[str, str] = {}  # image id -> sha256 of its file, from the cache build
     if out.is_dir():
         _reuse_caches(out, tmp, manifest)
     if not settings.labels_only:
@@ -234,7 +235,8 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
         if build.failures and not settings.skip_bad:
             _fail_on_bad(build.failures)
         report.skipped = build.failures
-        report.duplicates = _duplicates(build.sha256, manifest)
+        digests = build.sha256
+        report.duplicates = _duplicates(digests, manifest)
         bad = {f["image_id"] for f in build.failures}
         manifest = manifest[~manifest["image_id"].isin(bad)].copy()
         views = manifest["image_id"].map(build.views).fillna("")
@@ -243,12 +245,13 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
             notes.append(f"--skip-bad: left out {len(bad)} images that cannot be decoded (listed in prepare.json)")
         if report.duplicates:
             notes.append(f"{len(report.duplicates)} groups of byte-identical files under different names "
-                         f"(e.g. {', '.join(report.duplicates[0][:3])}); listed in prepare.json")
+                         f"(e.g. {', '.join(report.duplicates[0][:3])}); listed in prepare.json; generated folds keep "
+                         "each group's patients on one side")
         report.table1 = table1(manifest)
     split_settings = settings.split
     plan = (read_author_splits(Path(settings.splits_from), manifest, split_settings) if settings.splits_from
             else covidx.covidx_plan(settings.covidx, manifest, split_settings) if settings.covidx
-            else make_folds(manifest, split_settings))
+            else make_folds(manifest, split_settings, digests))
     # File names are written as the OS holds them (bytes that are not UTF-8 too), so the paths reopen.
     manifest.loc[:, list(COLUMNS)].to_csv(tmp / "manifest.csv", index=False, errors="surrogateescape")
     report.fold_summary = write_splits(plan, manifest, tmp / "splits")
