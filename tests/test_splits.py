@@ -21,6 +21,7 @@ from covid_cxr.data.splits import (
     SplitSettings,
     check_disjoint,
     core_mask,
+    identical_across,
     make_folds,
     merge_identical,
     take_patients,
@@ -311,3 +312,13 @@ def test_patients_sharing_a_file_are_merged_and_kept_on_one_side() -> None:
     check_disjoint(leaky, m)  # two patients: only their bytes give them away
     with pytest.raises(DataError, match=r"1 byte-identical files in both test and training \(e.g. nih/5 = nih/6\)"):
         check_disjoint(leaky, m, digests)
+
+
+def test_identical_files_across_given_splits_are_named() -> None:
+    m = combine([_numbered_patients("nih", "nih", 6, ("normal", "pneumonia"))])
+    digests = {i: f"sha-{i}" for i in m["image_id"]} | {"nih/2": "sha-x", "nih/4": "sha-x"}
+    given = SplitPlan(folds=[Fold(fold=1, phases=[["nih/1", "nih/2"]], val=["nih/3"], test=["nih/4", "nih/5"])],
+                      protocol="strict", origin="/the/authors/splits")
+    assert identical_across(given, m, digests) == ["fold 1: 1 byte-identical files in both test and training "
+                                                   "(e.g. nih/2 = nih/4)"]
+    assert identical_across(given, m, {i: f"sha-{i}" for i in m["image_id"]}) == []

@@ -39,7 +39,7 @@ from covid_cxr.data.sources import (
     read_folder,
     read_rsna,
 )
-from covid_cxr.data.splits import SplitPlan, SplitSettings, make_folds
+from covid_cxr.data.splits import SplitPlan, SplitSettings, identical_across, make_folds
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES
 from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
@@ -121,6 +121,15 @@ def _duplicates(sha: dict[str, str], manifest: pd.DataFrame) -> list[list[str]]:
         if sha.get(image_id):
             by_digest.setdefault(sha[image_id], []).append(image_id)
     return sorted(ids for ids in by_digest.values() if len(ids) > 1)
+
+
+def _identical_note(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, str]) -> list[str]:
+    """Byte-identical files that given splits (not made here, so kept as they are) put on two sides."""
+    across = identical_across(plan, manifest, digests)
+    if not across:
+        return []
+    return [f"the given splits put byte-identical files on two sides of a fold ({'; '.join(across[:3])}"
+            f"{'; ...' if len(across) > 3 else ''}); they are kept as given, so test figures may be optimistic"]
 
 
 def _fail_on_bad(failures: list[dict[str, str]]) -> None:
@@ -285,6 +294,8 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
     plan = (read_author_splits(Path(settings.splits_from), manifest, split_settings) if settings.splits_from
             else covidx.covidx_plan(settings.covidx, manifest, split_settings) if settings.covidx
             else make_folds(manifest, split_settings, digests))
+    if plan.origin != "generated":
+        report.notes += _identical_note(plan, manifest, digests)
     # File names are written as the OS holds them (bytes that are not UTF-8 too), so the paths reopen.
     manifest.loc[:, list(COLUMNS)].to_csv(tmp / "manifest.csv", index=False, errors="surrogateescape")
     report.fold_summary = write_splits(plan, manifest, tmp / "splits")
