@@ -15,13 +15,14 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.splits import SplitSettings
 from covid_cxr.errors import DataError
 from covid_cxr.synth import make_synthetic
+from covid_cxr.synth.layouts import SynthSummary
 
 SIZE = 72
 
 
-def _settings(synth: object, out: Path, size: int, seed: int = 0) -> PrepareSettings:
-    return PrepareSettings(out=out, covid_chestxray=synth.covid_chestxray, rsna=synth.rsna,  # type: ignore[attr-defined]
-                           image_size=size, workers=1, split=SplitSettings(folds=2, phases=2, seed=seed))
+def _settings(synth: SynthSummary, out: Path, size: int, seed: int = 0) -> PrepareSettings:
+    return PrepareSettings(out=out, covid_chestxray=synth.covid_chestxray, rsna=synth.rsna, image_size=size,
+                           workers=1, split=SplitSettings(folds=2, phases=2, seed=seed))
 
 
 def test_preparing_again_keeps_valid_caches_and_audits(tmp_path: Path) -> None:

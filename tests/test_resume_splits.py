@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,13 +15,14 @@ from covid_cxr.data.splits import SplitSettings
 from covid_cxr.errors import DataError
 from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.synth import make_synthetic
+from covid_cxr.synth.layouts import SynthSummary
 from covid_cxr.train.runner import train_fold
 from tests.test_train_runner import config_for
 
 pytestmark = pytest.mark.slow
 
 
-def _prepare(root: Path, synth: Any, seed: int) -> None:
+def _prepare(root: Path, synth: SynthSummary, seed: int) -> None:
     prepare_dataset(PrepareSettings(out=root, covid_chestxray=synth.covid_chestxray, rsna=synth.rsna, image_size=71,
                                     split=SplitSettings(folds=2, phases=2, seed=seed)), progress=False)  # fmt: skip
 

@@ -27,8 +27,8 @@ from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.runs.evaluations import evaluations, external_evaluations
 from covid_cxr.runs.folder import RunFolder, RunInfo
 from covid_cxr.runs.resolve import resolve_target, trained_splits
-from covid_cxr.synth import make_synthetic
 from covid_cxr.runs.results import audit_dir_for
+from covid_cxr.synth import make_synthetic
 
 
 def test_write_json_is_finite_and_leaves_no_temporary_file(tmp_path: Path) -> None:

@@ -319,6 +319,6 @@ def test_identical_files_across_given_splits_are_named() -> None:
     digests = {i: f"sha-{i}" for i in m["image_id"]} | {"nih/2": "sha-x", "nih/4": "sha-x"}
     given = SplitPlan(folds=[Fold(fold=1, phases=[["nih/1", "nih/2"]], val=["nih/3"], test=["nih/4", "nih/5"])],
                       protocol="strict", origin="/the/authors/splits")
-    assert identical_across(given, m, digests) == ["fold 1: 1 byte-identical files in both test and training "
-                                                   "(e.g. nih/2 = nih/4)"]
+    found = "fold 1: 1 byte-identical files in both test and training (e.g. nih/2 = nih/4)"
+    assert identical_across(given, m, digests) == [found]
     assert identical_across(given, m, {i: f"sha-{i}" for i in m["image_id"]}) == []

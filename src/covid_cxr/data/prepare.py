@@ -128,8 +128,10 @@ def _identical_note(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, 
     across = identical_across(plan, manifest, digests)
     if not across:
         return []
-    return [f"the given splits put byte-identical files on two sides of a fold ({'; '.join(across[:3])}"
-            f"{'; ...' if len(across) > 3 else ''}); they are kept as given, so test figures may be optimistic"]
+    more = "; ..." if len(across) > 3 else ""
+    note = (f"the given splits put byte-identical files on two sides of a fold ({'; '.join(across[:3])}{more}); "
+            "they are kept as given, so test figures may be optimistic")
+    return [note]
 
 
 def _fail_on_bad(failures: list[dict[str, str]]) -> None:
@@ -188,8 +190,9 @@ def _carry_over(old: Path, new: Path, manifest: pd.DataFrame) -> list[str]:
     shutil.copytree(old / "audit", new / "audit", copy_function=_link_or_copy)
     if _same_images(old / "manifest.csv", manifest):
         return []
-    return [f"{old / 'audit'} was kept, but its results are of the earlier images: run the data audits again "
-            f"('covid-cxr audit source {old}')"]
+    note = (f"{old / 'audit'} was kept, but its results are of the earlier images: run the data audits again "
+            f"('covid-cxr audit source {old}')")
+    return [note]
 
 
 def _same_images(earlier: Path, manifest: pd.DataFrame) -> bool:

@@ -139,9 +139,10 @@ def _merge_note(manifest: pd.DataFrame) -> list[str]:
     merged = per_group[per_group > 1]
     if merged.empty:
         return []
-    return [f"{int(merged.sum())} patients merged into {len(merged)} groups because they share byte-identical images "
+    note = (f"{int(merged.sum())} patients merged into {len(merged)} groups because they share byte-identical images "
             f"(the same study filed under several patient ids, e.g. {merged.index[0]}); each group is kept on one "
-            "side of every fold"]
+            "side of every fold")
+    return [note]
 
 
 def core_mask(manifest: pd.DataFrame) -> pd.Series:
@@ -383,7 +384,9 @@ def _crossings(fold: Fold, protocol: str, key: dict[str, str], what: str) -> lis
     side = {name: [i for i in ids if i in key] for name, ids in
             (("training", fold.train), ("validation", fold.val), ("test", fold.test))}
     keys = {name: {key[i] for i in ids} for name, ids in side.items()}
-    pairs = [("test", "training"), ("validation", "training")] + ([] if protocol == "paper" else [("test", "validation")])
+    pairs = [("test", "training"), ("validation", "training")]
+    if protocol != "paper":  # under paper validation is drawn from test by design
+        pairs.append(("test", "validation"))
     found = []
     for a, b in pairs:
         both = sorted(keys[a] & keys[b])

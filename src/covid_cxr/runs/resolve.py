@@ -104,7 +104,8 @@ def trained_splits(prepared: PreparedData, fold: int, run: RunInfo | None, where
         raise DataError(
             f"{where}: the run was trained on fold {trained_fold} splits {trained_on[:12]} but {prepared.root} has "
             f"splits {splits.split_hash[:12]} for fold {fold}; its test and validation sets may hold training images. "
-            "Evaluate with the prepared data the run used (run.json 'data'), or re-train on this data"
+            "Evaluate with the prepared data the run used ('data' in run.json or the checkpoint), or re-train on "
+            "this data"
         )
     return splits
 

@@ -306,7 +306,8 @@ class Trainer:
         c = self.config
         return old.replace(
             network=c.network, fold=c.fold, data=str(self.data_root), protocol=self.prepared.protocol,
-            split_hash=old.split_hash or self.fold.split_hash, image_size=c.image_size, preset=c.preset, batch_size=c.batch_size,
+            split_hash=old.split_hash or self.fold.split_hash,  # resumed: the hash it trained on (checked equal)
+            image_size=c.image_size, preset=c.preset, batch_size=c.batch_size,
             world_size=self.dist.world_size, runtime=self.runtime.describe(), num_phases=len(self.phases),
             epochs_per_phase=self.epochs, total_epochs=self.total_epochs, status="running", epochs_done=self.done,
             best_epoch=self.best_epoch, best_val_accuracy=self.best_acc if self.best_epoch is not None else None,
