@@ -45,7 +45,7 @@ def _checkpoint(path: Path, classes: tuple[str, ...] = CLASSES, size: int = SIZE
     model = build_model("resnet50v2", num_classes=3, image_size=size)
     pre = Preprocessing(image_size=size, resize=resize)
     ckpt = Checkpoint(network="resnet50v2", classes=classes, preprocessing=pre,
-                      model_state=model.state_dict(), meta={"fold": 1})
+                      model_state=model.state_dict())  # records no training: fold and data are given
     return save_checkpoint(ckpt, path)
 
 

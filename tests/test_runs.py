@@ -17,11 +17,18 @@ from covid_cxr.atomic import (
     write_json,
     write_text,
 )
+from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
+from covid_cxr.data.prepared import PreparedData
+from covid_cxr.data.splits import SplitSettings
 from covid_cxr.errors import DataError
+from covid_cxr.labels import CLASSES
+from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 from covid_cxr.runs.evaluations import evaluations, external_evaluations
 from covid_cxr.runs.folder import RunFolder, RunInfo
-from covid_cxr.runs.resolve import resolve_target
+from covid_cxr.runs.resolve import resolve_target, trained_splits
 from covid_cxr.runs.results import audit_dir_for
+from covid_cxr.synth import make_synthetic
 
 
 def test_write_json_is_finite_and_leaves_no_temporary_file(tmp_path: Path) -> None:
@@ -84,6 +91,12 @@ def test_a_damaged_run_json_is_named(tmp_path: Path) -> None:
     assert evaluations(tmp_path, None) == []  # a card says what is absent instead of failing
 
 
+def _checkpoint(path: Path, **meta: object) -> Path:
+    """A checkpoint file with ``meta`` (no weights: resolution reads only what it recorded)."""
+    save_checkpoint(Checkpoint("xception", CLASSES, Preprocessing(image_size=71), {}, meta=meta), path)
+    return path
+
+
 def test_resolve_target_says_what_is_missing(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path / "run")
     folder.write_info(RunInfo(network="xception", fold=1, data=str(tmp_path / "data"), status="running"))
@@ -91,11 +104,10 @@ def test_resolve_target_says_what_is_missing(tmp_path: Path) -> None:
         resolve_target(folder.root, None, None, "train", None)
     with pytest.raises(ValueError, match="has not saved a best checkpoint yet .*'running'"):
         resolve_target(folder.root, None, None, "test", None)
-    folder.best.write_bytes(b"")
+    _checkpoint(folder.best)
     t = resolve_target(folder.root, None, None, "val", None)
     assert (t.checkpoint, t.fold, t.data, t.out_dir) == (folder.best, 1, tmp_path / "data", folder.eval_dir("val"))
-    loose = tmp_path / "loose.pt"
-    loose.write_bytes(b"")
+    loose = _checkpoint(tmp_path / "loose.pt")  # recorded no fold or data (as an imported model)
     with pytest.raises(DataError, match="--data"):
         resolve_target(loose, None, 1, "test", None)
     with pytest.raises(DataError, match="--fold"):
@@ -112,3 +124,53 @@ def test_external_evaluations_lists_only_complete_ones(tmp_path: Path) -> None:
         if done:
             (folder.external_dir(name) / "predictions.csv").write_text("x\n")
     assert [p.name for p in external_evaluations(tmp_path)] == ["external-a", "external-b"]
+
+
+@pytest.fixture(scope="module")
+def two_preparations(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same synthetic datasets prepared (labels only) with two seeds: two sets of fold-1 splits."""
+    root = tmp_path_factory.mktemp("resolve")
+    synth = make_synthetic(root / "synthetic", seed=0, n_covid=10, n_pneumonia=14, n_normal=12, size=64, workers=1)
+    out = []
+    for seed in (0, 1):
+        data = root / f"data{seed}"
+        prepare_dataset(PrepareSettings(out=data, covid_chestxray=synth.covid_chestxray, rsna=synth.rsna,
+                                        labels_only=True, split=SplitSettings(folds=2, phases=2, seed=seed)),
+                        progress=False)  # fmt: skip
+        out.append(data)
+    return out[0], out[1]
+
+
+def test_a_loose_checkpoint_is_checked_against_the_splits_it_recorded(two_preparations: tuple[Path, Path],
+                                                                       tmp_path: Path) -> None:
+    old, new = (PreparedData(d) for d in two_preparations)
+    old_hash, new_hash = old.fold(1).split_hash, new.fold(1).split_hash
+    assert old_hash != new_hash
+    loose = _checkpoint(tmp_path / "shared" / "model.pt", fold=1, data=str(old.root), split_hash=old_hash)
+    t = resolve_target(loose, None, None, "test", None)
+    assert (t.data, t.fold, t.run.split_hash) == (old.root, 1, old_hash)
+    assert trained_splits(old, 1, t.run, loose).split_hash == old_hash
+    t = resolve_target(loose, new.root, None, "test", None)
+    with pytest.raises(DataError, match=rf"trained on fold 1 splits {old_hash[:12]} .* splits {new_hash[:12]}"):
+        trained_splits(new, t.fold, t.run, loose)
+    with pytest.raises(DataError, match=r"trained on fold 1, so fold 2's test .* --fold 1"):
+        resolve_target(loose, None, 2, "test", None)
+
+
+def test_a_run_is_refused_on_another_fold_or_when_its_checkpoint_trained_on_other_splits(
+        two_preparations: tuple[Path, Path], tmp_path: Path) -> None:  # fmt: skip
+    old, new = (PreparedData(d) for d in two_preparations)
+    old_hash, new_hash = old.fold(1).split_hash, new.fold(1).split_hash
+    folder = RunFolder(tmp_path / "run")
+    folder.write_info(RunInfo(network="xception", fold=1, data=str(old.root), split_hash=old_hash, status="finished"))
+    _checkpoint(folder.best, fold=1, data=str(old.root), split_hash=old_hash)
+    assert resolve_target(folder.root, None, 1, "test", None).fold == 1
+    with pytest.raises(DataError, match=r"trained on fold 1, so fold 2's test"):
+        resolve_target(folder.root, None, 2, "test", None)
+    with pytest.raises(DataError, match=rf"the run was trained on fold 1 splits {old_hash[:12]} .* for fold 2"):
+        trained_splits(old, 2, folder.info(), folder.root)
+    # best.pt of a run resumed on re-prepared data (before resume refused that): run.json took the new hash
+    _checkpoint(folder.best, fold=1, data=str(old.root), split_hash=old_hash)
+    folder.write_info(folder.info().replace(split_hash=new_hash))
+    with pytest.raises(DataError, match=rf"trained on splits {old_hash[:12]} but its run.json says {new_hash[:12]}"):
+        resolve_target(folder.root, None, None, "test", None)

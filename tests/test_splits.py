@@ -21,7 +21,9 @@ from covid_cxr.data.splits import (
     SplitSettings,
     check_disjoint,
     core_mask,
+    identical_across,
     make_folds,
+    merge_identical,
     take_patients,
 )
 from covid_cxr.errors import ConfigError, DataError
@@ -109,7 +111,7 @@ def test_folds_are_stratified_and_balanced_by_images(manifest: pd.DataFrame) -> 
 
 
 def test_take_patients_takes_whole_patients_rarest_class_first() -> None:
-    rows = [{"image_id": f"{p}-{i}", "patient_id": p, "label": lab} for p, labels in
+    rows = [{"image_id": f"{p}-{i}", "patient_id": p, "source": "nih", "label": lab} for p, labels in
             {"a": "pn", "b": "pnn", "c": "n", "d": "nn", "e": "p", "f": "nnnnnnnnnn"}.items()
             for i, lab in enumerate({"p": "pneumonia", "n": "normal"}[x] for x in labels)]
     frame = pd.DataFrame(rows)
@@ -263,3 +265,60 @@ def test_authors_splits_under_strict_move_validation_out_of_test(real_manifest: 
         assert len(fold.test) + len(fold.val) == 11302 or len(fold.test) + len(fold.val) == 11301
     with pytest.raises(ConfigError, match="--protocol kfold"):
         read_author_splits(fixtures_dir / "mr7495_splits", real_manifest, SplitSettings(protocol="kfold"))
+
+
+def _numbered_patients(source: str, prefix: str, n: int, labels: tuple[str, ...]) -> pd.DataFrame:
+    """``n`` patients with the ids 1..n (as covid-chestxray's metadata and NIH's Patient ID both number them)."""
+    return pd.DataFrame([{"image_id": f"{prefix}/{p}", "path": f"/x/{prefix}{p}.png", "label": labels[p % len(labels)],
+                          "patient_id": str(p), "source": source, "view": "PA"} for p in range(1, n + 1)])
+
+
+def test_patients_of_different_sources_with_the_same_id_are_different_patients() -> None:
+    m = combine([_numbered_patients("covid-chestxray", "cxr", 10, ("covid",)),
+                 _numbered_patients("nih", "nih", 60, ("normal", "pneumonia"))])
+    core = core_mask(m)
+    assert core[m["source"] == "covid-chestxray"].all() and not core[m["source"] == "nih"].any()
+    plan = make_folds(m, SplitSettings(folds=2, phases=4, seed=0))
+    for fold, info in zip(plan.folds, plan.phase_info):  # the phases' core: covid-chestxray's images only
+        assert sum(info["core_available"].values()) == len({i for i in fold.train if i.startswith("cxr/")})
+    apart = Fold(fold=1, phases=[["cxr/3"]], val=[], test=["nih/3"])  # two patients numbered 3: no leak
+    check_disjoint(SplitPlan(folds=[apart], protocol="strict", origin="test"), m)
+    two = pd.concat([m, m[m["image_id"] == "nih/3"].assign(image_id="nih/3b", path="/x/nih3b.png")], ignore_index=True)
+    split = Fold(fold=1, phases=[["nih/3"]], val=[], test=["nih/3b"])  # one patient on two sides
+    with pytest.raises(DataError, match=r"1 patients in both test and training \(e.g. nih:3\)"):
+        check_disjoint(SplitPlan(folds=[split], protocol="strict", origin="test"), two)
+
+
+def test_patients_sharing_a_file_are_merged_and_kept_on_one_side() -> None:
+    m = combine([_numbered_patients("nih", "nih", 40, ("normal", "pneumonia")),
+                 _numbered_patients("covid-chestxray", "cxr", 10, ("covid",))])
+    digests = {i: f"sha-{i}" for i in m["image_id"]}
+    digests.update({"nih/5": "sha-x", "nih/6": "sha-x"})  # one study filed under patients 5 and 6
+    digests.update({"nih/7": "sha-y", "nih/8": "sha-y", "cxr/2": "sha-y"})  # and one under three patients
+    groups = merge_identical(m, digests).set_axis(m["image_id"])
+    assert groups["nih/5"] == groups["nih/6"] != groups["nih/7"]
+    assert groups["nih/7"] == groups["nih/8"] == groups["cxr/2"] == "covid-chestxray:2"
+    assert groups.nunique() == 50 - 3
+    for seed in range(4):
+        plan = make_folds(m, SplitSettings(folds=2, phases=2, seed=seed), digests)
+        assert "5 patients merged into 2 groups because they share byte-identical images" in " ".join(plan.notes)
+        for fold in plan.folds:
+            for pair in (("nih/5", "nih/6"), ("nih/7", "nih/8"), ("nih/7", "cxr/2")):
+                assert (pair[0] in fold.test) == (pair[1] in fold.test), (seed, fold.fold, pair)
+            core = set(fold.phases[0]) & set(fold.phases[1])  # the core is in every phase: nih/7 joined it
+            assert {"nih/7", "nih/8"} <= core or {"nih/7", "nih/8"} <= set(fold.test) | set(fold.val)
+    leaky = SplitPlan(folds=[Fold(fold=1, phases=[["nih/5"]], val=[], test=["nih/6"])], protocol="strict",
+                      origin="test")
+    check_disjoint(leaky, m)  # two patients: only their bytes give them away
+    with pytest.raises(DataError, match=r"1 byte-identical files in both test and training \(e.g. nih/5 = nih/6\)"):
+        check_disjoint(leaky, m, digests)
+
+
+def test_identical_files_across_given_splits_are_named() -> None:
+    m = combine([_numbered_patients("nih", "nih", 6, ("normal", "pneumonia"))])
+    digests = {i: f"sha-{i}" for i in m["image_id"]} | {"nih/2": "sha-x", "nih/4": "sha-x"}
+    given = SplitPlan(folds=[Fold(fold=1, phases=[["nih/1", "nih/2"]], val=["nih/3"], test=["nih/4", "nih/5"])],
+                      protocol="strict", origin="/the/authors/splits")
+    found = "fold 1: 1 byte-identical files in both test and training (e.g. nih/2 = nih/4)"
+    assert identical_across(given, m, digests) == [found]
+    assert identical_across(given, m, {i: f"sha-{i}" for i in m["image_id"]}) == []

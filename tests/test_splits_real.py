@@ -7,7 +7,9 @@ COVID-19 and normal images). Skipped with a reason where the fixtures are absent
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 from covid_cxr.cli import main
 from covid_cxr.data.manifest import combine
 from covid_cxr.data.phases import paper_shares
+from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources import read_covid_chestxray, read_folder, read_rsna
 from covid_cxr.data.splits import (
@@ -146,3 +149,30 @@ def test_phases_on_a_tenth_of_the_papers_rsna_pool(fixtures_dir: Path) -> None:
             for phase in fold.phases:
                 got = labels[phase].value_counts(normalize=True)
                 assert all(abs(got[c] - want[c]) <= 0.03 for c in want), (protocol, fold.fold, got.to_dict())
+
+
+def test_a_study_filed_under_two_patients_stays_on_one_side(real_cxr: Path, tmp_path: Path) -> None:
+    """40 real NIH files copied under new patient ids (a study exported twice): prepare merges each copy's patient
+    with the original's, so no file's bytes are on the training side and the test side of any fold."""
+    labels = pd.read_csv(real_cxr / "labels.csv", dtype=str).drop(columns=["license"])
+    labels["path"] = [str(real_cxr / p) for p in labels["path"]]
+    originals = labels[labels["source"].str.startswith("NIH")].head(40)
+    (tmp_path / "copies").mkdir()
+    copies = originals.assign(path=[str(tmp_path / "copies" / f"again_{k}.png") for k in range(len(originals))],
+                              patient_id=[f"other-{k}" for k in range(len(originals))])
+    for src, dst in zip(originals["path"], copies["path"]):
+        shutil.copy(src, dst)
+    pd.concat([labels, copies], ignore_index=True).to_csv(tmp_path / "labels.csv", index=False)
+    report = prepare_dataset(PrepareSettings(out=tmp_path / "data", folder=str(tmp_path / "labels.csv"), image_size=71,
+                                             workers=1, split=SplitSettings(folds=5, phases=2, seed=0)),
+                             progress=False)  # fmt: skip
+    assert len(report.duplicates) == 40
+    merged = originals["patient_id"].nunique()
+    assert f"{merged + 40} patients merged into {merged} groups" in " ".join(report.notes)
+    data = PreparedData(tmp_path / "data")
+    digest = {i: hashlib.sha256(Path(p).read_bytes()).hexdigest() for i, p in zip(data.manifest["image_id"],
+                                                                                 data.manifest["path"])}
+    for k in range(1, 6):
+        fold = data.fold(k)
+        training = {digest[i] for f in [*fold.phases, fold.val] for i in f["image_id"]}
+        assert training.isdisjoint(digest[i] for i in fold.test["image_id"]), f"fold {k}"

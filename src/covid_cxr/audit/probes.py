@@ -33,6 +33,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from covid_cxr.data.splits import patient_key
 from covid_cxr.errors import DataError
 
 PROBES: tuple[str, ...] = ("stats", "cnn")
@@ -64,7 +65,7 @@ def crossfit_parts(frame: pd.DataFrame, k: int = CV_FOLDS, seed: int = 0) -> lis
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # small strata: sklearn warns that a cell has fewer members than parts
         warnings.simplefilter("ignore", UserWarning)
-        return list(splitter.split(np.zeros(len(frame)), strata, frame["patient_id"].to_numpy()))
+        return list(splitter.split(np.zeros(len(frame)), strata, patient_key(frame).to_numpy()))
 
 
 def image_statistics(images: np.ndarray, size: int = STATS_SIZE) -> np.ndarray:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from covid_cxr import fmt
 from covid_cxr.audit import results as R
+from covid_cxr.data.splits import patient_key
 from covid_cxr.evaluate.metrics import bootstrap_auc_ci, roc_auc
 from covid_cxr.stats import Proportion
 
@@ -71,7 +72,7 @@ def probe_metrics(probs: np.ndarray, frame: pd.DataFrame, names: Sequence[str], 
     """Overall source metrics of the scored images, and within every class two sources provide."""
     src = frame["source"].astype(str).to_numpy()
     lab = frame["label"].astype(str).to_numpy()
-    pid = frame["patient_id"].astype(str).to_numpy()
+    pid = patient_key(frame).to_numpy()  # ids are only unique within a source
     out: dict[str, Any] = {"overall": source_metrics(probs, src, names, pid, n_boot=n_boot, seed=seed),
                            "within_class": {}}
     for cls in sorted(set(lab)):

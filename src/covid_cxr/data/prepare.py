@@ -17,9 +17,10 @@ from typing import Any
 import pandas as pd
 
 from covid_cxr import __version__
-from covid_cxr.atomic import write_json
+from covid_cxr.atomic import read_json, write_json
 from covid_cxr.data.author_splits import read_author_splits
 from covid_cxr.data.cache import (
+    META_FILE,
     CacheBuild,
     build_cache,
     cache_dirname,
@@ -28,7 +29,7 @@ from covid_cxr.data.cache import (
     read_cache_build,
     write_cache_index,
 )
-from covid_cxr.data.manifest import COLUMNS, combine, table1
+from covid_cxr.data.manifest import COLUMNS, combine, read_manifest, table1
 from covid_cxr.data.prepared import FORMAT, SPLIT_COLUMNS, hash_files, split_files
 from covid_cxr.data.sources import (
     covidx,
@@ -38,7 +39,7 @@ from covid_cxr.data.sources import (
     read_folder,
     read_rsna,
 )
-from covid_cxr.data.splits import SplitPlan, SplitSettings, make_folds
+from covid_cxr.data.splits import SplitPlan, SplitSettings, identical_across, make_folds
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES
 from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
@@ -122,6 +123,17 @@ def _duplicates(sha: dict[str, str], manifest: pd.DataFrame) -> list[list[str]]:
     return sorted(ids for ids in by_digest.values() if len(ids) > 1)
 
 
+def _identical_note(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, str]) -> list[str]:
+    """Byte-identical files that given splits (not made here, so kept as they are) put on two sides."""
+    across = identical_across(plan, manifest, digests)
+    if not across:
+        return []
+    more = "; ..." if len(across) > 3 else ""
+    note = (f"the given splits put byte-identical files on two sides of a fold ({'; '.join(across[:3])}{more}); "
+            "they are kept as given, so test figures may be optimistic")
+    return [note]
+
+
 def _fail_on_bad(failures: list[dict[str, str]]) -> None:
     lines = [f"  {f['path']}: {f['reason']}" for f in failures[:50]]
     more = f"\n  ... and {len(failures) - 50} more" if len(failures) > 50 else ""
@@ -160,16 +172,49 @@ def write_splits(plan: SplitPlan, manifest: pd.DataFrame, splits_dir: Path) -> l
     return folds
 
 
+PREPARED_ENTRIES = ("prepare.json", "manifest.csv", "splits", "cache", "audit")
+"""What a prepared folder holds: what ``prepare`` writes, the caches ``evaluate`` adds, the data audits' results."""
+
+
+def _carry_over(old: Path, new: Path, manifest: pd.DataFrame) -> list[str]:
+    """Bring what ``old`` (the earlier prepared folder) holds beyond prepare's own output into ``new``: every cache
+    still valid for ``manifest`` and ``audit/``; refuse anything else, which replacing ``old`` would delete."""
+    unknown = sorted(p.name for p in old.iterdir() if p.name not in PREPARED_ENTRIES)
+    if unknown:
+        raise DataError(f"{old} holds {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}, which 'covid-cxr "
+                        "prepare' did not write and would delete when it replaces the folder; move them out of it "
+                        "(or give another --out) and run again")
+    _reuse_caches(old, new, manifest)
+    if not (old / "audit").is_dir():
+        return []
+    shutil.copytree(old / "audit", new / "audit", copy_function=_link_or_copy)
+    if _same_images(old / "manifest.csv", manifest):
+        return []
+    note = (f"{old / 'audit'} was kept, but its results are of the earlier images: run the data audits again "
+            f"('covid-cxr audit source {old}')")
+    return [note]
+
+
+def _same_images(earlier: Path, manifest: pd.DataFrame) -> bool:
+    """True when the manifest file ``earlier`` lists the same images with the same labels as ``manifest``."""
+    try:
+        before = read_manifest(earlier)
+    except DataError:
+        return False
+    return set(zip(before["image_id"], before["label"])) == set(zip(manifest["image_id"], manifest["label"]))
+
+
 def _reuse_caches(old: Path, new: Path, manifest: pd.DataFrame) -> None:
-    """Hard-link (or copy) every cache of ``old`` still valid for ``manifest`` into ``new``."""
-    for folder in sorted((old / "cache").glob("size*")):
+    """Hard-link (or copy) every cache of ``old`` still valid for ``manifest`` into ``new``: whatever its size and
+    resize method (read from its meta.json), so the caches ``evaluate`` built beside prepare's survive."""
+    for folder in sorted(p for p in (old / "cache").glob("size*") if p.is_dir()):
         try:
-            size = int(folder.name[4:])
-        except ValueError:
-            continue
-        if cache_matches(folder, cache_key(manifest, size)):
-            target = new / "cache" / folder.name
-            shutil.copytree(folder, target, copy_function=_link_or_copy)
+            meta = read_json(folder / META_FILE)
+            size, resize = int(meta["image_size"]), str(meta.get("resize", "area"))
+        except (DataError, KeyError, TypeError, ValueError):
+            continue  # an incomplete or damaged cache: built again when needed
+        if cache_matches(folder, cache_key(manifest, size, resize)):
+            shutil.copytree(folder, new / "cache" / cache_dirname(size, resize), copy_function=_link_or_copy)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -218,8 +263,9 @@ def prepare_dataset(settings: PrepareSettings, *, progress: bool = True) -> Prep
 def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.DataFrame, notes: list[str],
                   progress: bool) -> PrepareReport:
     report = PrepareReport(out=out, table1=table1(manifest), notes=notes)
+    digests: dict[str, str] = {}  # image id -> sha256 of its file, from the cache build
     if out.is_dir():
-        _reuse_caches(out, tmp, manifest)
+        report.notes += _carry_over(out, tmp, manifest)
     if not settings.labels_only:
         key = cache_key(manifest, settings.image_size)
         folder = tmp / "cache" / cache_dirname(settings.image_size)
@@ -234,7 +280,8 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
         if build.failures and not settings.skip_bad:
             _fail_on_bad(build.failures)
         report.skipped = build.failures
-        report.duplicates = _duplicates(build.sha256, manifest)
+        digests = build.sha256
+        report.duplicates = _duplicates(digests, manifest)
         bad = {f["image_id"] for f in build.failures}
         manifest = manifest[~manifest["image_id"].isin(bad)].copy()
         views = manifest["image_id"].map(build.views).fillna("")
@@ -243,12 +290,15 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
             notes.append(f"--skip-bad: left out {len(bad)} images that cannot be decoded (listed in prepare.json)")
         if report.duplicates:
             notes.append(f"{len(report.duplicates)} groups of byte-identical files under different names "
-                         f"(e.g. {', '.join(report.duplicates[0][:3])}); listed in prepare.json")
+                         f"(e.g. {', '.join(report.duplicates[0][:3])}); listed in prepare.json; generated folds keep "
+                         "each group's patients on one side")
         report.table1 = table1(manifest)
     split_settings = settings.split
     plan = (read_author_splits(Path(settings.splits_from), manifest, split_settings) if settings.splits_from
             else covidx.covidx_plan(settings.covidx, manifest, split_settings) if settings.covidx
-            else make_folds(manifest, split_settings))
+            else make_folds(manifest, split_settings, digests))
+    if plan.origin != "generated":
+        report.notes += _identical_note(plan, manifest, digests)
     # File names are written as the OS holds them (bytes that are not UTF-8 too), so the paths reopen.
     manifest.loc[:, list(COLUMNS)].to_csv(tmp / "manifest.csv", index=False, errors="surrogateescape")
     report.fold_summary = write_splits(plan, manifest, tmp / "splits")

@@ -18,7 +18,11 @@ Protocols (``--protocol``):
   training side's patients and every other training image is in one phase, in the data's own
   proportions.
 
-:func:`check_disjoint` refuses any fold in which a patient sits on two sides.
+A patient is its source and its id (``nih:13``): ids are only unique within a source (NIH's patient 13
+is not covid-chestxray's). Patients whose files are byte-identical (a study exported twice, under two
+ids) are merged into one group before the folds are made, so the same image is never on two sides.
+
+:func:`check_disjoint` refuses any fold in which a patient, or an image's bytes, sits on two sides.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from covid_cxr.config import PROTOCOLS
@@ -37,6 +43,9 @@ from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
 CORE_SOURCES = ("covid-chestxray",)
+GROUP = "group"
+"""Column :func:`make_folds` adds to its working manifest: what must stay on one side of every fold (a
+patient, or patients sharing a byte-identical image); frames without it group by :func:`patient_key`."""
 UNITS_PER_KIND = 500
 """Most units :func:`patient_folds` splits patients with images of the same strata into (bundles beyond)."""
 VAL_QUOTA = {"normal": 300, "pneumonia": 300}
@@ -100,11 +109,47 @@ def counts(frame: pd.DataFrame) -> dict[str, int]:
     return {c: int(got.get(c, 0)) for c in CLASSES}
 
 
+def patient_key(frame: pd.DataFrame) -> pd.Series:
+    """Each image's patient as ``source:patient_id``: patient ids are only unique within their source."""
+    return frame["source"].astype(str) + ":" + frame["patient_id"].astype(str)
+
+
+def groups_of(frame: pd.DataFrame) -> pd.Series:
+    """What must stay together: the :data:`GROUP` column where :func:`make_folds` set it, else the patient."""
+    return frame[GROUP] if GROUP in frame.columns else patient_key(frame)
+
+
+def merge_identical(manifest: pd.DataFrame, digests: dict[str, str]) -> pd.Series:
+    """Each image's group: its patient key, with patients that share an image sha256 merged (connected
+    components: patient A shares a file with B and B with C -> one group), named by its first key."""
+    keys = patient_key(manifest)
+    codes, uniques = pd.factorize(keys, sort=True)
+    digest = np.array([digests.get(i, "") for i in manifest["image_id"]], dtype=object)
+    has = digest != ""
+    first = pd.Series(codes[has]).groupby(pd.factorize(digest[has])[0]).transform("first").to_numpy()
+    graph = coo_matrix((np.ones(len(first)), (codes[has], first)), shape=(len(uniques), len(uniques)))
+    _, component = connected_components(graph, directed=False)
+    name = pd.Series(uniques).groupby(component).transform("first").to_numpy()  # sorted: the smallest key
+    return pd.Series(name[codes], index=manifest.index)
+
+
+def _merge_note(manifest: pd.DataFrame) -> list[str]:
+    """How many patients :func:`merge_identical` merged, and why."""
+    per_group = patient_key(manifest).groupby(manifest[GROUP]).nunique()
+    merged = per_group[per_group > 1]
+    if merged.empty:
+        return []
+    note = (f"{int(merged.sum())} patients merged into {len(merged)} groups because they share byte-identical images "
+            f"(the same study filed under several patient ids, e.g. {merged.index[0]}); each group is kept on one "
+            "side of every fold")
+    return [note]
+
+
 def core_mask(manifest: pd.DataFrame) -> pd.Series:
-    """Images of patients with any COVID-19 image or any covid-chestxray image: repeated in every phase."""
+    """Images of patients (groups) with any COVID-19 image or any covid-chestxray image: repeated in every phase."""
     scarce = (manifest["label"] == "covid") | manifest["source"].isin(CORE_SOURCES)
-    core_patients = set(manifest.loc[scarce, "patient_id"])
-    return manifest["patient_id"].isin(core_patients)
+    groups = groups_of(manifest)
+    return groups.isin(set(groups[scarce]))
 
 
 def _bundles(patients: np.ndarray, strata: np.ndarray, seed: int) -> np.ndarray:
@@ -131,7 +176,7 @@ def patient_folds(frame: pd.DataFrame, k: int, seed: int, strata: pd.Series | No
     """Each image's fold 0..k-1: ``StratifiedGroupKFold`` over patients, stratified by ``strata``
     (default: the label), so a patient's images share a fold and the classes spread evenly by images."""
     y = (frame["label"] if strata is None else strata).to_numpy().astype(str)
-    groups = _bundles(frame["patient_id"].to_numpy(), y, seed)
+    groups = _bundles(groups_of(frame).to_numpy(), y, seed)
     fold = np.full(len(frame), -1)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # a stratum with fewer members than folds is fine: it spreads over fewer
@@ -153,7 +198,7 @@ def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]],
     parts: list[list[str]] = [[] for _ in quotas]
     if frame.empty:
         return parts, []
-    codes, uniques = pd.factorize(frame["patient_id"], sort=False)  # frame order is deterministic
+    codes, uniques = pd.factorize(groups_of(frame), sort=False)  # frame order is deterministic
     label = pd.Categorical(frame["label"], categories=CLASSES).codes
     per_patient = np.zeros((len(uniques), len(CLASSES)), dtype=np.int64)
     np.add.at(per_patient, (codes, label), 1)
@@ -192,16 +237,20 @@ def _check_enough(manifest: pd.DataFrame, settings: SplitSettings) -> None:
     """Every class the folds must test (COVID-19; every class present under ``kfold``) needs a patient a fold."""
     classes = [c for c in CLASSES if (manifest["label"] == c).any()] if settings.protocol == "kfold" else ["covid"]
     for cls in classes:
-        n = manifest.loc[manifest["label"] == cls, "patient_id"].nunique()
+        n = groups_of(manifest)[manifest["label"] == cls].nunique()
         if n < settings.folds:
             raise DataError(f"{n} {DISPLAY_NAMES[cls]} patients cannot fill {settings.folds} folds; "
                             "add data or lower --folds")
 
 
-def make_folds(manifest: pd.DataFrame, settings: SplitSettings) -> SplitPlan:
-    """Seeded, patient-grouped folds with phases, validation and test (see the module docstring)."""
-    _check_enough(manifest, settings)
+def make_folds(manifest: pd.DataFrame, settings: SplitSettings, digests: dict[str, str] | None = None) -> SplitPlan:
+    """Seeded, patient-grouped folds with phases, validation and test (see the module docstring).
+
+    ``digests`` (image id -> sha256 of its file, from the cache build) merges patients that share a file.
+    """
     manifest = manifest.reset_index(drop=True)
+    manifest = manifest.assign(**{GROUP: merge_identical(manifest, digests or {})})
+    _check_enough(manifest, settings)
     is_core = core_mask(manifest)
     strata = np.where(is_core, "core", "pool") + "|" + manifest["source"] + "|" + manifest["label"]
     fold_of = patient_folds(manifest, settings.folds, settings.seed, pd.Series(strata))
@@ -216,12 +265,12 @@ def make_folds(manifest: pd.DataFrame, settings: SplitSettings) -> SplitPlan:
         fold.fold = fold_info["fold"] = k + 1
         folds.append(fold)
         info.append(fold_info)
-    notes = _notes(settings, info)
+    notes = _merge_note(manifest) + _notes(settings, info)
     phases = 1 if settings.protocol == "kfold" else settings.phases
     plan = SplitPlan(folds=folds, protocol=settings.protocol, origin="generated", notes=notes, phase_info=info,
                      settings={"folds": settings.folds, "phases": phases, "seed": settings.seed,
                                "protocol": settings.protocol, "val_fraction": settings.val_fraction})
-    check_disjoint(plan, manifest)
+    check_disjoint(plan, manifest, digests)
     return plan
 
 
@@ -298,32 +347,54 @@ def _notes(settings: SplitSettings, info: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
-def check_disjoint(plan: SplitPlan, manifest: pd.DataFrame) -> None:
-    """Refuse folds where a patient is in test and in training or validation, or ids are unknown.
+def check_disjoint(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, str] | None = None) -> None:
+    """Refuse folds where a patient (``source:patient_id``) or, given ``digests``, an image's bytes are in test
+    and in training or validation, or ids are unknown.
 
     Under ``paper`` the validation set is part of test by design; it must still share no patient
     with training.
     """
-    patient = dict(zip(manifest["image_id"], manifest["patient_id"]))
-    problems = []
+    patient = dict(zip(manifest["image_id"], patient_key(manifest)))
+    problems = identical_across(plan, manifest, digests or {})
     for fold in plan.folds:
         ids = fold.train | set(fold.val) | set(fold.test)
         unknown = sorted(ids - set(patient))
         if unknown:
             problems.append(f"fold {fold.fold}: {len(unknown)} image ids not in the manifest (e.g. {unknown[0]})")
             continue
-        train_p = {patient[i] for i in fold.train}
-        val_p = {patient[i] for i in fold.val}
-        test_p = {patient[i] for i in fold.test}
-        pairs = [("test", test_p, "training", train_p), ("validation", val_p, "training", train_p)]
-        if plan.protocol != "paper":
-            pairs.append(("test", test_p, "validation", val_p))
-        for a, pa, b, pb in pairs:
-            both = sorted(pa & pb)
-            if both:
-                problems.append(f"fold {fold.fold}: {len(both)} patients in both {a} and {b} (e.g. {', '.join(both[:5])})")
+        problems += [f"fold {fold.fold}: {p}" for p in _crossings(fold, plan.protocol, patient, "patients")]
         if set(fold.train) & set(fold.test):
             problems.append(f"fold {fold.fold}: images in both training and test")
     if problems:
         raise DataError("refusing to write splits that leak patients between test and training/validation: "
                         + "; ".join(problems))
+
+
+def identical_across(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, str]) -> list[str]:
+    """Where ``plan`` puts byte-identical files (``digests``: image id -> sha256) on two sides of a fold; for
+    :func:`check_disjoint`, and for splits made elsewhere (the authors', COVIDx's), which are kept as given."""
+    known = set(manifest["image_id"])
+    digest = {i: d for i, d in digests.items() if d and i in known}
+    return [f"fold {fold.fold}: {p}" for fold in plan.folds
+            for p in _crossings(fold, plan.protocol, digest, "byte-identical files")]
+
+
+def _crossings(fold: Fold, protocol: str, key: dict[str, str], what: str) -> list[str]:
+    """The pairs of sides of ``fold`` that share a ``key`` (patient or file digest), each with examples."""
+    side = {name: [i for i in ids if i in key] for name, ids in
+            (("training", fold.train), ("validation", fold.val), ("test", fold.test))}
+    keys = {name: {key[i] for i in ids} for name, ids in side.items()}
+    pairs = [("test", "training"), ("validation", "training")]
+    if protocol != "paper":  # under paper validation is drawn from test by design
+        pairs.append(("test", "validation"))
+    found = []
+    for a, b in pairs:
+        both = sorted(keys[a] & keys[b])
+        if not both:
+            continue
+        if what == "patients":
+            shown = ", ".join(both[:5])
+        else:  # the images of the first shared file: the ids a user can look up
+            shown = " = ".join(sorted(i for i in side[a] + side[b] if key[i] == both[0])[:3])
+        found.append(f"{len(both)} {what} in both {a} and {b} (e.g. {shown})")
+    return found

@@ -92,13 +92,12 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
     return atomic_torch_save(ckpt.to_dict(), path)
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read and validate a checkpoint written by :func:`save_checkpoint`."""
-    path = Path(path)
+def _read(path: Path, map_location: str | torch.device, *, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's dict, its format checked; ``mmap`` maps the weights instead of reading them."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
+        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to a user
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -110,6 +109,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.d
         raise CheckpointError(
             f"{path}: written by a newer covid-cxr (format {data['format_version']}); upgrade covid-cxr to read it"
         )
+    return data
+
+
+def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's ``meta`` (what it was trained on: fold, data, split hash) without reading its weights."""
+    return dict(_read(Path(path), "cpu", mmap=True).get("meta", {}))
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read and validate a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    data = _read(path, map_location)
     try:
         return Checkpoint(
             network=str(data["network"]),

@@ -18,7 +18,7 @@ from covid_cxr.config import SPLITS
 from covid_cxr.data.cache import cache_dirname, cache_key, cache_matches, ensure_cache
 from covid_cxr.data.prepared import FoldSplits, ImageCache, PreparedData
 from covid_cxr.errors import CheckpointError, DataError
-from covid_cxr.runs.checkpoint import Checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, checkpoint_meta
 from covid_cxr.runs.folder import RunFolder, RunInfo
 
 
@@ -37,7 +37,9 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
     """Turn a run folder or checkpoint path plus overrides into concrete paths and a fold.
 
     A run folder means its best.pt; a checkpoint inside a run folder (e.g. RUN/last.pt) takes its
-    data and fold from the run; a loose checkpoint needs ``data`` and ``fold``.
+    data and fold from the run; a loose checkpoint takes them from what it recorded (its ``meta``),
+    else needs ``data`` and ``fold``. A ``fold`` other than the one the model was trained on is
+    refused: that fold's test set holds its training images.
     """
     target = Path(target)
     if split not in SPLITS:
@@ -61,7 +63,11 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
         default_out = target.parent / f"{target.stem}-eval-{split}"
     else:
         raise DataError(f"{target}: no such run folder or checkpoint file")
+    run = training_record(checkpoint, run)
     data = data if data is not None else (Path(run.data) if run.data else None)
+    if fold is not None and run.fold is not None and int(fold) != int(run.fold):
+        raise DataError(f"{target}: trained on fold {run.fold}, so fold {fold}'s test and validation sets hold its "
+                        f"training images; evaluate it with --fold {run.fold} (or leave --fold out)")
     fold = fold if fold is not None else run.fold
     if data is None:
         raise DataError(f"{target}: which prepared data? pass --data DATA (the folder 'covid-cxr prepare' wrote)")
@@ -71,15 +77,35 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
     return Target(checkpoint=checkpoint, data=Path(data), fold=int(fold), out_dir=out, run=run)
 
 
+def training_record(checkpoint: Path, run: RunInfo) -> RunInfo:
+    """``run`` (its run.json; empty for a loose checkpoint) completed by what ``checkpoint`` recorded: fold,
+    data and split hash. A checkpoint whose split hash is not its run's is refused: it trained on other splits."""
+    meta = checkpoint_meta(checkpoint)
+    recorded = meta.get("split_hash")
+    if run.split_hash and recorded and recorded != run.split_hash:
+        raise DataError(
+            f"{checkpoint} was trained on splits {recorded[:12]} but its run.json says {run.split_hash[:12]} (the run "
+            "was resumed on data prepared again); its test and validation sets may hold training images: train a new "
+            "run on the prepared data"
+        )
+    fold = meta.get("fold")
+    return run.replace(
+        fold=run.fold if run.fold is not None else (int(fold) if fold is not None else None),
+        data=run.data or meta.get("data"), split_hash=run.split_hash or recorded,
+    )
+
+
 def trained_splits(prepared: PreparedData, fold: int, run: RunInfo | None, where: Path) -> FoldSplits:
     """The fold's splits (its range checked by :meth:`PreparedData.fold`), after checking the run trained on them."""
     splits = prepared.fold(fold)
     trained_on = run.split_hash if run is not None else None
     if trained_on and trained_on != splits.split_hash:
+        trained_fold = run.fold if run is not None and run.fold is not None else fold
         raise DataError(
-            f"{where}: the run was trained on fold {fold} splits {trained_on[:12]} but {prepared.root} has "
-            f"splits {splits.split_hash[:12]} for that fold; its test and validation sets may hold training images. "
-            "Evaluate with the prepared data the run used (run.json 'data'), or re-train on this data"
+            f"{where}: the run was trained on fold {trained_fold} splits {trained_on[:12]} but {prepared.root} has "
+            f"splits {splits.split_hash[:12]} for fold {fold}; its test and validation sets may hold training images. "
+            "Evaluate with the prepared data the run used ('data' in run.json or the checkpoint), or re-train on "
+            "this data"
         )
     return splits
 

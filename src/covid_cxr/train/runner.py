@@ -191,6 +191,8 @@ class Trainer:
         self.phases, self.val = _load_phases(self.data_root, self.fold, self.cache)
         self.pre = Preprocessing(image_size=self.config.image_size, scaling=self.config.scaling, channels=3)
         last = self._last_checkpoint(folder)
+        if folder is not None:
+            self._check_resumed_splits(folder, last)
         if folder is None:
             folder = RunFolder(_new_run_dir(self.config))
             self.config = replace(self.config, name=folder.name)
@@ -240,6 +242,24 @@ class Trainer:
             raise CheckpointError(f"{folder.last} holds a {last.network} network, the run says {self.config.network}")
         return last
 
+    def _check_resumed_splits(self, folder: RunFolder, last: Checkpoint | None) -> None:
+        """Refuse to resume on splits other than those the run trained on (``DATA`` prepared again since).
+
+        Its earlier epochs saw the old phases: on new splits some of them may be test images now,
+        and evaluation could no longer tell, so the run must go on with the data it started with.
+        """
+        recorded = [(str(folder.run_file), folder.info().split_hash if folder.exists() else None)]
+        recorded.append((str(folder.last), last.meta.get("split_hash") if last is not None else None))
+        now_hash = self.fold.split_hash
+        for where, trained_on in recorded:
+            if trained_on and trained_on != now_hash:
+                raise DataError(
+                    f"{folder.root}: cannot resume: the run trained on fold {self.config.fold} splits "
+                    f"{trained_on[:12]} ({where}) but {self.data_root} now has splits {now_hash[:12]} for that fold "
+                    "(prepared again since); images it trained on may be test images now. Restore the prepared data "
+                    "the run used (same datasets and seed), or start a new run on this data without --resume"
+                )
+
     def _new_model(self, pretrained: bool) -> torch.nn.Module:
         """The network with the run's dropout and BatchNorm momentum; ImageNet weights when asked and ``pretrained``."""
         config = self.config
@@ -286,7 +306,8 @@ class Trainer:
         c = self.config
         return old.replace(
             network=c.network, fold=c.fold, data=str(self.data_root), protocol=self.prepared.protocol,
-            split_hash=self.fold.split_hash, image_size=c.image_size, preset=c.preset, batch_size=c.batch_size,
+            split_hash=old.split_hash or self.fold.split_hash,  # resumed: the hash it trained on (checked equal)
+            image_size=c.image_size, preset=c.preset, batch_size=c.batch_size,
             world_size=self.dist.world_size, runtime=self.runtime.describe(), num_phases=len(self.phases),
             epochs_per_phase=self.epochs, total_epochs=self.total_epochs, status="running", epochs_done=self.done,
             best_epoch=self.best_epoch, best_val_accuracy=self.best_acc if self.best_epoch is not None else None,
@@ -301,7 +322,7 @@ class Trainer:
                     extra={"runtime": self.runtime.describe(), "world_size": self.dist.world_size})  # fmt: skip
         self.info = self._info()
         folder.write_info(self.info)
-        if not self.resuming:
+        if not self.resuming or not folder.splits.is_dir():  # resumed: the splits checked equal to the copies
             self._copy_split_files()
         truncate_log(folder.log, self.log_rows)
         self.writer = SummaryWriter(str(folder.tensorboard), purge_step=self.done if self.resuming else None)
