@@ -165,6 +165,16 @@ def test_pred_is_authoritative_and_spellings_are_accepted(tmp_path: Path) -> Non
     assert preds.confusion()[0, 2] == 1 and preds.groups is None
 
 
+def test_the_patient_bootstrap_keeps_patients_of_two_sources_apart(tmp_path: Path) -> None:
+    # Patient "3" of NIH and patient "3" of covid-chestxray are two people: two resampling groups.
+    path = tmp_path / "p.csv"
+    path.write_text("image_id,patient_id,source,label,pred\na,3,nih,normal,normal\nb,3,covid-chestxray,covid,covid\n"
+                    "c,3,nih,normal,normal\n")
+    assert read_predictions(path).groups.tolist() == ["nih:3", "covid-chestxray:3", "nih:3"]
+    path.write_text("patient_id,label,pred\n3,normal,normal\n3,covid,covid\n")  # no sources: the ids as given
+    assert read_predictions(path).groups.tolist() == ["3", "3"]
+
+
 def test_a_checkpoint_that_resizes_otherwise_is_fed_images_resized_its_way(data: Path, tmp_path: Path, capsys) -> None:
     """An authors'-style (bilinear) checkpoint never sees the area cache: the images are decoded again, once."""
     from covid_cxr.data.images import load_image

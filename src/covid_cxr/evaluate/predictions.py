@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.atomic import write_text
+from covid_cxr.data.splits import patient_key
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate.metrics import compute_metrics, confusion_matrix
 from covid_cxr.labels import CLASSES, normalize_label
@@ -47,10 +48,14 @@ class Predictions:
 
     @property
     def groups(self) -> np.ndarray | None:
-        """Patient ids for the patient bootstrap, or None when the file has none."""
-        if "patient_id" not in self.frame.columns or self.frame["patient_id"].isna().any():
+        """Patients for the patient bootstrap (``source:patient_id`` where sources are given, since ids are only
+        unique within a source), or None when the file has no patient ids."""
+        frame = self.frame
+        if "patient_id" not in frame.columns or frame["patient_id"].isna().any():
             return None
-        return self.frame["patient_id"].astype(str).to_numpy()
+        if "source" in frame.columns and not frame["source"].isna().any():
+            return patient_key(frame).to_numpy()
+        return frame["patient_id"].astype(str).to_numpy()
 
     def confusion(self) -> np.ndarray:
         return confusion_matrix(self.frame["label"], self.frame["pred"], CLASSES)
