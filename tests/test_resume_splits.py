@@ -59,3 +59,24 @@ def test_resume_on_changed_splits_is_refused_and_changes_nothing(tmp_path: Path)
     (run / "run.json").write_text(json.dumps(info))
     train_fold(config, resume=run, live=False)
     assert json.loads((run / "run.json").read_text())["split_hash"] == old_hash
+
+
+def test_a_run_resumed_in_another_precision_says_so_and_keeps_the_record(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    synth = make_synthetic(tmp_path / "synthetic", seed=0, n_covid=10, n_pneumonia=14, n_normal=12, size=64, workers=1)
+    _prepare(data, synth, seed=0)
+    config = replace(config_for(data, tmp_path / "runs", "r"), epochs_per_phase=1, precision="fp32")
+    run = train_fold(config, live=False)
+    info = json.loads((run / "run.json").read_text())
+    assert "precision=fp32" in info["runtime"] and not info.get("warnings")
+    # As if its first epochs had run in bf16 on another CPU, and it was killed before it was marked finished.
+    info.update(status="running", runtime=info["runtime"].replace("precision=fp32", "precision=bf16"),
+                warnings=["an earlier warning"])
+    (run / "run.json").write_text(json.dumps(info))
+    capsys.readouterr()
+    train_fold(config, resume=run, live=False)
+    err = capsys.readouterr().err
+    assert "warning: resumed in fp32" in err and "the epochs before ran in bf16" in err
+    warnings = json.loads((run / "run.json").read_text())["warnings"]
+    assert warnings[0] == "an earlier warning" and "the epochs before ran in bf16" in warnings[1]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import shutil
 import sys
 from dataclasses import dataclass, replace
@@ -197,7 +198,7 @@ class Trainer:
             folder = RunFolder(_new_run_dir(self.config))
             self.config = replace(self.config, name=folder.name)
         self.folder = folder
-        self.warnings = [w for w in (self.config.scaling_warning(),) if w]
+        self.warnings = [w for w in (self.config.scaling_warning(), self._precision_change()) if w]
         for warning in self.warnings if dist.is_main else ():
             print(f"warning: {warning}", file=sys.stderr)
         self._build(last)
@@ -241,6 +242,21 @@ class Trainer:
         if last.network != self.config.network:
             raise CheckpointError(f"{folder.last} holds a {last.network} network, the run says {self.config.network}")
         return last
+
+    def _precision_change(self) -> str | None:
+        """A warning when a resumed run continues in another precision than its earlier epochs ran in.
+
+        ``precision: auto`` resolves per machine (bf16 where the CPU has it natively, fp32 elsewhere), so a run
+        started on one CPU and resumed on another mixes the two without a word otherwise.
+        """
+        if not self.resuming or not self.folder.exists():
+            return None
+        before = re.search(r"precision=(\w+)", self.folder.info().runtime or "")
+        if before is None or before.group(1) == self.runtime.precision:
+            return None
+        return (f"resumed in {self.runtime.precision} ({self.runtime.describe()}), but the epochs before ran in "
+                f"{before.group(1)}: this run mixes precisions, and --deterministic cannot reproduce an "
+                "uninterrupted run; resume it on a machine like the one that started it to keep one precision")
 
     def _check_resumed_splits(self, folder: RunFolder, last: Checkpoint | None) -> None:
         """Refuse to resume on splits other than those the run trained on (``DATA`` prepared again since).
@@ -311,7 +327,8 @@ class Trainer:
             world_size=self.dist.world_size, runtime=self.runtime.describe(), num_phases=len(self.phases),
             epochs_per_phase=self.epochs, total_epochs=self.total_epochs, status="running", epochs_done=self.done,
             best_epoch=self.best_epoch, best_val_accuracy=self.best_acc if self.best_epoch is not None else None,
-            started=old.started or now(), finished=None, warnings=self.warnings or None,
+            started=old.started or now(), finished=None,
+            warnings=list(dict.fromkeys([*(old.warnings or []), *self.warnings])) or None,  # a resume adds, never drops
         )  # fmt: skip
 
     def _open_folder(self) -> None:
