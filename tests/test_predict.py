@@ -189,7 +189,9 @@ def test_an_interrupted_run_keeps_its_rows(ckpt, mixed, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(TorchPredictor, "predict_proba", interrupted)
     paths = [str(root / "cine.dcm")] + [str(f) for f in files]
-    status = main(["predict", str(ckpt), *paths, "--out", str(out), "--batch-size", "2", "--device", "cpu"])
+    # --backend torch: auto runs ONNX Runtime on CPUs without native bf16 (AVX2-only ones), which the patch misses
+    status = main(["predict", str(ckpt), *paths, "--out", str(out), "--batch-size", "2", "--device", "cpu",
+                   "--backend", "torch"])
     assert status == 130
     assert "interrupted: predicted 3 images" in capsys.readouterr().err
     if suffix == ".csv":

@@ -59,8 +59,13 @@ def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX-BF16) and no ISA cap forbids it."""
     if not _cpu_flags() & {"avx512_bf16", "amx_bf16"} or bf16_capped_by_env() is not None:
         return False
-    onednn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # oneDNN's own word, when it has one
-    return bool(onednn_check()) if onednn_check is not None else True
+    return _onednn_supports_bf16()
+
+
+def _onednn_supports_bf16() -> bool:
+    """oneDNN's own word on bf16 (it reads the CPU itself), where this torch has the check; else True."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else True
 
 
 @dataclass(frozen=True)
