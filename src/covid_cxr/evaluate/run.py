@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from covid_cxr.atomic import file_sha256, write_json
+from covid_cxr.atomic import file_sha256, write_json, write_text
 from covid_cxr.data.prepared import ImageCache, PreparedData
 from covid_cxr.errors import ConfigError
 from covid_cxr.evaluate import plots
@@ -105,8 +105,8 @@ def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
     write_json(out_dir / "metrics.json", {**metrics, "evaluation": info})
     cm = preds.confusion()
     key = {"fold": info.get("fold", ""), "network": info.get("network", "")}
-    pd.DataFrame([{**key, **table3_row(cm)}]).to_csv(out_dir / "table3.csv", index=False)
-    pd.DataFrame([{**key, **table4_row(cm)}]).to_csv(out_dir / "table4.csv", index=False, float_format="%.2f")
+    write_text(out_dir / "table3.csv", pd.DataFrame([{**key, **table3_row(cm)}]).to_csv(index=False))
+    write_text(out_dir / "table4.csv", pd.DataFrame([{**key, **table4_row(cm)}]).to_csv(index=False, float_format="%.2f"))
     title = " ".join(str(v) for v in (info.get("network"), f"fold {info['fold']}" if "fold" in info else "",
                                       info.get("split", "")) if v)
     plots.save_figure(plots.confusion_figure(cm, title=f"Confusion matrix, {title} (N = {int(cm.sum())})"),
