@@ -54,7 +54,7 @@ MAX_FILE_BYTES = 512 * 1024 * 1024
 """Largest file we read at all."""
 
 MIN_SIDE = 32
-"""Smallest side of an image taken as a radiograph; anything smaller is an icon or placeholder, not an X-ray."""
+"""Smallest side of an image taken as a radiograph; anything smaller is an icon or a thumbnail, not an X-ray."""
 
 APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
 """How a macOS AppleDouble file (``._name``, resource data beside a file in archives made on macOS) starts."""
@@ -316,7 +316,7 @@ def decode_image_info(source: Source, *, name: str | None = None) -> tuple[np.nd
 
 def decode_radiograph(source: Source, *, name: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
     """:func:`decode_image_info` for what a classifier is fed: an image under :data:`MIN_SIDE` pixels a side (an
-    icon, a thumbnail, a placeholder) is refused rather than blown up to a meaningless picture."""
+    icon, a thumbnail) is refused rather than blown up to a meaningless picture."""
     data, label = _read(source, name)
     img, info = decode_image_info(data, name=label)
     if min(img.shape) < MIN_SIDE:
