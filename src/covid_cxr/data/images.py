@@ -50,6 +50,7 @@ from pydicom.uid import (
 )
 
 from covid_cxr.choices import RESIZE_METHODS
+from covid_cxr.data.names import holds_windows_absolute
 from covid_cxr.errors import ImageDecodeError
 
 MAX_PIXELS = 50_000_000
@@ -77,13 +78,24 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexErr
                   Image.DecompressionBombError)
 
 
+def _not_found(path: Path) -> str:
+    """Why ``path`` cannot be opened, when it does not exist; a Windows absolute path says what to list instead."""
+    if path.is_symlink():
+        return "a broken symbolic link"
+    if holds_windows_absolute(path):
+        return ("file not found: a Windows absolute path (C:\\..., \\\\server\\...) names no file on this system; "
+                "the CSV that lists it holds Windows absolute paths: list the images by their paths relative to "
+                "the CSV (images\\covid\\a.png or images/covid/a.png), with the images copied beside it")
+    return "file not found"
+
+
 def read_file(path: Path, label: str) -> bytes:
     """The bytes of an image file; :class:`ImageDecodeError` for a missing file, a folder, anything that is not a
     regular file (a pipe would block the read forever) or a file over :data:`MAX_FILE_BYTES`."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ImageDecodeError(label, "file not found" if not path.is_symlink() else "a broken symbolic link") from None
+        raise ImageDecodeError(label, _not_found(path)) from None
     except OSError as exc:
         raise ImageDecodeError(label, f"cannot read the file ({exc.strerror or exc})") from None
     if stat.S_ISDIR(st.st_mode):
