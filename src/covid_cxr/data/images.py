@@ -9,11 +9,16 @@ must not silently take one frame; a phone's MPO JPEG is its first picture.
 
 DICOM pixels pass through the modality LUT (rescale slope/intercept) and the first VOI LUT or
 window the header gives (what the modality meant to show), are stretched to 0-255 when deeper
-than 8 bits, and MONOCHROME1 is inverted, so that bone is always bright; colour (RGB, YBR, palette)
-becomes luma. Compressed pixel data whose decoder plugin is not installed is refused with the
-package to install. Pillow images are turned upright by their EXIF orientation (phone photographs
-of films); 16-bit and float data are stretched min-max, so that 12-bit data in 16 bits fills the
-range as full 16-bit data does; CMYK, palette, 1-bit and alpha images become luma.
+than 8 bits, and are inverted where the header means the smallest value to show white, so that bone is
+always bright: MONOCHROME1, or MONOCHROME2 with Presentation LUT Shape (2050,0020) INVERSE; MONOCHROME1
+with INVERSE, the pair the DX IOD requires, is inverted once. A Presentation LUT Sequence (2050,0010) is
+not applied: it belongs to presentation-state and print objects, not to CR/DX images (which define only
+the shape), a table in an image file cannot say whether it already holds MONOCHROME1's inversion, and
+dcmtk's renderer reads only the shape from an image file too. Colour (RGB, YBR, palette) becomes
+luma. Compressed pixel data whose decoder plugin is not installed is refused with the package to
+install. Pillow images are turned upright by their EXIF orientation (phone photographs of films);
+16-bit and float data are stretched min-max, so that 12-bit data in 16 bits fills the range as
+full 16-bit data does; CMYK, palette, 1-bit and alpha images become luma.
 
 Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs
 nothing; :func:`decode_radiograph` also refuses images too small to be a radiograph.
@@ -45,6 +50,7 @@ from pydicom.uid import (
 )
 
 from covid_cxr.choices import RESIZE_METHODS
+from covid_cxr.data.names import holds_windows_absolute
 from covid_cxr.errors import ImageDecodeError
 
 MAX_PIXELS = 50_000_000
@@ -72,13 +78,24 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexErr
                   Image.DecompressionBombError)
 
 
+def _not_found(path: Path) -> str:
+    """Why ``path`` cannot be opened, when it does not exist; a Windows absolute path says what to list instead."""
+    if path.is_symlink():
+        return "a broken symbolic link"
+    if holds_windows_absolute(path):
+        return ("file not found: a Windows absolute path (C:\\..., \\\\server\\...) names no file on this system; "
+                "the CSV that lists it holds Windows absolute paths: list the images by their paths relative to "
+                "the CSV (images\\covid\\a.png or images/covid/a.png), with the images copied beside it")
+    return "file not found"
+
+
 def read_file(path: Path, label: str) -> bytes:
     """The bytes of an image file; :class:`ImageDecodeError` for a missing file, a folder, anything that is not a
     regular file (a pipe would block the read forever) or a file over :data:`MAX_FILE_BYTES`."""
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise ImageDecodeError(label, "file not found" if not path.is_symlink() else "a broken symbolic link") from None
+        raise ImageDecodeError(label, _not_found(path)) from None
     except OSError as exc:
         raise ImageDecodeError(label, f"cannot read the file ({exc.strerror or exc})") from None
     if stat.S_ISDIR(st.st_mode):
@@ -191,6 +208,18 @@ def _check_decoder(ds: pydicom.Dataset, label: str) -> None:
                                f"installed; install one with pip ({needs}; gdcm's package is python-gdcm)")
 
 
+def _shown_inverted(ds: pydicom.Dataset, photometric: str) -> bool:
+    """Whether a grayscale DICOM means its smallest value to show white (so it is inverted to put bone bright).
+
+    MONOCHROME1 says so itself. Presentation LUT Shape (2050,0020) INVERSE says so of MONOCHROME2 pixels, as some
+    CR and DX writers store them; beside MONOCHROME1 it is the companion the DX IOD requires, the same inversion
+    named twice, not a second one. IDENTITY beside MONOCHROME1 contradicts the DX IOD: the photometric
+    interpretation, required of every image, wins, as archives that distrust a writer's shape do.
+    """
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
+
+
 def _dicom_gray(ds: pydicom.Dataset, arr: np.ndarray, photometric: str, label: str) -> np.ndarray:
     """Decoded DICOM pixels as a grayscale uint8 image with bone bright, as the header says to show them."""
     if photometric.startswith("MONOCHROME"):
@@ -202,7 +231,7 @@ def _dicom_gray(ds: pydicom.Dataset, arr: np.ndarray, photometric: str, label: s
         if has_voi:
             values = apply_voi_lut(values, ds, index=0)
         img = to_uint8(values, stretch=has_modality or has_voi or deep)
-        return 255 - img if photometric == "MONOCHROME1" else img
+        return 255 - img if _shown_inverted(ds, photometric) else img
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
         if arr.dtype == np.uint16:  # 16-bit palette entries span 0-65535

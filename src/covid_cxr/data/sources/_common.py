@@ -1,10 +1,11 @@
-"""Helpers the source adapters share: reading a CSV with the columns it must have.
+"""Helpers the source adapters share: reading a CSV with the columns it must have, and finding the files it lists.
 
 CSVs come from other hospitals' spreadsheets as they were saved: UTF-8 with or without a byte-order
 mark, UTF-16 ("Unicode text"), or the Windows code page Excel writes (cp1252, a superset of Latin-1
 for letters such as é); separated by commas, or by semicolons or tabs where the comma is the decimal
 mark; with CRLF line ends and blank lines. All of these are read; column names match whatever their
-case and surrounding spaces.
+case and surrounding spaces. File names written on Windows (``images\\covid\\a.png``) are found as
+the same names with ``/`` (:func:`listed_file`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+from covid_cxr.data.names import windows_absolute
 from covid_cxr.errors import DataError
 
 SEPARATORS = ",;\t"
@@ -69,3 +73,30 @@ def read_table(path: Path, required: tuple[str, ...], *, fix: str) -> pd.DataFra
             f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(frame.columns[:12])}); {fix}"
         )
     return frame
+
+
+def listed_file(base: Path, name: str) -> tuple[str, Path]:
+    """A file name a list gives relative to ``base``: (the name with ``/`` separators, normalised; its path).
+
+    A name written on Windows (``images\\covid\\a.png``, ``.\\a.png``) reads as the same name with ``/``,
+    so it finds the same file and gives the same image id; a file of the literal name is kept when it exists
+    (a Linux name may hold ``\\``). ``./a.png`` and ``a.png`` are one file. A Windows absolute name
+    (``C:\\x``, ``\\\\server\\x``) names no file here: its path stays the literal name under ``base``,
+    which reading refuses with the fix, rather than ``\\x`` turning into a path at this file system's root.
+    """
+    name = name.strip()
+    if "\\" not in name or os.path.lexists(base / name):
+        rel = os.path.normpath(name)
+        return rel, base / rel
+    rel = os.path.normpath(name.replace("\\", "/"))
+    return rel, base / (name if windows_absolute(name) else rel)
+
+
+def windows_absolute_note(where: Path, names: Iterable[str], paths: Iterable[Path]) -> list[str]:
+    """A note naming ``where`` when it lists files by Windows absolute paths that do not exist here."""
+    found = [n.strip() for n, p in zip(names, paths) if windows_absolute(n) and not os.path.lexists(p)]
+    if not found:
+        return []
+    note = (f"{where}: {len(found)} files are listed by Windows absolute paths (e.g. {found[0]}), which name no file "
+            f"on this system; list them by their paths relative to {where.name} instead")
+    return [note]

@@ -2,7 +2,8 @@
 
 Kept: X-ray rows whose view is PA, AP, AP Supine or AP semi erect and whose finding maps to a
 class (flat ``COVID-19`` or hierarchical ``Pneumonia/Viral/COVID-19``). The patient id is the
-``patientid`` column. A file listed on two rows is kept once. Image ids are ``cxr/<file stem>``.
+``patientid`` column. A file listed on two rows is kept once. Image ids are ``cxr/<file stem>``. A
+``folder``/``filename`` written on Windows (``sub\\a.png``) finds the file its ``/`` spelling does.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from pathlib import Path
 import pandas as pd
 
 from covid_cxr.data.manifest import finalize, make_ids
-from covid_cxr.data.sources._common import read_table
+from covid_cxr.data.sources._common import (
+    listed_file,
+    read_table,
+    windows_absolute_note,
+)
 from covid_cxr.labels import covid_chestxray_class
 
 SOURCE = "covid-chestxray"
@@ -27,6 +32,18 @@ def metadata_path(root: Path) -> Path:
     """``root`` itself when it is a CSV file, else ``root/metadata.csv``."""
     root = Path(root)
     return root if root.suffix.lower() == ".csv" else root / "metadata.csv"
+
+
+def _found(base: Path, kept: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Each row's file name as found in its ``folder`` (``images`` when none) and its path; a name written on
+    Windows finds the file its ``/`` spelling does (:func:`~._common.listed_file`)."""
+    folders = kept["folder"] if "folder" in kept else pd.Series("", index=kept.index)
+    names, paths = [], []
+    for folder, name in zip(folders, kept["filename"]):
+        name, path = listed_file(listed_file(base, folder.strip() or "images")[1], name)
+        names.append(name)
+        paths.append(str(path))
+    return names, paths
 
 
 def read_covid_chestxray(root: Path) -> tuple[pd.DataFrame, list[str]]:
@@ -46,13 +63,14 @@ def read_covid_chestxray(root: Path) -> tuple[pd.DataFrame, list[str]]:
     ]
     kept = meta[is_xray & keep_view & label.notna()].copy()
     kept["label"] = label[kept.index]
+    raw_names = kept["filename"].copy()
+    kept["filename"], kept["path"] = _found(base, kept)
     dup = kept["filename"].duplicated()
     if dup.any():
         notes.append(f"{meta_file}: {int(dup.sum())} files listed twice, kept once: "
                      f"{', '.join(kept.loc[dup, 'filename'].head(5))}")
         kept = kept[~dup]
-    folder = kept["folder"].where(kept["folder"].str.strip() != "", "images") if "folder" in kept else "images"
-    kept["path"] = [str(base / f / n) for f, n in zip(pd.Series(folder, index=kept.index), kept["filename"])]
+    notes += windows_absolute_note(meta_file, raw_names[kept.index], map(Path, kept["path"]))
     kept["image_id"] = make_ids(PREFIX, kept["filename"])
     kept["patient_id"] = kept["patientid"].str.strip()
     kept["source"] = SOURCE

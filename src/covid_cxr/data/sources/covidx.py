@@ -12,7 +12,8 @@ training file by patient, and whose training images are dealt over the phases.
 
 Quirks handled: the COVIDx4 test file has no source field (its 197 such lines are RSNA images
 named ``<patientId>.png``, recognised by that form); COVIDx9A spells RSNA ``rnsa`` on 199 lines;
-the COVIDx4 training file lists one image (``000001-27.jpg``) under two patients, kept once.
+the COVIDx4 training file lists one image (``000001-27.jpg``) under two patients, kept once; a file
+name written on Windows (``train\\a.png``) is looked for as its ``/`` spelling.
 The binary files (COVIDx8B, 9B: ``positive``/``negative``) cannot be read as three classes and are
 refused with a message saying so.
 """
@@ -31,6 +32,7 @@ import pandas as pd
 from covid_cxr import fmt
 from covid_cxr.data import splits
 from covid_cxr.data.manifest import finalize, make_ids
+from covid_cxr.data.sources._common import listed_file
 from covid_cxr.data.splits import Fold, SplitPlan, SplitSettings
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.stats import wilson_interval
@@ -160,11 +162,12 @@ def split_table(covidx: CovidxFiles) -> tuple[pd.DataFrame, list[str]]:
 
 
 def _locate(frame: pd.DataFrame, images: Path) -> tuple[list[str], int]:
-    """Each image's path: IMAGES/<split>/<file>, else IMAGES/<file>, else found anywhere below IMAGES by name."""
+    """Each image's path: IMAGES/<split>/<file>, else IMAGES/<file>, else found anywhere below IMAGES by name.
+    A name written on Windows (``train\\a.png``) is looked for as its ``/`` spelling (:func:`~._common.listed_file`)."""
     paths, missing = [], []
     for i, (split, name) in enumerate(zip(frame["split"], frame["filename"])):
-        first = images / split / name
-        path = first if first.is_file() else images / name
+        first = listed_file(images / split, name)[1]
+        path = first if first.is_file() else listed_file(images, name)[1]
         if not path.is_file():
             missing.append(i)
             path = first
@@ -175,7 +178,7 @@ def _locate(frame: pd.DataFrame, images: Path) -> tuple[list[str], int]:
             by_name.setdefault(found.name, found)
         still = 0
         for i in missing:
-            hit = by_name.get(frame["filename"].iat[i])
+            hit = by_name.get(listed_file(images, frame["filename"].iat[i])[0])
             if hit is not None and hit.is_file():
                 paths[i] = str(hit.resolve())
             else:
@@ -193,7 +196,7 @@ def read_covidx(given: Sequence[str | Path], images: Path | None) -> tuple[pd.Da
     frame, notes = split_table(covidx)
     if images is None:
         base = next(iter(covidx.files.values())).parent.resolve()
-        frame["path"] = [str(base / s / n) for s, n in zip(frame["split"], frame["filename"])]
+        frame["path"] = [str(listed_file(base / s, n)[1]) for s, n in zip(frame["split"], frame["filename"])]
     else:
         images = Path(images).resolve()
         if not images.is_dir():

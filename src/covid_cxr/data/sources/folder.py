@@ -7,7 +7,10 @@ folders followed once, and a folder named like an image becomes a row that decod
 name). Without patient ids every image is its own patient. CSV layout: ``DIR/labels.csv`` (or the
 CSV path itself) with ``path`` (relative to the CSV) or ``filename``, ``label``, and optionally
 ``patient_id``, ``view`` and ``source``, as spreadsheets save it (:func:`~._common.read_table`); a
-row repeated is read once, the same file listed with another label is refused.
+row repeated is read once, the same file listed with another label is refused. A path written on
+Windows (``images\\covid\\a.png``, ``.\\a.png``) finds the file, and gets the image id, that its
+``/`` spelling does (:func:`~._common.listed_file`); Windows absolute paths (``C:\\...``) cannot be
+found, and the note and each image's error say to list paths relative to the CSV.
 
 Every folder is a named source (``--folder nih=DIR``): the name the user gives wins; without one,
 a CSV's per-row ``source`` column names each image's collection; otherwise the source is
@@ -25,7 +28,11 @@ from pathlib import Path
 import pandas as pd
 
 from covid_cxr.data.manifest import check_source_name, finalize, make_ids, source_prefix
-from covid_cxr.data.sources._common import read_table
+from covid_cxr.data.sources._common import (
+    listed_file,
+    read_table,
+    windows_absolute_note,
+)
 from covid_cxr.errors import DataError
 from covid_cxr.labels import normalize_label
 
@@ -182,9 +189,11 @@ def _sources(frame: pd.DataFrame, csv: Path, name: str | None) -> tuple[pd.Serie
     return names, [f"{csv}: sources from its source column: {counts}"]
 
 
-def _relative(names: pd.Series) -> pd.Series:
-    """The CSV's file names, stripped and normalised (``./a.png`` and ``a.png`` are one file)."""
-    return names.str.strip().map(os.path.normpath)
+def _found(frame: pd.DataFrame, name_col: str, base: Path) -> tuple[pd.Series, pd.Series]:
+    """Each row's file name as found (``/`` separators, normalised: :func:`~._common.listed_file`) and its path."""
+    listed = [listed_file(base, n) for n in frame[name_col]]
+    return (pd.Series([rel for rel, _ in listed], index=frame.index, dtype=str),
+            pd.Series([str(path) for _, path in listed], index=frame.index, dtype=str))
 
 
 def _labels(frame: pd.DataFrame, csv: Path) -> pd.Series:
@@ -198,10 +207,11 @@ def _labels(frame: pd.DataFrame, csv: Path) -> pd.Series:
     return pd.Series(labels, dtype=str)
 
 
-def _drop_repeats(frame: pd.DataFrame, name_col: str, csv: Path) -> tuple[pd.DataFrame, list[str]]:
+def _drop_repeats(frame: pd.DataFrame, name_col: str, rel: pd.Series, csv: Path) -> tuple[pd.DataFrame, list[str]]:
     """A row that repeats an earlier one (same file, same fields) is read once, with a note; the same file
-    listed with a different label, patient or view is refused, naming its rows."""
-    same = frame.apply(lambda col: col.str.strip()).assign(**{name_col: _relative(frame[name_col])})
+    listed with a different label, patient or view is refused, naming its rows. ``rel`` is each row's file
+    name as found, so ``a.png``, ``./a.png`` and ``.\\a.png`` are one file."""
+    same = frame.apply(lambda col: col.str.strip()).assign(**{name_col: rel})
     repeated = same.duplicated(keep="first")
     shown = ", ".join(str(i + 2) for i in frame.index[repeated][:5]) + (" ..." if repeated.sum() > 5 else "")
     notes = [f"{csv}: rows {shown} repeat an earlier row and are read once"] if repeated.any() else []
@@ -222,12 +232,11 @@ def _from_csv(csv: Path, name: str | None) -> tuple[pd.DataFrame, list[str]]:
                        "optional patient_id and view")
     if frame.empty:
         raise DataError(f"{csv} lists no images (it has a header only); add one row per image: {name_col},label")
-    frame, repeat_notes = _drop_repeats(frame.assign(label=_labels(frame, csv)), name_col, csv)
-    base = csv.parent.resolve()
-    rel = _relative(frame[name_col])
+    rel, paths = _found(frame, name_col, csv.parent.resolve())
+    frame, repeat_notes = _drop_repeats(frame.assign(label=_labels(frame, csv)), name_col, rel, csv)
+    rel, paths = rel[frame.index], paths[frame.index]
     sources, notes = _sources(frame, csv, name)
-    out = pd.DataFrame({"path": [str(base / r) for r in rel], "label": frame["label"].to_numpy(),
-                        "source": sources.to_numpy()})
+    out = pd.DataFrame({"path": paths.to_numpy(), "label": frame["label"].to_numpy(), "source": sources.to_numpy()})
     safe_rel = rel.str.replace("/", "_", regex=False).reset_index(drop=True)
     out["image_id"] = ""
     for source in sorted(set(out["source"])):  # ids unique within each source's prefix
@@ -236,7 +245,7 @@ def _from_csv(csv: Path, name: str | None) -> tuple[pd.DataFrame, list[str]]:
     pid = frame["patient_id"].str.strip().to_numpy() if "patient_id" in frame else [""] * len(out)
     out["patient_id"] = [p or i for p, i in zip(pid, out["image_id"])]
     out["view"] = frame["view"].to_numpy() if "view" in frame else ""
-    return out, repeat_notes + notes
+    return out, repeat_notes + notes + windows_absolute_note(csv, frame[name_col], map(Path, paths))
 
 
 def _class_folders(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]], list[str]]:
