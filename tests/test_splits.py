@@ -322,3 +322,12 @@ def test_identical_files_across_given_splits_are_named() -> None:
     found = "fold 1: 1 byte-identical files in both test and training (e.g. nih/2 = nih/4)"
     assert identical_across(given, m, digests) == [found]
     assert identical_across(given, m, {i: f"sha-{i}" for i in m["image_id"]}) == []
+
+
+def test_kfold_with_nothing_left_to_train_on_says_so() -> None:
+    """Seven one-image patients in two folds: validation takes the training side's every patient of some fold."""
+    labels = ["covid", "covid", "pneumonia", "pneumonia", "normal", "normal", "normal"]
+    manifest = pd.DataFrame({"image_id": [f"x/{i}" for i in range(7)], "patient_id": [str(i) for i in range(7)],
+                             "source": "folder", "label": labels, "view": ""})
+    with pytest.raises(DataError, match="no image left to train on.*7 images of 7 patients in 2 folds.*lower --folds"):
+        make_folds(manifest, SplitSettings(folds=2, protocol="kfold", seed=0))

@@ -326,6 +326,10 @@ def _kfold_fold(manifest: pd.DataFrame, is_test: np.ndarray, settings: SplitSett
     """Plain stratified group k-fold: validation a share of the training side's patients, the rest one phase."""
     train = manifest[~is_test]
     (val,), rest = take_patients(train, [share_quota(train, settings.val_fraction)], rng)
+    if not rest:
+        raise DataError(f"a fold has no image left to train on once its test and validation patients are taken "
+                        f"({len(manifest)} images of {manifest[GROUP].nunique()} patients in {settings.folds} "
+                        "folds); add data or lower --folds")
     labels = manifest.set_index("image_id")["label"]
     fold = Fold(fold=0, phases=[rest], val=val, test=manifest.loc[is_test, "image_id"].tolist())
     return fold, _phase_info(None, fold.phases, labels)
