@@ -385,6 +385,7 @@ class Trainer:
         train = train_one_epoch(self.net, batches, self.optimizer, preprocessing=self.pre, runtime=self.runtime,
                                 augmenter=self.augmenter if config.augment.enabled else None, dist=self.dist,
                                 scaler=self.scaler, on_batch=self.progress.on_batch)  # fmt: skip
+        distributed.broadcast_buffers(self.model, self.dist)  # every rank validates the model rank 0 saves
         val_batches = eval_loader(self.cache.images, self.val.rows, self.val.labels,
                                   batch_size=config.val_batch_size, options=self._loader_options())  # fmt: skip
         val = evaluate(self.model, val_batches, preprocessing=self.pre, runtime=self.runtime, dist=self.dist)
