@@ -8,6 +8,10 @@ because its masks are drawn per rank. Measured here (xception, 71 px, one global
 3 + 2 a phase, two phases): the distance between the two runs' weights is 0.105 of how far training
 moved them from the shared start; the test allows 0.25 (the slices' BatchNorm statistics differ by
 sampling noise, which is larger for smaller slices).
+
+The ranks' own BatchNorm statistics must not reach validation: each training forward updates every
+rank's running statistics from its own slice, so after an epoch's last step the ranks hold different
+ones, and a rank that validated with its own would score a model other than the one rank 0 saves.
 """
 
 from __future__ import annotations
@@ -20,10 +24,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as torch_dist
 
+from covid_cxr.config import make_config
+from covid_cxr.data.prepared import PreparedData
 from covid_cxr.models import build_model
 from covid_cxr.runs.checkpoint import load_checkpoint
-from covid_cxr.train.runner import epoch_seed
+from covid_cxr.train import distributed
+from covid_cxr.train.runner import Trainer, epoch_seed
 from tests.test_train_runner import tiny_prepared
 
 pytestmark = pytest.mark.slow
@@ -41,19 +49,27 @@ def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([v.flatten().double() for k, v in state.items() if v.is_floating_point()])
 
 
-def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
-    data = tiny_prepared(tmp_path)
-    from covid_cxr.data.prepared import PreparedData
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    batch = len(PreparedData(data).fold(1).phases[0])  # one uneven global batch a phase: 3 + 2 images
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+def _one_batch(data: Path) -> int:
+    return len(PreparedData(data).fold(1).phases[0])  # one uneven global batch a phase: 3 + 2 images
+
+
+def test_torchrun_two_processes_match_one(data: Path, tmp_path: Path) -> None:
+    batch = _one_batch(data)
     out = tmp_path / "runs"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "covid_cxr"]
     for cmd in (
-        launch + _args(data, out, "ddp", batch),
+        [*LAUNCH, "-m", "covid_cxr", *_args(data, out, "ddp", batch)],
         [sys.executable, "-m", "covid_cxr", *_args(data, out, "single", batch)],
     ):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
 
     assert sorted(p.name for p in out.iterdir()) == ["ddp", "single"]  # rank 1 wrote nothing
@@ -69,3 +85,45 @@ def test_torchrun_two_processes_match_one(tmp_path: Path) -> None:
     print(f"torchrun 2 ranks vs 1 process: |w_ddp - w_1| / |w_1 - w_0| = {float(gap / moved):.4f}")
     assert moved > 0
     assert gap < 0.25 * moved, f"ddp vs single {gap / moved:.3f} of the training step"
+
+
+def test_torchrun_ranks_validate_with_rank_0s_batchnorm_statistics(data: Path, tmp_path: Path) -> None:
+    """A real 2-process run (this file run by torchrun): after it, every rank's buffers are rank 0's, bit for bit."""
+    out = tmp_path / "runs"
+    cmd = [*LAUNCH, "-m", "tests.test_train_distributed", str(data), str(out), str(_one_batch(data))]
+    done = subprocess.run(cmd, env=ENV, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "buffers.json").read_text())
+    assert result["world_size"] == 2 and result["buffers"] > 0
+    assert result["moved"] > 0  # training changed the running statistics, so a rank's own would differ
+    assert result["max_difference_from_rank_0"] == 0.0
+
+
+def _validate_under_torchrun(data: Path, out: Path, batch: int) -> None:
+    """(One process a rank, under torchrun.) Train 2 epochs; rank 0 writes how far each rank's buffers are from its own.
+
+    Nothing runs after an epoch's validation that changes buffers, so the buffers at the end are those the last
+    validation scored with.
+    """
+    config = make_config("cpu", data=str(data), network="xception", fold=1, image_size=71, epochs_per_phase=1,
+                         batch_size=batch, precision="fp32", seed=11, drop_rate=0.0, out=str(out), name="buffers",
+                         channels_last=False, device="cpu")  # fmt: skip
+    dist = distributed.init_distributed(config.device)
+    try:
+        trainer = Trainer(config, None, dist, live=False)
+        start = torch.cat([b.double().flatten() for b in trainer.model.buffers()])
+        trainer.run()
+        mine = torch.cat([b.double().flatten() for b in trainer.model.buffers()])
+        every = [torch.empty_like(mine) for _ in range(dist.world_size)]
+        torch_dist.all_gather(every, mine)
+        if dist.is_main:
+            result = {"world_size": dist.world_size, "buffers": len(list(trainer.model.buffers())),
+                      "moved": float((mine - start).abs().max()),
+                      "max_difference_from_rank_0": max(float((b - every[0]).abs().max()) for b in every)}  # fmt: skip
+            (out / "buffers.json").write_text(json.dumps(result))
+    finally:
+        distributed.shutdown(dist)
+
+
+if __name__ == "__main__":  # run by torchrun from the test above
+    _validate_under_torchrun(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))

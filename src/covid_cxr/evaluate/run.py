@@ -338,7 +338,7 @@ def evaluate_run(
         "seconds": seconds,
         "images_per_second": len(frame) / seconds if seconds > 0 else math.nan,
         "run_status": tgt.run.status,
-        "best_epoch": tgt.run.best_epoch,
+        "checkpoint_epoch": ckpt.meta.get("global_epoch"),  # the file's own record, not run.json's best epoch
         "warnings": evaluation_warnings(op, split, split_hash, tgt.fold),
     }
     metrics = write_evaluation(preds, tgt.out_dir, info, prevalence=prevalence, prevalence_class=prevalence_class,

@@ -229,10 +229,13 @@ def _details(facts: ModelFacts, run: RunInfo | None, config: dict[str, Any]) -> 
     if run is not None and run.to_json():
         said = [f"{label} {getattr(run, key)}" for key, label in (("fold", "fold"), ("data", "of"),
                 ("protocol", "protocol"), ("preset", "preset"), ("num_phases", "phases:"),
-                ("epochs_per_phase", "epochs a phase:"), ("status", "status"), ("best_epoch", "checkpoint of epoch"))
+                ("epochs_per_phase", "epochs a phase:"), ("status", "status"))
                 if getattr(run, key) is not None]  # fmt: skip
+        if facts.meta.get("global_epoch") is not None:  # the file's own record: run.json may name another checkpoint
+            said.append(f"checkpoint of epoch {facts.meta['global_epoch']}")
         if run.best_val_accuracy is not None:
-            said.append(f"best validation accuracy {fmt.percent(run.best_val_accuracy, fraction=True, na='unknown')}")
+            said.append(f"best validation accuracy {fmt.percent(run.best_val_accuracy, fraction=True, na='unknown')}"
+                        + (f" at epoch {run.best_epoch}" if run.best_epoch is not None else ""))
         lines.append("- Training run: " + ", ".join(said))
     if config.get("pretrained"):
         lines.append(f"- Initial weights: `{config['pretrained']}`; seed {config.get('seed')}")

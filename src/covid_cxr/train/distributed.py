@@ -5,9 +5,12 @@
 
 BatchNorm: on GPUs the model's BatchNorm layers become ``SyncBatchNorm``, so batch statistics
 are over the global batch as in one process. ``SyncBatchNorm`` has no CPU kernel, so on the CPU
-each rank normalises with its own slice's statistics and the buffers (running statistics) are
-rank 0's, broadcast by DDP at every forward. CPU multi-process results therefore match one
-process closely but not bit for bit (see ``tests/test_train_distributed.py`` for the measured gap).
+each rank normalises with its own slice's statistics. DDP broadcasts rank 0's buffers (running
+statistics) at the start of every training forward, but that forward then updates each rank's
+copy from its own slice, so after an epoch's last step the ranks hold different running
+statistics; :func:`broadcast_buffers` gives every rank rank 0's (the ones saved) before validation.
+CPU multi-process results therefore match one process closely but not bit for bit (see
+``tests/test_train_distributed.py`` for the measured gap).
 """
 
 from __future__ import annotations
@@ -74,6 +77,19 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, device: torch.device) -> 
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return DistributedDataParallel(model, device_ids=[device.index])
     return DistributedDataParallel(model)
+
+
+def broadcast_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) into every rank's ``model`` (nothing in a world of one).
+
+    Validation runs the bare module, outside DDP's forward, so without this each rank would score
+    its share of the images with the running statistics its own last training slice left.
+    """
+    if not info.enabled:
+        return
+    with torch.no_grad():
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer, src=0)
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -8,7 +8,8 @@ The run folder (:class:`~covid_cxr.runs.folder.RunFolder`) gets ``config.yaml``,
 ``log.csv``, ``tb/``, ``splits/``, ``best.pt`` and ``last.pt``. Every file is replaced atomically
 or appended and fsynced, in the order best.pt -> log row -> last.pt, so a ``kill -9`` at any
 moment leaves a folder that ``--resume`` continues from: ``last.pt`` says how many log rows are
-real and the rest are dropped.
+real and the rest are dropped, and a ``best.pt`` of an epoch ``last.pt`` does not record (a stop
+between the two) stays the best so far, so the run's record always names the epoch ``best.pt`` holds.
 
 Each epoch's shuffle, augmentation draws and dropout masks come from seeds derived from
 ``(seed, epoch)``; with ``deterministic=True`` a resumed run therefore ends with the same weights
@@ -32,6 +33,7 @@ import pandas as pd
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from covid_cxr import fmt
 from covid_cxr.config import TrainConfig, dump_config, load_config
 from covid_cxr.data.prepared import FoldSplits, ImageCache, PreparedData
 from covid_cxr.errors import CheckpointError, ConfigError, DataError
@@ -43,6 +45,7 @@ from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.checkpoint import (
     Checkpoint,
     atomic_torch_save,
+    checkpoint_meta,
     load_checkpoint,
     save_checkpoint,
 )
@@ -202,6 +205,7 @@ class Trainer:
         for warning in self.warnings if dist.is_main else ():
             print(f"warning: {warning}", file=sys.stderr)
         self._build(last)
+        self.best_note = self._best_on_disk() if self.resuming else None
         self.epochs = self.config.epochs_per_phase
         self.total_epochs = len(self.phases) * self.epochs
         self.writer: SummaryWriter | None = None
@@ -314,6 +318,27 @@ class Trainer:
         self.best_acc = float(state.get("best_val_accuracy", -1.0))
         self.best_epoch: int | None = state.get("best_epoch")
 
+    def _best_on_disk(self) -> str | None:
+        """Take best.pt as the best so far when it holds an epoch last.pt never recorded; a note saying so.
+
+        best.pt is written before last.pt, so a run stopped between the two leaves best.pt holding epoch N
+        while last.pt's bookkeeping still names an earlier epoch. That epoch N is trained again, and a rerun
+        that is not bit-identical (another CPU, another precision) may score lower; the best so far must be
+        the file on disk, or run.json and the model card would name an epoch best.pt does not hold.
+        """
+        best = self.folder.best
+        if not best.is_file():
+            return None
+        meta = checkpoint_meta(best)
+        epoch, accuracy = meta.get("global_epoch"), meta.get("val_accuracy")
+        if epoch is None or accuracy is None or int(epoch) <= self.done:
+            return None
+        self.best_acc, self.best_epoch = float(accuracy), int(epoch)
+        last = f"last.pt ends at epoch {self.done}" if self.done else "no last.pt was saved"
+        return (f"{best} holds epoch {epoch} (validation accuracy {fmt.percent(accuracy, 2, fraction=True)}) but "
+                f"{last} (the run stopped between saving the two): best.pt stays the best so far; training goes on "
+                f"from epoch {self.done + 1}, and an epoch replaces best.pt only by scoring higher")
+
     # -- the run folder -------------------------------------------------------------------------
 
     def _info(self) -> RunInfo:
@@ -363,6 +388,8 @@ class Trainer:
                               f"fold {self.config.fold} -> {self.folder.root}")  # fmt: skip
         self.progress.message(f"runtime: {self.runtime.describe()}; world size {self.dist.world_size}; "
                               f"{self.total_epochs} epochs")  # fmt: skip
+        if self.best_note:
+            self.progress.message(self.best_note)
         for global_epoch in range(self.done, self.total_epochs):
             self._epoch(global_epoch)
         if self.dist.is_main:
@@ -385,6 +412,7 @@ class Trainer:
         train = train_one_epoch(self.net, batches, self.optimizer, preprocessing=self.pre, runtime=self.runtime,
                                 augmenter=self.augmenter if config.augment.enabled else None, dist=self.dist,
                                 scaler=self.scaler, on_batch=self.progress.on_batch)  # fmt: skip
+        distributed.broadcast_buffers(self.model, self.dist)  # every rank validates the model rank 0 saves
         val_batches = eval_loader(self.cache.images, self.val.rows, self.val.labels,
                                   batch_size=config.val_batch_size, options=self._loader_options())  # fmt: skip
         val = evaluate(self.model, val_batches, preprocessing=self.pre, runtime=self.runtime, dist=self.dist)
