@@ -5,9 +5,9 @@ and the loss scaling makes DDP's gradient average the global-batch mean, so the 
 left is BatchNorm: on the CPU there is no SyncBatchNorm, so each rank normalises with its own
 slice's statistics (on GPUs we convert to SyncBatchNorm). Dropout is off here (``drop_rate 0``)
 because its masks are drawn per rank. Measured here (xception, 71 px, one global batch of 5 split
-3 + 2 a phase, two phases): the distance between the two runs' weights is 0.105 (Zen 4) and 0.042 (Sapphire
-Rapids) of how far training moved them from the shared start; the test allows 0.25 (the slices' BatchNorm statistics differ by
-sampling noise, which is larger for smaller slices).
+3 + 2 a phase, two phases): the distance between the two runs' weights is 0.105 (Zen 4) and 0.042
+(Sapphire Rapids) of how far training moved them from the shared start; the test allows 0.25 (the
+slices' BatchNorm statistics differ by sampling noise, which is larger for smaller slices).
 
 The ranks' own BatchNorm statistics must not reach validation: each training forward updates every
 rank's running statistics from its own slice, so after an epoch's last step the ranks hold different
