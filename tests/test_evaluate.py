@@ -77,7 +77,7 @@ def test_evaluate_a_run_folder_writes_every_file(data: Path, tmp_path: Path) -> 
     some = [0, len(frame) // 2, len(frame) - 1]
     images = cache.images[cache.rows(fold.test["image_id"].iloc[some])]
     direct = TorchPredictor(_load(run / "best.pt"), device="cpu", precision="fp32").predict_proba(images)
-    # The file keeps 6 decimals, and batches of 16 against 3 may take other kernels (AVX2 against AVX-512 CPUs
+    # The file keeps 9 significant digits, and batches of 16 against 3 may take other kernels (AVX2 against AVX-512 CPUs
     # differ there); a column in the wrong order would be off by far more than 1e-5.
     for k, name in enumerate(KERAS_AUTHORS_ORDER):
         np.testing.assert_allclose(frame[f"p_{name}"].iloc[some], direct[:, k], atol=1e-5)

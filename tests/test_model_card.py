@@ -42,9 +42,10 @@ def _checkpoint(path: Path, operating_point: dict | None = None) -> Path:
     return path
 
 
-def _evaluation(folder: Path, cm: list[list[int]], *, data: Path, split: str, checkpoint: Path) -> dict:
+def _evaluation(folder: Path, cm: list[list[int]], *, data: Path, split: str, checkpoint: Path, **info: object) -> dict:
+    """metrics.json as 'evaluate' writes it (``info`` adds to its evaluation block: kind, sha256, rule ...)."""
     metrics = compute_metrics(np.array(cm), n_boot=0)
-    metrics["evaluation"] = {"data": str(data), "split": split, "checkpoint": str(checkpoint.resolve())}
+    metrics["evaluation"] = {"data": str(data), "split": split, "checkpoint": str(checkpoint.resolve()), **info}
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(metrics, default=float).replace("NaN", "null"))
     return metrics
@@ -67,9 +68,13 @@ def run(tmp_path: Path) -> Path:
                 for source, label, n in groups for k in range(n)]
         pd.DataFrame(rows).to_csv(run_dir / "splits" / f"{name}.csv", index=False)
     best = _checkpoint(run_dir / "best.pt", OP)
-    _evaluation(run_dir / "eval-test", [[25, 3, 2], [4, 80, 16], [1, 9, 90]], data=data, split="test", checkpoint=best)
-    _evaluation(run_dir / "eval-hospital", [[14, 4, 2], [6, 30, 4], [6, 4, 50]], data=tmp_path / "hospital",
-                split="test", checkpoint=best)
+    model = {"model_sha256": hashlib.sha256(best.read_bytes()).hexdigest(), "operating_point": OP, "fold": 1}
+    _evaluation(run_dir / "eval-test", [[25, 3, 2], [4, 80, 16], [1, 9, 90]], data=data, split="test", checkpoint=best,
+                kind="internal", **model)
+    # where and as 'evaluate RUN --external hospital/' writes it (tests/test_external_pairing.py makes real ones)
+    _evaluation(run_dir / "external-hospital", [[14, 4, 2], [6, 30, 4], [6, 4, 50]], data=tmp_path / "hospital",
+                split="external:hospital", checkpoint=best, kind="external", name="hospital",
+                model=str(best.resolve()), **model)
     _evaluation(run_dir / "last-eval-test", [[1, 1, 1], [1, 1, 1], [1, 1, 1]], data=data, split="test",
                 checkpoint=run_dir / "last.pt")
     covidx = tmp_path / "covidx-data"
@@ -92,7 +97,7 @@ def test_card_front_matter_and_sections(run: Path) -> None:
     assert {"accuracy", "recall", "precision"} <= set(header["metrics"])
     results = header["model-index"][0]["results"]
     assert [r["dataset"]["name"] for r in results] == ["internal: eval-test", "external: eval-covidx4",
-                                                       "external: eval-hospital"]
+                                                       "external: external-hospital"]
     assert results[0]["metrics"][0] == {"type": "accuracy", "value": round(100 * 195 / 230, 2), "name": "accuracy (%)"}
     assert yaml.safe_load(yaml.safe_dump(header)) == header
     for section in ("## Intended use", "## Training data", "## Evaluation", "## Operating point",
@@ -115,9 +120,13 @@ def test_card_evaluation_figures_with_intervals(run: Path) -> None:
     acc = f"{internal['accuracy']:.1f} [{internal['accuracy_ci_low']:.1f}, {internal['accuracy_ci_high']:.1f}]"
     line = next(x for x in card.splitlines() if x.startswith("| eval-test |"))
     assert line.startswith(f"| eval-test | internal | test | 230 (30) | {acc} | 83.3 [")  # 25 of 30 COVID-19
-    assert next(x for x in card.splitlines() if x.startswith("| eval-hospital |")).startswith("| eval-hospital | external |")
-    drop = next(x for x in card.splitlines() if x.startswith("External (eval-hospital) minus internal test"))
+    row = next(x for x in card.splitlines() if x.startswith("| external-hospital |"))
+    assert row.startswith("| external-hospital | external | external:hospital | 120 (20) |")
+    drop = next(x for x in card.splitlines() if x.startswith("External (external-hospital) minus internal test"))
+    assert "(eval-test, the same model file and rule)" in drop
     assert "COVID-19 sensitivity -13.3 [" in drop  # 14/20 - 25/30 = -13.3 points
+    # eval-covidx4 records no model sha256 or rule: no drop is made up for it, and the card says why
+    assert "External (eval-covidx4): no drop: no internal test evaluation of this model file (best.pt)" in card
     covidx = card[card.index("On the COVIDx4 test set"):]
     assert "| COVIDNet-CXR4-A (published) | 95.0 [88.8, 97.8] | 99.0 | 94.3 |" in covidx
     assert "| this model | 88.0 [" in covidx

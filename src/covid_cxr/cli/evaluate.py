@@ -2,7 +2,7 @@
 
 ``--external DATA_OR_CSV --name NAME`` evaluates the model (a run, a checkpoint or an exported
 ONNX model) on another labelled set instead, into ``RUN/external-NAME/``; ``report RUN`` then
-shows internal and external side by side.
+shows it beside the internal test evaluation of the same model file and rule.
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ext.add_argument("--external", type=Path, metavar="DATA_OR_CSV",
                      help="evaluate on another labelled set: a prepared data folder (its whole manifest), a folder "
                      "with one sub-folder per class, or a CSV with path,label[,patient_id,source] columns")
-    ext.add_argument("--name", help="name of the external set (default: its folder or file name); output goes to "
-                     "RUN/external-NAME/")
+    ext.add_argument("--name", help="name of the external set (default: its folder's name; a CSV's file name where "
+                     "it says more than 'labels'); output goes to RUN/external-NAME/ (for a model file of the run "
+                     "other than best.pt: RUN/external-NAME-FILE/). An evaluation of another set under that name is "
+                     "replaced only when --name is given")
     ext.add_argument("--workers", type=int, default=2, help="for --external: threads decoding images (default 2)")
     add_metric_options(p)
     p.set_defaults(func=run)
@@ -96,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = _external(args, settings, prevalences)
         title = f"{result.info['network']} on {result.info['name']}"
+        own = result.info.get("own_images") or {}
+        if own.get("images"):
+            title += f" [bold red](NOT EXTERNAL: {own['images']} of its images are the model's own)[/]"
     console = Console()
     info = result.info
     console.print(f"{title}: {info['images']} images in {info['seconds']:.1f} s "
@@ -150,7 +155,7 @@ def print_decision(decision: dict[str, Any], console: Console) -> None:
 
 
 def _print_comparison(result: EvaluationResult, console: Console) -> None:
-    """Internal beside external, when the run has an internal test evaluation."""
+    """Internal beside external, when the run has an internal test evaluation of the same model file and rule."""
     from rich.table import Table
 
     from covid_cxr.report.report import load_evaluation
@@ -158,11 +163,12 @@ def _print_comparison(result: EvaluationResult, console: Console) -> None:
 
     internal_dir = result.info.get("internal")
     if not internal_dir:
-        console.print("no internal evaluation to compare with: run 'covid-cxr evaluate RUN' for the drop")
+        console.print(f"no drop: {result.info.get('internal_missing', 'no internal test evaluation to compare with')}")
         return
-    internal = load_evaluation(Path(internal_dir), n_boot=0)
+    internal = load_evaluation(Path(internal_dir), n_boot=0)  # its AUC intervals are evaluate's, from metrics.json
     ext = load_evaluation(result.out_dir, n_boot=0)
-    table = comparison_table(("internal test", internal.preds.confusion(), result_metrics(internal)),
+    table = comparison_table((f"internal test ({Path(internal_dir).name})", internal.preds.confusion(),
+                              internal.metrics),
                              (f"external: {result.info['name']}", ext.preds.confusion(), result.metrics))
     rich = Table(title="internal vs external: % [95% CI] (k/n)")
     for h in table.headers:
@@ -170,13 +176,3 @@ def _print_comparison(result: EvaluationResult, console: Console) -> None:
     for row in table.rows:
         rich.add_row(*row)
     console.print(rich)
-
-
-def result_metrics(r: Any) -> dict[str, Any]:
-    """The internal evaluation's saved figures (its AUC intervals from metrics.json), else the recomputed ones."""
-    saved = r.eval_dir / "metrics.json" if r.eval_dir is not None else None
-    if saved is not None and saved.is_file():
-        from covid_cxr.atomic import read_json_object
-
-        return read_json_object(saved, what="an evaluation's metrics", fix="re-run 'covid-cxr evaluate'")
-    return r.metrics

@@ -124,8 +124,8 @@ def load_calibration_files(
 
     Each is resized to the model's input size by the model's method (``pre``), as ``predict`` resizes.
 
-    A path that names nothing is an error (named); a file that does not decode is appended to
-    ``failures`` (path, reason) and skipped, as long as some images remain.
+    A path that names nothing is an error (named); a file that does not decode, whatever the decoder
+    raised, is appended to ``failures`` (path, reason) and skipped, as long as some images remain.
     """
     inputs = expand_inputs(paths)
     if inputs.missing:
@@ -141,6 +141,8 @@ def load_calibration_files(
                 images.append(future.result())
             except ImageDecodeError as exc:
                 failures.append((str(path), exc.reason))
+            except Exception as exc:  # an unforeseen failure of one file is that file's, as predict has it
+                failures.append((str(path), f"unexpected error while decoding ({type(exc).__name__}: {exc})"))
     if not files:
         raise ConfigError(f"--calibration {' '.join(paths)}: no image files (PNG, JPEG or DICOM) there")
     if not images:

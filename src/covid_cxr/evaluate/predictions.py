@@ -24,6 +24,7 @@ from covid_cxr.labels import CLASSES, normalize_label
 PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in CLASSES)
 COLUMNS: tuple[str, ...] = ("image_id", "patient_id", "source", "label", *PROB_COLUMNS, "pred")
 PROB_SUM_TOLERANCE = 1e-3
+PROB_FORMAT = "%.9g"  # round-trips float32 exactly; see write_predictions
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,11 @@ def predictions_frame(split: pd.DataFrame, probs: np.ndarray, classes: tuple[str
 
 
 def write_predictions(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write a predictions table with probabilities to 6 decimals (enough for AUC ties to stay ties)."""
+    """Write a predictions table with probabilities to 9 significant digits.
+
+    Nine significant digits give back every float32 (what the models output) exactly, and a tiny probability
+    keeps its own digits (``3.1e-09``): fixed decimals would round the small scores of a confident model to one
+    tied 0.000000, and an AUC recomputed from the file (``metrics``, ``report``) would no longer be the model's.
+    """
     # Rendered whole, then written atomically: a failure or a reader mid-write never meets half a table.
-    return write_text(path, frame.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+    return write_text(path, frame.to_csv(index=False, float_format=PROB_FORMAT, lineterminator="\n"))

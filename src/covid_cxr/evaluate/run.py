@@ -156,6 +156,7 @@ class _Model:
     predictor: Predictor
     choice: Any  # the BackendChoice: which backend runs it, and why
     exact: bool  # an exact fp32 path (ONNX Runtime, or PyTorch fp32 uncompiled): fit to choose a rule on
+    sha256: str  # of the checkpoint file: which model an evaluation is of (external ones are paired by it)
     cache: ImageCache | None = None  # the image cache the last split was read from
 
 
@@ -167,10 +168,11 @@ def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir
     ckpt = load_checkpoint(tgt.checkpoint)
     prepared = PreparedData(tgt.data)
     compiled = resolve_compile(compile, images or 0, settings)
-    predictor, choice = make_predictor(ckpt, file_sha256(tgt.checkpoint), settings, compile=compiled)
+    sha256 = file_sha256(tgt.checkpoint)
+    predictor, choice = make_predictor(ckpt, sha256, settings, compile=compiled)
     exact = predictor.backend == "onnx" or (
         isinstance(predictor, TorchPredictor) and predictor.runtime.precision == FP32 and not compiled)
-    return _Model(tgt, ckpt, prepared, predictor, choice, exact)
+    return _Model(tgt, ckpt, prepared, predictor, choice, exact, sha256)
 
 
 def _split_probs(m: _Model, split: str, *, batch_size: int, progress: bool, where: Path
@@ -323,6 +325,7 @@ def evaluate_run(
         "fold": tgt.fold,
         "split": split,
         "checkpoint": str(tgt.checkpoint.resolve()),
+        "model_sha256": m.sha256,
         "data": str(tgt.data.resolve()),
         "protocol": m.prepared.protocol,
         "split_hash": split_hash,

@@ -26,6 +26,7 @@ import pandas as pd
 from covid_cxr import fmt
 from covid_cxr.atomic import read_json_object, write_bytes, write_json, write_text
 from covid_cxr.audit.results import render_section
+from covid_cxr.data.manifest import safe_name
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
 from covid_cxr.evaluate.metrics import COUNTS, RATES, table3_row, table4_row
@@ -40,7 +41,9 @@ from covid_cxr.fmt import Table
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint, where_chosen
 from covid_cxr.report.sections import comparison_table, describe_rules, operating_tables
-from covid_cxr.runs.evaluations import external_evaluations
+from covid_cxr.runs.evaluations import external_evaluations, model_file, no_internal_text, pairs_with
+from covid_cxr.runs.folder import BEST
+from covid_cxr.runs.own_images import describe as describe_own
 from covid_cxr.stats import DEFAULT_PREVALENCES
 
 TABLE4_KEYS: tuple[str, ...] = ("accuracy", *(f"{c}_{r}" for r in RATES for c in CLASSES))
@@ -48,6 +51,9 @@ EXTRA_KEYS: tuple[str, ...] = (
     "balanced_accuracy", *(f"{c}_f1" for c in CLASSES), *(f"{c}_auc" for c in CLASSES), "ece",
 )
 PLOT_FILES: tuple[str, ...] = ("confusion_matrix.png", "roc.png", "calibration.png")
+COUNT_KEYS: tuple[str, ...] = ("n", *(f"{c}_{k}" for c in CLASSES for k in ("correct", "missed", "false")))
+AUC_KEYS: tuple[str, ...] = (*(f"{c}_auc{end}" for c in CLASSES for end in ("", "_ci_low", "_ci_high")),
+                             "auc_bootstrap")
 
 
 @dataclass
@@ -94,18 +100,29 @@ def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
     if not csv.is_file():
         raise DataError(f"{path}: no predictions.csv; run 'covid-cxr evaluate {path}' first")
     info: dict[str, Any] = {}
+    saved: dict[str, Any] = {}
     meta_file = eval_dir / "metrics.json"
     if meta_file.is_file() and csv.name == "predictions.csv":
         saved = read_json_object(meta_file, what="an evaluation's metrics", fix="re-run 'covid-cxr evaluate'")
         info = saved.get("evaluation", {}) or {}
     preds = read_predictions(csv)
-    # Recomputed from the predictions, the one source of truth, rather than trusted from metrics.json.
-    metrics = preds.metrics(n_boot=n_boot)
+    # Recomputed from the predictions, the one source of truth, rather than trusted from metrics.json; the AUCs
+    # alone are evaluate's, with the interval of its bootstrap (resamples, seed) on the unwritten probabilities.
+    metrics = _with_saved_auc(preds.metrics(n_boot=n_boot), saved)
     # Without metrics.json a fold is named by its folder (RUN/eval-test/predictions.csv) or its file name.
     fold = info.get("fold") or (csv.parent.name if csv.name == "predictions.csv" else csv.stem)
     return FoldResult(network=str(info.get("network") or "unknown"), fold=fold,
                       split=str(info.get("split") or "test"), eval_dir=eval_dir if info else None,
                       preds=preds, metrics=metrics, info=info)
+
+
+def _with_saved_auc(metrics: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` with the AUCs, their intervals and the bootstrap record from ``saved`` (metrics.json), where it
+    describes these very predictions (the same counts); else ``metrics`` as they are."""
+    if not saved or any(saved.get(k) != metrics.get(k) for k in COUNT_KEYS) or any(k not in saved for k in AUC_KEYS):
+        return metrics
+    taken = {k: math.nan if saved[k] is None else saved[k] for k in AUC_KEYS}
+    return {**metrics, **taken}
 
 
 def _fold_order(r: FoldResult) -> tuple[int, int, str]:
@@ -254,41 +271,63 @@ def _decision_section(doc: _Doc, cm: Any, infos: Sequence[dict[str, Any]], preva
     doc.table(at_prev)
 
 
-def _external_key(r: FoldResult) -> tuple[str, str, str]:
-    """(network, fold, set name) of an external evaluation; fold is "" when the run did not record one."""
+def _external_key(r: FoldResult) -> tuple[str, str, str, str]:
+    """(network, fold, set name, model file) of an external evaluation; fold is "" when the run did not record one,
+    the model file "" for a run's best.pt (its exported or last model evaluated on the same set is another)."""
     fold = r.info.get("fold")
-    return r.network, "" if fold is None else str(fold), str(r.info.get("name") or r.fold)
+    model = Path(model_file(r.info)).name
+    return (r.network, "" if fold is None else str(fold), str(r.info.get("name") or r.fold),
+            "" if model in ("", BEST) else model)
+
+
+def _internal_beside(r: FoldResult, internals: Sequence[FoldResult], network_label: str | None
+                     ) -> tuple[str, Any, dict[str, Any]] | None:  # fmt: skip
+    """The internal test figures of the same model file, fold and rule as external ``r``: that fold's own, never
+    pooled over folds (other models); None when none of the evaluations given is such a pair."""
+    match = next((i for i in internals if pairs_with(r.info, i.info)), None)
+    if match is None:
+        return None
+    cm = match.preds.confusion()
+    label = network_label or paper_network_name(match.network) or match.network
+    return f"internal: {label} fold {match.fold} test (N = {int(cm.sum())})", cm, match.metrics
 
 
 def _external_section(doc: _Doc, r: FoldResult, internal: tuple[str, Any, dict[str, Any]] | None,
                       prevalences: Sequence[float], images: dict[str, bytes]) -> dict[str, Any]:
-    """One external evaluation beside the internal test figures: the drop, with intervals.
+    """One external evaluation beside the internal test figures of the same model: the drop, with intervals.
 
     Each fold of a cross-validated network is evaluated on the external set separately, so the heading
-    and the image files name the network and the fold: one section, and one set of files, per model.
+    and the image files name the network, the fold (and a model file other than best.pt): one section, and
+    one set of files, per model. A set holding the model's own images says so in its heading.
     """
-    network, fold, name = _external_key(r)
+    network, fold, name, model = _external_key(r)
     which = f"{network} fold {fold}" if fold else network
+    which += f" ({model})" if model else ""
     cm = r.preds.confusion()
     absent = [DISPLAY_NAMES[c] for c in r.info.get("classes_absent", r.metrics.get("absent_classes", []))]
-    doc.heading(3, f"{which} on {name} (N = {int(cm.sum())})")
+    own = describe_own(r.info.get("own_images"))
+    doc.heading(3, f"{which} on {name} (N = {int(cm.sum())})" + (f": {own}" if own else ""))
     text = f"Model {r.info.get('model', '')}; data {r.info.get('data', r.preds.path)}."
+    if own:
+        text += f" {own[0].upper()}{own[1:]}: these figures are not external validation; leave those images out."
     if absent:
         text += f" Absent from this set (no images, so no recall or AUC; not zero): {', '.join(absent)}."
     if internal is None:
-        text += " No internal evaluation of this network was given: run 'covid-cxr evaluate RUN' for the drop."
+        text += f" No drop: {no_internal_text(r.info)} (and give its run or eval-test folder to the report)."
     doc.para(text)
     ext_title = f"external: {name} (N = {int(cm.sum())})"
     doc.table(comparison_table(internal, (ext_title, cm, r.metrics)))
     _decision_section(doc, cm, [r.info], prevalences, level=4)
+    parts = (f"external-{network}", f"fold{fold}" if fold else "", name, safe_name(model) if model else "")
+    slug = "-".join(p for p in parts if p)
     for plot in ("confusion_matrix.png", "roc.png"):
         if r.eval_dir is not None and (r.eval_dir / plot).is_file():
             png = (r.eval_dir / plot).read_bytes()
-            target = f"external-{network}{f'-fold{fold}' if fold else ''}-{name}-{plot}"
+            target = f"{slug}-{plot}"
             images[target] = png
             doc.md += [f"![{which} on {name} {plot}](report_files/{target})", ""]
             doc.body.append(_img(png, f"{which} on {name} {plot}"))
-    return {"name": name, "info": r.info, "metrics": r.metrics}
+    return {"name": name, "info": r.info, "metrics": r.metrics, "internal": internal[0] if internal else None}
 
 
 def _gather(runs: Sequence[Path], n_boot: int) -> tuple[list[FoldResult], list[FoldResult]]:
@@ -318,9 +357,9 @@ def _check(groups: dict[tuple[str, str], list[FoldResult]], externals: Sequence[
     keys = [_external_key(r) for r in externals]
     twice = next((k for k in keys if keys.count(k) > 1), None)
     if twice is not None:
-        network, fold, name = twice
-        raise DataError(f"two external evaluations of {network}{f' fold {fold}' if fold else ''} on {name}; "
-                        "give each once")
+        network, fold, name, model = twice
+        raise DataError(f"two external evaluations of {network}{f' fold {fold}' if fold else ''}"
+                        f"{f' ({model})' if model else ''} on {name}; give each once")
 
 
 def _publish(out: Path, images: dict[str, bytes], md: str, summary: dict[str, Any], page: str) -> Path:
@@ -346,7 +385,8 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
 
     Runs are grouped by network (and split); two runs of one network on the same fold are
     refused, since the mean over folds would count that fold twice. External evaluations (named,
-    or found as ``RUN/external-NAME/``) are shown beside the internal test figures of their network.
+    or found as ``RUN/external-NAME*/``) are shown beside the internal test figures of the same model
+    file, fold and rule among those given, or say that none was given.
     """
     if not runs:
         raise DataError("no runs given; pass the run folders (or eval folders / predictions files) to report on")
@@ -367,7 +407,6 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
     doc.para(intro)
     md, body = doc.md, doc.body
     summary_json: dict[str, Any] = {}
-    internal_of: dict[str, tuple[str, Any, dict[str, Any]]] = {}
     for (network, split), members in groups.items():
         members.sort(key=_fold_order)
         label = network_label or paper_network_name(network) or network
@@ -399,9 +438,6 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
             body.append(f"<p class='note'>{html.escape('; '.join(notes))}</p>")
         pooled_cm = summary["_pooled_preds"].confusion()
         _decision_section(doc, pooled_cm, infos, prevalences)
-        if split == "test":
-            n = int(pooled_cm.sum())
-            internal_of.setdefault(network, (f"internal: {label} test, pooled (N = {n})", pooled_cm, summary["pooled"]))
         md += ["### Plots (pooled over folds)", ""]
         body.append("<h3>Plots (pooled over folds)</h3>")
         for name, png in figures.items():
@@ -424,11 +460,14 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         summary_json[slug] = {k: v for k, v in summary.items() if not k.startswith("_")}
     if externals:
         doc.heading(2, "External validation: internal and external side by side")
-        doc.para("The drop is external minus internal, in percentage points, with Newcombe's hybrid score interval "
-                 "for two independent proportions (AUC: a normal approximation from the two bootstrap intervals). "
-                 "A class absent from a set is marked absent: its recall and AUC are undefined there, not zero.")
-        summary_json["external"] = [_external_section(doc, r, internal_of.get(r.network), prevalences, images)
-                                    for r in externals]
+        doc.para("Each external evaluation stands beside the internal test figures of the same model file (by its "
+                 "sha256), fold and decision rule: that fold's own test set, not the folds pooled. The drop is "
+                 "external minus internal, in percentage points, with Newcombe's hybrid score interval for two "
+                 "independent proportions (AUC: a normal approximation from the two bootstrap intervals). A class "
+                 "absent from a set is marked absent: its recall and AUC are undefined there, not zero.")
+        summary_json["external"] = [
+            _external_section(doc, r, _internal_beside(r, results, network_label), prevalences, images)
+            for r in externals]
     audit_md, audit_html = render_audit_section(audit)  # the audit plug-in point
     if audit_md:
         md.append(audit_md)

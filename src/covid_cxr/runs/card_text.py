@@ -16,6 +16,8 @@ from covid_cxr.data.sources.covidx import (
 from covid_cxr.errors import DataError
 from covid_cxr.labels import DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint, where_chosen
+from covid_cxr.runs.evaluations import no_internal_text, pairs_with
+from covid_cxr.runs.own_images import describe as describe_own
 
 INTENDED_USE = (
     "Research on chest X-ray classification (COVID-19, pneumonia, normal): reproducing Rahimzadeh & Attar (2020), "
@@ -135,21 +137,35 @@ def evaluation_section(evals: list[dict[str, Any]]) -> list[str]:
               "|---|---|---|---:|" + "---:|" * len(COLUMNS)]
     for e in evals:
         m, info = e["metrics"], e["info"]
-        kind = "external" if e["external"] else "internal"
+        own = info.get("own_images") if describe_own(info.get("own_images")) else None
+        kind = f"**not external** ({own['images']} own images)" if own else "external" if e["external"] else "internal"
         count = f"{m.get('n', '-')} ({m.get('covid_n', '-')})"
         lines.append(f"| {e['name']} | {kind} | {info.get('split', '-')} | {count} | "
                      + " | ".join(with_ci(m, k) for k, _ in COLUMNS) + " |")
-    internal = next((e for e in evals if not e["external"] and e["info"].get("split") == "test"), None)
-    for e in (x for x in evals if x["external"] and internal is not None):
-        lines += ["", f"External ({e['name']}) minus internal test, in points [95% CI]: accuracy "
-                  f"{difference(e['metrics'], internal['metrics'], 'accuracy')}, COVID-19 sensitivity "
-                  f"{difference(e['metrics'], internal['metrics'], 'covid_recall')}, COVID-19 specificity "
-                  f"{difference(e['metrics'], internal['metrics'], 'covid_specificity')}."]
+    lines += _drop_lines(evals)
     absent = [f"{e['name']}: no {DISPLAY_NAMES['covid']} images, so its sensitivity is not defined"
               for e in evals if _number(e["metrics"].get("covid_n")) == 0]
+    absent += [f"{e['name']}: {describe_own(e['info'].get('own_images'))}; these figures are not external validation"
+               for e in evals if describe_own(e["info"].get("own_images"))]
     lines += [""] + [f"- {a}" for a in absent] if absent else []
     lines += _covidx_lines(evals)
     return lines + [""]
+
+
+def _drop_lines(evals: list[dict[str, Any]]) -> list[str]:
+    """Each external evaluation minus the internal test evaluation of the same model file, fold and rule; where
+    none is at hand, why there is no drop and the command that gives one."""
+    lines: list[str] = []
+    for e in (x for x in evals if x["external"]):
+        internal = next((x for x in evals if not x["external"] and pairs_with(e["info"], x["info"])), None)
+        if internal is None:
+            lines += ["", f"External ({e['name']}): no drop: {no_internal_text(e['info'])}."]
+            continue
+        lines += ["", f"External ({e['name']}) minus internal test ({internal['name']}, the same model file and "
+                  f"rule), in points [95% CI]: accuracy {difference(e['metrics'], internal['metrics'], 'accuracy')}, "
+                  f"COVID-19 sensitivity {difference(e['metrics'], internal['metrics'], 'covid_recall')}, COVID-19 "
+                  f"specificity {difference(e['metrics'], internal['metrics'], 'covid_specificity')}."]
+    return lines
 
 
 def _covidx_lines(evals: list[dict[str, Any]]) -> list[str]:

@@ -3,8 +3,9 @@
 The card follows the Hugging Face model-card layout: YAML front matter (license, tags, datasets,
 metrics, base_model, model-index with the evaluation results), then Markdown sections. It is built
 only from what the model and its run folder hold: the checkpoint (or ONNX metadata), ``run.json``,
-``config.yaml``, ``splits/`` (training data per source and class), ``eval-*/metrics.json`` (every
-evaluation of this checkpoint, internal or external) and ``audit/*.json`` (the audits' verdicts).
+``config.yaml``, ``splits/`` (training data per source and class), ``eval-*/metrics.json`` and
+``external-*/metrics.json`` (every evaluation of this checkpoint, internal or external, each external one
+beside the internal test evaluation of the same model file and rule) and ``audit/*.json`` (the audits' verdicts).
 What is absent is said to be absent, never filled in. Written by every finished training run and
 by ``export``; ``serve`` shows it.
 """
@@ -22,6 +23,7 @@ import yaml
 
 from covid_cxr import __version__, fmt
 from covid_cxr.atomic import file_sha256, write_text
+from covid_cxr.data.sources.covidx import PREFIX as COVIDX_PREFIX
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 from covid_cxr.runs.card_text import (
@@ -36,6 +38,8 @@ from covid_cxr.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.runs.evaluations import evaluations
 from covid_cxr.runs.folder import CARD_NAME, RunFolder, RunInfo
+from covid_cxr.runs.own_images import describe as own_text
+from covid_cxr.runs.own_images import split_rows
 from covid_cxr.runs.results import load_results
 
 BASE_MODELS = {
@@ -121,22 +125,10 @@ def _config(run_dir: Path | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def training_data(run_dir: Path | None) -> pd.DataFrame | None:
-    """Distinct images per source and split part (training phases, validation, test) and class, from RUN/splits."""
-    folder = run_dir / "splits" if run_dir is not None else None
-    if folder is None or not folder.is_dir():
+def training_data(rows: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Distinct images per source and split part (training phases, validation, test) and class, from split rows."""
+    if rows is None:
         return None
-    parts = {"training": sorted(folder.glob("phase*.csv")), "validation": [folder / "val.csv"],
-             "test": [folder / "test.csv"]}
-    frames = []
-    for part, files in parts.items():
-        found = [pd.read_csv(f, dtype=str, keep_default_na=False) for f in files if f.is_file()]
-        if found:
-            frame = pd.concat(found).drop_duplicates("image_id")
-            frames.append(frame.assign(part=part))
-    if not frames:
-        return None
-    rows = pd.concat(frames, ignore_index=True)
     table = pd.crosstab([rows["part"], rows["source"]], rows["label"]).reindex(columns=list(CLASSES), fill_value=0)
     order = {"training": 0, "validation": 1, "test": 2}
     return table.sort_index(level=0, key=lambda idx: idx.map(order), sort_remaining=True)
@@ -191,7 +183,8 @@ def _index_entry(e: dict[str, Any]) -> dict[str, Any]:
                              ("covid_precision", "precision", "COVID-19 PPV (%)")):
         if isinstance(m.get(key), (int, float)):
             metrics.append({"type": kind, "value": round(float(m[key]), 2), "name": label})
-    name = f"{'external' if e['external'] else 'internal'}: {e['name']}"
+    kind = "not external" if own_text(info.get("own_images")) else "external" if e["external"] else "internal"
+    name = f"{kind}: {e['name']}"
     return {"task": {"type": "image-classification", "name": "COVID-19 / pneumonia / normal chest X-ray"},
             "dataset": {"name": name, "type": Path(str(info.get("data", "unknown"))).name or "unknown",
                         "split": str(info.get("split", ""))}, "metrics": metrics}
@@ -201,9 +194,11 @@ def build_card(facts: ModelFacts, run_dir: Path | None = None) -> str:
     """The whole card as text: front matter, then the sections."""
     run = _run_info(run_dir)
     config = _config(run_dir)
-    table = training_data(run_dir)
+    rows = split_rows(run_dir)
+    table = training_data(rows)
     evals = evaluations(run_dir, facts.checkpoint)
     sources = sorted(set(table.index.get_level_values("source"))) if table is not None else []
+    covidx = rows is not None and bool(rows["image_id"].str.startswith(f"{COVIDX_PREFIX}/").any())
     title = f"covid-cxr {facts.network}" + (f" ({run_dir.name})" if run_dir else "")
     out = [front_matter(facts, sources, evals, config), f"# Model card: {title}", ""]
     out += _details(facts, run, config)
@@ -213,7 +208,7 @@ def build_card(facts: ModelFacts, run_dir: Path | None = None) -> str:
     out += ["## Operating point", "", *operating_point_lines(facts.operating_point, facts.classes), ""]
     out += _audit_section(audit_verdicts(run_dir))
     out += ["## Limitations", "", *_limitations(table), ""]
-    out += ["## How to cite", "", "```bibtex", *[CITATIONS[k] for k in _citations(sources)], "```", ""]
+    out += ["## How to cite", "", "```bibtex", *[CITATIONS[k] for k in _citations(sources, covidx)], "```", ""]
     return "\n".join(out)
 
 
@@ -289,10 +284,12 @@ def _limitations(table: pd.DataFrame | None) -> list[str]:
     return lines
 
 
-def _citations(sources: list[str]) -> list[str]:
+def _citations(sources: list[str], covidx: bool) -> list[str]:
+    """The works to cite: the paper, this package, the public collections trained on, and COVIDx (COVID-Net)
+    only when the images came through the COVIDx adapter (``covidx`` true); a hospital's own folder cites none."""
     keys = ["paper", "covid-cxr"]
     keys += [s for s in ("covid-chestxray", "rsna") if s in sources]
-    if any(s not in ("covid-chestxray", "rsna", "folder") for s in sources):
+    if covidx:
         keys.append("covidx")
     return keys
 
