@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from covid_cxr.cli import main
+from covid_cxr.runs.checkpoint import load_checkpoint, save_checkpoint
 from covid_cxr.synth import render_chest
 from tests.test_server import tiny_checkpoint
 
@@ -50,16 +53,12 @@ def _fake_run(run_dir: Path) -> None:
         frame.to_csv(run_dir / "splits" / f"{name}.csv", index=False)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[str]:
-    """The real command line: ``covid-cxr serve CHECKPOINT --port P``, until its /health answers."""
-    run_dir = tmp_path_factory.mktemp("browser") / "run"
-    _fake_run(run_dir)
-    ckpt = tiny_checkpoint(run_dir / "best.pt", "xception", size=71)
+@contextlib.contextmanager
+def serving(model: Path, log: Path) -> Iterator[str]:
+    """The real command line: ``covid-cxr serve MODEL --port P``, until its /health answers; its output in ``log``."""
     port = free_port()
-    log = tmp_path_factory.mktemp("browser-log") / "serve.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "covid_cxr", "serve", str(ckpt), "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "covid_cxr", "serve", str(model), "--port", str(port),
                                  "--device", "cpu"], stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -83,6 +82,35 @@ def server(tmp_path_factory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[str]:
+    """A checkpoint in a run folder, served by the command line."""
+    run_dir = tmp_path_factory.mktemp("browser") / "run"
+    _fake_run(run_dir)
+    ckpt = tiny_checkpoint(run_dir / "best.pt", "xception", size=71)
+    with serving(ckpt, tmp_path_factory.mktemp("browser-log") / "serve.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def int8_rule_server(tmp_path_factory) -> Iterator[str]:
+    """The int8 export of a checkpoint that decides by a threshold rule (COVID-19 when p_covid >= 0.3), served."""
+    pytest.importorskip("onnxruntime.quantization")
+    root = tmp_path_factory.mktemp("browser-int8")
+    checkpoint = load_checkpoint(tiny_checkpoint(root / "tiny.pt", "xception", size=71))
+    checkpoint.operating_point = {"rule": "specificity", "target": 0.9, "positive_class": "covid", "threshold": 0.3,
+                                  "validation": {}}
+    save_checkpoint(checkpoint, root / "rule.pt")
+    rng = np.random.default_rng(2)
+    (root / "calibration").mkdir()
+    for k, label in enumerate(["covid", "pneumonia", "normal"] * 3):
+        cv2.imwrite(str(root / "calibration" / f"{label}{k}.png"), render_chest(rng, 96, label).image)
+    assert main(["export", str(root / "rule.pt"), "--out", str(root / "m.onnx"), "--int8", "--calibration",
+                 str(root / "calibration")]) == 0
+    with serving(root / "m.int8.onnx", root / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -148,4 +176,35 @@ def test_page_shows_the_model_card(server, browser, artifacts_dir):
     assert row.split() == ["training", "covid-chestxray", "7", "0", "0", "7"]
     assert page.locator("#model-card table").first.is_visible()
     page.screenshot(path=str(artifacts_dir / "web-page-model-card.png"), full_page=True)
+    page.close()
+
+
+def test_the_page_shows_the_rule_that_decided_and_an_int8_model(int8_rule_server, browser, tmp_path, artifacts_dir):
+    """With a threshold rule the class need not be the longest bar: the page says what decided it, marks the
+    threshold on the COVID-19 bar, and says that an int8 model answers."""
+    server = int8_rule_server
+    path = tmp_path / "chest.png"
+    cv2.imwrite(str(path), render_chest(np.random.default_rng(6), 256, "covid").image)
+    page = browser.new_page(viewport={"width": 1000, "height": 1100})
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('served-model').textContent.length > 0", timeout=30_000)
+    served = page.locator("#served-model").inner_text()
+    assert "int8" in served and "agreement with fp32" in served and "decided by specificity=0.9" in served
+    assert page.locator("#served-model").get_attribute("data-precision") == "int8"
+
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_selector("#result:not([hidden])", timeout=120_000)
+    rule = page.locator("#decision-rule")
+    assert rule.is_visible()
+    assert rule.inner_text() == ("decided by specificity=0.9: COVID-19 when p(COVID-19) >= 0.3, otherwise the more "
+                                 "probable of the other classes")
+    mark = page.locator(".bar-track .bar-threshold")
+    assert mark.count() == 1 and float(mark.get_attribute("data-threshold")) == 0.3
+    assert page.locator(".bar-fill.covid + .bar-threshold").count() == 1  # on the COVID-19 bar
+    track, line = page.locator(".bar-track").first.bounding_box(), mark.bounding_box()
+    assert abs((line["x"] + 1 - track["x"]) / track["width"] - 0.3) < 0.02  # where 30% lies on the bar
+    api = httpx.post(f"{server}/predict", files={"file": ("chest.png", path.read_bytes())}, timeout=120).json()
+    assert page.locator("#predicted-class").get_attribute("data-class") == api["class"]
+    assert "int8" in page.locator("#model-info").inner_text()
+    page.screenshot(path=str(artifacts_dir / "web-page-rule-int8.png"), full_page=True)
     page.close()

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from covid_cxr.atomic import file_sha256
 from covid_cxr.cli import main
 from covid_cxr.data.images import load_image
 from covid_cxr.inference.inputs import expand_inputs
@@ -75,12 +76,19 @@ def test_predict_folder_reports_the_bad_file_and_fails(ckpt, folder, tmp_path, c
     err = capsys.readouterr().err
     assert status == 1
     everything = pd.read_csv(out, keep_default_na=False)
-    assert list(everything.columns) == ["path", "class", "p_covid", "p_pneumonia", "p_normal", "error"]
+    assert list(everything.columns) == ["path", "class", "p_covid", "p_pneumonia", "p_normal", "rule", "threshold",
+                                        "model_sha256", "overlay", "error"]
     assert list(everything["path"]) == sorted(everything["path"])  # input order, the refusal where it fell
     table = everything[everything["error"] == ""]
     assert sorted(table["path"].map(lambda p: p[len(str(folder)) + 1 :])) == sorted(GOOD)
     refused = everything[everything["error"] != ""]
     assert list(refused["path"]) == [str(folder / "broken.png")] and "truncated" in refused["error"].iloc[0]
+    # Every row names the model file; predictions the rule that decided them (argmax: no threshold) and overlay.
+    assert set(everything["model_sha256"]) == {file_sha256(ckpt)}
+    assert set(table["rule"]) == {"argmax"} and set(table["threshold"]) == {""}
+    assert refused[["rule", "threshold", "overlay"]].iloc[0].tolist() == ["", "", ""]
+    assert [Path(o).name for o in table["overlay"]] == [Path(p).stem + ".png" for p in table["path"]]
+    assert all(Path(o).parent == cams and Path(o).is_file() for o in table["overlay"])
     assert f"failed: {folder / 'broken.png'}:" in err and "1 failed" in err
     assert "metadata.csv" not in err
 

@@ -8,9 +8,15 @@ or the reason the input was refused (an unreadable, truncated or multi-frame fil
 like an image, a pattern that matches nothing) in the ``error`` column. File names that are not
 UTF-8 are read as the OS holds them and written with \\xNN escapes.
 
+Each prediction row also names what decided its class: the model's operating point (``rule``, and its
+``threshold`` on p_covid: with a threshold the class need not be the most probable one), the model file's
+``model_sha256`` and, with --gradcam, its overlay file(s). A model with a threshold rule runs in fp32 under
+--precision auto (the rule was chosen on fp32 probabilities); --precision bf16 keeps bf16 and warns.
+
 Exit status: 0 when every input was predicted; 1 when any input was refused (each is named with
 its reason in the output and on stderr) or none was predicted; 2 for a usage error (a bad option,
-an unreadable model); 130 when interrupted (the rows written so far stay).
+an unreadable model, inputs that hold no image file at all: then nothing is written); 130 when
+interrupted (the rows written so far stay).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from covid_cxr.choices import (
     COMPILE_MIN_IMAGES,
     PRECISIONS,
 )
-from covid_cxr.errors import ConfigError
+from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.inference.inputs import expand_inputs
 from covid_cxr.inference.sink import SUFFIXES
 
@@ -47,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradcam-method", choices=CAM_METHODS, help="auto (default: HiResCAM for the flatten head, "
                    "Grad-CAM for a pooling one), hirescam or gradcam")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="default auto (bf16 where native)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="default auto: bf16 where native, but fp32 for a model with a threshold rule (chosen in fp32)")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images (default 2)")
     p.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
                    help=f"torch.compile the network (default auto: for {COMPILE_MIN_IMAGES}+ images, where the "
@@ -71,18 +78,23 @@ def run(args: argparse.Namespace) -> int:
     if args.gradcam_method and not args.gradcam:
         raise ConfigError("--gradcam-method needs --gradcam DIR")
     inputs = expand_inputs(args.paths)
+    if inputs.nothing_found():
+        raise DataError(f"{inputs.nothing_found_message(args.paths)} (nothing was predicted or written)")
     settings = InferenceSettings(batch_size=args.batch_size, device=args.device, precision=args.precision,
                                  backend=args.backend)
-    compile_model = resolve_compile(args.compile, len(inputs.files), settings, model=args.checkpoint)
-    loaded = load_model(args.checkpoint, settings, compile=compile_model)
+    compile_model = resolve_compile(args.compile, len(inputs.files), settings, model=args.checkpoint,
+                                    follow_rule=True)
+    loaded = load_model(args.checkpoint, settings, compile=compile_model, follow_rule=True)
     classifier = Classifier(loaded.predictor)
     print(f"model: {loaded.describe()}", file=sys.stderr)
     print(f"operating point: {classifier.decision.describe()}", file=sys.stderr)
+    for warning in loaded.warnings():
+        print(warning, file=sys.stderr)
     print_int8_record(loaded.predictor, args.checkpoint)
     loaded.warm_up(settings.batch_size)
     overlays = None
     if args.gradcam:
         overlays = Overlays(loaded.gradcam(), args.gradcam, target=args.gradcam_class, method=args.gradcam_method)
     sink = predict_inputs(classifier, inputs, args.out, batch_size=settings.batch_size, workers=args.workers,
-                          overlays=overlays)
+                          overlays=overlays, model_sha256=loaded.sha256)
     return 1 if sink.failed or not sink.predicted else 0

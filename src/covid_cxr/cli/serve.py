@@ -23,12 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=BACKENDS,
                    help="auto (default: the fastest exact path here for a .pt, onnx for .onnx), torch or onnx")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="default auto (bf16 where native)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="default auto: bf16 where native, but fp32 for a model with a threshold rule (chosen in fp32)")
     defaults = ServerLimits()
     p.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20,
                    help=f"largest upload accepted (default {defaults.max_upload_bytes / 2**20:g} MiB)")
     p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
-                   help=f"largest decoded image in pixels (default {defaults.max_pixels})")
+                   help=f"largest image accepted, in pixels, refused from its header before decoding (default "
+                   f"{defaults.max_pixels}; no more than the decoder's own limit)")
     p.add_argument("--max-batch", type=int, default=defaults.max_batch,
                    help=f"concurrent uploads run together as one batch, up to this many (default {defaults.max_batch})")
     p.add_argument("--no-heatmap", action="store_true", help="refuse heatmap requests (saves the Grad-CAM memory)")
@@ -43,15 +45,16 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from covid_cxr.deploy.saturation import print_int8_record
-    from covid_cxr.deploy.server import create_app
+    from covid_cxr.deploy.server import check_limits, create_app
     from covid_cxr.inference.backends import load_model
     from covid_cxr.inference.settings import InferenceSettings
     from covid_cxr.runs.model_card import served_card
 
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                           max_batch=args.max_batch)
+    check_limits(limits)  # before the model is loaded: a refused limit should not cost an export
     settings = InferenceSettings(device=args.device, precision=args.precision, backend=args.backend)
-    loaded = load_model(args.checkpoint, settings, compile=args.compile)
+    loaded = load_model(args.checkpoint, settings, compile=args.compile, follow_rule=True)
     loaded.warm_up(1)  # compile before the first upload, not during it; batches of uploads then run one by one
     gradcam = None if args.no_heatmap or loaded.checkpoint is None else loaded.gradcam()
     card = served_card(args.checkpoint, loaded.sha256, loaded.checkpoint, loaded.predictor)
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
                      model_card=card)
     print(f"model: {loaded.describe()}; heatmaps {'on' if gradcam else 'off'}", file=sys.stderr)
     print(f"operating point: {app.state.decision.describe()}", file=sys.stderr)
+    for warning in loaded.warnings():
+        print(warning, file=sys.stderr)
     print_int8_record(loaded.predictor, args.checkpoint)
     print(f"serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import stat
+import struct
 import warnings
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import cv2
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -76,6 +77,11 @@ Source = str | Path | bytes
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, IndexError, TypeError,
                   NotImplementedError, RuntimeError, AttributeError, InvalidDicomError,
                   Image.DecompressionBombError)
+# What else a corrupt DICOM makes pydicom raise: a value whose length is no multiple of its type's size
+# (BytesLengthException), a length field pointing past the file (struct.error), an absurd number (ArithmeticError).
+# pydicom converts header elements lazily, on first access, so these come from any header access, not only dcmread.
+_DICOM_ERRORS = (*_DECODE_ERRORS, BytesLengthException, struct.error, ArithmeticError)
+_REEXPORT = "copy the original file again, or re-export the image from the PACS"
 
 
 def _not_found(path: Path) -> str:
@@ -143,19 +149,20 @@ def is_dicom(data: bytes) -> bool:
     return data[4:6] in _VRS or int.from_bytes(data[4:8], "little") < len(data)
 
 
-def _too_large(label: str, size: str) -> ImageDecodeError:
+def _too_large(label: str, size: str, limit: int) -> ImageDecodeError:
     return ImageDecodeError(
-        label, f"image of {size} pixels exceeds the limit of {MAX_PIXELS} pixels (a radiograph has under 20 million); "
+        label, f"image of {size} pixels exceeds the limit of {limit} pixels (a radiograph has under 20 million); "
         "shrink it, e.g. to 4096 pixels on its longer side (a file that claims such a size may also be a "
         "decompression bomb)")
 
 
-def _check_pixels(label: str, width: int, height: int, frames: int = 1) -> None:
+def _check_pixels(label: str, width: int, height: int, frames: int, limit: int) -> None:
+    """Refuse, from the header, an empty image or one of more than ``limit`` pixels."""
     if width <= 0 or height <= 0:
         raise ImageDecodeError(label, f"image header gives an empty size {width}x{height}")
     total = int(width) * int(height) * max(int(frames), 1)
-    if total > MAX_PIXELS:
-        raise _too_large(label, f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else ""))
+    if total > limit:
+        raise _too_large(label, f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else ""), limit)
 
 
 def to_uint8(values: np.ndarray, *, stretch: bool) -> np.ndarray:
@@ -241,13 +248,31 @@ def _dicom_gray(ds: pydicom.Dataset, arr: np.ndarray, photometric: str, label: s
     return to_uint8(img, stretch=img.dtype != np.uint8)
 
 
-def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
+def _decode_dicom(data: bytes, label: str, limit: int) -> tuple[np.ndarray, dict[str, str]]:
+    """The image and header facts of a DICOM file; any failure to read its header or pixels is an
+    :class:`ImageDecodeError` naming the file, whichever element of a corrupt header pydicom trips on."""
+    try:
+        return _dicom_image(data, label, limit)
+    except ImageDecodeError:
+        raise
+    except _DICOM_ERRORS as exc:
+        raise ImageDecodeError(label, f"corrupt DICOM header: an element cannot be read ({_why(exc)}); "
+                               f"{_REEXPORT}") from None
+
+
+def _why(exc: Exception) -> str:
+    """What pydicom said, without its advice to programmers (a ``pydicom.config`` switch that hides the damage)."""
+    return f"{type(exc).__name__}: {str(exc).split(' To replace this error with a warning')[0]}"
+
+
+def _dicom_image(data: bytes, label: str, limit: int) -> tuple[np.ndarray, dict[str, str]]:
+    """:func:`_decode_dicom`'s steps, each failure it foresees with its own reason."""
     try:
         with warnings.catch_warnings():  # a truncated file is reported below, as an error
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except _DECODE_ERRORS as exc:
-        raise ImageDecodeError(label, f"unreadable DICOM header ({exc})") from None
+    except _DICOM_ERRORS as exc:
+        raise ImageDecodeError(label, f"unreadable DICOM header ({_why(exc)}); {_REEXPORT}") from None
     if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         raise ImageDecodeError(label, "a DICOMDIR, the index of a DICOM media set, not an image; give the image "
                                "files it lists (they lie in the folders beside it)")
@@ -262,22 +287,23 @@ def _decode_dicom(data: bytes, label: str) -> tuple[np.ndarray, dict[str, str]]:
     if frames > 1:
         raise ImageDecodeError(label, f"multi-frame DICOM ({frames} frames): the classifier takes one radiograph; "
                                "export the frame to classify as its own file")
-    _check_pixels(label, cols, rows, frames)
+    _check_pixels(label, cols, rows, frames, limit)
     _set_transfer_syntax(ds, label)
     _check_decoder(ds, label)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
-    except _DECODE_ERRORS as exc:
-        raise ImageDecodeError(label, f"DICOM pixel data cannot be decoded, the file may be truncated ({exc})") from None
+    except _DICOM_ERRORS as exc:
+        raise ImageDecodeError(label, f"DICOM pixel data cannot be decoded, the file may be truncated ({exc}); "
+                               f"{_REEXPORT}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     info = {"view": str(ds.get("ViewPosition", "") or ""), "photometric": photometric}
     try:
         img = _dicom_gray(ds, arr, photometric, label)
     except ImageDecodeError:
         raise
-    except _DECODE_ERRORS as exc:
+    except _DICOM_ERRORS as exc:
         raise ImageDecodeError(label, f"DICOM header values (rescale, window, LUT) do not fit its pixels ({exc}); "
                                "re-export the image from the PACS") from None
     return np.ascontiguousarray(img), info
@@ -302,7 +328,7 @@ def _pillow_gray(im: Image.Image, label: str) -> np.ndarray:
     return np.asarray(im.convert("L"))
 
 
-def _decode_pillow(data: bytes, label: str) -> np.ndarray:
+def _decode_pillow(data: bytes, label: str, limit: int) -> np.ndarray:
     if data.startswith(APPLEDOUBLE_MAGIC):
         raise ImageDecodeError(label, "a macOS AppleDouble file (the resource data macOS keeps beside a file as "
                                "._name), not an image; leave it out, the image is the file without ._")
@@ -311,7 +337,7 @@ def _decode_pillow(data: bytes, label: str) -> np.ndarray:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
         with im:
-            _check_pixels(label, im.width, im.height)
+            _check_pixels(label, im.width, im.height, 1, limit)
             frames = getattr(im, "n_frames", 1)
             if frames > 1 and im.format != "MPO":  # MPO: a phone's JPEG, its first image the photograph
                 raise ImageDecodeError(label, f"{im.format} image of {frames} pages or frames: the classifier takes "
@@ -321,33 +347,39 @@ def _decode_pillow(data: bytes, label: str) -> np.ndarray:
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError:
-        raise _too_large(label, f"more than {2 * MAX_PIXELS}") from None
+        raise _too_large(label, f"more than {2 * MAX_PIXELS}", limit) from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(label, "not an image: neither DICOM nor a format Pillow reads (PNG, JPEG, ...)") from None
     except _DECODE_ERRORS as exc:
         raise ImageDecodeError(label, f"image cannot be decoded, the file may be truncated or corrupt ({exc})") from None
 
 
-def decode_image_info(source: Source, *, name: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
-    """Like :func:`decode_image`, also returning header facts (``view``, ``format``) when known."""
+def decode_image_info(source: Source, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+                      ) -> tuple[np.ndarray, dict[str, str]]:
+    """Like :func:`decode_image`, also returning header facts (``view``, ``format``) when known.
+
+    ``max_pixels``: refuse, from the header, images larger than this (never above :data:`MAX_PIXELS`).
+    """
     data, label = _read(source, name)
+    limit = min(int(max_pixels), MAX_PIXELS)
     if not data:
         raise ImageDecodeError(label, "file is empty")
     if is_dicom(data):
-        img, info = _decode_dicom(data, label)
+        img, info = _decode_dicom(data, label, limit)
         info["format"] = "DICOM"
     else:
-        img, info = _decode_pillow(data, label), {"format": "image"}
+        img, info = _decode_pillow(data, label, limit), {"format": "image"}
     if img.ndim != 2 or img.dtype != np.uint8:
         raise ImageDecodeError(label, f"decoded to an unexpected array {img.dtype} {img.shape}")
     return img, info
 
 
-def decode_radiograph(source: Source, *, name: str | None = None) -> tuple[np.ndarray, dict[str, str]]:
+def decode_radiograph(source: Source, *, name: str | None = None, max_pixels: int = MAX_PIXELS
+                      ) -> tuple[np.ndarray, dict[str, str]]:
     """:func:`decode_image_info` for what a classifier is fed: an image under :data:`MIN_SIDE` pixels a side (an
     icon, a thumbnail) is refused rather than blown up to a meaningless picture."""
     data, label = _read(source, name)
-    img, info = decode_image_info(data, name=label)
+    img, info = decode_image_info(data, name=label, max_pixels=max_pixels)
     if min(img.shape) < MIN_SIDE:
         raise ImageDecodeError(label, f"image of {img.shape[1]}x{img.shape[0]} pixels is too small to be a radiograph "
                                f"(at least {MIN_SIDE} pixels a side); give the full-size image, not an icon or thumbnail")

@@ -152,6 +152,10 @@ def int8_record_lines(record: dict[str, Any], where: str, cpu: dict[str, Any] | 
     if check:
         line += f"; checked on {check.get('images', '?')} {check.get('source', 'images')}: agreement with fp32 " \
                 f"{check.get('agreement_pct', '?')}%"
+        rule = check.get("decision_rule")
+        line += f" decided by {rule}" if rule else " (decision rule not recorded)"
+        if "argmax_agreement_pct" in check:
+            line += f" ({check['argmax_agreement_pct']}% by argmax)"
         if "accuracy_difference_pp" in check:
             line += f", accuracy {check['accuracy_difference_pp']:+.2f} pp"
     checked_on = record.get("checked_on")

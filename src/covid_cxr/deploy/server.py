@@ -4,17 +4,25 @@
 bytes; optional ``heatmap=true`` as a form field or query parameter) and answers the class, the
 probabilities, the model's identity and, when asked, a Grad-CAM overlay as a base64 PNG.
 
+Every answer names what decided the class (``decision``: the model's operating point; with a threshold
+rule the class need not be the most probable one) and the model (``model``: its file's sha256, backend,
+precision and, for an int8 model, the record of its check against fp32).
+
 Safety: the body is read into memory within ``max_upload_bytes`` (never spooled to disk, see
-:mod:`.uploads`); images are decoded by content with the data layer's header-first bomb check,
-then held to ``max_pixels``; every client mistake is a 4xx JSON ``{"detail": ...}``, and an
-unexpected failure is a bare 500 JSON without a trace. Nothing from the upload (file name, DICOM
-header) is logged.
+:mod:`.uploads`); images are decoded by content with the data layer's header-first check, which refuses
+an image over ``max_pixels`` before decoding a pixel (``max_pixels`` may not exceed the decoder's own
+:data:`~covid_cxr.data.images.MAX_PIXELS`); every client mistake is a 4xx JSON ``{"detail": ...}``, and
+so is any failure to decode one upload (a 422 with the reason; the traceback goes to the log). Any
+other unexpected failure is a bare 500 JSON without a trace. Nothing from the upload (file name, DICOM
+header) is logged, except an unexpected decoder failure's traceback.
 
 Concurrency: decoding runs in worker threads, at most ``decode_workers`` at once (bounding
 memory); the network is driven by one worker task that takes the uploads waiting in its queue,
 up to ``max_batch`` at a time, and runs them as one batch in a thread through the same
 predict-and-decide step as ``predict`` (:class:`~covid_cxr.inference.pipeline.Classifier`).
-Concurrent uploads thus queue and share batches instead of fighting over the cores.
+Concurrent uploads thus queue and share batches instead of fighting over the cores. The queue and
+its worker belong to one lifespan (one event loop): each start makes new ones, so an app can be
+started again (a second test client, an embedding app restarting it).
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import base64
 import contextlib
 import functools
 import html
+import json
+import logging
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -43,10 +53,10 @@ from markdown_it import MarkdownIt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covid_cxr import __version__
-from covid_cxr.data.images import decode_radiograph
+from covid_cxr.data.images import MAX_PIXELS, decode_radiograph
 from covid_cxr.deploy.limits import ServerLimits
 from covid_cxr.deploy.uploads import UploadError, read_multipart
-from covid_cxr.errors import ImageDecodeError
+from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import CamResult, GradCam, overlay_png
 from covid_cxr.inference.pipeline import Classifier
 from covid_cxr.inference.protocol import Predictor
@@ -55,60 +65,87 @@ from covid_cxr.runs.model_card import split_front_matter
 
 DISCLAIMER = "Research tool, not a diagnostic device: do not use it to diagnose, treat or triage patients."
 
+log = logging.getLogger(__name__)
+
 
 Answer = tuple[np.ndarray, int, CamResult | None]  # probabilities (C,), decided class index, heatmap
 Job = tuple[np.ndarray, bool, "asyncio.Future[Answer]"]  # image, heatmap wanted, where the answer goes
 
 
 class InferenceQueue:
-    """One worker owns the network: uploads queue, and those waiting together run as one batch."""
+    """One worker owns the network: uploads queue, and those waiting together run as one batch.
+
+    The queue and the worker task are made by :meth:`start`, in the event loop that serves (an asyncio queue
+    belongs to the loop it is first used in), and dropped by :meth:`stop`, so a second lifespan starts afresh.
+    """
 
     def __init__(self, classifier: Classifier, gradcam: GradCam | None, max_batch: int) -> None:
         self.classifier = classifier
         self.gradcam = gradcam
         self.max_batch = max_batch
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._queue: asyncio.Queue[Job] | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+    async def start(self) -> tuple[asyncio.Queue[Job], asyncio.Task[None]]:
+        """A new queue and its worker, in the running event loop."""
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._queue, self._task = queue, asyncio.create_task(self._run(queue))
+        return queue, self._task
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """End the worker; a worker that died has handed its error to the requests already, so it is not raised."""
+        task, self._task, self._queue = self._task, None, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait((task,))
+            if not task.cancelled():
+                task.exception()  # retrieved: asyncio would otherwise log it as never retrieved
 
     async def submit(self, image: np.ndarray, heatmap: bool) -> Answer:
-        """Probabilities, decided class and, with ``heatmap``, the Grad-CAM of that class for one model-sized image."""
-        if self._task is None:
-            await self.start()  # apps driven without their lifespan (some test clients) start it on first use
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        await self._queue.put((image, heatmap, future))
-        return await future
+        """Probabilities, decided class and, with ``heatmap``, the Grad-CAM of that class for one model-sized image.
 
-    def _classify(self, images: np.ndarray) -> list[Answer]:
-        return [(probs, decided, None) for probs, decided in self.classifier(images).rows()]
+        A worker that has died (or was stopped) raises its error here rather than leaving the request waiting.
+        """
+        if self._queue is None or self._task is None:
+            queue, task = await self.start()  # apps driven without their lifespan (some test clients) start on use
+        else:
+            queue, task = self._queue, self._task
+        if task.done():
+            raise _worker_failure(task)
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        await queue.put((image, heatmap, future))
+        try:
+            await asyncio.wait((future, task), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            future.cancel()  # the client hung up: the worker skips its answer
+            raise
+        if future.done():
+            return future.result()
+        future.cancel()
+        raise _worker_failure(task)
+
+    def _classify(self, images: list[np.ndarray]) -> list[Answer]:
+        return [(probs, decided, None) for probs, decided in self.classifier(np.stack(images)).rows()]
 
     def _explain(self, image: np.ndarray) -> list[Answer]:
         """The same numbers as without a heatmap, and the map of the decided class."""
         if self.gradcam is None:  # the endpoint refuses heatmap requests first; this only guards the worker
             raise RuntimeError("a heatmap was asked of a server without Grad-CAM")
-        ((probs, decided, _),) = self._classify(image[None])
+        ((probs, decided, _),) = self._classify([image])
         return [(probs, decided, self.gradcam(image[None], [decided])[0])]
 
-    async def _run(self) -> None:
+    async def _run(self, queue: asyncio.Queue[Job]) -> None:
         set_aside: list[Job] = []  # heatmap jobs met while batching
         while True:
-            first = set_aside.pop(0) if set_aside else await self._queue.get()
+            first = set_aside.pop(0) if set_aside else await queue.get()
             jobs = [first]
             if first[1]:  # Grad-CAM needs a backward pass: one image at a time keeps its memory small
                 work = functools.partial(self._explain, first[0])
             else:
-                while len(jobs) < self.max_batch and not self._queue.empty():
-                    job = self._queue.get_nowait()
+                while len(jobs) < self.max_batch and not queue.empty():
+                    job = queue.get_nowait()
                     (set_aside if job[1] else jobs).append(job)
-                work = functools.partial(self._classify, np.stack([job[0] for job in jobs]))
+                work = functools.partial(self._classify, [job[0] for job in jobs])
             try:
                 results = await anyio.to_thread.run_sync(work)
             except Exception as exc:  # handed to the requests that caused it; the worker keeps serving
@@ -121,11 +158,48 @@ class InferenceQueue:
                     future.set_result(result)
 
 
+def _worker_failure(task: asyncio.Task[None]) -> Exception:
+    """The error of an inference worker that is no longer running, to raise in the request that found it so."""
+    if task.cancelled():
+        return RuntimeError("the inference worker was stopped: the app's lifespan has ended")
+    error = task.exception()
+    if isinstance(error, Exception):
+        return error
+    failure = RuntimeError(f"the inference worker ended ({error!r})")
+    failure.__cause__ = error
+    return failure
+
+
+def check_limits(limits: ServerLimits) -> None:
+    """Refuse limits the decoder cannot honour: it never decodes an image over its own :data:`MAX_PIXELS`."""
+    if limits.max_pixels > MAX_PIXELS:
+        raise ConfigError(f"--max-pixels {limits.max_pixels} is above the largest image the decoder reads "
+                          f"({MAX_PIXELS} pixels, covid_cxr.data.images.MAX_PIXELS); give {MAX_PIXELS} or less")
+
+
+def precision_of(predictor: Predictor) -> tuple[str, dict[str, Any] | None]:
+    """The precision the model computes in (``int8``, ``bf16``, ``fp32`` ...) and, for an int8 model, the record
+    of its check against fp32 (``covid_cxr.quantization``) as export stored it."""
+    runtime = getattr(predictor, "runtime", None)
+    if runtime is not None:
+        return str(runtime.precision), None
+    raw = (getattr(predictor, "metadata", None) or {}).get("quantization")
+    if raw is None:
+        return "fp32", None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = None
+    return "int8", record if isinstance(record, dict) else {}
+
+
 def model_description(predictor: Predictor, *, network: str, sha256: str) -> dict[str, Any]:
     """What ``/health`` and every prediction report about the model answering."""
-    return {
+    precision, int8 = precision_of(predictor)
+    described: dict[str, Any] = {
         "network": network,
         "backend": predictor.backend,
+        "precision": precision,
         "classes": list(predictor.classes),
         "image_size": predictor.preprocessing.image_size,
         "scaling": predictor.preprocessing.scaling,
@@ -134,6 +208,13 @@ def model_description(predictor: Predictor, *, network: str, sha256: str) -> dic
         "version": f"{network}@{sha256[:12]}" if sha256 else network,
         "covid_cxr_version": __version__,
     }
+    if int8 is not None:
+        check = int8.get("check") or {}
+        described["int8"] = {"weight_scheme": int8.get("weight_scheme"), "check_images": check.get("images"),
+                             "agreement_pct": check.get("agreement_pct"),
+                             "decision_rule": check.get("decision_rule"),
+                             "argmax_agreement_pct": check.get("argmax_agreement_pct")}
+    return described
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -189,9 +270,11 @@ def create_app(
     """The service around one loaded model; ``gradcam`` (a PyTorch model) enables heatmaps; ``model_card``
     (Markdown) is served at ``/model-card`` and, rendered, at ``/model-card.html`` for the page."""
     limits = limits or ServerLimits()
+    check_limits(limits)
     model = model_description(predictor, network=network, sha256=sha256)
     classifier = Classifier(predictor)  # with the model's operating point (argmax when it has none)
     model["operating_point"] = classifier.decision.to_dict()
+    decision = classifier.decided_by()
     queue = InferenceQueue(classifier, gradcam, limits.max_batch)
     decode_slots = anyio.CapacityLimiter(limits.decode_workers)
     size = predictor.preprocessing.image_size
@@ -231,7 +314,8 @@ def create_app(
 
     @app.get("/health", summary="Liveness and the model being served")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model, "heatmaps": gradcam is not None, "disclaimer": DISCLAIMER,
+        return {"status": "ok", "model": model, "decision": decision, "heatmaps": gradcam is not None,
+                "disclaimer": DISCLAIMER,
                 "limits": {"max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels}}
 
     @app.post("/predict", summary="Classify one chest X-ray", openapi_extra=_PREDICT_OPENAPI)
@@ -258,6 +342,7 @@ def create_app(
             "class": predictor.classes[best],
             "label": DISPLAY_NAMES[predictor.classes[best]],
             "probabilities": {c: round(float(p), 6) for c, p in zip(predictor.classes, probs)},
+            "decision": decision,
             "model": model,
             "image": {"width": int(original.shape[1]), "height": int(original.shape[0])},
             "disclaimer": DISCLAIMER,
@@ -304,14 +389,15 @@ def render_card_html(card: str) -> str:
 
 
 def _decode(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode by content; a bomb (refused from its header) or an oversized image is a 413, garbage a 422."""
+    """Decode by content, refusing from the header an image over ``max_pixels`` (a 413, as a bomb is); an
+    unreadable upload is a 422 with the reason, whatever the decoder raised (the traceback goes to the log)."""
     try:
-        image, _ = decode_radiograph(data, name="upload")
+        image, _ = decode_radiograph(data, name="upload", max_pixels=max_pixels)
     except ImageDecodeError as exc:
         too_large = "decompression bomb" in exc.reason or "exceeds the limit" in exc.reason
         raise UploadError(413 if too_large else 422, f"cannot use the upload: {exc.reason}") from None
-    if image.size > max_pixels:
-        raise UploadError(
-            413, f"image of {image.shape[1]}x{image.shape[0]} pixels exceeds this server's limit of {max_pixels}"
-        )
+    except Exception as exc:  # a decoder failure nobody foresaw is still this upload's, not the server's
+        log.exception("unexpected error while decoding an upload")
+        raise UploadError(422, f"cannot use the upload: unexpected error while decoding it ({type(exc).__name__}: "
+                          f"{exc}); the file is likely corrupt: send the original file, or convert it to PNG") from None
     return image

@@ -15,6 +15,12 @@ answers the predictions.
   The checkpoint is exported once (tens of seconds) and the export is cached under
   ``$COVID_CXR_CACHE/onnx`` by the checkpoint's sha256, so later runs open it in a second.
 
+A checkpoint that decides by a threshold (an operating point other than argmax) runs in fp32 under
+``--precision auto``, on every device: its threshold was chosen, and its sensitivity and specificity
+measured, on fp32 probabilities, and bf16 moves a probability by up to ~0.1, enough to flip the images
+near the threshold. On a CPU that makes it ONNX Runtime fp32 whatever the CPU; the reason line says so.
+An explicit ``--precision bf16`` is kept, with :func:`precision_warning`.
+
 ``$COVID_CXR_BACKEND`` is the default for ``--backend``, for checkpoints and ONNX files alike; an error it
 causes names it, so a user who never typed ``--backend`` knows what to unset.
 """
@@ -24,8 +30,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from covid_cxr import __version__
 from covid_cxr.atomic import file_sha256, write_bytes
@@ -37,6 +45,7 @@ from covid_cxr.inference.protocol import Predictor
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.models.pretrained import default_cache_dir
+from covid_cxr.operating_point import OperatingPoint
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.runtime import choose_runtime
 
@@ -53,6 +62,7 @@ class BackendChoice:
     backend: str  # torch | onnx
     reason: str
     origin: str = "auto"  # what asked for it: --backend, $COVID_CXR_BACKEND, or auto (the rule)
+    precision: str = "auto"  # what it runs at: --precision, or fp32 where auto meets a model with a threshold rule
 
 
 def requested_backend(backend: str | None) -> tuple[str, str]:
@@ -72,9 +82,27 @@ def requested_backend(backend: str | None) -> tuple[str, str]:
 
 
 def choose_backend(
-    backend: str | None = None, *, device: str = "auto", precision: str = "auto", compile: bool = False
+    backend: str | None = None, *, device: str = "auto", precision: str = "auto", compile: bool = False,
+    rule: str = "argmax",
 ) -> BackendChoice:
-    """Resolve ``--backend`` (None: ``$COVID_CXR_BACKEND``, else auto) for a checkpoint on this machine."""
+    """Resolve ``--backend`` (None: ``$COVID_CXR_BACKEND``, else auto) for a checkpoint on this machine.
+
+    ``rule``: the operating point the model decides by (its name, ``sensitivity=0.95``); with a threshold rule,
+    ``precision="auto"`` means fp32, the precision the threshold was chosen in, and the reason says so where
+    auto would otherwise have taken bf16 or fp16.
+    """
+    if precision != "auto" or rule == "argmax":
+        return replace(_choose_backend(backend, device, precision, compile), precision=precision)
+    usual = choose_runtime(device, "auto").precision
+    choice = replace(_choose_backend(backend, device, "fp32", compile), precision="fp32")
+    if usual == "fp32":
+        return choice
+    return replace(choice, reason=f"{choice.reason}; fp32, not {usual}: the model decides by {rule}, a threshold "
+                   "chosen on fp32 probabilities")
+
+
+def _choose_backend(backend: str | None, device: str, precision: str, compile: bool) -> BackendChoice:
+    """:func:`choose_backend` for a precision already settled against the model's rule."""
     backend, origin = requested_backend(backend)
     if backend != "auto":
         return BackendChoice(backend, "asked for" if origin == "--backend" else f"asked for by {origin}", origin)
@@ -103,6 +131,11 @@ class LoadedModel:
     def describe(self) -> str:
         why = f" ({self.choice.reason})" if self.choice is not None else ""
         return f"{self.network} on {self.predictor.backend}{why}: {self.predictor.describe()}"
+
+    def warnings(self) -> list[str]:
+        """What the user should know before trusting the decisions (see :func:`precision_warning`)."""
+        warning = precision_warning(self.predictor)
+        return [warning] if warning else []
 
     def warm_up(self, batch_size: int) -> None:
         """Compile now for batches of ``batch_size`` (a compiled network only), saying how long it took on stderr."""
@@ -148,18 +181,30 @@ def model_file_kind(path: Path) -> str:
 
 
 def resolve_compile(
-    choice: str, images: int, settings: InferenceSettings = InferenceSettings(), *, model: Path | None = None
+    choice: str, images: int, settings: InferenceSettings = InferenceSettings(), *, model: Path | None = None,
+    follow_rule: bool = False,
 ) -> bool:
     """``--compile auto|on|off`` for a job of ``images`` images: auto compiles only a PyTorch checkpoint (never
     the ``model`` file when it is an ONNX one), and only when auto's backend is PyTorch anyway (on an fp32-only
-    CPU it is ONNX Runtime, which needs no compilation)."""
+    CPU it is ONNX Runtime, which needs no compilation; so it is for a ``model`` with a threshold rule when
+    ``follow_rule``, see :func:`load_model`)."""
     wanted = should_compile(choice, images)
     if wanted and choice == "auto":
         if model is not None and not (model.is_file() and is_checkpoint_file(model)):
             return False
-        auto = choose_backend(settings.backend, device=settings.device, precision=settings.precision)
+        rule = stored_rule(model) if model is not None and follow_rule else "argmax"
+        auto = choose_backend(settings.backend, device=settings.device, precision=settings.precision, rule=rule)
         return auto.backend == "torch"
     return wanted
+
+
+def stored_rule(path: Path) -> str:
+    """The name of the operating point a checkpoint file carries, read without reading its weights (mapped)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same to a user
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    return OperatingPoint.from_dict(data.get("operating_point") if isinstance(data, dict) else None).name
 
 
 def cached_onnx(checkpoint: Checkpoint, sha256: str) -> tuple[bytes, str]:
@@ -182,11 +227,18 @@ def cached_onnx(checkpoint: Checkpoint, sha256: str) -> tuple[bytes, str]:
 
 
 def make_predictor(
-    checkpoint: Checkpoint, sha256: str, settings: InferenceSettings = InferenceSettings(), *, compile: bool = False
+    checkpoint: Checkpoint, sha256: str, settings: InferenceSettings = InferenceSettings(), *, compile: bool = False,
+    follow_rule: bool = False,
 ) -> tuple[Predictor, BackendChoice]:
-    """The predictor for a loaded checkpoint on the chosen backend (see :func:`choose_backend`)."""
-    device, precision = settings.device, settings.precision
-    choice = choose_backend(settings.backend, device=device, precision=precision, compile=compile)
+    """The predictor for a loaded checkpoint on the chosen backend (see :func:`choose_backend`).
+
+    ``follow_rule``: the predictions will be decided by the checkpoint's operating point, so a threshold rule
+    makes ``--precision auto`` fp32 (as ``predict`` and ``serve`` do).
+    """
+    device = settings.device
+    rule = _rule_of(checkpoint).name if follow_rule else "argmax"
+    choice = choose_backend(settings.backend, device=device, precision=settings.precision, compile=compile, rule=rule)
+    precision = choice.precision
     if choice.backend == "onnx":
         if compile:
             raise ConfigError(f"--compile applies to the torch backend, not to {_asked('onnx', choice.origin)}: ONNX "
@@ -195,10 +247,31 @@ def make_predictor(
             raise ConfigError(f"{_asked('onnx', choice.origin)} runs in fp32 on ONNX Runtime; drop --precision "
                               f"{precision}{_or_unset(choice.origin)}")
         data, cached = cached_onnx(checkpoint, sha256)
-        return OnnxPredictor(data, device=device), BackendChoice("onnx", f"{choice.reason}; {cached}", choice.origin)
+        return OnnxPredictor(data, device=device), replace(choice, reason=f"{choice.reason}; {cached}")
     # Folding is exact up to float rounding (benchmarks/RESULTS.md) and the compiled graph folds by itself.
     predictor = TorchPredictor(checkpoint, device=device, precision=precision, compile=compile, fold=not compile)
     return predictor, choice
+
+
+def precision_warning(predictor: Predictor) -> str | None:
+    """A warning when a model with a threshold rule runs in reduced precision (an explicit ``--precision bf16``):
+    its decisions near the threshold may differ from those its validation figures describe."""
+    op = _rule_of(predictor)
+    precision = predictor.runtime.precision if isinstance(predictor, TorchPredictor) else "fp32"
+    if op.rule == "argmax" or precision == "fp32":
+        return None
+    return (f"warning: the model decides by {op.name} (COVID-19 when p_{op.positive_class} >= {op.threshold:.4g}), "
+            f"a threshold chosen and validated on fp32 probabilities; {precision} moves a probability by up to about "
+            "0.1, so images near the threshold may be decided otherwise than its validation sensitivity and "
+            f"specificity say. Drop --precision {precision} (auto runs such a model in fp32) for the documented rule")
+
+
+def _rule_of(source: Checkpoint | Predictor) -> OperatingPoint:
+    """The operating point a checkpoint or a loaded predictor carries (argmax when none)."""
+    if isinstance(source, Checkpoint):
+        return OperatingPoint.from_dict(source.operating_point)
+    checkpoint = getattr(source, "checkpoint", None)
+    return _rule_of(checkpoint) if checkpoint is not None else OperatingPoint()
 
 
 def _asked(backend: str, origin: str) -> str:
@@ -211,12 +284,15 @@ def _or_unset(origin: str) -> str:
 
 
 def load_model(
-    path: str | os.PathLike[str], settings: InferenceSettings = InferenceSettings(), *, compile: bool = False
+    path: str | os.PathLike[str], settings: InferenceSettings = InferenceSettings(), *, compile: bool = False,
+    follow_rule: bool = False,
 ) -> LoadedModel:
     """Open ``path`` (checkpoint or ONNX file) on ``settings.backend`` (default auto: :func:`choose_backend` for a
     checkpoint, ONNX Runtime for an ONNX file); ``settings.batch_size`` is the caller's to use.
 
     ``compile``: run the PyTorch network through ``torch.compile`` (see :class:`TorchPredictor`).
+    ``follow_rule``: the caller decides by the model's operating point (``predict``, ``serve``), so a checkpoint
+    with a threshold rule runs in fp32 under ``--precision auto`` (see :func:`make_predictor`).
     """
     path = Path(path)
     if not path.is_file():
@@ -224,7 +300,7 @@ def load_model(
     if model_file_kind(path) == "onnx":
         return _load_onnx_file(path, settings, compile=compile)
     sha, ckpt = file_sha256(path), load_checkpoint(path)
-    predictor, choice = make_predictor(ckpt, sha, settings, compile=compile)
+    predictor, choice = make_predictor(ckpt, sha, settings, compile=compile, follow_rule=follow_rule)
     return LoadedModel(predictor, ckpt.network, sha, ckpt, choice)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from covid_cxr.data.names import display_path
 from covid_cxr.data.sources.folder import (
     FOLDER_NAMED_LIKE_IMAGE,
+    IMAGE_SUFFIXES,
     named_like_image,
     not_a_file,
     scan_folder,
@@ -44,6 +45,7 @@ class Inputs:
     missing: list[tuple[str, str]] = field(default_factory=list)  # (what the user typed, reason)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (path found, why it is not read)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path found, kind of SKIPPED_KINDS)
+    folders: list[Path] = field(default_factory=list)  # the folders walked
 
     @property
     def failures(self) -> list[tuple[str, str]]:
@@ -54,6 +56,20 @@ class Inputs:
     def notes(self) -> list[str]:
         """One line per kind of file passed over, names printable."""
         return skipped_notes([(display_path(p), kind) for p, kind in self.skipped])
+
+    def nothing_found(self) -> bool:
+        """True when the inputs name no file to read and nothing that failed: folders without one image file."""
+        return not self.files and not self.missing and not self.refused
+
+    def nothing_found_message(self, typed: Iterable[str | os.PathLike[str]]) -> str:
+        """Where no image file was found, what was looked for, and what the folders held instead."""
+        where = ", ".join(display_path(Path(p)) for p in typed)
+        others = [f for folder in self.folders for f in _files_under(folder)]
+        held = f"{len(others)} other file{'s' if len(others) != 1 else ''} passed over"
+        if others:
+            held += ": " + ", ".join(display_path(f) for f in others[:3]) + (", ..." if len(others) > 3 else "")
+        return (f"no image files found in {where} (looked for {' '.join(sorted(IMAGE_SUFFIXES))} in any case, files "
+                f"without a suffix and DICOMs named by their UID; {held}); give the folder that holds the X-rays")
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> Inputs:
@@ -72,6 +88,7 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> Inputs:
         if reason is None:
             add(path)
         elif path.is_dir() and (typed or not named_like_image(path.name)):
+            out.folders.append(path)
             scan = scan_folder(path)
             out.refused += scan.refused
             out.skipped += scan.skipped
@@ -94,3 +111,8 @@ def expand_inputs(paths: Iterable[str | os.PathLike[str]]) -> Inputs:
         for m in matches:
             take(Path(m), typed=False)
     return out
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (links to folders not followed), in sorted order."""
+    return sorted(Path(root) / name for root, _, names in os.walk(folder) for name in names)

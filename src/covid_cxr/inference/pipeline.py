@@ -27,10 +27,11 @@ import numpy as np
 from covid_cxr.data.images import load_image, resize_gray
 from covid_cxr.data.names import display_path
 from covid_cxr.errors import ImageDecodeError
-from covid_cxr.gradcam import COMBINED, GradCam, save_overlay
+from covid_cxr.gradcam import GradCam, save_overlay
 from covid_cxr.inference.inputs import Inputs
 from covid_cxr.inference.protocol import Predictor
 from covid_cxr.inference.sink import PredictionSink
+from covid_cxr.labels import DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint, of_predictor
 from covid_cxr.preprocess import Preprocessing
 from covid_cxr.progress import progress_bar
@@ -79,11 +80,30 @@ class Classifier:
         probs = self.predictor.predict_proba(images)
         return Classified(probs, self.decision.decide(probs, self.classes))
 
+    def decided_by(self) -> dict[str, object]:
+        """What decides the class, for a response or a page: the rule, its threshold on which class, and a line
+        saying it (with a threshold rule the class need not be the most probable one)."""
+        op = self.decision
+        return {"rule": op.name, "threshold": op.threshold,
+                "positive_class": None if op.rule == "argmax" else op.positive_class, "text": decision_line(op)}
+
+
+def decision_line(op: OperatingPoint) -> str:
+    """``decided by sensitivity=0.95: COVID-19 when p(COVID-19) >= 0.2, otherwise ...``: what the page and
+    ``serve`` show under a prediction."""
+    if op.rule == "argmax":
+        return "decided by argmax: the class with the highest probability"
+    name = DISPLAY_NAMES.get(op.positive_class, op.positive_class)
+    return (f"decided by {op.name}: {name} when p({name}) >= {op.threshold:.3g}, otherwise the more probable "
+            "of the other classes")
+
 
 class Overlays:
-    """Grad-CAM overlay PNGs for a ``predict`` run: ``<stem>.png`` per image (``<stem>-2.png``, ``-3`` ... when that
-    name is taken in this run, also by a file whose own stem is ``<stem>-2``), and ``<stem>.<backbone>.png`` per
-    backbone of a network with several."""
+    """Grad-CAM overlay PNGs for a ``predict`` run: ``<stem>.png`` per image and, for a network with several
+    backbones, ``<stem>.<backbone>.png`` per backbone. When any of those names is taken in this run (by a file of
+    the same stem in another folder, or by another file's backbone map: ``x.xception.png`` is both the map of
+    ``x.png`` and the overlay of ``x.xception.png``), the stem becomes ``<stem>-2``, ``-3`` ..., the first whose
+    every name is free."""
 
     def __init__(self, cam: GradCam, folder: Path, *, target: str | None = None, method: str | None = None) -> None:
         self.cam = cam.with_method(method) if method else cam
@@ -91,30 +111,41 @@ class Overlays:
             self.cam.class_index(target)  # refuse a bad class name before any work
         self.folder = folder
         self.target = target or None  # None: explain the class decided for each image
+        self.backbones = tuple(self.cam.layers) if len(self.cam.layers) > 1 else ()
         self._taken: set[str] = set()
 
-    def write(self, images: np.ndarray, paths: list[Path], decided: np.ndarray) -> None:
-        """The overlays of a batch of model-sized images, ``GRADCAM_BATCH`` backward passes at a time."""
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The prediction rows' columns naming the files: ``overlay`` and one ``overlay_<backbone>`` per backbone."""
+        return ("overlay", *(f"overlay_{b}" for b in self.backbones))
+
+    def write(self, images: np.ndarray, paths: list[Path], decided: np.ndarray) -> list[tuple[Path, ...]]:
+        """The overlays of a batch of model-sized images, ``GRADCAM_BATCH`` backward passes at a time; per image,
+        the files written, in the order of :attr:`columns`."""
         targets: list[int | str] = [self.target or int(k) for k in decided]
+        written: list[tuple[Path, ...]] = []
         for start in range(0, len(images), GRADCAM_BATCH):
             chunk = slice(start, start + GRADCAM_BATCH)
             for path, image, result in zip(paths[chunk], images[chunk], self.cam(images[chunk], targets[chunk])):
-                stem = self._free_stem(path.stem)
-                save_overlay(self.folder / f"{stem}.png", image, result.map)
-                if len(result.maps) > 1:
-                    for layer, heat in result.maps.items():
-                        if layer != COMBINED:
-                            save_overlay(self.folder / f"{stem}.{layer}.png", image, heat)
+                files = tuple(self.folder / name for name in self._free_names(path.stem))
+                save_overlay(files[0], image, result.map)
+                for file, backbone in zip(files[1:], self.backbones):
+                    save_overlay(file, image, result.maps[backbone])
+                written.append(files)
+        return written
 
+    def _names(self, stem: str) -> list[str]:
+        return [f"{stem}.png", *(f"{stem}.{b}.png" for b in self.backbones)]
 
-    def _free_stem(self, stem: str) -> str:
-        """``stem``, or ``stem-2``, ``stem-3`` ...: the first not yet written in this run."""
-        name, k = stem, 1
-        while name in self._taken:
+    def _free_names(self, stem: str) -> list[str]:
+        """The file names of ``stem``, or of ``stem-2``, ``stem-3`` ...: the first none of whose names this run
+        has written or reserved."""
+        names, k = self._names(stem), 1
+        while self._taken.intersection(names):
             k += 1
-            name = f"{stem}-{k}"
-        self._taken.add(name)
-        return name
+            names = self._names(f"{stem}-{k}")
+        self._taken.update(names)
+        return names
 
 
 def predict_inputs(
@@ -125,14 +156,17 @@ def predict_inputs(
     batch_size: int = 16,
     workers: int = 2,
     overlays: Overlays | None = None,
+    model_sha256: str = "",
 ) -> PredictionSink:
-    """A row per input to ``out`` (.csv or .json; None: stdout), refusals first, then the files in order.
+    """A row per input to ``out`` (.csv or .json; None: stdout), refusals first, then the files in order; each
+    prediction names the rule that decided it and ``model_sha256``, the model file that made it.
 
     The summary (where the rows went, every refusal with its reason, the counts) goes to stderr also when
     the run is interrupted, after the output is closed with what was done.
     """
     width = max((len(display_path(f)) for f in inputs.files), default=4)
-    sink = PredictionSink(out, classifier.classes, path_width=width)
+    sink = PredictionSink(out, classifier.classes, path_width=width, decision=classifier.decision,
+                          model_sha256=model_sha256, overlay_columns=overlays.columns if overlays else ())
     complete = False
     try:
         for path, reason in inputs.failures:
@@ -192,18 +226,21 @@ def predict_files(
 
 def _predict_batch(classifier: Classifier, paths: list[Path], decoded: list[np.ndarray | str], sink: PredictionSink,
                    overlays: Overlays | None) -> None:
-    """One batch's rows in input order (refusals where they fell), its overlays, then a flush."""
+    """One batch's overlays, then its rows in input order (refusals where they fell), then a flush."""
     good = [(path, image) for path, image in zip(paths, decoded) if isinstance(image, np.ndarray)]
     stack = np.stack([image for _, image in good]) if good else None
     answer = classifier(stack) if stack is not None else None
-    found = iter(answer.rows() if answer is not None else [])
+    rows = answer.rows() if answer is not None else []
+    files: list[tuple[Path, ...]] = [()] * len(rows)
+    if stack is not None and answer is not None and overlays is not None:
+        files = overlays.write(stack, [path for path, _ in good], answer.decided)
+    found = iter(zip(rows, files))
     for path, image in zip(paths, decoded):
         if isinstance(image, str):
             sink.fail(display_path(path), image)
         else:
-            sink.add(display_path(path), *next(found))
-    if stack is not None and answer is not None and overlays is not None:
-        overlays.write(stack, [path for path, _ in good], answer.decided)
+            (probs, decided), written = next(found)
+            sink.add(display_path(path), probs, decided, [display_path(f) for f in written])
     sink.flush()
 
 

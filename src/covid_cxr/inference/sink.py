@@ -1,7 +1,10 @@
 """Where ``predict`` puts its rows: written as the run goes, so an interrupt keeps what was done.
 
 One row per input, in input order: a prediction (``path``, ``class``, one ``p_<class>`` per
-output) or a refusal (``path`` and ``error``, the reason). A CSV is flushed after every batch, so
+output, the ``rule`` and ``threshold`` that decided the class, the model file's ``model_sha256`` and, with
+Grad-CAM, the ``overlay`` file(s) written for it) or a refusal (``path``, ``model_sha256`` and ``error``, the
+reason). The class is the operating point's, which with a threshold rule need not be the largest
+probability: the rule beside it says why. A CSV is flushed after every batch, so
 even a killed run leaves every finished row on disk; a JSON document streams its predictions
 and is closed (with ``"complete": false``) when the run is interrupted; the terminal gets each
 batch as it is done. Paths are printable whatever bytes the file name holds
@@ -14,10 +17,12 @@ import csv
 import json
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from covid_cxr.data.names import printable
+from covid_cxr.operating_point import OperatingPoint
 
 SUFFIXES = (".csv", ".json")
 
@@ -25,11 +30,19 @@ SUFFIXES = (".csv", ".json")
 class PredictionSink:
     """Rows to a .csv or .json file (``out``), or to stdout as an aligned table (``out=None``)."""
 
-    def __init__(self, out: Path | None, classes: tuple[str, ...], *, path_width: int = 4) -> None:
+    def __init__(self, out: Path | None, classes: tuple[str, ...], *, path_width: int = 4,
+                 decision: OperatingPoint | None = None, model_sha256: str = "",
+                 overlay_columns: Sequence[str] = ()) -> None:
+        """``decision``: the rule the classes are decided by (argmax when None); ``overlay_columns``: the
+        names of the overlay files' columns (``overlay``, one per backbone after it), none without Grad-CAM."""
         if out is not None and out.suffix.lower() not in SUFFIXES:
             raise ValueError(f"--out must end in .csv or .json; got {out}")
         self.out = out
         self.classes = classes
+        decision = decision or OperatingPoint()
+        self.rule, self.threshold = decision.name, decision.threshold
+        self.model_sha256 = model_sha256
+        self.overlay_columns = tuple(overlay_columns)
         self.counts: Counter[str] = Counter()
         self.failed: list[tuple[str, str]] = []
         self._width = max(path_width, 4)
@@ -47,28 +60,34 @@ class PredictionSink:
                 self._fh.write('{\n  "predictions": [')
             else:
                 self._csv = csv.writer(self._fh)
-                self._csv.writerow(["path", "class", *(f"p_{c}" for c in classes), "error"])
+                self._csv.writerow(["path", "class", *(f"p_{c}" for c in classes), "rule", "threshold",
+                                    "model_sha256", *self.overlay_columns, "error"])
         self._fh.flush()
 
     @property
     def predicted(self) -> int:
         return sum(self.counts.values())
 
-    def add(self, path: str, probs: Any, decided: int | None = None) -> None:
+    def add(self, path: str, probs: Any, decided: int | None = None, overlays: Sequence[str] = ()) -> None:
         """One prediction: ``probs`` in the order of :attr:`classes`; ``decided``, the class index the
-        model's operating point chose (argmax when ``None``)."""
+        model's operating point chose (argmax when ``None``); ``overlays``, its Grad-CAM files, in the order of
+        :attr:`overlay_columns`."""
         path = printable(path)
         values = [float(v) for v in probs]
         best = self.classes[int(decided) if decided is not None else max(range(len(values)), key=values.__getitem__)]
         self.counts[best] += 1
+        written = dict(zip(self.overlay_columns, (printable(o) for o in overlays)))
         if self.out is None:
             print(f"{path:<{self._width}}  {best:<9}  " + "  ".join(f"{v:>11.4f}" for v in values), file=self._fh)
         elif self._json:
-            row = {"path": path, "class": best, **{f"p_{c}": v for c, v in zip(self.classes, values)}}
+            row = {"path": path, "class": best, **{f"p_{c}": v for c, v in zip(self.classes, values)},
+                   "rule": self.rule, "threshold": self.threshold, "model_sha256": self.model_sha256, **written}
             self._fh.write(("\n    " if self._first_json_row else ",\n    ") + json.dumps(row))
             self._first_json_row = False
         else:
-            self._csv.writerow([path, best, *(repr(v) for v in values), ""])
+            threshold = "" if self.threshold is None else repr(self.threshold)
+            self._csv.writerow([path, best, *(repr(v) for v in values), self.rule, threshold, self.model_sha256,
+                                *(written.get(c, "") for c in self.overlay_columns), ""])
 
     def fail(self, path: str, reason: str) -> None:
         """One refused input, named with its reason."""
@@ -77,7 +96,8 @@ class PredictionSink:
         if self.out is None:
             print(f"{path:<{self._width}}  error: {reason}", file=self._fh)
         elif not self._json:  # a JSON document lists the refusals after the predictions, at close
-            self._csv.writerow([path, "", *([""] * len(self.classes)), reason])
+            self._csv.writerow([path, "", *([""] * len(self.classes)), "", "", self.model_sha256,
+                                *([""] * len(self.overlay_columns)), reason])
 
     def flush(self) -> None:
         """End of a batch: what is written so far reaches the file."""

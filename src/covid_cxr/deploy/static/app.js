@@ -11,7 +11,8 @@ function showError(message) {
   $("status").textContent = "";
 }
 
-function renderBars(probabilities) {
+// The bars; with a threshold rule, a mark on the thresholded class's bar where the rule puts its line.
+function renderBars(probabilities, decision) {
   const bars = $("bars");
   bars.replaceChildren();
   for (const [key, p] of Object.entries(probabilities)) {
@@ -23,6 +24,14 @@ function renderBars(probabilities) {
     fill.className = `bar-fill ${key}`;
     fill.style.width = `${(100 * p).toFixed(1)}%`;
     track.append(fill);
+    if (decision && decision.threshold !== null && key === decision.positive_class) {
+      const mark = document.createElement("div");
+      mark.className = "bar-threshold";
+      mark.dataset.threshold = String(decision.threshold);
+      mark.style.left = `${(100 * Math.min(decision.threshold, 1)).toFixed(1)}%`;
+      mark.title = `threshold ${(100 * decision.threshold).toFixed(1)}% (${decision.rule})`;
+      track.append(mark);
+    }
     const value = document.createElement("span");
     value.className = "bar-value";
     value.dataset.class = key;
@@ -31,10 +40,21 @@ function renderBars(probabilities) {
   }
 }
 
+// "int8 (agreement with fp32 99.7% on 300 images, decided by argmax)", or the precision alone.
+function describePrecision(m) {
+  if (!m.int8) return m.precision;
+  const check = m.int8.agreement_pct === null || m.int8.agreement_pct === undefined ? "not checked against fp32"
+    : `agreement with fp32 ${m.int8.agreement_pct}% on ${m.int8.check_images} images` +
+      (m.int8.decision_rule ? `, decided by ${m.int8.decision_rule}` : "");
+  return `int8 (${check})`;
+}
+
 function render(result, file) {
   $("predicted-class").textContent = result.label;
   $("predicted-class").dataset.class = result.class;
-  renderBars(result.probabilities);
+  $("decision-rule").textContent = result.decision.text;
+  $("decision-rule").dataset.rule = result.decision.rule;
+  renderBars(result.probabilities, result.decision);
   if (result.heatmap) {
     $("heatmap").src = `data:image/png;base64,${result.heatmap.png_base64}`;
     $("heatmap-caption").textContent =
@@ -52,8 +72,8 @@ function render(result, file) {
     $("preview-figure").hidden = false;
   }
   const m = result.model;
-  $("model-info").textContent =
-    `Model ${m.version} (${m.backend}, ${m.image_size}x${m.image_size} input, covid-cxr ${m.covid_cxr_version})`;
+  $("model-info").textContent = `Model ${m.version} (${m.backend}, ${describePrecision(m)}, ` +
+    `${m.image_size}x${m.image_size} input, covid-cxr ${m.covid_cxr_version})`;
   $("result").hidden = false;
 }
 
@@ -116,6 +136,11 @@ function setUp() {
       $("heatmap-toggle").checked = false;
       $("heatmap-toggle").disabled = true;
     }
+    const m = health.model;
+    const served = $("served-model");
+    served.textContent = `Serving ${m.version} on ${m.backend}, ${describePrecision(m)}; ${health.decision.text}.`;
+    served.classList.toggle("int8", Boolean(m.int8));
+    served.dataset.precision = m.precision;
   }).catch(() => showError("The server does not answer /health."));
 }
 
