@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from covid_cxr import runtime
 from covid_cxr.cli import main
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
 from covid_cxr.data.prepared import PreparedData
@@ -87,6 +89,33 @@ def test_calibrate_chooses_on_fp32_probabilities_even_when_bf16_is_asked(data: P
                           out_dir=tmp_path / "ev")
     assert result.info["operating_point"]["threshold"] == pytest.approx(expected.threshold, abs=1e-5)
     assert "bf16" in result.info["runtime"]
+
+
+@pytest.mark.slow
+def test_evaluate_applies_a_threshold_rule_to_fp32_probabilities_under_auto(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """On a bf16 CPU (stood in, as tests/test_deploy_review.py does) auto evaluates an argmax model in bf16, and a
+    threshold rule, given or stored, on fp32 probabilities: the ones it was chosen on, as predict and serve do."""
+    monkeypatch.delenv("COVID_CXR_BACKEND", raising=False)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(runtime, "_onednn_supports_bf16", lambda: True)
+    run = _run(tmp_path / "run", data)
+    auto = InferenceSettings(device="cpu")
+    argmax = evaluate_run(run, auto, n_boot=0, progress=False, compile="off", out_dir=tmp_path / "argmax")
+    assert "bf16" in argmax.info["runtime"]
+    calibrate(run, "sensitivity=0.95", FP32_CPU, progress=False)
+    for given in (None, "youden"):
+        ruled = evaluate_run(run, auto, operating_point=given, n_boot=0, progress=False, compile="off",
+                             out_dir=tmp_path / f"ruled-{given}")
+        assert "bf16" not in ruled.info["runtime"] and "fp32" in ruled.info["runtime"], ruled.info["runtime"]
+        table = pd.read_csv(tmp_path / f"ruled-{given}" / "predictions.csv")
+        ckpt = load_checkpoint(run / "best.pt")
+        cache = PreparedData(data).cache(SIZE)
+        exact = TorchPredictor(ckpt, device="cpu", precision="fp32").predict_proba(
+            cache.images[cache.rows(table["image_id"])])
+        got = table[[f"p_{c}" for c in ckpt.classes]].to_numpy()
+        np.testing.assert_allclose(got, exact, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -213,7 +213,7 @@ def evaluate_external(
     name = safe_name(name or default_name(external))
     out = Path(out_dir) if out_dir is not None else output_dir(path, run_dir, name)
     replaced = replaced_set(out, external, name, explicit)
-    loaded = load_model(path, settings)
+    loaded = load_model(path, settings, follow_rule=True)  # a threshold rule decides on fp32, as it was chosen
     predictor = loaded.predictor
     op = of_predictor(predictor)
     frame, prepared = read_external(external)

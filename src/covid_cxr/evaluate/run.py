@@ -13,7 +13,9 @@ chooses a rule on the validation split and stores it in the checkpoint.
 
 A rule is always chosen on fp32 probabilities (ONNX Runtime or PyTorch fp32, whatever ``--precision``
 the rest of the job runs in): bf16 moves a probability near a threshold by up to ~0.1, so a threshold
-chosen in bf16 would not describe the fp32 model that ``export`` ships. Where the validation split shares
+chosen in bf16 would not describe the fp32 model that ``export`` ships. A threshold rule is also applied
+to fp32 probabilities under ``--precision auto`` (as ``predict`` and ``serve`` apply it); an explicit
+``--precision bf16`` evaluates in bf16. Where the validation split shares
 images with the test split (``--protocol paper``), choosing is refused unless asked for explicitly, and
 then every output says so.
 """
@@ -314,6 +316,9 @@ def evaluate_run(
                                   allow_test_overlap=allow_test_overlap)
     else:
         op = OperatingPoint.from_dict(m.ckpt.operating_point)
+    if op.rule != "argmax" and not m.exact and settings.precision == "auto":
+        # The threshold was chosen on fp32 probabilities: decide on them too, as predict and serve do.
+        m = _open(where, data, fold, split, out_dir, replace(settings, precision=FP32), compile="off")
     frame, split_hash, probs, seconds = _split_probs(m, split, batch_size=batch_size, progress=progress, where=where)
     table = decided_table(frame, probs, m.ckpt.classes, op)
     preds = validate_predictions(table, str(tgt.out_dir / "predictions.csv"))
