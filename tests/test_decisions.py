@@ -96,7 +96,8 @@ def test_evaluate_applies_a_threshold_rule_to_fp32_probabilities_under_auto(
         data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """On a bf16 CPU (stood in, as tests/test_deploy_review.py does) auto evaluates an argmax model in bf16, and a
     threshold rule, given or stored, on fp32 probabilities: the ones it was chosen on, as predict and serve do."""
-    monkeypatch.delenv("COVID_CXR_BACKEND", raising=False)
+    for name in ("COVID_CXR_BACKEND", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # a capped oneDNN says no bf16
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(runtime, "_onednn_supports_bf16", lambda: True)
