@@ -26,11 +26,10 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 
-from covid_cxr.config import make_config
+from covid_cxr.cli import main as cli_main
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.models import build_model
 from covid_cxr.runs.checkpoint import load_checkpoint
-from covid_cxr.train import distributed
 from covid_cxr.train.runner import Trainer, epoch_seed
 from tests.test_train_runner import tiny_prepared
 
@@ -62,24 +61,31 @@ def _one_batch(data: Path) -> int:
     return len(PreparedData(data).fold(1).phases[0])  # one uneven global batch a phase: 3 + 2 images
 
 
-def test_torchrun_two_processes_match_one(data: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RUNS/ddp: ``covid-cxr train`` under torchrun (2 ranks, gloo), each rank's BatchNorm buffers gathered after
+    its last validation (RUNS/buffers.json); RUNS/single: the same run in one process."""
+    out = tmp_path_factory.mktemp("runs")
     batch = _one_batch(data)
-    out = tmp_path / "runs"
     for cmd in (
-        [*LAUNCH, "-m", "covid_cxr", *_args(data, out, "ddp", batch)],
+        [*LAUNCH, "-m", "tests.test_train_distributed", str(out / BUFFERS), *_args(data, out, "ddp", batch)],
         [sys.executable, "-m", "covid_cxr", *_args(data, out, "single", batch)],
     ):
-        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(cmd, env=ENV, cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                              timeout=900)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
+    return out
 
-    assert sorted(p.name for p in out.iterdir()) == ["ddp", "single"]  # rank 1 wrote nothing
-    info = json.loads((out / "ddp" / "run.json").read_text())
+
+def test_torchrun_two_processes_match_one(runs: Path) -> None:
+    assert sorted(p.name for p in runs.iterdir()) == sorted([BUFFERS, "ddp", "single"])  # rank 1 wrote nothing
+    info = json.loads((runs / "ddp" / "run.json").read_text())
     assert info["world_size"] == 2 and info["status"] == "finished"
 
     torch.manual_seed(epoch_seed(11, 0, 0))
     start = _flat(build_model("xception", 3, 71, drop_rate=0.0).state_dict())
-    single = _flat(load_checkpoint(out / "single" / "last.pt").model_state)
-    ddp = _flat(load_checkpoint(out / "ddp" / "last.pt").model_state)
+    single = _flat(load_checkpoint(runs / "single" / "last.pt").model_state)
+    ddp = _flat(load_checkpoint(runs / "ddp" / "last.pt").model_state)
     moved = (single - start).norm()
     gap = (ddp - single).norm()
     print(f"torchrun 2 ranks vs 1 process: |w_ddp - w_1| / |w_1 - w_0| = {float(gap / moved):.4f}")
@@ -87,43 +93,37 @@ def test_torchrun_two_processes_match_one(data: Path, tmp_path: Path) -> None:
     assert gap < 0.25 * moved, f"ddp vs single {gap / moved:.3f} of the training step"
 
 
-def test_torchrun_ranks_validate_with_rank_0s_batchnorm_statistics(data: Path, tmp_path: Path) -> None:
-    """A real 2-process run (this file run by torchrun): after it, every rank's buffers are rank 0's, bit for bit."""
-    out = tmp_path / "runs"
-    cmd = [*LAUNCH, "-m", "tests.test_train_distributed", str(data), str(out), str(_one_batch(data))]
-    done = subprocess.run(cmd, env=ENV, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((out / "buffers.json").read_text())
+def test_torchrun_ranks_validate_with_rank_0s_batchnorm_statistics(runs: Path) -> None:
+    """After the run (nothing changes buffers after an epoch's validation), every rank's buffers are rank 0's."""
+    result = json.loads((runs / BUFFERS).read_text())
     assert result["world_size"] == 2 and result["buffers"] > 0
     assert result["moved"] > 0  # training changed the running statistics, so a rank's own would differ
     assert result["max_difference_from_rank_0"] == 0.0
 
 
-def _validate_under_torchrun(data: Path, out: Path, batch: int) -> None:
-    """(One process a rank, under torchrun.) Train 2 epochs; rank 0 writes how far each rank's buffers are from its own.
+def _train_gathering_buffers(buffers_json: Path, argv: list[str]) -> None:
+    """(One process a rank, under torchrun.) ``covid-cxr train ARGV`` as the command line runs it; when the
+    trainer is done, before the process group closes, rank 0 writes how far each rank's buffers are from its own."""
+    run = Trainer.run
 
-    Nothing runs after an epoch's validation that changes buffers, so the buffers at the end are those the last
-    validation scored with.
-    """
-    config = make_config("cpu", data=str(data), network="xception", fold=1, image_size=71, epochs_per_phase=1,
-                         batch_size=batch, precision="fp32", seed=11, drop_rate=0.0, out=str(out), name="buffers",
-                         channels_last=False, device="cpu")  # fmt: skip
-    dist = distributed.init_distributed(config.device)
-    try:
-        trainer = Trainer(config, None, dist, live=False)
+    def run_then_gather(trainer: Trainer) -> Path:
         start = torch.cat([b.double().flatten() for b in trainer.model.buffers()])
-        trainer.run()
+        folder = run(trainer)
         mine = torch.cat([b.double().flatten() for b in trainer.model.buffers()])
-        every = [torch.empty_like(mine) for _ in range(dist.world_size)]
+        every = [torch.empty_like(mine) for _ in range(trainer.dist.world_size)]
         torch_dist.all_gather(every, mine)
-        if dist.is_main:
-            result = {"world_size": dist.world_size, "buffers": len(list(trainer.model.buffers())),
+        if trainer.dist.is_main:
+            result = {"world_size": trainer.dist.world_size, "buffers": len(list(trainer.model.buffers())),
                       "moved": float((mine - start).abs().max()),
                       "max_difference_from_rank_0": max(float((b - every[0]).abs().max()) for b in every)}  # fmt: skip
-            (out / "buffers.json").write_text(json.dumps(result))
-    finally:
-        distributed.shutdown(dist)
+            buffers_json.write_text(json.dumps(result))
+        return folder
+
+    Trainer.run = run_then_gather  # type: ignore[method-assign]
+    sys.exit(cli_main(argv))
 
 
-if __name__ == "__main__":  # run by torchrun from the test above
-    _validate_under_torchrun(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]))
+BUFFERS = "buffers.json"
+
+if __name__ == "__main__":  # run by torchrun from the fixture above
+    _train_gathering_buffers(Path(sys.argv[1]), sys.argv[2:])
