@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 from pydicom.errors import BytesLengthException
 
-import covid_cxr.deploy.calibration as calibration
 import covid_cxr.evaluate.external as external_module
 from covid_cxr.atomic import file_sha256
 from covid_cxr.cli import main
@@ -23,9 +22,15 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources.covidx import read_covidx
 from covid_cxr.data.sources.folder import read_folder
 from covid_cxr.data.splits import SplitSettings
+from covid_cxr.deploy import calibration
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate.external import evaluate_external
-from covid_cxr.evaluate.predictions import predictions_frame, read_predictions, validate_predictions, write_predictions
+from covid_cxr.evaluate.predictions import (
+    predictions_frame,
+    read_predictions,
+    validate_predictions,
+    write_predictions,
+)
 from covid_cxr.evaluate.run import calibrate, evaluate_run
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.labels import CLASSES
@@ -35,6 +40,7 @@ from covid_cxr.runs.evaluations import evaluations
 from covid_cxr.runs.model_card import build_card, facts_from_checkpoint
 from covid_cxr.synth import make_synthetic
 from tests.test_evaluate import SIZE, _checkpoint, _run_folder
+from tests.test_evaluate import data as evaluate_data  # noqa: F401 - test_evaluate's prepared set, shared
 from tests.test_model_card import _checkpoint as header_checkpoint
 
 TORCH = InferenceSettings(device="cpu", precision="fp32", backend="torch")
@@ -43,14 +49,11 @@ NO_INTERNAL = ("no internal test evaluation of this model file (best.pt) at this
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run folder (an untrained resnet50v2 of fold 1 of synthetic data) and its internal test evaluation."""
+def evaluated(evaluate_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    """A run folder (an untrained resnet50v2 of fold 1 of test_evaluate's synthetic data) and its internal test
+    evaluation."""
     root = tmp_path_factory.mktemp("pairing")
-    make_synthetic(root / "raw", seed=1, n_covid=10, n_pneumonia=12, n_normal=10, size=96, workers=1)
-    prepare_dataset(PrepareSettings(out=root / "data", covid_chestxray=root / "raw" / "covid-chestxray-dataset",
-                                    rsna=root / "raw" / "rsna", split=SplitSettings(folds=2, phases=2), image_size=SIZE,
-                                    workers=1), progress=False)
-    run = _run_folder(root / "run", root / "data", 1, PreparedData(root / "data").fold(1).split_hash)
+    run = _run_folder(root / "run", evaluate_data, 1, PreparedData(evaluate_data).fold(1).split_hash)
     evaluate_run(run, TORCH, n_boot=20, progress=False)
     return run
 
