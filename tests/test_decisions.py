@@ -234,3 +234,22 @@ def test_prevalence_class_and_seed_reach_metrics_json(data: Path, tmp_path: Path
     assert main(argv) == 0
     ext = json.loads((tmp_path / "ext" / "metrics.json").read_text())
     assert "normal_ppv_at_prevalence" in ext and "covid_ppv_at_prevalence" not in ext
+
+
+def test_an_fp32_predictor_runs_in_true_fp32_on_a_gpu_too(tmp_path: Path) -> None:
+    """PyTorch lets cuDNN use TF32 for fp32 by default; an fp32 predictor turns it off for its forward pass (the
+    flags are global and read on the GPU; here the hook reads what the forward ran under) and restores it after."""
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "m.pt", "xception", size=SIZE, seed=1))
+    seen: list[tuple[bool, bool]] = []
+    for precision in ("fp32", "bf16"):
+        predictor = TorchPredictor(ckpt, device="cpu", precision=precision)
+        predictor.model.register_forward_hook(
+            lambda *_: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+        before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            predictor.predict_proba(np.zeros((1, SIZE, SIZE), dtype=np.uint8))
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert seen == [(False, False), (True, True)]  # fp32: no TF32; bf16 autocast is left as it is

@@ -22,17 +22,14 @@ then every output says so.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from covid_cxr.atomic import file_sha256, write_json, write_text
 from covid_cxr.data.prepared import ImageCache, PreparedData
@@ -188,17 +185,6 @@ def _split_probs(m: _Model, split: str, *, batch_size: int, progress: bool, wher
     return opened.frame, opened.split_hash, probs, seconds
 
 
-@contextlib.contextmanager
-def exact_fp32() -> Iterator[None]:
-    """CUDA convolutions and matmuls in true fp32 (PyTorch lets cuDNN use TF32 by default), restored after."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def _fp32_model(where: Path, data: Path | None, fold: int | None, settings: InferenceSettings) -> _Model:
     """The checkpoint on an exact fp32 path (ONNX Runtime or PyTorch fp32, never compiled), to choose a rule on."""
     return _open(where, data, fold, "val", None, replace(settings, precision=FP32), compile="off")
@@ -234,8 +220,8 @@ def choose_on_validation(m: _Model, rule: str, *, batch_size: int, progress: boo
     shared, n_test = shared_with_test(m, val, where)
     if shared and not allow_test_overlap:
         raise overlap_refusal(where, m, shared, len(val))
-    with exact_fp32():
-        frame, split_hash, probs, _ = _split_probs(m, "val", batch_size=batch_size, progress=progress, where=where)
+    # m is an exact path: ONNX Runtime, or PyTorch fp32 (true fp32 on a GPU too: TF32 off, see exact_fp32)
+    frame, split_hash, probs, _ = _split_probs(m, "val", batch_size=batch_size, progress=progress, where=where)
     op = choose_from_probs(rule, probs, [normalize_label(v) for v in frame["label"]], m.ckpt.classes)
     record = {**op.validation, "fold": m.target.fold, "split_hash": split_hash, "precision": FP32,
               "backend": m.predictor.backend, "runtime": m.predictor.describe(),

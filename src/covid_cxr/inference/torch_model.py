@@ -7,7 +7,9 @@ that compiles (:meth:`TorchPredictor.warm_up`).
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -61,6 +63,19 @@ def fold_batchnorms(model: torch.nn.Module) -> int:
         model.set_submodule(node.target, torch.nn.Identity())
         folded += 1
     return folded
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """CUDA convolutions and matmuls in true fp32, restored after. PyTorch lets cuDNN use TF32 by default, which
+    rounds inputs to 10 mantissa bits: enough to move a probability across a threshold chosen in fp32. (No effect on
+    a CPU, whose fp32 is always fp32.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 class TorchPredictor:
@@ -146,7 +161,9 @@ class TorchPredictor:
 
     @torch.inference_mode()
     def logits(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        with self.runtime.autocast():
+        """The network's logits; fp32 is true fp32 on a GPU too (see :func:`exact_fp32`)."""
+        exact = exact_fp32() if self.runtime.precision == "fp32" else contextlib.nullcontext()
+        with exact, self.runtime.autocast():
             return self._forward(self.inputs(images)).float()
 
     def predict_proba(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
