@@ -160,15 +160,16 @@ class _Model:
 
 
 def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None,
-          settings: InferenceSettings, *, compile: str, images: int | None = None) -> _Model:
-    """Resolve ``target``, load its checkpoint and prepared data, and make the predictor that runs it."""
+          settings: InferenceSettings, *, compile: str, images: int | None = None, follow_rule: bool = False) -> _Model:
+    """Resolve ``target``, load its checkpoint and prepared data, and make the predictor that runs it
+    (``follow_rule``: decided by the checkpoint's operating point, see :func:`make_predictor`)."""
 
     tgt = resolve_target(Path(target), data, fold, split, out_dir)
     ckpt = load_checkpoint(tgt.checkpoint)
     prepared = PreparedData(tgt.data)
-    compiled = resolve_compile(compile, images or 0, settings)
+    compiled = resolve_compile(compile, images or 0, settings, model=tgt.checkpoint, follow_rule=follow_rule)
     sha256 = file_sha256(tgt.checkpoint)
-    predictor, choice = make_predictor(ckpt, sha256, settings, compile=compiled)
+    predictor, choice = make_predictor(ckpt, sha256, settings, compile=compiled, follow_rule=follow_rule)
     exact = predictor.backend == "onnx" or (
         isinstance(predictor, TorchPredictor) and predictor.runtime.precision == FP32 and not compiled)
     return _Model(tgt, ckpt, prepared, predictor, choice, exact, sha256)
@@ -294,7 +295,12 @@ def evaluate_run(
     where = Path(target)
     tgt = resolve_target(where, data, fold, split, out_dir)
     n_images = len(load_split(PreparedData(tgt.data), tgt.fold, split, tgt.run, where)[0])
-    m = _open(where, data, fold, split, out_dir, settings, compile=compile, images=n_images)
+    # A threshold rule was chosen on fp32 probabilities: under auto it decides on them too, as predict and serve
+    # do (a given rule here; the checkpoint's own through follow_rule).
+    given_threshold = operating_point is not None and parse_rule(operating_point)[0] != "argmax"
+    opened = replace(settings, precision=FP32) if given_threshold and settings.precision == "auto" else settings
+    m = _open(where, data, fold, split, out_dir, opened, compile=compile, images=n_images,
+              follow_rule=operating_point is None)
     batch_size = settings.batch_size
     if operating_point is not None:
         exact = m if m.exact else _fp32_model(where, data, fold, settings)
@@ -302,9 +308,6 @@ def evaluate_run(
                                   allow_test_overlap=allow_test_overlap)
     else:
         op = OperatingPoint.from_dict(m.ckpt.operating_point)
-    if op.rule != "argmax" and not m.exact and settings.precision == "auto":
-        # The threshold was chosen on fp32 probabilities: decide on them too, as predict and serve do.
-        m = _open(where, data, fold, split, out_dir, replace(settings, precision=FP32), compile="off")
     frame, split_hash, probs, seconds = _split_probs(m, split, batch_size=batch_size, progress=progress, where=where)
     table = decided_table(frame, probs, m.ckpt.classes, op)
     preds = validate_predictions(table, str(tgt.out_dir / "predictions.csv"))
