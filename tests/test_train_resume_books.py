@@ -6,14 +6,23 @@ The stopped folder is made from real files of real runs (2 phases x 1 epoch, det
 second epoch starts (last.pt, run.json and log.csv of epoch 1), and beside its last.pt the best.pt that epoch 2 of
 an uninterrupted run writes (the same checkpoint as its last.pt without the training state). That is the folder
 ``kill -9`` leaves after ``_save`` wrote best.pt for an improved epoch 2 and before it wrote last.pt.
+
+Then the run folder's lock (``covid_cxr.runs.lock``): a run that a live process trains is not trained or calibrated
+by another, read with a note, and free again once that process is gone; a result's hash is the file it read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,9 +30,11 @@ import pytest
 import torch
 
 from covid_cxr.config import TrainConfig
-from covid_cxr.evaluate.run import evaluate_run
+from covid_cxr.evaluate.run import calibrate, evaluate_run
 from covid_cxr.inference.settings import InferenceSettings
-from covid_cxr.runs.checkpoint import checkpoint_meta, load_checkpoint, save_checkpoint
+from covid_cxr.operating_point import OperatingPoint
+from covid_cxr.runs.checkpoint import checkpoint_meta, load_checkpoint, load_checkpoint_sha256, save_checkpoint
+from covid_cxr.runs.lock import LOCK_NAME, RunBusyError, being_trained
 from covid_cxr.runs.model_card import build_card, facts_from_checkpoint
 from covid_cxr.train import runner
 from covid_cxr.train.augment import Augmenter
@@ -115,3 +126,149 @@ def test_a_best_pt_the_run_recorded_is_not_taken_again(data: Path, straight: Pat
     final = json.loads((run / "run.json").read_text())
     assert final["status"] == "finished" and final["best_epoch"] == info["best_epoch"]
     assert checkpoint_meta(run / "best.pt")["global_epoch"] == info["best_epoch"]
+
+
+# -- the run folder's lock: one process trains or rewrites a run at a time ---------------------------------------
+
+_HOLDER = """
+import sys
+from covid_cxr.runs.lock import hold_run
+with hold_run(sys.argv[1], "holding it", "wait"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes stdin (or kills the process)
+"""
+
+
+@contextlib.contextmanager
+def held_by_another_process(run: Path) -> Iterator[subprocess.Popen[str]]:
+    """``run``'s lock held by a live process, as a ``covid-cxr train`` of it holds it (by the same code)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _unfinished_copy(straight: Path, where: Path) -> Path:
+    """A copy of the finished run whose run.json says it is still running (resuming it finishes it, training
+    nothing)."""
+    run = shutil.copytree(straight, where)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    return run
+
+
+def _with_rule(path: Path) -> None:
+    """Give the checkpoint a threshold rule as ``calibrate`` stores one (the tiny validation split holds no COVID-19
+    image to choose one on)."""
+    ckpt = load_checkpoint(path)
+    ckpt.operating_point = OperatingPoint(rule="sensitivity", target=0.9, threshold=0.3).to_dict()
+    save_checkpoint(ckpt, path)
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != LOCK_NAME}
+
+
+FP32 = InferenceSettings(batch_size=16, device="cpu", precision="fp32", backend="torch")
+
+
+def test_a_run_being_trained_is_neither_trained_nor_calibrated_again(data: Path, straight: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = _unfinished_copy(straight, tmp_path / "run")
+    _with_rule(run / "best.pt")
+    before = _files(run)
+    with held_by_another_process(run):
+        assert being_trained(run)
+        # A second training of it (`train --resume` while it trains) is refused before it writes anything.
+        with pytest.raises(RunBusyError, match=r"being trained by another process.*wait for it to end"):
+            runner.train_fold(_config(data, tmp_path, "run"), resume=run, live=False)
+        # calibrate would rewrite best.pt under it: refused, and says how to get a calibrated copy instead.
+        with pytest.raises(RunBusyError, match=r"rewriting best\.pt in it.*--out"):
+            calibrate(run, "argmax", FP32, progress=False)
+        assert _files(run) == before
+        # ... which is allowed, as is evaluating it, with a word that best.pt may still change.
+        calibrate(run, "argmax", FP32, out=tmp_path / "calibrated.pt", progress=False)
+        assert load_checkpoint(tmp_path / "calibrated.pt").operating_point is None
+        capsys.readouterr()
+        evaluate_run(run, FP32, n_boot=0, out_dir=tmp_path / "eval", progress=False)
+        assert "still being trained" in capsys.readouterr().err
+        assert _files(run) == before
+    # The process is gone (killed: the operating system released its lock): everything goes ahead.
+    assert not being_trained(run)
+    capsys.readouterr()
+    evaluate_run(run, FP32, n_boot=0, out_dir=tmp_path / "eval2", progress=False)
+    assert "still being trained" not in capsys.readouterr().err
+    calibrate(run, "argmax", FP32, progress=False)
+    assert load_checkpoint(run / "best.pt").operating_point is None  # rewritten in place
+    runner.train_fold(_config(data, tmp_path, "run"), resume=run, live=False)
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_training_holds_its_run_folder_for_as_long_as_it_trains(data: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    run, seen = tmp_path / "new", []
+    seed_epoch = runner.seed_epoch
+
+    def look_from_outside(seed: int, global_epoch: int, augmenter: Augmenter) -> None:
+        # Another process's view while this one trains (this process does not block on its own lock).
+        check = "import sys; from covid_cxr.runs.lock import being_trained; print(being_trained(sys.argv[1]))"
+        seen.append(subprocess.run([sys.executable, "-c", check, str(run)], capture_output=True, text=True,
+                                   check=True).stdout.strip())  # fmt: skip
+        seed_epoch(seed, global_epoch, augmenter)
+
+    monkeypatch.setattr(runner, "seed_epoch", look_from_outside)
+    runner.train_fold(_config(data, tmp_path, "new"), live=False)
+    assert seen == ["True", "True"]
+    assert not being_trained(run)
+    # A new run that fails before it starts leaves nothing behind, not even its lock file or an empty folder.
+    def fail(self: runner.Trainer, last: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner.Trainer, "_build", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.train_fold(_config(data, tmp_path, "failed"), live=False)
+    assert not (tmp_path / "failed").exists()
+
+
+def test_a_checkpoint_replaced_while_it_is_read_keeps_its_own_hash(straight: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A result names the file it evaluated by sha256: the hash and the weights come from one open file, even when
+    training replaces best.pt (by a rename) between the two reads."""
+    path, newer = tmp_path / "best.pt", tmp_path / "newer.pt"
+    shutil.copy(straight / "best.pt", path)
+    first = path.read_bytes()
+    ckpt = load_checkpoint(path)
+    save_checkpoint(replace(ckpt, meta={**ckpt.meta, "global_epoch": 99}), newer)
+    load = torch.load
+
+    def replaced_first(f: object, *args: object, **kwargs: object) -> object:
+        os.replace(newer, path)  # what save_checkpoint does to best.pt, just before the weights are read
+        return load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", replaced_first)
+    read, sha256 = load_checkpoint_sha256(path)
+    assert sha256 == hashlib.sha256(first).hexdigest()
+    assert read.meta["global_epoch"] == ckpt.meta["global_epoch"] != 99
+
+
+def test_a_better_epoch_over_a_calibrated_best_pt_drops_the_rule_with_a_warning(data: Path, straight: Path,
+                                                                                 tmp_path: Path) -> None:  # fmt: skip
+    """A run stopped after epoch 1 and given a decision rule, then resumed: the threshold was chosen on epoch 1's outputs,
+    so the better epoch 2 is saved without it, and the run says to calibrate again."""
+    run = _unfinished_copy(straight, tmp_path / "run")
+    last = load_checkpoint(run / "last.pt")
+    # Stopped after epoch 1 (its record set low, so that epoch 2 is sure to beat it).
+    state = {**last.train_state, "epochs_done": 1, "log_rows": 1, "best_epoch": 1, "best_val_accuracy": -1.0}
+    save_checkpoint(replace(last, train_state=state, meta={**last.meta, "global_epoch": 1}), run / "last.pt")
+    save_checkpoint(replace(last, meta={**last.meta, "global_epoch": 1}), run / "best.pt")
+    _with_rule(run / "best.pt")
+    said = io.StringIO()
+    runner.train_fold(_config(data, tmp_path, "run"), resume=run, stream=said, live=False)
+    assert checkpoint_meta(run / "best.pt")["global_epoch"] == 2
+    assert load_checkpoint(run / "best.pt").operating_point is None
+    assert "decision rule sensitivity=0.9, calibrated for the weights of epoch 1" in said.getvalue()
+    assert any("calibrate" in w for w in json.loads((run / "run.json").read_text())["warnings"])

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from covid_cxr.errors import DataError
 
@@ -169,8 +169,13 @@ def read_json_object(path: PathLike, *, what: str = "a JSON object", fix: str = 
 
 def file_sha256(path: PathLike) -> str:
     """Hex sha256 of a file, read in chunks: identifies exactly which weights a result or a card belongs to."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+        return stream_sha256(fh)
+
+
+def stream_sha256(fh: BinaryIO) -> str:
+    """Hex sha256 of what is left to read in the open binary file ``fh``, read in chunks."""
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(chunk)
     return digest.hexdigest()

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from covid_cxr.atomic import atomic_path, file_sha256
+from covid_cxr.atomic import atomic_path
 from covid_cxr.config import (
     CALIBRATION_COUNT,
     CHECK_COUNT,
@@ -42,7 +42,9 @@ from covid_cxr.deploy.saturation import WEIGHT_SCHEME, cpu_features, describe_cp
 from covid_cxr.errors import ConfigError, DataError, did_you_mean
 from covid_cxr.inference.onnx_model import DEFAULT_OPSET, META_PREFIX, OnnxPredictor
 from covid_cxr.preprocess import Preprocessing
-from covid_cxr.runs.checkpoint import load_checkpoint
+from covid_cxr.runs.checkpoint import load_checkpoint_sha256
+from covid_cxr.runs.folder import BEST, LAST
+from covid_cxr.runs.lock import note_if_training
 from covid_cxr.runs.model_card import write_export_card
 
 Say = Callable[[str], None]
@@ -103,8 +105,9 @@ def export_checkpoint(
     if out.suffix.lower() != ".onnx" or out.resolve() == checkpoint.resolve():
         raise ConfigError(f"--out {out}: an exported model is written to a file ending in .onnx (predict and serve "
                           f"tell formats by it), never over the checkpoint; e.g. --out {checkpoint.with_suffix('.onnx')}")
-    ckpt = load_checkpoint(checkpoint)
-    sha256 = file_sha256(checkpoint)
+    if checkpoint.name in (BEST, LAST):
+        note_if_training(checkpoint.parent, "this export")
+    ckpt, sha256 = load_checkpoint_sha256(checkpoint)
     images = int8_inputs(checkpoint, ckpt.preprocessing, ckpt.classes, int8, say) if int8 else None
     dynamic = dynamic_batch or int8 is not None  # int8 is for throughput: batches of any size
     _remove_stale_int8(int8_path(out), sha256, say)

@@ -22,6 +22,7 @@ then every output says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covid_cxr.atomic import file_sha256, write_json, write_text
+from covid_cxr.atomic import write_json, write_text
 from covid_cxr.data.prepared import ImageCache, PreparedData
 from covid_cxr.errors import ConfigError
 from covid_cxr.evaluate import plots
@@ -49,7 +50,9 @@ from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.labels import CLASSES, normalize_label
 from covid_cxr.operating_point import OperatingPoint, choose_from_probs, parse_rule
 from covid_cxr.progress import progress_bar
-from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint_sha256, save_checkpoint
+from covid_cxr.runs.folder import BEST, LAST, RunFolder
+from covid_cxr.runs.lock import hold_run
 from covid_cxr.runs.resolve import (
     Target,
     load_split,
@@ -165,10 +168,9 @@ def _open(target: Path, data: Path | None, fold: int | None, split: str, out_dir
     (``follow_rule``: decided by the checkpoint's operating point, see :func:`make_predictor`)."""
 
     tgt = resolve_target(Path(target), data, fold, split, out_dir)
-    ckpt = load_checkpoint(tgt.checkpoint)
+    ckpt, sha256 = load_checkpoint_sha256(tgt.checkpoint)
     prepared = PreparedData(tgt.data)
     compiled = resolve_compile(compile, images or 0, settings, model=tgt.checkpoint, follow_rule=follow_rule)
-    sha256 = file_sha256(tgt.checkpoint)
     predictor, choice = make_predictor(ckpt, sha256, settings, compile=compiled, follow_rule=follow_rule)
     exact = predictor.backend == "onnx" or (
         isinstance(predictor, TorchPredictor) and predictor.runtime.precision == FP32 and not compiled)
@@ -239,11 +241,19 @@ def calibrate(target: Path, rule: str, settings: InferenceSettings = InferenceSe
     ``data``/``fold``). ``out`` writes a new checkpoint instead of rewriting. No retraining: only the
     validation split's probabilities are computed, in fp32 whatever ``settings.precision`` says.
     """
-    m = _fp32_model(Path(target), data, fold, settings)
-    op = choose_on_validation(m, rule, batch_size=settings.batch_size, progress=progress, where=Path(target),
-                              allow_test_overlap=allow_test_overlap)
-    m.ckpt.operating_point = None if op.rule == "argmax" else op.to_dict()
-    path = save_checkpoint(m.ckpt, out if out is not None else m.target.checkpoint)
+    target = Path(target)
+    dest = Path(out) if out is not None else (RunFolder(target).best if target.is_dir() else target)
+    home = RunFolder.containing(dest) if dest.name in (BEST, LAST) else None  # the files a training writes
+    hold = contextlib.nullcontext() if home is None else hold_run(
+        home.root, f"rewriting {dest.name} in it",
+        "wait for the training to end (its next best epoch would replace the calibrated file), or write a "
+        "calibrated copy elsewhere with --out")  # fmt: skip
+    with hold:  # no training replaces the file between reading it and writing it back
+        m = _fp32_model(target, data, fold, settings)
+        op = choose_on_validation(m, rule, batch_size=settings.batch_size, progress=progress, where=target,
+                                  allow_test_overlap=allow_test_overlap)
+        m.ckpt.operating_point = None if op.rule == "argmax" else op.to_dict()
+        path = save_checkpoint(m.ckpt, dest)
     return op, path
 
 

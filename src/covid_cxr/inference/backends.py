@@ -46,7 +46,7 @@ from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.models.pretrained import default_cache_dir
 from covid_cxr.operating_point import OperatingPoint
-from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint_sha256
 from covid_cxr.runtime import choose_runtime
 
 BACKEND_ENV = "COVID_CXR_BACKEND"  # the default for --backend (auto when unset)
@@ -299,7 +299,7 @@ def load_model(
         raise CheckpointError(f"{path}: no such model file (a .pt checkpoint or an exported .onnx model)")
     if model_file_kind(path) == "onnx":
         return _load_onnx_file(path, settings, compile=compile)
-    sha, ckpt = file_sha256(path), load_checkpoint(path)
+    ckpt, sha = load_checkpoint_sha256(path)
     predictor, choice = make_predictor(ckpt, sha, settings, compile=compile, follow_rule=follow_rule)
     return LoadedModel(predictor, ckpt.network, sha, ckpt, choice)
 

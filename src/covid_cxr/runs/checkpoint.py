@@ -26,12 +26,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from covid_cxr import __version__
-from covid_cxr.atomic import replace_atomically
+from covid_cxr.atomic import replace_atomically, stream_sha256
 from covid_cxr.errors import CheckpointError
 from covid_cxr.labels import check_classes
 from covid_cxr.models import build_model
@@ -92,12 +92,16 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
     return atomic_torch_save(ckpt.to_dict(), path)
 
 
-def _read(path: Path, map_location: str | torch.device, *, mmap: bool = False) -> dict[str, Any]:
-    """The checkpoint's dict, its format checked; ``mmap`` maps the weights instead of reading them."""
-    if not path.is_file():
+def _read(path: Path, map_location: str | torch.device, *, mmap: bool = False, fh: BinaryIO | None = None
+          ) -> dict[str, Any]:  # fmt: skip
+    """The checkpoint's dict, its format checked; ``mmap`` maps the weights instead of reading them.
+
+    ``fh``: read from this file, open on ``path`` (named in messages), instead of opening ``path``.
+    """
+    if fh is None and not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        data = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        data = torch.load(path if fh is None else fh, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to a user
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -117,10 +121,36 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(_read(Path(path), "cpu", mmap=True).get("meta", {}))
 
 
+def checkpoint_rule(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A checkpoint's stored operating point (None: argmax) without reading its weights."""
+    return _read(Path(path), "cpu", mmap=True).get("operating_point")
+
+
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Read and validate a checkpoint written by :func:`save_checkpoint`."""
     path = Path(path)
-    data = _read(path, map_location)
+    return _checkpoint(path, _read(path, map_location))
+
+
+def load_checkpoint_sha256(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+                           ) -> tuple[Checkpoint, str]:  # fmt: skip
+    """:func:`load_checkpoint`, and the sha256 of the very bytes it read.
+
+    Both come from one open file, so a checkpoint replaced meanwhile (best.pt of a run still training:
+    replaced by a rename, which leaves an open file as it was) cannot pair one epoch's weights with
+    another's hash in a result that names the file it evaluated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as fh:
+        sha256 = stream_sha256(fh)
+        fh.seek(0)
+        return _checkpoint(path, _read(path, map_location, fh=fh)), sha256
+
+
+def _checkpoint(path: Path, data: dict[str, Any]) -> Checkpoint:
+    """The :class:`Checkpoint` a checked checkpoint dict holds."""
     try:
         return Checkpoint(
             network=str(data["network"]),

@@ -19,7 +19,8 @@ from covid_cxr.data.cache import cache_dirname, cache_key, cache_matches, ensure
 from covid_cxr.data.prepared import FoldSplits, ImageCache, PreparedData
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.runs.checkpoint import Checkpoint, checkpoint_meta
-from covid_cxr.runs.folder import RunFolder, RunInfo
+from covid_cxr.runs.folder import BEST, LAST, RunFolder, RunInfo
+from covid_cxr.runs.lock import note_if_training
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
         default_out = target.parent / f"{target.stem}-eval-{split}"
     else:
         raise DataError(f"{target}: no such run folder or checkpoint file")
+    if checkpoint.name in (BEST, LAST):
+        note_if_training(checkpoint.parent, "this result")
     run = training_record(checkpoint, run)
     data = data if data is not None else (Path(run.data) if run.data else None)
     if fold is not None and run.fold is not None and int(fold) != int(run.fold):

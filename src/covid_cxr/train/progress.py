@@ -92,5 +92,5 @@ class Progress:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self.stream.write(text + "\n")
+            self.stream.write(("\r\x1b[2K" if self.live else "") + text + "\n")  # over a live batch line
             self.stream.flush()

@@ -18,6 +18,7 @@ as an uninterrupted one. ``last.pt`` also carries the RNG states, for inspection
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -41,15 +42,18 @@ from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.models.pretrained import load_imagenet_weights
 from covid_cxr.networks import network_entry
+from covid_cxr.operating_point import OperatingPoint
 from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.checkpoint import (
     Checkpoint,
     atomic_torch_save,
     checkpoint_meta,
+    checkpoint_rule,
     load_checkpoint,
     save_checkpoint,
 )
 from covid_cxr.runs.folder import RunFolder, RunInfo, now
+from covid_cxr.runs.lock import hold_run, lock_path
 from covid_cxr.runs.model_card import write_run_card
 from covid_cxr.runtime import Runtime, choose_runtime
 from covid_cxr.train import distributed
@@ -129,7 +133,11 @@ def train_fold(
     dist = distributed.init_distributed(config.device)
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        return Trainer(config, folder, dist, stream=stream, live=live).run()
+        trainer = Trainer(config, folder, dist, stream=stream, live=live)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
         torch.use_deterministic_algorithms(deterministic_before)  # a library call leaves global state as it was
         distributed.shutdown(dist)
@@ -151,6 +159,15 @@ def _new_run_dir(config: TrainConfig) -> Path:
         n += 1
         run_dir = out / f"{base}-{n}"
     return run_dir
+
+
+def _remove_unstarted(root: Path) -> None:
+    """Take back a new run folder that failed before writing anything: its lock file, then the folder if empty."""
+    if RunFolder(root).exists():
+        return
+    lock_path(root).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty
 
 
 def _phase_data(frame: pd.DataFrame, cache: ImageCache, where: str) -> PhaseData:
@@ -194,23 +211,46 @@ class Trainer:
                                                self.config.channels_last)  # fmt: skip
         self.phases, self.val = _load_phases(self.data_root, self.fold, self.cache)
         self.pre = Preprocessing(image_size=self.config.image_size, scaling=self.config.scaling, channels=3)
-        last = self._last_checkpoint(folder)
-        if folder is not None:
-            self._check_resumed_splits(folder, last)
         if folder is None:
             folder = RunFolder(_new_run_dir(self.config))
             self.config = replace(self.config, name=folder.name)
+        self._lock = contextlib.ExitStack()  # the run folder's lock (main process): released by close()
+        self._holds_lock = False
+        try:
+            self._set_up(folder, stream, live)
+        except BaseException:
+            if not self.resuming and self._holds_lock:
+                _remove_unstarted(folder.root)  # while still holding the lock: no one else is using that file
+            self.close()
+            raise
+
+    def _set_up(self, folder: RunFolder, stream: TextIO | None, live: bool | None) -> None:
+        """Everything after the folder is chosen, under its lock: no other process trains or calibrates it."""
+        dist = self.dist
+        if dist.is_main:
+            fix = (f"wait for it to end, or stop it, then continue with --resume {folder.root}" if self.resuming else
+                   "choose another --name, or start again without --name (the next free name is taken)")
+            self._lock.enter_context(hold_run(folder.root, "training it", fix))
+            self._holds_lock = True
+        last = self._last_checkpoint(folder) if self.resuming else None
+        if self.resuming:
+            self._check_resumed_splits(folder, last)
         self.folder = folder
         self.warnings = [w for w in (self.config.scaling_warning(), self._precision_change()) if w]
         for warning in self.warnings if dist.is_main else ():
             print(f"warning: {warning}", file=sys.stderr)
         self._build(last)
         self.best_note = self._best_on_disk() if self.resuming else None
+        self.dropped_rule = self._calibrated_best() if self.resuming and dist.is_main else None
         self.epochs = self.config.epochs_per_phase
         self.total_epochs = len(self.phases) * self.epochs
         self.writer: SummaryWriter | None = None
         self.progress = Progress(self.total_epochs, num_phases=len(self.phases), stream=stream, live=live,
                                  enabled=dist.is_main)  # fmt: skip
+
+    def close(self) -> None:
+        """Release the run folder's lock (idempotent)."""
+        self._lock.close()
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -339,6 +379,23 @@ class Trainer:
                 f"{last} (the run stopped between saving the two): best.pt stays the best so far; training goes on "
                 f"from epoch {self.done + 1}, and an epoch replaces best.pt only by scoring higher")
 
+    def _calibrated_best(self) -> str | None:
+        """The warning to give when a better epoch replaces a best.pt that ``calibrate`` gave a decision rule.
+
+        The rule's threshold was chosen on that epoch's probabilities; carried over to other weights it
+        would no longer hold the sensitivity it promises, so the new best.pt is saved without it (argmax).
+        """
+        if not self.folder.best.is_file():
+            return None
+        stored = checkpoint_rule(self.folder.best)
+        if not stored or stored.get("rule", "argmax") == "argmax":
+            return None
+        rule = OperatingPoint.from_dict(stored).name
+        return (f"best.pt had the decision rule {rule}, calibrated for the weights of epoch "
+                f"{checkpoint_meta(self.folder.best).get('global_epoch', '?')}; the better epoch that replaces it is "
+                f"saved without it (argmax): choose it again for the new weights with 'covid-cxr calibrate "
+                f"{self.folder.root} --operating-point {rule}' once training ends")
+
     # -- the run folder -------------------------------------------------------------------------
 
     def _info(self) -> RunInfo:
@@ -434,6 +491,12 @@ class Trainer:
         ckpt = Checkpoint(self.config.network, CLASSES, self.pre, weights, meta=meta)
         if improved:
             save_checkpoint(ckpt, self.folder.best)
+            if self.dropped_rule:
+                self.progress.message(f"warning: {self.dropped_rule}")
+                self.warnings.append(self.dropped_rule)  # run.json keeps it: the card and report show it
+                self.info = self.info.replace(warnings=list(dict.fromkeys([*(self.info.warnings or []),
+                                                                           self.dropped_rule])))
+                self.dropped_rule = None
         phase = self.phases[phase_idx]
         row = log_row(phase_idx, epoch_idx, self.done, train, val, self.optimizer, len(phase.rows), phase.ids_sha1)
         append_log(self.folder.log, row)

@@ -1,0 +1,105 @@
+"""Who is writing a run folder: the lock ``train`` holds for as long as it trains it.
+
+The main process of ``covid-cxr train`` holds ``RUN/.train.lock`` from the moment it chooses (or
+resumes) the folder until it returns. The operating system releases the lock when the process
+ends, ``kill -9`` included, so a lock file left behind never blocks anything: only a live process
+holds the lock. With it:
+
+- a second ``train`` (``--resume RUN`` while RUN still trains, or two new runs given the same
+  ``--name``) is refused instead of both writing best.pt, last.pt and log.csv;
+- ``calibrate`` rewrites best.pt in place, so it is refused while RUN trains (a later best epoch
+  would replace the calibrated file, or calibrate would put back the older weights it read over
+  the newer best.pt); it holds the lock while it works, so no training starts under it;
+- commands that only read a run (``evaluate``, ``audit``, int8 calibration) say that best.pt may
+  still change: their results name the file they read (its sha256), so none is wrong, only stale.
+
+The lock is :mod:`filelock`'s (``flock`` on POSIX, ``msvcrt.locking`` on Windows), the lock torch
+and Hugging Face use for their caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from covid_cxr.errors import DataError
+
+LOCK_NAME = ".train.lock"
+_held: dict[Path, int] = {}  # run folders this process holds the lock of, with how many holds (nested holds)
+
+
+class RunBusyError(DataError):
+    """Another process is training the run folder."""
+
+
+def lock_path(root: str | Path) -> Path:
+    """The lock file of the run folder ``root``."""
+    return Path(root) / LOCK_NAME
+
+
+def _key(root: str | Path) -> Path:
+    return Path(root).resolve()
+
+
+@contextlib.contextmanager
+def hold_run(root: str | Path, purpose: str, fix: str) -> Iterator[None]:
+    """Hold ``root``'s lock for the ``with`` block; refuse with :class:`RunBusyError` when a live process holds it.
+
+    ``purpose`` says what the caller is about to do and ``fix`` what the user can do instead, for
+    the message. A process that holds the lock already (``demo`` calibrating inside its own
+    training, say) holds it again without waiting on itself.
+    """
+    key = _key(root)
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path(root), timeout=0)  # never wait: a training holds it for hours
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunBusyError(
+            f"{root} is being trained by another process (it holds {lock_path(root)}); {purpose} now would clash "
+            f"with it: {fix}"
+        ) from None
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        lock.release()
+
+
+def being_trained(root: str | Path) -> bool:
+    """True when another live process holds ``root``'s lock (a ``train`` of it is running).
+
+    Never creates a lock file (a run folder may be read-only): no file means no training ever
+    held one. A lock file this process cannot open counts as not held.
+    """
+    path = lock_path(root)
+    if _key(root) in _held or not path.is_file():
+        return False
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    lock.release()
+    return False
+
+
+def note_if_training(root: str | Path, what: str) -> None:
+    """Print a note on stderr when ``root`` is being trained: ``what`` (e.g. "this evaluation") may go stale."""
+    if being_trained(root):
+        print(f"note: {root} is still being trained: its best.pt may be replaced by a better epoch after {what}, "
+              "which names the file it read (sha256); run it again when training ends", file=sys.stderr)
