@@ -12,12 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
-    generate_uid,
-)
+from pydicom.uid import DigitalXRayImageStorageForPresentation
 
 from covid_cxr.cli import main
 from covid_cxr.data.images import decode_image, load_image
@@ -25,6 +20,7 @@ from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources import read_covid_chestxray, read_covidx, read_folder
 from covid_cxr.errors import ImageDecodeError
 from covid_cxr.synth.render import render_chest
+from tests.test_odd_inputs import dicom_file
 
 SIZE = 71
 PER_CLASS = 4
@@ -46,26 +42,10 @@ def _pattern() -> np.ndarray:
 def _dx(path: Path, stored: np.ndarray, photometric: str, shape: str | None, **elements: object) -> Path:
     """An uncompressed DX image (For Presentation) as a CR/DX writer stores it; ``shape`` is its Presentation LUT
     Shape (2050,0020), or None for a writer that leaves it out."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.ViewPosition = "DX", "quirk", "PA"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = stored.dtype.itemsize * 8
-    ds.BitsStored = int(elements.pop("BitsStored", ds.BitsAllocated))
-    ds.HighBit = ds.BitsStored - 1
     if shape is not None:
-        ds.PresentationLUTShape = shape
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    ds.PixelData = np.ascontiguousarray(stored).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+        elements["PresentationLUTShape"] = shape
+    dicom_file(path, stored, photometric=photometric, sop_class=DigitalXRayImageStorageForPresentation,
+               modality="DX", PatientID="quirk", ViewPosition="PA", **elements)  # fmt: skip
     return path
 
 
@@ -96,7 +76,7 @@ def test_a_windowed_12_bit_negative_decodes_with_bone_bright(tmp_path: Path, pho
     """12 bits stored in 16 with a window, as CR plates write them: the inversion follows the window and stretch."""
     chest = render_chest(np.random.default_rng(5), 96, "pneumonia").image[:, :88]
     stored = (4095 - chest.astype(np.uint16) * 16).astype(np.uint16)
-    path = _dx(tmp_path / "cr.dcm", stored, photometric, shape, BitsStored=12, WindowCenter=2048, WindowWidth=4096)
+    path = _dx(tmp_path / "cr.dcm", stored, photometric, shape, bits_stored=12, WindowCenter=2048, WindowWidth=4096)
     img = decode_image(path)
     assert np.corrcoef(img.astype(float).ravel(), chest.astype(float).ravel())[0, 1] > 0.99
     assert np.abs(img.astype(int) - chest).mean() < 4

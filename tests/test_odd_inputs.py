@@ -183,17 +183,19 @@ def test_a_huge_image_is_refused_from_its_header_with_the_fix(tmp_path: Path) ->
 # ---------------------------------------------------------------------------------------------- DICOM
 
 
-def _dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-           signed: bool = False, **elements: object) -> Dataset:
-    """An uncompressed DICOM Part 10 file of ``pixels`` (H, W) or (H, W, 3), with the given elements."""
+def dicom_file(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+               signed: bool = False, sop_class: str = SecondaryCaptureImageStorage, modality: str = "CR",
+               **elements: object) -> Dataset:  # fmt: skip
+    """An uncompressed DICOM Part 10 file of ``pixels`` (H, W) or (H, W, 3) of ``sop_class``, with the given
+    elements (set last: they may replace any of the others)."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "CR", "odd"
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = modality, "odd"
     ds.Rows, ds.Columns = pixels.shape[:2]
     ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
     if pixels.ndim == 3:
@@ -217,7 +219,7 @@ def _odd_dicoms(tmp: Path, chest: np.ndarray) -> dict[str, tuple[Path, np.ndarra
 
     def add(name: str, pixels: np.ndarray, expected: np.ndarray = chest, **kw: object) -> Path:
         path = tmp / f"{name.replace(' ', '_')}.dcm"
-        _dicom(path, pixels, **kw)
+        dicom_file(path, pixels, **kw)
         out[name] = (path, expected)
         return path
 
@@ -258,7 +260,7 @@ def test_the_window_is_applied_before_the_stretch(tmp_path: Path, chest: np.ndar
     """A narrow window clips what lies outside it, as the modality meant the image to be shown."""
     twelve = chest.astype(np.uint16) * 16
     path = tmp_path / "narrow.dcm"
-    _dicom(path, twelve, bits_stored=12, WindowCenter=2048, WindowWidth=1024)
+    dicom_file(path, twelve, bits_stored=12, WindowCenter=2048, WindowWidth=1024)
     img = decode_image(path)
     assert (img[twelve <= 1536] == 0).all() and (img[twelve >= 2560] == 255).all()
     inside = (twelve > 1700) & (twelve < 2400)
@@ -270,7 +272,7 @@ def test_a_jpeg_2000_dicom_decodes_where_a_decoder_is_installed(tmp_path: Path, 
     stream = io.BytesIO()
     Image.fromarray(chest).save(stream, "JPEG2000", irreversible=False)
     path = tmp_path / "j2k.dcm"
-    ds = _dicom(path, chest)
+    ds = dicom_file(path, chest)
     ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
     ds.PixelData = encapsulate([stream.getvalue()])
     ds["PixelData"].VR = "OB"
@@ -285,7 +287,7 @@ def _lossless_dicom(path: Path, chest: np.ndarray) -> str:
     """A JPEG Lossless (process 14) DICOM, as CR and DX modalities store them; returns the words of its refusal:
     no decoder here (pydicom needs pylibjpeg-libjpeg or gdcm for it), or, where one is installed, the stream
     (a header only: no encoder for it is installed either)."""
-    ds = _dicom(path, chest)
+    ds = dicom_file(path, chest)
     ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(64) + b"\xff\xd9"])
     ds["PixelData"].VR = "OB"
@@ -302,7 +304,7 @@ def test_a_compressed_dicom_without_its_decoder_names_the_package(tmp_path: Path
 
 
 def test_dicoms_that_hold_no_picture_are_refused_with_the_reason(tmp_path: Path, chest: np.ndarray) -> None:
-    ds = _dicom(tmp_path / "good.dcm", chest.astype(np.uint16) * 16, bits_stored=12)
+    ds = dicom_file(tmp_path / "good.dcm", chest.astype(np.uint16) * 16, bits_stored=12)
     data = (tmp_path / "good.dcm").read_bytes()
     (tmp_path / "truncated.dcm").write_bytes(data[: len(data) // 2])
     _refused(tmp_path / "truncated.dcm", "truncated")
@@ -317,9 +319,9 @@ def test_dicoms_that_hold_no_picture_are_refused_with_the_reason(tmp_path: Path,
     fileset.add(listed)
     fileset.write(tmp_path / "media")
     _refused(tmp_path / "media" / "DICOMDIR", "a DICOMDIR", "not an image")
-    _dicom(tmp_path / "width0.dcm", chest.astype(np.uint16) * 16, bits_stored=12, WindowCenter=2048, WindowWidth=0)
+    dicom_file(tmp_path / "width0.dcm", chest.astype(np.uint16) * 16, bits_stored=12, WindowCenter=2048, WindowWidth=0)
     _refused(tmp_path / "width0.dcm", "window", "re-export")
-    _dicom(tmp_path / "slope.dcm", chest.astype(np.uint16) * 16, bits_stored=12, RescaleSlope="7.125")
+    dicom_file(tmp_path / "slope.dcm", chest.astype(np.uint16) * 16, bits_stored=12, RescaleSlope="7.125")
     data = (tmp_path / "slope.dcm").read_bytes()
     assert data.count(b"7.125") == 1
     (tmp_path / "slope.dcm").write_bytes(data.replace(b"7.125", b"x7/2y"))  # as a broken export writes it
@@ -394,9 +396,9 @@ def export(tmp_path: Path) -> Path:
         _png(root / label / "series 1" / "deep" / "B.PNG", rng, label)
         (root / label / "._a.png").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00" + bytes(80))
         (root / label / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(40))
-    _dicom(root / "normal" / "1.2.840.113619.2.55.3.4242", render_chest(rng, 96, "normal").image)
+    dicom_file(root / "normal" / "1.2.840.113619.2.55.3.4242", render_chest(rng, 96, "normal").image)
     Image.fromarray(render_chest(rng, 96, "covid").image).save(root / "covid" / "c.TIF")
-    _dicom(root / "covid" / "d.DCM", render_chest(rng, 96, "covid").image)
+    dicom_file(root / "covid" / "d.DCM", render_chest(rng, 96, "covid").image)
     (root / "covid" / "DICOMDIR").write_bytes(bytes(200))
     (root / "__MACOSX" / "covid").mkdir(parents=True)
     (root / "__MACOSX" / "covid" / "._a.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
@@ -449,7 +451,7 @@ def _mix(root: Path, chest: np.ndarray) -> tuple[list[str], dict[str, str], list
     """A folder of everything at once: (good names, refused name -> words of its reason, names skipped)."""
     good = {name: path for name, (path, _) in _odd_images(root / "img", chest).items()}
     good.update({name: path for name, (path, _) in _odd_dicoms(root / "dcm", chest).items()})
-    _dicom(root / "dcm" / "1.2.392.200036.9116.2.6.1.48", chest)  # named by its UID
+    dicom_file(root / "dcm" / "1.2.392.200036.9116.2.6.1.48", chest)  # named by its UID
     Image.new("L", (2, 3)).save(root / "tiny.png")
     (root / "zero.png").write_bytes(b"")
     (root / "notes.png").write_text("finding,covid\n" * 9)
@@ -464,7 +466,7 @@ def _mix(root: Path, chest: np.ndarray) -> tuple[list[str], dict[str, str], list
     nan[0, 0] = np.nan
     Image.fromarray(nan).save(root / "nan.tif")
     reasons["nan.tif"] = "not a finite number"
-    ds = _dicom(root / "nopixels.dcm", chest)
+    ds = dicom_file(root / "nopixels.dcm", chest)
     del ds.PixelData
     ds.save_as(root / "nopixels.dcm", enforce_file_format=True)
     reasons["nopixels.dcm"] = "no pixel data"
