@@ -14,6 +14,7 @@ by another, read with a note, and free again once that process is gone; a result
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -28,13 +29,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from covid_cxr.config import TrainConfig
 from covid_cxr.evaluate.run import calibrate, evaluate_run
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.operating_point import OperatingPoint
 from covid_cxr.runs.checkpoint import checkpoint_meta, load_checkpoint, load_checkpoint_sha256, save_checkpoint
-from covid_cxr.runs.lock import LOCK_NAME, RunBusyError, being_trained
+from covid_cxr.runs.lock import LOCK_NAME, RunBusyError, being_trained, hold_run
 from covid_cxr.runs.model_card import build_card, facts_from_checkpoint
 from covid_cxr.train import runner
 from covid_cxr.train.augment import Augmenter
@@ -272,3 +274,16 @@ def test_a_better_epoch_over_a_calibrated_best_pt_drops_the_rule_with_a_warning(
     assert load_checkpoint(run / "best.pt").operating_point is None
     assert "decision rule sensitivity=0.9, calibrated for the weights of epoch 1" in said.getvalue()
     assert any("calibrate" in w for w in json.loads((run / "run.json").read_text())["warnings"])
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    def no_locks(self: object, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(FileLock, "acquire", no_locks)
+    ran = []
+    with hold_run(tmp_path / "run", "training it", "wait"):
+        ran.append(True)
+    err = capsys.readouterr().err
+    assert ran == [True] and "cannot lock" in err and "No locks available" in err

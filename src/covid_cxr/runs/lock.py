@@ -50,8 +50,9 @@ def hold_run(root: str | Path, purpose: str, fix: str) -> Iterator[None]:
     """Hold ``root``'s lock for the ``with`` block; refuse with :class:`RunBusyError` when a live process holds it.
 
     ``purpose`` says what the caller is about to do and ``fix`` what the user can do instead, for
-    the message. A process that holds the lock already (``demo`` calibrating inside its own
-    training, say) holds it again without waiting on itself.
+    the message. A process that holds the lock already holds it again without refusing itself
+    (a second ``flock`` of the file in one process would). Where the file system cannot lock (some
+    network mounts), a warning says so and the block runs unguarded.
     """
     key = _key(root)
     if key in _held:
@@ -62,20 +63,25 @@ def hold_run(root: str | Path, purpose: str, fix: str) -> Iterator[None]:
             _held[key] -= 1
         return
     Path(root).mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_path(root), timeout=0)  # never wait: a training holds it for hours
+    lock: FileLock | None = FileLock(lock_path(root), timeout=0)  # never wait: a training holds it for hours
     try:
-        lock.acquire()
+        lock.acquire()  # type: ignore[union-attr]
     except Timeout:
         raise RunBusyError(
             f"{root} is being trained by another process (it holds {lock_path(root)}); {purpose} now would clash "
             f"with it: {fix}"
         ) from None
+    except (OSError, NotImplementedError) as exc:  # a file system without locks (some network mounts)
+        print(f"warning: cannot lock {lock_path(root)} ({exc}); going on without it, so another process "
+              f"working on {root} at the same time would not be noticed", file=sys.stderr)
+        lock = None
     _held[key] = 1
     try:
         yield
     finally:
         del _held[key]
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def being_trained(root: str | Path) -> bool:
@@ -92,7 +98,7 @@ def being_trained(root: str | Path) -> bool:
         lock.acquire()
     except Timeout:
         return True
-    except OSError:
+    except (OSError, NotImplementedError):
         return False
     lock.release()
     return False
