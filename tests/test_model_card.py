@@ -132,6 +132,16 @@ def test_card_evaluation_figures_with_intervals(run: Path) -> None:
     assert "| this model | 88.0 [" in covidx
 
 
+def test_an_unreadable_metrics_json_is_left_out_of_the_index_not_a_crash(run: Path) -> None:
+    """A truncated metrics.json (a disk that filled up, a hand edit) costs its own row, never the card, which is
+    written at the end of every training run and by export."""
+    (run / "external-hospital" / "metrics.json").write_text('{"n": 3')
+    header, body = split_front_matter(build_card(facts_from_checkpoint(run / "best.pt"), run))
+    names = [r["dataset"]["name"] for r in header["model-index"][0]["results"]]
+    assert names == ["internal: eval-test", "external: eval-covidx4"]
+    assert "## Evaluation" in body
+
+
 def test_difference_interval_is_newcombe() -> None:
     a = compute_metrics(np.array([[14, 6], [2, 18]]), classes=("covid", "normal"), n_boot=0)
     b = compute_metrics(np.array([[25, 5], [3, 27]]), classes=("covid", "normal"), n_boot=0)

@@ -25,10 +25,10 @@ from tests.test_metrics import predictions_from_confusion
 OUR_NAME = {v: k for k, v in paper.NETWORK_NAMES.items()}
 
 
-def _eval_dir(folder: Path, frame: pd.DataFrame, network: str, fold: int) -> Path:
+def _eval_dir(folder: Path, frame: pd.DataFrame, network: str, fold: int, split: str = "test") -> Path:
     """An evaluation folder as 'evaluate' leaves it, minus the plots (not needed to read it back)."""
     write_predictions(frame, folder / "predictions.csv")
-    info = {"network": network, "fold": fold, "split": "test"}
+    info = {"network": network, "fold": fold, "split": split}
     (folder / "metrics.json").write_text(json.dumps({"evaluation": info}))
     return folder
 
@@ -87,7 +87,7 @@ def test_report_over_five_folds_gives_the_papers_average_rows(tmp_path: Path) ->
         t3 = paper.table3()
         assert summary[slug]["pooled_table3"]["covid_correct"] == t3[t3["network"] == network]["covid_correct"].sum()
     text = (out / "report.md").read_text()
-    assert "paper avg (Concatenated)" in text and "80.53" in text and "35.27" in text
+    assert "paper avg (Concatenated, 5 folds) | mean − paper |" in text and "80.53" in text and "35.27" in text
     assert "Did it learn the disease?" not in text  # no audit results given: no section at all
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page
@@ -100,7 +100,8 @@ def test_report_with_probabilities_embeds_all_plots(tmp_path: Path) -> None:
     path = write_report(runs, tmp_path / "report", network_label="My ResNet", n_boot=50)
     page = path.read_text()
     assert page.count("data:image/png;base64,") == 3  # pooled confusion, ROC, calibration
-    assert "My ResNet" in page and "paper avg (ResNet50V2)" in page
+    assert "My ResNet" in page and "paper avg (ResNet50V2, 5 folds)" in page
+    assert "mean of 2 folds − paper's 5" in (tmp_path / "report" / "report.md").read_text()
     files = sorted(p.name for p in (tmp_path / "report" / "report_files").iterdir())
     assert files == ["resnet50v2-test-calibration.png", "resnet50v2-test-confusion_matrix.png",
                      "resnet50v2-test-roc.png"]
@@ -170,6 +171,24 @@ def test_plots_module_leaves_matplotlib_global_state_alone() -> None:
     code = ("import sys; import covid_cxr.evaluate.plots as p; p.figure_png(p.confusion_figure([[1, 0], [0, 1]], "
             "['covid', 'normal'])); assert 'matplotlib.pyplot' not in sys.modules; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_validation_figures_get_no_paper_column_and_an_undefined_fold_leaves_mean_and_sd_undefined(
+        tmp_path: Path) -> None:  # fmt: skip
+    """The paper's averages are of its test sets; and mean and sd are taken over the same folds: a fold where COVID-19
+    precision is undefined (it never predicts COVID-19) makes both n/a, not the sd of the other folds beside n/a."""
+    frames = [_with_probs((8, 30, 40), seed=k) for k in (1, 2, 3)]
+    frames[1]["pred"] = frames[1]["pred"].replace("covid", "normal")
+    runs = [_eval_dir(tmp_path / f"f{k}", frame, "concat", k, split="val") for k, frame in enumerate(frames, 1)]
+    write_report(runs, tmp_path / "report", n_boot=0)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "paper avg" not in text and "mean − paper" not in text
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())["concat-val"]
+    assert summary["paper_average"] is None
+    assert summary["mean"]["covid_precision"] is None and summary["sd"]["covid_precision"] is None
+    assert summary["sd"]["covid_recall"] is not None  # defined in every fold (0 in fold 2): both are numbers
+    row = next(line for line in text.splitlines() if line.startswith("| COVID-19 precision |"))
+    assert "n/a ± " not in row and " ± n/a" not in row
 
 
 def test_report_on_bare_predictions_files(tmp_path: Path) -> None:

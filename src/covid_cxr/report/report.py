@@ -157,7 +157,8 @@ def summarize(results: Sequence[FoldResult], *, paper_network: str | None = None
         "table3": [{"fold": r.fold, **table3_row(r.preds.confusion())} for r in results],
         "per_fold": per_fold.to_dict(orient="records"),
         "mean": numeric.mean(skipna=False).to_dict(),
-        "sd": numeric.std(ddof=1).to_dict() if len(results) > 1 else {k: math.nan for k in numeric.columns},
+        # Over the same folds as the mean: a fold where a figure is undefined leaves both undefined.
+        "sd": numeric.std(ddof=1, skipna=False).to_dict() if len(results) > 1 else {k: math.nan for k in numeric.columns},
         "pooled": pooled,
         "pooled_table3": table3_row(pooled_preds.confusion()),
         "pooled_table4": table4_row(pooled_preds.confusion()),
@@ -190,7 +191,9 @@ def _rates_table(summary: dict[str, Any], keys: Sequence[str], with_paper: bool)
     """Metrics as rows; folds, mean ± sd, pooled [95% CI] and the paper's average as columns."""
     headers = ["metric", *(f"fold {f}" for f in summary["folds"]), "mean ± sd", "pooled [95% CI]"]
     if with_paper:
-        headers += [f"paper avg ({summary['paper_network']})", "mean − paper"]
+        n = len(summary["folds"])
+        headers += [f"paper avg ({summary['paper_network']}, 5 folds)",
+                    "mean − paper" if n == 5 else f"mean of {n} fold{'s' if n > 1 else ''} − paper's 5"]
     rows = []
     for key in keys:
         values = [r[key] for r in summary["per_fold"]] + [summary["pooled"].get(key, math.nan)]
@@ -410,7 +413,8 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
     for (network, split), members in groups.items():
         members.sort(key=_fold_order)
         label = network_label or paper_network_name(network) or network
-        paper_name = paper_network_name(network_label or "") or paper_network_name(network)
+        # The paper's averages are of its 5 folds' test sets: nothing to set beside validation or external figures.
+        paper_name = (paper_network_name(network_label or "") or paper_network_name(network)) if split == "test" else None
         summary = summarize(members, paper_network=paper_name, n_boot=n_boot)
         slug = f"{network}-{split}"
         title = f"{label} ({split} split, {len(members)} fold{'s' if len(members) > 1 else ''})"

@@ -13,6 +13,7 @@ by ``export``; ``serve`` shows it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,22 +168,27 @@ def front_matter(facts: ModelFacts, sources: list[str], evals: list[dict[str, An
         "metrics": ["accuracy", "recall", "specificity", "precision", "roc_auc"],
         "base_model": base if len(base) > 1 else base[0],
     }
-    if evals:  # the Hub reads evaluation results from here; an empty list would claim there were none to read
-        header["model-index"] = [{"name": f"covid-cxr-{facts.network}", "results": [_index_entry(e) for e in evals]}]
+    results = [entry for entry in map(_index_entry, evals) if entry is not None]
+    if results:  # the Hub reads evaluation results from here; an empty list would claim there were none to read
+        header["model-index"] = [{"name": f"covid-cxr-{facts.network}", "results": results}]
     text = yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
     if yaml.safe_load(text) != header:
         raise ValueError("the model card's front matter does not read back as written")
     return f"---\n{text}---\n"
 
 
-def _index_entry(e: dict[str, Any]) -> dict[str, Any]:
+def _index_entry(e: dict[str, Any]) -> dict[str, Any] | None:
+    """The Hub's model-index entry of one evaluation; None when its metrics.json holds none of the figures
+    (unreadable: the card's body says so)."""
     m, info = e["metrics"], e["info"]
-    metrics = [{"type": "accuracy", "value": round(float(m["accuracy"]), 2), "name": "accuracy (%)"}]
-    for key, kind, label in (("covid_recall", "recall", "COVID-19 sensitivity (%)"),
-                             ("covid_specificity", "specificity", "COVID-19 specificity (%)"),
-                             ("covid_precision", "precision", "COVID-19 PPV (%)")):
-        if isinstance(m.get(key), (int, float)):
-            metrics.append({"type": kind, "value": round(float(m[key]), 2), "name": label})
+    metrics = [{"type": kind, "value": round(float(m[key]), 2), "name": label}
+               for key, kind, label in (("accuracy", "accuracy", "accuracy (%)"),
+                                        ("covid_recall", "recall", "COVID-19 sensitivity (%)"),
+                                        ("covid_specificity", "specificity", "COVID-19 specificity (%)"),
+                                        ("covid_precision", "precision", "COVID-19 PPV (%)"))
+               if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]  # fmt: skip
+    if not metrics:
+        return None
     kind = "not external" if own_text(info.get("own_images")) else "external" if e["external"] else "internal"
     name = f"{kind}: {e['name']}"
     return {"task": {"type": "image-classification", "name": "COVID-19 / pneumonia / normal chest X-ray"},
