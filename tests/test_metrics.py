@@ -121,6 +121,28 @@ def test_bootstrap_by_patient_is_seeded_and_wider_for_duplicated_patients() -> N
     assert (by_patient[1] - by_patient[0]) > 1.5 * (by_image[1] - by_image[0])
 
 
+def test_the_bootstrap_keeps_every_patients_classes_in_every_resample() -> None:
+    """Stratified by the classes of each patient's images: with 2 COVID-19 patients of 40, an unstratified draw has
+    no COVID-19 patient in about 1 resample in 8 (0.95^40), which was dropped while the record still said 1000."""
+    from covid_cxr.evaluate.metrics import _strata, _stratified_draws
+
+    patients = np.repeat(np.arange(40), 3)
+    true = np.where(patients < 2, 0, np.where(patients < 20, 1, 2))
+    true[5] = 2  # patient 1 also has a normal study: a stratum of its own
+    positives = [true == k for k in range(3)]
+    strata = _strata(positives, patients)
+    assert sorted(map(len, strata)) == [1, 1, 18, 20]
+    draws = _stratified_draws(np.random.default_rng(0), strata, 1000)
+    for members in strata:
+        assert (draws[:, members].sum(axis=1) == len(members)).all()
+    with_covid = draws[:, :2].sum(axis=1)
+    assert (with_covid == 2).all()
+    rng = np.random.default_rng(1)
+    scores = rng.random(len(true)) + 0.6 * positives[0]
+    low, high = bootstrap_auc_ci(positives[0], scores, patients, n_boot=1000, seed=0)
+    assert low < roc_auc(positives[0], scores) < high
+
+
 def test_the_bootstraps_own_auc_equals_scikit_learns_on_random_data() -> None:
     # The bootstrap keeps its own AUC for speed (benchmarks/metrics_speed.py); it must be scikit-learn's.
     from sklearn.metrics import roc_auc_score
@@ -209,7 +231,13 @@ def test_binary_figures_read_sensitivity_specificity_ppv_npv_off_the_matrix() ->
     assert (fig.ppv.k, fig.ppv.n) == (25, 105) and (fig.npv.k, fig.npv.n) == (fig.specificity.k, fig.specificity.k + 6)
 
 
-def test_absent_classes_are_listed() -> None:
-    cm = np.array([[0, 0, 0], [1, 5, 0], [0, 2, 7]])
-    assert compute_metrics(cm)["absent_classes"] == ["covid"]
+def test_absent_classes_are_listed_and_their_figures_undefined() -> None:
+    cm = np.array([[0, 0, 0], [1, 5, 0], [0, 2, 7]])  # no COVID-19 image; one pneumonia image called COVID-19
+    m = compute_metrics(cm)
+    assert m["absent_classes"] == ["covid"]
     assert compute_metrics(np.eye(3, dtype=int))["absent_classes"] == []
+    # Recall and F1 of the absent class are undefined (not 0: a model cannot miss a class that is not there),
+    # precision is defined: 0 of its 1 COVID-19 call was right.
+    assert math.isnan(m["covid_recall"]) and math.isnan(m["covid_f1"]) and m["covid_precision"] == 0.0
+    assert any(note.startswith("covid_f1 is undefined") for note in m["notes"])
+    assert m["pneumonia_f1"] == pytest.approx(100 * 2 * 5 / (2 * 5 + 2 + 1))
