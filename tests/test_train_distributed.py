@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,20 +28,22 @@ import torch
 import torch.distributed as torch_dist
 
 from covid_cxr.cli import main as cli_main
+from covid_cxr.config import TrainConfig
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.models import build_model
 from covid_cxr.runs.checkpoint import load_checkpoint
+from covid_cxr.train import runner
 from covid_cxr.train.runner import Trainer, epoch_seed
 from tests.test_train_runner import tiny_prepared
 
 pytestmark = pytest.mark.slow
 
 
-def _args(data: Path, out: Path, name: str, batch: int) -> list[str]:
+def _args(data: Path, out: Path, name: str | None, batch: int) -> list[str]:
     # gloo on the CPU: "auto" on a one-GPU machine would give rank 1 no card
     return ["train", str(data), "--network", "xception", "--preset", "cpu", "--image-size", "71", "--epochs-per-phase",
             "1", "--batch-size", str(batch), "--precision", "fp32", "--seed", "11", "--drop-rate", "0",
-            "--out", str(out), "--name", name, "--no-channels-last",
+            "--out", str(out), *(["--name", name] if name else []), "--no-channels-last",
             "--device", "cpu"]  # fmt: skip
 
 
@@ -63,12 +66,13 @@ def _one_batch(data: Path) -> int:
 
 @pytest.fixture(scope="module")
 def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """RUNS/ddp: ``covid-cxr train`` under torchrun (2 ranks, gloo), each rank's BatchNorm buffers gathered after
-    its last validation (RUNS/buffers.json); RUNS/single: the same run in one process."""
+    """RUNS/ddp/xception-fold1: ``covid-cxr train`` under torchrun (2 ranks, gloo; no --name: the folder is named
+    as it goes), each rank's BatchNorm buffers and run folder gathered after its last validation (RUNS/buffers.json);
+    RUNS/single: the same run in one process."""
     out = tmp_path_factory.mktemp("runs")
     batch = _one_batch(data)
     for cmd in (
-        [*LAUNCH, "-m", "tests.test_train_distributed", str(out / BUFFERS), *_args(data, out, "ddp", batch)],
+        [*LAUNCH, "-m", "tests.test_train_distributed", str(out / BUFFERS), *_args(data, out / "ddp", None, batch)],
         [sys.executable, "-m", "covid_cxr", *_args(data, out, "single", batch)],
     ):
         done = subprocess.run(cmd, env=ENV, cwd=Path(__file__).parents[1], capture_output=True, text=True,
@@ -78,19 +82,27 @@ def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_torchrun_two_processes_match_one(runs: Path) -> None:
-    assert sorted(p.name for p in runs.iterdir()) == sorted([BUFFERS, "ddp", "single"])  # rank 1 wrote nothing
-    info = json.loads((runs / "ddp" / "run.json").read_text())
+    assert sorted(p.name for p in runs.iterdir()) == sorted([BUFFERS, "ddp", "single"])
+    assert [p.name for p in (runs / "ddp").iterdir()] == ["xception-fold1"]  # rank 1 wrote nothing
+    info = json.loads((runs / "ddp" / "xception-fold1" / "run.json").read_text())
     assert info["world_size"] == 2 and info["status"] == "finished"
 
     torch.manual_seed(epoch_seed(11, 0, 0))
     start = _flat(build_model("xception", 3, 71, drop_rate=0.0).state_dict())
     single = _flat(load_checkpoint(runs / "single" / "last.pt").model_state)
-    ddp = _flat(load_checkpoint(runs / "ddp" / "last.pt").model_state)
+    ddp = _flat(load_checkpoint(runs / "ddp" / "xception-fold1" / "last.pt").model_state)
     moved = (single - start).norm()
     gap = (ddp - single).norm()
     print(f"torchrun 2 ranks vs 1 process: |w_ddp - w_1| / |w_1 - w_0| = {float(gap / moved):.4f}")
     assert moved > 0
     assert gap < 0.25 * moved, f"ddp vs single {gap / moved:.3f} of the training step"
+
+
+def test_every_rank_trains_the_folder_rank_0_named(runs: Path) -> None:
+    """A new run's folder is named by rank 0 for all: rank 1, made to look after rank 0 had made its folder, used to
+    take the next free name (xception-fold1-2), so each rank returned (and ``cv`` evaluated) its own folder."""
+    result = json.loads((runs / BUFFERS).read_text())
+    assert result["folders"] == [str(runs / "ddp" / "xception-fold1")] * 2
 
 
 def test_torchrun_ranks_validate_with_rank_0s_batchnorm_statistics(runs: Path) -> None:
@@ -104,7 +116,17 @@ def test_torchrun_ranks_validate_with_rank_0s_batchnorm_statistics(runs: Path) -
 def _train_gathering_buffers(buffers_json: Path, argv: list[str]) -> None:
     """(One process a rank, under torchrun.) ``covid-cxr train ARGV`` as the command line runs it; when the
     trainer is done, before the process group closes, rank 0 writes how far each rank's buffers are from its own."""
-    run = Trainer.run
+    run, name_run_dir = Trainer.run, runner._new_run_dir
+
+    def name_after_rank_0(config: TrainConfig) -> Path:
+        # Rank 1 names its folder only once rank 0's exists (rank 0 makes it as it takes the run's lock), the order
+        # that made the ranks disagree; rank 0 goes on at once. No rank but 0 calls this once it names for all.
+        out, deadline = Path(config.out), time.monotonic() + 60
+        while os.environ.get("RANK", "0") != "0" and not (out.is_dir() and any(out.iterdir())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank 0 made nothing in {out} in 60 s")
+            time.sleep(0.05)
+        return name_run_dir(config)
 
     def run_then_gather(trainer: Trainer) -> Path:
         start = torch.cat([b.double().flatten() for b in trainer.model.buffers()])
@@ -112,14 +134,18 @@ def _train_gathering_buffers(buffers_json: Path, argv: list[str]) -> None:
         mine = torch.cat([b.double().flatten() for b in trainer.model.buffers()])
         every = [torch.empty_like(mine) for _ in range(trainer.dist.world_size)]
         torch_dist.all_gather(every, mine)
+        folders: list[object] = [None] * trainer.dist.world_size
+        torch_dist.all_gather_object(folders, str(folder))
         if trainer.dist.is_main:
             result = {"world_size": trainer.dist.world_size, "buffers": len(list(trainer.model.buffers())),
                       "moved": float((mine - start).abs().max()),
-                      "max_difference_from_rank_0": max(float((b - every[0]).abs().max()) for b in every)}  # fmt: skip
+                      "max_difference_from_rank_0": max(float((b - every[0]).abs().max()) for b in every),
+                      "folders": folders}  # fmt: skip
             buffers_json.write_text(json.dumps(result))
         return folder
 
     Trainer.run = run_then_gather  # type: ignore[method-assign]
+    runner._new_run_dir = name_after_rank_0
     sys.exit(cli_main(argv))
 
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 from covid_cxr.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,15 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     out = tensor.clone()
     torch_dist.all_reduce(out, op=torch_dist.ReduceOp.SUM)
     return out
+
+
+def broadcast_object(obj: T, info: DistInfo) -> T:
+    """Rank 0's ``obj`` on every rank (picklable; ``obj`` itself in a world of one)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

@@ -212,7 +212,7 @@ class Trainer:
         self.phases, self.val = _load_phases(self.data_root, self.fold, self.cache)
         self.pre = Preprocessing(image_size=self.config.image_size, scaling=self.config.scaling, channels=3)
         if folder is None:
-            folder = RunFolder(_new_run_dir(self.config))
+            folder = RunFolder(self._agreed_new_run_dir())
             self.config = replace(self.config, name=folder.name)
         self._lock = contextlib.ExitStack()  # the run folder's lock (main process): released by close()
         self._holds_lock = False
@@ -223,6 +223,24 @@ class Trainer:
                 _remove_unstarted(folder.root)  # while still holding the lock: no one else is using that file
             self.close()
             raise
+
+    def _agreed_new_run_dir(self) -> Path:
+        """The new run's folder, named by rank 0 for every rank (or its refusal, raised on every rank).
+
+        Ranks that named it themselves disagreed: a rank that looked after rank 0 had made the folder
+        took the next free name, so ``train`` returned, and ``cv`` evaluated, a folder nothing wrote.
+        """
+        choice: Path | FileExistsError | None = None
+        if self.dist.is_main:
+            try:
+                choice = _new_run_dir(self.config)
+            except FileExistsError as exc:
+                choice = exc
+        choice = distributed.broadcast_object(choice, self.dist)
+        if isinstance(choice, FileExistsError):
+            raise choice
+        assert choice is not None
+        return choice
 
     def _set_up(self, folder: RunFolder, stream: TextIO | None, live: bool | None) -> None:
         """Everything after the folder is chosen, under its lock: no other process trains or calibrates it."""
