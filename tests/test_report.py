@@ -151,6 +151,32 @@ def test_plots_show_what_they_say(tmp_path: Path) -> None:
     assert plots.figure_png(plots.calibration_figure(preds.true_idx, preds.probs))[:4] == b"\x89PNG"
 
 
+def test_the_roc_mark_says_when_the_decisions_may_lie_off_the_curve() -> None:
+    """A threshold on p(COVID-19) is a point of the COVID-19 curve; argmax, or folds at different thresholds, are
+    not, and the label says so instead of letting the mark read as a point of the curve."""
+    from sklearn.metrics import roc_curve
+
+    from covid_cxr.evaluate.metrics import compute_metrics
+    from covid_cxr.evaluate.run import roc_marks
+    from covid_cxr.operating_point import OperatingPoint
+
+    frame = _with_probs((40, 60, 80), seed=3)
+    probs = frame[[f"p_{c}" for c in CLASSES]].to_numpy()
+    true = frame["label"].map(CLASSES.index).to_numpy()
+    rule = OperatingPoint(rule="sensitivity", target=0.9, threshold=0.3).to_dict()
+    decided = np.array(CLASSES)[OperatingPoint.from_dict(rule).decide(probs, CLASSES)]
+    metrics = compute_metrics(confusion_matrix(frame["label"], decided), n_boot=0)
+    (mark,) = roc_marks(metrics, [rule])
+    fpr, tpr, thresholds = roc_curve(true == 0, probs[:, 0])
+    at = np.flatnonzero(thresholds >= 0.3)[-1]  # the curve's point at that threshold
+    assert (mark.fpr, mark.tpr) == pytest.approx((fpr[at], tpr[at]))
+    assert mark.label.startswith("sensitivity=0.9: sens ") and "off the" not in mark.label
+    argmax = compute_metrics(confusion_matrix(frame["label"], frame["pred"]), n_boot=0)
+    label = roc_marks(argmax, [None])[0].label
+    assert label.startswith("argmax: sens") and "may lie off the curve" in label
+    assert "thresholds differ" in roc_marks(metrics, [rule, None])[0].label
+
+
 def test_write_evaluation_writes_every_file(tmp_path: Path) -> None:
     frame = _with_probs((5, 20, 25), seed=6)
     metrics = write_evaluation(validate_predictions(frame, "t"), tmp_path, {"network": "concat", "fold": 2,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from covid_cxr.inference.backends import make_predictor, resolve_compile
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
-from covid_cxr.labels import CLASSES, normalize_label
+from covid_cxr.labels import CLASSES, DISPLAY_NAMES, normalize_label
 from covid_cxr.operating_point import OperatingPoint, choose_from_probs, parse_rule
 from covid_cxr.progress import progress_bar
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint_sha256, save_checkpoint
@@ -76,14 +77,27 @@ class EvaluationResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def roc_marks(metrics: dict[str, Any], op: dict[str, Any] | None) -> list[plots.RocMark]:
-    """The operating point's place on its class's ROC curve (from the confusion matrix: any rule, argmax too)."""
-    point = OperatingPoint.from_dict(op)
+def roc_marks(metrics: dict[str, Any], ops: Sequence[dict[str, Any] | None]) -> list[plots.RocMark]:
+    """Where the decisions of ``metrics`` fall beside their class's ROC curve (from the confusion matrix).
+
+    ``ops`` are the operating points the decisions were made by: one for an evaluation, one per fold
+    for a pooled report. Only one threshold on the class's probability lies on that class's curve;
+    argmax (which weighs all three probabilities) and folds decided at different thresholds give a
+    point that may lie off it, and the label says so rather than let it read as a point of the curve.
+    """
+    points = [OperatingPoint.from_dict(op) for op in ops] or [OperatingPoint()]
+    point = points[0]
     c = point.positive_class
     sens, spec = metrics.get(f"{c}_recall", math.nan), metrics.get(f"{c}_specificity", math.nan)
     if sens is None or spec is None or math.isnan(sens) or math.isnan(spec):
         return []
-    label = f"{point.name}: sens {sens:.1f}%, spec {spec:.1f}%"
+    figures = f"sens {sens:.1f}%, spec {spec:.1f}%"
+    if len({(p.rule, p.target, p.threshold, p.positive_class) for p in points}) > 1:
+        label = f"each fold's own rule: {figures} (thresholds differ: may lie off the pooled curve)"
+    elif point.rule == "argmax":
+        label = f"argmax: {figures} (not a threshold on p({DISPLAY_NAMES.get(c, c)}): may lie off the curve)"
+    else:
+        label = f"{point.name}: {figures}"
     return [plots.RocMark(c, 1.0 - spec / 100.0, sens / 100.0, label)]
 
 
@@ -115,7 +129,7 @@ def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
                       out_dir / "confusion_matrix.png", out_dir / "confusion_matrix.pdf")
     if preds.has_probs:
         aucs = {c: (metrics[f"{c}_auc"], metrics[f"{c}_auc_ci_low"], metrics[f"{c}_auc_ci_high"]) for c in CLASSES}
-        marks = roc_marks(metrics, info.get("operating_point"))
+        marks = roc_marks(metrics, [info.get("operating_point")])
         plots.save_figure(plots.roc_figure(preds.true_idx, preds.probs, aucs=aucs, title=f"ROC, {title}",
                                            marks=marks), out_dir / "roc.png")
         plots.save_figure(plots.calibration_figure(

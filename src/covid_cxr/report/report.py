@@ -215,8 +215,10 @@ def _rates_table(summary: dict[str, Any], keys: Sequence[str], with_paper: bool)
     return Table(headers, rows)
 
 
-def _network_figures(summary: dict[str, Any], title: str, op: dict[str, Any] | None = None) -> dict[str, bytes]:
-    """The pooled plots as PNG bytes (ROC, with the operating point marked, and calibration only with probabilities)."""
+def _network_figures(summary: dict[str, Any], title: str, ops: Sequence[dict[str, Any] | None] = ()
+                     ) -> dict[str, bytes]:  # fmt: skip
+    """The pooled plots as PNG bytes (ROC, with the folds' decisions marked, and calibration only with probabilities);
+    ``ops``: each fold's operating point."""
     preds: Predictions = summary["_pooled_preds"]
     cm = preds.confusion()
     figs = {"confusion_matrix": plots.confusion_figure(cm, title=f"{title}: pooled over folds (N = {int(cm.sum())})")}
@@ -224,7 +226,7 @@ def _network_figures(summary: dict[str, Any], title: str, op: dict[str, Any] | N
         m = summary["pooled"]
         aucs = {c: (m[f"{c}_auc"], m[f"{c}_auc_ci_low"], m[f"{c}_auc_ci_high"]) for c in CLASSES}
         figs["roc"] = plots.roc_figure(preds.true_idx, preds.probs, aucs=aucs, title=f"{title}: ROC, pooled",
-                                       marks=roc_marks(m, op))
+                                       marks=roc_marks(m, ops))
         ece = fmt.percent(m["ece"], 2)
         figs["calibration"] = plots.calibration_figure(preds.true_idx, preds.probs,
                                                        title=f"{title}: calibration, pooled (ECE {ece})")
@@ -425,7 +427,7 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         extras_title = f"More figures (AUC on 0-1, CI from a bootstrap over {unit}s; ECE in %)"
         notes = sorted(set(summary["pooled"]["notes"]) | {n for r in members for n in r.metrics["notes"]})
         infos = [r.info for r in members]
-        figures = _network_figures(summary, label, infos[0].get("operating_point") if infos else None)
+        figures = _network_figures(summary, label, [info.get("operating_point") for info in infos])
         sources = ", ".join(f"fold {r.fold}: {r.eval_dir or r.preds.path}" for r in members)
         md += [f"## {title}", "", f"Evaluations: {sources}", "",
                "### Table 3: counts per fold", "", counts.markdown(), "",
