@@ -377,7 +377,7 @@ def test_weights_only_file_says_the_architecture_was_not_checked(reversed_concat
 def test_a_head_conv_with_an_activation_is_refused(reversed_concat, tmp_path: Path) -> None:
     """A ReLU on the head conv changes every output yet fits every weight's shape: refused, naming the
     file, the layer and what the network has there."""
-    files, _, _, (inp, xcep, resn) = reversed_concat
+    *_, (inp, xcep, resn) = reversed_concat
     features = keras.layers.concatenate([xcep, resn])
     conv = keras.layers.Conv2D(1024, 1, activation="relu", name="head_conv")(features)
     out = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(conv))
