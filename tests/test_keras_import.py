@@ -75,8 +75,27 @@ def _save_keras2_h5(model: keras.Model, path: Path, *, whole: bool) -> Path:
         if whole:
             config = f.attrs["model_config"]
             config = config.decode() if isinstance(config, bytes) else config
-            f.attrs["model_config"] = config.replace('"batch_shape"', '"batch_input_shape"')
+            f.attrs["model_config"] = _keras2_config(config.replace('"batch_shape"', '"batch_input_shape"'))
     return path
+
+
+def _keras2_config(config: str) -> str:
+    """A Keras 3 model config in Keras 2.3's form: class 'Model', inbound nodes as [[[layer, node, tensor, {}]]]."""
+    import json
+
+    model = json.loads(config)
+    model["class_name"] = "Model"
+
+    def sources(item: object) -> list[list]:
+        if isinstance(item, dict):
+            if item.get("class_name") == "__keras_tensor__":
+                return [[*item["config"]["keras_history"], {}]]
+            return [s for value in item.values() for s in sources(value)]
+        return [s for value in item for s in sources(value)] if isinstance(item, list) else []
+
+    for layer in model["config"]["layers"]:
+        layer["inbound_nodes"] = [sources(node["args"]) for node in layer["inbound_nodes"]]
+    return json.dumps(model)
 
 
 def _keras_outputs(model: keras.Model, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -309,3 +328,69 @@ def test_unknown_and_broken_files_are_refused(tmp_path: Path) -> None:
     shutil.move(tmp_path / "x.zip", zipped)
     with pytest.raises(CheckpointError, match="not a Keras .keras file"):
         import_keras(zipped)
+
+
+@pytest.fixture(scope="module")
+def reversed_concat(tmp_path_factory: pytest.TempPathFactory):
+    """The concatenated network at 96x96 built ResNet50V2-first (the authors put Xception first), saved
+    in the authors' format, as .keras and as weights only; with Keras' outputs and its backbones."""
+    rng = np.random.default_rng(7)
+    folder = tmp_path_factory.mktemp("reversed")
+    inp = keras.Input((96, 96, 3))
+    xcep = keras.applications.Xception(include_top=False, weights=None, input_tensor=inp)
+    resn = keras.applications.ResNet50V2(include_top=False, weights=None, input_tensor=inp)
+    model = _with_head(inp, keras.layers.concatenate([resn.output, xcep.output]))
+    _randomize(model, rng)
+    x = rng.uniform(0, 1, (2, 96, 96, 3)).astype("float32")
+    files = {"keras2.hdf5": _save_keras2_h5(model, folder / "reversed.hdf5", whole=True), "keras": folder / "r.keras"}
+    model.save(files["keras"])
+    model.save_weights(folder / "r.weights.h5")
+    files["weights.h5"] = folder / "r.weights.h5"
+    return files, x, _keras_outputs(model, x), (inp, xcep.output, resn.output)
+
+
+def test_reversed_concatenation_imports_with_keras_outputs(reversed_concat, tmp_path: Path, capsys) -> None:
+    """ResNet50V2-first files import with the head conv's input channels reordered: Keras' probabilities,
+    and the record and the printout say what was done."""
+    files, x, ref, _ = reversed_concat
+    out = tmp_path / "reversed.pt"
+    assert cli_main(["import-keras", str(files["keras2.hdf5"]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "concatenates resnet50v2, xception" in printed and "reordered" in printed
+    ckpt = load_checkpoint(out)
+    assert "reordered" in ckpt.meta["source"]["architecture"]
+    assert (ckpt.network, ckpt.preprocessing.image_size) == ("concat", 96)
+    _assert_parity(_ours(ckpt.build_model(), x), ref, keys=("logits", "probs"))
+    # The .keras file (Keras 3's config format) reads the same order and gives the same tensors.
+    keras3 = import_keras(files["keras"])
+    unequal = [k for k, v in keras3.model_state.items() if not torch.equal(v, ckpt.model_state[k])]
+    assert not unequal, unequal[:5]
+
+
+def test_weights_only_file_says_the_architecture_was_not_checked(reversed_concat) -> None:
+    files, *_ = reversed_concat
+    ckpt = import_keras(files["weights.h5"])
+    assert ckpt.meta["source"]["architecture"].startswith("not checked")
+    assert "xception, resnet50v2" in ckpt.meta["source"]["architecture"]  # the order it assumed
+
+
+def test_a_head_conv_with_an_activation_is_refused(reversed_concat, tmp_path: Path) -> None:
+    """A ReLU on the head conv changes every output yet fits every weight's shape: refused, naming the
+    file, the layer and what the network has there."""
+    *_, (inp, xcep, resn) = reversed_concat
+    features = keras.layers.concatenate([xcep, resn])
+    conv = keras.layers.Conv2D(1024, 1, activation="relu", name="head_conv")(features)
+    out = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(conv))
+    path = tmp_path / "relu_head.keras"
+    keras.Model(inp, out).save(path)
+    with pytest.raises(CheckpointError, match=r"relu_head\.keras: layer 'head_conv' \(Conv2D\) has activation='relu'"):
+        import_keras(path)
+    # The same head with the ReLU as a layer of its own stands where the network has a Conv2D.
+    from covid_cxr.models.keras_import import check_head
+    from covid_cxr.models.keras_reader import KerasWeights, model_graph
+
+    act = keras.layers.Activation("relu", name="extra_relu")(keras.layers.Conv2D(1024, 1)(features))
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(act)))
+    graph = model_graph(keras.saving.serialize_keras_object(model))
+    with pytest.raises(CheckpointError, match=r"x\.h5: layer 'extra_relu' \(Activation\) stands where the head has"):
+        check_head(KerasWeights(Path("x.h5"), "keras3-model", [], graph=graph), "concat")

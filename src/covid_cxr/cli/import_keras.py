@@ -70,4 +70,5 @@ def run(args: argparse.Namespace) -> int:
         f"resize {ckpt.preprocessing.resize}, "
         f"head {ckpt.meta['source']['head']}"
     )
+    print(f"architecture {ckpt.meta['source']['architecture']}")
     return 0

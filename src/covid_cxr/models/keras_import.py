@@ -7,6 +7,13 @@ different number in every Keras session, so they are matched by kind and shape i
 unique within our networks), in file order where shapes tie. Nothing is copied until every
 module has found its weights and every shape fits, so a failed import changes nothing.
 
+A whole model's config (where the file has one) is checked against the network's head: the
+Concatenate must read the backbones' maps, the head must be Conv2D 1024 1x1 (linear, with bias) ->
+Flatten -> Dense softmax (Dropouts anywhere between). Names and shapes alone cannot tell the
+concatenation order (4096 channels fit either), so it is read from the config: the authors (and
+we) concatenate Xception first; a file with ResNet50V2 first imports with the head conv's input
+channels reordered to ours. Any other difference is refused.
+
 Kernel layouts: Keras conv kernels are (kh, kw, in, out) -> PyTorch (out, in, kh, kw); depthwise
 (kh, kw, in, 1) -> (in, 1, kh, kw); dense (in, out) -> (out, in). The dense input is the
 channels-last flatten, which our head reproduces, so no reordering is needed.
@@ -14,7 +21,7 @@ channels-last flatten, which our head reproduces, so no reordering is needed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +32,29 @@ from torch import nn
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.labels import CLASSES, KERAS_AUTHORS_ORDER, check_classes
 from covid_cxr.models.concat import BACKBONES, HEAD_CHANNELS
-from covid_cxr.models.keras_reader import KerasLayer, KerasWeights, read_keras_weights
+from covid_cxr.models.keras_reader import (
+    KerasGraph,
+    KerasLayer,
+    KerasNode,
+    KerasWeights,
+    read_keras_weights,
+)
 from covid_cxr.models.layers import SeparableConv2d
 from covid_cxr.models.registry import backbones_of, build_model, list_models
 from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
 
 # A layer name that only one backbone has: how a file tells which backbone it holds.
 SIGNATURE_LAYERS: dict[str, str] = {"xception": "block1_conv1", "resnet50v2": "conv1_conv"}
+# The layer each backbone's map comes out of: what the head must read.
+OUTPUT_LAYERS: dict[str, str] = {"xception": "block14_sepconv2_act", "resnet50v2": "post_relu"}
+HEAD_KERAS = "Conv2D 1024 1x1 (linear, with bias) -> Flatten -> Dropout -> Dense (softmax)"
+# Settings of the head's Keras layers that change its outputs, with the values the network has.
+HEAD_SETTINGS: dict[str, dict[str, object]] = {
+    "Conv2D": {"filters": HEAD_CHANNELS, "kernel_size": [1, 1], "strides": [1, 1], "dilation_rate": [1, 1],
+               "groups": 1, "activation": "linear", "use_bias": True, "data_format": "channels_last"},
+    "Flatten": {"data_format": "channels_last"},
+    "Dense": {"activation": "softmax", "use_bias": True},
+}  # fmt: skip
 
 
 def _module_kind(module: nn.Module) -> str:
@@ -144,6 +167,103 @@ def backbones_in(weights: KerasWeights) -> list[str]:
     return [backbone for backbone, layer in SIGNATURE_LAYERS.items() if layer in names]
 
 
+def check_head(weights: KerasWeights, network: str) -> tuple[tuple[str, ...], str] | None:
+    """The file's backbones in concatenation order and its head conv's name; ``None`` without a model config.
+
+    Raises :class:`CheckpointError` naming the file and the layer where the file's model differs
+    from the network's in anything but the concatenation order.
+    """
+    graph = weights.graph
+    if graph is None:
+        return None
+    wanted = backbones_of(network)
+
+    def refuse(node: KerasNode | None, problem: str) -> CheckpointError:
+        where = f"layer {node.name!r} ({node.class_name}) " if node is not None else ""
+        return CheckpointError(
+            f"{weights.path}: {where}{problem}; network {network!r} is {' + '.join(wanted)} with the paper's head "
+            f"({HEAD_KERAS}), and only that architecture imports (another --network if the backbones differ)"
+        )
+
+    denses = [node for node in graph.layers.values() if node.class_name == "Dense"]
+    if len(denses) != 1:
+        raise refuse(None, f"the model config has {len(denses)} Dense layers where the head has one")
+    dense = denses[0]
+    conv, features = _walk_head(graph, dense, refuse)
+    if features.class_name == "Concatenate":
+        if features.config.get("axis", -1) not in (-1, 3):
+            raise refuse(features, f"joins on axis {features.config.get('axis')} where the network joins channels")
+        sources = features.inbound
+    else:
+        sources = (features.name,)
+    order = tuple(_backbone_output(graph, name) for name in sources)
+    if None in order or sorted(map(str, order)) != sorted(wanted):
+        expected = " and ".join(repr(OUTPUT_LAYERS[b]) for b in wanted)
+        raise refuse(features, f"feeds the head conv from {list(sources)}, not from the backbone map(s) {expected}")
+    used = graph.ancestors(dense.name) | {dense.name}
+    extra = [node for name, node in graph.layers.items() if name not in used]
+    if extra:
+        raise refuse(extra[0], "does not lead to the Dense output, unlike every layer of the network")
+    if dense.name not in graph.outputs:
+        raise refuse(dense, "is not an output of the model (the network's output is its Dense layer)")
+    return tuple(map(str, order)), conv.name
+
+
+def _walk_head(graph: KerasGraph, dense: KerasNode, refuse: Callable[[KerasNode | None, str], Exception]
+               ) -> tuple[KerasNode, KerasNode]:  # fmt: skip
+    """From the Dense back along the head (Dropouts skipped: no-ops at inference): the conv and what it reads."""
+    node, conv = dense, dense
+    for expected in ("Dense", "Flatten", "Conv2D"):
+        while node.class_name == "Dropout":
+            node = _only_input(graph, node, refuse)
+        if node.class_name != expected:
+            raise refuse(node, f"stands where the head has a {expected}")
+        for key, want in HEAD_SETTINGS[expected].items():
+            value = node.config.get(key, want)
+            value = want if value is None else (list(value) if isinstance(value, tuple) else value)
+            if value != want:
+                raise refuse(node, f"has {key}={value!r} where the network's {expected} has {want!r}")
+        conv, node = node, _only_input(graph, node, refuse)
+    while node.class_name == "Dropout":
+        node = _only_input(graph, node, refuse)
+    return conv, node
+
+
+def _only_input(graph: KerasGraph, node: KerasNode, refuse: Callable[[KerasNode | None, str], Exception]
+                ) -> KerasNode:  # fmt: skip
+    """The one layer ``node`` reads (the head is a chain)."""
+    if len(node.inbound) != 1 or node.inbound[0] not in graph.layers:
+        raise refuse(node, f"reads {list(node.inbound)} where the head's layers each read one layer")
+    return graph.layers[node.inbound[0]]
+
+
+def _backbone_output(graph: KerasGraph, name: str) -> str | None:
+    """The backbone whose map layer ``name`` is (a nested backbone model counts), else ``None``."""
+    for backbone, layer in OUTPUT_LAYERS.items():
+        if name == layer:
+            return backbone
+    node = graph.layers.get(name)
+    if node is not None and node.inner is not None and len(node.inner.outputs) == 1:
+        return _backbone_output(node.inner, node.inner.outputs[0])
+    return None
+
+
+def reorder_head_conv(layers: list[KerasLayer], conv: str, file_order: Sequence[str], order: Sequence[str],
+                      *, source: str) -> list[KerasLayer]:  # fmt: skip
+    """``layers`` with the head conv's input channels moved from the file's backbone order to ``order``."""
+    starts = dict(zip(file_order, np.cumsum([0] + [BACKBONES[b].out_channels for b in file_order]).tolist()))
+    index = np.concatenate([np.arange(starts[b], starts[b] + BACKBONES[b].out_channels) for b in order])
+    if not any(layer.name == conv for layer in layers):
+        raise CheckpointError(f"{source}: the model config's head conv {conv!r} has no weights in the file")
+    out = []
+    for layer in layers:
+        kernel = layer.weights.get("kernel")
+        if layer.name == conv and kernel is not None and kernel.ndim == 4 and kernel.shape[2] == len(index):
+            layer = KerasLayer(layer.name, {**layer.weights, "kernel": kernel[:, :, index, :]})
+        out.append(layer)
+    return out
+
+
 def _dense_layers(weights: KerasWeights) -> list[KerasLayer]:
     """The Dense layers: a whole model has its classifier; a backbone file (no top) has none."""
     return [layer for layer in weights.layers if layer.kind == "dense"]
@@ -160,6 +280,7 @@ class KerasModel:
     whole: bool  # a whole model (with its head); False: backbone weights, the head freshly initialised
     paths: tuple[Path, ...]
     formats: tuple[str, ...]
+    architecture: str  # whether the file's architecture was checked, and what the check changed
 
 
 def load_keras_model(
@@ -196,13 +317,38 @@ def load_keras_model(
         raise ConfigError(
             f"{paths[0]}: the model has {num_classes} output units but {len(class_keys)} classes were given"
         )
+    if whole:
+        layers, architecture = _checked_layers(files[0], network)
+    else:
+        architecture = "no head in the file(s), backbone weights only: nothing to check"
     model = build_model(network, num_classes=num_classes, image_size=size)
     if whole:
-        load_keras_layers(model, files[0].layers, source=str(paths[0]))
+        load_keras_layers(model, layers, source=str(paths[0]))
     else:
         for f in files:
             load_keras_layers(model.backbones[backbones_in(f)[0]], f.layers, source=str(f.path))
-    return KerasModel(network, model, class_keys, size, whole, tuple(paths), tuple(f.file_format for f in files))
+    formats = tuple(f.file_format for f in files)
+    return KerasModel(network, model, class_keys, size, whole, tuple(paths), formats, architecture)
+
+
+def _checked_layers(weights: KerasWeights, network: str) -> tuple[list[KerasLayer], str]:
+    """A whole model's layers ready to load (head conv reordered to our concatenation order) and what was checked."""
+    ours = backbones_of(network)
+    checked = check_head(weights, network)
+    if checked is None:
+        joined = f", backbones concatenated as {', '.join(ours)}" if len(ours) > 1 else ""
+        return weights.layers, (
+            f"not checked: the file ({weights.file_format}) holds weights but no model config; "
+            f"its head is taken to be the paper's{joined}"
+        )
+    order, conv = checked
+    if order == ours:
+        return weights.layers, "checked: the file's model config has the network's head and concatenation order"
+    layers = reorder_head_conv(weights.layers, conv, order, ours, source=str(weights.path))
+    return layers, (
+        f"checked: the file concatenates {', '.join(order)} (ours: {', '.join(ours)}); "
+        f"its head conv's input channels were reordered to ours"
+    )
 
 
 def _infer_network(files: list[KerasWeights], paths: list[Path]) -> str:

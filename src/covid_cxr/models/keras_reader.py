@@ -10,6 +10,10 @@ Formats (all HDF5, read with h5py; Keras itself is not needed):
 * Keras 3 ``.weights.h5``: ``layers/<class>_<k>/vars/<i>`` with positional arrays (the layer's
   name in the ``vars`` attribute ``name`` where Keras wrote it);
 * Keras 3 ``.keras``: a zip holding ``config.json`` and ``model.weights.h5`` (as above).
+
+A whole model's config (legacy ``model_config`` or ``.keras`` ``config.json``) is read into a
+:class:`KerasGraph`, each layer with the layers it reads, so the importer can check the architecture
+and not just the weights' names and shapes. Weights-only files have none.
 """
 
 from __future__ import annotations
@@ -59,6 +63,78 @@ class KerasLayer:
         return "other"
 
 
+@dataclass(frozen=True)
+class KerasNode:
+    """One layer of a model config: its class, its settings and the layers it reads, in call order."""
+
+    name: str
+    class_name: str
+    config: dict[str, Any]
+    inbound: tuple[str, ...]
+    inner: KerasGraph | None = None  # a nested model's own graph
+
+
+@dataclass(frozen=True)
+class KerasGraph:
+    """A Keras model's layers (file order) and the layers its outputs come from."""
+
+    layers: dict[str, KerasNode]
+    outputs: tuple[str, ...]
+
+    def ancestors(self, name: str) -> set[str]:
+        """Every layer ``name`` reads from, directly or not."""
+        seen: set[str] = set()
+        todo = list(self.layers[name].inbound) if name in self.layers else []
+        while todo:
+            current = todo.pop()
+            if current not in seen:
+                seen.add(current)
+                todo.extend(self.layers[current].inbound if current in self.layers else ())
+        return seen
+
+
+def model_graph(config: dict[str, Any]) -> KerasGraph:
+    """The layer graph of a model config: Keras 2 and Keras 3 node formats, functional or Sequential."""
+    body = config.get("config", {})
+    if isinstance(body, list):  # Keras 2.2 wrote a Sequential's config as its bare layer list
+        body = {"layers": body}
+    sequential = config.get("class_name") == "Sequential"
+    layers: dict[str, KerasNode] = {}
+    previous: tuple[str, ...] = ()
+    for layer in body.get("layers", []):
+        cfg = layer.get("config", {})
+        name = layer.get("name") or cfg.get("name")
+        inbound = previous if sequential else _tensor_sources(layer.get("inbound_nodes", []))
+        inner = model_graph(layer) if "layers" in cfg else None
+        layers[name] = KerasNode(name, layer.get("class_name", ""), cfg, inbound, inner)
+        previous = (name,)
+    outputs = body.get("output_layers", [])
+    if sequential:
+        named = previous
+    elif outputs and isinstance(outputs[0], str):  # Keras 3 writes a single output unnested
+        named = (outputs[0],)
+    else:
+        named = tuple(o[0] for o in outputs)
+    return KerasGraph(layers, named)
+
+
+def _tensor_sources(item: Any) -> tuple[str, ...]:
+    """Layer names of the tensors in an ``inbound_nodes`` entry, in order.
+
+    Keras 2 lists ``[layer, node, tensor, kwargs]``; Keras 3 nests ``__keras_tensor__`` records
+    whose ``keras_history`` starts with the layer's name.
+    """
+    if isinstance(item, dict):
+        if item.get("class_name") == "__keras_tensor__":
+            return (item["config"]["keras_history"][0],)
+        return tuple(name for value in item.values() for name in _tensor_sources(value))
+    if isinstance(item, (list, tuple)):  # tuples where the config comes from Keras in memory, not JSON
+        if len(item) >= 3 and isinstance(item[0], str) and isinstance(item[1], int):
+            return (item[0],)
+        return tuple(name for value in item for name in _tensor_sources(value))
+    return ()
+
+
 @dataclass
 class KerasWeights:
     """The weight-holding layers of one file, in the file's (Keras model) order."""
@@ -67,6 +143,8 @@ class KerasWeights:
     file_format: str
     layers: list[KerasLayer]
     input_size: int | None = None
+    graph: KerasGraph | None = None  # the architecture, where the file records one
+
 
     def names(self) -> set[str]:
         return {layer.name for layer in self.layers}
@@ -95,12 +173,13 @@ def _read_h5(f: h5py.File, path: Path, config: dict[str, Any] | None = None) -> 
         model_config = f.attrs.get("model_config")
         if isinstance(model_config, bytes):
             model_config = model_config.decode("utf-8")
-        size = _input_size(json.loads(model_config)) if model_config else None
-        return KerasWeights(path, "keras-legacy-model", _read_legacy(f["model_weights"], path), size)
+        config = json.loads(model_config) if model_config else None
+        size, graph = (_input_size(config), model_graph(config)) if config else (None, None)
+        return KerasWeights(path, "keras-legacy-model", _read_legacy(f["model_weights"], path), size, graph)
     if "layers" in f or "vars" in f:
-        size = _input_size(config) if config else None
+        size, graph = (_input_size(config), model_graph(config)) if config else (None, None)
         fmt = "keras3-model" if config is not None else "keras3-weights"
-        return KerasWeights(path, fmt, _read_keras3(f, path, config), size)
+        return KerasWeights(path, fmt, _read_keras3(f, path, config), size, graph)
     raise CheckpointError(
         f"{path}: an HDF5 file but not one Keras wrote (no 'layer_names', 'model_weights' or 'layers'); "
         "expected a Keras .h5/.hdf5, .weights.h5 or .keras file"

@@ -39,6 +39,7 @@ def import_keras(
             "files": [str(p.resolve()) for p in k.paths],
             "formats": list(k.formats),
             "head": "imported" if k.whole else "initialised (the file has no head)",
+            "architecture": k.architecture,
         }
     }
     pre = Preprocessing(image_size=k.image_size, scaling=scaling, resize=resize or ("bilinear" if k.whole else "area"))
