@@ -17,8 +17,11 @@ for checkpoints; the checkpoint path of each audit is exercised separately (CLI 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -30,6 +33,7 @@ from covid_cxr.audit.data import rows_of
 from covid_cxr.audit.lungs import estimate_lung_fields
 from covid_cxr.audit.source import audit_source, cnn_probe_proba, train_cnn_probe
 from covid_cxr.cli import main
+from covid_cxr.data.prepared import PreparedData
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing
@@ -222,9 +226,8 @@ def test_cli_audits_of_a_checkpoint(audited: dict, tmp_path: Path, capsys: pytes
     assert cross["in_source"]["n"] == int((_test_frame(data)["label"] == "covid").sum())
 
 
-def _prepare_folder_source(root: Path) -> Path:
-    import cv2
-
+def _prepare_folder_source(root: Path, covid_copies: Sequence[Path] = ()) -> Path:
+    """A collection of 12 images per class, prepared; plus ``covid_copies`` (files copied in as COVID-19)."""
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
     from covid_cxr.data.splits import SplitSettings
 
@@ -233,6 +236,8 @@ def _prepare_folder_source(root: Path) -> Path:
         (root / "images" / cls).mkdir(parents=True)
         for i in range(12):
             cv2.imwrite(str(root / "images" / cls / f"{i}.png"), render_chest(rng, 96, cls).image)
+    for i, path in enumerate(covid_copies):
+        shutil.copyfile(path, root / "images" / "covid" / f"copy{i}{path.suffix}")
     prepare_dataset(PrepareSettings(out=root / "data", folder=root / "images", split=SplitSettings(folds=2, phases=1),
                                     image_size=SIZE),
                     progress=False)
@@ -243,3 +248,55 @@ def _test_frame(data: Path):
     from covid_cxr.data.prepared import PreparedData
 
     return PreparedData(data).fold(1).test
+
+
+def _checkpoint(path: Path) -> Path:
+    torch.manual_seed(0)
+    save_checkpoint(Checkpoint("resnet50v2", CLASSES, Preprocessing(SIZE), build_model("resnet50v2", 3, SIZE).state_dict()),
+                    path)
+    return path
+
+
+def test_cross_source_leaves_out_the_models_own_training_images(
+    audited: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A folder named hospital-b holding copies of the fold's training images is not an unseen source."""
+    data = audited["clean"]["data"]
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    prepared = PreparedData(data)
+    pool = training_pool(prepared, 1)
+    paths = prepared.manifest.set_index("image_id")["path"]
+    copies = [Path(paths[i]) for i in pool["image_id"][pool["label"] == "covid"][:7]]
+    hospital = tmp_path / "hb"
+    (hospital / "covid").mkdir(parents=True)
+    for i, path in enumerate(copies):
+        shutil.copyfile(path, hospital / "covid" / f"copy{i}{path.suffix}")
+    args = ["audit", "cross-source", str(ckpt), "--data", str(data), "--fold", "1", "--device", "cpu",
+            "--precision", "fp32", "--source-data", f"hospital-b={hospital}"]
+    assert main(args) == 2  # nothing of hospital-b is unseen: refused, not scored as an "unseen source"
+    err = capsys.readouterr().err
+    assert "every one of the 7 covid images of 'hospital-b' is byte-identical" in err and "model's own" in err
+    rng = np.random.default_rng(21)
+    for i in range(3):  # three images the model never saw
+        cv2.imwrite(str(hospital / "covid" / f"new{i}.png"), render_chest(rng, 96, "covid").image)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "model-audit" / "cross_source.json").read_text())
+    assert written["metrics"]["unseen_source"]["n"] == 3 and written["metrics"]["unseen_source"]["left_out_own"] == 7
+    note = next(n for n in written["notes"] if n.startswith("left out 7 of 10 COVID-19 images of hospital-b"))
+    assert "hospital-b/covid_copy0" in note and "and 2 more" in note  # five named, the rest counted
+    assert "note: left out 7 of 10" in out and "unseen source hospital-b | 3" in out
+    section = R.render_section({"cross_source": written}, "markdown")
+    assert "7 COVID-19 images of hospital-b were left out" in section
+    # The same check for a folder that 'prepare' wrote: its cache's sha256 column against the pool's.
+    ext = _prepare_folder_source(tmp_path / "prepared-b", covid_copies=copies[:4])
+    assert main(["audit", "cross-source", str(ckpt), "--data", str(data), "--fold", "1", "--source", "folder",
+                 "--source-data", str(ext), "--device", "cpu", "--precision", "fp32"]) == 0
+    cross = json.loads((tmp_path / "model-audit" / "cross_source.json").read_text())["metrics"]
+    assert cross["unseen_source"]["n"] == 12 and cross["unseen_source"]["left_out_own"] == 4
+
+
+def test_source_audit_refuses_fold_0(audited: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """Fold 0 is no fold (they count from 1): said, not silently taken as fold 1."""
+    assert main(["audit", "source", str(audited["clean"]["data"]), "--fold", "0", "--probes", "stats"]) == 2
+    assert "fold 0 is out of range" in capsys.readouterr().err

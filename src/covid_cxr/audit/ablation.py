@@ -12,6 +12,11 @@ cue, which is what the audit must reveal rather than destroy.
 With the lungs hidden, a margin of :data:`HIDE_MARGIN` of the image side around the fields is
 hidden too, so that the border errors of a coarse field (the disease often lies at the lung's
 edge) do not leave the disease in view; with only the lungs shown, the fields are used as they are.
+
+A finding rests on intervals, never on a point estimate: balanced accuracy gets a bootstrap
+interval drawn by patient (seeded), and a model must score above chance as it is before anything
+can "survive". On a test set of 18 images a model of random numbers would otherwise be flagged
+about one time in ten.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ import numpy as np
 
 from covid_cxr import fmt
 from covid_cxr.audit import results as R
-from covid_cxr.audit.data import load_test_images_and_lungs
+from covid_cxr.audit.data import load_test_images_and_lungs, patient_groups
 from covid_cxr.audit.lungs import LungFields
-from covid_cxr.evaluate.metrics import balanced_accuracy, confusion_matrix
+from covid_cxr.evaluate.metrics import balanced_accuracy, confusion_matrix, percentile_interval
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
@@ -44,11 +49,15 @@ HIDE_MARGIN = 0.04
 """Share of the image side by which the lung fields are grown before they are hidden."""
 
 SURVIVAL_MARGIN = 0.15
-"""Flag when balanced accuracy with the lungs hidden stays this far (absolute) above chance."""
+"""Flag when the lower end of the 95% interval of balanced accuracy with the lungs hidden stays this far
+(absolute) above chance."""
 
 COVID_RECALL_SURVIVAL = 0.5
-"""Flag when COVID-19 recall with the lungs hidden stays at or above this (and its CI lies above the
-share of non-COVID-19 images called COVID-19)."""
+"""Flag when COVID-19 recall with the lungs hidden stays at or above this (and its CI lies above the CI of
+the share of non-COVID-19 images called COVID-19)."""
+
+N_BOOT = 1000
+"""Bootstrap resamples of the balanced-accuracy interval."""
 
 
 def grow(masks: np.ndarray, fraction: float = HIDE_MARGIN) -> np.ndarray:
@@ -74,11 +83,46 @@ def hide(images: np.ndarray, masks: np.ndarray, keep: str) -> np.ndarray:
     return out
 
 
-def condition_metrics(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy and per-class recall, with Wilson intervals, for one condition."""
-    labels = np.asarray(labels)
+def balanced_accuracy_interval(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray | None, *,
+                               n_boot: int = N_BOOT, seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
+    """Balanced accuracy (a fraction) with a percentile bootstrap interval drawing whole ``groups`` (patients;
+    None: each image its own).
+
+    Stratified, as the AUC bootstrap of :mod:`covid_cxr.evaluate.metrics`: patients are drawn within strata
+    of the same classes, each stratum keeping its size, so every resample holds every class and every recall
+    is defined. Seeded, so a result is reproducible.
+    """
+    present, label_idx = np.unique(labels, return_inverse=True)
+    _, group_idx = np.unique(np.asarray(np.arange(len(labels)) if groups is None else groups).astype(str),
+                             return_inverse=True)
+    shape = (int(group_idx.max()) + 1 if len(group_idx) else 0, len(present))
+    count, hits = np.zeros(shape), np.zeros(shape)
+    np.add.at(count, (group_idx, label_idx), 1)
+    np.add.at(hits, (group_idx, label_idx), labels == preds)
+    value = float(np.mean(hits.sum(0) / count.sum(0))) if len(labels) else None
+    out = {"value": value, "low": None, "high": None, "n": int(len(labels)),
+           "method": "bootstrap" if groups is None else "bootstrap by patient"}
+    if value is None or n_boot < 1:
+        return out
+    _, stratum = np.unique(count > 0, axis=0, return_inverse=True)
+    stratum = np.asarray(stratum).reshape(-1)
+    rng = np.random.default_rng(seed)
+    draws = np.zeros((n_boot, shape[0]))
+    for s in range(int(stratum.max()) + 1):
+        members = np.flatnonzero(stratum == s)
+        draws[:, members] = rng.multinomial(len(members), np.full(len(members), 1.0 / len(members)), size=n_boot)
+    out["low"], out["high"] = percentile_interval(((draws @ hits) / (draws @ count)).mean(axis=1), confidence)
+    return out
+
+
+def condition_metrics(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
+                      groups: Sequence[str] | None = None, *, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
+    """Accuracy and per-class recall with Wilson intervals, balanced accuracy with a patient bootstrap interval
+    (``groups``: each image's patient; None: each image its own), for one condition."""
+    labels = np.asarray(labels).astype(str)
     preds = np.asarray(classes)[np.argmax(probs, axis=1)]
     cm = confusion_matrix(labels, preds, classes)
+    groups_arr = None if groups is None else np.asarray(groups)
     n = int(cm.sum())
     correct = int(np.trace(cm))
     recall = {}
@@ -90,6 +134,7 @@ def condition_metrics(labels: Sequence[str], probs: np.ndarray, classes: Sequenc
         "n": n,
         "accuracy": Proportion(correct, n).as_interval(),
         "balanced_accuracy": balanced_accuracy(cm) / 100.0,
+        "balanced_accuracy_interval": balanced_accuracy_interval(labels, preds, groups_arr, n_boot=n_boot, seed=seed),
         "recall": recall,
         "confusion_matrix": cm.tolist(),
     }
@@ -101,10 +146,16 @@ def run_ablation(
     labels: Sequence[str],
     lungs: LungFields,
     *,
+    groups: Sequence[str] | None = None,
     batch_size: int = 64,
+    seed: int = 0,
     inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``predictor`` on ``images`` under the three conditions and return the audit result."""
+    """Evaluate ``predictor`` on ``images`` under the three conditions and return the audit result.
+
+    ``groups`` (each image's patient; default: each image its own) is what the balanced-accuracy bootstrap
+    draws whole; ``seed`` seeds it.
+    """
     classes = list(predictor.classes)
     present = sorted(set(labels), key=classes.index)
     probs = {name: np.empty((len(images), len(classes)), np.float32) for name in CONDITIONS}
@@ -117,7 +168,7 @@ def run_ablation(
                    "only_lungs": hide(chunk, masks, keep="lungs")}
         for name in CONDITIONS:
             probs[name][part] = predict_in_batches(predictor, altered[name], batch_size=batch_size)
-    conditions = {name: condition_metrics(labels, probs[name], classes) for name in CONDITIONS}
+    conditions = {name: condition_metrics(labels, probs[name], classes, groups, seed=seed) for name in CONDITIONS}
     chance = 1.0 / len(present)
     metrics = {
         "classes": classes,
@@ -133,13 +184,14 @@ def run_ablation(
     thresholds = {
         "survival_margin": R.threshold(
             SURVIVAL_MARGIN,
-            "balanced accuracy with the lungs hidden more than this above chance means the model finds class "
-            "evidence outside the lung fields; 0.15 leaves room for coarse masks that miss some lung",
+            "balanced accuracy with the lungs hidden whose 95% interval lies more than this above chance means "
+            "the model finds class evidence outside the lung fields; 0.15 leaves room for coarse masks that miss "
+            "some lung. Only a model whose balanced accuracy as is lies above chance (its interval) is flagged",
         ),
         "covid_recall_survival": R.threshold(
             COVID_RECALL_SURVIVAL,
-            "COVID-19 recall with the lungs hidden of at least this, with its 95% CI above the share of "
-            "other images called COVID-19, means COVID-19 is recognised without the lungs",
+            "COVID-19 recall with the lungs hidden of at least this, with its 95% CI above the 95% CI of the "
+            "share of other images called COVID-19, means COVID-19 is recognised without the lungs",
         ),
     }
     return make_result(
@@ -149,35 +201,45 @@ def run_ablation(
 
 
 def ablation_flags(metrics: dict[str, Any]) -> list[dict[str, str]]:
-    """The plain-language findings of an ablation result."""
+    """The plain-language findings of an ablation result: none for a model that does not beat chance as is."""
     hidden = metrics["conditions"]["lungs_hidden"]
     as_is = metrics["conditions"]["as_is"]
     chance = metrics["chance_balanced_accuracy"]
+    if not above(as_is.get("balanced_accuracy_interval"), chance):
+        return []  # nothing can survive lung removal in a model that scores nothing with the lungs
     flags = []
-    if hidden["balanced_accuracy"] >= chance + SURVIVAL_MARGIN:
+    score = hidden.get("balanced_accuracy_interval")
+    if above(score, chance + SURVIVAL_MARGIN, inclusive=True):
         flags.append(R.flag(
             "ablation-score-survives",
             f"The score survives lung removal: with the lung fields hidden, balanced accuracy is "
-            f"{fmt.percent(hidden['balanced_accuracy'], fraction=True)} (chance {fmt.percent(chance, fraction=True)}; "
-            f"as is {fmt.percent(as_is['balanced_accuracy'], fraction=True)}). "
+            f"{fmt.record(score)} (chance {fmt.percent(chance, fraction=True)}; as is "
+            f"{fmt.record(as_is['balanced_accuracy_interval'])}). "
             "The model finds class evidence outside the lungs, where the disease is not.",
         ))
     covid = hidden["recall"].get("covid")
     if covid and covid["value"] is not None and "covid" in metrics["classes"]:
         # Recall alone would flag a model that calls everything COVID-19: compare it with how often
-        # the other test images are called COVID-19 when their lungs are hidden too.
+        # the other test images are called COVID-19 when their lungs are hidden too, intervals apart.
         k = metrics["classes"].index("covid")
         cm = np.asarray(hidden["confusion_matrix"])
         others = np.delete(cm, k, axis=0)
-        false_rate = others[:, k].sum() / others.sum() if others.sum() else 1.0
-        if covid["value"] >= COVID_RECALL_SURVIVAL and covid["low"] > false_rate:
+        false = Proportion(int(others[:, k].sum()), int(others.sum())).as_interval()
+        false_high = false["high"] if false["high"] is not None else 1.0
+        if covid["value"] >= COVID_RECALL_SURVIVAL and covid["low"] > false_high:
             flags.append(R.flag(
                 "ablation-covid-survives",
                 f"COVID-19 is still recognised with the lungs hidden: recall {fmt.record(covid)} while only "
-                f"{fmt.percent(false_rate, fraction=True)} of the other images are called COVID-19 (as is: recall "
+                f"{fmt.record(false)} of the other images are called COVID-19 (as is: recall "
                 f"{fmt.record(as_is['recall'].get('covid'))}).",
             ))
     return flags
+
+
+def above(iv: dict[str, Any] | None, level: float, *, inclusive: bool = False) -> bool:
+    """Whether an interval record's lower end lies above ``level`` (at or above, ``inclusive``); False without one."""
+    low = (iv or {}).get("low")
+    return low is not None and (low >= level if inclusive else low > level)
 
 
 def audit_ablation(
@@ -197,5 +259,6 @@ def audit_ablation(
               "fold": t.fold, "split": "test", "image_size": pre.image_size, "resize": pre.resize,
               "masks": str(masks) if masks is not None else None, "runtime": predictor.runtime.describe()}
     result = run_ablation(predictor, test.images, [str(v) for v in test.frame["label"]], lungs,
-                          batch_size=settings.batch_size, inputs=inputs)
+                          groups=list(patient_groups(test.frame, t.data)), batch_size=settings.batch_size,
+                          inputs=inputs)
     return result, write_result(result, out_dir or audit_dir_for(target))

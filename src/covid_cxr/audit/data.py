@@ -15,9 +15,11 @@ import pandas as pd
 
 from covid_cxr.audit.lungs import LungFields, estimate_lung_fields, load_user_masks
 from covid_cxr.data.prepared import ImageCache, PreparedData
+from covid_cxr.data.splits import merge_identical
 from covid_cxr.runs import resolve
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
 from covid_cxr.runs.folder import RunInfo
+from covid_cxr.runs.own_images import prepared_digests
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,9 @@ def rows_of(cache: ImageCache, image_ids: pd.Series | list[str]) -> np.ndarray:
     """Copy the cached images of ``image_ids`` into memory, in that order."""
     rows = np.asarray(cache.rows(list(image_ids)), dtype=np.int64)
     return np.ascontiguousarray(cache.images[np.sort(rows)][np.argsort(np.argsort(rows))])
+
+
+def patient_groups(frame: pd.DataFrame, data: Path) -> pd.Series:
+    """Each image's patient (``source:patient_id``), patients that share a byte-identical file merged (by the
+    sha256 the prepared cache of ``data`` recorded), as the splitter groups them: what a bootstrap draws whole."""
+    return merge_identical(frame, prepared_digests(Path(data)))

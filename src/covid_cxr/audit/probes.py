@@ -4,8 +4,9 @@ A probe trained on a fold's training pool and tested on its test set sees a fift
 at test time and, on small pools, trains on a few dozen images: on the real fixture (NIH vs
 Hannover) such a CNN answered AUC 0.81 [0.70, 0.99] for two collections that any radiologist
 tells apart at a glance. Here the images are cut into :data:`CV_FOLDS` parts by patient
-(stratified by source and class), each part is scored by probes trained on the others, and
-every image gets an out-of-sample source score, so the AUC and its interval use all of them.
+(patients that share a byte-identical file kept together; stratified by source and class),
+each part is scored by probes trained on the others, and every image gets an out-of-sample
+source score, so the AUC and its interval use all of them.
 
 Two probes, because no single one sees every kind of source difference:
 
@@ -33,7 +34,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from covid_cxr.data.splits import patient_key
+from covid_cxr.data.splits import groups_of
 from covid_cxr.errors import DataError
 
 PROBES: tuple[str, ...] = ("stats", "cnn")
@@ -54,18 +55,26 @@ def cap_cells(frame: pd.DataFrame, max_per_cell: int = MAX_PER_CELL, seed: int =
 
 
 def crossfit_parts(frame: pd.DataFrame, k: int = CV_FOLDS, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Patient-grouped parts stratified by source and class: (train rows, test rows) for each of up to ``k``."""
-    per_source = frame.groupby("source")["patient_id"].nunique()
+    """Grouped parts stratified by source and class: (train rows, test rows) for each of up to ``k``.
+
+    The groups are the splitter's (:func:`~covid_cxr.data.splits.groups_of`): the ``group`` column
+    where the caller merged patients that share a byte-identical file
+    (:func:`~covid_cxr.data.splits.merge_identical`), else the patient. A probe tested on one copy of
+    a file while trained on the other would score the file, not the source.
+    """
+    groups = groups_of(frame)
+    per_source = groups.groupby(frame["source"]).nunique()
     if per_source.min() < 2:
         few = ", ".join(per_source[per_source < 2].index)
-        raise DataError(f"source(s) {few} hold images of one patient only: a source probe must be tested on "
-                        "patients it was not trained on, so every source needs two patients or more")
+        raise DataError(f"source(s) {few} hold images of one patient only (patients that share a byte-identical "
+                        "image count as one): a source probe must be tested on patients it was not trained on, so "
+                        "every source needs two patients or more")
     k = int(min(k, per_source.min()))
     strata = (frame["source"] + "|" + frame["label"]).to_numpy()
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # small strata: sklearn warns that a cell has fewer members than parts
         warnings.simplefilter("ignore", UserWarning)
-        return list(splitter.split(np.zeros(len(frame)), strata, patient_key(frame).to_numpy()))
+        return list(splitter.split(np.zeros(len(frame)), strata, groups.to_numpy()))
 
 
 def image_statistics(images: np.ndarray, size: int = STATS_SIZE) -> np.ndarray:

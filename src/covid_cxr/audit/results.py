@@ -129,7 +129,8 @@ def _ablation_blocks(res: Mapping[str, Any]) -> list[Block]:
     rows = []
     for key, label in labels.items():
         c = m["conditions"][key]
-        balanced = fmt.percent(c.get("balanced_accuracy"), fraction=True)
+        interval = c.get("balanced_accuracy_interval")  # results written before it had one: the estimate alone
+        balanced = fmt.record(interval) if interval else fmt.percent(c.get("balanced_accuracy"), fraction=True)
         rows.append([label, str(c["n"]), fmt.record(c["accuracy"]), balanced,
                      *(fmt.record(c["recall"][k]) for k in classes)])
     return [
@@ -151,11 +152,14 @@ def _cross_source_blocks(res: Mapping[str, Any]) -> list[Block]:
         [f"seen sources ({', '.join(m['in_source']['sources'])})", str(m["in_source"]["n"]), fmt.record(m["in_source"]["recall"])],
         [f"unseen source {m['source']}", str(m["unseen_source"]["n"]), fmt.record(m["unseen_source"]["recall"])],
     ]
+    own = m["unseen_source"].get("left_out_own") or 0
+    left_out = (f" {own} {cls} images of {m['source']} were left out: their files are byte-identical to images "
+                "the model trained on." if own else "")
     return [
         ("h3", f"Does {cls} recall hold on a source the model never saw for that class?"),
         ("p", f"{cls} images from {m['source']}, a source with no {cls} image in the training pool, against "
               f"{cls} test images from the sources the model was trained on. A model that learned the disease "
-              "keeps its recall on a new source; one that learned the source loses it."),
+              f"keeps its recall on a new source; one that learned the source loses it.{left_out}"),
         ("table", ["test images", "n", f"{cls} recall"], rows),
     ]
 

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from covid_cxr.audit import source_findings as findings
-from covid_cxr.audit.data import resolve_target, rows_of, split_images
+from covid_cxr.audit.data import patient_groups, resolve_target, rows_of, split_images
 from covid_cxr.audit.probes import (
     MIN_CNN_STEPS,
     PROBES,
@@ -48,6 +48,7 @@ from covid_cxr.audit.probes import (
     stats_probe,
 )
 from covid_cxr.data.prepared import PreparedData
+from covid_cxr.data.splits import GROUP
 from covid_cxr.errors import DataError
 from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.inference.settings import InferenceSettings
@@ -267,6 +268,18 @@ def run_linear_probe(
                          flags=findings.source_flags(metrics, every), notes=findings.notes_for(metrics))
 
 
+def fold_images(prepared: PreparedData, fold: int) -> pd.DataFrame:
+    """Every image of ``fold`` (training pool and test), with the splitter's groups: patients merged where they
+    share a byte-identical file (by the sha256 the prepared cache recorded), kept whole by the probes' parts."""
+    pool = training_pool(prepared, fold)  # checks the fold
+    every = pd.concat([pool, prepared.fold(fold).test], ignore_index=True).drop_duplicates("image_id")
+    every = every.reset_index(drop=True)
+    if every["source"].nunique() < 2:
+        raise DataError(f"{prepared.root}: fold {fold} holds one source only ({every['source'].iloc[0]}); a source "
+                        "probe needs images from two sources or more")
+    return every.assign(**{GROUP: patient_groups(every, prepared.root)})
+
+
 def audit_source(
     data: Path | None, settings: InferenceSettings = InferenceSettings(), *, fold: int | None = None,
     checkpoint: Path | None = None, epochs: int = 8, seed: int = 0, probes: Sequence[str] = PROBES,
@@ -282,13 +295,8 @@ def audit_source(
     if checkpoint is None:
         if data is None:
             raise DataError("which prepared data? give DATA (the folder 'covid-cxr prepare' wrote)")
-        prepared, fold_k = PreparedData(data), fold or 1
-        pool = training_pool(prepared, fold_k)  # checks the fold
-        every = pd.concat([pool, prepared.fold(fold_k).test], ignore_index=True).drop_duplicates("image_id")
-        every = every.reset_index(drop=True)
-        if every["source"].nunique() < 2:
-            raise DataError(f"{data}: fold {fold_k} holds one source only ({every['source'].iloc[0]}); a source "
-                            "probe needs images from two sources or more")
+        prepared, fold_k = PreparedData(data), 1 if fold is None else fold
+        every = fold_images(prepared, fold_k)
         scored = every.iloc[cap_cells(every, seed=seed)].reset_index(drop=True)
         # Not a model's input: the probes read image statistics of the prepared cache, as prepared.
         cache = prepared.cache()
@@ -313,6 +321,7 @@ def audit_source(
     inputs = {"data": str(Path(t.data).resolve()), "fold": t.fold, "checkpoint": str(checkpoint),
               "probe": "linear-probe", "seed": seed, "epochs": None, "image_size": pre.image_size,
               "resize": pre.resize}
-    result = run_linear_probe(predictor, rows_of(cache, pool["image_id"]), pool, test.images, test.frame, seed=seed,
+    tested = test.frame.assign(**{GROUP: patient_groups(test.frame, prepared.root)})
+    result = run_linear_probe(predictor, rows_of(cache, pool["image_id"]), pool, test.images, tested, seed=seed,
                               inputs=inputs, batch_size=settings.batch_size)
     return result, write_result(result, out_dir or audit_dir_for(checkpoint))

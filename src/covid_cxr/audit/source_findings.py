@@ -22,8 +22,8 @@ import pandas as pd
 
 from covid_cxr import fmt
 from covid_cxr.audit import results as R
-from covid_cxr.data.splits import patient_key
-from covid_cxr.evaluate.metrics import bootstrap_auc_ci, roc_auc
+from covid_cxr.data.splits import groups_of
+from covid_cxr.evaluate.metrics import bootstrap_auc_values, percentile_interval, roc_auc
 from covid_cxr.stats import Proportion
 
 NEAR_PERFECT_AUC = 0.95
@@ -47,17 +47,17 @@ def source_metrics(
     present = np.unique(true)
     recalls = [float((pred[true == k] == k).mean()) for k in present]
     groups_arr = None if groups is None else np.asarray(groups)
-    # Two sources: AUC of the score of the second. More: mean one-vs-rest AUC (its interval: of the first pair).
-    aucs, lows, highs = [], [], []
-    for k in present if len(present) > 2 else present[1:]:
-        positive = true == k
-        aucs.append(roc_auc(positive, probs[:, k]))
-        low, high = bootstrap_auc_ci(positive, probs[:, k], groups_arr, n_boot=n_boot, seed=seed)
-        lows.append(low)
-        highs.append(high)
-    auc = {"value": float(np.mean(aucs)) if aucs else None, "low": float(np.mean(lows)) if lows else None,
-           "high": float(np.mean(highs)) if highs else None, "n": int(len(true)),
-           "method": "bootstrap by patient" if groups is not None else "bootstrap"}
+    # Two sources: the AUC of the second's score. More: the macro AUC (mean one-vs-rest), bootstrapped itself:
+    # every class's AUC from the same resampled patients, averaged per resample.
+    ks = present if len(present) > 2 else present[1:]
+    positives = [true == k for k in ks]
+    scores = [probs[:, k] for k in ks]
+    draws = bootstrap_auc_values(positives, scores, groups_arr, n_boot=n_boot, seed=seed)
+    # Every source present has positives and negatives: no NaN among the draws.
+    low, high = percentile_interval(draws.mean(axis=0)) if ks.size else (np.nan, np.nan)
+    auc = {"value": float(np.mean([roc_auc(p, s) for p, s in zip(positives, scores)])) if ks.size else None,
+           "low": None if np.isnan(low) else low, "high": None if np.isnan(high) else high,
+           "n": int(len(true)), "method": "bootstrap by patient" if groups is not None else "bootstrap"}
     return {
         "n": int(len(true)),
         "counts": {source_names[k]: int((true == k).sum()) for k in present},
@@ -72,7 +72,9 @@ def probe_metrics(probs: np.ndarray, frame: pd.DataFrame, names: Sequence[str], 
     """Overall source metrics of the scored images, and within every class two sources provide."""
     src = frame["source"].astype(str).to_numpy()
     lab = frame["label"].astype(str).to_numpy()
-    pid = patient_key(frame).to_numpy()  # ids are only unique within a source
+    # Drawn whole by the bootstrap: patients (ids are only unique within a source), merged where they share a
+    # byte-identical file (the ``group`` column), as the cross-fitting's parts keep them.
+    pid = groups_of(frame).to_numpy()
     out: dict[str, Any] = {"overall": source_metrics(probs, src, names, pid, n_boot=n_boot, seed=seed),
                            "within_class": {}}
     for cls in sorted(set(lab)):

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def summary(result: dict[str, Any]) -> str:
-    """The audit's figures in a few lines, then its flags (or that none fired)."""
+    """The audit's figures in a few lines, its notes (images left out and why), then its flags (or that none fired)."""
     from covid_cxr.audit import (
         results as R,  # the audits' wording, loaded when one has run
     )
@@ -125,6 +125,7 @@ def summary(result: dict[str, Any]) -> str:
 
     section = R.section_blocks({result["audit"]: result})
     lines = [line for block in section[1:] if block[0] == "table" for line in table_of(block[1], block[2]).lines()]
+    lines += [f"note: {note}" for note in result.get("notes") or []]
     flags = result.get("flags") or []
     lines += [f"FLAG: {f['message']}" for f in flags] or ["no flag raised"]
     return "\n".join(lines)

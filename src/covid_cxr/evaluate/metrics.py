@@ -230,31 +230,41 @@ def bootstrap_auc_cis(positives: Sequence[np.ndarray], scores: Sequence[np.ndarr
     patients in 40) the interval would rest on fewer resamples than it says, from a skewed subset.
     Seeded, so a report is reproducible.
     """
+    values = bootstrap_auc_values(positives, scores, groups, n_boot=n_boot, seed=seed)
+    return [percentile_interval(v, confidence) for v in values]
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The percentile interval of bootstrap ``values`` (the non-finite left out); NaN bounds for none."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    tail = 100 * (1 - confidence) / 2
+    return (float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v) else (math.nan, math.nan)
+
+
+def bootstrap_auc_values(positives: Sequence[np.ndarray], scores: Sequence[np.ndarray],
+                         groups: np.ndarray | None = None, *, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """(AUCs, n_boot) resampled AUCs of :func:`bootstrap_auc_cis`, column ``b`` of every AUC from the same
+    resample ``b`` (so a figure made of several AUCs, such as their mean, can be bootstrapped itself); an AUC
+    whose positives or negatives are missing is NaN throughout."""
     n_images = len(scores[0]) if len(scores) else 0
     plans = [_AucPlan.of(p, s) for p, s in zip(positives, scores, strict=True)]
     usable = [bool(len(plan.pos) and len(plan.neg)) for plan in plans]
+    out = np.full((len(plans), max(n_boot, 0)), math.nan)
     if n_boot < 1 or not any(usable):
-        return [(math.nan, math.nan)] * len(plans)
+        return out
     if groups is None:
         group_idx = np.arange(n_images)
     else:
         _, group_idx = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     strata = _strata(positives, group_idx)
     rng = np.random.default_rng(seed)
-    values: list[list[np.ndarray]] = [[] for _ in plans]
     chunk = max(1, min(n_boot, 2_000_000 // max(n_images, 1)))  # bounds memory at ~16 MB per array
     for start in range(0, n_boot, chunk):
         draws = _stratified_draws(rng, strata, min(chunk, n_boot - start))
         for k, plan in enumerate(plans):
             if usable[k]:
-                values[k].append(plan.weighted(draws, group_idx))
-    tail = 100 * (1 - confidence) / 2
-    out: list[tuple[float, float]] = []
-    for k in range(len(plans)):
-        v = np.concatenate(values[k]) if values[k] else np.array([])
-        v = v[np.isfinite(v)]
-        out.append((float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))) if len(v)
-                   else (math.nan, math.nan))
+                out[k, start : start + len(draws)] = plan.weighted(draws, group_idx)
     return out
 
 
