@@ -220,7 +220,7 @@ def _report(done: list[FoldPlan], earlier: list[FoldPlan], notes: list[str], bas
     if not members:
         return None
     asked = [p for p in done if p.evaluated]
-    said = [f"Folds {_folds(members)} of {base.network} in {base.out}. Asked for: {_folds(asked)} (trained or "
+    said = [f"Fold{'s' if len(members) > 1 else ''} {_folds(members)} of {base.network} in {base.out}. Asked for: {_folds(asked)} (trained or "
             f"resumed by this run: {_folds([p for p in asked if p.action != DONE])})"
             + (f"; not asked for, found finished and evaluated with the same settings: {_folds(earlier)}." if earlier
                else "."), *notes]  # fmt: skip
