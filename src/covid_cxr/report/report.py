@@ -150,7 +150,8 @@ def run_settings(eval_dir: Path) -> dict[str, Any] | None:
         raise DataError(f"{path}: expected a mapping of settings; restore the run's config.yaml")
     folder = RunFolder(run_dir)
     protocol = folder.info().protocol if folder.exists() else None
-    return {**{k: data.get(k) for k in (*TRAINING_KEYS, "seed") if k != "protocol"}, "protocol": protocol}
+    return {"run": str(run_dir), **{k: data.get(k) for k in (*TRAINING_KEYS, "seed") if k != "protocol"},
+            "protocol": protocol}
 
 
 def _with_saved_auc(metrics: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
@@ -408,12 +409,11 @@ def _mixed_settings(groups: dict[tuple[str, str], list[FoldResult]], allow_mixed
     ``allow_mixed``: the mean over folds, and the paper's figures beside it, stand for one training recipe."""
     mixed: dict[tuple[str, str], list[str]] = {}
     for (network, split), members in groups.items():
-        known = [r for r in members if r.settings is not None]
-        differ = [k for k in TRAINING_KEYS if len({_same(r.settings.get(k)) for r in known}) > 1]  # type: ignore[union-attr]
+        known = [(f"fold {r.fold} ({r.settings['run']})", r.settings) for r in members if r.settings]
+        differ = [k for k in TRAINING_KEYS if len({_same(settings.get(k)) for _, settings in known}) > 1]
         mixed[(network, split)] = differ
         if differ and not allow_mixed:
-            detail = "; ".join(f"{k}: " + ", ".join(f"fold {r.fold} ({r.eval_dir.parent}) "  # type: ignore[union-attr]
-                                                    f"{r.settings.get(k)!r}" for r in known)  # type: ignore[union-attr]
+            detail = "; ".join(f"{k}: " + ", ".join(f"{run} {settings.get(k)!r}" for run, settings in known)
                                for k in differ)
             raise DataError(f"the {network} runs were trained with different settings ({detail}); a mean over them "
                             "is no figure of one training recipe (the paper's folds share one; the seed alone may "
@@ -435,10 +435,9 @@ def _setting(value: Any) -> str:
 
 def _settings_table(members: Sequence[FoldResult], network: str, with_paper: bool) -> Table | None:
     """Each fold's training settings (config.yaml), and the paper's Table 2 beside them; None without any."""
-    known = [r for r in members if r.settings is not None]
-    if not known:
+    rows = [[f"fold {r.fold}", *(_setting(r.settings.get(k)) for k in SETTINGS_SHOWN)] for r in members if r.settings]
+    if not rows:
         return None
-    rows = [[f"fold {r.fold}", *(_setting(r.settings.get(k)) for k in SETTINGS_SHOWN)] for r in known]  # type: ignore[union-attr]
     if with_paper and network in NETWORK_NAMES:
         paper, entry = TrainConfig(), network_entry(network)
         rows.append(["paper (Table 2)", "paper", paper.pretrained, str(paper.epochs_per_phase), str(entry.image_size),
