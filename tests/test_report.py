@@ -236,3 +236,49 @@ def test_a_damaged_metrics_file_is_named_with_the_fix(tmp_path: Path, damage: st
     (folder / "metrics.json").write_text(damage)
     with pytest.raises(DataError, match=r"metrics\.json: .*re-run 'covid-cxr evaluate'"):
         write_report([folder], tmp_path / "report", n_boot=0)
+
+
+def _run_folder(root: Path, fold: int, seed: int, epochs: int, frame: pd.DataFrame) -> Path:
+    """A run folder as training and evaluation leave it, as far as the report reads it: config.yaml, run.json and
+    eval-test/ (the weights are not read)."""
+    from covid_cxr.config import dump_config, make_config
+    from covid_cxr.runs.folder import RunFolder, RunInfo
+
+    config = make_config("cpu", network="xception", fold=fold, epochs_per_phase=epochs, seed=seed, image_size=71,
+                         batch_size=3, data=str(root / "data"), out=str(root), name=f"run{fold}")
+    dump_config(config, root / f"run{fold}" / "config.yaml")
+    RunFolder(root / f"run{fold}").write_info(RunInfo(network="xception", fold=fold, protocol="strict",
+                                                      status="finished"))
+    _eval_dir(root / f"run{fold}" / "eval-test", frame, "xception", fold)
+    return root / f"run{fold}"
+
+
+def test_report_refuses_folds_trained_with_other_settings_unless_allowed(tmp_path: Path) -> None:
+    """The reviewer's scenario: 2 vs 1 epochs a phase and seeds 11 vs 0 in one report beside the paper's average."""
+    runs = [_run_folder(tmp_path, 1, 11, 2, _with_probs((6, 6, 6), 1)),
+            _run_folder(tmp_path, 2, 0, 1, _with_probs((6, 6, 6), 2))]
+    out = tmp_path / "report"
+    with pytest.raises(DataError, match=r"xception runs were trained with different settings \(epochs_per_phase: "
+                       r"fold 1 \(.*run1\) 2, fold 2 \(.*run2\) 1\).*--allow-mixed-settings") as refused:
+        write_report(runs, out, n_boot=0)
+    assert "seed:" not in str(refused.value)  # a seed per fold is no other recipe
+    assert not out.exists()  # refused before a byte is written
+    assert main(["report", *map(str, runs), "--out", str(out), "--bootstrap", "0", "--allow-mixed-settings"]) == 0
+    text = (out / "report.md").read_text()
+    assert "mean ± sd (mixed settings)" in text and "Mixed settings: these folds differ in epochs_per_phase" in text
+    settings = text.split("### Training settings")[1].split("###")[0]
+    assert "| fold 1 | cpu | none | 2 | 71 | 3 | 0.0001 | 11 |" in settings
+    assert "| fold 2 | cpu | none | 1 | 71 | 3 | 0.0001 | 0 |" in settings
+    assert "| paper (Table 2) | paper | imagenet | 100 | 300 | 30 | 0.0001 | n/a |" in settings
+    summary = json.loads((out / "summary.json").read_text())["xception-test"]
+    assert summary["mixed_settings"] == ["epochs_per_phase"] and summary["settings"]["2"]["epochs_per_phase"] == 1
+
+
+def test_report_takes_folds_that_differ_only_in_seed_as_one_recipe(tmp_path: Path) -> None:
+    runs = [_run_folder(tmp_path, k, seed, 1, _with_probs((6, 6, 6), k)) for k, seed in ((1, 11), (2, 0))]
+    path = write_report([*runs, _eval_dir(tmp_path / "bare", _with_probs((6, 6, 6), 3), "xception", 3)],
+                        tmp_path / "report", n_boot=0)  # a bare evaluation folder: no settings to compare
+    text = path.with_suffix(".md").read_text()
+    assert "(mixed settings)" not in text and "Mixed settings" not in text
+    settings = text.split("### Training settings")[1].split("###")[0]
+    assert "| fold 1 | cpu | none | 1 |" in settings and "| fold 3 |" not in settings

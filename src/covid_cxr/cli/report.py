@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "name (Xception, ResNet50V2, Concatenated) also picks the paper row to compare with")
     p.add_argument("--audit", type=Path, metavar="DIR", help="audit results to add as the 'Did it learn the "
                    "disease?' section: a run folder or its audit/ folder ('covid-cxr audit' writes them)")
+    p.add_argument("--allow-mixed-settings", action="store_true",
+                   help="report folds of one network trained with different settings (config.yaml) together; each "
+                   "fold's settings are listed and the mean is marked mixed (default: refused; seeds may differ)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="AUC bootstrap resamples (default 1000)")
     p.add_argument("--prevalences", metavar="P,P,...",
                    help="state COVID-19 PPV and NPV at the operating point at these prevalences "
@@ -45,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.audit}: no audit results (source.json, ablation.json, ...); "
                                     "run 'covid-cxr audit' on the model first")
     path = write_report(args.runs, args.out, network_label=args.network_label, audit=audit, n_boot=args.bootstrap,
-                        prevalences=prevalences)
+                        prevalences=prevalences, allow_mixed_settings=args.allow_mixed_settings)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return 0

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from covid_cxr import fmt
 from covid_cxr.atomic import read_json_object, write_bytes, write_json, write_text
 from covid_cxr.audit.results import render_section
+from covid_cxr.config import TrainConfig
 from covid_cxr.data.manifest import safe_name
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
@@ -39,10 +41,16 @@ from covid_cxr.evaluate.predictions import (
 from covid_cxr.evaluate.run import roc_marks
 from covid_cxr.fmt import Table
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
+from covid_cxr.networks import NETWORK_NAMES, network_entry
 from covid_cxr.operating_point import OperatingPoint, where_chosen
 from covid_cxr.report.sections import comparison_table, describe_rules, operating_tables
-from covid_cxr.runs.evaluations import external_evaluations, model_file, no_internal_text, pairs_with
-from covid_cxr.runs.folder import BEST
+from covid_cxr.runs.evaluations import (
+    external_evaluations,
+    model_file,
+    no_internal_text,
+    pairs_with,
+)
+from covid_cxr.runs.folder import BEST, CONFIG, RunFolder
 from covid_cxr.runs.own_images import describe as describe_own
 from covid_cxr.stats import DEFAULT_PREVALENCES
 
@@ -54,6 +62,15 @@ PLOT_FILES: tuple[str, ...] = ("confusion_matrix.png", "roc.png", "calibration.p
 COUNT_KEYS: tuple[str, ...] = ("n", *(f"{c}_{k}" for c in CLASSES for k in ("correct", "missed", "false")))
 AUC_KEYS: tuple[str, ...] = (*(f"{c}_auc{end}" for c in CLASSES for end in ("", "_ci_low", "_ci_high")),
                              "auc_bootstrap")
+# The settings that make a fold's model what it is (config.yaml, and run.json's split protocol): folds averaged
+# into one mean must share them, as the paper's five folds share Table 2. The seed may differ per fold (another
+# draw of the same recipe), as may how a run was executed (device, precision, workers) and where the data lay.
+TRAINING_KEYS: tuple[str, ...] = ("preset", "pretrained", "epochs_per_phase", "image_size", "batch_size", "lr",
+                                  "nadam_eps", "nadam_momentum_decay", "drop_rate", "bn_momentum", "scaling",
+                                  "augment", "protocol")
+SETTINGS_SHOWN: tuple[str, ...] = ("preset", "pretrained", "epochs_per_phase", "image_size", "batch_size", "lr",
+                                   "seed")
+MIXED_FLAG = "--allow-mixed-settings"
 
 
 @dataclass
@@ -67,6 +84,7 @@ class FoldResult:
     preds: Predictions
     metrics: dict[str, Any]
     info: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] | None = None  # the training settings of the run around it (None: no run folder)
 
     @property
     def external(self) -> bool:
@@ -113,7 +131,27 @@ def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
     fold = info.get("fold") or (csv.parent.name if csv.name == "predictions.csv" else csv.stem)
     return FoldResult(network=str(info.get("network") or "unknown"), fold=fold,
                       split=str(info.get("split") or "test"), eval_dir=eval_dir if info else None,
-                      preds=preds, metrics=metrics, info=info)
+                      preds=preds, metrics=metrics, info=info, settings=run_settings(eval_dir) if info else None)
+
+
+def run_settings(eval_dir: Path) -> dict[str, Any] | None:
+    """The training settings of the run folder an evaluation lies in (its config.yaml, and run.json's split
+    protocol); None where no run folder holds it (an evaluation written elsewhere), so nothing to compare."""
+    run_dir = eval_dir.parent
+    path = run_dir / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({exc}); restore the run's config.yaml, or report its "
+                        f"predictions file ({eval_dir / 'predictions.csv'}) instead") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a mapping of settings; restore the run's config.yaml")
+    folder = RunFolder(run_dir)
+    protocol = folder.info().protocol if folder.exists() else None
+    return {"run": str(run_dir), **{k: data.get(k) for k in (*TRAINING_KEYS, "seed") if k != "protocol"},
+            "protocol": protocol}
 
 
 def _with_saved_auc(metrics: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +227,8 @@ def _counts_table(summary: dict[str, Any]) -> Table:
 
 def _rates_table(summary: dict[str, Any], keys: Sequence[str], with_paper: bool) -> Table:
     """Metrics as rows; folds, mean ± sd, pooled [95% CI] and the paper's average as columns."""
-    headers = ["metric", *(f"fold {f}" for f in summary["folds"]), "mean ± sd", "pooled [95% CI]"]
+    mean_sd = "mean ± sd (mixed settings)" if summary.get("mixed_settings") else "mean ± sd"
+    headers = ["metric", *(f"fold {f}" for f in summary["folds"]), mean_sd, "pooled [95% CI]"]
     if with_paper:
         n = len(summary["folds"])
         headers += [f"paper avg ({summary['paper_network']}, 5 folds)",
@@ -367,6 +406,59 @@ def _check(groups: dict[tuple[str, str], list[FoldResult]], externals: Sequence[
                         f"{f' ({model})' if model else ''} on {name}; give each once")
 
 
+def _mixed_settings(groups: dict[tuple[str, str], list[FoldResult]], allow_mixed: bool) -> dict[tuple[str, str], list[str]]:
+    """Per network group, the training settings its folds differ in; refused (before anything is written) unless
+    ``allow_mixed``: the mean over folds, and the paper's figures beside it, stand for one training recipe."""
+    mixed: dict[tuple[str, str], list[str]] = {}
+    for (network, split), members in groups.items():
+        known = [(f"fold {r.fold} ({r.settings['run']})", r.settings) for r in members if r.settings]
+        differ = [k for k in TRAINING_KEYS if len({_same(settings.get(k)) for _, settings in known}) > 1]
+        mixed[(network, split)] = differ
+        if differ and not allow_mixed:
+            detail = "; ".join(f"{k}: " + ", ".join(f"{run} {settings.get(k)!r}" for run, settings in known)
+                               for k in differ)
+            raise DataError(f"the {network} runs were trained with different settings ({detail}); a mean over them "
+                            "is no figure of one training recipe (the paper's folds share one; the seed alone may "
+                            f"differ per fold). Report them separately, or pass {MIXED_FLAG} to report them together "
+                            "(each fold's settings are then listed and the mean is marked mixed)")
+    return mixed
+
+
+def _same(value: Any) -> str:
+    """A setting's value in a form that compares equal exactly when the values do (dicts included)."""
+    return yaml.safe_dump(value, sort_keys=True)
+
+
+def _setting(value: Any) -> str:
+    if value is None:
+        return fmt.NA
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _settings_table(members: Sequence[FoldResult], network: str, with_paper: bool) -> Table | None:
+    """Each fold's training settings (config.yaml), and the paper's Table 2 beside them; None without any."""
+    rows = [[f"fold {r.fold}", *(_setting(r.settings.get(k)) for k in SETTINGS_SHOWN)] for r in members if r.settings]
+    if not rows:
+        return None
+    if with_paper and network in NETWORK_NAMES:
+        paper, entry = TrainConfig(), network_entry(network)
+        rows.append(["paper (Table 2)", "paper", paper.pretrained, str(paper.epochs_per_phase), str(entry.image_size),
+                     str(entry.paper_batch_size), _setting(paper.lr), fmt.NA])
+    return Table(["run", *(k.replace("_", " ") for k in SETTINGS_SHOWN)], rows)
+
+
+def _settings_section(doc: _Doc, members: Sequence[FoldResult], network: str, summary: dict[str, Any]) -> None:
+    """The folds' training settings beside the paper's, and a warning where the mean is over mixed settings."""
+    table = _settings_table(members, network, with_paper=summary["paper_average"] is not None)
+    if table is None:
+        return
+    doc.heading(3, "Training settings (config.yaml of each run)")
+    doc.table(table)
+    if summary["mixed_settings"]:
+        doc.para(f"Mixed settings: these folds differ in {', '.join(summary['mixed_settings'])} (reported together "
+                 f"by {MIXED_FLAG}): the mean over them is not one training recipe's, as the paper's is.", "note")
+
+
 def _publish(out: Path, images: dict[str, bytes], md: str, summary: dict[str, Any], page: str) -> Path:
     """Write the rendered report, each file atomically: images first, so report.md never links a missing one;
     then remove the images an earlier report left that this one no longer links. Returns report.html."""
@@ -385,11 +477,15 @@ def _publish(out: Path, images: dict[str, bytes], md: str, summary: dict[str, An
 
 def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None = None,
                  audit: dict[str, Any] | None = None, n_boot: int = 1000,
-                 prevalences: Sequence[float] = DEFAULT_PREVALENCES) -> Path:
+                 prevalences: Sequence[float] = DEFAULT_PREVALENCES, allow_mixed_settings: bool = False,
+                 remarks: Sequence[str] = ()) -> Path:
     """Write report.md, report.html and summary.json for evaluated runs; return the HTML path.
 
     Runs are grouped by network (and split); two runs of one network on the same fold are
-    refused, since the mean over folds would count that fold twice. External evaluations (named,
+    refused, since the mean over folds would count that fold twice, and so are folds trained with
+    different settings (their run folders' config.yaml) unless ``allow_mixed_settings``, which lists
+    each fold's settings and marks the mean mixed. ``remarks`` are said under the introduction
+    (``cv`` says there which folds it ran and which it found finished). External evaluations (named,
     or found as ``RUN/external-NAME*/``) are shown beside the internal test figures of the same model
     file, fold and rule among those given, or say that none was given.
     """
@@ -400,6 +496,7 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
     for r in results:
         groups.setdefault((r.network, r.split), []).append(r)
     _check(groups, externals, network_label)
+    mixed = _mixed_settings(groups, allow_mixed_settings)
     images: dict[str, bytes] = {}  # report_files/NAME -> PNG bytes, written once everything is rendered
     intro = ("Per fold, the paper's Table 3 counts and Table 4 percentages. 'mean ± sd' averages the per-fold "
              "figures as the paper does (sd: sample standard deviation over folds); 'pooled' counts all folds' "
@@ -410,6 +507,8 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
     doc = _Doc()
     doc.heading(1, "Evaluation report")
     doc.para(intro)
+    for remark in remarks:
+        doc.para(remark)
     md, body = doc.md, doc.body
     summary_json: dict[str, Any] = {}
     for (network, split), members in groups.items():
@@ -418,6 +517,8 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         # The paper's averages are of its 5 folds' test sets: nothing to set beside validation or external figures.
         paper_name = (paper_network_name(network_label or "") or paper_network_name(network)) if split == "test" else None
         summary = summarize(members, paper_network=paper_name, n_boot=n_boot)
+        summary["mixed_settings"] = mixed[(network, split)]
+        summary["settings"] = {str(r.fold): r.settings for r in members if r.settings is not None}
         slug = f"{network}-{split}"
         title = f"{label} ({split} split, {len(members)} fold{'s' if len(members) > 1 else ''})"
         counts = _counts_table(summary)
@@ -430,14 +531,15 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         figures = _network_figures(summary, label, [info.get("operating_point") for info in infos])
         sources = ", ".join(f"fold {r.fold}: {r.eval_dir or r.preds.path}" for r in members)
         md += [f"## {title}", "", f"Evaluations: {sources}", "",
-               "### Table 3: counts per fold", "", counts.markdown(), "",
-               "### Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)",
+               "### Table 3: counts per fold", "", counts.markdown(), ""]
+        body += [f"<h2>{html.escape(title)}</h2>", f"<p>Evaluations: {html.escape(sources)}</p>",
+                 "<h3>Table 3: counts per fold</h3>", counts.html()]
+        _settings_section(doc, members, network, summary)
+        md += ["### Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)",
                "", rates.markdown(), "", f"### {extras_title}", "",
                extras.markdown(), ""]
-        body += [f"<h2>{html.escape(title)}</h2>", f"<p>Evaluations: {html.escape(sources)}</p>",
-                 "<h3>Table 3: counts per fold</h3>", counts.html(),
-                 "<h3>Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)"
-                 "</h3>", rates.html(), f"<h3>{html.escape(extras_title)}</h3>",
+        body += [("<h3>Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% "
+                  "CI)</h3>"), rates.html(), f"<h3>{html.escape(extras_title)}</h3>",
                  extras.html()]
         if notes:
             md += ["Notes: " + "; ".join(notes), ""]
