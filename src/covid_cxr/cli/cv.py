@@ -220,10 +220,10 @@ def _report(done: list[FoldPlan], earlier: list[FoldPlan], notes: list[str], bas
     if not members:
         return None
     asked = [p for p in done if p.evaluated]
-    said = [f"Fold{'s' if len(members) > 1 else ''} {_folds(members)} of {base.network} in {base.out}. Asked for: {_folds(asked)} (trained or "
-            f"resumed by this run: {_folds([p for p in asked if p.action != DONE])})"
-            + (f"; not asked for, found finished and evaluated with the same settings: {_folds(earlier)}." if earlier
-               else "."), *notes]  # fmt: skip
+    found = f"; not asked for, found finished and evaluated with the same settings: {_folds(earlier)}."
+    said = [f"Fold{'s' if len(members) > 1 else ''} {_folds(members)} of {base.network} in {base.out}. Asked for: "
+            f"{_folds(asked)} (trained or resumed by this run: {_folds([p for p in asked if p.action != DONE])})"
+            + (found if earlier else "."), *notes]  # fmt: skip
     html = write_report([p.run_dir for p in members], Path(base.out) / f"{base.network}-cv-report", remarks=said)
     for line in said:
         print(line)
