@@ -125,16 +125,24 @@ def _assert_parity(
         assert diff <= TOL, f"{key}: max abs difference {diff:.3g} > {TOL} (scale {np.abs(ref[key]).max():.3g})"
 
 
+def _concat_model(size: int, *, resnet_first: bool, rng: np.random.Generator) -> tuple[keras.Model, tuple]:
+    """The concatenated network with the paper's head and random weights, Xception's map first as the authors' (or
+    ResNet50V2's); and its input and the two maps, to build variants on."""
+    inp = keras.Input((size, size, 3))
+    xcep = keras.applications.Xception(include_top=False, weights=None, input_tensor=inp)
+    resn = keras.applications.ResNet50V2(include_top=False, weights=None, input_tensor=inp)
+    maps = [resn.output, xcep.output] if resnet_first else [xcep.output, resn.output]
+    model = _with_head(inp, keras.layers.concatenate(maps))
+    _randomize(model, rng)
+    return model, (inp, xcep.output, resn.output)
+
+
 @pytest.fixture(scope="module")
 def concat_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], np.ndarray, dict[str, np.ndarray]]:
     """The authors' concatenated network at 300x300, saved in every format, with Keras' outputs."""
     rng = np.random.default_rng(3)
     folder = tmp_path_factory.mktemp("concat")
-    inp = keras.Input((300, 300, 3))
-    xcep = keras.applications.Xception(include_top=False, weights=None, input_tensor=inp)
-    resn = keras.applications.ResNet50V2(include_top=False, weights=None, input_tensor=inp)
-    model = _with_head(inp, keras.layers.concatenate([xcep.output, resn.output]))
-    _randomize(model, rng)
+    model, _ = _concat_model(300, resnet_first=False, rng=rng)
     x = rng.uniform(0, 1, (1, 300, 300, 3)).astype("float32")
     ref = _keras_outputs(model, x)
     files = {
@@ -336,17 +344,13 @@ def reversed_concat(tmp_path_factory: pytest.TempPathFactory):
     in the authors' format, as .keras and as weights only; with Keras' outputs and its backbones."""
     rng = np.random.default_rng(7)
     folder = tmp_path_factory.mktemp("reversed")
-    inp = keras.Input((96, 96, 3))
-    xcep = keras.applications.Xception(include_top=False, weights=None, input_tensor=inp)
-    resn = keras.applications.ResNet50V2(include_top=False, weights=None, input_tensor=inp)
-    model = _with_head(inp, keras.layers.concatenate([resn.output, xcep.output]))
-    _randomize(model, rng)
+    model, parts = _concat_model(96, resnet_first=True, rng=rng)
     x = rng.uniform(0, 1, (2, 96, 96, 3)).astype("float32")
     files = {"keras2.hdf5": _save_keras2_h5(model, folder / "reversed.hdf5", whole=True), "keras": folder / "r.keras"}
     model.save(files["keras"])
     model.save_weights(folder / "r.weights.h5")
     files["weights.h5"] = folder / "r.weights.h5"
-    return files, x, _keras_outputs(model, x), (inp, xcep.output, resn.output)
+    return files, x, _keras_outputs(model, x), parts
 
 
 def test_reversed_concatenation_imports_with_keras_outputs(reversed_concat, tmp_path: Path, capsys) -> None:
