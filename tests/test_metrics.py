@@ -124,7 +124,7 @@ def test_bootstrap_by_patient_is_seeded_and_wider_for_duplicated_patients() -> N
 def test_the_bootstrap_keeps_every_patients_classes_in_every_resample() -> None:
     """Stratified by the classes of each patient's images: with 2 COVID-19 patients of 40, an unstratified draw has
     no COVID-19 patient in about 1 resample in 8 (0.95^40), which was dropped while the record still said 1000."""
-    from covid_cxr.evaluate.metrics import _strata, _stratified_draws
+    from covid_cxr.evaluate.metrics import _strata, stratified_draws
 
     patients = np.repeat(np.arange(40), 3)
     true = np.where(patients < 2, 0, np.where(patients < 20, 1, 2))
@@ -132,7 +132,7 @@ def test_the_bootstrap_keeps_every_patients_classes_in_every_resample() -> None:
     positives = [true == k for k in range(3)]
     strata = _strata(positives, patients)
     assert sorted(map(len, strata)) == [1, 1, 18, 20]
-    draws = _stratified_draws(np.random.default_rng(0), strata, 1000)
+    draws = stratified_draws(np.random.default_rng(0), strata, 1000)
     for members in strata:
         assert (draws[:, members].sum(axis=1) == len(members)).all()
     with_covid = draws[:, :2].sum(axis=1)

@@ -32,7 +32,12 @@ from covid_cxr import fmt
 from covid_cxr.audit import results as R
 from covid_cxr.audit.data import load_test_images_and_lungs, patient_groups
 from covid_cxr.audit.lungs import LungFields
-from covid_cxr.evaluate.metrics import balanced_accuracy, confusion_matrix, percentile_interval
+from covid_cxr.evaluate.metrics import (
+    balanced_accuracy,
+    confusion_matrix,
+    percentile_interval,
+    stratified_draws,
+)
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
@@ -106,11 +111,8 @@ def balanced_accuracy_interval(labels: np.ndarray, preds: np.ndarray, groups: np
         return out
     _, stratum = np.unique(count > 0, axis=0, return_inverse=True)
     stratum = np.asarray(stratum).reshape(-1)
-    rng = np.random.default_rng(seed)
-    draws = np.zeros((n_boot, shape[0]))
-    for s in range(int(stratum.max()) + 1):
-        members = np.flatnonzero(stratum == s)
-        draws[:, members] = rng.multinomial(len(members), np.full(len(members), 1.0 / len(members)), size=n_boot)
+    strata = [np.flatnonzero(stratum == s) for s in range(int(stratum.max()) + 1)]
+    draws = stratified_draws(np.random.default_rng(seed), strata, n_boot)
     out["low"], out["high"] = percentile_interval(((draws @ hits) / (draws @ count)).mean(axis=1), confidence)
     return out
 

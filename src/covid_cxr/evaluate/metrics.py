@@ -261,7 +261,7 @@ def bootstrap_auc_values(positives: Sequence[np.ndarray], scores: Sequence[np.nd
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_boot, 2_000_000 // max(n_images, 1)))  # bounds memory at ~16 MB per array
     for start in range(0, n_boot, chunk):
-        draws = _stratified_draws(rng, strata, min(chunk, n_boot - start))
+        draws = stratified_draws(rng, strata, min(chunk, n_boot - start))
         for k, plan in enumerate(plans):
             if usable[k]:
                 out[k, start : start + len(draws)] = plan.weighted(draws, group_idx)
@@ -279,7 +279,7 @@ def _strata(positives: Sequence[np.ndarray], group_idx: np.ndarray) -> list[np.n
     return [np.flatnonzero(stratum == s) for s in range(int(stratum.max()) + 1)]
 
 
-def _stratified_draws(rng: np.random.Generator, strata: list[np.ndarray], count: int) -> np.ndarray:
+def stratified_draws(rng: np.random.Generator, strata: list[np.ndarray], count: int) -> np.ndarray:
     """(count, groups) times each group is drawn: every stratum drawn with replacement to its own size."""
     n_groups = sum(len(members) for members in strata)
     draws = np.zeros((count, n_groups))
