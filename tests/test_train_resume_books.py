@@ -32,6 +32,7 @@ import torch
 from filelock import FileLock
 
 from covid_cxr.config import TrainConfig
+from covid_cxr.errors import DataError
 from covid_cxr.evaluate.run import calibrate, evaluate_run
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.operating_point import OperatingPoint
@@ -286,4 +287,19 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path: Path, monkeypat
     with hold_run(tmp_path / "run", "training it", "wait"):
         ran.append(True)
     err = capsys.readouterr().err
-    assert ran == [True] and "cannot lock" in err and "No locks available" in err
+    assert ran == [True] and "cannot lock files" in err and "No locks available" in err
+
+
+def test_a_lock_that_cannot_be_created_for_another_reason_is_a_clear_error(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a file system without locks is gone on without one; anything else (here a folder we may not write)
+    stops with the lock file and the fix named, before anything is written."""
+    def denied(self: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(FileLock, "acquire", denied)
+    ran = []
+    with pytest.raises(DataError, match=r"\.train\.lock: cannot create the run folder's lock .*make .* writable"):
+        with hold_run(tmp_path / "run", "training it", "wait"):
+            ran.append(True)
+    assert ran == []

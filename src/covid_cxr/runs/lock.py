@@ -20,6 +20,7 @@ and Hugging Face use for their caches.
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from filelock import FileLock, Timeout
 from covid_cxr.errors import DataError
 
 LOCK_NAME = ".train.lock"
+_NO_LOCK_ERRNOS = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
 _held: dict[Path, int] = {}  # run folders this process holds the lock of, with how many holds (nested holds)
 
 
@@ -71,9 +73,12 @@ def hold_run(root: str | Path, purpose: str, fix: str) -> Iterator[None]:
             f"{root} is being trained by another process (it holds {lock_path(root)}); {purpose} now would clash "
             f"with it: {fix}"
         ) from None
-    except (OSError, NotImplementedError) as exc:  # a file system without locks (some network mounts)
-        print(f"warning: cannot lock {lock_path(root)} ({exc}); going on without it, so another process "
-              f"working on {root} at the same time would not be noticed", file=sys.stderr)
+    except (OSError, NotImplementedError) as exc:
+        if not _no_locks(exc):
+            raise DataError(f"{lock_path(root)}: cannot create the run folder's lock ({exc}); make {root} "
+                            "writable, or work on a copy of the run in a folder you can write") from exc
+        print(f"warning: {lock_path(root)}: this file system cannot lock files ({exc}); going on without the "
+              f"lock, so another process working on {root} at the same time would not be noticed", file=sys.stderr)
         lock = None
     _held[key] = 1
     try:
@@ -88,7 +93,8 @@ def being_trained(root: str | Path) -> bool:
     """True when another live process holds ``root``'s lock (a ``train`` of it is running).
 
     Never creates a lock file (a run folder may be read-only): no file means no training ever
-    held one. A lock file this process cannot open counts as not held.
+    held one. A lock file this process may not open (a read-only run), or a file system that
+    cannot lock, counts as not held.
     """
     path = lock_path(root)
     if _key(root) in _held or not path.is_file():
@@ -98,10 +104,20 @@ def being_trained(root: str | Path) -> bool:
         lock.acquire()
     except Timeout:
         return True
-    except (OSError, NotImplementedError):
-        return False
+    except PermissionError:
+        return False  # a lock file we may not open: we cannot tell, and the answer only decides a note
+    except (OSError, NotImplementedError) as exc:
+        if _no_locks(exc):
+            return False  # no process can hold a lock here, a training included
+        raise
     lock.release()
     return False
+
+
+def _no_locks(exc: BaseException) -> bool:
+    """Whether ``exc`` says the file system cannot lock files (some network mounts): filelock raises
+    NotImplementedError for a missing ``flock``, the kernel ENOLCK, ENOSYS or EOPNOTSUPP."""
+    return isinstance(exc, NotImplementedError) or getattr(exc, "errno", None) in _NO_LOCK_ERRNOS
 
 
 def note_if_training(root: str | Path, what: str) -> None:
