@@ -12,7 +12,6 @@ Under ``torchrun`` every process trains; only the main one (``RANK`` 0) evaluate
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,11 +57,6 @@ def parse_folds(text: str) -> list[int]:
     if not folds or min(folds) < 1 or len(set(folds)) != len(folds):
         raise ConfigError(f"--folds must name distinct folds >= 1; got {text!r}")
     return folds
-
-
-def is_main_process() -> bool:
-    """True in a plain launch and in torchrun's rank 0 (read from the environment torchrun sets)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def fold_dir(config: TrainConfig, fold: int) -> Path:
@@ -158,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     """Plan every fold (refusing bad options and foreign fold folders), then train, evaluate and report."""
     # the library is loaded by the verb, not by --help
     from covid_cxr.data.prepared import PreparedData
+    from covid_cxr.train.distributed import launched_as_main
 
     folds = parse_folds(args.folds)
     prepared = PreparedData(args.data)
@@ -166,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     hashes = {k: prepared.fold(k).split_hash for k in range(1, prepared.num_folds + 1)}
     plans = [plan_fold(base, k, hashes[k]) for k in folds]  # every rank decides before any of them writes
     earlier, notes = earlier_folds(base, prepared.num_folds, folds, hashes) if not args.no_eval else ([], [])
-    main = is_main_process()
+    main = launched_as_main()
     done: list[FoldPlan] = []
     for i, plan in enumerate(plans, start=1):
         if main:

@@ -27,7 +27,7 @@ import yaml
 from covid_cxr import fmt
 from covid_cxr.atomic import read_json_object, write_bytes, write_json, write_text
 from covid_cxr.audit.results import render_section
-from covid_cxr.config import TrainConfig
+from covid_cxr.config import TrainConfig, load_config
 from covid_cxr.data.manifest import safe_name
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
@@ -50,7 +50,7 @@ from covid_cxr.runs.evaluations import (
     no_internal_text,
     pairs_with,
 )
-from covid_cxr.runs.folder import BEST, CONFIG, RunFolder
+from covid_cxr.runs.folder import BEST, RunFolder
 from covid_cxr.runs.own_images import describe as describe_own
 from covid_cxr.stats import DEFAULT_PREVALENCES
 
@@ -137,20 +137,12 @@ def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
 def run_settings(eval_dir: Path) -> dict[str, Any] | None:
     """The training settings of the run folder an evaluation lies in (its config.yaml, and run.json's split
     protocol); None where no run folder holds it (an evaluation written elsewhere), so nothing to compare."""
-    run_dir = eval_dir.parent
-    path = run_dir / CONFIG
-    if not path.is_file():
+    folder = RunFolder(eval_dir.parent)
+    if not folder.config.is_file():
         return None
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({exc}); restore the run's config.yaml, or report its "
-                        f"predictions file ({eval_dir / 'predictions.csv'}) instead") from exc
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a mapping of settings; restore the run's config.yaml")
-    folder = RunFolder(run_dir)
+    data = load_config(folder.config).to_dict()  # a damaged file raises ConfigError naming it
     protocol = folder.info().protocol if folder.exists() else None
-    return {"run": str(run_dir), **{k: data.get(k) for k in (*TRAINING_KEYS, "seed") if k != "protocol"},
+    return {"run": str(folder.root), **{k: data.get(k) for k in (*TRAINING_KEYS, "seed") if k != "protocol"},
             "protocol": protocol}
 
 

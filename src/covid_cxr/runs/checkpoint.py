@@ -121,9 +121,10 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(_read(Path(path), "cpu", mmap=True).get("meta", {}))
 
 
-def checkpoint_rule(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """A checkpoint's stored operating point (None: argmax) without reading its weights."""
-    return _read(Path(path), "cpu", mmap=True).get("operating_point")
+def checkpoint_rule_and_meta(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """A checkpoint's stored operating point (None: argmax) and its ``meta``, without reading its weights."""
+    data = _read(Path(path), "cpu", mmap=True)
+    return data.get("operating_point"), dict(data.get("meta", {}))
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> Checkpoint:

@@ -44,6 +44,11 @@ class DistInfo:
         return self.world_size > 1
 
 
+def launched_as_main() -> bool:
+    """True in a plain launch and in torchrun's rank 0, before (or without) joining the process group."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment (or return a world of one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -48,7 +48,7 @@ from covid_cxr.runs.checkpoint import (
     Checkpoint,
     atomic_torch_save,
     checkpoint_meta,
-    checkpoint_rule,
+    checkpoint_rule_and_meta,
     load_checkpoint,
     save_checkpoint,
 )
@@ -405,12 +405,12 @@ class Trainer:
         """
         if not self.folder.best.is_file():
             return None
-        stored = checkpoint_rule(self.folder.best)
+        stored, meta = checkpoint_rule_and_meta(self.folder.best)
         if not stored or stored.get("rule", "argmax") == "argmax":
             return None
         rule = OperatingPoint.from_dict(stored).name
         return (f"best.pt had the decision rule {rule}, calibrated for the weights of epoch "
-                f"{checkpoint_meta(self.folder.best).get('global_epoch', '?')}; the better epoch that replaces it is "
+                f"{meta.get('global_epoch', '?')}; the better epoch that replaces it is "
                 f"saved without it (argmax): choose it again for the new weights with 'covid-cxr calibrate "
                 f"{self.folder.root} --operating-point {rule}' once training ends")
 
