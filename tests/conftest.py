@@ -19,6 +19,49 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The suite runs in parallel (pyproject's addopts: pytest-xdist, one worker per test file at a time). A
+# worker gets its share of the cores, so that two workers do not run two full-size thread pools on the
+# same cores (OpenMP threads spin while they wait: oversubscribed, a run took longer than in one process).
+# Set here, before any test module imports torch; a user's own COVID_CXR_THREADS / OMP_NUM_THREADS win.
+GIB_PER_WORKER = 5  # the largest worker (the small demo) peaked at 4.2 GB resident
+MAX_WORKERS = 8  # beyond this the small demo, one test on one worker, is the run's length anyway
+
+
+def _worker_share() -> None:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if workers > 1:
+        from covid_cxr.cpus import physical_cores  # light: no torch
+
+        share = str(max(1, physical_cores() // workers))
+        os.environ.setdefault("COVID_CXR_THREADS", share)
+        os.environ.setdefault("OMP_NUM_THREADS", share)
+
+
+_worker_share()
+
+
+def _memory_gib() -> float:
+    """Physical memory, capped by the cgroup's limit (a container's memory.max)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        total = min(total, int(limit))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit ("max"), or no such file
+    return total / 2**30
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per physical core this process may use, as many as memory holds, at most 8."""
+    from covid_cxr.cpus import physical_cores
+
+    return max(1, min(physical_cores(), int(_memory_gib() // GIB_PER_WORKER), MAX_WORKERS))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files marked ``first`` are handed out first: started last, the small demo alone set the run's length."""
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)  # stable: the rest keep their order
+
 
 def _fixtures_dir() -> Path | None:
     env = os.environ.get("COVID_CXR_FIXTURES")

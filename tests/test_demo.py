@@ -9,7 +9,7 @@ import pytest
 
 from covid_cxr.cli import main as cli_main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.first]
 
 
 def test_small_demo_runs_end_to_end_above_chance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
