@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,12 +35,6 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fake_run(run_dir: Path) -> None:
     """A run folder around the checkpoint: run.json and split files, so the served card has a training table."""
     (run_dir / "splits").mkdir(parents=True)
@@ -55,19 +49,24 @@ def _fake_run(run_dir: Path) -> None:
 
 @contextlib.contextmanager
 def serving(model: Path, log: Path) -> Iterator[str]:
-    """The real command line: ``covid-cxr serve MODEL --port P``, until its /health answers; its output in ``log``."""
-    port = free_port()
+    """The real command line: ``covid-cxr serve MODEL --port 0``, until its /health answers; its output in ``log``.
+
+    Port 0 lets the server bind a free port itself and name it: a port picked here and bound later by the
+    server could be taken in between (the suite runs in several processes at once).
+    """
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "covid_cxr", "serve", str(model), "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "covid_cxr", "serve", str(model), "--port", "0",
                                  "--device", "cpu"], stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = None
     try:
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"covid-cxr serve exited with {proc.returncode}:\n{log.read_text()}")
+            bound = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())
+            url = bound.group(1) if bound else None
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if url and httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="a covid-cxr checkpoint (.pt) or an exported ONNX model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, which uvicorn's start-up line names)")
     p.add_argument("--backend", choices=BACKENDS,
                    help="auto (default: the fastest exact path here for a .pt, onnx for .onnx), torch or onnx")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     for warning in loaded.warnings():
         print(warning, file=sys.stderr)
     print_int8_record(loaded.predictor, args.checkpoint)
-    print(f"serving on http://{args.host}:{args.port}/ (API docs at /docs)", file=sys.stderr)
+    where = f"http://{args.host}:{args.port}/" if args.port else f"a free port of {args.host} (uvicorn names it below)"
+    print(f"serving on {where} (API docs at /docs)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
     return 0
