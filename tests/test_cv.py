@@ -2,7 +2,8 @@
 every finished fold (also after a fold fails), and evaluation and report on the main process only.
 
 One module fixture runs the verb several times over one RUNS folder, as a user would after a failure, and
-records what each invocation left; the tests read that record. Tiny data: 2 folds, 2 phases, 1 epoch a phase.
+records what each invocation left; the tests read that record. The last test calls the library,
+:func:`covid_cxr.pipeline.cv.run_cv`, with no command line. Tiny data: 2 folds, 2 phases, 1 epoch a phase.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from typing import Any
 import pytest
 
 from covid_cxr.cli import main
+from covid_cxr.config import make_config
+from covid_cxr.errors import ConfigError
+from covid_cxr.pipeline.cv import DONE, TRAIN, run_cv
 from covid_cxr.runs.folder import RunFolder
 from covid_cxr.train import runner
 from covid_cxr.train.augment import Augmenter
@@ -56,11 +60,17 @@ def _state(runs: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def record(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny prepared folder every test here trains from (each into its own RUNS folder)."""
+    return tiny_prepared(tmp_path_factory.mktemp("prepared"))
+
+
+@pytest.fixture(scope="module")
+def record(data: Path) -> dict[str, Any]:
     """The invocations, in order, over one RUNS folder (and a second, empty one for the refusals)."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("COVID_CXR_BACKEND", "torch")  # evaluate with the network itself: no ONNX export (10 s) a fold
-        return _invocations(tiny_prepared(tmp_path_factory.mktemp("prepared")))
+        return _invocations(data)
 
 
 def _invocations(data: Path) -> dict[str, Any]:
@@ -149,3 +159,36 @@ def test_a_fold_folder_trained_with_other_settings_is_refused_with_the_way_out(r
         "err"]
     assert "another --out" in refused["err"] and "delete" in refused["err"]
     assert record["after_other_settings"][2] == record["after_fold2_only"][2]  # nothing trained or evaluated
+
+
+def test_run_cv_from_python_trains_evaluates_and_reports_then_skips_what_is_done(
+        data: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The library call, no argparse: refusals before anything is made, one fold trained, evaluated and reported;
+    the same call again trains and evaluates nothing."""
+    monkeypatch.setenv("COVID_CXR_BACKEND", "torch")  # as in record: no ONNX export
+    monkeypatch.delenv("RANK", raising=False)
+    runs = data.parent / "library-runs"
+    base = make_config("cpu", data=str(data), network="xception", epochs_per_phase=1, image_size=71, batch_size=3,
+                       precision="fp32", seed=11, workers=0, out=str(runs))  # fmt: skip
+    with pytest.raises(ConfigError, match="fold 3 is out of range: .* prepared with folds 1-2"):
+        run_cv(base, [1, 3])
+    with pytest.raises(ConfigError, match="eval_batch_size must be >= 1"):
+        run_cv(base, [1], eval_batch_size=0)
+    assert not runs.exists()
+
+    said: list[str] = []
+    first = run_cv(base, [1], say=said.append)
+    fold1 = runs / "xception-fold1"
+    assert [(p.fold, p.action) for p in first.plans] == [(1, TRAIN)] and first.run_dirs == (fold1,)
+    assert RunFolder(fold1).info().status == "finished"
+    assert first.report is not None and first.report.is_file() and first.report.parent == runs / "xception-cv-report"
+    assert json.loads((first.report.parent / "summary.json").read_text())["xception-test"]["folds"] == [1]
+    assert said[0] == f"== fold 1 (1 of 1): training into {fold1} ==" and said[-1] == f"runs: {fold1}"
+    stamps = [(fold1 / name).stat().st_mtime_ns for name in ("best.pt", "eval-test/predictions.csv")]
+
+    said.clear()
+    second = run_cv(base, [1], say=said.append)
+    assert [(p.fold, p.action) for p in second.plans] == [(1, DONE)] and second.run_dirs == (fold1,)
+    assert [(fold1 / name).stat().st_mtime_ns for name in ("best.pt", "eval-test/predictions.csv")] == stamps
+    assert f"fold 1: evaluated earlier -> {fold1 / 'eval-test'}" in said
+    assert second.report == first.report and second.earlier == () and second.notes == ()
