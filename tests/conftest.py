@@ -13,16 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from covid_cxr.cpus import physical_cores  # light (no torch): imported before torch is
+
 # Keras (a test-only dependency, for parity tests) must run on the torch backend: no TensorFlow.
 # Set before any test module imports keras, whatever the collection order.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The suite runs in parallel (pyproject's addopts: pytest-xdist, one worker per test file at a time). A
-# worker gets its share of the cores, so that two workers do not run two full-size thread pools on the
-# same cores (OpenMP threads spin while they wait: oversubscribed, a run took longer than in one process).
-# Set here, before any test module imports torch; a user's own COVID_CXR_THREADS / OMP_NUM_THREADS win.
+# The suite runs in parallel (pyproject's addopts: pytest-xdist, one worker per test file at a time): 9 min
+# against 15 in one process on 2 cores with PyTorch capped to AVX2 (benchmarks/RESULTS.md). A worker gets
+# its share of the cores, so that workers do not run full-size thread pools on the same cores (OpenMP
+# threads spin while they wait for each other). Set here, before any test module imports torch; a user's own
+# COVID_CXR_THREADS / OMP_NUM_THREADS win.
 GIB_PER_WORKER = 5  # the largest worker (the small demo) peaked at 4.2 GB resident
 MAX_WORKERS = 8  # beyond this the small demo, one test on one worker, is the run's length anyway
 
@@ -30,8 +33,6 @@ MAX_WORKERS = 8  # beyond this the small demo, one test on one worker, is the ru
 def _worker_share() -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
     if workers > 1:
-        from covid_cxr.cpus import physical_cores  # light: no torch
-
         share = str(max(1, physical_cores() // workers))
         os.environ.setdefault("COVID_CXR_THREADS", share)
         os.environ.setdefault("OMP_NUM_THREADS", share)
@@ -53,8 +54,6 @@ def _memory_gib() -> float:
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per physical core this process may use, as many as memory holds, at most 8."""
-    from covid_cxr.cpus import physical_cores
-
     return max(1, min(physical_cores(), int(_memory_gib() // GIB_PER_WORKER), MAX_WORKERS))
 
 
