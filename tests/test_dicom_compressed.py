@@ -8,14 +8,13 @@ or pydicom's own RLE and deflate writers) and decoded by the plugins the package
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
-import gdcm
+import gdcm  # after Python's zlib module (pytest's, here): python-gdcm exports its own zlib to all later libraries
 import numpy as np
 import pandas as pd
 import pydicom
@@ -40,6 +39,7 @@ from pydicom.uid import (
 
 from covid_cxr.data.images import decode_image
 from covid_cxr.errors import ImageDecodeError
+from covid_cxr.labels import CLASSES
 from covid_cxr.synth.render import render_chest
 from tests.test_odd_inputs import dicom_file
 from tests.test_server import tiny_checkpoint
@@ -115,7 +115,7 @@ def radiograph(request: pytest.FixtureRequest) -> np.ndarray:
 
 
 def _twelve_bits(img: np.ndarray) -> np.ndarray:
-    """An 8-bit picture as a CR plate's 12 bits: smoothed on the way up, so every level of 0-4095 is in use."""
+    """An 8-bit picture as a CR plate's 12 bits: smoothed on the way up, so that the low 4 bits carry picture too."""
     deep = cv2.GaussianBlur(img.astype(np.float32) * (4095 / 255), (0, 0), 0.8)
     return np.clip(np.rint(deep), 0, 4095).astype(np.uint16)
 
@@ -269,8 +269,8 @@ def test_a_truncated_compressed_stream_is_refused_on_one_line(tmp_path: Path, ra
 def test_predict_gives_every_compressed_file_its_row(tmp_path: Path, radiograph: np.ndarray) -> None:
     """``covid-cxr predict`` on a folder as a PACS exports it: each file its prediction, a broken one its reason.
 
-    In a process of its own: GDCM aborts the process on a JPEG-LS stream smaller than its header says (an
-    uncaught C++ exception), which the package avoids by decoding JPEG-LS with CharLS; were it back, the run,
+    In a process of its own: GDCM aborts the process on a JPEG-LS stream whose size contradicts the header (an
+    uncaught C++ exception), which the package avoids by decoding JPEG-LS with CharLS; were that undone, the run,
     not the test session, would die.
     """
     folder = tmp_path / "export"
@@ -283,13 +283,14 @@ def test_predict_gives_every_compressed_file_its_row(tmp_path: Path, radiograph:
     out = tmp_path / "rows.csv"
     done = subprocess.run([sys.executable, "-m", "covid_cxr", "predict", str(ckpt), str(folder), "--out", str(out),
                            "--batch-size", "4", "--device", "cpu", "--precision", "fp32", "--backend", "torch"],
-                          capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr  # 1: some input refused, the rest predicted
     table = pd.read_csv(out, keep_default_na=False).set_index("path")
     assert sorted(table.index) == sorted(str(p) for p in [*good, bad])
     predicted = table.drop(index=str(bad))
     assert (predicted["error"] == "").all(), predicted["error"]
     assert set(predicted["class"]) <= {"covid", "pneumonia", "normal"}
-    probabilities = predicted.filter(like="prob").to_numpy(float)
+    probabilities = predicted[[f"p_{c}" for c in CLASSES]].to_numpy(float)
+    assert probabilities.shape == (len(good), 3)
     assert np.allclose(probabilities, probabilities[0], atol=1e-5)  # one picture, however it was stored
     assert "cannot be decoded" in table.loc[str(bad), "error"]
