@@ -16,9 +16,9 @@ not applied: it belongs to presentation-state and print objects, not to CR/DX im
 the shape), a table in an image file cannot say whether it already holds MONOCHROME1's inversion, and
 dcmtk's renderer reads only the shape from an image file too. Colour (RGB, YBR, palette) becomes
 luma. Compressed pixel data decodes through the plugins the package depends on: GDCM (python-gdcm)
-for JPEG baseline and extended at 8 bits, JPEG Lossless (process 14 and its SV1 form, what CR and
-DX write most) and JPEG 2000, CharLS (pyjpegls) for JPEG-LS, pydicom itself for RLE and deflated
-datasets; what none of them decodes (HTJ2K, 12-bit JPEG extended) is refused before decoding, with
+for JPEG Lossless (process 14 and its SV1 form, what CR and DX write most), CharLS (pyjpegls) for
+JPEG-LS, Pillow for JPEG baseline and extended at 8 bits and JPEG 2000 (GDCM where Pillow lacks a
+codec), pydicom itself for RLE and deflated datasets; what none of them decodes (HTJ2K, 12-bit JPEG extended) is refused before decoding, with
 what to install or how to convert the file. Pillow images are turned upright by their EXIF
 orientation (phone photographs of films); 16-bit and float data are stretched min-max, so that
 12-bit data in 16 bits fills the range as full 16-bit data does; CMYK, palette, 1-bit and alpha
@@ -52,6 +52,9 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -211,8 +214,14 @@ def _set_transfer_syntax(ds: pydicom.Dataset, label: str) -> None:
 
 # pydicom tries a syntax's plugins in its own order, GDCM first. On a JPEG-LS stream whose size differs from the
 # header's Rows x Columns, GDCM (python-gdcm 3.2.6) throws a C++ exception nothing catches and the whole process
-# aborts, taking every other file of a run with it; CharLS (pyjpegls) raises an error instead, so JPEG-LS goes to it.
-_PLUGINS = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
+# aborts, taking every other file of a run with it; CharLS (pyjpegls) and Pillow raise Python errors instead. So
+# GDCM decodes only what no other declared plugin can (JPEG Lossless, where it is pydicom's choice): JPEG-LS goes
+# to CharLS alone, JPEG and JPEG 2000 to Pillow first. Each syntax's plugins in the order tried.
+_PLUGINS: dict[str, tuple[str, ...]] = {
+    JPEGLSLossless: ("pyjpegls",), JPEGLSNearLossless: ("pyjpegls",),
+    JPEGBaseline8Bit: ("pillow", "gdcm"), JPEGExtended12Bit: ("pillow", "gdcm"),
+    JPEG2000Lossless: ("pillow", "gdcm"), JPEG2000: ("pillow", "gdcm"),
+}  # fmt: skip
 _SET_UP = "python-gdcm and pyjpegls, which covid-cxr's set-up installs"
 
 
@@ -225,18 +234,23 @@ def _check_decoder(ds: pydicom.Dataset, label: str) -> str:
     except NotImplementedError:
         raise ImageDecodeError(label, f"DICOM transfer syntax {syntax} ({syntax.name}) is one pydicom cannot decode; "
                                "convert the file to uncompressed DICOM (e.g. gdcmconv --raw, or dcmdjpeg)") from None
-    plugin = _PLUGINS.get(syntax, "")
-    if plugin and plugin not in decoder.available_plugins:
-        raise ImageDecodeError(label, f"DICOM pixel data is compressed as {syntax.name} and its decoder, {plugin}, "
-                               f"is not installed; install it (pip install {plugin}), as covid-cxr's set-up does")
-    if not decoder.is_available:
-        raise _no_decoder(syntax, decoder.missing_dependencies, label)
-    if syntax == JPEGExtended12Bit and _bits_stored(ds) != 8 and "pylibjpeg" not in decoder.available_plugins:
+    if syntax == JPEGExtended12Bit and _bits_stored(ds) != 8:
+        if "pylibjpeg" in decoder.available_plugins:
+            return "pylibjpeg"
         # pydicom's GDCM and Pillow plugins refuse this precision; only pylibjpeg-libjpeg (GPLv3) decodes it.
         raise ImageDecodeError(label, f"DICOM pixel data is compressed as {syntax.name} at {_bits_stored(ds)} bits, "
                                "which no installed decoder reads (GDCM and Pillow decode it at 8 bits only); convert "
                                "the file to uncompressed DICOM with DCMTK (dcmdjpeg in.dcm out.dcm)")
-    return plugin
+    wanted = _PLUGINS.get(syntax, ())
+    usable = [plugin for plugin in wanted if plugin in decoder.available_plugins]
+    if wanted and not usable:
+        raise ImageDecodeError(label, f"DICOM pixel data is compressed as {syntax.name} and its decoder "
+                               f"({' or '.join(wanted)}) is not installed; install it with pip "
+                               f"({' or '.join('python-gdcm' if p == 'gdcm' else p for p in wanted)}), as covid-cxr's "
+                               "set-up does")
+    if not decoder.is_available:
+        raise _no_decoder(syntax, decoder.missing_dependencies, label)
+    return usable[0] if usable else ""
 
 
 def _bits_stored(ds: pydicom.Dataset) -> int:
