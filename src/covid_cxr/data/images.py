@@ -15,10 +15,14 @@ with INVERSE, the pair the DX IOD requires, is inverted once. A Presentation LUT
 not applied: it belongs to presentation-state and print objects, not to CR/DX images (which define only
 the shape), a table in an image file cannot say whether it already holds MONOCHROME1's inversion, and
 dcmtk's renderer reads only the shape from an image file too. Colour (RGB, YBR, palette) becomes
-luma. Compressed pixel data whose decoder plugin is not installed is refused with the package to
-install. Pillow images are turned upright by their EXIF orientation (phone photographs of films);
-16-bit and float data are stretched min-max, so that 12-bit data in 16 bits fills the range as
-full 16-bit data does; CMYK, palette, 1-bit and alpha images become luma.
+luma. Compressed pixel data decodes through the plugins the package depends on: GDCM (python-gdcm)
+for JPEG Lossless (process 14 and its SV1 form, what CR and DX write most), CharLS (pyjpegls) for
+JPEG-LS, Pillow for JPEG baseline and extended at 8 bits and JPEG 2000 (GDCM where Pillow lacks a
+codec), pydicom itself for RLE and deflated datasets; what none of them decodes (HTJ2K, 12-bit JPEG extended) is refused before decoding, with
+what to install or how to convert the file. Pillow images are turned upright by their EXIF
+orientation (phone photographs of films); 16-bit and float data are stretched min-max, so that
+12-bit data in 16 bits fills the range as full 16-bit data does; CMYK, palette, 1-bit and alpha
+images become luma.
 
 Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs
 nothing; :func:`decode_radiograph` also refuses images too small to be a radiograph.
@@ -44,9 +48,16 @@ from pydicom.pixels import (
     get_decoder,
 )
 from pydicom.uid import (
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     MediaStorageDirectoryStorage,
 )
 
@@ -201,18 +212,60 @@ def _set_transfer_syntax(ds: pydicom.Dataset, label: str) -> None:
                                       ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
-def _check_decoder(ds: pydicom.Dataset, label: str) -> None:
-    """Refuse, before decoding, pixel data compressed in a way no installed plugin decodes, naming what to install."""
+# pydicom tries a syntax's plugins in its own order, GDCM first. On a JPEG-LS stream whose size differs from the
+# header's Rows x Columns, GDCM (python-gdcm 3.2.6) throws a C++ exception nothing catches and the whole process
+# aborts, taking every other file of a run with it; CharLS (pyjpegls) and Pillow raise Python errors instead. So
+# GDCM decodes only what no other declared plugin can (JPEG Lossless, where it is pydicom's choice): JPEG-LS goes
+# to CharLS alone, JPEG and JPEG 2000 to Pillow first. Each syntax's plugins in the order tried.
+_PLUGINS: dict[str, tuple[str, ...]] = {
+    JPEGLSLossless: ("pyjpegls",), JPEGLSNearLossless: ("pyjpegls",),
+    JPEGBaseline8Bit: ("pillow", "gdcm"), JPEGExtended12Bit: ("pillow", "gdcm"),
+    JPEG2000Lossless: ("pillow", "gdcm"), JPEG2000: ("pillow", "gdcm"),
+}  # fmt: skip
+_SET_UP = "python-gdcm and pyjpegls, which covid-cxr's set-up installs"
+
+
+def _check_decoder(ds: pydicom.Dataset, label: str) -> str:
+    """The plugin to decode with ("" for pydicom's choice); refuses, before decoding, pixel data compressed in a
+    way no installed plugin decodes, naming what to install or how to convert the file."""
     syntax = ds.file_meta.TransferSyntaxUID
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
         raise ImageDecodeError(label, f"DICOM transfer syntax {syntax} ({syntax.name}) is one pydicom cannot decode; "
                                "convert the file to uncompressed DICOM (e.g. gdcmconv --raw, or dcmdjpeg)") from None
+    if syntax == JPEGExtended12Bit and _bits_stored(ds) != 8:
+        if "pylibjpeg" in decoder.available_plugins:
+            return "pylibjpeg"
+        # pydicom's GDCM and Pillow plugins refuse this precision; only pylibjpeg-libjpeg (GPLv3) decodes it.
+        raise ImageDecodeError(label, f"DICOM pixel data is compressed as {syntax.name} at {_bits_stored(ds)} bits, "
+                               "which no installed decoder reads (GDCM and Pillow decode it at 8 bits only); convert "
+                               "the file to uncompressed DICOM with DCMTK (dcmdjpeg in.dcm out.dcm)")
+    wanted = _PLUGINS.get(syntax, ())
+    usable = [plugin for plugin in wanted if plugin in decoder.available_plugins]
+    if wanted and not usable:
+        raise ImageDecodeError(label, f"DICOM pixel data is compressed as {syntax.name} and its decoder "
+                               f"({' or '.join(wanted)}) is not installed; install it with pip "
+                               f"({' or '.join('python-gdcm' if p == 'gdcm' else p for p in wanted)}), as covid-cxr's "
+                               "set-up does")
     if not decoder.is_available:
-        needs = "; ".join(decoder.missing_dependencies)
-        raise ImageDecodeError(label, f"DICOM pixel data is compressed as {syntax.name} and no decoder for it is "
-                               f"installed; install one with pip ({needs}; gdcm's package is python-gdcm)")
+        raise _no_decoder(syntax, decoder.missing_dependencies, label)
+    return usable[0] if usable else ""
+
+
+def _bits_stored(ds: pydicom.Dataset) -> int:
+    """Bits Stored (0028,0101), 8 where the header leaves it out."""
+    return int(ds.get("BitsStored", 8) or 8)
+
+
+def _no_decoder(syntax: UID, missing: list[str], label: str) -> ImageDecodeError:
+    """A transfer syntax whose decoders are all missing: what pydicom says each of them needs."""
+    needs = "; ".join(missing)
+    if any(need.startswith("gdcm ") for need in missing):
+        needs += "; gdcm's package is python-gdcm"
+    return ImageDecodeError(label, f"DICOM pixel data is compressed as {syntax.name} ({syntax}) and no decoder for "
+                            f"it is installed ({_SET_UP}, decode JPEG, JPEG Lossless, JPEG-LS and JPEG 2000); "
+                            f"install one with pip ({needs}), or convert the file to uncompressed DICOM")
 
 
 def _shown_inverted(ds: pydicom.Dataset, photometric: str) -> bool:
@@ -289,14 +342,16 @@ def _dicom_image(data: bytes, label: str, limit: int) -> tuple[np.ndarray, dict[
                                "export the frame to classify as its own file")
     _check_pixels(label, cols, rows, frames, limit)
     _set_transfer_syntax(ds, label)
-    _check_decoder(ds, label)
+    plugin = _check_decoder(ds, label)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if plugin:
+                ds.pixel_array_options(decoding_plugin=plugin)
             arr = ds.pixel_array
-    except _DICOM_ERRORS as exc:
-        raise ImageDecodeError(label, f"DICOM pixel data cannot be decoded, the file may be truncated ({exc}); "
-                               f"{_REEXPORT}") from None
+    except _DICOM_ERRORS as exc:  # pydicom lists each plugin's reason on a line of its own: one line here
+        raise ImageDecodeError(label, f"DICOM pixel data cannot be decoded, the file may be truncated "
+                               f"({' '.join(str(exc).split())}); {_REEXPORT}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     info = {"view": str(ds.get("ViewPosition", "") or ""), "photometric": photometric}
     try:
