@@ -398,3 +398,177 @@ def test_a_head_conv_with_an_activation_is_refused(reversed_concat, tmp_path: Pa
     graph = model_graph(keras.saving.serialize_keras_object(model))
     with pytest.raises(CheckpointError, match=r"x\.h5: layer 'extra_relu' \(Activation\) stands where the head has"):
         check_head(KerasWeights(Path("x.h5"), "keras3-model", [], graph=graph), "concat")
+
+
+# The backbones' architecture: checked layer by layer against keras.applications' own.
+
+
+def test_backbone_reference_equals_what_keras_builds() -> None:
+    """The shipped reference is what the installed Keras builds, and the package installs it."""
+    import tomllib
+
+    from benchmarks.keras_reference import build_reference, reference_text
+    from covid_cxr.models.keras_architecture import REFERENCE_FILE
+    from tests.conftest import REPO
+
+    assert reference_text(build_reference()) == REFERENCE_FILE.read_text(encoding="utf-8")
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert REFERENCE_FILE.relative_to(REPO / "src" / "covid_cxr").as_posix() in package_data["covid_cxr"]
+
+
+def _whole_model_json(backbone: str, size: int = 71) -> dict:
+    """A whole single-backbone model (the paper's head) as Keras writes its config into a file."""
+    import json
+
+    inp = keras.Input((size, size, 3))
+    app = keras.applications.Xception if backbone == "xception" else keras.applications.ResNet50V2
+    return json.loads(_with_head(inp, app(include_top=False, weights=None, input_tensor=inp).output).to_json())
+
+
+@pytest.fixture(scope="module")
+def whole_configs() -> dict[str, dict]:
+    return {backbone: _whole_model_json(backbone) for backbone in ("xception", "resnet50v2")}
+
+
+def _layer(doc: dict, name: str) -> dict:
+    return next(layer for layer in doc["config"]["layers"] if layer["name"] == name)
+
+
+def _sources(layer: dict) -> list[str]:
+    from covid_cxr.models.keras_reader import _tensor_sources
+
+    return list(_tensor_sources(layer["inbound_nodes"]))
+
+
+def _rewire(layer: dict, old: str, new: str) -> None:
+    """Make ``layer`` read ``new`` where it read ``old``."""
+
+    def visit(item: object) -> None:
+        if isinstance(item, dict):
+            if item.get("class_name") == "__keras_tensor__" and item["config"]["keras_history"][0] == old:
+                item["config"]["keras_history"][0] = new
+            for value in item.values():
+                visit(value)
+        elif isinstance(item, list):
+            for value in item:
+                visit(value)
+
+    visit(layer["inbound_nodes"])
+
+
+def _stride(doc: dict) -> str:
+    _layer(doc, "block1_conv1")["config"]["strides"] = [1, 1]
+    return r"layer 'block1_conv1' \(Conv2D\) has strides=\[1, 1\] where Keras' Xception has strides=\[2, 2\]"
+
+
+def _padding(doc: dict) -> str:
+    _layer(doc, "block1_conv2")["config"]["padding"] = "same"
+    return r"layer 'block1_conv2' \(Conv2D\) has padding='same' where Keras' Xception has padding='valid'"
+
+
+def _epsilon(doc: dict) -> str:
+    _layer(doc, "post_bn")["config"]["epsilon"] = 1e-3
+    return r"layer 'post_bn' \(BatchNormalization\) has epsilon=0.001 where Keras' ResNet50V2 has epsilon=1.001e-05"
+
+
+def _relu_removed(doc: dict) -> str:
+    doc["config"]["layers"].remove(_layer(doc, "conv2_block1_1_relu"))
+    _rewire(_layer(doc, "conv2_block1_2_pad"), "conv2_block1_1_relu", "conv2_block1_1_bn")
+    return r"the model config has no layer 'conv2_block1_1_relu' \(Activation reading \['conv2_block1_1_bn'\]\)"
+
+
+def _skip_moved(doc: dict) -> str:
+    """Block 7's residual Add reads block 5's output instead of block 6's (the same shape: Keras builds it)."""
+    add = next(layer for layer in doc["config"]["layers"] if "block7_sepconv3_bn" in _sources(layer))
+    previous = _sources(add)[1]
+    earlier = _sources(_layer(doc, previous))[1]
+    _rewire(add, previous, earlier)
+    return (rf"layer '{add['name']}' \(Add\) reads \['block7_sepconv3_bn', '{earlier}'\] "
+            rf"where Keras' Xception reads \['block7_sepconv3_bn', '{previous}'\]")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("backbone", "modify", "fmt"),
+    [("xception", _stride, "hdf5"), ("xception", _padding, "keras"), ("resnet50v2", _epsilon, "hdf5"),
+     ("resnet50v2", _relu_removed, "keras"), ("xception", _skip_moved, "hdf5")],
+    ids=["stride", "padding", "bn-epsilon", "relu-removed", "skip-moved"],
+)  # fmt: skip
+def test_a_backbone_unlike_keras_own_is_refused(whole_configs, backbone, modify, fmt: str, tmp_path: Path) -> None:
+    """A change that fits every weight's shape yet changes every output: the Keras model is built and saved
+    (the authors' format or .keras), and the import refuses it naming the file, the layer and the setting."""
+    import copy
+    import json
+
+    doc = copy.deepcopy(whole_configs[backbone])
+    message = modify(doc)
+    for layer in doc["config"]["layers"]:
+        layer.pop("build_config", None)  # shapes follow from the changed graph (the Dense's input differs)
+    model = keras.models.model_from_json(json.dumps(doc))  # Keras itself builds the changed model
+    path = tmp_path / f"changed.{fmt}"
+    if fmt == "hdf5":
+        _save_keras2_h5(model, path, whole=True)
+    else:
+        model.save(path)
+    with pytest.raises(CheckpointError, match=rf"changed\.{fmt}: {message}.*only Keras' own backbones import"):
+        import_keras(path, backbone)
+
+
+def test_every_keras_version_writes_a_backbone_that_passes(whole_configs) -> None:
+    """Keras 2's node format, tf.keras' BatchNorm axis ([3]) and Keras 2.3's Conv2D (no 'groups' setting) all
+    describe Keras' own Xception; so does Keras 3's (the parity tests import those files)."""
+    import json
+
+    from covid_cxr.models.keras_architecture import backbone_difference
+    from covid_cxr.models.keras_reader import model_graph
+
+    doc = json.loads(_keras2_config(json.dumps(whole_configs["xception"])))
+    for layer in doc["config"]["layers"]:
+        if layer["class_name"] == "BatchNormalization":
+            layer["config"]["axis"] = [3]
+        layer["config"].pop("groups", None)
+    assert backbone_difference(model_graph(doc), "xception") is None
+    # A setting no Keras version leaves out is refused when missing, not taken for Keras' value.
+    del _layer(doc, "block2_pool")["config"]["strides"]
+    assert backbone_difference(model_graph(doc), "xception") == (
+        "layer 'block2_pool' (MaxPooling2D) records no strides where Keras' Xception has strides=[2, 2]"
+    )
+
+
+def test_a_nested_backbone_model_is_checked_inside(tmp_path: Path) -> None:
+    """A backbone called as a model of its own (its layers nested in the file's config) is compared inside;
+    preprocessing layers in front of it change its input and are refused."""
+    import json
+
+    from covid_cxr.models.keras_architecture import check_backbones
+    from covid_cxr.models.keras_import import check_head
+    from covid_cxr.models.keras_reader import KerasWeights, model_graph
+
+    def weights_of(model: keras.Model) -> KerasWeights:
+        graph = model_graph(json.loads(model.to_json()))
+        return KerasWeights(tmp_path / "nested.keras", "keras3-model", [], graph=graph)
+
+    inp = keras.Input((71, 71, 3))
+    base = keras.applications.ResNet50V2(include_top=False, weights=None, input_shape=(71, 71, 3))
+    nested = weights_of(_with_head(inp, base(inp)))
+    assert check_backbones(nested, ["resnet50v2"]) and check_head(nested, "resnet50v2") is not None
+    rescaled = weights_of(_with_head(inp, base(keras.layers.Rescaling(1 / 255)(inp))))
+    refused = r"nested\.keras: layer 'resnet50v2' \(Functional\), Keras' ResNet50V2, reads \['rescaling(_\d+)?'\] where"
+    with pytest.raises(CheckpointError, match=refused + " the network feeds it the model's input"):
+        check_backbones(rescaled, ["resnet50v2"])
+
+
+def test_a_backbone_file_with_a_model_config_is_checked_too(tmp_path: Path) -> None:
+    """Backbone weights saved as a Keras model (no head) record their architecture: checked before import."""
+    import json
+
+    backbone = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3))
+    backbone.save(tmp_path / "xception.keras")
+    ckpt = import_keras(tmp_path / "xception.keras")
+    assert ckpt.meta["source"]["architecture"].startswith("checked: ")
+    assert ckpt.meta["source"]["head"].startswith("initialised")
+    doc = json.loads(backbone.to_json())
+    _layer(doc, "block14_sepconv2_act")["config"]["activation"] = "linear"  # the last ReLU dropped
+    keras.models.model_from_json(json.dumps(doc)).save(tmp_path / "changed.keras")
+    with pytest.raises(CheckpointError, match=r"changed\.keras: layer 'block14_sepconv2_act' \(Activation\) has "
+                                              r"activation='linear' where Keras' Xception has activation='relu'"):
+        import_keras(tmp_path / "changed.keras")

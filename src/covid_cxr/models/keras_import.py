@@ -7,12 +7,22 @@ different number in every Keras session, so they are matched by kind and shape i
 unique within our networks), in file order where shapes tie. Nothing is copied until every
 module has found its weights and every shape fits, so a failed import changes nothing.
 
-A whole model's config (where the file has one) is checked against the network's head: the
-Concatenate must read the backbones' maps, the head must be Conv2D 1024 1x1 (linear, with bias) ->
-Flatten -> Dense softmax (Dropouts anywhere between). Names and shapes alone cannot tell the
-concatenation order (4096 channels fit either), so it is read from the config: the authors (and
-we) concatenate Xception first; a file with ResNet50V2 first imports with the head conv's input
-channels reordered to ours. Any other difference is refused.
+Names and shapes cannot tell a stride, a padding, an epsilon, an activation or a skip connection
+apart, so a file's model config (where it has one: legacy whole-model ``.h5``/``.hdf5``, ``.keras``)
+is checked before any weight is read, in two parts:
+
+* the backbones, layer by layer, against Keras' own (``keras.applications`` Xception and
+  ResNet50V2, include_top=False; :mod:`covid_cxr.models.keras_architecture`): every layer's class,
+  the settings that change its outputs and the layers it reads;
+* the head: the Concatenate must read the backbones' maps, the head must be Conv2D 1024 1x1
+  (linear, with bias) -> Flatten -> Dense softmax (Dropouts anywhere between). Names and shapes
+  alone cannot tell the concatenation order (4096 channels fit either), so it is read from the
+  config: the authors (and we) concatenate Xception first; a file with ResNet50V2 first imports
+  with the head conv's input channels reordered to ours.
+
+Any other difference is refused, naming the file, the layer and the setting. A weights-only file
+(``.weights.h5``, the Keras ImageNet files) records no architecture: it imports unchecked, and the
+result says so.
 
 Kernel layouts: Keras conv kernels are (kh, kw, in, out) -> PyTorch (out, in, kh, kw); depthwise
 (kh, kw, in, 1) -> (in, 1, kh, kw); dense (in, out) -> (out, in). The dense input is the
@@ -32,6 +42,7 @@ from torch import nn
 from covid_cxr.errors import CheckpointError, ConfigError
 from covid_cxr.labels import CLASSES, KERAS_AUTHORS_ORDER, check_classes
 from covid_cxr.models.concat import BACKBONES, HEAD_CHANNELS
+from covid_cxr.models.keras_architecture import OUTPUT_LAYERS, check_backbones
 from covid_cxr.models.keras_reader import (
     KerasGraph,
     KerasLayer,
@@ -45,8 +56,6 @@ from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
 
 # A layer name that only one backbone has: how a file tells which backbone it holds.
 SIGNATURE_LAYERS: dict[str, str] = {"xception": "block1_conv1", "resnet50v2": "conv1_conv"}
-# The layer each backbone's map comes out of: what the head must read.
-OUTPUT_LAYERS: dict[str, str] = {"xception": "block14_sepconv2_act", "resnet50v2": "post_relu"}
 HEAD_KERAS = "Conv2D 1024 1x1 (linear, with bias) -> Flatten -> Dropout -> Dense (softmax)"
 # Settings of the head's Keras layers that change its outputs, with the values the network has.
 HEAD_SETTINGS: dict[str, dict[str, object]] = {
@@ -311,16 +320,14 @@ def load_keras_model(
             "(each once); give the matching --network or one file per backbone"
         )
     whole = len(files) == 1 and bool(_dense_layers(files[0]))
+    # The architecture first: a file that is not the network's is refused for that, whatever its shapes.
+    layers, architecture = _checked_layers(files[0], network) if whole else ([], _checked_backbone_files(files))
     size, num_classes = _head_shape(network, files[0], paths[0], whole, image_size)
     class_keys = check_classes(classes if classes is not None else (KERAS_AUTHORS_ORDER if whole else CLASSES))
     if len(class_keys) != num_classes:
         raise ConfigError(
             f"{paths[0]}: the model has {num_classes} output units but {len(class_keys)} classes were given"
         )
-    if whole:
-        layers, architecture = _checked_layers(files[0], network)
-    else:
-        architecture = "no head in the file(s), backbone weights only: nothing to check"
     model = build_model(network, num_classes=num_classes, image_size=size)
     if whole:
         load_keras_layers(model, layers, source=str(paths[0]))
@@ -334,21 +341,35 @@ def load_keras_model(
 def _checked_layers(weights: KerasWeights, network: str) -> tuple[list[KerasLayer], str]:
     """A whole model's layers ready to load (head conv reordered to our concatenation order) and what was checked."""
     ours = backbones_of(network)
-    checked = check_head(weights, network)
+    checked = check_head(weights, network) if check_backbones(weights, ours) else None
     if checked is None:
         joined = f", backbones concatenated as {', '.join(ours)}" if len(ours) > 1 else ""
         return weights.layers, (
-            f"not checked: the file ({weights.file_format}) holds weights but no model config; "
-            f"its head is taken to be the paper's{joined}"
+            f"not checked: the file ({weights.file_format}) holds weights but no model config; its backbones are "
+            f"taken to be Keras' own and its head the paper's{joined}"
         )
     order, conv = checked
     if order == ours:
-        return weights.layers, "checked: the file's model config has the network's head and concatenation order"
+        return weights.layers, (
+            "checked: the file's model config has Keras' own backbones and the network's head and concatenation order"
+        )
     layers = reorder_head_conv(weights.layers, conv, order, ours, source=str(weights.path))
     return layers, (
-        f"checked: the file concatenates {', '.join(order)} (ours: {', '.join(ours)}); "
-        f"its head conv's input channels were reordered to ours"
+        f"checked: the file's model config has Keras' own backbones and the network's head; it concatenates "
+        f"{', '.join(order)} (ours: {', '.join(ours)}), so its head conv's input channels were reordered to ours"
     )
+
+
+def _checked_backbone_files(files: Sequence[KerasWeights]) -> str:
+    """Check the backbone files that record their model (raising where one is not Keras' own); what was checked."""
+    recorded = {str(f.path): check_backbones(f, backbones_in(f)) for f in files}
+    checked = [path for path, ok in recorded.items() if ok]
+    unchecked = [path for path, ok in recorded.items() if not ok]
+    if not checked:
+        return ("not checked: backbone weights only, no model config in the file(s); taken to be Keras' own "
+                "backbones (no head: the head is new)")  # fmt: skip
+    rest = f"; not checked: {', '.join(unchecked)} (weights only, no model config)" if unchecked else ""
+    return f"checked: {', '.join(checked)} holds Keras' own backbone (no head: the head is new){rest}"
 
 
 def _infer_network(files: list[KerasWeights], paths: list[Path]) -> str:

@@ -250,7 +250,7 @@ def _path_order(layer_path: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _snake(name: str) -> str:
+def snake_case(name: str) -> str:
     """Keras' ``to_snake_case`` for class names (Conv2D -> conv2d)."""
     name = re.sub(r"\W+", "", name)
     name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
@@ -262,7 +262,7 @@ def _config_paths(config: dict[str, Any], prefix: str = "layers") -> dict[str, s
     out: dict[str, str] = {}
     used: dict[str, int] = {}
     for layer in config.get("config", {}).get("layers", []):
-        snake = _snake(layer["class_name"])
+        snake = snake_case(layer["class_name"])
         if snake in used:
             used[snake] += 1
             snake = f"{snake}_{used[snake]}"
