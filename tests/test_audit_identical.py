@@ -10,7 +10,6 @@ patients each, in which patient a/0's image is copied byte for byte as patient a
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -16,7 +16,6 @@ are rendered and written in parallel, each from its own child seed.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
