@@ -572,3 +572,10 @@ def test_a_backbone_file_with_a_model_config_is_checked_too(tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match=r"changed\.keras: layer 'block14_sepconv2_act' \(Activation\) has "
                                               r"activation='linear' where Keras' Xception has activation='relu'"):
         import_keras(tmp_path / "changed.keras")
+    # The same file given as ImageNet weights for training (--weights-file) is checked too, before any weight loads.
+    model = build_model("xception", image_size=71)
+    before = [t.clone() for t in model.state_dict().values()]
+    with pytest.raises(CheckpointError, match=r"changed\.keras: layer 'block14_sepconv2_act'"):
+        load_imagenet_weights(model, weights_file=tmp_path / "changed.keras", allow_download=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state_dict().values(), strict=True))
+    load_imagenet_weights(model, weights_file=tmp_path / "xception.keras", allow_download=False)

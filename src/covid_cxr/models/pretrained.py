@@ -21,6 +21,7 @@ from pathlib import Path
 from covid_cxr.atomic import atomic_path
 from covid_cxr.errors import CheckpointError
 from covid_cxr.models.concat import CxrNet
+from covid_cxr.models.keras_architecture import check_backbones
 from covid_cxr.models.keras_import import backbones_in, load_keras_layers
 from covid_cxr.models.keras_reader import KerasWeights, read_keras_weights
 from covid_cxr.networks import IMAGENET_FILES, WeightsFile
@@ -114,4 +115,5 @@ def load_imagenet_weights(
             for b in wanted
         }
     for backbone, weights in files.items():
+        check_backbones(weights, [backbone])  # a file that records its model (a saved .keras backbone) must be Keras'
         load_keras_layers(model.backbones[backbone], weights.layers, source=str(weights.path))
