@@ -18,11 +18,11 @@ dcmtk's renderer reads only the shape from an image file too. Colour (RGB, YBR, 
 luma. Compressed pixel data decodes through the plugins the package depends on: GDCM (python-gdcm)
 for JPEG Lossless (process 14 and its SV1 form, what CR and DX write most), CharLS (pyjpegls) for
 JPEG-LS, Pillow for JPEG baseline and extended at 8 bits and JPEG 2000 (GDCM where Pillow lacks a
-codec), pydicom itself for RLE and deflated datasets; what none of them decodes (HTJ2K, 12-bit JPEG extended) is refused before decoding, with
-what to install or how to convert the file. Pillow images are turned upright by their EXIF
-orientation (phone photographs of films); 16-bit and float data are stretched min-max, so that
-12-bit data in 16 bits fills the range as full 16-bit data does; CMYK, palette, 1-bit and alpha
-images become luma.
+codec), pydicom itself for RLE and deflated datasets; what none of them decodes (HTJ2K, 12-bit JPEG
+extended) is refused before decoding, with what to install or how to convert the file. Pillow
+images are turned upright by their EXIF orientation (phone photographs of films); 16-bit and float
+data are stretched min-max, so that 12-bit data in 16 bits fills the range as full 16-bit data
+does; CMYK, palette, 1-bit and alpha images become luma.
 
 Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs
 nothing; :func:`decode_radiograph` also refuses images too small to be a radiograph.
