@@ -63,7 +63,7 @@ def serving(model: Path, log: Path) -> Iterator[str]:
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"covid-cxr serve exited with {proc.returncode}:\n{log.read_text()}")
-            bound = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())
+            bound = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
             url = bound.group(1) if bound else None
             try:
                 if url and httpx.get(f"{url}/health", timeout=2).status_code == 200:

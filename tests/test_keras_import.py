@@ -80,10 +80,18 @@ def _save_keras2_h5(model: keras.Model, path: Path, *, whole: bool) -> Path:
 
 
 def _keras2_config(config: str) -> str:
-    """A Keras 3 model config in Keras 2.3's form: class 'Model', inbound nodes as [[[layer, node, tensor, {}]]]."""
+    """A Keras 3 model config in Keras 2.3's form: class 'Model', inbound nodes as [[[layer, node, tensor, {}]]];
+    a Sequential keeps its class and loses its InputLayer (Keras 2.2/2.3 serialised ``self.layers``, which
+    leaves it out), and nested models are converted too."""
     import json
 
     model = json.loads(config)
+    if model["class_name"] == "Sequential":
+        model["config"]["layers"] = [layer for layer in model["config"]["layers"] if layer["class_name"] != "InputLayer"]
+        for layer in model["config"]["layers"]:
+            if layer["class_name"] == "Functional":
+                layer.update(json.loads(_keras2_config(json.dumps(layer))))
+        return json.dumps(model)
     model["class_name"] = "Model"
 
     def sources(item: object) -> list[list]:
@@ -555,6 +563,29 @@ def test_a_nested_backbone_model_is_checked_inside(tmp_path: Path) -> None:
     refused = r"nested\.keras: layer 'resnet50v2' \(Functional\), Keras' ResNet50V2, reads \['rescaling(_\d+)?'\] where"
     with pytest.raises(CheckpointError, match=refused + " the network feeds it the model's input"):
         check_backbones(rescaled, ["resnet50v2"])
+
+
+def test_a_keras2_sequential_file_without_an_input_layer_imports(tmp_path: Path) -> None:
+    """Keras 2.2/2.3 wrote a Sequential model's config without its InputLayer: the nested backbone, its first
+    layer, reads nothing named, and is the model's input all the same (refused by the first backbone check)."""
+    import json
+
+    import h5py
+
+    base = keras.applications.Xception(weights=None, include_top=False, input_shape=(71, 71, 3))
+    model = keras.Sequential([keras.Input((71, 71, 3)), base, keras.layers.Conv2D(1024, 1), keras.layers.Flatten(),
+                              keras.layers.Dropout(0.5), keras.layers.Dense(3, activation="softmax")])
+    path = _save_keras2_h5(model, tmp_path / "sequential.hdf5", whole=True)
+    with h5py.File(path) as f:
+        doc = json.loads(f.attrs["model_config"])
+    assert doc["class_name"] == "Sequential"
+    assert [layer["class_name"] for layer in doc["config"]["layers"]] == ["Model", "Conv2D", "Flatten", "Dropout",
+                                                                          "Dense"]
+    ckpt = import_keras(path)
+    assert ckpt.meta["source"]["architecture"].startswith("checked: ")
+    x = np.random.default_rng(0).random((2, 71, 71, 3), dtype=np.float32)
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    assert float(np.abs(_ours(ckpt.build_model().eval(), x)["probs"] - expected).max()) <= TOL
 
 
 def test_a_backbone_file_with_a_model_config_is_checked_too(tmp_path: Path) -> None:

@@ -216,7 +216,8 @@ def _set_transfer_syntax(ds: pydicom.Dataset, label: str) -> None:
 # header's Rows x Columns, GDCM (python-gdcm 3.2.6) throws a C++ exception nothing catches and the whole process
 # aborts, taking every other file of a run with it; CharLS (pyjpegls) and Pillow raise Python errors instead. So
 # GDCM decodes only what no other declared plugin can (JPEG Lossless, where it is pydicom's choice): JPEG-LS goes
-# to CharLS alone, JPEG and JPEG 2000 to Pillow first. Each syntax's plugins in the order tried.
+# to CharLS alone, JPEG and JPEG 2000 to Pillow, and to GDCM only where Pillow lacks the codec. Each syntax's
+# plugins by preference; the first installed one decodes, alone (a stream it fails on is refused, not retried).
 _PLUGINS: dict[str, tuple[str, ...]] = {
     JPEGLSLossless: ("pyjpegls",), JPEGLSNearLossless: ("pyjpegls",),
     JPEGBaseline8Bit: ("pillow", "gdcm"), JPEGExtended12Bit: ("pillow", "gdcm"),
