@@ -290,6 +290,39 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path: Path, monkeypat
     assert ran == [True] and "cannot lock files" in err and "No locks available" in err
 
 
+def test_a_missing_flock_is_a_file_system_without_locks_not_a_lock_left_held(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """flock failing with ENOSYS (some network mounts): filelock would fall back to a lock that is the file's
+    existence, which a killed training would leave held for ever; we go on without a lock instead, and the
+    run is neither refused afterwards nor reported as being trained."""
+    import fcntl
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import errno, fcntl, sys, time\n"
+         "def no_flock(fd, op): raise OSError(errno.ENOSYS, 'Function not implemented')\n"
+         "fcntl.flock = no_flock\n"
+         "from covid_cxr.runs.lock import hold_run\n"
+         f"with hold_run({str(run)!r}, 'training it', 'wait'):\n"
+         "    print('held', flush=True); time.sleep(600)\n"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()
+    finally:
+        holder.kill()  # as kill -9 ends a training
+        holder.wait()
+    assert "cannot lock files" in holder.stderr.read()
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    assert not being_trained(run)
+    with hold_run(run, "training it again", "wait"):
+        pass
+    err = capsys.readouterr().err
+    assert "cannot lock files" in err and "Function not implemented" in err
+
+
 def test_a_lock_that_cannot_be_created_for_another_reason_is_a_clear_error(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a file system without locks is gone on without one; anything else (here a folder we may not write)

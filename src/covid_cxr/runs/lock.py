@@ -65,7 +65,7 @@ def hold_run(root: str | Path, purpose: str, fix: str) -> Iterator[None]:
             _held[key] -= 1
         return
     Path(root).mkdir(parents=True, exist_ok=True)
-    lock: FileLock | None = FileLock(lock_path(root), timeout=0)  # never wait: a training holds it for hours
+    lock: FileLock | None = _file_lock(lock_path(root))
     try:
         lock.acquire()  # type: ignore[union-attr]
     except Timeout:
@@ -73,7 +73,7 @@ def hold_run(root: str | Path, purpose: str, fix: str) -> Iterator[None]:
             f"{root} is being trained by another process (it holds {lock_path(root)}); {purpose} now would clash "
             f"with it: {fix}"
         ) from None
-    except (OSError, NotImplementedError) as exc:
+    except OSError as exc:
         if not _no_locks(exc):
             raise DataError(f"{lock_path(root)}: cannot create the run folder's lock ({exc}); make {root} "
                             "writable, or work on a copy of the run in a folder you can write") from exc
@@ -99,14 +99,14 @@ def being_trained(root: str | Path) -> bool:
     path = lock_path(root)
     if _key(root) in _held or not path.is_file():
         return False
-    lock = FileLock(path, timeout=0)
+    lock = _file_lock(path)
     try:
         lock.acquire()
     except Timeout:
         return True
     except PermissionError:
         return False  # a lock file we may not open: we cannot tell, and the answer only decides a note
-    except (OSError, NotImplementedError) as exc:
+    except OSError as exc:
         if _no_locks(exc):
             return False  # no process can hold a lock here, a training included
         raise
@@ -114,10 +114,16 @@ def being_trained(root: str | Path) -> bool:
     return False
 
 
-def _no_locks(exc: BaseException) -> bool:
-    """Whether ``exc`` says the file system cannot lock files (some network mounts): filelock raises
-    NotImplementedError for a missing ``flock``, the kernel ENOLCK, ENOSYS or EOPNOTSUPP."""
-    return isinstance(exc, NotImplementedError) or getattr(exc, "errno", None) in _NO_LOCK_ERRNOS
+def _file_lock(path: Path) -> FileLock:
+    """The run folder's lock, never waiting (a training holds it for hours). Where ``flock`` is missing,
+    filelock would fall back to a lock that is the file's existence, which a killed training leaves held
+    for ever; without the fallback the missing ``flock`` is an ENOSYS, which :func:`_no_locks` knows."""
+    return FileLock(path, timeout=0, fallback_to_soft=False)
+
+
+def _no_locks(exc: OSError) -> bool:
+    """Whether ``exc`` says the file system cannot lock files (some network mounts): ENOLCK, ENOSYS or EOPNOTSUPP."""
+    return exc.errno in _NO_LOCK_ERRNOS
 
 
 def note_if_training(root: str | Path, what: str) -> None:
