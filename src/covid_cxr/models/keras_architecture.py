@@ -166,12 +166,10 @@ def backbone_difference(graph: KerasGraph, backbone: str) -> str | None:
     ref = reference()[backbone]
     if ref.output in graph.layers:
         return _walk(graph, ref)
-    first = next(iter(graph.layers), None)
     for node in graph.layers.values():  # a backbone model nested in the file's model
         if node.inner is not None and ref.output in node.inner.layers:
             fed = [graph.layers[name].class_name if name in graph.layers else "" for name in node.inbound]
-            # A Sequential model of Keras 2.2/2.3 records no InputLayer: its first layer reads the input unnamed.
-            if fed != ["InputLayer"] and not (fed == [] and node.name == first):
+            if fed != ["InputLayer"]:
                 return (f"layer {node.name!r} ({node.class_name}), Keras' {ref.application}, reads "
                         f"{list(node.inbound)} where the network feeds it the model's input")  # fmt: skip
             return _walk(node.inner, ref)

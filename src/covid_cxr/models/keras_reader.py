@@ -101,7 +101,14 @@ def model_graph(config: dict[str, Any]) -> KerasGraph:
     sequential = config.get("class_name") == "Sequential"
     layers: dict[str, KerasNode] = {}
     previous: tuple[str, ...] = ()
-    for layer in body.get("layers", []):
+    listed = body.get("layers", [])
+    if sequential and listed and listed[0].get("class_name") != "InputLayer":
+        # Keras 2.2/2.3 serialised a Sequential's layers without its InputLayer; the first layer reads the model's
+        # input all the same: named as Keras named it (FIRST_input).
+        first = listed[0].get("name") or listed[0].get("config", {}).get("name")
+        previous = (f"{first}_input",)
+        layers[previous[0]] = KerasNode(previous[0], "InputLayer", {}, ())
+    for layer in listed:
         cfg = layer.get("config", {})
         name = layer.get("name") or cfg.get("name")
         inbound = previous if sequential else _tensor_sources(layer.get("inbound_nodes", []))
