@@ -68,7 +68,7 @@ def accuracy(checkpoint: Path, folder: Path, check_count: int) -> dict[str, Any]
 
     from covid_cxr.deploy.calibration import check_int8
     from covid_cxr.deploy.onnx import export_onnx
-    from covid_cxr.deploy.saturation import saturating_products
+    from covid_cxr.inference.int8 import saturating_products
     from covid_cxr.inference.onnx_model import OnnxPredictor
 
     ckpt, images = run_checkpoint(checkpoint, check_count)
@@ -129,7 +129,7 @@ def speed(folder: Path, size: int, reps: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    from covid_cxr.deploy.saturation import cpu_features, describe_cpu
+    from covid_cxr.inference.int8 import cpu_features, describe_cpu
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, help="a trained best.pt with run.json beside it (accuracy part)")

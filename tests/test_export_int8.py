@@ -26,7 +26,7 @@ from covid_cxr.data.splits import SplitSettings  # noqa: E402
 from covid_cxr.deploy.calibration import check_int8, stratified_sample  # noqa: E402
 from covid_cxr.deploy.export import Int8Settings, export_checkpoint  # noqa: E402
 from covid_cxr.deploy.quantize import META_KEY  # noqa: E402
-from covid_cxr.deploy.saturation import cpu_features, describe_cpu  # noqa: E402
+from covid_cxr.inference.int8 import cpu_features, describe_cpu, lacks_vnni  # noqa: E402
 from covid_cxr.errors import ConfigError  # noqa: E402
 from covid_cxr.inference.onnx_model import OnnxPredictor  # noqa: E402
 from covid_cxr.operating_point import ONNX_KEY, OperatingPoint  # noqa: E402
@@ -125,17 +125,20 @@ def test_int8_from_the_run_is_int8_and_carries_its_check(data: Path, exported_ru
     # ...resized, like the check images, by the checkpoint's own method, which the record names.
     assert info["resize"] == "area" and "resized by 'area'" in err
     assert f"int8 check on {n} validation images" in err and "wrote " + str(int8_path) in err
-    # The weight scheme cannot saturate, and the record names the CPU the check ran on.
-    assert info["saturation_free"] is True and info["max_int16_pair_sum"] <= 32767 and "7-bit" in info["weight_scheme"]
-    assert info["checked_on"] == cpu_features() and "7-bit range" in err
+    # Full 8-bit weights, run in their uint8 form where the CPU has no VNNI; the record names the CPU the check ran on.
+    assert info["weight_range"] == [-127, 127] and info["uint8_form_without_vnni"] is True
+    assert info["saturation_free"] is False and info["max_int16_pair_sum"] == 2 * 255 * 127
+    assert info["checked_on"] == cpu_features() and "full 8-bit range; run as uint8" in err
 
 
 def test_predict_runs_the_int8_model(exported_run: tuple[Path, str], pngs: Path, tmp_path: Path) -> None:
     run, _ = exported_run
     rc, err = _cli("predict", str(run / "best.int8.onnx"), str(pngs), "--out", str(tmp_path / "p.csv"))
     assert rc == 0, err
-    assert "int8: qoperator, uint8 activations, int8 per-channel, 7-bit range" in err and "warning" not in err
+    assert "int8: qoperator, uint8 activations, int8 per-channel, full 8-bit range" in err and "warning" not in err
     assert describe_cpu(cpu_features()) in err  # the CPU the check ran on: this one
+    # Where this CPU has no VNNI the weights run in their uint8 form, and predict says so.
+    assert ("int8 weights run here in their uint8 form" in err) == lacks_vnni()
     table = pd.read_csv(tmp_path / "p.csv")
     assert len(table) == 10 and set(table["class"]) <= {"covid", "pneumonia", "normal"}
     assert np.allclose(table[["p_covid", "p_pneumonia", "p_normal"]].sum(axis=1), 1, atol=1e-4)
@@ -149,7 +152,7 @@ def test_serve_prints_the_int8_record(exported_run: tuple[Path, str], monkeypatc
     run, _ = exported_run
     rc, err = _cli("serve", str(run / "best.int8.onnx"), "--port", "0")
     assert rc == 0 and served, err
-    assert "int8: qoperator, uint8 activations, int8 per-channel, 7-bit range" in err and "agreement with fp32" in err
+    assert "int8: qoperator, uint8 activations, int8 per-channel, full 8-bit range" in err and "agreement with fp32" in err
 
 
 def test_calibration_folder_without_a_run(data: Path, pngs: Path, tmp_path: Path) -> None:

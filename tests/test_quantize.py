@@ -18,11 +18,13 @@ pytest.importorskip("onnxruntime.quantization")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from covid_cxr.deploy.quantize import META_KEY, quantize_onnx  # noqa: E402
-from covid_cxr.deploy.saturation import (  # noqa: E402
+from covid_cxr.deploy.saturation import int8_record_lines  # noqa: E402
+from covid_cxr.inference.int8 import (  # noqa: E402
     INT16_MAX,
-    int8_record_lines,
+    Int8Form,
     pair_sum_bound,
     saturating_products,
+    unsigned_weights,
 )
 from covid_cxr.errors import CheckpointError, ConfigError  # noqa: E402
 from covid_cxr.inference.onnx_model import FORMAT, META_PREFIX, OnnxPredictor  # noqa: E402
@@ -229,10 +231,33 @@ def test_a_relu_sharing_its_input_still_clips_negatives(tmp_path: Path, quant_fo
     assert np.abs(int8 - right).mean() < 0.2 * gap
 
 
+def _weight_values(model: onnx.ModelProto) -> list[np.ndarray]:
+    """code - zero point of every product's constant weight, in graph order (both formats): the values up to
+    their scale, which the uint8 form does not touch."""
+    from covid_cxr.inference.int8 import WEIGHT_INPUTS
+    from covid_cxr.inference.onnx_graph import graph_constants
+
+    constants = graph_constants(model.graph)
+    out = []
+    for node in model.graph.node:
+        w_at, zp_at = WEIGHT_INPUTS.get(node.op_type, (0, 0))
+        if node.op_type not in WEIGHT_INPUTS or node.input[w_at] not in constants:
+            continue
+        codes = constants[node.input[w_at]].astype(np.int64)
+        if codes.ndim < 2:
+            continue  # a bias's DequantizeLinear
+        zero = constants[node.input[zp_at]].astype(np.int64)
+        shape = (-1,) + (1,) * (codes.ndim - 1) if zero.size == codes.shape[0] else (zero.size,)
+        out.append(codes - (zero.reshape(shape) if zero.size > 1 else zero.reshape(())))
+    return out
+
+
 @pytest.mark.parametrize("quant_format", ["qoperator", "qdq"])
-def test_no_int16_pair_sum_can_saturate(tiny: Path, tmp_path: Path, quant_format: str) -> None:
-    """Every u8 x s8 product, the BatchNorm-as-depthwise conv and the dense layer included, stays within int16."""
-    out = quantize_onnx(tiny, tmp_path / "int8.onnx", _images(16, seed=1), quant_format=quant_format)
+def test_seven_bit_weights_cannot_saturate(tiny: Path, tmp_path: Path, quant_format: str) -> None:
+    """The 7-bit option: every u8 x s8 product, the BatchNorm-as-depthwise conv and the dense layer included, stays
+    within int16 even in the int8 form."""
+    out = quantize_onnx(tiny, tmp_path / "int8.onnx", _images(16, seed=1), quant_format=quant_format,
+                        seven_bit_weights=True)
     model = onnx.load(out)
     products = pair_sum_bound(model)
     assert len(products) == 4  # conv1, the BatchNorm's depthwise conv, conv2, the dense layer
@@ -241,18 +266,103 @@ def test_no_int16_pair_sum_can_saturate(tiny: Path, tmp_path: Path, quant_format
     record = json.loads(OnnxPredictor(out).metadata["quantization"])
     assert record["saturation_free"] is True and record["max_int16_pair_sum"] == max(p.bound for p in products)
     assert record["weight_range"] == [-64, 64] and "7-bit" in record["weight_scheme"]
+    assert record["uint8_form_without_vnni"] is False
 
 
-def test_full_8bit_weights_fail_the_property(tiny: Path, tmp_path: Path) -> None:
-    """The check tells the earlier export apart: its weights reach 127, and 2 x 255 x 127 > 32767."""
-    old = quantize_onnx(tiny, tmp_path / "old.onnx", _images(16, seed=1), seven_bit_weights=False)
-    over = saturating_products(onnx.load(old))
-    assert over and max(p.weight_max for p in over) == 127 and max(p.bound for p in over) == 2 * 255 * 127
-    record = json.loads(OnnxPredictor(old).metadata["quantization"])
-    assert record["saturation_free"] is False and "full 8-bit range" in record["weight_scheme"]
+@pytest.mark.parametrize("quant_format", ["qoperator", "qdq"])
+def test_8bit_weights_in_their_uint8_form_cannot_saturate_and_hold_the_same_values(
+    tiny: Path, tmp_path: Path, quant_format: str
+) -> None:
+    """The default: full 8-bit weights, whose int8 form saturates without VNNI (2 x 255 x 127 > 32767) and whose
+    uint8 form (what such CPUs run) has no product left that can, with every weight value unchanged."""
+    out = quantize_onnx(tiny, tmp_path / "int8.onnx", _images(16, seed=1), quant_format=quant_format)
+    model = onnx.load(out)
+    over = saturating_products(model)
+    assert len(over) == 4 and max(p.weight_max for p in over) == 127 and max(p.bound for p in over) == 2 * 255 * 127
+    record = json.loads(OnnxPredictor(out).metadata["quantization"])
+    assert record["saturation_free"] is False and record["weight_range"] == [-127, 127]
+    assert "full 8-bit range; run as uint8 (zero point 128)" in record["weight_scheme"]
+    assert record["uint8_form_without_vnni"] is True
+    before = _weight_values(model)
+    assert unsigned_weights(model) == 4
+    assert saturating_products(model) == [] and all(p.unsigned for p in pair_sum_bound(model))
+    after = _weight_values(model)
+    assert len(after) == len(before) == 4 and all(np.array_equal(a, b) for a, b in zip(before, after))
+    onnx.checker.check_model(model)
 
 
-def test_real_concat_network_cannot_saturate(tmp_path: Path) -> None:
+def _saturating_conv(path: Path, signed: bool) -> tuple[Path, np.ndarray, int, int]:
+    """One 1x1 QLinearConv of 60 channels whose every pair sum is 2 x 255 x 127 = 64770: the int8 or uint8 form.
+
+    Returns the file, the input, and the exact output code and the one vpmaddubsw's saturated sums give.
+    """
+    k, side, y_scale = 60, 4, 16384.0
+    x = np.full((1, k, side, side), 255, np.uint8)
+    codes = np.full((1, k, 1, 1), 127, np.int8)
+    w, w_zero = (codes, np.zeros(1, np.int8)) if signed else ((codes.astype(np.int16) + 128).astype(np.uint8),
+                                                             np.full(1, 128, np.uint8))
+    inits = [numpy_helper.from_array(v, n) for v, n in (
+        (np.array(1.0, np.float32), "x_scale"), (np.array(0, np.uint8), "x_zero"), (w, "w"),
+        (np.ones(1, np.float32), "w_scale"), (w_zero, "w_zero"), (np.array(y_scale, np.float32), "y_scale"),
+        (np.array(0, np.uint8), "y_zero"))]
+    node = helper.make_node("QLinearConv", ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero"],
+                            ["y"], name="conv")
+    graph = helper.make_graph([node], "sat", [helper.make_tensor_value_info("x", TensorProto.UINT8, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, side, side])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    exact = round(k * 255 * 127 / y_scale)  # 118.6 -> 119
+    saturated = round(k // 2 * INT16_MAX / y_scale)  # 30 clipped pair sums -> 60
+    return path, x, exact, saturated
+
+
+_RUN_CONV = """import sys, numpy as np, onnxruntime as ort
+x = np.full((1, 60, 4, 4), 255, np.uint8)
+for path in sys.argv[1:]:
+    y = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    print(sorted(set(y.ravel().tolist())))
+"""
+
+
+def test_uint8_form_computes_exactly_where_the_int8_form_saturates(tmp_path: Path) -> None:
+    """ONNX Runtime on this CPU, and on its AVX2 kernels under QEMU's Zen 2 CPU model where qemu-x86_64 is installed:
+    the uint8 form gives the exact sum on both; the int8 form gives it with VNNI and the clipped one on the Zen 2."""
+    import shutil
+    import subprocess
+    import sys
+
+    import onnxruntime as ort
+
+    signed, x, exact, saturated = _saturating_conv(tmp_path / "s8.onnx", signed=True)
+    unsigned, _, _, _ = _saturating_conv(tmp_path / "u8.onnx", signed=False)
+    run = lambda p: set(ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].ravel())  # noqa: E731
+    assert run(unsigned) == {exact}
+    assert run(signed) <= {exact, saturated}  # exact with VNNI, clipped without: nothing else
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-x86_64 (Debian's qemu-user) is not installed: the Zen 2 kernels were not run")
+    done = subprocess.run([qemu, "-cpu", "EPYC-Rome", sys.executable, "-c", _RUN_CONV, str(signed), str(unsigned)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == [f"[{saturated}]", f"[{exact}]"], done.stdout
+
+
+def test_the_predictor_runs_the_uint8_form_where_told(tiny: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both forms are exact, so the probabilities are the same bits whichever form this CPU's default runs."""
+    out = quantize_onnx(tiny, tmp_path / "int8.onnx", _images(16, seed=1))
+    test = _images(16, seed=3)
+    default = OnnxPredictor(out)
+    monkeypatch.setenv("COVID_CXR_INT8_WEIGHTS", "uint8")
+    forced = OnnxPredictor(out)
+    assert forced.int8_form == Int8Form(unsigned=4, saturating=0, forced="uint8")
+    assert "int8-weights=uint8" in forced.describe()
+    assert np.array_equal(forced.predict_proba(test), default.predict_proba(test))
+    monkeypatch.setenv("COVID_CXR_INT8_WEIGHTS", "int16")
+    with pytest.raises(ConfigError, match="COVID_CXR_INT8_WEIGHTS must be one of auto, uint8, int8"):
+        OnnxPredictor(out)
+
+
+def test_real_concat_network_in_its_uint8_form_cannot_saturate(tmp_path: Path) -> None:
     """The concatenated Xception + ResNet50V2, exported and quantized as ``export --int8`` does (at 71 px)."""
     from covid_cxr.deploy.onnx import export_onnx
     from covid_cxr.runs.checkpoint import load_checkpoint
@@ -271,24 +381,27 @@ def test_real_concat_network_cannot_saturate(tmp_path: Path) -> None:
     depthwise = [n for n in model.graph.node if n.op_type == "QLinearConv" and
                  next((a.i for a in n.attribute if a.name == "group"), 1) > 1]
     assert depthwise, "Xception's separable convs and the BatchNorms run as depthwise QLinearConv"
-    assert saturating_products(model) == []
-    assert max(p.bound for p in products) <= INT16_MAX
+    assert saturating_products(model), "full 8-bit weights: the int8 form can saturate without VNNI"
+    before = _weight_values(model)
+    assert unsigned_weights(model) == len(products)  # every product's weight, none shared
+    assert saturating_products(model) == [] and all(p.unsigned for p in pair_sum_bound(model))
+    assert all(np.array_equal(a, b) for a, b in zip(before, _weight_values(model), strict=True))
 
 
-def test_record_names_the_scheme_and_warns_about_8bit_weights_without_vnni() -> None:
+def test_record_names_the_scheme_and_the_form_the_weights_run_in() -> None:
     check = {"images": 300, "source": "validation images", "agreement_pct": 99.3, "accuracy_difference_pp": -0.33}
     vnni_cpu = {"machine": "x86_64", "model": "Xeon", "flags": ["avx2", "avx512_vnni"], "vnni": True}
     avx2_cpu = {"machine": "x86_64", "model": "AMD EPYC 7B12", "flags": ["avx2", "fma"], "vnni": False}
-    new = {"format": "qoperator", "weights": "int8 per-channel", "weight_scheme": "int8 per-channel, 7-bit range",
-           "saturation_free": True, "check": check, "checked_on": vnni_cpu}
+    new = {"format": "qoperator", "weights": "int8 per-channel", "weight_scheme": "int8 per-channel, full 8-bit range",
+           "saturation_free": False, "check": check, "checked_on": vnni_cpu}
     old = {"format": "qoperator", "weights": "int8 per-channel", "check": check}
 
-    (line,) = int8_record_lines(new, "m.int8.onnx", cpu=avx2_cpu)
-    assert "7-bit range" in line and "99.3%" in line and "-0.33 pp" in line and "Xeon (avx2 avx512_vnni)" in line
-    assert len(int8_record_lines(old, "m.int8.onnx", cpu=vnni_cpu)) == 1  # VNNI adds in int32: nothing to warn
-    line, warning = int8_record_lines(old, "m.int8.onnx", cpu=avx2_cpu)
-    assert "full 8-bit range" in line and "checking CPU not recorded" in line
-    assert warning.startswith("warning: m.int8.onnx has full 8-bit int8 weights") and "AMD EPYC 7B12" in warning
-    assert "Re-export" in warning and "covid-cxr export CHECKPOINT --int8" in warning
-    arm = {"machine": "aarch64", "model": "aarch64", "vnni": None}
-    assert len(int8_record_lines(old, "m.int8.onnx", cpu=arm)) == 1  # no vpmaddubsw outside x86
+    (line,) = int8_record_lines(new, "m.int8.onnx", None, cpu=vnni_cpu)  # a VNNI CPU: nothing to add
+    assert "full 8-bit range" in line and "99.3%" in line and "-0.33 pp" in line and "Xeon (avx2 avx512_vnni)" in line
+    line, form = int8_record_lines(new, "m.int8.onnx", Int8Form(unsigned=92, saturating=0), cpu=avx2_cpu)
+    assert form.startswith("int8 weights run here in their uint8 form (zero point 128; 92 weight tensors)")
+    assert "AMD EPYC 7B12 (avx2 fma)) has no VNNI" in form and "warning" not in form
+    line, warning = int8_record_lines(old, "m.int8.onnx", Int8Form(0, 92, forced="int8"), cpu=avx2_cpu)
+    assert "checking CPU not recorded" in line
+    assert warning.startswith("warning: m.int8.onnx: 92 int8 products can saturate int16 sums here "
+                              "(COVID_CXR_INT8_WEIGHTS=int8)") and warning.endswith("unset COVID_CXR_INT8_WEIGHTS")

@@ -38,8 +38,9 @@ from covid_cxr.deploy.calibration import (
 )
 from covid_cxr.deploy.onnx import export_onnx
 from covid_cxr.deploy.quantize import quantize_onnx
-from covid_cxr.deploy.saturation import WEIGHT_SCHEME, cpu_features, describe_cpu
+from covid_cxr.deploy.saturation import WEIGHT_SCHEME
 from covid_cxr.errors import ConfigError, DataError, did_you_mean
+from covid_cxr.inference.int8 import cpu_features, describe_cpu
 from covid_cxr.inference.onnx_model import DEFAULT_OPSET, META_PREFIX, OnnxPredictor
 from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.checkpoint import load_checkpoint_sha256

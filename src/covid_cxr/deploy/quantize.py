@@ -4,12 +4,13 @@ Static (not dynamic) quantization, because a convolutional network spends its ti
 the activation ranges must then be known in advance: we run calibration images through the fp32
 graph, record each tensor's range (min/max), and write a graph whose convolutions run in int8.
 Activations are unsigned 8-bit and weights signed, per output channel: u8 x s8 is the operand
-pair of the VNNI dot-product instruction (``vpdpbusd``). The weights use 7 of their 8 bits
-([-64, 64], ONNX Runtime's ``reduce_range``): CPUs without VNNI (AVX2, early AVX-512) add two
-products in a saturating int16, which full 8-bit weights overflow (a trained model's agreement with
-fp32 fell from 98% to 78% on a Zen 2); with 7-bit weights no pair sum can exceed 32767, so the
-model computes the same on every x86 CPU (:mod:`covid_cxr.deploy.saturation`). The graph is checked
-for that before it is written, and the record names the scheme.
+pair of the VNNI dot-product instruction (``vpdpbusd``). The weights use all 8 bits: CPUs without
+VNNI (AVX2, early AVX-512) add two u8 x s8 products in a saturating int16, which full 8-bit weights
+overflow (a trained model's agreement with fp32 fell from 98% to 78% on a Zen 2), so there the
+predictor runs them in their uint8 form, the same values in kernels that cannot saturate
+(:mod:`covid_cxr.inference.int8`). ``seven_bit_weights=True`` writes ONNX Runtime's ``reduce_range``
+weights instead ([-64, 64], saturation-free in every kernel, checked before the file is written), which
+cost 2.9 points on a weakly trained demo model; the record names the scheme.
 
 Two graph formats hold the same numbers: ``qoperator`` (fused QLinearConv nodes) and ``qdq``
 (QuantizeLinear/DequantizeLinear pairs around fp32 ops, which ONNX Runtime fuses when it loads the
@@ -42,14 +43,13 @@ from covid_cxr.deploy.graph import (
     unshare_pad_constants,
 )
 from covid_cxr.deploy.saturation import (
-    FULL_RANGE_SCHEME,
-    INT16_MAX,
+    SEVEN_BIT_RANGE,
+    SEVEN_BIT_SCHEME,
     WEIGHT_RANGE,
     WEIGHT_SCHEME,
-    PairSum,
-    pair_sum_bound,
 )
 from covid_cxr.errors import CheckpointError, ConfigError
+from covid_cxr.inference.int8 import INT16_MAX, PairSum, pair_sum_bound
 from covid_cxr.inference.onnx_graph import (
     fold_pads_into_pools,
     graph_constants,
@@ -125,14 +125,14 @@ def quantize_onnx(
     quant_format: str = DEFAULT_QUANT_FORMAT,
     per_channel: bool = True,
     batch_size: int = 8,
-    seven_bit_weights: bool = True,
+    seven_bit_weights: bool = False,
 ) -> Path:
     """Write an int8 version of the covid-cxr ONNX model ``source`` to ``out``; returns ``out``.
 
     ``calibration_images``: uint8 (N, S, S) at the model's input size, drawn from the data the model
     will see (training images of every class); a few dozen to a few hundred are enough.
-    ``seven_bit_weights=False`` writes full 8-bit weights as earlier versions did, which saturate on
-    CPUs without VNNI: for measuring what the 7-bit range costs, never for deployment.
+    ``seven_bit_weights=True`` writes 7-bit weights (ONNX Runtime's ``reduce_range``), which no CPU's
+    kernels can saturate even in their int8 form, at some cost in accuracy: for measuring.
     """
     import onnx
     from google.protobuf.message import DecodeError
@@ -181,7 +181,7 @@ def quantize_onnx(
             quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
             activation_type=QuantType.QUInt8,  # u8 activations x s8 weights: VNNI's operand pair
             weight_type=QuantType.QInt8,
-            reduce_range=seven_bit_weights,  # 7-bit weights: int16 pair sums cannot saturate without VNNI
+            reduce_range=seven_bit_weights,  # 7-bit weights: int16 pair sums cannot saturate even as int8
             per_channel=per_channel,
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_exclude=keep_fp32,
@@ -215,7 +215,7 @@ def quantize_onnx(
 
 def _refuse_saturation(products: list[PairSum]) -> None:
     """Refuse a graph whose integer products could saturate (an ONNX Runtime that ignored ``reduce_range``)."""
-    over = [p for p in products if p.bound > INT16_MAX]
+    over = [p for p in products if p.can_saturate]
     if over:
         worst = max(over, key=lambda p: p.bound)
         raise RuntimeError(
@@ -229,7 +229,9 @@ def _weight_record(products: list[PairSum], per_channel: bool, seven_bit: bool) 
     """The weight scheme and its int16 pair-sum bound, as stored in the model's quantization record."""
     bound = max((p.bound for p in products), default=0)
     granularity = "per-channel" if per_channel else "per-tensor"
-    scheme = WEIGHT_SCHEME if seven_bit else FULL_RANGE_SCHEME
-    return {"weight_range": list(WEIGHT_RANGE if seven_bit else (-127, 127)),
+    scheme = SEVEN_BIT_SCHEME if seven_bit else WEIGHT_SCHEME
+    return {"weight_range": list(SEVEN_BIT_RANGE if seven_bit else WEIGHT_RANGE),
             "weight_scheme": scheme.replace("per-channel", granularity),
-            "saturation_free": bound <= INT16_MAX, "max_int16_pair_sum": bound}
+            # In the int8 form (what VNNI CPUs run); CPUs without VNNI run the uint8 form, which cannot saturate.
+            "saturation_free": bound <= INT16_MAX, "max_int16_pair_sum": bound,
+            "uint8_form_without_vnni": not seven_bit}

@@ -32,6 +32,7 @@ import torch
 
 from covid_cxr import __version__
 from covid_cxr.errors import CheckpointError, ConfigError
+from covid_cxr.inference.int8 import Int8Form, lacks_vnni, open_form, runs_unsigned
 from covid_cxr.inference.protocol import check_batch
 from covid_cxr.labels import check_classes
 from covid_cxr.perf import apply_speed_settings
@@ -169,17 +170,33 @@ class OnnxPredictor:
             raise CheckpointError(f"{where}: not a loadable ONNX model ({type(exc).__name__}: {exc})") from exc
         meta = self.session.get_modelmeta().custom_metadata_map
         self.network, self.classes, self.preprocessing, self.metadata = read_metadata(meta, where=where)
+        self.int8_form: Int8Form | None = None  # how an int8 model's weights run on this CPU (None: as stored)
+        if "quantization" in self.metadata:
+            self._open_int8_form(source, options, providers)
         self.source_sha256 = self.metadata.get("source_sha256", "")
         first = self.session.get_inputs()[0]
         self._input = first.name
         # An export without --dynamic-batch takes exactly its traced batch (1): larger batches go through in pieces.
         self.fixed_batch = first.shape[0] if isinstance(first.shape[0], int) else None
 
+    def _open_int8_form(self, source: str | os.PathLike[str] | bytes, options: Any, providers: list[Any]) -> None:
+        """Reopen an int8 model with its weights in the form this CPU runs exactly (:mod:`covid_cxr.inference.int8`)."""
+        import onnx
+        import onnxruntime as ort
+
+        if not (runs_unsigned() or lacks_vnni()):
+            return  # a VNNI CPU (or not x86): the int8 form is exact and fastest; no need to read the graph
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(os.fspath(source))
+        self.int8_form = open_form(model)
+        if self.int8_form is not None and self.int8_form.unsigned:
+            self.session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
+
     def describe(self) -> str:
         """Execution providers and threads."""
         threads = self.session.get_session_options().intra_op_num_threads
         capped = "" if self.speed.cpu_limit is None else f" (cgroup CPU limit {self.speed.cpu_limit:g})"
-        return f"onnxruntime providers={','.join(self.session.get_providers())} threads={threads}{capped}"
+        weights = "" if self.int8_form is None or not self.int8_form.unsigned else " int8-weights=uint8"
+        return f"onnxruntime providers={','.join(self.session.get_providers())} threads={threads}{capped}{weights}"
 
     def warm_up(self, batch_size: int) -> None:
         """Nothing to do: ONNX Runtime optimises its graph when the session opens."""
