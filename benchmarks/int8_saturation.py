@@ -1,19 +1,21 @@
-"""What the saturation-free int8 weights cost: agreement and accuracy on a trained model, speed at 300 px.
+"""What saturation-free int8 costs: agreement and accuracy on a trained model, speed at 300 px.
 
-Two int8 exports of the same fp32 ONNX model, identical but for the weight range: 7-bit
-([-64, 64], what ``covid-cxr export --int8`` writes) and full 8-bit ([-127, 127], earlier versions).
+Three forms of int8 weights for the same fp32 ONNX model: full 8-bit ([-127, 127], what ``covid-cxr
+export --int8`` writes, run as stored on VNNI CPUs), the same weights in their uint8 form (code + 128,
+zero point 128: what CPUs without VNNI run), and 7-bit ([-64, 64], ONNX Runtime's ``reduce_range``,
+the previous version's export).
 
-- ``--checkpoint RUN/best.pt`` (a trained model in its run folder, e.g. ``covid-cxr demo``'s): both
+- ``--checkpoint RUN/best.pt`` (a trained model in its run folder, e.g. ``covid-cxr demo``'s): all
   are calibrated and checked as ``export --int8`` does (64 phase-1 training images; the run's
   validation images), and the agreement with fp32 and the accuracy difference are printed.
 - Speed: the concatenated network at ``--speed-size`` (300, the paper's input) with random weights
-  (speed does not depend on their values), both int8 models, batches of 1 and 20, timed
-  alternately so that a change in the machine's load hits both alike.
+  (speed does not depend on their values), the three int8 forms, batches of 1 and 20, timed
+  alternately so that a change in the machine's load hits them alike.
 
-On a machine with VNNI both int8 models run the same kernels; without VNNI they also do (the
-weight range changes no kernel choice), so the speed figures should agree within noise, and the
-difference that matters is the 8-bit model's wrong answers there. CPU and load are printed with
-every figure.
+On a machine with VNNI the 8-bit and 7-bit files run the same u8 x s8 kernels and the uint8 form
+runs ONNX Runtime's slower u8 x u8 ones; without VNNI the uint8 form is the exact one and the 8-bit
+file as stored gives wrong answers, so what matters there is the uint8 form's speed against the
+7-bit file's. CPU and load are printed with every figure.
 
     python -m benchmarks.int8_saturation [--checkpoint RUN/best.pt] [--speed-size 300] [--reps 7] [--out DIR]
 """
@@ -37,14 +39,23 @@ from benchmarks.machine import load_average
 BATCHES = (1, 20)
 
 
-def _quantize_both(fp32: Path, folder: Path, calibration: np.ndarray) -> dict[str, Path]:
+def _quantize_forms(fp32: Path, folder: Path, calibration: np.ndarray) -> dict[str, Path]:
+    """The three forms as files: each runs as stored under ``COVID_CXR_INT8_WEIGHTS=int8``."""
+    import onnx
+
     from covid_cxr.deploy.quantize import quantize_onnx
+    from covid_cxr.inference.int8 import unsigned_weights
 
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer advice on the root logger
+    eight = quantize_onnx(fp32, folder / "m.int8-8bit.onnx", calibration, batch_size=4)
+    model = onnx.load(os.fspath(eight))
+    unsigned_weights(model)
+    onnx.save(model, os.fspath(folder / "m.int8-8bit-uint8.onnx"))
     return {
-        "int8 7-bit": quantize_onnx(fp32, folder / "m.int8-7bit.onnx", calibration, batch_size=4),
-        "int8 8-bit": quantize_onnx(fp32, folder / "m.int8-8bit.onnx", calibration, batch_size=4,
-                                    seven_bit_weights=False),
+        "int8 8-bit": eight,
+        "int8 8-bit, uint8 form": folder / "m.int8-8bit-uint8.onnx",
+        "int8 7-bit": quantize_onnx(fp32, folder / "m.int8-7bit.onnx", calibration, batch_size=4,
+                                    seven_bit_weights=True),
     }
 
 
@@ -71,16 +82,18 @@ def accuracy(checkpoint: Path, folder: Path, check_count: int) -> dict[str, Any]
     from covid_cxr.inference.int8 import saturating_products
     from covid_cxr.inference.onnx_model import OnnxPredictor
 
+    os.environ["COVID_CXR_INT8_WEIGHTS"] = "int8"  # each file as stored: the point is to compare the forms
     ckpt, images = run_checkpoint(checkpoint, check_count)
     fp32_path = export_onnx(ckpt, folder / "m.onnx")
     fp32 = OnnxPredictor(fp32_path)
     out: dict[str, Any] = {"checkpoint": str(checkpoint), "network": ckpt.network,
                            "image_size": ckpt.preprocessing.image_size}
-    for name, path in _quantize_both(fp32_path, folder, images.calibration).items():
+    for name, path in _quantize_forms(fp32_path, folder, images.calibration).items():
         result = check_int8(fp32, OnnxPredictor(path), images.check_images, images.check_labels, images.check_source)
         over = saturating_products(onnx.load(os.fspath(path)))
         out[name] = {**result.as_dict(), "summary": result.summary(), "saturating_products": len(over)}
         print(f"[{name}] {result.summary()}; products that can saturate without VNNI: {len(over)}", flush=True)
+    os.environ.pop("COVID_CXR_INT8_WEIGHTS")
     return out
 
 
@@ -91,7 +104,7 @@ def _time(session: Any, x: np.ndarray) -> tuple[float, float]:
 
 
 def speed(folder: Path, size: int, reps: int) -> dict[str, Any]:
-    """img/s of both int8 models of the concatenated network at ``size`` px, batches 1 and 20."""
+    """img/s of the three int8 forms of the concatenated network at ``size`` px, batches 1 and 20."""
     import onnxruntime as ort
     import torch
 
@@ -106,7 +119,7 @@ def speed(folder: Path, size: int, reps: int) -> dict[str, Any]:
     ckpt = Checkpoint("concat", tuple(CLASSES), pre, build_model("concat", image_size=size).state_dict())
     fp32 = export_onnx(ckpt, folder / "speed.onnx")
     rng = np.random.default_rng(0)
-    models = _quantize_both(fp32, folder, rng.integers(0, 256, (8, size, size), np.uint8))
+    models = _quantize_forms(fp32, folder, rng.integers(0, 256, (8, size, size), np.uint8))
     sessions = {name: ort.InferenceSession(os.fspath(p), providers=["CPUExecutionProvider"]) for name, p in models.items()}
     out: dict[str, Any] = {"image_size": size, "load_before": load_average()}
     for batch in BATCHES:
