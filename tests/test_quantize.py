@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from covid_cxr.deploy.quantize import META_KEY, quantize_onnx  # noqa: E402
 from covid_cxr.deploy.saturation import int8_record_lines  # noqa: E402
+from covid_cxr.errors import CheckpointError, ConfigError  # noqa: E402
 from covid_cxr.inference.int8 import (  # noqa: E402
     INT16_MAX,
     Int8Form,
@@ -26,7 +27,6 @@ from covid_cxr.inference.int8 import (  # noqa: E402
     saturating_products,
     unsigned_weights,
 )
-from covid_cxr.errors import CheckpointError, ConfigError  # noqa: E402
 from covid_cxr.inference.onnx_model import FORMAT, META_PREFIX, OnnxPredictor  # noqa: E402
 from covid_cxr.labels import CLASSES  # noqa: E402
 
@@ -360,6 +360,31 @@ def test_the_predictor_runs_the_uint8_form_where_told(tiny: Path, tmp_path: Path
     monkeypatch.setenv("COVID_CXR_INT8_WEIGHTS", "int16")
     with pytest.raises(ConfigError, match="COVID_CXR_INT8_WEIGHTS must be one of auto, uint8, int8"):
         OnnxPredictor(out)
+
+
+@pytest.mark.parametrize(("flags", "vnni", "unsigned"),
+                         [(["avx2", "fma"], False, 4), (["avx2", "avx512_vnni"], True, 0)])
+def test_the_predictor_picks_the_form_by_the_cpu(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 flags: list[str], vnni: bool, unsigned: int) -> None:
+    """By default an x86 CPU without VNNI gets the uint8 form (and predict/serve say so); one with VNNI, the stored
+    form."""
+    import io
+
+    import covid_cxr.inference.int8 as int8
+    from covid_cxr.deploy.saturation import print_int8_record
+
+    cpu = {"machine": "x86_64", "model": "Some CPU", "flags": flags, "vnni": vnni}
+    monkeypatch.delenv("COVID_CXR_INT8_WEIGHTS", raising=False)
+    monkeypatch.setattr(int8, "cpu_features", lambda: cpu)
+    out = quantize_onnx(tiny, tmp_path / "int8.onnx", _images(16, seed=1))
+    predictor = OnnxPredictor(out)
+    assert (predictor.int8_form.unsigned if predictor.int8_form else 0) == unsigned
+    printed = io.StringIO()
+    print_int8_record(predictor, out, file=printed)
+    assert ("int8 weights run here in their uint8 form" in printed.getvalue()) == (unsigned > 0)
+    assert "warning" not in printed.getvalue()
+    seven = quantize_onnx(tiny, tmp_path / "int8-7bit.onnx", _images(16, seed=1), seven_bit_weights=True)
+    assert OnnxPredictor(seven).int8_form is None  # 7-bit weights cannot saturate: nothing to convert anywhere
 
 
 def test_real_concat_network_in_its_uint8_form_cannot_saturate(tmp_path: Path) -> None:

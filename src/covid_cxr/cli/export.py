@@ -1,8 +1,8 @@
 """``covid-cxr export``: write a checkpoint as an ONNX model carrying its preprocessing metadata.
 
 With ``--int8`` it also writes ``<out stem>.int8.onnx``: a static int8 model (uint8 activations x
-int8 per-channel weights kept to 7 bits, so that CPUs without VNNI cannot saturate them), about
-twice as fast on VNNI CPUs as bf16 PyTorch. Calibration images come from ``--calibration`` or, by
+full 8-bit int8 per-channel weights; CPUs without VNNI run them as uint8, so that nothing saturates and
+every x86 CPU gives the same answers), about twice as fast on VNNI CPUs as bf16 PyTorch. Calibration images come from ``--calibration`` or, by
 default, from the training run the checkpoint belongs to (``run.json`` beside it). fp32 and int8 are then compared on
 the run's validation images (or, without a run, on the calibration images), and the figures are
 printed and stored in the int8 model's metadata. ``predict`` and ``serve`` load either file.

@@ -1,8 +1,8 @@
 """Export a checkpoint for deployment: the fp32 ONNX model, optionally an int8 one, and the model card.
 
-The int8 model is static int8 (uint8 activations x int8 per-channel weights kept to 7 bits, so that
-CPUs without VNNI cannot saturate them: :mod:`covid_cxr.deploy.quantize`), about twice as fast on
-VNNI CPUs as bf16 PyTorch. Calibration images come from the caller's X-ray files or, by default, from
+The int8 model is static int8 (uint8 activations x full 8-bit int8 per-channel weights, which CPUs
+without VNNI run in their uint8 form so that nothing saturates: :mod:`covid_cxr.deploy.quantize`), about
+twice as fast on VNNI CPUs as bf16 PyTorch. Calibration images come from the caller's X-ray files or, by default, from
 the training run the checkpoint belongs to (``run.json`` beside it); fp32 and int8 are then compared on
 the run's validation images (or, without a run, on the calibration images), and the figures are
 stored in the int8 model's metadata (:mod:`covid_cxr.deploy.calibration`) with the method both sets of

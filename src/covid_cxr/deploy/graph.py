@@ -9,7 +9,7 @@
   normalise, quantize, plus layout transposes around it). In inference a BatchNorm is a per-channel
   affine map, i.e. a 1x1 depthwise convolution with weight ``gamma / sqrt(var + eps)`` and bias
   ``beta - mean * weight``; per-channel int8 weights hold a single value per channel exactly (as
-  +-64 in the 7-bit range, so these convs stay within the int16 pair-sum bound too), so the
+  +-127, or +-64 in the 7-bit range), so the
   quantized graph stays int8 end to end. Measured on the concatenated network (benchmarks/RESULTS.md).
 - :func:`give_relus_their_own_input`: in the QOperator format ONNX Runtime's quantizer deletes each
   ReLU that follows a quantized op and lets the op's 8-bit output stand for the ReLU's, relying on the
