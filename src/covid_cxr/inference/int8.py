@@ -196,8 +196,9 @@ def lacks_vnni(cpu: dict[str, Any] | None = None) -> bool:
 def runs_unsigned(cpu: dict[str, Any] | None = None) -> bool:
     """Whether int8 weights run in their uint8 form here: on an x86 CPU not known to have VNNI.
 
-    ``COVID_CXR_INT8_WEIGHTS=uint8`` forces the uint8 form (exact everywhere, slower on VNNI CPUs);
-    ``int8`` forces the int8 form (for measuring what saturation does: wrong answers without VNNI).
+    ``COVID_CXR_INT8_WEIGHTS=uint8`` forces the uint8 form (exact everywhere, slower on VNNI CPUs; also for
+    emulators such as QEMU's user mode, whose ``/proc/cpuinfo`` is the host's); ``int8`` forces the int8 form
+    (for measuring what saturation does: wrong answers without VNNI).
     """
     form = weight_form()
     return lacks_vnni(cpu) if form == "auto" else form == "uint8"
