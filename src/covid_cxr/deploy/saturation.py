@@ -45,11 +45,12 @@ def int8_record_lines(record: dict[str, Any], where: str, form: Int8Form | None 
     if form is None:
         return lines
     cpu = cpu_features() if cpu is None else cpu
-    why = f"{WEIGHTS_ENV}={form.forced}" if form.forced else f"this CPU ({describe_cpu(cpu)}) has no VNNI"
+    lacks = "has no VNNI" if cpu.get("vnni") is False else "may lack VNNI (its flags could not be read)"
+    why = f"{WEIGHTS_ENV}={form.forced}" if form.forced else f"this CPU ({describe_cpu(cpu)}) {lacks}"
     if form.unsigned:
         lines.append(f"int8 weights run here in their uint8 form (zero point 128; {form.unsigned} weight tensors), "
                      f"as {why}: ONNX Runtime multiplies u8 x u8 without saturating int16 sums, so the results are "
-                     "those the check above measured")
+                     "those of a CPU with VNNI")
     if form.saturating:
         lines.append(
             f"warning: {where}: {form.saturating} int8 products can saturate int16 sums here ({why}), so "

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from covid_cxr.errors import ConfigError
-from covid_cxr.inference.onnx_graph import drop_unused_initializers, graph_constants
+from covid_cxr.inference.onnx_graph import graph_constants
 
 INT16_MAX = 32767
 ACTIVATION_MAX = 255  # a uint8 code; an int8 activation is offset by 128 into the same range on x86
@@ -117,8 +117,9 @@ def pair_sum_bound(model: Any) -> list[PairSum]:
             pair = (0, 1)
         else:
             continue
-        (a, a_u8), (b, b_u8) = (_operand(node.input[i], constants, dequantized) for i in pair)
-        found.append(PairSum(node.name or node.output[0], node.op_type, max(a, b), min(a, b), unsigned=a_u8 or b_u8))
+        (a, _), (b, b_u8) = (_operand(node.input[i], constants, dequantized) for i in pair)
+        # The second of each pair is the weight: a uint8 weight means ONNX Runtime's u8 x u8 kernels, which widen first.
+        found.append(PairSum(node.name or node.output[0], node.op_type, max(a, b), min(a, b), unsigned=b_u8))
     return found
 
 
@@ -140,6 +141,7 @@ def unsigned_weights(model: Any) -> int:
     graph = model.graph
     constants = graph_constants(graph)
     products = {node.input[1] for node in graph.node if node.op_type in FLOAT_PRODUCTS and len(node.input) > 1}
+    taken = {init.name for init in graph.initializer} | {t for node in graph.node for t in (*node.input, *node.output)}
     twins: dict[str, str] = {}  # an int8 initializer (or an absent zero point's stand-in) -> its uint8 twin
     weights: set[str] = set()
     for node in graph.node:
@@ -158,7 +160,7 @@ def unsigned_weights(model: Any) -> int:
         zero_key = zero or f"{weight}_zero_point"
         for key, value in ((weight, constants[weight]), (zero_key, zero_value)):
             if key not in twins:
-                twins[key] = f"{key}_uint8"
+                twins[key] = _unused_name(f"{key}_uint8", taken)
                 shifted = (value.astype(np.int16) + UNSIGNED_OFFSET).astype(np.uint8)
                 graph.initializer.append(numpy_helper.from_array(shifted, twins[key]))
         node.input[w_at] = twins[weight]
@@ -166,8 +168,17 @@ def unsigned_weights(model: Any) -> int:
             node.input.append("")
         node.input[zp_at] = twins[zero_key]
         weights.add(weight)
-    drop_unused_initializers(model)
-    return len(weights)
+    return len(weights)  # the int8 originals stay in the file; ONNX Runtime drops unused initializers when it loads
+
+
+def _unused_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... : the first no tensor of the graph has; reserved once returned."""
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
 
 
 def _default_zero_point(node: Any, constants: dict[str, np.ndarray]) -> np.ndarray | None:
