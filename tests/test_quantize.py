@@ -378,12 +378,12 @@ def test_the_predictor_picks_the_form_by_the_cpu(tiny: Path, tmp_path: Path, mon
     form."""
     import io
 
-    import covid_cxr.inference.int8 as int8
+    import covid_cxr.inference.onnx_model as onnx_model
     from covid_cxr.deploy.saturation import print_int8_record
 
     cpu = {"machine": "x86_64", "model": "Some CPU", "flags": flags, "vnni": vnni}
     monkeypatch.delenv("COVID_CXR_INT8_WEIGHTS", raising=False)
-    monkeypatch.setattr(int8, "cpu_features", lambda: cpu)
+    monkeypatch.setattr(onnx_model, "cpu_features", lambda: cpu)  # what the predictor reads the CPU with
     out = quantize_onnx(tiny, tmp_path / "int8.onnx", _images(16, seed=1))
     predictor = OnnxPredictor(out)
     assert (predictor.int8_form.unsigned if predictor.int8_form else 0) == unsigned

@@ -263,18 +263,23 @@ class Int8Form:
     forced: str | None = None  # the COVID_CXR_INT8_WEIGHTS value that decided it, if set
 
 
-def open_form(model: Any, cpu: dict[str, Any] | None = None) -> Int8Form | None:
-    """Put the int8 ``model`` (ModelProto, rewritten in place) in the form this CPU runs exactly, and say what was done.
+def reads_graph(cpu: dict[str, Any]) -> bool:
+    """Whether an int8 model's graph must be read on ``cpu``: to convert its weights, or to warn that they saturate."""
+    return runs_unsigned(cpu) or (weight_form() == "int8" and lacks_vnni(cpu))
+
+
+def open_form(model: Any, cpu: dict[str, Any]) -> Int8Form | None:
+    """Put the int8 ``model`` (ModelProto, rewritten in place) in the form ``cpu`` runs exactly, and say what was done.
 
     ``None``: nothing to do or to say (a CPU with VNNI or outside x86, or a graph with nothing that can saturate).
     """
-    form = weight_form()
-    forced = None if form == "auto" else form
-    if not runs_unsigned(cpu) and not (form == "int8" and lacks_vnni(cpu)):
+    if not reads_graph(cpu):
         return None
     saturating = len(saturating_products(model))
     if not saturating:
         return None
+    form = weight_form()
+    forced = None if form == "auto" else form
     if form == "int8":
         return Int8Form(0, saturating, forced)
     converted = unsigned_weights(model)

@@ -32,7 +32,7 @@ import torch
 
 from covid_cxr import __version__
 from covid_cxr.errors import CheckpointError, ConfigError
-from covid_cxr.inference.int8 import Int8Form, lacks_vnni, open_form, runs_unsigned
+from covid_cxr.inference.int8 import Int8Form, cpu_features, open_form, reads_graph
 from covid_cxr.inference.protocol import check_batch
 from covid_cxr.labels import check_classes
 from covid_cxr.perf import apply_speed_settings
@@ -184,10 +184,12 @@ class OnnxPredictor:
         import onnx
         import onnxruntime as ort
 
-        if not (runs_unsigned() or lacks_vnni()):
+        cpu = cpu_features()
+        if not reads_graph(cpu):
             return  # a VNNI CPU (or not x86): the int8 form is exact and fastest; no need to read the graph
+        # Read again as a graph (the session does not give it back): only on CPUs without VNNI, only for int8 files.
         model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(os.fspath(source))
-        self.int8_form = open_form(model)
+        self.int8_form = open_form(model, cpu)
         if self.int8_form is not None and self.int8_form.unsigned:
             self.session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
 
