@@ -82,6 +82,7 @@ def accuracy(checkpoint: Path, folder: Path, check_count: int) -> dict[str, Any]
     from covid_cxr.inference.int8 import saturating_products
     from covid_cxr.inference.onnx_model import OnnxPredictor
 
+    given = os.environ.get("COVID_CXR_INT8_WEIGHTS")
     os.environ["COVID_CXR_INT8_WEIGHTS"] = "int8"  # each file as stored: the point is to compare the forms
     ckpt, images = run_checkpoint(checkpoint, check_count)
     fp32_path = export_onnx(ckpt, folder / "m.onnx")
@@ -93,7 +94,10 @@ def accuracy(checkpoint: Path, folder: Path, check_count: int) -> dict[str, Any]
         over = saturating_products(onnx.load(os.fspath(path)))
         out[name] = {**result.as_dict(), "summary": result.summary(), "saturating_products": len(over)}
         print(f"[{name}] {result.summary()}; products that can saturate without VNNI: {len(over)}", flush=True)
-    os.environ.pop("COVID_CXR_INT8_WEIGHTS")
+    if given is None:
+        os.environ.pop("COVID_CXR_INT8_WEIGHTS")
+    else:
+        os.environ["COVID_CXR_INT8_WEIGHTS"] = given  # the user's own setting, for what runs next
     return out
 
 
