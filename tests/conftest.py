@@ -52,6 +52,13 @@ def _memory_gib() -> float:
     return total / 2**30
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """The CPU the suite runs on (its kind decides the bf16, fp32 and int8 paths the tests take)."""
+    from covid_cxr.inference.int8 import cpu_features, describe_cpu
+
+    return f"cpu: {describe_cpu(cpu_features())}"
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per physical core this process may use, as many as memory holds, at most 8."""
     return max(1, min(physical_cores(), int(_memory_gib() // GIB_PER_WORKER), MAX_WORKERS))

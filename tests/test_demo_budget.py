@@ -26,10 +26,10 @@ def _area_cost(step_at_96: float) -> callable:
     return measure
 
 
-def test_projection_counts_steps_validation_test_and_export() -> None:
-    cost = StepCost(96, train_step_s=1.0, eval_image_s=0.01)
-    # 8 phases x 11 steps x 5 epochs; validation 5 x 8 x 80, test 1175, export 64 + 2 x 80 images
-    expected = 440 * 1.0 + (3200 + 1175 + 64 + 160) * 0.01 + 30.0
+def test_projection_counts_steps_validation_checkpoints_test_and_export() -> None:
+    cost = StepCost(96, train_step_s=1.0, eval_image_s=0.01, epoch_save_s=2.0)
+    # 8 phases x 11 steps x 5 epochs; validation 5 x 8 x 80, test 1175, export 64 + 2 x 80 images; 40 epochs' writes
+    expected = 440 * 1.0 + (3200 + 1175 + 64 + 160) * 0.01 + 40 * 2.0 + 30.0
     assert projected_seconds(DemoPlan(96, 5), cost, SIZES, 16) == pytest.approx(expected)
     assert projected_seconds(DemoPlan(96, 4), cost, SIZES, 16) < projected_seconds(DemoPlan(96, 5), cost, SIZES, 16)
 
@@ -86,13 +86,16 @@ def test_small_and_plan_are_refused_together(tmp_path, capsys: pytest.CaptureFix
     assert not (tmp_path / "d").exists()
 
 
-def test_measured_step_cost_is_positive() -> None:
-    """The probe itself runs a real network's training step and evaluation batch and times them."""
+def test_measured_step_cost_is_positive(tmp_path) -> None:
+    """The probe itself runs a real network's training step and evaluation batch and times them; given a folder, it
+    also times one epoch's checkpoint writes there and leaves nothing behind."""
     from covid_cxr.pipeline.budget import measure_step_cost
 
     runtime = choose_runtime("cpu", "fp32")
     small = measure_step_cost("xception", 71, 2, runtime, lr=1e-4, steps=1, eval_batch=2)
-    assert small.image_size == 71 and small.train_step_s > 0 and small.eval_image_s > 0
+    assert small.image_size == 71 and small.train_step_s > 0 and small.eval_image_s > 0 and small.epoch_save_s == 0
+    saved = measure_step_cost("xception", 71, 2, runtime, lr=1e-4, steps=1, eval_batch=2, save_to=tmp_path / "runs")
+    assert saved.epoch_save_s > 0 and list((tmp_path / "runs").iterdir()) == []
 
 
 def test_the_demo_prints_what_it_measured_and_chose(tmp_path, monkeypatch: pytest.MonkeyPatch,
@@ -104,14 +107,17 @@ def test_the_demo_prints_what_it_measured_and_chose(tmp_path, monkeypatch: pytes
     data = tiny_prepared(tmp_path)
     seen: list[tuple[int, int]] = []
 
-    def fake_measure(network: str, image_size: int, batch_size: int, runtime, *, lr: float) -> StepCost:
-        seen.append((image_size, batch_size))
-        return StepCost(image_size, train_step_s=75.0 * (image_size / 96) ** 2, eval_image_s=0.01)
+    def fake_measure(network: str, image_size: int, batch_size: int, runtime, *, lr: float, save_to=None) -> StepCost:
+        seen.append((image_size, batch_size, save_to))
+        return StepCost(image_size, train_step_s=75.0 * (image_size / 96) ** 2, eval_image_s=0.01,
+                        epoch_save_s=2.5 if save_to else 0.0)  # fmt: skip
 
     monkeypatch.setattr(demo, "measure_step_cost", fake_measure)
     plan = demo.plan_for_budget(data, demo.SIZES["default"], "cpu", "fp32", minutes=10, elapsed_s=30)
     printed = capsys.readouterr().out
     # 5 training images a phase, 2 phases: one step of 16 a phase and epoch; 75 s a step at 96 px
-    assert plan == DemoPlan(84, 4) and seen == [(96, 16), (84, 16)]
+    # the checkpoint writes are timed once, into the folder the run will write to
+    assert plan == DemoPlan(84, 4) and seen == [(96, 16, data.parent / "runs"), (84, 16, None)]
     assert "measured at 96 px: 75.00 s a training step of 16" in printed and "<- runs" in printed
+    assert "2.5 s to write an epoch's checkpoints" in printed
     assert printed.count("too long") == 2 and "precision=fp32" in printed

@@ -27,9 +27,10 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 
-from covid_cxr.cli import main as cli_main
+from covid_cxr.cli import entry
 from covid_cxr.config import TrainConfig
 from covid_cxr.data.prepared import PreparedData
+from covid_cxr.inference.int8 import cpu_features, describe_cpu
 from covid_cxr.models import build_model
 from covid_cxr.runs.checkpoint import load_checkpoint
 from covid_cxr.train import runner
@@ -52,7 +53,19 @@ def _flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# faulthandler: a rank that dies of a signal prints where each of its Python threads was
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+
+
+def _failure(done: subprocess.CompletedProcess[str]) -> str:
+    """What the ranks printed last, without torchrun's own traceback (which fills the tail), and the CPU."""
+    err = done.stderr
+    agent = err.rfind('Traceback (most recent call last):\n  File "<frozen runpy>"')
+    summary = err[agent:].splitlines() if agent > 0 else []
+    ranks = err[:agent] if agent > 0 else err
+    lines = [line for line in summary if "exitcode" in line or "rank " in line]
+    return (f"exit {done.returncode} on {describe_cpu(cpu_features())}\n--- stdout ---\n{done.stdout[-1500:]}\n"
+            f"--- stderr ---\n{ranks[-5000:]}\n--- torchrun ---\n" + "\n".join(lines))
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +90,14 @@ def runs(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ):
         done = subprocess.run(cmd, env=ENV, cwd=Path(__file__).parents[1], capture_output=True, text=True,
                               timeout=900)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, _failure(done)
+        if cmd[0:len(LAUNCH)] == LAUNCH:
+            (out / LAUNCH_OUT).write_text(done.stdout)
     return out
 
 
 def test_torchrun_two_processes_match_one(runs: Path) -> None:
-    assert sorted(p.name for p in runs.iterdir()) == sorted([BUFFERS, "ddp", "single"])
+    assert sorted(p.name for p in runs.iterdir()) == sorted([BUFFERS, LAUNCH_OUT, "ddp", "single"])
     assert [p.name for p in (runs / "ddp").iterdir()] == ["xception-fold1"]  # rank 1 wrote nothing
     info = json.loads((runs / "ddp" / "xception-fold1" / "run.json").read_text())
     assert info["world_size"] == 2 and info["status"] == "finished"
@@ -96,6 +111,14 @@ def test_torchrun_two_processes_match_one(runs: Path) -> None:
     print(f"torchrun 2 ranks vs 1 process: |w_ddp - w_1| / |w_1 - w_0| = {float(gap / moved):.4f}")
     assert moved > 0
     assert gap < 0.25 * moved, f"ddp vs single {gap / moved:.3f} of the training step"
+
+
+def test_each_rank_ends_through_end_rank_with_its_output_flushed(runs: Path) -> None:
+    """Both ranks ended through ``entry`` (``os._exit``: no finalization) with status 0 (the fixture) and each one's
+    last line, printed as the command returns, reached torchrun (which starts ranks with ``python -u``; the flush
+    for a block-buffered pipe is tested in test_entry.py)."""
+    out = (runs / LAUNCH_OUT).read_text()
+    assert out.count(f"run folder: {runs / 'ddp' / 'xception-fold1'}") == 2
 
 
 def test_every_rank_trains_the_folder_rank_0_named(runs: Path) -> None:
@@ -146,10 +169,11 @@ def _train_gathering_buffers(buffers_json: Path, argv: list[str]) -> None:
 
     Trainer.run = run_then_gather  # type: ignore[method-assign]
     runner._new_run_dir = name_after_rank_0
-    sys.exit(cli_main(argv))
+    entry(argv)  # as the covid-cxr program ends a rank (distributed.end_rank)
 
 
 BUFFERS = "buffers.json"
+LAUNCH_OUT = "torchrun.stdout"
 
 if __name__ == "__main__":  # run by torchrun from the fixture above
     _train_gathering_buffers(Path(sys.argv[1]), sys.argv[2:])

@@ -1,5 +1,3 @@
-import sys
+from covid_cxr.cli import entry
 
-from covid_cxr.cli import main
-
-sys.exit(main())
+entry()

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from covid_cxr import __version__
 from covid_cxr.errors import did_you_mean
@@ -91,5 +93,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _joined_a_group() -> bool:
+    """Whether this process joined a torchrun process group (read without importing torch where it never was)."""
+    distributed = sys.modules.get("covid_cxr.train.distributed")
+    return bool(distributed and distributed.joined_a_group())
+
+
+def entry(argv: Sequence[str] | None = None) -> NoReturn:
+    """The ``covid-cxr`` program: :func:`main`, then exit with its status.
+
+    A process that joined a torchrun process group (``train``, ``cv``) ends through
+    :func:`covid_cxr.train.distributed.end_rank`, which skips the interpreter's finalization, where a group's leftover
+    threads can abort the process after its work is done (the module's notes say why).
+    """
+    try:
+        code: object = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        if not _joined_a_group():
+            raise
+        traceback.print_exc()
+        code = 1
+    if not _joined_a_group():
+        sys.exit(code)
+    if not isinstance(code, int):
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    from covid_cxr.train.distributed import end_rank
+
+    end_rank(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

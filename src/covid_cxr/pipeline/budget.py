@@ -14,13 +14,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from covid_cxr.config import CALIBRATION_COUNT
 from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
+from covid_cxr.runs.checkpoint import atomic_torch_save
 from covid_cxr.runtime import Runtime
 
 
@@ -64,15 +66,20 @@ class StepCost:
     train_step_s: float  # one training step (forward, backward, optimizer) at the demo's batch
     eval_image_s: float  # one image of an evaluation batch of EVAL_BATCH
     probe_s: float = 0.0  # what measuring took: spent from the budget
+    # Writing one epoch's checkpoints as training does (last.pt with the optimizer's state, best.pt), fsynced: the
+    # same at every image size (the weights do not depend on it). 6-9 s an epoch for concat here with the disk
+    # busy, against about 2 s a training step at 72 px: left out, a slow disk would push a plan past the budget.
+    epoch_save_s: float = 0.0
 
 
 def projected_seconds(plan: DemoPlan, cost: StepCost, sizes: SplitSizes, batch_size: int) -> float:
-    """Training (steps + validation each epoch), test evaluation and export of ``plan`` at ``cost``."""
+    """Training (steps, validation and checkpoints each epoch), test evaluation and export of ``plan`` at ``cost``."""
+    epochs = plan.epochs_per_phase * len(sizes.phase_images)
     steps = plan.epochs_per_phase * sum(math.ceil(n / batch_size) for n in sizes.phase_images)
-    validation = plan.epochs_per_phase * len(sizes.phase_images) * sizes.val_images
+    validation = epochs * sizes.val_images
     # export: calibration, then fp32 and int8 on the validation images (ONNX Runtime at about torch's speed)
     forwards = validation + sizes.test_images + CALIBRATION_COUNT + 2 * sizes.val_images
-    return steps * cost.train_step_s + forwards * cost.eval_image_s + EXPORT_FIXED_S
+    return steps * cost.train_step_s + forwards * cost.eval_image_s + epochs * cost.epoch_save_s + EXPORT_FIXED_S
 
 
 def choose_plan(
@@ -108,12 +115,13 @@ def choose_plan(
 def _scaled(cost: StepCost, image_size: int) -> StepCost:
     """``cost`` carried to another image side by the area (convolutions cost about the pixels they see)."""
     area = (image_size / cost.image_size) ** 2
-    return StepCost(image_size, cost.train_step_s * area, cost.eval_image_s * area)
+    return StepCost(image_size, cost.train_step_s * area, cost.eval_image_s * area, epoch_save_s=cost.epoch_save_s)
 
 
-def measure_step_cost(network: str, image_size: int, batch_size: int, runtime: Runtime, *, lr: float,
-                      steps: int = 3, eval_batch: int = EVAL_BATCH) -> StepCost:  # fmt: skip
-    """Time ``steps`` training steps (after one warm-up) and one evaluation batch on random images.
+def measure_step_cost(network: str, image_size: int, batch_size: int, runtime: Runtime, *, lr: float, steps: int = 3,
+                      eval_batch: int = EVAL_BATCH, save_to: Path | None = None) -> StepCost:  # fmt: skip
+    """Time ``steps`` training steps (after one warm-up) and one evaluation batch on random images; with ``save_to``
+    (a folder on the disk the run will write to), also one epoch's checkpoint writes there (removed after).
 
     The median step is taken: a step of a busy machine's outlier should not pick the plan.
     """
@@ -144,8 +152,30 @@ def measure_step_cost(network: str, image_size: int, batch_size: int, runtime: R
         _sync(runtime)
         eval_s = time.perf_counter() - start
     step_s = sorted(times[1:])[len(times[1:]) // 2]
+    save_s = _time_epoch_save(model, optimizer, save_to) if save_to is not None else 0.0
     return StepCost(image_size=image_size, train_step_s=step_s, eval_image_s=eval_s / eval_batch,
-                    probe_s=time.perf_counter() - began)
+                    probe_s=time.perf_counter() - began, epoch_save_s=save_s)
+
+
+def _time_epoch_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> float:
+    """Seconds to write what the trainer writes after an epoch (best.pt's weights, last.pt's weights and optimizer
+    state), with the same atomic, fsynced writer, into ``folder``; the files are removed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / ".probe-best.pt", folder / ".probe-last.pt"]
+    start = time.perf_counter()
+    try:
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_torch_save({"weights": weights}, files[0])
+        atomic_torch_save({"weights": weights, "train_state": {"optimizer": optimizer.state_dict()}}, files[1])
+        return time.perf_counter() - start
+    finally:
+        for file in files:
+            file.unlink(missing_ok=True)
+
+
+def with_epoch_save(cost: StepCost, epoch_save_s: float) -> StepCost:
+    """``cost`` with the checkpoint writes measured at another image size (they do not depend on it)."""
+    return replace(cost, epoch_save_s=epoch_save_s)
 
 
 def _sync(runtime: Runtime) -> None:

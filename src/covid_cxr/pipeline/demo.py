@@ -30,6 +30,7 @@ from covid_cxr.pipeline.budget import (
     StepCost,
     choose_plan,
     measure_step_cost,
+    with_epoch_save,
 )
 from covid_cxr.report.report import write_report
 from covid_cxr.runtime import choose_runtime
@@ -137,7 +138,11 @@ def plan_for_budget(data: Path, size: DemoSize, device: str, precision: str, *, 
     costs: list[StepCost] = []
 
     def measure(image_size: int) -> StepCost:
-        cost = measure_step_cost("concat", image_size, size.batch_size, runtime, lr=lr)
+        # the checkpoint writes are timed once, into the folder the run will write to (their cost is the weights')
+        scratch = None if costs else data.parent / "runs"
+        cost = measure_step_cost("concat", image_size, size.batch_size, runtime, lr=lr, save_to=scratch)
+        if costs:
+            cost = with_epoch_save(cost, costs[0].epoch_save_s)
         costs.append(cost)
         return cost
 
@@ -148,6 +153,8 @@ def plan_for_budget(data: Path, size: DemoSize, device: str, precision: str, *, 
     for cost in costs:
         print(f"  measured at {cost.image_size} px: {cost.train_step_s:.2f} s a training step of {size.batch_size}, "
               f"{1000 * cost.eval_image_s:.0f} ms an evaluated image (measuring took {cost.probe_s:.0f} s)")  # fmt: skip
+    print(f"  measured: {costs[0].epoch_save_s:.1f} s to write an epoch's checkpoints (last.pt with the optimizer's "
+          "state, and best.pt)")
     for candidate, seconds in projections:
         timed = any(cost.image_size == candidate.image_size for cost in costs)
         mark = "<- runs" if candidate == plan else "too long" if timed else "too long (by area from a timed size)"
