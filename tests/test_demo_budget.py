@@ -113,11 +113,12 @@ def test_the_demo_prints_what_it_measured_and_chose(tmp_path, monkeypatch: pytes
                         epoch_save_s=2.5 if save_to else 0.0)  # fmt: skip
 
     monkeypatch.setattr(demo, "measure_step_cost", fake_measure)
-    plan = demo.plan_for_budget(data, demo.SIZES["default"], "cpu", "fp32", minutes=10, elapsed_s=30)
+    plan = demo.plan_for_budget(data, demo.SIZES["default"], "cpu", "fp32", minutes=10, elapsed_s=30,
+                                runs=tmp_path / "runs")  # fmt: skip
     printed = capsys.readouterr().out
     # 5 training images a phase, 2 phases: one step of 16 a phase and epoch; 75 s a step at 96 px
     # the checkpoint writes are timed once, into the folder the run will write to
-    assert plan == DemoPlan(84, 4) and seen == [(96, 16, data.parent / "runs"), (84, 16, None)]
+    assert plan == DemoPlan(84, 4) and seen == [(96, 16, tmp_path / "runs"), (84, 16, None)]
     assert "measured at 96 px: 75.00 s a training step of 16" in printed and "<- runs" in printed
     assert "2.5 s to write an epoch's checkpoints" in printed
     assert printed.count("too long") == 2 and "precision=fp32" in printed

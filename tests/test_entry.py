@@ -4,8 +4,10 @@ process: see ``covid_cxr.train.distributed``). Each case runs in a fresh interpr
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from importlib.metadata import entry_points
 
 import pytest
 
@@ -21,9 +23,22 @@ cli.entry({argv!r})
 """
 
 
+# without PYTHONUNBUFFERED (set where the suite may run), so that the child's stdout is a block-buffered pipe
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+
 def _run(joined: bool, argv: list[str], patch: str = "") -> subprocess.CompletedProcess[str]:
     code = SCRIPT.format(joined=joined, argv=argv, patch=patch)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+
+
+def test_the_program_and_python_m_go_through_entry() -> None:
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "covid-cxr"]
+    assert script.value == "covid_cxr.cli:entry"
+    code = "import runpy; from covid_cxr.train import distributed; distributed._joined = True; " \
+           "import atexit; atexit.register(print, 'atexit ran'); runpy.run_module('covid_cxr', run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", code, "exprot"], capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 2 and "unknown command 'exprot'" in done.stderr and "atexit ran" not in done.stdout
 
 
 @pytest.mark.parametrize("joined", [False, True])
@@ -38,6 +53,16 @@ def test_the_status_and_the_output_are_mains_whether_or_not_a_group_was_joined(j
 def test_a_rank_ends_with_argparses_status() -> None:
     done = _run(True, ["--version"])
     assert done.returncode == 0 and "covid-cxr" in done.stdout and "atexit ran" not in done.stdout
+
+
+@pytest.mark.parametrize(("exit_with", "status", "said"), [("None", 0, ""), ("'no data here'", 1, "no data here"),
+                                                          ("3", 3, ""), ("KeyboardInterrupt", 130, "")])
+def test_a_rank_ends_as_python_would_on_sys_exit_and_interrupt(exit_with: str, status: int, said: str) -> None:
+    """``sys.exit(None)`` is 0, ``sys.exit(text)`` says the text and is 1, an interrupt is 130, as without a group."""
+    raise_it = "raise KeyboardInterrupt" if exit_with == "KeyboardInterrupt" else f"sys.exit({exit_with})"
+    patch = f"def fake(argv=None):\n    {raise_it}\ncli.main = fake"
+    done = _run(True, ["train"], patch=patch)
+    assert done.returncode == status and said in done.stderr and "atexit ran" not in done.stdout
 
 
 def test_a_bug_in_a_rank_prints_its_traceback_and_fails() -> None:

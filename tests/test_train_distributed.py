@@ -16,6 +16,7 @@ ones, and a rank that validated with its own would score a model other than the 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -63,7 +64,7 @@ def _failure(done: subprocess.CompletedProcess[str]) -> str:
     agent = err.rfind('Traceback (most recent call last):\n  File "<frozen runpy>"')
     summary = err[agent:].splitlines() if agent > 0 else []
     ranks = err[:agent] if agent > 0 else err
-    lines = [line for line in summary if "exitcode" in line or "rank " in line]
+    lines = [line for line in summary if any(key in line for key in ("exitcode", "rank ", "traceback :"))]
     return (f"exit {done.returncode} on {describe_cpu(cpu_features())}\n--- stdout ---\n{done.stdout[-1500:]}\n"
             f"--- stderr ---\n{ranks[-5000:]}\n--- torchrun ---\n" + "\n".join(lines))
 
@@ -114,11 +115,12 @@ def test_torchrun_two_processes_match_one(runs: Path) -> None:
 
 
 def test_each_rank_ends_through_end_rank_with_its_output_flushed(runs: Path) -> None:
-    """Both ranks ended through ``entry`` (``os._exit``: no finalization) with status 0 (the fixture) and each one's
-    last line, printed as the command returns, reached torchrun (which starts ranks with ``python -u``; the flush
-    for a block-buffered pipe is tested in test_entry.py)."""
+    """Both ranks ended through ``entry`` with status 0 (the fixture) and no finalization (an ``atexit`` line would
+    say so), and each one's last line, printed as the command returns, reached torchrun (which starts ranks with
+    ``python -u``; the flush for a block-buffered pipe is tested in test_entry.py)."""
     out = (runs / LAUNCH_OUT).read_text()
     assert out.count(f"run folder: {runs / 'ddp' / 'xception-fold1'}") == 2
+    assert FINALIZED not in out
 
 
 def test_every_rank_trains_the_folder_rank_0_named(runs: Path) -> None:
@@ -134,6 +136,9 @@ def test_torchrun_ranks_validate_with_rank_0s_batchnorm_statistics(runs: Path) -
     assert result["world_size"] == 2 and result["buffers"] > 0
     assert result["moved"] > 0  # training changed the running statistics, so a rank's own would differ
     assert result["max_difference_from_rank_0"] == 0.0
+
+
+FINALIZED = "this rank went through the interpreter's finalization"
 
 
 def _train_gathering_buffers(buffers_json: Path, argv: list[str]) -> None:
@@ -169,6 +174,7 @@ def _train_gathering_buffers(buffers_json: Path, argv: list[str]) -> None:
 
     Trainer.run = run_then_gather  # type: ignore[method-assign]
     runner._new_run_dir = name_after_rank_0
+    atexit.register(print, FINALIZED, flush=True)  # printed only if the rank ends through the finalization
     entry(argv)  # as the covid-cxr program ends a rank (distributed.end_rank)
 
 

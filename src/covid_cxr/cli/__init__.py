@@ -110,6 +110,10 @@ def entry(argv: Sequence[str] | None = None) -> NoReturn:
         code: object = main(argv)
     except SystemExit as exc:
         code = exc.code
+    except KeyboardInterrupt:  # raised outside main's own handler (which says so and returns 130)
+        if not _joined_a_group():
+            raise
+        code = 130
     except BaseException:
         if not _joined_a_group():
             raise

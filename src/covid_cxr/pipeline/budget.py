@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -66,9 +66,11 @@ class StepCost:
     train_step_s: float  # one training step (forward, backward, optimizer) at the demo's batch
     eval_image_s: float  # one image of an evaluation batch of EVAL_BATCH
     probe_s: float = 0.0  # what measuring took: spent from the budget
-    # Writing one epoch's checkpoints as training does (last.pt with the optimizer's state, best.pt), fsynced: the
-    # same at every image size (the weights do not depend on it). 6-9 s an epoch for concat here with the disk
-    # busy, against about 2 s a training step at 72 px: left out, a slow disk would push a plan past the budget.
+    # Writing one epoch's checkpoints as training does (last.pt with the optimizer's state, best.pt: 0.78 GB for
+    # concat), fsynced: the same at every image size (the weights do not depend on it). An upper bound: best.pt is
+    # written only in epochs that improve. Measured on the Sapphire Rapids VM: 1.6-2.3 s an epoch idle, 3.4-5.7 s
+    # with three busy processes on its two cores, about 30 s of the 72 px x 2 demo's 16 epochs; left out, a slow
+    # disk would push a plan past the budget unseen.
     epoch_save_s: float = 0.0
 
 
@@ -172,10 +174,6 @@ def _time_epoch_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, f
         for file in files:
             file.unlink(missing_ok=True)
 
-
-def with_epoch_save(cost: StepCost, epoch_save_s: float) -> StepCost:
-    """``cost`` with the checkpoint writes measured at another image size (they do not depend on it)."""
-    return replace(cost, epoch_save_s=epoch_save_s)
 
 
 def _sync(runtime: Runtime) -> None:

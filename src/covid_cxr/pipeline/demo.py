@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from covid_cxr.pipeline.budget import (
     StepCost,
     choose_plan,
     measure_step_cost,
-    with_epoch_save,
 )
 from covid_cxr.report.report import write_report
 from covid_cxr.runtime import choose_runtime
@@ -95,7 +94,7 @@ def run_demo(out: Path, *, small: bool = False, seed: int = 0, device: str = "au
     timings["prepare"] = time.perf_counter() - t
     if plan is None:
         t = time.perf_counter()
-        plan = plan_for_budget(data, size, device, precision, minutes=minutes, elapsed_s=t - start)
+        plan = plan_for_budget(data, size, device, precision, minutes=minutes, elapsed_s=t - start, runs=out / "runs")
         timings["probe"] = time.perf_counter() - t
         if plan.image_size != PLANS[0].image_size:
             t = time.perf_counter()
@@ -128,9 +127,12 @@ def run_demo(out: Path, *, small: bool = False, seed: int = 0, device: str = "au
     }  # fmt: skip
 
 
-def plan_for_budget(data: Path, size: DemoSize, device: str, precision: str, *, minutes: float,
-                    elapsed_s: float) -> DemoPlan:  # fmt: skip
-    """Time the training step here and pick the largest plan projected to fit the budget; print why."""
+def plan_for_budget(data: Path, size: DemoSize, device: str, precision: str, *, minutes: float, elapsed_s: float,
+                    runs: Path) -> DemoPlan:  # fmt: skip
+    """Time the training step here and pick the largest plan projected to fit the budget; print why.
+
+    ``runs``: the folder the run will write to, where one epoch's checkpoint writes are timed.
+    """
     fold = PreparedData(data).fold(1)
     sizes = SplitSizes(tuple(len(p) for p in fold.phases), len(fold.val), len(fold.test))
     runtime = choose_runtime(device, precision)
@@ -139,10 +141,9 @@ def plan_for_budget(data: Path, size: DemoSize, device: str, precision: str, *, 
 
     def measure(image_size: int) -> StepCost:
         # the checkpoint writes are timed once, into the folder the run will write to (their cost is the weights')
-        scratch = None if costs else data.parent / "runs"
-        cost = measure_step_cost("concat", image_size, size.batch_size, runtime, lr=lr, save_to=scratch)
+        cost = measure_step_cost("concat", image_size, size.batch_size, runtime, lr=lr, save_to=None if costs else runs)
         if costs:
-            cost = with_epoch_save(cost, costs[0].epoch_save_s)
+            cost = replace(cost, epoch_save_s=costs[0].epoch_save_s)
         costs.append(cost)
         return cost
 

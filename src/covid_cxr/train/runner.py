@@ -267,7 +267,10 @@ class Trainer:
                                  enabled=dist.is_main)  # fmt: skip
 
     def close(self) -> None:
-        """Release the run folder's lock (idempotent)."""
+        """Close TensorBoard's event file (a failed or interrupted run keeps its last events) and release the run
+        folder's lock (idempotent)."""
+        if self.writer is not None:
+            self.writer.close()
         self._lock.close()
 
     # -- set-up ---------------------------------------------------------------------------------
