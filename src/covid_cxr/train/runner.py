@@ -269,8 +269,9 @@ class Trainer:
     def close(self) -> None:
         """Close TensorBoard's event file (a failed or interrupted run keeps its last events) and release the run
         folder's lock (idempotent)."""
-        if self.writer is not None:
-            self.writer.close()
+        writer = getattr(self, "writer", None)  # None where the constructor failed before making it
+        if writer is not None:
+            writer.close()
         self._lock.close()
 
     # -- set-up ---------------------------------------------------------------------------------
