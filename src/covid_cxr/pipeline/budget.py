@@ -175,7 +175,6 @@ def _time_epoch_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, f
             file.unlink(missing_ok=True)
 
 
-
 def _sync(runtime: Runtime) -> None:
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
