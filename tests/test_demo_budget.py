@@ -122,3 +122,23 @@ def test_the_demo_prints_what_it_measured_and_chose(tmp_path, monkeypatch: pytes
     assert "measured at 96 px: 75.00 s a training step of 16" in printed and "<- runs" in printed
     assert "2.5 s to write an epoch's checkpoints" in printed
     assert printed.count("too long") == 2 and "precision=fp32" in printed
+
+
+def test_a_machine_too_slow_for_every_plan_is_told_how_long_the_smallest_takes(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """Nothing fits: the smallest plan runs, and the demo says about how long it will take in all and what is shorter."""
+    from covid_cxr.data.prepared import PreparedData
+    from covid_cxr.pipeline import demo
+    from tests.test_train_runner import tiny_prepared
+
+    data = tiny_prepared(tmp_path)
+    cost = {size: StepCost(size, train_step_s=400.0, eval_image_s=0.5, probe_s=20.0) for size in (96, 84, 72)}
+    monkeypatch.setattr(demo, "measure_step_cost", lambda network, image_size, *a, **k: cost[image_size])
+    plan = demo.plan_for_budget(data, demo.SIZES["default"], "cpu", "fp32", minutes=10, elapsed_s=30,
+                                runs=tmp_path / "runs")  # fmt: skip
+    printed = capsys.readouterr().out
+    assert plan == PLANS[-1] == DemoPlan(72, 2)
+    fold = PreparedData(data).fold(1)
+    sizes = SplitSizes(tuple(len(p) for p in fold.phases), len(fold.val), len(fold.test))
+    total_min = (30 + 2 * 20.0 + projected_seconds(plan, cost[72], sizes, 16)) / 60  # elapsed, two probes, the plan
+    assert f"it runs anyway, about {total_min:.1f} min in all (--plan 72x1 trains half as long" in printed
