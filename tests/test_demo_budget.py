@@ -126,7 +126,7 @@ def test_the_demo_prints_what_it_measured_and_chose(tmp_path, monkeypatch: pytes
 
 def test_a_machine_too_slow_for_every_plan_is_told_how_long_the_smallest_takes(
         tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    """Nothing fits: the smallest plan runs, and the demo says about how long it will take in all and what is shorter."""
+    """Nothing fits: the smallest plan runs, and the demo says about how long it takes in all and what is shorter."""
     from covid_cxr.data.prepared import PreparedData
     from covid_cxr.pipeline import demo
     from tests.test_train_runner import tiny_prepared
