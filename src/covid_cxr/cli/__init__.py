@@ -110,15 +110,14 @@ def entry(argv: Sequence[str] | None = None) -> NoReturn:
         code: object = main(argv)
     except SystemExit as exc:
         code = exc.code
-    except KeyboardInterrupt:  # raised outside main's own handler (which says so and returns 130)
+    except BaseException as exc:  # outside a group, Python's own ending: the traceback, or an interrupt's 130
         if not _joined_a_group():
             raise
-        code = 130
-    except BaseException:
-        if not _joined_a_group():
-            raise
-        traceback.print_exc()
-        code = 1
+        if isinstance(exc, KeyboardInterrupt):  # raised outside main's own handler (which says so and returns 130)
+            code = 130
+        else:
+            traceback.print_exc()
+            code = 1
     if not _joined_a_group():
         sys.exit(code)
     if not isinstance(code, int):

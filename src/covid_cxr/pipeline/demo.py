@@ -162,10 +162,9 @@ def plan_for_budget(data: Path, size: DemoSize, device: str, precision: str, *, 
         print(f"  {candidate.describe():<28} projected {seconds / 60:5.1f} min  {mark}")
     probed_s = sum(cost.probe_s for cost in costs)
     if projections[-1][1] > budget_s - probed_s:
-        # It still runs: the next step down (half the epochs) trained a much weaker model when measured (RESULTS.md).
-        smallest = PLANS[-1]
-        shorter = f"{smallest.image_size}x{smallest.epochs_per_phase // 2}"
-        hint = f" (--plan {shorter} trains half as long, for a weaker model)" if smallest.epochs_per_phase > 1 else ""
+        # ``plan`` is the smallest and runs: half its epochs trained a much weaker model when measured (RESULTS.md).
+        shorter = f"{plan.image_size}x{plan.epochs_per_phase // 2}"
+        hint = f" (--plan {shorter} trains half as long, for a weaker model)" if plan.epochs_per_phase > 1 else ""
         print(f"  even the smallest plan is projected over the budget on this machine: it runs anyway, about "
               f"{(elapsed_s + probed_s + projections[-1][1]) / 60:.1f} min in all{hint}")
     return plan
