@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from covid_cxr.runs.model_card import (
     facts_from_onnx,
     split_front_matter,
     write_export_card,
+    write_run_card,
 )
 from covid_cxr.runs.results import make_result, write_result
 
@@ -112,6 +114,15 @@ def test_card_front_matter_and_sections(run: Path) -> None:
     assert "a linear probe tells the source from features" in body
     assert "Every COVID-19 training image comes from covid-chestxray and every normal one from rsna" in body
     assert "@article{rahimzadeh2020modified" in body and "@article{shih2019augmenting" in body
+
+
+def test_a_data_path_that_is_not_utf8_is_written_escaped_not_a_crash(run: Path) -> None:
+    """Training on a prepared folder whose name is not UTF-8 ended with "surrogates not allowed" at the card."""
+    info = json.loads((run / "run.json").read_text())
+    info["data"] = os.fsdecode(b"/data/prepared-\xff")
+    (run / "run.json").write_text(json.dumps(info))
+    card = write_run_card(run).read_text(encoding="utf-8")
+    assert "/data/prepared-\\xff" in card
 
 
 def test_card_evaluation_figures_with_intervals(run: Path) -> None:

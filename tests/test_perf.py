@@ -110,6 +110,25 @@ def test_preloaded_jemalloc_is_detected_and_left_alone(path: str | None) -> None
     assert "allocator=jemalloc (preloaded)" in result["describe"]
 
 
+def test_a_mapped_file_whose_path_is_not_utf8_does_not_stop_the_allocator_check(tmp_path: Path) -> None:
+    """A memory-mapped image cache under a non-UTF-8 folder name appears in /proc/self/maps: train read that
+    listing as UTF-8 and stopped with a decoding error naming no file."""
+    import mmap
+
+    from covid_cxr.perf import _PRELOADED, preloaded_allocator
+
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("no /proc/self/maps on this system")
+    folder = os.path.join(os.fsencode(tmp_path), b"prepared-\xff")
+    os.mkdir(folder)
+    with open(os.path.join(folder, b"images.npy"), "w+b") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        with mmap.mmap(f.fileno(), 4096):
+            assert b"prepared-\xff" in Path("/proc/self/maps").read_bytes()
+            assert preloaded_allocator() in (None, *_PRELOADED)
+
+
 def _cgroup_tree(root: Path, files: dict[str, str]) -> Path:
     """A cgroup file tree as a container sees it at /sys/fs/cgroup (real files, read by the real reader)."""
     for name, text in files.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -227,6 +228,17 @@ def test_report_on_bare_predictions_files(tmp_path: Path) -> None:
     assert "fold site-a" in page and "fold site-b" in page and "paper avg" not in page
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["unknown-test"]
     assert summary["folds"] == ["site-a", "site-b"] and summary["paper_average"] is None
+
+
+def test_a_folder_name_that_is_not_utf8_is_written_escaped_not_a_crash(tmp_path: Path) -> None:
+    """A fold's folder (or a data path in metrics.json) holding bytes that are not UTF-8 used to stop the report
+    with "surrogates not allowed"; it is now shown with the byte escaped, and every other file is written."""
+    site = os.fsdecode(b"site-\xe9")
+    paths = [write_predictions(_with_probs((4, 6, 6), seed=k)[["label", "pred"]], tmp_path / name / "predictions.csv")
+             for k, name in enumerate((site, "site-b"))]
+    page = write_report(paths, tmp_path / "out", n_boot=0).read_text(encoding="utf-8")
+    assert "fold site-\\xe9" in page and "fold site-b" in page
+    assert "site-\\xe9" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("damage", ["{not json", "[1, 2]"])

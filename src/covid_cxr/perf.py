@@ -74,11 +74,11 @@ _applied: SpeedSettings | None = None
 def preloaded_allocator() -> str | None:
     """The name of a replacement malloc mapped into this process (jemalloc, tcmalloc...), if any."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_bytes()  # bytes: mapped files' paths need not be valid UTF-8
     except OSError:
         return None
     for name in _PRELOADED:
-        if f"lib{name}" in maps:
+        if f"lib{name}".encode() in maps:
             return name
     return None
 

@@ -29,6 +29,7 @@ from covid_cxr.atomic import read_json_object, write_bytes, write_json, write_te
 from covid_cxr.audit.results import render_section
 from covid_cxr.config import TrainConfig, load_config
 from covid_cxr.data.manifest import safe_name
+from covid_cxr.data.names import printable
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
 from covid_cxr.evaluate.metrics import COUNTS, RATES, table3_row, table4_row
@@ -457,9 +458,9 @@ def _publish(out: Path, images: dict[str, bytes], md: str, summary: dict[str, An
     files_dir = out / "report_files"
     for name, png in images.items():
         write_bytes(files_dir / name, png)
-    write_text(out / "report.md", md)
+    write_text(out / "report.md", printable(md))  # a data folder's path may hold bytes that are not UTF-8
     write_json(out / "summary.json", summary)
-    path = write_text(out / "report.html", page)
+    path = write_text(out / "report.html", printable(page))
     if files_dir.is_dir():
         for old in files_dir.glob("*.png"):
             if old.name not in images:

@@ -24,6 +24,7 @@ import yaml
 
 from covid_cxr import __version__, fmt
 from covid_cxr.atomic import file_sha256, write_text
+from covid_cxr.data.names import printable
 from covid_cxr.data.sources.covidx import PREFIX as COVIDX_PREFIX
 from covid_cxr.errors import CheckpointError, DataError
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
@@ -304,7 +305,7 @@ def write_model_card(facts: ModelFacts, out: Path, run_dir: Path | None = None) 
     """Write the card to ``out`` (a file, or a folder to hold ``MODEL_CARD.md``) through a temporary file."""
     out = Path(out)
     path = out / CARD_NAME if out.is_dir() else out
-    return write_text(path, build_card(facts, run_dir))
+    return write_text(path, printable(build_card(facts, run_dir)))  # a path may hold bytes that are not UTF-8
 
 
 def write_export_card(ckpt: Any, checkpoint: Path, files: list[Path]) -> Path:
