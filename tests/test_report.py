@@ -194,6 +194,37 @@ def test_write_evaluation_writes_every_file(tmp_path: Path) -> None:
     assert saved["evaluation"]["split"] == "val" and saved["covid_correct"] == cm[0, 0]
 
 
+def test_an_evaluation_stopped_part_way_leaves_no_figures_beside_new_predictions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluate wrote predictions.csv, then the bootstrap and plots, then metrics.json: a Ctrl-C in between left a
+    threshold rule's predictions beside argmax's metrics.json, and the report mixed the two. Now metrics.json goes
+    first and comes back last, and a run's evaluation folder without it is refused, not read as a bare file."""
+    from covid_cxr.runs.folder import RunFolder, RunInfo
+
+    run = tmp_path / "run"
+    RunFolder(run).write_info(RunInfo(network="concat", fold=1, protocol="strict", status="finished"))
+    info = {"network": "concat", "fold": 1, "split": "test"}
+    first = _with_probs((6, 6, 6), seed=1)
+    write_evaluation(validate_predictions(first, "t"), run / "eval-test", info, table=first, n_boot=0)
+    write_report([run], tmp_path / "report-1", n_boot=0)  # a whole evaluation reads
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("covid_cxr.evaluate.run.plots.save_figure", stop)
+    second = _with_probs((6, 6, 6), seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        write_evaluation(validate_predictions(second, "t"), run / "eval-test", info, table=second, n_boot=0)
+    assert not (run / "eval-test" / "metrics.json").exists()
+    written = pd.read_csv(run / "eval-test" / "predictions.csv")
+    assert np.allclose(written["p_covid"], second["p_covid"], atol=1e-5)
+    assert not np.allclose(written["p_covid"], first["p_covid"], atol=1e-5)
+    with pytest.raises(DataError, match=r"eval-test: an evaluation that did not finish .*covid-cxr evaluate .*run"):
+        write_report([run], tmp_path / "report-2", n_boot=0)
+    assert not (tmp_path / "report-2").exists()
+
+
 def test_plots_module_leaves_matplotlib_global_state_alone() -> None:
     code = ("import sys; import covid_cxr.evaluate.plots as p; p.figure_png(p.confusion_figure([[1, 0], [0, 1]], "
             "['covid', 'normal'])); assert 'matplotlib.pyplot' not in sys.modules; assert 'torch' not in sys.modules")

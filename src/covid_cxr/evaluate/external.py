@@ -43,7 +43,7 @@ from covid_cxr.data.manifest import safe_name
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources.folder import read_folder
 from covid_cxr.errors import DataError, ImageDecodeError
-from covid_cxr.evaluate.predictions import validate_predictions, write_predictions
+from covid_cxr.evaluate.predictions import validate_predictions
 from covid_cxr.evaluate.run import (
     EvaluationResult,
     decided_table,
@@ -231,7 +231,6 @@ def evaluate_external(
                                   description=f"{loaded.network} on {name}")
     table = decided_table(frame, probs, predictor.classes, op)
     preds = validate_predictions(table, str(out / "predictions.csv"))
-    write_predictions(table, out / "predictions.csv")
     run = RunFolder(run_dir).info() if run_dir is not None else None
     info = {
         "kind": "external",
@@ -263,7 +262,7 @@ def evaluate_external(
     info["internal"] = str(internal.resolve()) if internal is not None else None
     if internal is None:
         info["internal_missing"] = no_internal_text(info)
-    metrics = write_evaluation(preds, out, info, prevalence=prevalence, prevalence_class=prevalence_class,
+    metrics = write_evaluation(preds, out, info, table=table, prevalence=prevalence, prevalence_class=prevalence_class,
                                n_boot=n_boot, seed=seed, prevalences=prevalences)
     if replaced:
         print(f"external: replaced the evaluation on {replaced} in {out}", file=sys.stderr)

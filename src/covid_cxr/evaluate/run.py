@@ -101,15 +101,25 @@ def roc_marks(metrics: dict[str, Any], ops: Sequence[dict[str, Any] | None]) -> 
     return [plots.RocMark(c, 1.0 - spec / 100.0, sens / 100.0, label)]
 
 
-def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
+METRICS = "metrics.json"
+"""The file that makes an evaluation folder whole: written last, and removed first when the folder is rewritten."""
+
+
+def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *, table: pd.DataFrame | None = None,
                      prevalence: float | None = None, prevalence_class: str = "covid", n_boot: int = 1000,
                      seed: int = 0, prevalences: tuple[float, ...] = DEFAULT_PREVALENCES) -> dict[str, Any]:
-    """Write metrics.json, table3.csv, table4.csv and the plots for a predictions table; return the metrics.
+    """Write predictions.csv (``table``, when given), table3.csv, table4.csv, the plots and metrics.json; return the
+    metrics.
 
     ``info`` (network, fold, split, paths...) goes into metrics.json under ``evaluation`` and
     names the rows of the two tables. ``decision`` holds the operating point's figures
     (:func:`~covid_cxr.evaluate.metrics.decision_summary`, PPV/NPV at ``prevalences``) and where its
     threshold was chosen; ``prevalence``/``prevalence_class`` add one class's PPV at that prevalence.
+
+    Everything is computed before the first file is touched, and the folder's old metrics.json is removed
+    before any other file is replaced and the new one written last: a stop part-way (Ctrl-C, a kill) leaves a
+    folder without metrics.json, which the report and the model card refuse ("evaluate again"), never new
+    predictions beside the old figures.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +128,9 @@ def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
     metrics["decision"] = {"operating_point": op.to_dict(), "positive_class": op.positive_class,
                            "chosen_on": op.chosen_on(), "fitted_on_test": op.fitted_on_test,
                            **decision_summary(preds.confusion(), CLASSES.index(op.positive_class), prevalences)}
-    write_json(out_dir / "metrics.json", {**metrics, "evaluation": info})
+    (out_dir / METRICS).unlink(missing_ok=True)
+    if table is not None:
+        write_predictions(table, out_dir / "predictions.csv")
     cm = preds.confusion()
     key = {"fold": info.get("fold", ""), "network": info.get("network", "")}
     write_text(out_dir / "table3.csv", pd.DataFrame([{**key, **table3_row(cm)}]).to_csv(index=False))
@@ -135,6 +147,10 @@ def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
         plots.save_figure(plots.calibration_figure(
             preds.true_idx, preds.probs, title=f"Calibration, {title}: ECE {metrics['ece']:.2f}%"),
             out_dir / "calibration.png")
+    else:  # no probabilities: no curves, and none of an earlier evaluation's left beside these figures
+        for name in ("roc.png", "calibration.png"):
+            (out_dir / name).unlink(missing_ok=True)
+    write_json(out_dir / METRICS, {**metrics, "evaluation": info})
     return metrics
 
 
@@ -335,7 +351,6 @@ def evaluate_run(
     frame, split_hash, probs, seconds = _split_probs(m, split, batch_size=batch_size, progress=progress, where=where)
     table = decided_table(frame, probs, m.ckpt.classes, op)
     preds = validate_predictions(table, str(tgt.out_dir / "predictions.csv"))
-    write_predictions(table, tgt.out_dir / "predictions.csv")
     ckpt, predictor = m.ckpt, m.predictor
     info = {
         "kind": "internal",
@@ -362,6 +377,6 @@ def evaluate_run(
         "checkpoint_epoch": ckpt.meta.get("global_epoch"),  # the file's own record, not run.json's best epoch
         "warnings": evaluation_warnings(op, split, split_hash, tgt.fold),
     }
-    metrics = write_evaluation(preds, tgt.out_dir, info, prevalence=prevalence, prevalence_class=prevalence_class,
-                               n_boot=n_boot, seed=seed, prevalences=prevalences)
+    metrics = write_evaluation(preds, tgt.out_dir, info, table=table, prevalence=prevalence,
+                               prevalence_class=prevalence_class, n_boot=n_boot, seed=seed, prevalences=prevalences)
     return EvaluationResult(out_dir=tgt.out_dir, metrics=metrics, predictions=table, info=info)

@@ -121,6 +121,12 @@ def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
     info: dict[str, Any] = {}
     saved: dict[str, Any] = {}
     meta_file = eval_dir / "metrics.json"
+    if csv.name == "predictions.csv" and not meta_file.is_file() and RunFolder(eval_dir.parent).exists():
+        # evaluate writes metrics.json last: without it, this folder's evaluation stopped part-way
+        again = f"covid-cxr evaluate {eval_dir.parent}" + (" --external DATA" if eval_dir.name.startswith(
+            "external-") else "")
+        raise DataError(f"{eval_dir}: an evaluation that did not finish (predictions.csv but no metrics.json: it "
+                        f"was stopped part-way); run '{again}' again, or remove {eval_dir}")
     if meta_file.is_file() and csv.name == "predictions.csv":
         saved = read_json_object(meta_file, what="an evaluation's metrics", fix="re-run 'covid-cxr evaluate'")
         info = saved.get("evaluation", {}) or {}
