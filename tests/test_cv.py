@@ -130,7 +130,7 @@ def test_a_failed_fold_stops_cv_after_reporting_the_finished_ones(record: dict[s
     assert state["report"] == [1]  # the report of the fold finished so far
     assert state[1]["best"] == record["after_rank1"][1]["best"]  # fold 1 was finished: not trained again ...
     assert state[1]["eval"] is not None  # ... only evaluated, as it never was
-    assert state[2]["info"].status == "running" and state[2]["log_rows"] == 1  # one epoch done before the failure
+    assert state[2]["info"].status == "stopped" and state[2]["log_rows"] == 1  # one epoch done before the failure
 
 
 def test_running_cv_again_skips_finished_folds_and_resumes_the_unfinished_one(record: dict[str, Any]) -> None:

@@ -122,6 +122,12 @@ def test_report_refuses_a_fold_given_twice_and_nothing(tmp_path: Path) -> None:
         write_report([], tmp_path / "out")
     with pytest.raises(DataError, match="evaluate"):
         write_report([tmp_path], tmp_path / "out")  # a folder with no predictions.csv
+    prepared = tmp_path / "data"
+    prepared.mkdir()
+    (prepared / "prepare.json").write_text("{}")
+    (prepared / "manifest.csv").write_text("image_id,label\n")
+    with pytest.raises(DataError, match=r"data is a prepared data folder, not a run: give the run folders"):
+        write_report([prepared], tmp_path / "out")
 
 
 def test_audit_plug_in_point() -> None:

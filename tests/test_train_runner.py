@@ -141,6 +141,8 @@ def test_clear_errors(data: Path, straight: Path, tmp_path: Path) -> None:
         train_fold(replace(base, fold=3))
     with pytest.raises(DataError, match="no image cache of 96 px"):
         train_fold(replace(base, image_size=96))
+    with pytest.raises(DataError, match=r"no image cache of 96 px .*\(the cpu preset trains at 96 px"):
+        train_fold(make_config("cpu", data=str(data), network="xception", out=str(tmp_path)))  # no size given
     with pytest.raises(ConfigError, match="is a xception run; it cannot be resumed as concat"):
         train_fold(replace(base, network="concat"), resume=straight)
     with pytest.raises(FileExistsError, match="already holds a run; continue it with --resume"):
@@ -165,3 +167,27 @@ def test_a_settings_warning_is_printed_and_recorded_in_the_run(data: Path, tmp_p
 
 def test_a_run_without_warnings_records_none(straight: Path) -> None:
     assert "warnings" not in json.loads((straight / "run.json").read_text())
+
+
+def test_an_interrupted_run_says_stopped_and_how_to_go_on(data: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C left run.json saying "running" and evaluate pointing at a last.pt that an interrupt in the first
+    epoch never wrote; now the run says "stopped", evaluate says how to continue it, and --resume finishes it."""
+    from covid_cxr.errors import CheckpointError
+    from covid_cxr.runs.resolve import resolve_target
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("covid_cxr.train.runner.train_one_epoch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(config_for(data, tmp_path, "stopped"), live=False)
+    run = tmp_path / "stopped"
+    assert json.loads((run / "run.json").read_text())["status"] == "stopped"
+    assert not (run / "last.pt").exists()
+    with pytest.raises(CheckpointError, match=rf"status 'stopped'\): it has not finished an epoch; continue it with "
+                                              rf"'covid-cxr train --resume {run}'"):
+        resolve_target(run, None, None, "test", None)
+    monkeypatch.undo()
+    assert train_fold(config_for(data, tmp_path, "x"), resume=run, live=False) == run
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"

@@ -117,6 +117,9 @@ def load_evaluation(path: Path, *, n_boot: int = 1000) -> FoldResult:
     else:
         raise DataError(f"{path}: no such run, evaluation folder or predictions file")
     if not csv.is_file():
+        if (path / "prepare.json").is_file() and (path / "manifest.csv").is_file():
+            raise DataError(f"{path} is a prepared data folder, not a run: give the run folders that 'covid-cxr train "
+                            f"{path}' made (runs/NETWORK-foldK by default), after 'covid-cxr evaluate RUN'")
         raise DataError(f"{path}: no predictions.csv; run 'covid-cxr evaluate {path}' first")
     info: dict[str, Any] = {}
     saved: dict[str, Any] = {}

@@ -52,10 +52,11 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
         run = folder.info()
         checkpoint = folder.best
         if not checkpoint.is_file():
-            raise CheckpointError(
-                f"{checkpoint}: no such file; the run has not saved a best checkpoint yet "
-                f"(status {run.status or 'unknown'!r}); train it further or evaluate last.pt by path"
-            )
+            hint = (f"evaluate {folder.last} by path, or continue the run with 'covid-cxr train --resume {target}'"
+                    if folder.last.is_file() else
+                    f"it has not finished an epoch; continue it with 'covid-cxr train --resume {target}'")
+            raise CheckpointError(f"{checkpoint}: no such file; the run has not saved a best checkpoint yet "
+                                  f"(status {run.status or 'unknown'!r}): {hint}")
         default_out = folder.eval_dir(split)
     elif target.is_file():
         home = RunFolder.containing(target)

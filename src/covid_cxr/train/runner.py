@@ -35,7 +35,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from covid_cxr import fmt
-from covid_cxr.config import TrainConfig, dump_config, load_config
+from covid_cxr.config import PRESETS, TrainConfig, dump_config, load_config
 from covid_cxr.data.prepared import FoldSplits, ImageCache, PreparedData
 from covid_cxr.errors import CheckpointError, ConfigError, DataError
 from covid_cxr.labels import CLASSES
@@ -281,7 +281,14 @@ class Trainer:
         self.data_root = Path(config.data).resolve()
         self.prepared = PreparedData(self.data_root)
         self.fold = self.prepared.fold(config.fold)
-        self.cache = self.prepared.cache(config.image_size)
+        try:
+            self.cache = self.prepared.cache(config.image_size)
+        except DataError as exc:
+            preset_size = PRESETS[config.preset].get("image_size")
+            if config.image_size is None or config.image_size != preset_size:
+                raise
+            raise DataError(f"{exc} (the {config.preset} preset trains at {preset_size} px; or give --image-size "
+                            "with a size the folder has)") from None
         self.config = replace(config.resolved(image_size=int(self.cache.image_size)), data=str(self.data_root))
         if self.config.image_size != int(self.cache.image_size):
             raise DataError(f"{self.data_root} has no {self.config.image_size} px cache; prepare it with "
@@ -469,8 +476,12 @@ class Trainer:
                               f"{self.total_epochs} epochs")  # fmt: skip
         if self.best_note:
             self.progress.message(self.best_note)
-        for global_epoch in range(self.done, self.total_epochs):
-            self._epoch(global_epoch)
+        try:
+            for global_epoch in range(self.done, self.total_epochs):
+                self._epoch(global_epoch)
+        except BaseException:
+            self._mark_stopped()
+            raise
         if self.dist.is_main:
             self._finish()
         distributed.barrier(self.dist)
@@ -532,6 +543,14 @@ class Trainer:
         self.info = self.info.replace(epochs_done=self.done, best_epoch=self.best_epoch,
                                       best_val_accuracy=self.best_acc)  # fmt: skip
         self.folder.write_info(self.info)
+
+    def _mark_stopped(self) -> None:
+        """run.json says "stopped" for a run ended by an interrupt or an error (a kill -9 leaves "running")."""
+        if not self.dist.is_main or getattr(self, "info", None) is None:
+            return
+        with contextlib.suppress(OSError):  # the error that stopped the run is the one to report
+            self.info = self.info.replace(status="stopped")
+            self.folder.write_info(self.info)
 
     def _finish(self) -> None:
         """Mark the run finished, write its model card, close TensorBoard."""
