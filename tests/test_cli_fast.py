@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,33 @@ def test_an_unknown_verb_is_answered_with_the_nearest(capsys: pytest.CaptureFixt
     assert main(["exprot", "model.pt"]) == 2
     err = capsys.readouterr().err
     assert "unknown command 'exprot' (did you mean 'export'?)" in err and "predict" in err
+
+
+def _predictions(path: Path) -> Path:
+    rows = ["label,pred"] + [f"{c},{c}" for c in ("covid", "pneumonia", "normal") for _ in range(4)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_an_output_the_system_refuses_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An OSError writing an output (here --json naming a folder) was a traceback; now it is one line and status 2."""
+    (tmp_path / "m.json").mkdir()
+    assert main(["metrics", str(_predictions(tmp_path / "p.csv")), "--json", str(tmp_path / "m.json"),
+                 "--bootstrap", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("covid-cxr metrics: error: [Errno 21] Is a directory") and "m.json" in err
+    assert "Traceback" not in err
+
+
+
+def test_ctrl_c_while_the_verb_loads_is_an_interrupt_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C in the first second lands in the import of the verb's module, which ran outside main's handler."""
+
+    def interrupted(name: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("covid_cxr.cli.importlib.import_module", interrupted)
+    assert main(["predict", "model.onnx", "x.png"]) == 130
+    assert capsys.readouterr().err == "covid-cxr predict: interrupted\n"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -254,3 +256,20 @@ def test_export_writes_the_card_beside_the_model_and_serve_finds_it(tmp_path: Pa
     (onnx_path.parent / CARD_NAME).write_text("---\nlicense: other\n---\n# a card of another model\n")
     rebuilt = served_card(onnx_path, loaded.sha256, loaded.checkpoint, loaded.predictor)  # from the ONNX metadata
     assert onnx_sha in rebuilt and "Decision rule: **argmax**" in rebuilt
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_a_reader_that_goes_away_ends_the_command_quietly(run: Path, buffered: bool) -> None:
+    """``covid-cxr model-card RUN | head``: the pipe is closed before anything is written. The line went out at
+    print (unbuffered) or at the interpreter's exit (buffered), a BrokenPipeError traceback either way."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "covid_cxr", "model-card", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    proc.stdout.close()  # before the interpreter has even imported the verb: every write meets a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode()
+    assert (run / "MODEL_CARD.md").is_file()  # the work itself was done

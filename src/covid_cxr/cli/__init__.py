@@ -3,8 +3,9 @@
 Each verb module defines ``register(subparsers)``, which adds its parser and sets
 ``func=run`` where ``run(args) -> int`` does the work. Verbs stay thin: parse, call the
 library, print. Errors a user can fix (``CovidCxrError``, ``ValueError``,
-``FileNotFoundError``) are printed as one line and exit with status 2; anything else is a bug
-and keeps its traceback.
+``FileNotFoundError``, an ``OSError`` writing an output) are printed as one line and exit with status 2;
+a closed output pipe (``| head``) ends quietly with 141, as SIGPIPE would; anything else is a bug and
+keeps its traceback.
 
 Answering fast is the design here: ``covid-cxr --help`` lists the verbs from :data:`VERBS` without
 importing a verb module, and ``covid-cxr VERB ...`` imports that verb's module alone. A verb module
@@ -78,19 +79,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"covid-cxr: error: unknown command {argv[0]!r}{did_you_mean(argv[0], VERBS)}; commands are "
               f"{', '.join(VERBS)} (covid-cxr --help says what each does)", file=sys.stderr)
         return 2
-    parser = build_parser(_verb_in(argv))
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    verb = _verb_in(argv)
+    name = f"covid-cxr {verb}" if verb else "covid-cxr"
     try:
-        return int(args.func(args) or 0)
+        parser = build_parser(verb)  # imports the verb's module: a Ctrl-C may land here
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 0
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe raises here, where it is handled, not at the interpreter's exit
+        return code
     except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
-        print(f"covid-cxr {args.verb}: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of our output went away (``| head``): stop quietly, as on SIGPIPE
+        _silence_stdout()
+        return 141
+    except OSError as exc:  # writing an output the system refused: a read-only folder, a full disk, a folder's name
+        print(f"{name}: error: {exc}; check that the folder exists, is writable and has room, and that the "
+              "output's name is not taken by a folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"covid-cxr {args.verb}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe raises nothing more."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no real file (a test's capture): nothing to flush into a pipe
+        pass
 
 
 def _joined_a_group() -> bool:
