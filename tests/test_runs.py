@@ -174,3 +174,27 @@ def test_a_run_is_refused_on_another_fold_or_when_its_checkpoint_trained_on_othe
     folder.write_info(folder.info().replace(split_hash=new_hash))
     with pytest.raises(DataError, match=rf"trained on splits {old_hash[:12]} but its run.json says {new_hash[:12]}"):
         resolve_target(folder.root, None, None, "test", None)
+
+
+@pytest.mark.parametrize(("name", "content", "said"), [
+    ("model.pt", b"", r"empty file \(0 bytes\)"),
+    ("authors.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 64, r"a Keras HDF5 model, not a covid-cxr checkpoint; convert it first "
+                                                     r"with 'covid-cxr import-keras"),
+    ("model.onnx", b"\x08\x08\x12\x07pytorch" + b"\0" * 64, r"an ONNX model, not a covid-cxr checkpoint; give the "
+                                                             r"checkpoint \(\.pt, e\.g\. RUN/best\.pt\)"),
+    ("notes.pt", b"epoch 3: best so far\n", r"not a covid-cxr checkpoint \(those are zip archives"),
+])
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path: Path, name: str, content: bytes,
+                                                              said: str) -> None:
+    """export, calibrate, evaluate and model-card passed torch's own words on (``EOFError``, ``KeyError: 101``, an
+    unpickling error suggesting ``weights_only=False``); predict and serve already said what the file was."""
+    from covid_cxr.cli import main
+    from covid_cxr.errors import CheckpointError
+    from covid_cxr.runs.checkpoint import load_checkpoint
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"^{path}: {said}"):
+        load_checkpoint(path)
+    assert main(["model-card", str(path), "--out", str(tmp_path / "card.md")]) == 2
+    assert not (tmp_path / "card.md").exists()

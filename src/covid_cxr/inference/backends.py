@@ -46,13 +46,10 @@ from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.models.pretrained import default_cache_dir
 from covid_cxr.operating_point import OperatingPoint
-from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint_sha256
+from covid_cxr.runs.checkpoint import HDF5_MAGIC, PICKLE_MAGIC, ZIP_MAGIC, Checkpoint, load_checkpoint_sha256
 from covid_cxr.runtime import choose_runtime
 
 BACKEND_ENV = "COVID_CXR_BACKEND"  # the default for --backend (auto when unset)
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras .h5/.hdf5 files (the authors' models)
-PICKLE_MAGIC = b"\x80"  # a pickle: torch.save's legacy format, or a pickled model
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,37 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
     return atomic_torch_save(ckpt.to_dict(), path)
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras .h5/.hdf5 files (the authors' models)
+PICKLE_MAGIC = b"\x80"  # a pickle: torch.save's legacy format, or a pickled model
+ONNX_MAGIC = b"\x08"  # an ONNX ModelProto starts with its ir_version (field 1, a varint)
+
+
+def unreadable(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, said by what the file is (its first bytes), with the fix.
+
+    torch's own words (an unpickling error suggesting ``weights_only=False``, ``EOFError``, ``KeyError: 101``)
+    tell a user nothing and one of them suggests running arbitrary code.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(HDF5_MAGIC))
+    except OSError:
+        head = None
+    if head == b"":
+        return f"{path}: empty file (0 bytes), likely an interrupted copy or download; copy the checkpoint again"
+    if head == HDF5_MAGIC:
+        return (f"{path}: a Keras HDF5 model, not a covid-cxr checkpoint; convert it first with 'covid-cxr "
+                f"import-keras {path} --out model.pt', then give model.pt")
+    if head is not None and (path.suffix.lower() == ".onnx" or head.startswith(ONNX_MAGIC)):
+        return (f"{path}: an ONNX model, not a covid-cxr checkpoint; give the checkpoint (.pt, e.g. RUN/best.pt) "
+                "it was exported from")
+    if head is not None and not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        return (f"{path}: not a covid-cxr checkpoint (those are zip archives written by 'covid-cxr train' or "
+                "'covid-cxr import-keras'); give one of those")
+    return f"{path}: not a readable checkpoint, damaged or not covid-cxr's ({type(exc).__name__}: {exc})"
+
+
 def _read(path: Path, map_location: str | torch.device, *, mmap: bool = False, fh: BinaryIO | None = None
           ) -> dict[str, Any]:  # fmt: skip
     """The checkpoint's dict, its format checked; ``mmap`` maps the weights instead of reading them.
@@ -103,7 +134,7 @@ def _read(path: Path, map_location: str | torch.device, *, mmap: bool = False, f
     try:
         data = torch.load(path if fh is None else fh, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to a user
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(unreadable(path, exc)) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not a covid-cxr checkpoint; Keras files (.h5, .hdf5, .keras) are converted with "
