@@ -127,6 +127,25 @@ def test_a_data_path_that_is_not_utf8_is_written_escaped_not_a_crash(run: Path) 
     assert "/data/prepared-\\xff" in card
 
 
+def test_an_evaluation_of_the_runs_own_splits_from_a_copied_folder_stays_internal(run: Path, tmp_path: Path) -> None:
+    """evaluate RUN --data COPY (the prepared folder copied or moved: run.json keeps the old absolute path) was
+    listed as external, and the card said "no internal test evaluation: run evaluate first" about that very one.
+    The fold's split hash says whose data it is; a path says so only where no hash is recorded."""
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "split_hash": "f" * 64, "data": "/elsewhere/data"}))
+    metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    metrics["evaluation"]["split_hash"] = "f" * 64
+    (run / "eval-test" / "metrics.json").write_text(json.dumps(metrics))
+    card = build_card(facts_from_checkpoint(run / "best.pt"), run)
+    assert next(x for x in card.splitlines() if x.startswith("| eval-test |")).startswith("| eval-test | internal |")
+    assert "External (external-hospital) minus internal test" in card  # paired with it
+    assert "| eval-covidx4 | external |" in card  # no hash recorded there: its other data path says external
+    metrics["evaluation"]["split_hash"] = "0" * 64  # other splits (prepared again): not the run's own test set
+    (run / "eval-test" / "metrics.json").write_text(json.dumps(metrics))
+    card = build_card(facts_from_checkpoint(run / "best.pt"), run)
+    assert next(x for x in card.splitlines() if x.startswith("| eval-test |")).startswith("| eval-test | external |")
+
+
 def test_card_evaluation_figures_with_intervals(run: Path) -> None:
     card = build_card(facts_from_checkpoint(run / "best.pt"), run)
     internal = compute_metrics(np.array([[25, 3, 2], [4, 80, 16], [1, 9, 90]]), n_boot=0)

@@ -15,7 +15,7 @@ from typing import Any
 
 from covid_cxr.atomic import read_json_object
 from covid_cxr.errors import DataError
-from covid_cxr.runs.folder import RunFolder
+from covid_cxr.runs.folder import RunFolder, RunInfo
 
 EXTERNAL = "external"
 
@@ -75,10 +75,17 @@ def internal_for(folder: Path, info: dict[str, Any]) -> Path | None:
     return None
 
 
-def _is_external(info: dict[str, Any], home: str) -> bool:
-    """Made by ``evaluate --external``, or on data other than the run's own."""
+def _is_external(info: dict[str, Any], run: RunInfo | None) -> bool:
+    """Made by ``evaluate --external``, or on data other than the run's own: by the fold's split hash where both
+    record one (a prepared folder copied or moved elsewhere is still the run's own data), else by the data path."""
+    if info.get("kind") == EXTERNAL:
+        return True
+    if run is None:
+        return False
+    if run.split_hash and info.get("split_hash"):
+        return info["split_hash"] != run.split_hash
     data = str(info.get("data", ""))
-    return info.get("kind") == EXTERNAL or (bool(home) and bool(data) and str(Path(data).resolve()) != home)
+    return bool(run.data) and bool(data) and str(Path(data).resolve()) != str(Path(run.data).resolve())
 
 
 def evaluations(run_dir: Path | None, checkpoint: Path | None) -> list[dict[str, Any]]:
@@ -90,10 +97,9 @@ def evaluations(run_dir: Path | None, checkpoint: Path | None) -> list[dict[str,
     if run_dir is None:
         return []
     try:
-        run = RunFolder(run_dir).info()
+        run: RunInfo | None = RunFolder(run_dir).info()
     except DataError:
         run = None
-    home = str(Path(run.data).resolve()) if run is not None and run.data else ""
     paths = {*Path(run_dir).glob("*eval-*/metrics.json"), *Path(run_dir).glob("external-*/metrics.json")}
     found = []
     for path in sorted(paths):
@@ -102,7 +108,7 @@ def evaluations(run_dir: Path | None, checkpoint: Path | None) -> list[dict[str,
         evaluated = model_file(info)
         if checkpoint is not None and evaluated and Path(evaluated).name != checkpoint.name:
             continue  # an evaluation of another model file of the run (last.pt, an export); names survive a move
-        found.append({"name": path.parent.name, "metrics": metrics, "info": info, "external": _is_external(info, home)})
+        found.append({"name": path.parent.name, "metrics": metrics, "info": info, "external": _is_external(info, run)})
     return sorted(found, key=lambda e: (e["external"], e["info"].get("split") != "test", e["name"]))
 
 
