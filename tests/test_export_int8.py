@@ -267,8 +267,9 @@ def test_export_never_overwrites_its_checkpoint_nor_leaves_a_stale_int8(pngs: Pa
     out = tmp_path / "model.onnx"
     first = export_checkpoint(ckpt, out, int8=Int8Settings(calibration=(str(pngs),)))
     assert first.int8 is not None and first.int8.is_file()
-    export_checkpoint(ckpt, out)  # the same weights again, fp32 only: their int8 file stays
+    again = export_checkpoint(ckpt, out)  # the same weights again, fp32 only: their int8 file stays ...
     assert first.int8.is_file()
+    assert f"File `{first.int8.name}`: sha256" in again.card.read_text()  # ... and the card still lists it
     other = tiny_checkpoint(tmp_path / "other.pt", "xception", size=SIZE, seed=4)
     lines: list[str] = []
     export_checkpoint(other, out, say=lines.append)  # other weights under the same name: the old int8 goes

@@ -111,7 +111,7 @@ def export_checkpoint(
     ckpt, sha256 = load_checkpoint_sha256(checkpoint)
     images = int8_inputs(checkpoint, ckpt.preprocessing, ckpt.classes, int8, say) if int8 else None
     dynamic = dynamic_batch or int8 is not None  # int8 is for throughput: batches of any size
-    _remove_stale_int8(int8_path(out), sha256, say)
+    kept_int8 = _remove_stale_int8(int8_path(out), sha256, say)
     export_onnx(ckpt, out, dynamic_batch=dynamic, opset=opset, source_sha256=sha256)
     fp32 = OnnxPredictor(out)  # proves the file loads and its metadata rebuilds the preprocessing
     pre = fp32.preprocessing
@@ -122,19 +122,21 @@ def export_checkpoint(
     if int8 is not None and images is not None:
         check = write_int8(out, fp32, images, int8.quant_format, say)
     written = [out, int8_path(out)] if check is not None else [out]
-    card = write_export_card(ckpt, checkpoint, written)
+    # an int8 file of these very weights, kept from an earlier export, is still this model's: the card lists it
+    card = write_export_card(ckpt, checkpoint, [*written, int8_path(out)] if kept_int8 and check is None else written)
     say(f"wrote {card}")
     return ExportResult(out, written[1] if check is not None else None, card, check)
 
 
-def _remove_stale_int8(path: Path, sha256: str, say: Say) -> None:
-    """Remove an int8 model beside ``out`` that was made from other weights than the checkpoint being exported.
+def _remove_stale_int8(path: Path, sha256: str, say: Say) -> bool:
+    """Remove an int8 model beside ``out`` that was made from other weights than the checkpoint being exported;
+    True when one of these same weights is there and kept.
 
     Left there, it would sit beside the new fp32 file under the same stem, and ``predict``/``serve`` would run
     the old weights without a word; an int8 file of these same weights is kept.
     """
     if not path.is_file():
-        return
+        return False
     import onnx  # deferred: about 1 s to import, and only needed when an int8 file is there
 
     try:
@@ -142,10 +144,11 @@ def _remove_stale_int8(path: Path, sha256: str, say: Say) -> None:
     except Exception:  # noqa: BLE001 - an unreadable file there is stale whatever it holds
         meta = {}
     if meta.get(f"{META_PREFIX}source_sha256") == sha256:
-        return
+        return True
     path.unlink()
     say(f"removed {path}: an int8 model of other weights than {sha256[:12]}, which would have sat beside the new "
         "fp32 file (export with --int8 to write one of these weights)")
+    return False
 
 
 def int8_inputs(checkpoint: Path, pre: Preprocessing, classes: tuple[str, ...], settings: Int8Settings,
