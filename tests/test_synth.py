@@ -104,3 +104,15 @@ def test_refuses_bad_settings(tmp_path: Path) -> None:
         make_synthetic(tmp_path, n_covid=2, n_pneumonia=20, n_normal=20)
     with pytest.raises(ValueError, match="shortcut"):
         make_synthetic(tmp_path, shortcut="watermark", **SMALL)
+
+
+def test_a_second_set_over_the_first_is_refused(tmp_path: Path, synth_dir: Path) -> None:
+    """A second synth into the same --out left the first set's images beside the second's labels (77 DICOMs for
+    20 label rows) without a word; it is refused, naming the folder, and the first set is left as it was."""
+    import shutil
+
+    shutil.copytree(synth_dir, tmp_path / "set")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "set").rglob("*"))
+    with pytest.raises(FileExistsError, match=r"covid-chestxray-dataset already holds files .*give a new --out"):
+        make_synthetic(tmp_path / "set", seed=9, **SMALL)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "set").rglob("*")) == before

@@ -231,6 +231,10 @@ def make_synthetic(
         raise ValueError(f"shortcut must be one of {', '.join(SHORTCUTS)} or None; got {shortcut!r}")
     out = Path(out)
     cxr_dir, rsna_dir = out / "covid-chestxray-dataset", out / "rsna"
+    taken = [d for d in (cxr_dir, rsna_dir) if d.is_dir() and any(d.iterdir())]
+    if taken:  # a second set over the first would leave the first's images beside the new labels
+        raise FileExistsError(f"{taken[0]} already holds files (an earlier synthetic set?): give a new --out, or "
+                              f"remove {out} first")
     for d in (cxr_dir / "images", cxr_dir / "volumes", rsna_dir / "stage_2_train_images"):
         d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
