@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -80,7 +81,7 @@ def _decode_one(job: Job) -> Result:
     try:
         data = read_file(Path(path), printable(path))
     except ImageDecodeError as exc:
-        return image_id, None, exc.reason, "", ""
+        return image_id, None, exc.reason + _name_bytes_note(path), "", ""
     digest = hashlib.sha256(data).hexdigest()
     try:
         img, info = decode_radiograph(data, name=printable(path))
@@ -91,12 +92,29 @@ def _decode_one(job: Job) -> Result:
     return image_id, resize_gray(img, size, resize), "", digest, info.get("view", "")
 
 
+def _name_bytes_note(path: str) -> str:
+    """For a file not found whose name holds letters beyond ASCII: the name's bytes, so that it is told apart from
+    a name that prints alike (``é`` in cp1252 or UTF-8, composed or not)."""
+    name = os.path.basename(path)
+    if name.isascii() or os.path.lexists(path):
+        return ""
+    return f" (the name looked for is the bytes {name_bytes(name)!r})"
+
+
+def _ignore_ctrl_c() -> None:
+    """Decoding workers leave Ctrl-C to the main process, which stops them: no worker prints a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _results(jobs: list[Job], workers: int) -> Iterator[Result]:
     if workers <= 1 or len(jobs) < 32:
         yield from map(_decode_one, jobs)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_ctrl_c)
+    try:
         yield from pool.map(_decode_one, jobs, chunksize=16)
+    finally:  # on Ctrl-C (or any error) the images not yet begun are dropped, not decoded first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def build_cache(

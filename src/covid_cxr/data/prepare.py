@@ -1,15 +1,27 @@
 """``prepare``: raw datasets -> manifest, patient folds with phases, image cache, in one folder.
 
-Everything is written into a temporary sibling folder and renamed into place at the end, so a
-failure (a bad image, a leaking split, Ctrl-C) leaves no partial output and an earlier prepared
+Everything is written into a temporary sibling folder (``.OUT.tmp-PID``) and renamed into place at the end,
+so a failure (a bad image, a leaking split, Ctrl-C) leaves no partial output and an earlier prepared
 folder intact. A cache whose inputs are unchanged is carried over instead of decoded again.
+
+The swap at the end (the earlier folder set aside as ``.OUT.old-PID``, the new one renamed to OUT, the
+earlier one deleted) holds Ctrl-C back until it is done: a Ctrl-C in it lets it finish, and ``prepare``
+then ends normally, with a note that OUT was installed, for it was. What a process killed outright
+(``kill -9``, a power cut) leaves behind is cleared by the next ``prepare`` into the same OUT: work
+folders of processes that no longer run are deleted, with a note (an earlier prepared folder set aside
+and never replaced is put back as OUT); those of a process still running are left alone.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +42,7 @@ from covid_cxr.data.cache import (
     write_cache_index,
 )
 from covid_cxr.data.manifest import COLUMNS, combine, read_manifest, table1
+from covid_cxr.data.names import display_path
 from covid_cxr.data.prepared import FORMAT, SPLIT_COLUMNS, hash_files, split_files
 from covid_cxr.data.sources import (
     covidx,
@@ -39,7 +52,14 @@ from covid_cxr.data.sources import (
     read_folder,
     read_rsna,
 )
-from covid_cxr.data.splits import SplitPlan, SplitSettings, identical_across, make_folds
+from covid_cxr.data.sources.folder import class_tree
+from covid_cxr.data.splits import (
+    SplitPlan,
+    SplitSettings,
+    check_filled,
+    identical_across,
+    make_folds,
+)
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES
 from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
@@ -112,7 +132,22 @@ def read_sources(settings: PrepareSettings) -> tuple[pd.DataFrame, list[str]]:
         frame, part_notes = covidx.read_covidx(settings.covidx, settings.covidx_images)
         parts.append(frame)
         notes += part_notes
+    _check_names_apart(parts)
     return combine(parts), notes
+
+
+def _check_names_apart(parts: list[pd.DataFrame]) -> None:
+    """Refuse two datasets whose source names differ only in case or spacing (``NIH``, ``nih``): they would share
+    an image-id prefix; the audits compare sources, so they must read as two names."""
+    first: dict[str, tuple[str, int]] = {}
+    for i, part in enumerate(parts):
+        for name in sorted(set(part["source"])):
+            key = " ".join(name.split()).casefold()
+            other, j = first.setdefault(key, (name, i))
+            if j != i and other != name:  # the same name twice: combine() says so
+                raise DataError(f"two of the given datasets are named {other!r} and {name!r} (datasets {j + 1} and "
+                                f"{i + 1}), which differ only in case or spacing; give each a name of its own: "
+                                "--folder nih=DIR --folder hospital-b=DIR")
 
 
 def _duplicates(sha: dict[str, str], manifest: pd.DataFrame) -> list[list[str]]:
@@ -131,6 +166,22 @@ def _identical_note(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, 
     more = "; ..." if len(across) > 3 else ""
     note = (f"the given splits put byte-identical files on two sides of a fold ({'; '.join(across[:3])}{more}); "
             "they are kept as given, so test figures may be optimistic")
+    return [note]
+
+
+def _conflicting_copies(duplicates: list[list[str]], manifest: pd.DataFrame) -> list[str]:
+    """A warning naming the groups of byte-identical files that carry different labels: one of them is wrong. They
+    stay one group (:func:`~covid_cxr.data.splits.merge_identical`), so they never sit on two sides of a fold."""
+    label = dict(zip(manifest["image_id"], manifest["label"]))
+    path = dict(zip(manifest["image_id"], manifest["path"]))
+    mixed = [g for g in duplicates if len({label[i] for i in g}) > 1]
+    if not mixed:
+        return []
+    shown = "; ".join(" = ".join(f"{display_path(path[i])} ({label[i]})" for i in g[:3]) for g in mixed[:3])
+    more = f"; and {len(mixed) - 3} more groups (prepare.json lists them)" if len(mixed) > 3 else ""
+    note = (f"warning: {len(mixed)} groups of byte-identical files have different labels: {shown}{more}; one image "
+            "cannot be two classes, so one of the labels is wrong: delete the wrong copy or correct its label. Until "
+            "then each group stays on one side of every fold")
     return [note]
 
 
@@ -224,27 +275,86 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, settings: PrepareSettings) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; give a folder for --out")
     if out.is_dir() and any(out.iterdir()) and not (out / "prepare.json").is_file():
         raise DataError(f"{out} exists, is not empty and is not a prepared dataset; give a new or empty folder for --out")
+    for spec in settings.folder or ():
+        tree = class_tree(parse_folder_spec(spec)[1])
+        if tree is not None and out.is_relative_to(tree.resolve()):
+            inside = out.relative_to(tree.resolve()).parts
+            beside = tree.resolve().parent / f"{tree.name}-prepared"
+            raise DataError(f"--out {out} is in the folder {tree}, whose sub-folders are read as classes: the next "
+                            f"'covid-cxr prepare' would read {inside[0] if inside else 'its output'} as a class "
+                            f"folder; give an --out outside it, e.g. {beside}")
 
 
-def prepare_dataset(settings: PrepareSettings, *, progress: bool = True) -> PrepareReport:
-    """Run the whole preparation; raise :class:`DataError` (and write nothing) on any bad input."""
-    out = Path(settings.out).resolve()
-    _check_out(out)
-    manifest, notes = read_sources(settings)
-    if manifest.empty:
-        raise DataError("the given datasets hold no image of the classes covid, pneumonia, normal")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+_WORK_FOLDER = r"\.{name}\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)"
+"""How :func:`prepare_dataset` names its work folders beside OUT: ``.OUT.tmp-PID`` (being written) and
+``.OUT.old-PID`` (the earlier OUT, set aside during the swap)."""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` is running (True when that cannot be told: its folders are then left alone)."""
+    if pid == os.getpid():
+        return False  # an earlier process of our number left it; ours makes its folders after this
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would stop the process there
     try:
-        report = _prepare_into(tmp, out, settings, manifest, notes, progress)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it runs as another user
+    return True
+
+
+def _clear_leftovers(out: Path) -> list[str]:
+    """Delete the work folders an earlier ``prepare`` into ``out`` left behind when it was killed (its process no
+    longer runs); an earlier prepared folder it set aside while ``out`` is missing is put back instead."""
+    pattern = re.compile(_WORK_FOLDER.format(name=re.escape(out.name)))
+    notes = []
+    for path in sorted(out.parent.iterdir()):  # sorted: .OUT.old-PID, put back, before its .OUT.tmp-PID
+        found = pattern.fullmatch(path.name)
+        if found is None or not path.is_dir() or _running(int(found["pid"])):
+            continue
+        why = f"left by an earlier 'covid-cxr prepare' (process {found['pid']}) that was stopped"
+        try:
+            if found["kind"] == "old" and not out.exists() and (path / "prepare.json").is_file():
+                path.rename(out)
+                notes.append(f"put the prepared folder {path.name}, {why} while replacing it, back as {out}")
+            else:
+                shutil.rmtree(path)
+                notes.append(f"deleted {path}, {why}")
+        except OSError as exc:
+            notes.append(f"{path} was {why}, and cannot be deleted ({exc.strerror or exc}); delete it yourself")
+    return notes
+
+
+@contextmanager
+def _ctrl_c_held() -> Iterator[list[int]]:
+    """Hold Ctrl-C (SIGINT) back over steps that must not stop half-way; the list yielded records one that came.
+
+    Only the main thread can set a handler; elsewhere (and where Python does not own the handler) nothing is held.
+    """
+    caught: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield caught
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _swap_in(tmp: Path, out: Path) -> bool:
+    """Put the finished ``tmp`` in place of ``out`` (the earlier one deleted); True when a Ctrl-C came meanwhile,
+    held back so that ``out`` is never missing, nor an earlier one left beside it."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    with _ctrl_c_held() as caught:
         if out.exists():
             out.rename(old)
         try:
@@ -254,6 +364,26 @@ def prepare_dataset(settings: PrepareSettings, *, progress: bool = True) -> Prep
                 old.rename(out)  # put the earlier prepared folder back
             raise
         shutil.rmtree(old, ignore_errors=True)
+    return bool(caught)
+
+
+def prepare_dataset(settings: PrepareSettings, *, progress: bool = True) -> PrepareReport:
+    """Run the whole preparation; raise :class:`DataError` (and write nothing) on any bad input."""
+    out = Path(settings.out).resolve()
+    leftovers = _clear_leftovers(out) if out.parent.is_dir() else []
+    _check_out(out, settings)
+    manifest, notes = read_sources(settings)
+    if manifest.empty:
+        raise DataError("the given datasets hold no image of the classes covid, pneumonia, normal")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        report = _prepare_into(tmp, out, settings, manifest, leftovers + notes, progress)
+        if _swap_in(tmp, out):
+            report.notes.append(f"Ctrl-C came while {out} was being put in place; that was finished first, so {out} "
+                                "is complete and ready to train on")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report.out = out
@@ -282,6 +412,7 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
         report.skipped = build.failures
         digests = build.sha256
         report.duplicates = _duplicates(digests, manifest)
+        report.notes += _conflicting_copies(report.duplicates, manifest)
         bad = {f["image_id"] for f in build.failures}
         manifest = manifest[~manifest["image_id"].isin(bad)].copy()
         views = manifest["image_id"].map(build.views).fillna("")
@@ -297,6 +428,7 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
     plan = (read_author_splits(Path(settings.splits_from), manifest, split_settings) if settings.splits_from
             else covidx.covidx_plan(settings.covidx, manifest, split_settings) if settings.covidx
             else make_folds(manifest, split_settings, digests))
+    check_filled(plan, manifest)
     if plan.origin != "generated":
         report.notes += _identical_note(plan, manifest, digests)
     # File names are written as the OS holds them (bytes that are not UTF-8 too), so the paths reopen.

@@ -22,7 +22,8 @@ A patient is its source and its id (``nih:13``): ids are only unique within a so
 is not covid-chestxray's). Patients whose files are byte-identical (a study exported twice, under two
 ids) are merged into one group before the folds are made, so the same image is never on two sides.
 
-:func:`check_disjoint` refuses any fold in which a patient, or an image's bytes, sits on two sides.
+:func:`check_disjoint` refuses any fold in which a patient, or an image's bytes, sits on two sides, and
+:func:`check_filled` any fold with an empty phase, validation or test split.
 """
 
 from __future__ import annotations
@@ -372,6 +373,31 @@ def check_disjoint(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, s
     if problems:
         raise DataError("refusing to write splits that leak patients between test and training/validation: "
                         + "; ".join(problems))
+
+
+def check_filled(plan: SplitPlan, manifest: pd.DataFrame) -> None:
+    """Refuse folds with an empty training phase, validation or test split: ``train`` cannot use such a fold, and
+    preparing the same data the same way again cannot fill it. The message says how little data there is."""
+    empty = []
+    for fold in plan.folds:
+        parts = [f"phase {p}" for p, ids in enumerate(fold.phases, start=1) if not ids] if fold.phases else ["training"]
+        parts += [name for name, ids in (("validation", fold.val), ("test", fold.test)) if not ids]
+        if parts:
+            empty.append(f"fold {fold.fold}: {', '.join(parts)}")
+    if not empty:
+        return
+    per_class = counts(manifest)
+    classes = ", ".join(f"{n} {DISPLAY_NAMES[c]}" for c, n in per_class.items() if n)
+    one = "; a single class cannot train a classifier" if sum(n > 0 for n in per_class.values()) == 1 else ""
+    k = len(plan.folds)
+    if plan.origin == "generated":
+        fix = "add images of more patients" + (f" or lower --folds (now {k})" if k > 2 else "")
+    else:
+        fix = f"check the given splits ({plan.origin}): every fold needs images in each of them"
+    raise DataError(f"refusing to write folds with an empty split ({'; '.join(empty[:5])}"
+                    f"{' ...' if len(empty) > 5 else ''}): {len(manifest)} images of "
+                    f"{patient_key(manifest).nunique()} patients ({classes}) are too few for {k} folds whose test, "
+                    f"validation and training sides each take whole patients{one}; {fix}")
 
 
 def identical_across(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, str]) -> list[str]:

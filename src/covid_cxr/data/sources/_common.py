@@ -3,9 +3,11 @@
 CSVs come from other hospitals' spreadsheets as they were saved: UTF-8 with or without a byte-order
 mark, UTF-16 ("Unicode text"), or the Windows code page Excel writes (cp1252, a superset of Latin-1
 for letters such as é); separated by commas, or by semicolons or tabs where the comma is the decimal
-mark; with CRLF line ends and blank lines. All of these are read; column names match whatever their
-case and surrounding spaces. File names written on Windows (``images\\covid\\a.png``) are found as
-the same names with ``/`` (:func:`listed_file`).
+mark; with CRLF line ends and blank lines, and with a separator closing every row (one empty field more
+than the header, as some spreadsheets export). All of these are read; every column a reader knows (required
+or optional) matches whatever its case and surrounding spaces. File names written on Windows
+(``images\\covid\\a.png``) are found as the same names with ``/``, and a name in a CSV that is not UTF-8 is
+also looked for as the CSV's own bytes, which is how Linux holds a name that is not UTF-8 (:func:`listed_file`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import codecs
 import csv
 import io
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,15 +28,16 @@ from covid_cxr.errors import DataError
 SEPARATORS = ",;\t"
 
 
-def _decode(raw: bytes, path: Path, fix: str) -> str:
-    """The text of a CSV file: UTF-16 by its byte-order mark, else UTF-8 (a mark dropped), else cp1252."""
+def _decode(raw: bytes, path: Path, fix: str) -> tuple[str, str]:
+    """The text of a CSV file and its encoding: UTF-16 by its byte-order mark, else UTF-8 (a mark dropped), else
+    cp1252."""
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         encodings: tuple[str, ...] = ("utf-16",)
     else:
         encodings = ("utf-8-sig", "cp1252")
     for encoding in encodings:
         try:
-            return raw.decode(encoding)
+            return raw.decode(encoding), encoding
         except UnicodeDecodeError:
             continue
     raise DataError(f"{path} is neither UTF-8 nor Windows (cp1252) text; save it as 'CSV UTF-8'; {fix}")
@@ -48,34 +52,63 @@ def _separator(text: str) -> str:
         return ","
 
 
-def read_table(path: Path, required: tuple[str, ...], *, fix: str) -> pd.DataFrame:
-    """Read a CSV as text; a missing file or column raises :class:`DataError` naming it and ``fix``."""
+def _check_row_lengths(text: str, separator: str, path: Path, fix: str) -> None:
+    """Refuse a row with more fields than the header unless the extra ones are empty (a spreadsheet's separator at
+    the end of every row), which pandas would otherwise drop, or read as an index column and shift every field."""
+    reader = csv.reader(io.StringIO(text), delimiter=separator)
+    width = 0
+    try:
+        for row in reader:
+            if not width:
+                width = len(row)  # the header: the first line that is not blank
+            elif len(row) > width and any(field.strip() for field in row[width:]):
+                raise DataError(f"{path} line {reader.line_num} has {len(row)} fields where the header has {width} "
+                                f"(the first one more: {row[width]!r}); put a field that holds {separator!r} in "
+                                f"double quotes, or name the extra column in the header; {fix}")
+    except csv.Error:
+        return  # text the csv module cannot split (old Mac line ends): pandas reads it, or says why not
+
+
+def read_table(path: Path, required: tuple[str, ...], *, optional: tuple[str, ...] = (), fix: str) -> pd.DataFrame:
+    """Read a CSV as text, rows indexed 0, 1, ... in file order (a row's number, the header being row 1, is its
+    index + 2); a missing file or column raises :class:`DataError` naming it and ``fix``.
+
+    Every column of ``required`` and ``optional`` present in any case and with spaces around it is renamed to the
+    spelling given here, so readers look columns up by that spelling alone. The encoding the text was read in is
+    ``frame.attrs["encoding"]`` (for :func:`listed_file`).
+    """
     if not path.is_file():
         raise DataError(f"{path} not found; {fix}")
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path} cannot be read ({exc.strerror or exc}); {fix}") from None
-    text = _decode(raw, path, fix)
+    text, encoding = _decode(raw, path, fix)
     if not text.strip():
         raise DataError(f"{path} is empty; it needs a header row and one row per entry; {fix}")
+    separator = _separator(text)
+    _check_row_lengths(text, separator, path, fix)
     try:
-        frame = pd.read_csv(io.StringIO(text), sep=_separator(text), dtype=str, keep_default_na=False)
+        with warnings.catch_warnings():  # rows one empty field longer than the header: checked above
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.StringIO(text), sep=separator, dtype=str, keep_default_na=False, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path} is not a readable CSV file ({exc}); {fix}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    by_lower = {c.lower(): c for c in frame.columns}
-    frame = frame.rename(columns={by_lower[c.lower()]: c for c in required
+    by_lower = {c.lower(): c for c in reversed(frame.columns)}  # the first of two spellings
+    frame = frame.rename(columns={by_lower[c.lower()]: c for c in (*required, *optional)
                                   if c not in frame.columns and c.lower() in by_lower})
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(
             f"{path} lacks the column(s) {', '.join(missing)} (it has {', '.join(frame.columns[:12])}); {fix}"
         )
+    frame = frame.reset_index(drop=True)
+    frame.attrs["encoding"] = encoding
     return frame
 
 
-def listed_file(base: Path, name: str) -> tuple[str, Path]:
+def listed_file(base: Path, name: str, encoding: str = "utf-8") -> tuple[str, Path]:
     """A file name a list gives relative to ``base``: (the name with ``/`` separators, normalised; its path).
 
     A name written on Windows (``images\\covid\\a.png``, ``.\\a.png``) reads as the same name with ``/``,
@@ -83,7 +116,24 @@ def listed_file(base: Path, name: str) -> tuple[str, Path]:
     (a Linux name may hold ``\\``). ``./a.png`` and ``a.png`` are one file. A Windows absolute name
     (``C:\\x``, ``\\\\server\\x``) names no file here: its path stays the literal name under ``base``,
     which reading refuses with the fix, rather than ``\\x`` turning into a path at this file system's root.
+
+    A list read in another ``encoding`` than UTF-8 (cp1252) may hold a Linux name that is not UTF-8 (the bytes
+    ``ff fe`` read as ``ÿþ``): when no file has the name as read, the file named by the list's own bytes is taken
+    if it exists.
     """
+    rel, path = _listed(base, name)
+    if encoding.startswith("utf") or os.path.lexists(path):
+        return rel, path
+    try:
+        as_bytes = os.fsdecode(name.encode(encoding))  # the bytes the list holds, as the OS names them
+    except UnicodeEncodeError:
+        return rel, path
+    found = _listed(base, as_bytes)
+    return found if os.path.lexists(found[1]) else (rel, path)
+
+
+def _listed(base: Path, name: str) -> tuple[str, Path]:
+    """:func:`listed_file` for one spelling of the name."""
     name = name.strip()
     if "\\" not in name or os.path.lexists(base / name):
         rel = os.path.normpath(name)

@@ -34,13 +34,14 @@ def metadata_path(root: Path) -> Path:
     return root if root.suffix.lower() == ".csv" else root / "metadata.csv"
 
 
-def _found(base: Path, kept: pd.DataFrame) -> tuple[list[str], list[str]]:
+def _found(base: Path, kept: pd.DataFrame, encoding: str) -> tuple[list[str], list[str]]:
     """Each row's file name as found in its ``folder`` (``images`` when none) and its path; a name written on
-    Windows finds the file its ``/`` spelling does (:func:`~._common.listed_file`)."""
+    Windows finds the file its ``/`` spelling does, one in metadata that is not UTF-8 the file its bytes name
+    (:func:`~._common.listed_file`)."""
     folders = kept["folder"] if "folder" in kept else pd.Series("", index=kept.index)
     names, paths = [], []
     for folder, name in zip(folders, kept["filename"]):
-        name, path = listed_file(listed_file(base, folder.strip() or "images")[1], name)
+        name, path = listed_file(listed_file(base, folder.strip() or "images", encoding)[1], name, encoding)
         names.append(name)
         paths.append(str(path))
     return names, paths
@@ -64,7 +65,7 @@ def read_covid_chestxray(root: Path) -> tuple[pd.DataFrame, list[str]]:
     kept = meta[is_xray & keep_view & label.notna()].copy()
     kept["label"] = label[kept.index]
     raw_names = kept["filename"].copy()
-    kept["filename"], kept["path"] = _found(base, kept)
+    kept["filename"], kept["path"] = _found(base, kept, meta.attrs["encoding"])
     dup = kept["filename"].duplicated()
     if dup.any():
         notes.append(f"{meta_file}: {int(dup.sum())} files listed twice, kept once: "

@@ -4,18 +4,22 @@ Folder layout: ``DIR/<class>/...`` where the class folder is ``covid``/``COVID-1
 ``pneumonia`` or ``normal`` (any depth below, walked by :func:`scan_folder`, which ``predict``
 shares: hidden and AppleDouble files, ``__MACOSX`` and DICOMDIR are skipped with a note, links to
 folders followed once, and a folder named like an image becomes a row that decoding refuses by
-name). Without patient ids every image is its own patient. CSV layout: ``DIR/labels.csv`` (or the
-CSV path itself) with ``path`` (relative to the CSV) or ``filename``, ``label``, and optionally
-``patient_id``, ``view`` and ``source``, as spreadsheets save it (:func:`~._common.read_table`); a
-row repeated is read once, the same file listed with another label is refused. A path written on
+name). A link that leads out of a class folder to the tree's top or into another class folder is not
+followed (a note says so): its images keep the class of their own folder. Files of other suffixes are
+counted in a note. Without patient ids every image is its own patient. CSV layout: ``DIR/labels.csv``
+(or the CSV path itself) with ``path`` (relative to the CSV) or ``filename``, ``label``, and optionally
+``patient_id``, ``view`` and ``source``, in any case, as spreadsheets save it (:func:`~._common.read_table`);
+a row repeated is read once, the same file listed with another label is refused, and rows with an empty
+``patient_id`` are counted in a note (each is its own patient). A path written on
 Windows (``images\\covid\\a.png``, ``.\\a.png``) finds the file, and gets the image id, that its
 ``/`` spelling does (:func:`~._common.listed_file`); Windows absolute paths (``C:\\...``) cannot be
 found, and the note and each image's error say to list paths relative to the CSV.
 
 Every folder is a named source (``--folder nih=DIR``): the name the user gives wins; without one,
-a CSV's per-row ``source`` column names each image's collection; otherwise the source is
-``folder``. Image ids are ``<source, made safe and lower-case>/<relative path, made safe>``
-(``folder/...`` when unnamed, as before names existed).
+a CSV's per-row ``source`` column names each image's collection (spellings that differ only in case or
+spacing are one source, named as first written, with a note); otherwise the source is ``folder``.
+Image ids are ``<source, made safe and lower-case>/<relative path, made safe>`` (``folder/...`` when
+unnamed, as before names existed).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from covid_cxr.data.manifest import check_source_name, finalize, make_ids, source_prefix
+from covid_cxr.data.names import display_path
 from covid_cxr.data.sources._common import (
     listed_file,
     read_table,
@@ -37,11 +42,16 @@ from covid_cxr.errors import DataError
 from covid_cxr.labels import normalize_label
 
 SOURCE = "folder"
-IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".ima", ".bmp", ".tif",
-                                            ".tiff"})
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".dcm", ".dicom", ".dic", ".ima",
+                                            ".bmp", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".j2k", ".jpf",
+                                            ".jpx"})
 """Suffixes (any case) of the files a folder walk takes; so do names without one, and the SOP-instance-UID names
-PACS exports give DICOMs (``1.2.840.113619.2.55.3.1234``: an all-digit suffix)."""
+PACS exports give DICOMs (``1.2.840.113619.2.55.3.1234``: an all-digit suffix). Every one is a format the
+decoder reads by its content (GIF, WebP and JPEG 2000 through Pillow, whose wheels carry the codecs)."""
 FIX = "give a folder with one sub-folder per class (covid, pneumonia, normal) or a labels.csv"
+CSV_FIX = "its columns are path (or filename), label, and optionally patient_id, view and source, in any case"
+CSV_COLUMNS = ("path", "filename", "label", "patient_id", "view", "source")
+"""The columns a labels CSV may have, matched in any case and with spaces around them."""
 
 # What a folder walk passes over on purpose, each with a note: never images, and common in hospital exports and
 # in archives made on macOS. Keys are the kinds a note counts; values, how the note names them.
@@ -52,6 +62,8 @@ SKIPPED_KINDS: dict[str, str] = {
     "macosx": "__MACOSX folders (macOS archive metadata), not searched",
     "dicomdir": "DICOMDIR files (the index of a DICOM media set; its images are read from their own files)",
     "seen": "links to a folder already read (a loop or a second way in), not searched again",
+    "other-class": ("links to the folder of the tree or to another class folder, not followed (the images there keep "
+                    "their own folder's class)"),
 }
 FOLDER_NAMED_LIKE_IMAGE = "a folder named like an image file; its contents are not read"
 
@@ -63,6 +75,7 @@ class FolderScan:
     files: list[Path] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (path, why): named like an image, not a file
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, kind of SKIPPED_KINDS)
+    other: list[Path] = field(default_factory=list)  # files whose suffix is not an image's: not read
 
 
 def named_like_image(name: str) -> bool:
@@ -118,22 +131,34 @@ def not_a_file(path: Path) -> str | None:
     return f"{kind}, not an image file"
 
 
-def scan_folder(folder: Path) -> FolderScan:
+def _holds(outer: str, inner: str) -> bool:
+    """True when the folder ``outer`` is ``inner`` or holds it (both real paths)."""
+    return os.path.commonpath([outer, inner]) == outer
+
+
+def scan_folder(folder: Path, *, seen: set[str] | None = None, elsewhere: tuple[str, ...] = ()) -> FolderScan:
     """Image candidates under ``folder``, recursively and in sorted order, following links to folders once each.
 
     A folder named like an image and anything named like one that is not a regular file (a pipe, a broken
     link, a link loop) is refused with the reason, never opened; hidden files, AppleDouble files, DICOMDIR
-    indexes, ``__MACOSX`` folders and links back to a folder already read are skipped with a note.
+    indexes, ``__MACOSX`` folders and links back to a folder already read or holding ``folder`` (a loop) are
+    skipped with a note. ``seen`` (real paths) is shared by walks that must not read a folder twice between them;
+    a link into one of ``elsewhere`` (real paths of folders read as something else), or to a folder holding one,
+    is skipped too.
     """
     scan = FolderScan()
-    seen = {os.path.realpath(folder)}
+    top = os.path.realpath(folder)
+    seen = set() if seen is None else seen
+    seen.add(top)
     for root, dirs, names in os.walk(folder, followlinks=True):
         keep = []
         for d in sorted(dirs):
             path = Path(root) / d
             kind = skipped_kind(d, folder=True)
             real = os.path.realpath(path)
-            if kind is None and real in seen:
+            if kind is None and any(_holds(real, o) or _holds(o, real) for o in elsewhere):
+                kind = "other-class"
+            elif kind is None and (real in seen or _holds(real, top)):
                 kind = "seen"
             if kind is not None:
                 scan.skipped.append((str(path), kind))
@@ -154,7 +179,25 @@ def scan_folder(folder: Path) -> FolderScan:
                     scan.files.append(path)
                 else:
                     scan.refused.append((str(path), reason))
+            else:
+                scan.other.append(path)
     return scan
+
+
+def other_files_note(where: Path, files: list[Path], *, examples: int = 3) -> list[str]:
+    """A note counting the files a walk passed over for their suffix, by suffix, naming the first few."""
+    if not files:
+        return []
+    by_suffix: dict[str, int] = {}
+    for f in files:
+        by_suffix[f.suffix.lower()] = by_suffix.get(f.suffix.lower(), 0) + 1
+    counts = ", ".join(f"{n} {suffix}" for suffix, n in sorted(by_suffix.items(), key=lambda kv: (-kv[1], kv[0])))
+    shown = ", ".join(display_path(f.relative_to(where)) for f in files[:examples])
+    more = f" and {len(files) - examples} more" if len(files) > examples else ""
+    note = (f"{where}: {len(files)} files in class folders are not read, for their suffix ({counts}): {shown}{more}; "
+            f"read are {' '.join(sorted(IMAGE_SUFFIXES))} in any case, files without a suffix and DICOMs named by "
+            "their UID: convert an X-ray in another format to PNG to include it")
+    return [note]
 
 
 def parse_folder_spec(text: str | os.PathLike[str]) -> tuple[str | None, Path]:
@@ -174,8 +217,17 @@ def folder_specs(folder: str | os.PathLike[str] | tuple[str | os.PathLike[str], 
     return tuple(os.fspath(f) for f in items)
 
 
+def _source_key(name: str) -> str:
+    """What spellings of one source name share: its words in any case (``NIH  ChestX-ray14``, ``nih chestx-ray14``)."""
+    return " ".join(name.split()).casefold()
+
+
 def _sources(frame: pd.DataFrame, csv: Path, name: str | None) -> tuple[pd.Series, list[str]]:
-    """Each row's source name: ``name`` when given, else the CSV's ``source`` column, else ``folder``."""
+    """Each row's source name: ``name`` when given, else the CSV's ``source`` column, else ``folder``.
+
+    Spellings of one name that differ in case or spacing only are one source, named as first written: they
+    would otherwise be two sources sharing an image-id prefix, and one patient would be two.
+    """
     given = frame["source"].str.strip() if "source" in frame else None
     if name is not None:
         notes = [f"{csv}: its source column is ignored; every image is named {name!r} as given"] \
@@ -183,15 +235,27 @@ def _sources(frame: pd.DataFrame, csv: Path, name: str | None) -> tuple[pd.Serie
         return pd.Series(name, index=frame.index), notes
     if given is None:
         return pd.Series(SOURCE, index=frame.index), []
-    checked = {v: check_source_name(v, where=f"{csv} source column") for v in set(given) if v}
-    names = given.map(lambda v: checked.get(v, SOURCE))
+    spellings: dict[str, list[str]] = {}  # a name's words in any case -> its spellings, in file order
+    for v in given[given != ""]:
+        known = spellings.setdefault(_source_key(v), [])
+        if v not in known:
+            known.append(v)
+    checked = {k: check_source_name(w[0], where=f"{csv} source column") for k, w in spellings.items()}
+    names = given.map(lambda v: checked[_source_key(v)] if v else SOURCE)
     counts = ", ".join(f"{k} ({v})" for k, v in names.value_counts().sort_index().items())
-    return names, [f"{csv}: sources from its source column: {counts}"]
+    notes = [f"{csv}: sources from its source column: {counts}"]
+    merged = ["; ".join(f"{o!r} read as {w[0]!r}" for o in w[1:]) for w in spellings.values() if len(w) > 1]
+    if merged:
+        notes.append(f"{csv}: source names that differ only in case or spacing are one source ({'; '.join(merged)}); "
+                     "write each source's name one way in the source column to silence this note")
+    return names, notes
 
 
 def _found(frame: pd.DataFrame, name_col: str, base: Path) -> tuple[pd.Series, pd.Series]:
-    """Each row's file name as found (``/`` separators, normalised: :func:`~._common.listed_file`) and its path."""
-    listed = [listed_file(base, n) for n in frame[name_col]]
+    """Each row's file name as found (``/`` separators, normalised, looked for as the CSV's own bytes too where it
+    is not UTF-8: :func:`~._common.listed_file`) and its path."""
+    encoding = frame.attrs.get("encoding", "utf-8")
+    listed = [listed_file(base, n, encoding) for n in frame[name_col]]
     return (pd.Series([rel for rel, _ in listed], index=frame.index, dtype=str),
             pd.Series([str(path) for _, path in listed], index=frame.index, dtype=str))
 
@@ -225,11 +289,28 @@ def _drop_repeats(frame: pd.DataFrame, name_col: str, rel: pd.Series, csv: Path)
     return frame[~repeated], notes
 
 
+def _patient_ids(frame: pd.DataFrame, image_ids: pd.Series, csv: Path) -> tuple[list[str], list[str]]:
+    """Each row's patient id, its image id where none is given; a note counting the rows of a ``patient_id``
+    column left empty, which become patients of one image each."""
+    if "patient_id" not in frame:
+        return image_ids.tolist(), []
+    given = frame["patient_id"].str.strip().to_numpy()
+    empty = [n for n, p in enumerate(given) if not p]
+    notes = []
+    if empty:
+        rows = ", ".join(str(frame.index[n] + 2) for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        notes.append(f"{csv}: {len(empty)} rows have an empty patient_id (rows {rows}); each is taken as a patient "
+                     "of its own, so images of one patient may land on both sides of a fold: fill in their "
+                     "patient ids")
+    return [p or i for p, i in zip(given, image_ids)], notes
+
+
 def _from_csv(csv: Path, name: str | None) -> tuple[pd.DataFrame, list[str]]:
-    head = read_table(csv, (), fix=FIX)
-    name_col = "path" if "path" in {c.lower() for c in head.columns} else "filename"
-    frame = read_table(csv, (name_col, "label"), fix="its columns are path (or filename), label, "
-                       "optional patient_id and view")
+    frame = read_table(csv, ("label",), optional=CSV_COLUMNS, fix=CSV_FIX)
+    name_col = "path" if "path" in frame else "filename"
+    if name_col not in frame:
+        raise DataError(f"{csv} lacks the column path (or filename) (it has {', '.join(frame.columns[:12])}); "
+                        f"{CSV_FIX}")
     if frame.empty:
         raise DataError(f"{csv} lists no images (it has a header only); add one row per image: {name_col},label")
     rel, paths = _found(frame, name_col, csv.parent.resolve())
@@ -242,9 +323,9 @@ def _from_csv(csv: Path, name: str | None) -> tuple[pd.DataFrame, list[str]]:
     for source in sorted(set(out["source"])):  # ids unique within each source's prefix
         rows = (out["source"] == source).to_numpy()
         out.loc[rows, "image_id"] = make_ids(source_prefix(source), safe_rel[rows]).values
-    pid = frame["patient_id"].str.strip().to_numpy() if "patient_id" in frame else [""] * len(out)
-    out["patient_id"] = [p or i for p, i in zip(pid, out["image_id"])]
+    out["patient_id"], patient_notes = _patient_ids(frame, out["image_id"], csv)
     out["view"] = frame["view"].to_numpy() if "view" in frame else ""
+    notes += patient_notes
     return out, repeat_notes + notes + windows_absolute_note(csv, frame[name_col], map(Path, paths))
 
 
@@ -269,12 +350,21 @@ def _class_folders(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, 
 
 def _from_tree(root: Path, prefix: str) -> tuple[pd.DataFrame, list[str]]:
     """Rows of a class-folder tree. Entries named like images that are not files (a folder ``x.png``, a broken
-    link) are rows too, so that decoding refuses them by name, as every bad image is."""
+    link) are rows too, so that decoding refuses them by name, as every bad image is.
+
+    One walk's worth of folders for the whole tree: no folder is read twice, and a link in one class folder to
+    the tree's top or into another class folder is not followed, so no image is read under a second class."""
     folders, skipped, loose = _class_folders(root)
-    rows = []
-    for sub, label in folders:
-        scan = scan_folder(sub)
+    real = [os.path.realpath(sub) for sub, _ in folders]
+    seen: set[str] = set()
+    rows, other = [], []
+    for (sub, label), here in zip(folders, real):
+        if here in seen:  # a class folder that is a link to one already read
+            skipped.append((str(sub), "seen"))
+            continue
+        scan = scan_folder(sub, seen=seen, elsewhere=tuple(r for r in real if r != here))
         skipped += scan.skipped
+        other += scan.other
         for f in [*scan.files, *(Path(p) for p, _ in scan.refused)]:
             rows.append({"path": str(f), "label": label, "rel": f.relative_to(root).as_posix()})
     if not rows:
@@ -285,7 +375,19 @@ def _from_tree(root: Path, prefix: str) -> tuple[pd.DataFrame, list[str]]:
     out["view"] = ""
     more = f" and {len(loose) - 3} more" if len(loose) > 3 else ""
     notes = [f"{root}: image files in no class sub-folder are left out: {', '.join(loose[:3])}{more}"] if loose else []
-    return out, notes + skipped_notes(skipped)
+    return out, notes + skipped_notes(skipped) + other_files_note(root, other)
+
+
+def _labels_csv(root: Path) -> Path:
+    """The labels CSV a folder source is read from where it exists: ``root`` itself or ``root/labels.csv``."""
+    return root if root.suffix.lower() == ".csv" else root / "labels.csv"
+
+
+def class_tree(root: Path) -> Path | None:
+    """``root`` when :func:`read_folder` reads it as a tree of class sub-folders (every folder in it is read), None
+    when it is read from a labels CSV (only the files listed are) or is not there."""
+    root = Path(root)
+    return root if not _labels_csv(root).is_file() and root.is_dir() else None
 
 
 def read_folder(root: Path, name: str | None = None) -> tuple[pd.DataFrame, list[str]]:
@@ -293,11 +395,11 @@ def read_folder(root: Path, name: str | None = None) -> tuple[pd.DataFrame, list
     root = Path(root)
     if name is not None:
         name = check_source_name(name, where=f"--folder {name}={root}")
-    csv = root if root.suffix.lower() == ".csv" else root / "labels.csv"
+    csv = _labels_csv(root)
     notes: list[str] = []
     if csv.is_file():
         frame, notes = _from_csv(csv, name)
-    elif root.is_dir():
+    elif class_tree(root) is not None:
         frame, notes = _from_tree(root.resolve(), source_prefix(name or SOURCE))
         frame["source"] = name or SOURCE
     else:
