@@ -241,3 +241,60 @@ def test_absent_classes_are_listed_and_their_figures_undefined() -> None:
     assert math.isnan(m["covid_recall"]) and math.isnan(m["covid_f1"]) and m["covid_precision"] == 0.0
     assert any(note.startswith("covid_f1 is undefined") for note in m["notes"])
     assert m["pneumonia_f1"] == pytest.approx(100 * 2 * 5 / (2 * 5 + 2 + 1))
+
+
+def _spreadsheet_rows() -> list[list[str]]:
+    rows = [["IMAGE_ID", " Patient_ID ", "Label", "P_COVID", "p_pneumonia", "p_normal", "Pred"]]
+    for i, (label, pred, p) in enumerate([("covid", "covid", (0.7, 0.2, 0.1)), ("normal", "normal", (0.1, 0.2, 0.7)),
+                                          ("pneumonia", "covid", (0.5, 0.4, 0.1)), ("normal", "pneumonia", (0.1, 0.5, 0.4)),
+                                          ("covid", "covid", (0.8, 0.1, 0.1)), ("pneumonia", "pneumonia", (0.1, 0.8, 0.1))]):
+        rows.append([f"img{i}", f"pat{i // 2}", label, *(f"{v:g}" for v in p), pred])
+    return rows
+
+
+def test_a_predictions_file_saved_by_a_spreadsheet_reads_as_the_plain_one(tmp_path: Path) -> None:
+    """metrics read predictions more strictly than prepare reads labels: semicolons, headers in capitals and a
+    separator closing every row gave "missing column(s) label, pred" (or shifted every column)."""
+    from covid_cxr.evaluate.predictions import read_predictions
+
+    rows = _spreadsheet_rows()
+    plain = tmp_path / "plain.csv"
+    plain.write_text("\n".join(",".join(r) for r in [[c.strip().lower() for c in rows[0]], *rows[1:]]) + "\n")
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes(("\r\n".join(";".join(r) + ";" for r in rows) + "\r\n").encode("utf-8-sig"))
+    a, b = read_predictions(plain), read_predictions(excel)
+    assert list(b.frame["label"]) == list(a.frame["label"]) and np.array_equal(a.probs, b.probs)
+    assert list(b.groups) == list(a.groups) == ["pat0", "pat0", "pat1", "pat1", "pat2", "pat2"]
+    assert a.metrics(n_boot=0) == b.metrics(n_boot=0)
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda rows: rows[3].__setitem__(2, "NA"), r"row 4: unknown class 'NA' in column 'label'"),  # a word, not a hole
+    (lambda rows: rows[5].__setitem__(0, "img1"), r"image 'img1' is on rows 3, 6 \(1 repeated rows in all\); every "
+                                                  r"row counts as an image"),
+    (lambda rows: rows[0].__setitem__(2, "truth"), r"lacks the column\(s\) label \(it has image_id, patient_id, truth"),
+])
+def test_a_predictions_file_that_cannot_be_counted_is_named_with_the_fix(tmp_path: Path, edit: object,
+                                                                          said: str) -> None:
+    from covid_cxr.errors import DataError
+    from covid_cxr.evaluate.predictions import read_predictions
+
+    rows = _spreadsheet_rows()
+    edit(rows)  # type: ignore[operator]
+    path = tmp_path / "p.csv"
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=said):
+        read_predictions(path)
+
+
+def test_a_row_without_a_patient_id_is_a_patient_of_its_own(tmp_path: Path) -> None:
+    """One empty patient_id switched the whole bootstrap from patients to images, without a word."""
+    from covid_cxr.evaluate.predictions import read_predictions
+
+    rows = _spreadsheet_rows()
+    rows[2][1] = ""
+    path = tmp_path / "p.csv"
+    path.write_text("\n".join(",".join(r) for r in rows) + "\n")
+    groups = read_predictions(path).groups
+    assert groups is not None and len(set(groups)) == 4  # pat0 (one row left), the row alone, pat1, pat2
+    assert list(groups[[0, 2, 3]]) == ["pat0", "pat1", "pat1"] and groups[1] not in {"pat0", "pat1", "pat2"}

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covid_cxr.atomic import write_text
+from covid_cxr.data.sources._common import read_table
 from covid_cxr.data.splits import patient_key
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate.metrics import compute_metrics, confusion_matrix
@@ -52,11 +53,15 @@ class Predictions:
         """Patients for the patient bootstrap (``source:patient_id`` where sources are given, since ids are only
         unique within a source), or None when the file has no patient ids."""
         frame = self.frame
-        if "patient_id" not in frame.columns or frame["patient_id"].isna().any():
+        if "patient_id" not in frame.columns or frame["patient_id"].isna().all():
             return None
         if "source" in frame.columns and not frame["source"].isna().any():
-            return patient_key(frame).to_numpy()
-        return frame["patient_id"].astype(str).to_numpy()
+            keys = patient_key(frame).to_numpy()
+        else:
+            keys = frame["patient_id"].astype(str).to_numpy()
+        missing = frame["patient_id"].isna().to_numpy()  # a row without an id is a patient of its own, not a reason
+        keys[missing] = [f"\0row{i}" for i in np.flatnonzero(missing)]  # to draw every other row alone too
+        return keys
 
     def confusion(self) -> np.ndarray:
         return confusion_matrix(self.frame["label"], self.frame["pred"], CLASSES)
@@ -81,8 +86,9 @@ def validate_predictions(frame: pd.DataFrame, where: str) -> Predictions:
     missing = [col for col in ("label", "pred") if col not in frame.columns]
     if missing:
         raise DataError(
-            f"{where}: missing column(s) {', '.join(missing)}; a predictions file needs at least 'label' "
-            f"(true class) and 'pred' (predicted class), optionally {', '.join(PROB_COLUMNS)} and patient_id"
+            f"{where}: missing column(s) {', '.join(missing)} (it has {', '.join(map(str, frame.columns[:12]))}); a "
+            f"predictions file needs at least 'label' (true class) and 'pred' (predicted class), optionally "
+            f"{', '.join(PROB_COLUMNS)} and patient_id"
         )
     if frame.empty:
         raise DataError(f"{where}: no rows; write one row per evaluated image")
@@ -128,12 +134,18 @@ def read_predictions(path: str | Path) -> Predictions:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such predictions file; 'covid-cxr evaluate' writes one as predictions.csv")
-    try:
-        frame = pd.read_csv(path, dtype={"image_id": str, "patient_id": str, "source": str})
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: empty file; a predictions file needs a header and one row per image") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from exc
+    # The labels CSVs' reader: any encoding a spreadsheet saves, comma, semicolon or tab, headers in any case, a
+    # separator closing every row. Cells are text ("NA" is a word, not a hole); empty ones are missing values.
+    frame = read_table(path, ("label", "pred"), optional=COLUMNS,
+                       fix=f"a predictions file needs a header with 'label' and 'pred' (optionally "
+                           f"{', '.join(c for c in COLUMNS if c not in ('label', 'pred'))}) and one row per image")
+    frame = frame.replace(r"^\s*$", np.nan, regex=True)
+    ids = frame["image_id"].dropna() if "image_id" in frame.columns else pd.Series(dtype=str)
+    repeated = ids[ids.duplicated()]
+    if len(repeated):
+        rows = np.flatnonzero((frame["image_id"] == repeated.iloc[0]).to_numpy()) + 2  # +1 header, +1 one-based
+        raise DataError(f"{path}: image {repeated.iloc[0]!r} is on rows {', '.join(map(str, rows))} ({len(repeated)} "
+                        "repeated rows in all); every row counts as an image, so keep one row per image")
     result = validate_predictions(frame, str(path))
     return Predictions(frame=result.frame, path=path)
 
