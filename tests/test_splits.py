@@ -201,8 +201,13 @@ def test_leaking_splits_are_refused(manifest: pd.DataFrame) -> None:
     with pytest.raises(ConfigError, match="protocol"):
         SplitSettings(protocol="lenient")
     few = manifest[(manifest["label"] != "covid") | manifest["patient_id"].isin(["covid-chestxray-covid-0"])]
-    with pytest.raises(DataError, match="cannot fill 5 folds"):
+    with pytest.raises(DataError, match="1 COVID-19 patients cannot fill 5 folds; add data$"):
         make_folds(few, SplitSettings())
+    none = manifest[manifest["label"] != "covid"]  # without COVID-19 only kfold can test: the message says so
+    with pytest.raises(DataError, match=r"0 COVID-19 patients cannot fill 2 folds; add data, or for data without "
+                                        r"COVID-19 images give --protocol kfold"):
+        make_folds(none, SplitSettings(folds=2))
+    assert make_folds(none, SplitSettings(folds=2, protocol="kfold")).folds
 
 
 @pytest.fixture(scope="module")

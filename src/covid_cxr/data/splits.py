@@ -240,8 +240,11 @@ def _check_enough(manifest: pd.DataFrame, settings: SplitSettings) -> None:
     for cls in classes:
         n = groups_of(manifest)[manifest["label"] == cls].nunique()
         if n < settings.folds:
+            fixes = ["add data"] + (["lower --folds"] if n >= 2 and settings.folds > 2 else [])
+            if n == 0 and settings.protocol != "kfold":  # the paper's protocols test COVID-19 in every fold
+                fixes.append("for data without COVID-19 images give --protocol kfold, which tests the classes it has")
             raise DataError(f"{n} {DISPLAY_NAMES[cls]} patients cannot fill {settings.folds} folds; "
-                            "add data or lower --folds")
+                            f"{', or '.join(fixes)}")
 
 
 def make_folds(manifest: pd.DataFrame, settings: SplitSettings, digests: dict[str, str] | None = None) -> SplitPlan:
