@@ -37,6 +37,9 @@ region argues for the class).
 from __future__ import annotations
 
 import os
+import stat
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +49,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from covid_cxr.atomic import write_bytes
 from covid_cxr.choices import CAM_METHODS
 from covid_cxr.errors import ConfigError
 from covid_cxr.labels import normalize_label
 from covid_cxr.preprocess import Preprocessing, to_model_input
 
 COMBINED = "combined"
+# A PNG text chunk (keyword NUL text) that every overlay file carries, right after its header: how a later ``predict``
+# knows a file in its --gradcam folder is an overlay it may replace, and not an X-ray or a user's own picture.
+OVERLAY_MARK = b"Software\0covid-cxr Grad-CAM overlay"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HEADER_END = len(_PNG_SIGNATURE) + 25  # the IHDR chunk: length, type, 13 bytes, CRC
 
 
 def resolve_method(model: torch.nn.Module, method: str) -> str:
@@ -192,7 +201,24 @@ def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
 
 
 def save_overlay(path: str | os.PathLike[str], image: np.ndarray, cam: np.ndarray) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(overlay_png(image, cam))
-    return path
+    """Write the overlay as a PNG carrying :data:`OVERLAY_MARK`, atomically: a failure leaves no half-written file."""
+    return write_bytes(path, _marked(overlay_png(image, cam)))
+
+
+def is_overlay(path: str | os.PathLike[str]) -> bool:
+    """True for a regular file (not a link) that :func:`save_overlay` wrote: one a later run may replace."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # never opened otherwise: reading a pipe would wait forever
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(_HEADER_END + 8 + len(OVERLAY_MARK))
+    except OSError:
+        return False
+    return head.startswith(_PNG_SIGNATURE) and head[_HEADER_END + 4 :] == b"tEXt" + OVERLAY_MARK
+
+
+def _marked(png: bytes) -> bytes:
+    """``png`` with :data:`OVERLAY_MARK` as a tEXt chunk right after its header (where :func:`is_overlay` looks)."""
+    kind = b"tEXt" + OVERLAY_MARK
+    chunk = struct.pack(">I", len(OVERLAY_MARK)) + kind + struct.pack(">I", zlib.crc32(kind))
+    return png[:_HEADER_END] + chunk + png[_HEADER_END:]

@@ -1,8 +1,13 @@
 """The web service: a FastAPI app that classifies uploaded X-rays, and the page that uses it.
 
-``POST /predict`` takes a multipart upload (field ``file``: PNG, JPEG or DICOM, decided by its
+``POST /predict`` takes a multipart upload of one image (field ``file``: PNG, JPEG or DICOM, decided by its
 bytes; optional ``heatmap=true`` as a form field or query parameter) and answers the class, the
-probabilities, the model's identity and, when asked, a Grad-CAM overlay as a base64 PNG.
+probabilities, the model's identity and, when asked, a Grad-CAM overlay as a base64 PNG. A request with two
+``file`` parts, or an empty one, is refused (422): one image per request.
+
+The API is described at ``/openapi.json`` and, as a plain page, at ``/docs``, built here from that description:
+nothing is fetched from the network at run time (FastAPI's own Swagger UI and ReDoc pages load their scripts
+from a CDN, which a hospital network may block and should not be asked to reach), so they are off.
 
 Every answer names what decided the class (``decision``: the model's operating point; with a threshold
 rule the class need not be the most probable one) and the model (``model``: its file's sha256, backend,
@@ -13,7 +18,8 @@ Safety: the body is read into memory within ``max_upload_bytes`` (never spooled 
 an image over ``max_pixels`` before decoding a pixel (``max_pixels`` may not exceed the decoder's own
 :data:`~covid_cxr.data.images.MAX_PIXELS`); every client mistake is a 4xx JSON ``{"detail": ...}``, and
 so is any failure to decode one upload (a 422 with the reason; the traceback goes to the log). Any
-other unexpected failure is a bare 500 JSON without a trace. Nothing from the upload (file name, DICOM
+other unexpected failure is a bare 500 JSON without a trace. A client that hangs up mid-upload (a tab
+closed) is no error: one INFO line, no traceback. Nothing from the upload (file name, DICOM
 header) is logged, except an unexpected decoder failure's traceback.
 
 Concurrency: decoding runs in worker threads, at most ``decode_workers`` at once (bounding
@@ -47,10 +53,12 @@ from fastapi.responses import (
     HTMLResponse,
     JSONResponse,
     PlainTextResponse,
+    Response,
 )
 from fastapi.staticfiles import StaticFiles
 from markdown_it import MarkdownIt
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from covid_cxr import __version__
 from covid_cxr.data.images import MAX_PIXELS, decode_radiograph
@@ -233,6 +241,8 @@ def _flag(value: str | None) -> bool:
 
 
 _PREDICT_OPENAPI: dict[str, Any] = {
+    "description": "One chest X-ray per request, as a multipart/form-data part named `file`. A request with "
+    "several `file` parts, or an empty one, is refused (422); send each X-ray in a request of its own.",
     "requestBody": {
         "required": True,
         "content": {
@@ -242,7 +252,7 @@ _PREDICT_OPENAPI: dict[str, Any] = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary",
-                                 "description": "a chest X-ray: PNG, JPEG or DICOM (decided by content)"},
+                                 "description": "one chest X-ray: PNG, JPEG or DICOM (decided by content)"},
                         "heatmap": {"type": "boolean", "default": False,
                                     "description": "also return a Grad-CAM overlay (PNG, base64)"},
                     },
@@ -253,7 +263,7 @@ _PREDICT_OPENAPI: dict[str, Any] = {
     "responses": {
         "413": {"description": "upload or image too large"},
         "415": {"description": "not a multipart/form-data request"},
-        "422": {"description": "missing file or an unreadable image"},
+        "422": {"description": "no, an empty or a second 'file' part, or an unreadable image"},
     },
 }
 
@@ -291,6 +301,8 @@ def create_app(
         description=f"Chest X-ray classification ({', '.join(DISPLAY_NAMES[c] for c in predictor.classes)}). "
         + DISCLAIMER,
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN: /docs is served below, from this app alone
+        redoc_url=None,
     )
     app.state.model = model
     app.state.decision = classifier.decision
@@ -303,6 +315,11 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _hung_up(_request: Request, _exc: ClientDisconnect) -> Response:
+        log.info("a client hung up before its upload was complete; the request was dropped")
+        return Response(status_code=499)  # nginx's "client closed request"; nobody is there to read it
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -326,9 +343,16 @@ def create_app(
             request.stream(),
             max_bytes=limits.max_upload_bytes,
         )
-        upload = form.file("file")
-        if upload is None or not upload.data:
+        uploads = form.files("file")
+        if not uploads:
             raise UploadError(422, "no image: send the X-ray in a multipart field named 'file'")
+        if len(uploads) > 1:
+            raise UploadError(422, f"one image per request: this one has {len(uploads)} parts named 'file'; send "
+                              "each X-ray in a request of its own")
+        upload = uploads[0]
+        if not upload.data:
+            raise UploadError(422, "the upload in the field 'file' is empty (0 bytes); send the X-ray file itself "
+                              "(with curl: -F file=@scan.png)")
         heatmap = _flag(request.query_params.get("heatmap")) or _flag(form.text("heatmap"))
         if heatmap and gradcam is None:
             raise UploadError(422, "this server has no PyTorch model for heatmaps (serve a .pt checkpoint)")
@@ -371,6 +395,10 @@ def create_app(
 
     static = resources.files("covid_cxr.deploy") / "static"
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(render_api_html(app.openapi()))
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(str(static / "index.html"), media_type="text/html")
@@ -386,6 +414,41 @@ def render_card_html(card: str) -> str:
     meta = card[: len(card) - len(body)].strip().strip("-").strip() if header else ""
     folded = f"<details><summary>Metadata (YAML)</summary><pre>{html.escape(meta)}</pre></details>" if meta else ""
     return md.render(body) + folded
+
+
+def render_api_html(spec: dict[str, Any]) -> str:
+    """The OpenAPI description as one plain HTML page that fetches nothing from the network: each endpoint, its
+    summary, the fields of its form and its answers, and where the machine-readable description is."""
+    info = spec.get("info", {})
+    title = _text(f"{info.get('title', '')} {info.get('version', '')} API")
+    where = ('<p>The machine-readable description (OpenAPI 3) is at <a href="/openapi.json">/openapi.json</a>: '
+             "load it into any OpenAPI tool or client generator.</p>")
+    parts = [f"<h1>{title}</h1>", f"<p>{_text(info.get('description', ''))}</p>", where]
+    for path, methods in spec.get("paths", {}).items():
+        for method, operation in methods.items():
+            parts += _operation_html(method, path, operation)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f'<link rel="stylesheet" href="/static/style.css"></head><body><main>{"".join(parts)}</main></body></html>')
+
+
+def _operation_html(method: str, path: str, operation: dict[str, Any]) -> list[str]:
+    """One endpoint of :func:`render_api_html`."""
+    parts = [f"<h2><code>{_text(method.upper())} {_text(path)}</code></h2>"]
+    parts += [f"<p>{_text(operation[key])}</p>" for key in ("summary", "description") if operation.get(key)]
+    for mime, content in operation.get("requestBody", {}).get("content", {}).items():
+        schema = content.get("schema", {})
+        required = set(schema.get("required", []))
+        fields = "".join(f"<li><code>{_text(name)}</code> ({_text(field.get('format') or field.get('type'))}"
+                         f"{', required' if name in required else ''}): {_text(field.get('description', ''))}</li>"
+                         for name, field in schema.get("properties", {}).items())
+        parts.append(f"<p>Request body, <code>{_text(mime)}</code>:</p><ul>{fields}</ul>")
+    answers = "".join(f"<li><code>{_text(code)}</code>: {_text(answer.get('description', ''))}</li>"
+                      for code, answer in operation.get("responses", {}).items())
+    return [*parts, f"<p>Answers:</p><ul>{answers}</ul>"]
+
+
+def _text(value: object) -> str:
+    return html.escape(str(value))
 
 
 def _decode(data: bytes, max_pixels: int) -> np.ndarray:

@@ -40,6 +40,10 @@ class Form:
     def file(self, name: str) -> Part | None:
         return next((p for p in self.parts if p.name == name), None)
 
+    def files(self, name: str) -> list[Part]:
+        """Every part named ``name``, in the order sent."""
+        return [p for p in self.parts if p.name == name]
+
     def text(self, name: str) -> str | None:
         part = self.file(name)
         return None if part is None else bytes(part.data).decode("utf-8", errors="replace").strip()
@@ -52,7 +56,10 @@ async def read_multipart(
     *,
     max_bytes: int,
 ) -> Form:
-    """Parse the body of a multipart request; :class:`UploadError` (413/400/415) for what the client must fix."""
+    """Parse the body of a multipart request; :class:`UploadError` (413/400/415) for what the client must fix.
+
+    A client that hangs up before the body is complete raises what ``body`` raises then (Starlette's
+    ``ClientDisconnect``), unchanged: the server ends that request quietly."""
     mime, params = parse_options_header(content_type or "")
     if mime != b"multipart/form-data":
         raise UploadError(415, "send the image as multipart/form-data with the file in a field named 'file'")

@@ -11,6 +11,9 @@ pipe, a broken link, a link loop): it is reported, never opened (reading a pipe 
 never silently dropped. Hidden files, macOS AppleDouble files (``._x.png``) and DICOMDIR indexes are
 passed over with a note: they are never images, and hospital exports and macOS archives are full of them.
 
+The model may be named by its run folder, as ``evaluate``, ``calibrate`` and ``model-card`` take it:
+:func:`model_file` turns ``runs/concat-fold1`` into its ``best.pt``.
+
 File names are whatever bytes the OS holds; Python hands names that are not UTF-8 over with
 surrogate escapes; :func:`~covid_cxr.data.names.display_path` is how such a name is printed or written.
 """
@@ -32,8 +35,28 @@ from covid_cxr.data.sources.folder import (
     scan_folder,
     skipped_notes,
 )
+from covid_cxr.errors import CheckpointError
+from covid_cxr.runs.folder import RunFolder
 
 _GLOB_CHARS = frozenset("*?[")
+
+
+def model_file(path: Path) -> Path:
+    """The model file ``path`` names: itself, or for a run folder (one holding run.json) its best.pt. A folder
+    that is no run folder, or a run without a best.pt yet, is refused with what to give instead."""
+    if not path.is_dir():
+        return path
+    run = RunFolder(path)
+    if not run.exists():
+        raise CheckpointError(f"{display_path(path)}: a folder, not a run folder (no run.json); give a run folder, "
+                              "a .pt checkpoint or an exported .onnx model")
+    if not run.best.is_file():
+        hint = (f"give {display_path(run.last)} by path, or continue the run with 'covid-cxr train --resume "
+                f"{display_path(path)}'" if run.last.is_file() else
+                f"it has not finished an epoch; continue it with 'covid-cxr train --resume {display_path(path)}'")
+        raise CheckpointError(f"{display_path(run.best)}: no such file; the run has not saved a best checkpoint "
+                              f"yet: {hint}")
+    return run.best
 
 
 @dataclass
