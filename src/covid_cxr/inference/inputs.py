@@ -50,13 +50,7 @@ def model_file(path: Path) -> Path:
     if not run.exists():
         raise CheckpointError(f"{display_path(path)}: a folder, not a run folder (no run.json); give a run folder, "
                               "a .pt checkpoint or an exported .onnx model")
-    if not run.best.is_file():
-        hint = (f"give {display_path(run.last)} by path, or continue the run with 'covid-cxr train --resume "
-                f"{display_path(path)}'" if run.last.is_file() else
-                f"it has not finished an epoch; continue it with 'covid-cxr train --resume {display_path(path)}'")
-        raise CheckpointError(f"{display_path(run.best)}: no such file; the run has not saved a best checkpoint "
-                              f"yet: {hint}")
-    return run.best
+    return run.best_or_hint()
 
 
 @dataclass

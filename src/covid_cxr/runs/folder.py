@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from covid_cxr.atomic import read_json_object, write_json
+from covid_cxr.data.names import display_path
+from covid_cxr.errors import CheckpointError
 
 RUN_FILE = "run.json"
 BEST = "best.pt"
@@ -114,6 +116,19 @@ class RunFolder:
     def info(self) -> RunInfo:
         """run.json as a :class:`RunInfo`; a damaged file raises :class:`DataError` naming it."""
         return read_run_file(self.run_file)
+
+    def best_or_hint(self) -> Path:
+        """best.pt, for the commands that take a run folder as its best model; a run that has not saved one yet
+        raises :class:`CheckpointError` saying how to go on (last.pt by path, or ``train --resume``)."""
+        if self.best.is_file():
+            return self.best
+        status = self.info().status if self.exists() else None
+        root = display_path(self.root)
+        hint = (f"give {display_path(self.last)} by path, or continue the run with 'covid-cxr train --resume {root}'"
+                if self.last.is_file() else
+                f"it has not finished an epoch; continue it with 'covid-cxr train --resume {root}'")
+        raise CheckpointError(f"{display_path(self.best)}: no such file; the run has not saved a best checkpoint yet "
+                              f"(status {status or 'unknown'!r}): {hint}")
 
     def write_info(self, info: RunInfo) -> Path:
         """Replace run.json atomically."""

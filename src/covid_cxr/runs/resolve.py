@@ -50,13 +50,7 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
         if not folder.exists():
             raise DataError(f"{target}: not a run folder (no run.json); give a run folder or a .pt checkpoint")
         run = folder.info()
-        checkpoint = folder.best
-        if not checkpoint.is_file():
-            hint = (f"evaluate {folder.last} by path, or continue the run with 'covid-cxr train --resume {target}'"
-                    if folder.last.is_file() else
-                    f"it has not finished an epoch; continue it with 'covid-cxr train --resume {target}'")
-            raise CheckpointError(f"{checkpoint}: no such file; the run has not saved a best checkpoint yet "
-                                  f"(status {run.status or 'unknown'!r}): {hint}")
+        checkpoint = folder.best_or_hint()
         default_out = folder.eval_dir(split)
     elif target.is_file():
         home = RunFolder.containing(target)
