@@ -263,6 +263,12 @@ def test_export_never_overwrites_its_checkpoint_nor_leaves_a_stale_int8(pngs: Pa
         with pytest.raises(ConfigError, match="ending in .onnx"):
             export_checkpoint(ckpt, tmp_path / out.name)
     assert ckpt.read_bytes() == before and not list(tmp_path.glob("*.onnx"))
+    (tmp_path / "taken.onnx").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for out, said in ((tmp_path / "taken.onnx", "a folder; name the .onnx file in it"),
+                      (tmp_path / "a-file" / "model.onnx", "a-file is a file, not a folder")):
+        with pytest.raises(ConfigError, match=said):  # said before the export's work, not after it
+            export_checkpoint(ckpt, out)
 
     out = tmp_path / "model.onnx"
     first = export_checkpoint(ckpt, out, int8=Int8Settings(calibration=(str(pngs),)))

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from covid_cxr.atomic import atomic_path
+from covid_cxr.atomic import atomic_path, check_writable_folder
 from covid_cxr.config import (
     CALIBRATION_COUNT,
     CHECK_COUNT,
@@ -106,6 +106,9 @@ def export_checkpoint(
     if out.suffix.lower() != ".onnx" or out.resolve() == checkpoint.resolve():
         raise ConfigError(f"--out {out}: an exported model is written to a file ending in .onnx (predict and serve "
                           f"tell formats by it), never over the checkpoint; e.g. --out {checkpoint.with_suffix('.onnx')}")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: a folder; name the .onnx file in it, e.g. --out {out / 'model.onnx'}")
+    check_writable_folder(out.parent, f"--out {out}")  # before minutes of export and calibration, not after
     if checkpoint.name in (BEST, LAST):
         note_if_training(checkpoint.parent, "this export")
     ckpt, sha256 = load_checkpoint_sha256(checkpoint)
