@@ -139,9 +139,9 @@ def test_predictions_frame_reorders_units_to_our_class_order() -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("label,p_covid\ncovid,1\n", "missing column.*pred"),
+        ("label,p_covid\ncovid,1\n", r"lacks the column\(s\) pred \(it has label, p_covid\)"),
         ("label,pred\n", "no rows"),
-        ("", "empty file"),
+        ("", "is empty; it needs a header row"),
         ("label,pred\ncovid,covid\nflu,normal\n", "row 3: unknown class 'flu'"),
         ("label,pred,p_covid,p_pneumonia,p_normal\ncovid,covid,0.5,0.2,0.2\n", "row 2: probabilities sum to 0.9"),
         ("label,pred,p_covid,p_pneumonia\ncovid,covid,0.5,0.5\n", "not p_normal"),

@@ -284,14 +284,19 @@ def test_ctrl_c_during_the_swap_finishes_it(small: Path, tmp_path: Path, monkeyp
     monkeypatch.setattr(Path, "rename", interrupted_rename)
     settings = PrepareSettings(out=out, folder=str(small), labels_only=True,
                                split=SplitSettings(folds=3, phases=1, protocol="kfold"))
+    # Python's own Ctrl-C handler, as a command line has it (a pytest-xdist worker ignores SIGINT: the signal
+    # would then prove nothing); the one before is put back after.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         report = prepare_dataset(settings, progress=False)
     except KeyboardInterrupt:
         pytest.fail(f"Ctrl-C as the folder was being {at} stopped the swap half-way")
+    finally:
+        held = signal.signal(signal.SIGINT, before)
+    assert held is signal.default_int_handler  # the swap put the handler back
     assert any("Ctrl-C came while" in n and "is complete" in n for n in report.notes), report.notes
     assert PreparedData(out).num_folds == 3  # the new folder, not the earlier one (2 folds)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tree"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_decoding_workers_leave_ctrl_c_to_the_main_process(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

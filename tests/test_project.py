@@ -110,7 +110,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "absent.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="junk.pt: not a covid-cxr checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="import-keras"):

@@ -26,8 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
-from covid_cxr.data.names import display_path
-from covid_cxr.errors import ConfigError, DataError
+from covid_cxr.errors import DataError
 
 PathLike = str | os.PathLike[str]
 
@@ -180,29 +179,3 @@ def stream_sha256(fh: BinaryIO) -> str:
     for chunk in iter(lambda: fh.read(1 << 20), b""):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def check_writable_folder(folder: Path, what: str) -> None:
-    """Refuse a ``folder`` that is no folder, or that cannot be made or written into, naming ``what`` (the option
-    and its value). Nothing is made here: a run refused later leaves nothing behind."""
-    place = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), Path("."))
-    if not place.is_dir():
-        raise ConfigError(f"{what}: {display_path(place)} is {kind_of(place)}, not a folder; give a path in a folder")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".covid-cxr-probe-", dir=place)
-    except OSError as exc:
-        raise ConfigError(f"{what}: cannot write in {display_path(place)} ({exc.strerror or exc}); give a folder "
-                          "you can write to") from exc
-    os.close(fd)
-    os.unlink(probe)
-
-
-def kind_of(path: Path) -> str:
-    """What is at ``path``, for a message: ``a file``, ``a folder``, ``a device`` ..."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return "a broken symbolic link" if path.is_symlink() else "nothing"
-    return ("a folder" if stat.S_ISDIR(mode) else "a file" if stat.S_ISREG(mode) else "a named pipe"
-            if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
-            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from covid_cxr.atomic import atomic_path, check_writable_folder
+from covid_cxr.atomic import atomic_path
 from covid_cxr.config import (
     CALIBRATION_COUNT,
     CHECK_COUNT,
@@ -42,6 +42,7 @@ from covid_cxr.deploy.saturation import WEIGHT_SCHEME
 from covid_cxr.errors import ConfigError, DataError, did_you_mean
 from covid_cxr.inference.int8 import cpu_features, describe_cpu
 from covid_cxr.inference.onnx_model import DEFAULT_OPSET, META_PREFIX, OnnxPredictor
+from covid_cxr.inference.sink import check_writable_folder
 from covid_cxr.preprocess import Preprocessing
 from covid_cxr.runs.checkpoint import load_checkpoint_sha256
 from covid_cxr.runs.folder import BEST, LAST

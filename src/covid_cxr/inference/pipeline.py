@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from covid_cxr.atomic import check_writable_folder, kind_of
 from covid_cxr.data.images import load_image, resize_gray
 from covid_cxr.data.names import display_path, name_bytes
 from covid_cxr.data.sources.folder import IMAGE_SUFFIXES
@@ -34,7 +33,7 @@ from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import GradCam, is_overlay, save_overlay
 from covid_cxr.inference.inputs import Inputs
 from covid_cxr.inference.protocol import Predictor
-from covid_cxr.inference.sink import PredictionSink
+from covid_cxr.inference.sink import PredictionSink, check_writable_folder, kind_of
 from covid_cxr.labels import DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint, of_predictor
 from covid_cxr.preprocess import Preprocessing

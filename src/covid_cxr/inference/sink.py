@@ -22,13 +22,14 @@ import contextlib
 import csv
 import json
 import os
+import stat
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from covid_cxr.atomic import check_writable_folder, kind_of
 from covid_cxr.data.names import display_path, printable
 from covid_cxr.errors import ConfigError
 from covid_cxr.operating_point import OperatingPoint
@@ -53,6 +54,32 @@ def check_out(out: Path) -> None:
         except OSError as exc:
             raise ConfigError(f"--out {display_path(out)}: cannot be written ({exc.strerror or exc}); make it "
                               "writable, or give another file") from exc
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Refuse a ``folder`` that is no folder, or that cannot be made or written into, naming ``what`` (the option
+    and its value). Nothing is made here: a run refused later leaves nothing behind."""
+    place = next((p for p in (folder, *folder.parents) if os.path.lexists(p)), Path("."))
+    if not place.is_dir():
+        raise ConfigError(f"{what}: {display_path(place)} is {kind_of(place)}, not a folder; give a path in a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".covid-cxr-probe-", dir=place)
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot write in {display_path(place)} ({exc.strerror or exc}); give a folder "
+                          "you can write to") from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def kind_of(path: Path) -> str:
+    """What is at ``path``, for a message: ``a file``, ``a folder``, ``a device`` ..."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a broken symbolic link" if path.is_symlink() else "nothing"
+    return ("a folder" if stat.S_ISDIR(mode) else "a file" if stat.S_ISREG(mode) else "a named pipe"
+            if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
 
 
 class PredictionSink:
