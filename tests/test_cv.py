@@ -104,6 +104,9 @@ def _invocations(data: Path) -> dict[str, Any]:
     seen["report_md"] = report.read_text() if report.is_file() else ""
     seen["other_settings"] = _cv(data, runs, "--folds", "2", "--epochs-per-phase", "2")
     seen["after_other_settings"] = _state(runs)
+    (runs / "xception-fold1" / "eval-test" / "metrics.json").unlink()  # an evaluation stopped part-way
+    seen["evaluation_stopped"] = _cv(data, runs, "--folds", "1-2")
+    seen["metrics_again"] = (runs / "xception-fold1" / "eval-test" / "metrics.json").is_file()
     return seen
 
 
@@ -192,3 +195,10 @@ def test_run_cv_from_python_trains_evaluates_and_reports_then_skips_what_is_done
     assert [(fold1 / name).stat().st_mtime_ns for name in ("best.pt", "eval-test/predictions.csv")] == stamps
     assert f"fold 1: evaluated earlier -> {fold1 / 'eval-test'}" in said
     assert second.report == first.report and second.earlier == () and second.notes == ()
+
+
+def test_a_fold_whose_evaluation_was_stopped_part_way_is_evaluated_again(record: dict[str, Any]) -> None:
+    """evaluate writes metrics.json last; cv took predictions.csv alone for an evaluated fold, skipped it, and then
+    stopped at the report, which refuses an evaluation without metrics.json."""
+    assert record["evaluation_stopped"]["rc"] == 0, record["evaluation_stopped"]["err"]
+    assert record["metrics_again"]

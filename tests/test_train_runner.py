@@ -191,3 +191,26 @@ def test_an_interrupted_run_says_stopped_and_how_to_go_on(data: Path, tmp_path: 
     monkeypatch.undo()
     assert train_fold(config_for(data, tmp_path, "x"), resume=run, live=False) == run
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_sigterm_ends_a_run_as_stopped_with_the_signals_status(data: Path, tmp_path: Path) -> None:
+    """timeout, docker stop and batch schedulers send SIGTERM: the run said "running" ever after, as if alive."""
+    run = tmp_path / "terminated"
+    cmd = [sys.executable, "-m", "covid_cxr", "train", str(data), *TRAIN_ARGS, "--out", str(tmp_path), "--name",
+           "terminated"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600
+        while not (run / "run.json").exists() or not (run / "log.csv").exists():  # training has begun
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"training ended early: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    info = json.loads((run / "run.json").read_text())
+    if info["status"] == "finished":
+        pytest.skip("the run finished before SIGTERM reached it (a very fast machine)")
+    assert rc == 128 + signal.SIGTERM and info["status"] == "stopped"

@@ -20,7 +20,7 @@ from pathlib import Path
 from covid_cxr.config import TrainConfig
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import ConfigError, DataError
-from covid_cxr.evaluate.run import evaluate_run
+from covid_cxr.evaluate.run import METRICS, evaluate_run
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.report.report import write_report
 from covid_cxr.runs.folder import RunFolder
@@ -50,7 +50,9 @@ class FoldPlan:
 
     @property
     def evaluated(self) -> bool:
-        return (self.run_dir / "eval-test" / "predictions.csv").is_file()
+        """Evaluated whole: evaluate writes metrics.json last, so a stopped evaluation is evaluated again."""
+        folder = self.run_dir / "eval-test"
+        return (folder / "predictions.csv").is_file() and (folder / METRICS).is_file()
 
 
 @dataclass(frozen=True)

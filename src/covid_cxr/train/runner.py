@@ -24,7 +24,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -192,6 +195,25 @@ def _rng_states(augmenter: Augmenter) -> dict[str, Any]:
         "python": list(random.getstate()[1]),
         "augment": augmenter.generator.get_state(),
     }
+
+
+@contextlib.contextmanager
+def _sigterm_ends_the_run() -> Iterator[None]:
+    """SIGTERM (``timeout``, ``docker stop``, a batch scheduler's limit) ends the run as an exception would, so the
+    run says "stopped" as after a Ctrl-C, and exits 143 as the signal would; the handler before is put back.
+    Only the main thread can set one: elsewhere (a library call from a thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Trainer:
@@ -468,20 +490,21 @@ class Trainer:
 
     def run(self) -> Path:
         """Train every epoch not yet done; returns the run folder."""
-        if self.dist.is_main:
-            self._open_folder()
-        self.progress.message(f"{'resuming' if self.resuming else 'training'} {self.config.network} "
-                              f"fold {self.config.fold} -> {self.folder.root}")  # fmt: skip
-        self.progress.message(f"runtime: {self.runtime.describe()}; world size {self.dist.world_size}; "
-                              f"{self.total_epochs} epochs")  # fmt: skip
-        if self.best_note:
-            self.progress.message(self.best_note)
-        try:
-            for global_epoch in range(self.done, self.total_epochs):
-                self._epoch(global_epoch)
-        except BaseException:
-            self._mark_stopped()
-            raise
+        with _sigterm_ends_the_run():
+            try:
+                if self.dist.is_main:
+                    self._open_folder()
+                self.progress.message(f"{'resuming' if self.resuming else 'training'} {self.config.network} "
+                                      f"fold {self.config.fold} -> {self.folder.root}")  # fmt: skip
+                self.progress.message(f"runtime: {self.runtime.describe()}; world size {self.dist.world_size}; "
+                                      f"{self.total_epochs} epochs")  # fmt: skip
+                if self.best_note:
+                    self.progress.message(self.best_note)
+                for global_epoch in range(self.done, self.total_epochs):
+                    self._epoch(global_epoch)
+            except BaseException:
+                self._mark_stopped()
+                raise
         if self.dist.is_main:
             self._finish()
         distributed.barrier(self.dist)
