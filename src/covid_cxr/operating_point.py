@@ -156,6 +156,15 @@ class OperatingPoint:
         return out
 
 
+def audit_note(op: OperatingPoint) -> list[str]:
+    """An audit's note on how it decided classes: the model's rule, as ``evaluate``, ``predict`` and ``serve`` do
+    (nothing to say for argmax)."""
+    if op.rule == "argmax":
+        return []
+    return [f"Classes are decided by the model's stored rule, as evaluate, predict and serve decide them: "
+            f"{op.describe()}."]
+
+
 def where_chosen(points: Sequence[OperatingPoint]) -> str:
     """One sentence, true of every record in ``points`` (e.g. a report's folds), on where the thresholds were chosen.
 

@@ -41,6 +41,7 @@ from covid_cxr.evaluate.metrics import (
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.operating_point import OperatingPoint, audit_note, of_predictor
 from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.stats import Proportion
 
@@ -118,11 +119,14 @@ def balanced_accuracy_interval(labels: np.ndarray, preds: np.ndarray, groups: np
 
 
 def condition_metrics(labels: Sequence[str], probs: np.ndarray, classes: Sequence[str],
-                      groups: Sequence[str] | None = None, *, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
+                      groups: Sequence[str] | None = None, *, n_boot: int = N_BOOT, seed: int = 0,
+                      op: OperatingPoint | None = None) -> dict[str, Any]:
     """Accuracy and per-class recall with Wilson intervals, balanced accuracy with a patient bootstrap interval
-    (``groups``: each image's patient; None: each image its own), for one condition."""
+    (``groups``: each image's patient; None: each image its own), for one condition; classes decided by ``op``
+    (the model's rule)."""
     labels = np.asarray(labels).astype(str)
-    preds = np.asarray(classes)[np.argmax(probs, axis=1)]
+    decided = (op or OperatingPoint.from_dict(None)).decide(probs, classes)  # None: argmax
+    preds = np.asarray(classes)[decided]
     cm = confusion_matrix(labels, preds, classes)
     groups_arr = None if groups is None else np.asarray(groups)
     n = int(cm.sum())
@@ -170,7 +174,9 @@ def run_ablation(
                    "only_lungs": hide(chunk, masks, keep="lungs")}
         for name in CONDITIONS:
             probs[name][part] = predict_in_batches(predictor, altered[name], batch_size=batch_size)
-    conditions = {name: condition_metrics(labels, probs[name], classes, groups, seed=seed) for name in CONDITIONS}
+    op = of_predictor(predictor)  # the rule evaluate decides by: the audit's "as is" is evaluate's test figures
+    conditions = {name: condition_metrics(labels, probs[name], classes, groups, seed=seed, op=op)
+                  for name in CONDITIONS}
     chance = 1.0 / len(present)
     metrics = {
         "classes": classes,
@@ -182,6 +188,7 @@ def run_ablation(
         "hide_margin": HIDE_MARGIN,
         "chance_balanced_accuracy": chance,
         "conditions": conditions,
+        "operating_point": op.to_dict(),
     }
     thresholds = {
         "survival_margin": R.threshold(
@@ -198,7 +205,7 @@ def run_ablation(
     }
     return make_result(
         "ablation", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=ablation_flags(metrics),
-        notes=[f"Lung fields: {lungs.description}."],
+        notes=[f"Lung fields: {lungs.description}.", *audit_note(op)],
     )
 
 

@@ -26,6 +26,7 @@ from covid_cxr.audit.data import load_test_images_and_lungs
 from covid_cxr.audit.lungs import LungFields
 from covid_cxr.gradcam import GradCam
 from covid_cxr.inference.settings import InferenceSettings
+from covid_cxr.operating_point import OperatingPoint, audit_note
 from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.runtime import choose_runtime
 
@@ -59,13 +60,20 @@ def mean_interval(values: np.ndarray) -> dict[str, Any]:
 
 
 def compute_cams(model: Any, preprocessing: Any, classes: Sequence[str], images: np.ndarray,
-                 batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAM maps (N, S, S) of the predicted class, and the predicted class indices."""
+                 batch_size: int = 16, op: OperatingPoint | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM maps (N, S, S) of the class decided by ``op`` (the model's rule; None: the predicted class), and
+    the decided class indices."""
     cam = GradCam(model, preprocessing, classes)
     maps = np.empty(images.shape, dtype=np.float32)
     preds = np.empty(len(images), dtype=np.int64)
     for start in range(0, len(images), batch_size):
-        for i, res in enumerate(cam(images[start : start + batch_size])):
+        batch = images[start : start + batch_size]
+        results = cam(batch)
+        if op is not None and op.rule != "argmax":  # a threshold rule may decide another class: map that one
+            decided = op.decide(np.stack([r.probabilities for r in results]), classes)
+            if any(int(k) != r.target for k, r in zip(decided, results)):
+                results = cam(batch, [int(k) for k in decided])
+        for i, res in enumerate(results):
             maps[start + i] = res.map
             preds[start + i] = res.target
     return maps, preds
@@ -119,9 +127,12 @@ def audit_cam(
     runtime = choose_runtime(settings.device, "fp32", False)  # Grad-CAM runs in fp32 whatever the hardware
     model = t.checkpoint.build_model().to(runtime.device)
     pre = t.checkpoint.preprocessing
-    cams, _ = compute_cams(model, pre, t.checkpoint.classes, test.images, settings.batch_size)
+    op = OperatingPoint.from_dict(t.checkpoint.operating_point)
+    cams, _ = compute_cams(model, pre, t.checkpoint.classes, test.images, settings.batch_size, op)
     inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "split": "test",
               "image_size": pre.image_size, "resize": pre.resize, "masks": str(masks) if masks is not None else None,
               "runtime": runtime.describe()}
     result = run_cam_stats(cams, [str(v) for v in test.frame["label"]], lungs, t.checkpoint.classes, inputs=inputs)
+    result["metrics"]["operating_point"] = op.to_dict()
+    result["notes"] = [*result.get("notes", []), *audit_note(op)]
     return result, write_result(result, out_dir or audit_dir_for(target))

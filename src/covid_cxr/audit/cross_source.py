@@ -37,6 +37,7 @@ from covid_cxr.errors import DataError
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.operating_point import audit_note, of_predictor
 from covid_cxr.runs.own_images import prepared_digests
 from covid_cxr.runs.resolve import cache_for, training_pool
 from covid_cxr.runs.results import audit_dir_for, make_result, write_result
@@ -50,9 +51,11 @@ NAMED = 5
 
 
 def recall_of(predictor: Predictor, images: np.ndarray, cls: str, batch_size: int) -> dict[str, Any]:
-    """Share of ``images`` (all of class ``cls``) predicted as ``cls``, with its Wilson interval."""
+    """Share of ``images`` (all of class ``cls``) predicted as ``cls`` by the model's rule (as evaluate decides),
+    with its Wilson interval."""
     probs = predict_in_batches(predictor, images, batch_size=batch_size)
-    hits = int((probs.argmax(axis=1) == list(predictor.classes).index(cls)).sum())
+    decided = of_predictor(predictor).decide(probs, predictor.classes)
+    hits = int((decided == list(predictor.classes).index(cls)).sum())
     return Proportion(hits, len(images)).as_interval()
 
 
@@ -77,6 +80,7 @@ def run_cross_source(
                       "recall": recall_of(predictor, in_images, cls, batch_size)},
         "unseen_source": {"n": int(len(out_images)), "recall": recall_of(predictor, out_images, cls, batch_size),
                           "left_out_own": int(left_out_own)},
+        "operating_point": of_predictor(predictor).to_dict(),
     }
     seen, unseen = metrics["in_source"]["recall"], metrics["unseen_source"]["recall"]
     metrics["difference"] = seen["value"] - unseen["value"]
@@ -91,7 +95,8 @@ def run_cross_source(
     thresholds = {"recall_drop": R.threshold(
         RECALL_DROP, "a drop of at least this much, with the two 95% intervals apart, is flagged; smaller or "
         "overlapping differences may be chance")}
-    return make_result("cross_source", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags)
+    return make_result("cross_source", inputs=inputs or {}, metrics=metrics, thresholds=thresholds, flags=flags,
+                       notes=audit_note(of_predictor(predictor)))
 
 
 @dataclass
@@ -190,7 +195,7 @@ def audit_cross_source(
               "image_size": pre.image_size, "resize": pre.resize, "runtime": predictor.runtime.describe()}
     result = run_cross_source(predictor, in_images, list(in_frame["source"]), out_images, source=source, cls=cls,
                               batch_size=settings.batch_size, inputs=inputs, left_out_own=left_out)
-    result["notes"] = notes
+    result["notes"] = [*notes, *result.get("notes", [])]
     return result, write_result(result, out_dir or audit_dir_for(target))
 
 
