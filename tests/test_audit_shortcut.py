@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 
+from covid_cxr.atomic import file_sha256
 from covid_cxr.audit import results as R
 from covid_cxr.audit.ablation import run_ablation
 from covid_cxr.audit.cross_source import run_cross_source
@@ -195,6 +196,8 @@ def test_cli_audits_of_a_checkpoint(audited: dict, tmp_path: Path, capsys: pytes
     assert set(written["metrics"]["conditions"]) == {"as_is", "lungs_hidden", "only_lungs"}
     assert written["metrics"]["conditions"]["as_is"]["n"] == written["metrics"]["conditions"]["only_lungs"]["n"] > 0
     assert "coarse" in written["metrics"]["mask_description"]
+    assert written["inputs"]["model_sha256"] == file_sha256(ckpt)  # which weights: best.pt may be replaced later
+    assert written["metrics"]["operating_point"]["rule"] == "argmax"
     out = capsys.readouterr().out
     assert "lung fields hidden" in out and "wrote" in out
     # A checkpoint at another input size than the prepared cache: one clear error.
@@ -282,6 +285,7 @@ def test_cross_source_leaves_out_the_models_own_training_images(
     assert main(args) == 0
     out = capsys.readouterr().out
     written = json.loads((tmp_path / "model-audit" / "cross_source.json").read_text())
+    assert written["inputs"]["model_sha256"] == file_sha256(ckpt)
     assert written["metrics"]["unseen_source"]["n"] == 3 and written["metrics"]["unseen_source"]["left_out_own"] == 7
     note = next(n for n in written["notes"] if n.startswith("left out 7 of 10 COVID-19 images of hospital-b"))
     assert "hospital-b/covid_copy0" in note and "and 2 more" in note  # five named, the rest counted

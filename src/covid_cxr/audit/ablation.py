@@ -264,9 +264,8 @@ def audit_ablation(
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
     predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
     pre = t.checkpoint.preprocessing
-    inputs = {"checkpoint": str(t.checkpoint_path), "network": t.checkpoint.network, "data": str(t.data),
-              "fold": t.fold, "split": "test", "image_size": pre.image_size, "resize": pre.resize,
-              "masks": str(masks) if masks is not None else None, "runtime": predictor.runtime.describe()}
+    inputs = {**t.inputs(), "network": t.checkpoint.network, "split": "test", "image_size": pre.image_size,
+              "resize": pre.resize, "masks": str(masks) if masks is not None else None, "runtime": predictor.runtime.describe()}
     result = run_ablation(predictor, test.images, [str(v) for v in test.frame["label"]], lungs,
                           groups=list(patient_groups(test.frame, t.data)), batch_size=settings.batch_size,
                           inputs=inputs)

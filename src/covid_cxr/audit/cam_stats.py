@@ -129,7 +129,7 @@ def audit_cam(
     pre = t.checkpoint.preprocessing
     op = OperatingPoint.from_dict(t.checkpoint.operating_point)
     cams, _ = compute_cams(model, pre, t.checkpoint.classes, test.images, settings.batch_size, op)
-    inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "split": "test",
+    inputs = {**t.inputs(), "split": "test",
               "image_size": pre.image_size, "resize": pre.resize, "masks": str(masks) if masks is not None else None,
               "runtime": runtime.describe()}
     result = run_cam_stats(cams, [str(v) for v in test.frame["label"]], lungs, t.checkpoint.classes, inputs=inputs)

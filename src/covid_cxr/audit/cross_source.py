@@ -190,7 +190,7 @@ def audit_cross_source(
     in_images = test.images[in_frame.index.to_numpy()]
     out_images = unseen.images(out_frame["image_id"])
     predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
-    inputs = {"checkpoint": str(t.checkpoint_path), "data": str(t.data), "fold": t.fold, "source": source,
+    inputs = {**t.inputs(), "source": source,
               "source_data": str(source_data) if source_data is not None else None, "class": cls,
               "image_size": pre.image_size, "resize": pre.resize, "runtime": predictor.runtime.describe()}
     result = run_cross_source(predictor, in_images, list(in_frame["source"]), out_images, source=source, cls=cls,

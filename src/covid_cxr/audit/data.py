@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from covid_cxr.audit.lungs import LungFields, estimate_lung_fields, load_user_ma
 from covid_cxr.data.prepared import ImageCache, PreparedData
 from covid_cxr.data.splits import merge_identical
 from covid_cxr.runs import resolve
-from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint_sha256
 from covid_cxr.runs.folder import RunInfo
 from covid_cxr.runs.own_images import prepared_digests
 
@@ -31,6 +32,13 @@ class AuditTarget:
     data: Path
     fold: int
     run: RunInfo
+    sha256: str = ""  # of the very bytes the weights were read from (a best.pt replaced meanwhile cannot mislead)
+
+    def inputs(self) -> dict[str, Any]:
+        """What every audit result records of the model it audited and the data: the file, its sha256, the data
+        and fold."""
+        return {"checkpoint": str(self.checkpoint_path), "model_sha256": self.sha256, "data": str(self.data),
+                "fold": self.fold}
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,8 @@ class SplitImages:
 def resolve_target(target: Path, data: Path | None, fold: int | None) -> AuditTarget:
     """Checkpoint, prepared data and fold of a run folder or a ``.pt`` (run.json fills what is not given)."""
     t = resolve.resolve_target(Path(target), data, fold, "test", None)
-    return AuditTarget(load_checkpoint(t.checkpoint), t.checkpoint, t.data, t.fold, t.run)
+    checkpoint, sha256 = load_checkpoint_sha256(t.checkpoint)
+    return AuditTarget(checkpoint, t.checkpoint, t.data, t.fold, t.run, sha256)
 
 
 def split_images(prepared: PreparedData, target: AuditTarget, split: str = "test") -> SplitImages:

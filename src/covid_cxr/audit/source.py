@@ -318,8 +318,7 @@ def audit_source(
         raise DataError(f"{t.data}: the training pool of fold {t.fold} holds one source only "
                         f"({pool['source'].iloc[0]}); a source probe needs images from two sources or more")
     predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
-    inputs = {"data": str(Path(t.data).resolve()), "fold": t.fold, "checkpoint": str(checkpoint),
-              "probe": "linear-probe", "seed": seed, "epochs": None, "image_size": pre.image_size,
+    inputs = {**t.inputs(), "data": str(Path(t.data).resolve()), "checkpoint": str(checkpoint), "probe": "linear-probe", "seed": seed, "epochs": None, "image_size": pre.image_size,
               "resize": pre.resize}
     tested = test.frame.assign(**{GROUP: patient_groups(test.frame, prepared.root)})
     result = run_linear_probe(predictor, rows_of(cache, pool["image_id"]), pool, test.images, tested, seed=seed,
