@@ -133,7 +133,7 @@ def test_resume_after_kill_matches_uninterrupted(data: Path, straight: Path) -> 
     assert [{k: r[k] for k in same} for r in _log(straight)] == [{k: r[k] for k in same} for r in _log(run)]
 
 
-def test_clear_errors(data: Path, straight: Path, tmp_path: Path) -> None:
+def test_clear_errors(data: Path, straight: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = config_for(data, tmp_path, "x")
     with pytest.raises(DataError, match="is not a prepared dataset"):
         train_fold(replace(base, data=str(tmp_path)))
@@ -149,6 +149,12 @@ def test_clear_errors(data: Path, straight: Path, tmp_path: Path) -> None:
         train_fold(replace(base, out=str(straight.parent), name="straight"))
     assert cli_main(["train", str(data), "--network", "xception", "--image-size", "64"]) == 2
     assert cli_main(["train", "--resume", str(straight), "--network", "resnet50v2"]) == 2
+    # Other settings asked of a resumed run were dropped without a word: refused, each named with the run's own.
+    assert cli_main(["train", "--resume", str(straight), "--epochs-per-phase", "5", "--lr", "0.5", "--fold", "2"]) == 2
+    assert cli_main(["train", "--resume", str(straight), "--epochs-per-phase", "2", "--fold", "1"]) == 0  # its own
+    err = capsys.readouterr().err
+    assert ("keeps the settings it was started with; asked for --epochs-per-phase 5 (the run has 2), --lr 0.5 (the "
+            "run has 0.0001), --fold 2 (the run has 1)") in err
     assert not (tmp_path / "x").exists()  # nothing written for a refused run
     assert pd.read_csv(straight / "log.csv").shape[0] == 4  # and the refused resume left the run alone
     assert not torch.are_deterministic_algorithms_enabled()  # the deterministic runs restored the global flag

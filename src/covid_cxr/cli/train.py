@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from covid_cxr.choices import PRECISIONS
 from covid_cxr.config import PRESETS, PRETRAINED, SCALINGS, TrainConfig, make_config
+from covid_cxr.errors import ConfigError
 from covid_cxr.networks import NETWORK_NAMES
 
 if TYPE_CHECKING:
@@ -47,7 +48,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """The preset with every option the user gave on top."""
+    values = given_options(args)
+    values.update(fixed)
+    return make_config(args.preset, **values)
 
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The training settings as the options give them (None: not given, the preset decides)."""
     values: dict[str, Any] = {
         "network": args.network, "epochs_per_phase": args.epochs_per_phase, "image_size": args.image_size,
         "batch_size": args.batch_size, "lr": args.lr, "drop_rate": args.drop_rate, "scaling": args.scaling,
@@ -60,8 +67,7 @@ def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
         values["weights_files"] = tuple(str(p) for p in args.weights_files)
     if args.no_augment:
         values["augment"] = {"enabled": False}
-    values.update(fixed)
-    return make_config(args.preset, **values)
+    return values
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -73,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "best.pt, last.pt, splits/). --resume RUN continues a run from its last finished epoch.",
     )
     p.add_argument("data", nargs="?", type=Path, help="prepared folder (covid-cxr prepare --out DATA)")
-    p.add_argument("--fold", type=int, default=1, metavar="K", help="fold to train, 1-based (default 1)")
+    p.add_argument("--fold", type=int, metavar="K", help="fold to train, 1-based (default 1)")
     p.add_argument("--name", help="run folder name (default NETWORK-foldK, numbered if taken)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue this run folder (its settings are kept)")
     add_train_options(p)
@@ -88,7 +94,9 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if args.resume is not None:
-        run_dir = train_fold(resume_config(args.resume, args.network), resume=args.resume)
+        saved = resume_config(args.resume, args.network)
+        _refuse_other_settings(args, saved)
+        run_dir = train_fold(saved, resume=args.resume)
     else:
         if args.data is None:
             raise ValueError("give the prepared folder DATA (or --resume RUN to continue a run)")
@@ -96,3 +104,15 @@ def run(args: argparse.Namespace) -> int:
         run_dir = train_fold(config)
     print(f"run folder: {run_dir} (best checkpoint: {run_dir / 'best.pt'})")
     return 0
+
+
+def _refuse_other_settings(args: argparse.Namespace, saved: TrainConfig) -> None:
+    """A resumed run keeps its settings: options that ask for others (more epochs, another lr) were dropped without a
+    word, and a user extending a run believed it extended. Options equal to the run's own are fine."""
+    given = {k: v for k, v in {**given_options(args), "fold": args.fold}.items() if v is not None and k != "augment"}
+    have = saved.to_dict()
+    other = [(k, v, have.get(k)) for k, v in given.items() if k in have and str(v) != str(have[k])]
+    if other:
+        asked = ", ".join(f"--{k.replace('_', '-')} {v} (the run has {was})" for k, v, was in other)
+        raise ConfigError(f"{args.resume} keeps the settings it was started with; asked for {asked}. Resume without "
+                          "them, or train a new run with the settings you want")
