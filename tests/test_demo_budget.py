@@ -73,7 +73,7 @@ def test_the_time_spent_measuring_comes_off_the_budget() -> None:
 
 def test_plan_option() -> None:
     assert parse_plan("96x5") == DemoPlan(96, 5) and parse_plan("72X2") == DemoPlan(72, 2)
-    for bad in ("96", "96x0", "64x5", "ax5", "96x"):
+    for bad in ("96", "96x0", "64x5", "ax5", "96x", "5000x1"):
         with pytest.raises(argparse.ArgumentTypeError, match="SIDExEPOCHS"):
             parse_plan(bad)
 
@@ -83,6 +83,21 @@ def test_small_and_plan_are_refused_together(tmp_path, capsys: pytest.CaptureFix
 
     assert main(["demo", "--out", str(tmp_path / "d"), "--small", "--plan", "72x2"]) == 2
     assert "--small or --plan" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize(("option", "said"), [
+    (["--device", "gpu"], "unknown device 'gpu'"), (["--seed", "-1"], "--seed must be >= 0"),
+    (["--minutes", "inf"], "--minutes must be a number of minutes above 0"),
+])
+def test_a_bad_option_is_refused_before_any_data_is_written(tmp_path, capsys: pytest.CaptureFixture[str],
+                                                             option: list[str], said: str) -> None:
+    """An unknown device was met only at training, after the synthetic data and prepare, and what they left behind
+    then blocked the corrected command ("already holds files")."""
+    from covid_cxr.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--plan", "72x1", *option]) == 2
+    assert said in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

@@ -22,6 +22,9 @@ PAPER_IMAGE_SIZE = 300
 MIN_IMAGE_SIZE = 71
 """Smallest input for which both backbones still produce a feature map (Keras' own minimum for Xception)."""
 
+MAX_IMAGE_SIZE = 2048
+"""Largest image cache ``prepare`` builds (a side of 2048 px is 4 MiB an image)."""
+
 _KERAS_BASE = "https://storage.googleapis.com/tensorflow/keras-applications"
 
 

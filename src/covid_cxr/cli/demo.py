@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from covid_cxr.config import PRECISIONS
 from covid_cxr.errors import ConfigError
-from covid_cxr.networks import MIN_IMAGE_SIZE
+from covid_cxr.networks import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 if TYPE_CHECKING:
     from covid_cxr.pipeline.budget import DemoPlan
@@ -47,8 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.small and args.plan is not None:
         raise ConfigError("--small is a fixed plan; give --small or --plan, not both")
-    if not args.minutes > 0:
-        raise ConfigError(f"--minutes must be above 0; got {args.minutes}")
+    if not 0 < args.minutes < float("inf"):
+        raise ConfigError(f"--minutes must be a number of minutes above 0; got {args.minutes}")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0; got {args.seed}")
     from covid_cxr.pipeline.demo import (
         run_demo,  # the whole library: only when the demo runs
     )
@@ -78,7 +80,9 @@ def parse_plan(text: str) -> DemoPlan:
     )
 
     side, sep, epochs = text.lower().partition("x")
-    if not sep or not side.isdigit() or not epochs.isdigit() or int(epochs) < 1 or int(side) < MIN_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"--plan takes SIDExEPOCHS with SIDE >= {MIN_IMAGE_SIZE} px and EPOCHS >= 1, "
-                                         f"e.g. 96x5 (96 px, 5 epochs a phase); got {text!r}")
+    if (not sep or not side.isdigit() or not epochs.isdigit() or int(epochs) < 1
+            or not MIN_IMAGE_SIZE <= int(side) <= MAX_IMAGE_SIZE):
+        raise argparse.ArgumentTypeError(f"--plan takes SIDExEPOCHS with SIDE from {MIN_IMAGE_SIZE} to "
+                                         f"{MAX_IMAGE_SIZE} px and EPOCHS >= 1, e.g. 96x5 (96 px, 5 epochs a phase); "
+                                         f"got {text!r}")
     return DemoPlan(image_size=int(side), epochs_per_phase=int(epochs))

@@ -62,7 +62,7 @@ from covid_cxr.data.splits import (
 )
 from covid_cxr.errors import ConfigError, DataError
 from covid_cxr.labels import CLASSES
-from covid_cxr.networks import MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
+from covid_cxr.networks import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, PAPER_IMAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,9 @@ class PrepareSettings:
         others = bool(self.covid_chestxray or self.rsna or self.folder)
         covidx.check_settings(self.covidx, self.covidx_images, others=others, splits_from=self.splits_from,
                               labels_only=self.labels_only)
-        if not self.labels_only and not MIN_IMAGE_SIZE <= self.image_size <= 2048:
-            raise ConfigError(f"image size must be between {MIN_IMAGE_SIZE} and 2048 pixels; got {self.image_size}")
+        if not self.labels_only and not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(f"image size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels; got "
+                              f"{self.image_size}")
         if not isinstance(self.split, SplitSettings):
             raise ConfigError(f"split must be SplitSettings; got {type(self.split).__name__}")
 

@@ -76,6 +76,7 @@ def run_demo(out: Path, *, small: bool = False, seed: int = 0, device: str = "au
     run_dir = out / "runs" / "concat-fold1"
     if (run_dir / "run.json").exists():
         raise FileExistsError(f"{out} already holds a demo; give another --out or remove it")
+    choose_runtime(device, precision)  # an unknown device is refused before minutes of data are written
     timings: dict[str, float] = {}
     start = time.perf_counter()
     synth = make_synthetic(out / "synthetic", seed=seed, n_covid=size.n_covid, n_pneumonia=size.n_pneumonia,
