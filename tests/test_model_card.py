@@ -146,6 +146,18 @@ def test_an_evaluation_of_the_runs_own_splits_from_a_copied_folder_stays_interna
     assert next(x for x in card.splitlines() if x.startswith("| eval-test |")).startswith("| eval-test | external |")
 
 
+def test_what_evaluate_warned_of_is_on_the_card(run: Path) -> None:
+    """evaluate --split val at a threshold chosen on that split stored "optimistic by construction" in metrics.json,
+    and the card showed the figures as an ordinary internal result."""
+    warning = ("the threshold (sensitivity=0.95) was chosen on this validation split and is scored on the same "
+               "images: the figures at it are optimistic by construction; evaluate on test for honest ones")
+    best = run / "best.pt"
+    _evaluation(run / "eval-val", [[3, 0, 0], [0, 4, 1], [0, 1, 4]], data=run.parent.parent / "data", split="val",
+                checkpoint=best, kind="internal", warnings=[warning])
+    card = build_card(facts_from_checkpoint(best), run)
+    assert f"- eval-val: warning: {warning}" in card
+
+
 def test_card_evaluation_figures_with_intervals(run: Path) -> None:
     card = build_card(facts_from_checkpoint(run / "best.pt"), run)
     internal = compute_metrics(np.array([[25, 3, 2], [4, 80, 16], [1, 9, 90]]), n_boot=0)

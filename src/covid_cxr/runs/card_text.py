@@ -147,6 +147,9 @@ def evaluation_section(evals: list[dict[str, Any]]) -> list[str]:
               for e in evals if _number(e["metrics"].get("covid_n")) == 0]
     absent += [f"{e['name']}: {describe_own(e['info'].get('own_images'))}; these figures are not external validation"
                for e in evals if describe_own(e["info"].get("own_images"))]
+    # what evaluate warned of when it ran (a threshold chosen on the very split it scored: optimistic by construction)
+    absent += [f"{e['name']}: warning: {w}" for e in evals for w in (e["info"].get("warnings") or [])
+               if isinstance(w, str)]
     lines += [""] + [f"- {a}" for a in absent] if absent else []
     lines += _covidx_lines(evals)
     return lines + [""]
