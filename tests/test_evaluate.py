@@ -125,6 +125,9 @@ def test_evaluate_refuses_what_it_cannot_evaluate(data: Path, tmp_path: Path) ->
     with pytest.raises(DataError, match="may hold training images"):  # by path: still the run's data and fold
         evaluate_run(run / "best.pt", progress=False)
     assert main(["evaluate", str(tmp_path / "nothing.pt"), "--data", str(data), "--fold", "1"]) == 2
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match="--out .*afile is a file; give a folder"):  # before the evaluation, not after
+        evaluate_run(ckpt, data=data, fold=1, out_dir=tmp_path / "afile", progress=False)
 
 
 def test_predictions_frame_reorders_units_to_our_class_order() -> None:

@@ -72,6 +72,8 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
     if fold is None:
         raise DataError(f"{target}: which fold was this checkpoint trained on? pass --fold K")
     out = Path(out_dir) if out_dir is not None else default_out
+    if out.exists() and not out.is_dir():  # found now, not after the whole evaluation
+        raise DataError(f"--out {out} is a file; give a folder for the evaluation's files")
     return Target(checkpoint=checkpoint, data=Path(data), fold=int(fold), out_dir=out, run=run)
 
 
