@@ -100,3 +100,13 @@ def test_ctrl_c_while_the_verb_loads_is_an_interrupt_not_a_traceback(
     monkeypatch.setattr("covid_cxr.cli.importlib.import_module", interrupted)
     assert main(["predict", "model.onnx", "x.png"]) == 130
     assert capsys.readouterr().err == "covid-cxr predict: interrupted\n"
+
+
+@pytest.mark.parametrize("verb", ["synth", "prepare", "train", "demo", "metrics", "audit"])
+def test_a_negative_seed_is_refused_naming_the_option(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """NumPy's "expected non-negative integer" reached the user without the option's name."""
+    argv = {"audit": ["audit", "source", "data", "--seed", "-1"], "metrics": ["metrics", "p.csv", "--seed", "-1"]}
+    with pytest.raises(SystemExit) as ended:
+        main(argv.get(verb, [verb, "--seed", "-1"]))
+    assert ended.value.code == 2
+    assert "argument --seed: a seed is an integer >= 0; got '-1'" in capsys.readouterr().err

@@ -44,6 +44,18 @@ VERBS: dict[str, str] = {
 }
 
 
+def seed(text: str) -> int:
+    """``--seed``'s type, for every verb: an integer >= 0 (NumPy's generators take no other), refused by argparse
+    naming the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is an integer >= 0; got {text!r}")
+    return value
+
+
 def verb_module(verb: str) -> str:
     """The module that registers ``verb``."""
     return f"covid_cxr.cli.{verb.replace('-', '_')}"

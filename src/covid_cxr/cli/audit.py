@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_cxr.choices import PRECISIONS
+from covid_cxr.cli import seed
 from covid_cxr.labels import CLASSES, normalize_label
 
 
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--epochs", type=int, default=8, help="epochs of the CNN probe (default 8; see --min-steps)")
     s.add_argument("--min-steps", type=int, default=300, metavar="N",
                    help="at least this many training steps of the CNN probe per cross-fitting part (default 300)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the probe (default 0)")
+    s.add_argument("--seed", type=seed, default=0, help="seed of the probe (default 0)")
     _runtime_options(s, out_help="output folder (default: the checkpoint's audit folder, or DATA/audit/foldK without "
                                  "one; give RUN/audit to report it with that run's other audits)")
     s.set_defaults(batch_size=64)  # its features go 64 images at a time; no option for it

@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from covid_cxr.cli import seed
 from covid_cxr.config import PRECISIONS
 from covid_cxr.errors import ConfigError
 from covid_cxr.networks import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
@@ -34,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("covid-cxr-demo"), help="output folder (default covid-cxr-demo)")
     p.add_argument("--small", action="store_true", help="a smaller, quicker run (CI size)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, splits and training (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the data, splits and training (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast precision (default auto)")
     p.add_argument("--minutes", type=float, default=10.0,
@@ -49,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--small is a fixed plan; give --small or --plan, not both")
     if not 0 < args.minutes < float("inf"):
         raise ConfigError(f"--minutes must be a number of minutes above 0; got {args.minutes}")
-    if args.seed < 0:
-        raise ConfigError(f"--seed must be >= 0; got {args.seed}")
     from covid_cxr.pipeline.demo import (
         run_demo,  # the whole library: only when the demo runs
     )

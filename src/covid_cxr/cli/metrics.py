@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covid_cxr import fmt
+from covid_cxr.cli import seed
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def add_metric_options(p: argparse.ArgumentParser) -> None:
                    help="also state precision (PPV) where the class has prevalence P (0-1), e.g. 0.05")
     p.add_argument("--prevalence-class", choices=CLASSES, default="covid", help="class --prevalence is for")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="AUC bootstrap resamples (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="bootstrap seed (default 0)")
 
 
 def check_metric_options(args: argparse.Namespace) -> None:

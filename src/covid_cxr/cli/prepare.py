@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from covid_cxr.cli import seed
 from covid_cxr.config import PROTOCOLS
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
 from covid_cxr.networks import PAPER_IMAGE_SIZE
@@ -40,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "'kfold': stratified group k-fold, all other training images in one phase (your own data)")
     p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     p.add_argument("--phases", type=int, default=8, help="training phases per fold (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="split seed (default 0)")
     p.add_argument("--splits-from", type=Path, metavar="DIR",
                    help="reproduce the authors' splits from their files (All.csv, foldK/trainP.csv)")
     p.add_argument("--labels-only", action="store_true",

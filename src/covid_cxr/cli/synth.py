@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from covid_cxr.cli import seed
 from covid_cxr.config import SHORTCUTS
 
 
@@ -16,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(excluded views and findings, multi-box patients, 16-bit and MONOCHROME1 DICOMs). Deterministic for a seed.",
     )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write (created)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (default 0)")
     p.add_argument("--covid", type=int, default=300, metavar="N", help="COVID-19 images (default 300)")
     p.add_argument("--pneumonia", type=int, default=800, metavar="N",
                    help="pneumonia images, ~8%% in covid-chestxray, the rest RSNA (default 800)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covid_cxr.choices import PRECISIONS
+from covid_cxr.cli import seed
 from covid_cxr.config import PRESETS, PRETRAINED, SCALINGS, TrainConfig, make_config
 from covid_cxr.errors import ConfigError
 from covid_cxr.networks import NETWORK_NAMES
@@ -40,7 +41,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="channels_last memory format (default on)")  # fmt: skip
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--workers", type=int, metavar="W", help="batch-loading worker processes")
-    p.add_argument("--seed", type=int, metavar="S", help="seed of shuffles, augmentation and dropout (default 0)")
+    p.add_argument("--seed", type=seed, metavar="S", help="seed of shuffles, augmentation and dropout (default 0)")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic kernels: a resumed run then ends with the same weights")  # fmt: skip
     p.add_argument("--out", type=Path, metavar="RUNS", help="folder of run folders (default runs)")
