@@ -62,3 +62,13 @@ def test_a_replaced_file_keeps_its_mode(umask: int, tmp_path: Path) -> None:
         recreate(tmp)
     assert target.read_bytes() == b"newer" and _mode(target) == 0o604
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]  # no temporary file left behind
+
+
+def test_the_temporary_names_room_is_what_the_writer_adds(tmp_path) -> None:
+    """An overlay's name is shortened to leave this room under the file system's limit: it must be the real one."""
+    from covid_cxr.atomic import atomic_path, temporary_name_room
+
+    target = tmp_path / "scan.xception.png"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"x")
+        assert len(tmp.name) - len(target.name) == temporary_name_room()

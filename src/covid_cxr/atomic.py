@@ -62,11 +62,25 @@ def _give_mode(tmp: PathLike, target: Path) -> None:
     os.chmod(tmp, mode)
 
 
+_RANDOM_CHARACTERS = 8  # what tempfile.mkstemp puts between its prefix and suffix (CPython's name sequence)
+
+
+def _temporary(path: Path, suffix: str = ".tmp") -> tuple[int, str]:
+    """An open temporary file beside ``path``, named ``.NAME.<random>SUFFIX``: hidden, and told apart by its name."""
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+
+
+def temporary_name_room(suffix: str = ".tmp") -> int:
+    """How many bytes the temporary file's name adds to the name of the file it becomes: a name that must be
+    written atomically has to leave that much of the file system's limit free."""
+    return len("..") + _RANDOM_CHARACTERS + len(suffix)
+
+
 def replace_atomically(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write`` on a temporary binary file beside ``path``, make it durable, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             _give_mode(tmp, path)
@@ -87,7 +101,7 @@ def atomic_path(path: PathLike, *, suffix: str = ".tmp") -> Iterator[Path]:
     made durable and renamed to ``path``, otherwise it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, name = _temporary(path, suffix)
     os.close(fd)
     tmp = Path(name)
     try:

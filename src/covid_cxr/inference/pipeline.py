@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covid_cxr.atomic import temporary_name_room
 from covid_cxr.data.images import load_image, resize_gray
 from covid_cxr.data.names import display_path, name_bytes
 from covid_cxr.data.sources.folder import IMAGE_SUFFIXES
@@ -220,10 +221,6 @@ def check_overlay_folder(folder: Path) -> None:
     check_writable_folder(folder, f"--gradcam {display_path(folder)}")
 
 
-# The atomic writer first writes ``.NAME.XXXXXXXX.tmp`` beside ``NAME`` (covid_cxr.atomic): a name needs that room too.
-_TEMPORARY_NAME_ROOM = len("..XXXXXXXX.tmp")
-
-
 def _name_max(folder: Path) -> int:
     """The longest overlay name, in bytes, the folder's file system takes with its temporary name (255 bytes
     where the system does not say)."""
@@ -231,7 +228,7 @@ def _name_max(folder: Path) -> int:
         longest = int(os.pathconf(folder, "PC_NAME_MAX"))
     except (OSError, ValueError, AttributeError):  # not every platform or file system answers
         longest = 255
-    return longest - _TEMPORARY_NAME_ROOM
+    return longest - temporary_name_room()  # overlays are written atomically, through a longer temporary name
 
 
 def predict_inputs(
