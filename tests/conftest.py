@@ -9,6 +9,9 @@ a reason that says how to provide them.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,10 +82,45 @@ def _fixtures_dir() -> Path | None:
     return None
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """ONNX exports that ``--backend auto`` caches go to a folder of this session, never the user's cache."""
-    os.environ.setdefault("COVID_CXR_CACHE", str(tmp_path_factory.mktemp("covid-cxr-cache")))
+USER_CACHE = os.environ.get("COVID_CXR_CACHE")  # a cache the user set for the run is theirs to keep
+
+# Names of the tests that failed, by test file: their tmp_path folders are kept for a look (pyproject's
+# tmp_path_retention_policy = "failed"), the rest of the file's folders go when the file is done.
+_FAILED: dict[str, set[str]] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    if outcome.get_result().failed:
+        _FAILED.setdefault(str(item.path), set()).add(_tmp_path_name(item.name))
+
+
+def _tmp_path_name(test_name: str) -> str:
+    """The start of the folder name pytest gives a test's ``tmp_path`` (``_pytest.tmpdir._mk_tmp``)."""
+    return re.sub(r"[\W]", "_", test_name)[:30]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_scratch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test file's folders are removed when its last test ends, and its ONNX exports go to its own cache.
+
+    pytest removes a passed test's ``tmp_path`` at once, but folders a module-scoped fixture makes (prepared
+    data, trained runs: full-size checkpoints of 180 MB each) would stay until the session ends, and the cache
+    that ``--backend auto`` fills would grow by every checkpoint any test exported. Together they peaked at
+    9.6 GB on two workers, and CI ran out of disk (benchmarks/RESULTS.md, "The suite's disk use").
+    """
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    if USER_CACHE is None:
+        os.environ["COVID_CXR_CACHE"] = str(tmp_path_factory.mktemp("covid-cxr-cache"))
+    yield
+    if USER_CACHE is None:
+        os.environ.pop("COVID_CXR_CACHE", None)
+    failed = _FAILED.get(str(request.path), set())
+    for path in set(base.iterdir()) - before:
+        if not any(path.name.startswith(name) for name in failed):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
