@@ -167,6 +167,31 @@ def test_onnx_backend_refuses_what_it_cannot_do(ckpt, cache) -> None:
         load_model(ckpt, InferenceSettings(precision="bf16", backend="onnx"))
 
 
+def test_the_cache_keeps_the_most_recently_used_exports_within_its_size(ckpt, cache, monkeypatch, cpu_kind) -> None:
+    folder = cache / "onnx"
+    folder.mkdir(parents=True)
+    old = []
+    for age, name in enumerate(["oldest", "older", "recent"]):  # three earlier exports, 1 MB each
+        path = folder / f"{name}.onnx"
+        path.write_bytes(bytes(2**20))
+        os.utime(path, (1_000_000 + age, 1_000_000 + age))
+        old.append(path)
+    (folder / "notes.txt").write_text("not an export")  # only .onnx files are the cache's to evict
+    cpu_kind(False)
+    size = len(export_onnx_bytes(load_checkpoint(ckpt)))
+    # room for the new export (its metadata adds the checkpoint's sha256) and two of the others
+    monkeypatch.setattr(backends, "ONNX_CACHE_BYTES", size + 2 * 2**20 + 4096)
+    loaded = load_model(ckpt, ON_CPU)
+    assert "(1 older export(s) evicted)" in loaded.describe()
+    assert [path.exists() for path in old] == [False, True, True] and (folder / "notes.txt").exists()
+    new = next(folder.glob("*-*.onnx"))
+    os.utime(new, (1_000_000, 1_000_000))  # the new export aged past the others ...
+    assert "cached export" in load_model(ckpt, ON_CPU).describe()
+    assert new.stat().st_mtime > old[2].stat().st_mtime  # ... and a cache hit made it the most recent again
+    assert backends.trim_onnx_cache(folder, keep=old[1], limit=0) == 2  # "keep" stays whatever the limit
+    assert [path.name for path in folder.glob("*.onnx")] == ["older.onnx"]
+
+
 def test_an_unwritable_cache_costs_the_export_not_the_run(ckpt, tmp_path, monkeypatch, cpu_kind) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")

@@ -13,7 +13,8 @@ answers the predictions.
 - ``torch.compile`` asked for, or a precision only PyTorch runs (bf16, fp16): PyTorch;
 - otherwise (fp32 on a CPU: every AVX2-only CPU): ONNX Runtime fp32, the faster of the two exact fp32 paths.
   The checkpoint is exported once (tens of seconds) and the export is cached under
-  ``$COVID_CXR_CACHE/onnx`` by the checkpoint's sha256, so later runs open it in a second.
+  ``$COVID_CXR_CACHE/onnx`` by the checkpoint's sha256, so later runs open it in a second; the cache keeps the
+  most recently used exports within 1.5 GiB.
 
 A checkpoint that decides by a threshold (an operating point other than argmax) runs in fp32 under
 ``--precision auto``, on every device: its threshold was chosen, and its sensitivity and specificity
@@ -204,15 +205,27 @@ def stored_rule(path: Path) -> str:
     return OperatingPoint.from_dict(data.get("operating_point") if isinstance(data, dict) else None).name
 
 
+# The ONNX cache keeps the most recently used exports within this many bytes (one concat export is 180 MB:
+# eight of them; a researcher's five folds, retrained, would otherwise fill a home folder by the gigabyte).
+ONNX_CACHE_BYTES = 1536 * 2**20
+
+
 def cached_onnx(checkpoint: Checkpoint, sha256: str) -> tuple[bytes, str]:
     """The checkpoint's fp32 ONNX export, from the cache when an earlier run wrote it; and where it came from.
 
     Keyed by the checkpoint file's sha256 and the covid-cxr version (whose exporter wrote it). A cache that
-    cannot be written (read-only home, full disk) only costs the export again next time, and says so.
+    cannot be written (read-only home, full disk) only costs the export again next time, and says so. A new
+    export evicts the least recently used ones beyond :data:`ONNX_CACHE_BYTES` (:func:`trim_onnx_cache`).
     """
-    target = default_cache_dir() / "onnx" / f"{sha256}-{__version__}.onnx"
-    if target.is_file():
-        return target.read_bytes(), f"cached export {target}"
+    folder = default_cache_dir() / "onnx"
+    target = folder / f"{sha256}-{__version__}.onnx"
+    try:
+        data = target.read_bytes()
+    except OSError:
+        pass  # not exported yet, evicted by another process, or no cache folder: export (and say why not cached)
+    else:
+        _touch(target)
+        return data, f"cached export {target}"
     started = time.perf_counter()
     data = export_onnx_bytes(checkpoint, source_sha256=sha256)
     took = f"exported in {time.perf_counter() - started:.0f} s"
@@ -220,7 +233,46 @@ def cached_onnx(checkpoint: Checkpoint, sha256: str) -> tuple[bytes, str]:
         write_bytes(target, data)
     except OSError as exc:
         return data, f"{took}; not cached ({exc.strerror or exc}: set COVID_CXR_CACHE to a writable folder)"
-    return data, f"{took}, cached as {target}"
+    evicted = trim_onnx_cache(folder, keep=target, limit=ONNX_CACHE_BYTES)
+    return data, f"{took}, cached as {target}" + (f" ({evicted} older export(s) evicted)" if evicted else "")
+
+
+def trim_onnx_cache(folder: Path, *, keep: Path, limit: int) -> int:
+    """Remove the least recently used exports until the folder's ``.onnx`` files fit in ``limit`` bytes.
+
+    ``keep`` (the export just written) always stays, whatever its size. Recency is the file's modification
+    time, which a cache hit refreshes. Files another process removed meanwhile are skipped; returns the number
+    removed by this call.
+    """
+    entries = []
+    for path in folder.glob("*.onnx"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    removed = 0
+    for _, size, path in sorted(entries, key=lambda entry: entry[0]):  # oldest first
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue  # gone already, or not ours to remove: it only costs disk
+        total -= size
+        removed += 1
+    return removed
+
+
+def _touch(path: Path) -> None:
+    """Mark a cache entry as just used (a read-only cache keeps its order: nothing is evicted from it either)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def make_predictor(
