@@ -416,3 +416,33 @@ def test_the_audits_decide_by_the_models_rule_as_evaluate_does() -> None:
     cross = run_cross_source(RulePredictor(), images[:4], ["a"] * 4, images[:4], source="b", cls="covid")
     assert cross["metrics"]["unseen_source"]["recall"]["value"] == 1.0  # argmax: 0.0
     assert any("decided by the model's stored rule" in n for n in cross["notes"])
+
+
+def test_the_audits_run_a_threshold_rule_in_fp32_as_evaluate_does(tmp_path, monkeypatch) -> None:
+    """Under --precision auto on a bf16 CPU (stood in, as tests/test_decisions.py does), evaluate ran a model with a
+    threshold rule in fp32 and the audits in bf16: the audit's "as is" figures were not evaluate's. Both now take
+    the precision from one rule (``decision_precision``); an argmax model keeps bf16, an explicit choice is kept."""
+    import torch
+
+    from covid_cxr import runtime
+    from covid_cxr.audit.data import AuditTarget
+    from covid_cxr.inference.settings import InferenceSettings
+    from covid_cxr.runs.checkpoint import load_checkpoint
+    from tests.test_server import tiny_checkpoint
+
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # a capped oneDNN says no bf16
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(runtime, "_onednn_supports_bf16", lambda: True)
+    checkpoint = load_checkpoint(tiny_checkpoint(tmp_path / "tiny.pt", size=72))
+    auto, bf16 = InferenceSettings(device="cpu"), InferenceSettings(device="cpu", precision="bf16")
+
+    def precision(settings: InferenceSettings) -> str:
+        target = AuditTarget(checkpoint, tmp_path / "tiny.pt", tmp_path, 1, run=None)  # type: ignore[arg-type]
+        return target.predictor(settings).runtime.precision
+
+    assert precision(auto) == "bf16"  # argmax: the stand-in's bf16, as evaluate's
+    checkpoint.operating_point = {"rule": "sensitivity", "target": 0.95, "positive_class": "covid", "threshold": 0.25}
+    assert precision(auto) == "fp32"  # a threshold, chosen on fp32 probabilities
+    assert precision(bf16) == "bf16"

@@ -237,6 +237,16 @@ def choose_from_probs(rule: str, probs: np.ndarray, true_classes: Sequence[str],
     return choose(rule, positive, np.asarray(probs)[:, k], positive_class=positive_class)
 
 
+def decision_precision(precision: str, rule: str) -> str:
+    """The precision a model deciding by ``rule`` (an :attr:`OperatingPoint.name`) runs in.
+
+    ``auto`` means fp32 for a threshold rule, the precision its threshold was chosen and validated in, so that
+    ``evaluate``, ``predict``, ``serve`` and the audits decide each image as the record says; anything asked
+    for explicitly is kept (``precision_warning`` in ``inference.backends`` says what it costs).
+    """
+    return "fp32" if precision == "auto" and rule != "argmax" else precision
+
+
 def of_predictor(predictor: Any) -> OperatingPoint:
     """The rule a loaded model carries: a checkpoint's ``operating_point``, or an ONNX model's metadata."""
     checkpoint = getattr(predictor, "checkpoint", None)

@@ -40,7 +40,6 @@ from covid_cxr.evaluate.metrics import (
 )
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
-from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.operating_point import OperatingPoint, audit_note, of_predictor
 from covid_cxr.runs.results import audit_dir_for, make_result, write_result
 from covid_cxr.stats import Proportion
@@ -262,7 +261,7 @@ def audit_ablation(
 ) -> tuple[dict[str, Any], Path]:
     """``covid-cxr audit ablation``: the checkpoint over the fold's test set, three ways; writes ``ablation.json``."""
     t, test, lungs = load_test_images_and_lungs(target, data, fold, masks)
-    predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
+    predictor = t.predictor(settings)  # decides by the model's rule, in evaluate's precision
     pre = t.checkpoint.preprocessing
     inputs = {**t.inputs(), "network": t.checkpoint.network, "split": "test", "image_size": pre.image_size,
               "resize": pre.resize, "masks": str(masks) if masks is not None else None, "runtime": predictor.runtime.describe()}

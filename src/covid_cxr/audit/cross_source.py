@@ -36,7 +36,6 @@ from covid_cxr.data.sources import parse_folder_spec, read_folder
 from covid_cxr.errors import DataError
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
-from covid_cxr.inference.torch_model import TorchPredictor
 from covid_cxr.operating_point import audit_note, of_predictor
 from covid_cxr.runs.own_images import prepared_digests
 from covid_cxr.runs.resolve import cache_for, training_pool
@@ -189,7 +188,7 @@ def audit_cross_source(
     in_frame = test.frame[(test.frame["label"] == cls) & (test.frame["source"] != source)]
     in_images = test.images[in_frame.index.to_numpy()]
     out_images = unseen.images(out_frame["image_id"])
-    predictor = TorchPredictor(t.checkpoint, device=settings.device, precision=settings.precision)
+    predictor = t.predictor(settings)  # decides by the model's rule, in evaluate's precision
     inputs = {**t.inputs(), "source": source,
               "source_data": str(source_data) if source_data is not None else None, "class": cls,
               "image_size": pre.image_size, "resize": pre.resize, "runtime": predictor.runtime.describe()}

@@ -17,6 +17,9 @@ import pandas as pd
 from covid_cxr.audit.lungs import LungFields, estimate_lung_fields, load_user_masks
 from covid_cxr.data.prepared import ImageCache, PreparedData
 from covid_cxr.data.splits import merge_identical
+from covid_cxr.inference.settings import InferenceSettings
+from covid_cxr.inference.torch_model import TorchPredictor
+from covid_cxr.operating_point import OperatingPoint, decision_precision
 from covid_cxr.runs import resolve
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint_sha256
 from covid_cxr.runs.folder import RunInfo
@@ -39,6 +42,14 @@ class AuditTarget:
         and fold."""
         return {"checkpoint": str(self.checkpoint_path), "model_sha256": self.sha256, "data": str(self.data),
                 "fold": self.fold}
+
+    def predictor(self, settings: InferenceSettings) -> TorchPredictor:
+        """The model as an audit that decides by its rule runs it: in fp32 under ``--precision auto`` when the
+        rule is a threshold (:func:`~covid_cxr.operating_point.decision_precision`), as ``evaluate`` does, so
+        that the audit's "as is" figures are ``evaluate``'s."""
+        rule = OperatingPoint.from_dict(self.checkpoint.operating_point).name
+        return TorchPredictor(self.checkpoint, device=settings.device,
+                              precision=decision_precision(settings.precision, rule))
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from covid_cxr.inference.protocol import Predictor
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.models.pretrained import default_cache_dir
-from covid_cxr.operating_point import OperatingPoint
+from covid_cxr.operating_point import OperatingPoint, decision_precision
 from covid_cxr.runs.checkpoint import HDF5_MAGIC, PICKLE_MAGIC, ZIP_MAGIC, Checkpoint, load_checkpoint_sha256
 from covid_cxr.runtime import choose_runtime
 
@@ -89,10 +89,11 @@ def choose_backend(
     ``precision="auto"`` means fp32, the precision the threshold was chosen in, and the reason says so where
     auto would otherwise have taken bf16 or fp16.
     """
-    if precision != "auto" or rule == "argmax":
-        return replace(_choose_backend(backend, device, precision, compile), precision=precision)
+    decided = decision_precision(precision, rule)
+    choice = replace(_choose_backend(backend, device, decided, compile), precision=decided)
+    if decided == precision:
+        return choice
     usual = choose_runtime(device, "auto").precision
-    choice = replace(_choose_backend(backend, device, "fp32", compile), precision="fp32")
     if usual == "fp32":
         return choice
     return replace(choice, reason=f"{choice.reason}; fp32, not {usual}: the model decides by {rule}, a threshold "
