@@ -235,6 +235,11 @@ def test_training_holds_its_run_folder_for_as_long_as_it_trains(data: Path, tmp_
     with pytest.raises(RuntimeError, match="boom"):
         runner.train_fold(_config(data, tmp_path, "failed"), live=False)
     assert not (tmp_path / "failed").exists()
+    # Nor the RUNS folders it made to hold it (a refused `train --out RUNS` left an empty RUNS); others stay.
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.train_fold(_config(data, tmp_path / "kept" / "runs" / "of-today", "failed"), live=False)
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_a_checkpoint_replaced_while_it_is_read_keeps_its_own_hash(straight: Path, tmp_path: Path,

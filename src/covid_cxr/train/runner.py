@@ -164,13 +164,32 @@ def _new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def _remove_unstarted(root: Path) -> None:
-    """Take back a new run folder that failed before writing anything: its lock file, then the folder if empty."""
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (``path`` itself or an ancestor); None if it does."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_unstarted(root: Path, made: Path | None) -> None:
+    """Take back a new run folder that failed before writing anything: its lock file, then the folder if empty,
+    and the empty folders above it that this run made (``made``: the outermost, from :func:`_first_missing`), so
+    that a refused ``train --out RUNS`` leaves no empty RUNS behind."""
     if RunFolder(root).exists():
         return
     lock_path(root).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        root.rmdir()  # only when empty
+    if made is None:
+        return
+    for folder in (root, *root.parents):
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            return
+        if folder == made:
+            return
 
 
 def _phase_data(frame: pd.DataFrame, cache: ImageCache, where: str) -> PhaseData:
@@ -238,11 +257,12 @@ class Trainer:
             self.config = replace(self.config, name=folder.name)
         self._lock = contextlib.ExitStack()  # the run folder's lock (main process): released by close()
         self._holds_lock = False
+        self._made: Path | None = None  # the outermost folder a new run made for itself (set under the lock)
         try:
             self._set_up(folder, stream, live)
         except BaseException:
             if not self.resuming and self._holds_lock:
-                _remove_unstarted(folder.root)  # while still holding the lock: no one else is using that file
+                _remove_unstarted(folder.root, self._made)  # holding the lock still: no one else uses that file
             self.close()
             raise
 
@@ -270,6 +290,7 @@ class Trainer:
         if dist.is_main:
             fix = (f"wait for it to end, or stop it, then continue with --resume {folder.root}" if self.resuming else
                    "choose another --name, or start again without --name (the next free name is taken)")
+            self._made = None if self.resuming else _first_missing(folder.root)  # what _remove_unstarted may take
             self._lock.enter_context(hold_run(folder.root, "training it", fix))
             self._holds_lock = True
         last = self._last_checkpoint(folder) if self.resuming else None
