@@ -156,6 +156,9 @@ def test_what_evaluate_warned_of_is_on_the_card(run: Path) -> None:
                 checkpoint=best, kind="internal", warnings=[warning])
     card = build_card(facts_from_checkpoint(best), run)
     assert f"- eval-val: warning: {warning}" in card
+    header, _ = split_front_matter(card)  # the Hub shows the index alone: the warning travels with the figures
+    names = [r["dataset"]["name"] for r in header["model-index"][0]["results"]]
+    assert f"internal: eval-val (evaluate warned: {warning})" in names and "internal: eval-test" in names
 
 
 def test_card_evaluation_figures_with_intervals(run: Path) -> None:

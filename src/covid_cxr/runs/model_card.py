@@ -191,7 +191,8 @@ def _index_entry(e: dict[str, Any]) -> dict[str, Any] | None:
     if not metrics:
         return None
     kind = "not external" if own_text(info.get("own_images")) else "external" if e["external"] else "internal"
-    name = f"{kind}: {e['name']}"
+    warned = [w for w in info.get("warnings") or [] if isinstance(w, str)]  # a reader of the index alone sees it too
+    name = f"{kind}: {e['name']}" + (f" (evaluate warned: {'; '.join(warned)})" if warned else "")
     return {"task": {"type": "image-classification", "name": "COVID-19 / pneumonia / normal chest X-ray"},
             "dataset": {"name": name, "type": Path(str(info.get("data", "unknown"))).name or "unknown",
                         "split": str(info.get("split", ""))}, "metrics": metrics}
