@@ -47,7 +47,7 @@ from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.models.pretrained import default_cache_dir
 from covid_cxr.operating_point import OperatingPoint, decision_precision
-from covid_cxr.runs.checkpoint import HDF5_MAGIC, PICKLE_MAGIC, ZIP_MAGIC, Checkpoint, load_checkpoint_sha256
+from covid_cxr.runs.checkpoint import Checkpoint, file_kind, load_checkpoint_sha256
 from covid_cxr.runtime import choose_runtime
 
 BACKEND_ENV = "COVID_CXR_BACKEND"  # the default for --backend (auto when unset)
@@ -154,8 +154,7 @@ class LoadedModel:
 
 def is_checkpoint_file(path: Path) -> bool:
     """``torch.save`` writes a zip archive; an ONNX model is a protobuf, which never starts with ``PK``."""
-    with open(path, "rb") as fh:
-        return fh.read(4) == ZIP_MAGIC
+    return file_kind(path) == "zip"
 
 
 def model_file_kind(path: Path) -> str:
@@ -163,20 +162,19 @@ def model_file_kind(path: Path) -> str:
 
     Everything that is not a zip would otherwise reach ONNX Runtime and come back as "InvalidProtobuf".
     """
-    with open(path, "rb") as fh:
-        head = fh.read(len(HDF5_MAGIC))
-    if head.startswith(ZIP_MAGIC):
+    kind = file_kind(path)
+    if kind == "zip":
         return "checkpoint"
-    if not head:
+    if kind == "empty":
         raise CheckpointError(f"{path}: empty file (0 bytes), likely an interrupted copy or download; copy the model "
                               "file again")
-    if head == HDF5_MAGIC:
+    if kind == "hdf5":
         raise CheckpointError(f"{path}: a Keras HDF5 model; convert it first with 'covid-cxr import-keras {path} "
                               "--out model.pt', then give model.pt")
-    if head.startswith(PICKLE_MAGIC) or path.suffix.lower() in (".pt", ".pth", ".ckpt"):
+    if kind == "pickle" or (kind == "other" and path.suffix.lower() in (".pt", ".pth", ".ckpt")):
         raise CheckpointError(f"{path}: not a covid-cxr checkpoint (those are zip archives written by 'covid-cxr "
                               "train' or 'covid-cxr import-keras') nor an exported .onnx model; give one of those")
-    return "onnx"
+    return "onnx"  # an ONNX file, or anything else: ONNX Runtime's own check names what is wrong with it
 
 
 def resolve_compile(

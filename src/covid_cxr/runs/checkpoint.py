@@ -98,26 +98,43 @@ PICKLE_MAGIC = b"\x80"  # a pickle: torch.save's legacy format, or a pickled mod
 ONNX_MAGIC = b"\x08"  # an ONNX ModelProto starts with its ir_version (field 1, a varint)
 
 
+def file_kind(path: Path) -> str:
+    """What a model file is by its first bytes (raises OSError when it cannot be read), for the words a user gets:
+
+    ``zip`` (``torch.save``: a checkpoint), ``empty``, ``hdf5`` (Keras), ``pickle`` (``torch.save``'s legacy
+    format, or a pickled model), ``onnx`` (a protobuf's first field, or the suffix) or ``other``. One decision for
+    :func:`unreadable` (after ``torch.load`` failed) and ``inference.backends.model_file_kind`` (before a backend
+    is chosen).
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(len(HDF5_MAGIC))
+    if not head:
+        return "empty"
+    for kind, magic in (("zip", ZIP_MAGIC), ("hdf5", HDF5_MAGIC), ("pickle", PICKLE_MAGIC)):
+        if head.startswith(magic):
+            return kind
+    return "onnx" if head.startswith(ONNX_MAGIC) or path.suffix.lower() == ".onnx" else "other"
+
+
 def unreadable(path: Path, exc: BaseException) -> str:
-    """Why ``torch.load`` could not read ``path``, said by what the file is (its first bytes), with the fix.
+    """Why ``torch.load`` could not read ``path``, said by what the file is (:func:`file_kind`), with the fix.
 
     torch's own words (an unpickling error suggesting ``weights_only=False``, ``EOFError``, ``KeyError: 101``)
     tell a user nothing and one of them suggests running arbitrary code.
     """
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(len(HDF5_MAGIC))
+        kind = file_kind(path)
     except OSError:
-        head = None
-    if head == b"":
+        kind = None
+    if kind == "empty":
         return f"{path}: empty file (0 bytes), likely an interrupted copy or download; copy the checkpoint again"
-    if head == HDF5_MAGIC:
+    if kind == "hdf5":
         return (f"{path}: a Keras HDF5 model, not a covid-cxr checkpoint; convert it first with 'covid-cxr "
                 f"import-keras {path} --out model.pt', then give model.pt")
-    if head is not None and (path.suffix.lower() == ".onnx" or head.startswith(ONNX_MAGIC)):
+    if kind == "onnx":
         return (f"{path}: an ONNX model, not a covid-cxr checkpoint; give the checkpoint (.pt, e.g. RUN/best.pt) "
                 "it was exported from")
-    if head is not None and not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+    if kind == "other":
         return (f"{path}: not a covid-cxr checkpoint (those are zip archives written by 'covid-cxr train' or "
                 "'covid-cxr import-keras'); give one of those")
     return f"{path}: not a readable checkpoint, damaged or not covid-cxr's ({type(exc).__name__}: {exc})"
