@@ -51,8 +51,8 @@ def _fake_run(run_dir: Path) -> None:
 def serving(model: Path, log: Path) -> Iterator[str]:
     """The real command line: ``covid-cxr serve MODEL --port 0``, until its /health answers; its output in ``log``.
 
-    Port 0 lets the server bind a free port itself and name it: a port picked here and bound later by the
-    server could be taken in between (the suite runs in several processes at once).
+    Port 0 lets the server bind a free port itself and name it ("serving on URL"): a port picked here and bound
+    later by the server could be taken in between (the suite runs in several processes at once).
     """
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "covid_cxr", "serve", str(model), "--port", "0",
@@ -63,7 +63,7 @@ def serving(model: Path, log: Path) -> Iterator[str]:
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"covid-cxr serve exited with {proc.returncode}:\n{log.read_text()}")
-            bound = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text(errors="replace"))
+            bound = re.search(r"serving on (http://127\.0\.0\.1:\d+)/", log.read_text(errors="replace"))
             url = bound.group(1) if bound else None
             try:
                 if url and httpx.get(f"{url}/health", timeout=2).status_code == 200:

@@ -395,6 +395,25 @@ def test_serve_takes_the_edges_of_each_range():
     assert build_parser("serve").parse_args(["serve", "m.onnx", "--port", "0"]).port == 0
 
 
+def test_serve_refuses_a_port_in_use_and_a_foreign_host_before_the_model_loads(tmp_path, capsys):
+    """A port in use cost the model's export and warm-up, then gave uvicorn's ERROR line and exit status 3; the
+    socket is now bound first, and each refusal is one line naming the flag and the fix."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        missing = tmp_path / "no-such-model.onnx"  # never opened: the refusal comes first
+        assert main(["serve", str(missing), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"--port {port}: 127.0.0.1:{port} is in use" in err and "choose another --port" in err
+        assert "no-such-model" not in err and "Traceback" not in err
+    assert main(["serve", str(missing), "--host", "203.0.113.7", "--port", "0"]) == 2  # TEST-NET-3: no one's
+    err = capsys.readouterr().err
+    assert "--host 203.0.113.7: not an address of this machine" in err and "Traceback" not in err
+    assert main(["serve", str(missing), "--port", "0"]) == 2  # a free port: then the model is the fault
+    assert "no-such-model.onnx" in capsys.readouterr().err
+
+
 # --- serve: one image per request, documentation offline, a client that hangs up -------------------------------------
 
 @pytest.fixture(scope="module")

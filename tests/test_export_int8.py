@@ -148,7 +148,7 @@ def test_serve_prints_the_int8_record(exported_run: tuple[Path, str], monkeypatc
     import uvicorn
 
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: served.append(sockets))
     run, _ = exported_run
     rc, err = _cli("serve", str(run / "best.int8.onnx"), "--port", "0")
     assert rc == 0 and served, err

@@ -7,7 +7,9 @@ exposing it on a network. It is a research tool, not a diagnostic device.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import socket
 import sys
 from pathlib import Path
 
@@ -50,6 +52,40 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use or a host that is not this machine's is
+    one line naming the flag, not uvicorn's ERROR and exit status 3 after a minute's export and warm-up."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror}); give 127.0.0.1 (this "
+                         "machine only), 0.0.0.0 (every interface) or one of its own addresses") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(f"--port {port}: {host}:{port} is in use (another covid-cxr serve, or another program); "
+                             "stop that one or choose another --port (0: a free one)") from None
+        if exc.errno == errno.EACCES:
+            raise ValueError(f"--port {port}: this user may not bind ports below 1024 here; choose --port 1024 or "
+                             "above (0: a free one)") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(f"--host {host}: not an address of this machine; give 127.0.0.1 (this machine only), "
+                             "0.0.0.0 (every interface) or one of its own addresses") from None
+        raise
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """The address a bound socket serves, as a browser takes it (the port the system chose for --port 0)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/" if sock.family == socket.AF_INET6 else f"http://{host}:{port}/"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP: REST API, OpenAPI docs and a web page",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a covid-cxr checkpoint (.pt), an exported ONNX model, or a run folder (its best.pt)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000,
-                   help="port, 0-65535 (default 8000; 0: a free one, which uvicorn's start-up line names)")
+                   help="port, 0-65535 (default 8000; 0: a free one, which the 'serving on' line names)")
     p.add_argument("--backend", choices=BACKENDS,
                    help="auto (default: the fastest exact path here for a .pt, onnx for .onnx), torch or onnx")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -92,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                           max_batch=args.max_batch)
     check_limits(limits)  # before the model is loaded: a refused limit should not cost an export
+    sock = listen(args.host, args.port)  # so is a port in use
     model = model_file(args.checkpoint)
     settings = InferenceSettings(device=args.device, precision=args.precision, backend=args.backend)
     loaded = load_model(model, settings, compile=args.compile, follow_rule=True)
@@ -105,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     for warning in loaded.warnings():
         print(warning, file=sys.stderr)
     print_int8_record(loaded.predictor, model)
-    where = f"http://{args.host}:{args.port}/" if args.port else f"a free port of {args.host} (uvicorn names it below)"
-    print(f"serving on {where} (API description at /docs and /openapi.json)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=True)
+    print(f"serving on {url_of(sock)} (API description at /docs and /openapi.json; Ctrl-C stops it)", file=sys.stderr)
+    with sock:
+        uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=True)).run(sockets=[sock])
     return 0
