@@ -88,6 +88,10 @@ def test_tuned_allocator_reuses_freed_memory_instead_of_faulting_fresh_pages() -
 
 def test_thread_override_and_bad_values() -> None:
     assert _probe(COVID_CXR_THREADS="1")["threads"] == 1
+    # torchrun's ranks on one machine share its cores (each took them all: ten times slower on 2 cores) ...
+    assert _probe(LOCAL_WORLD_SIZE="2")["threads"] == max(1, physical_cores() // 2)
+    assert _probe(LOCAL_WORLD_SIZE=str(physical_cores() + 1))["threads"] == 1  # ... at least one thread each
+    assert _probe(LOCAL_WORLD_SIZE="2", COVID_CXR_THREADS="3")["threads"] == 3  # the override still wins
     for env in ({"COVID_CXR_THREADS": "zero"}, {"COVID_CXR_ALLOCATOR": "magic"}):
         full_env = {**os.environ, **env}
         done = subprocess.run(
