@@ -138,6 +138,22 @@ def test_torchrun_ranks_validate_with_rank_0s_batchnorm_statistics(runs: Path) -
     assert result["max_difference_from_rank_0"] == 0.0
 
 
+def test_ranks_started_with_other_settings_are_refused_on_every_rank(data: Path, tmp_path: Path) -> None:
+    """Rank 1 with another learning rate and epoch count trained beside rank 0 without a word (the record said rank
+    0's settings), and the epochs that differed left rank 0 waiting for ever. Now every rank refuses, naming each
+    setting that differs, before any folder is made."""
+    argv = _args(data, tmp_path / "runs", "mixed", _one_batch(data))
+    cmd = [*LAUNCH, "-m", "tests.test_train_distributed", RANK_1_ADDS, "--lr 0.01 --epochs-per-phase 2", *argv]
+    done = subprocess.run(cmd, env=ENV, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0, _failure(done)
+    refusals = [line for line in done.stderr.splitlines() if "started with different settings" in line]
+    assert len(refusals) == 2, _failure(done)  # one from each rank: neither was left waiting
+    assert "epochs_per_phase (rank 0: 1, rank 1: 2)" in refusals[0] and "lr (rank 0: " in refusals[0]
+    agent = done.stderr.find('Traceback (most recent call last):\n  File "<frozen runpy>"')  # torchrun's own
+    assert "Traceback" not in done.stderr[:agent if agent >= 0 else None], _failure(done)  # the ranks': one line
+    assert not (tmp_path / "runs" / "mixed").exists()
+
+
 FINALIZED = "this rank went through the interpreter's finalization"
 
 
@@ -181,5 +197,9 @@ def _train_gathering_buffers(buffers_json: Path, argv: list[str]) -> None:
 BUFFERS = "buffers.json"
 LAUNCH_OUT = "torchrun.stdout"
 
-if __name__ == "__main__":  # run by torchrun from the fixture above
+RANK_1_ADDS = "--rank-1-adds"  # the ranks started with different options: rank 1 adds these to the command
+
+if __name__ == "__main__":  # run by torchrun from the fixture above and from the test of ranks that disagree
+    if sys.argv[1] == RANK_1_ADDS:
+        entry(sys.argv[3:] + (sys.argv[2].split() if os.environ.get("RANK") == "1" else []))
     _train_gathering_buffers(Path(sys.argv[1]), sys.argv[2:])

@@ -29,7 +29,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as torch_dist
@@ -132,6 +132,15 @@ def broadcast_object(obj: T, info: DistInfo) -> T:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj: T, info: DistInfo) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank (picklable; ``[obj]`` in a world of one)."""
+    if not info.enabled:
+        return [obj]
+    box: list[Any] = [None] * info.world_size
+    torch_dist.all_gather_object(box, obj)
+    return box
 
 
 def barrier(info: DistInfo) -> None:

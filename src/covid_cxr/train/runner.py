@@ -247,6 +247,7 @@ class Trainer:
         self.dist = dist
         self.resuming = folder is not None
         self._resolve_data(config)
+        self._check_ranks_agree(folder)
         self._set_global_flags()
         self.runtime: Runtime = choose_runtime(distributed.device_for(dist, self.config.device), self.config.precision,
                                                self.config.channels_last)  # fmt: skip
@@ -340,6 +341,26 @@ class Trainer:
             raise ConfigError(
                 f"batch size {self.config.batch_size} is smaller than the {self.dist.world_size} processes"
             )
+
+    def _check_ranks_agree(self, folder: RunFolder | None) -> None:
+        """Every torchrun rank trains rank 0's settings on rank 0's splits, or none trains.
+
+        Ranks started with other options trained together without a word: rank 1 on fold 2 (whose training
+        images hold fold 1's test images) at 100 times the learning rate, recorded as rank 0's run; other epoch
+        counts left rank 0 waiting for ever at the end. Raised on every rank alike, so none is left waiting.
+        (A rank whose data cannot be read at all stops before this; torchrun then ends the others.)
+        """
+        # Paths may differ between machines (another mount point): the splits' hash says whether the data agree.
+        mine = {**{k: v for k, v in self.config.to_dict().items() if k not in ("data", "out")},
+                "splits (hash)": self.fold.split_hash[:12], "resuming": folder is not None}
+        everyone = distributed.all_gather_object(mine, self.dist)
+        differ = [f"{key} (rank 0: {everyone[0].get(key)}, rank {rank}: {theirs.get(key)})"
+                  for rank, theirs in enumerate(everyone[1:], start=1)
+                  for key in sorted(set(everyone[0]) | set(theirs)) if theirs.get(key) != everyone[0].get(key)]
+        if differ:
+            shown = "; ".join(differ[:6]) + (f"; and {len(differ) - 6} more" if len(differ) > 6 else "")
+            raise ConfigError(f"the torchrun processes were started with different settings: {shown}; start every "
+                              "process with the same command and data")
 
     def _set_global_flags(self) -> None:
         """Deterministic kernels (or cuDNN autotuning); :func:`train_fold` restores the deterministic flag."""
