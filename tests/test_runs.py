@@ -198,3 +198,45 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path: Path, na
         load_checkpoint(path)
     assert main(["model-card", str(path), "--out", str(tmp_path / "card.md")]) == 2
     assert not (tmp_path / "card.md").exists()
+
+
+class _SignalWhilePickled:
+    """Sends ``signum`` to this process when torch.save pickles it, half-way through the checkpoint's bytes."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import os
+
+        os.kill(os.getpid(), self.signum)
+        return (int, ())
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_checkpoint_write_acts_once_the_file_is_in_place(tmp_path: Path, signame: str) -> None:
+    """A Ctrl-C or SIGTERM inside torch.save ended training with the zip writer's RuntimeError ("unexpected pos"),
+    exit status 1, instead of "interrupted" (130) or 143. The signal now waits for the write and acts after it."""
+    import signal
+
+    import torch
+
+    from covid_cxr.runs.checkpoint import atomic_torch_save
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # as training's SIGTERM handler does
+
+    signum = getattr(signal, signame)
+    handler = signal.default_int_handler if signame == "SIGINT" else stop  # a pytest-xdist worker ignores SIGINT
+    expected = KeyboardInterrupt if signame == "SIGINT" else SystemExit
+    before = signal.signal(signum, handler)
+    path = tmp_path / "last.pt"
+    try:
+        with pytest.raises(expected):
+            atomic_torch_save({"a": torch.ones(2**20), "b": _SignalWhilePickled(signum), "c": torch.arange(5)}, path)
+        assert signal.getsignal(signum) is handler  # put back
+    finally:
+        signal.signal(signum, before)
+    saved = torch.load(path, weights_only=False)  # whole: written and renamed before the signal acted
+    assert saved["a"].shape == (2**20,) and saved["c"].tolist() == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left

@@ -19,9 +19,6 @@ import os
 import re
 import shutil
 import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from covid_cxr import __version__
-from covid_cxr.atomic import read_json, write_json
+from covid_cxr.atomic import read_json, signals_held, write_json
 from covid_cxr.data.author_splits import read_author_splits
 from covid_cxr.data.cache import (
     META_FILE,
@@ -333,29 +330,11 @@ def _clear_leftovers(out: Path) -> list[str]:
     return notes
 
 
-@contextmanager
-def _ctrl_c_held() -> Iterator[list[int]]:
-    """Hold Ctrl-C (SIGINT) back over steps that must not stop half-way; the list yielded records one that came.
-
-    Only the main thread can set a handler; elsewhere (and where Python does not own the handler) nothing is held.
-    """
-    caught: list[int] = []
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield caught
-        return
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield caught
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _swap_in(tmp: Path, out: Path) -> bool:
     """Put the finished ``tmp`` in place of ``out`` (the earlier one deleted); True when a Ctrl-C came meanwhile,
     held back so that ``out`` is never missing, nor an earlier one left beside it."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    with _ctrl_c_held() as caught:
+    with signals_held(signal.SIGINT, redeliver=False) as caught:  # prepare_dataset says the folder is complete
         if out.exists():
             out.rename(old)
         try:

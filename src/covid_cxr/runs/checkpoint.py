@@ -23,6 +23,7 @@ either the old file or the new one.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, BinaryIO
 import torch
 
 from covid_cxr import __version__
-from covid_cxr.atomic import replace_atomically, stream_sha256
+from covid_cxr.atomic import replace_atomically, signals_held, stream_sha256
 from covid_cxr.errors import CheckpointError
 from covid_cxr.labels import check_classes
 from covid_cxr.models import build_model
@@ -83,8 +84,10 @@ class Checkpoint:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Save ``obj`` to ``path`` through a temporary file and a rename; never leaves a partial file."""
-    return replace_atomically(path, lambda fh: torch.save(obj, fh))
+    """Save ``obj`` to ``path`` through a temporary file and a rename; never leaves a partial file. A Ctrl-C or
+    SIGTERM that comes meanwhile acts once the file is in place (:func:`~covid_cxr.atomic.signals_held`)."""
+    with signals_held(signal.SIGINT, signal.SIGTERM, redeliver=True):
+        return replace_atomically(path, lambda fh: torch.save(obj, fh))
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
