@@ -220,3 +220,5 @@ def test_sigterm_ends_a_run_as_stopped_with_the_signals_status(data: Path, tmp_p
     if info["status"] == "finished":
         pytest.skip("the run finished before SIGTERM reached it (a very fast machine)")
     assert rc == 128 + signal.SIGTERM and info["status"] == "stopped"
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "training stopped (" in err and f"continue it with 'covid-cxr train --resume {run}'" in err, err[-2000:]

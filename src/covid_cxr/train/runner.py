@@ -616,6 +616,11 @@ class Trainer:
         with contextlib.suppress(OSError):  # the error that stopped the run is the one to report
             self.info = self.info.replace(status="stopped")
             self.folder.write_info(self.info)
+        # a SIGTERM ends with status 143 and no word of its own: say where the run stands and how to go on
+        done = f"{self.done} of {self.total_epochs} epochs done" if hasattr(self, "total_epochs") else "stopped"
+        print(f"training stopped ({done}; run.json says 'stopped'); continue it with 'covid-cxr train --resume "
+              f"{self.folder.root}'" + (" under the same torchrun launch" if self.dist.enabled else ""),
+              file=sys.stderr, flush=True)
 
     def _finish(self) -> None:
         """Mark the run finished, write its model card, close TensorBoard."""
