@@ -235,6 +235,13 @@ def test_training_holds_its_run_folder_for_as_long_as_it_trains(data: Path, tmp_
     with pytest.raises(RuntimeError, match="boom"):
         runner.train_fold(_config(data, tmp_path, "failed"), live=False)
     assert not (tmp_path / "failed").exists()
+    # A folder of other files under that name is not trained into (its best.pt and log.csv were overwritten).
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "log.csv").write_text("precious log\n")
+    with pytest.raises(FileExistsError, match="holds files that are not a covid-cxr run"):
+        runner.train_fold(_config(data, tmp_path, "foreign"), live=False)
+    assert [p.name for p in foreign.iterdir()] == ["log.csv"] and (foreign / "log.csv").read_text() == "precious log\n"
     # Nor the RUNS folders it made to hold it (a refused `train --out RUNS` left an empty RUNS); others stay.
     (tmp_path / "kept").mkdir()
     with pytest.raises(RuntimeError, match="boom"):

@@ -155,6 +155,10 @@ def _new_run_dir(config: TrainConfig) -> Path:
             raise FileExistsError(
                 f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --name"
             )
+        if run_dir.exists() and (not run_dir.is_dir() or any(p != lock_path(run_dir) for p in run_dir.iterdir())):
+            # a folder of other files (a copied best.pt, someone's log.csv): training would overwrite them
+            raise FileExistsError(f"{run_dir} holds files that are not a covid-cxr run (no run.json); choose another "
+                                  "--name, or move those files away")
         return run_dir
     base = f"{config.network}-fold{config.fold}"
     run_dir, n = out / base, 1
