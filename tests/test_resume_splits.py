@@ -72,7 +72,7 @@ def test_a_run_resumed_in_another_precision_says_so_and_keeps_the_record(tmp_pat
     assert "precision=fp32" in info["runtime"] and not info.get("warnings")
     # As if its first epochs had run in bf16 on another CPU, and it was killed before it was marked finished.
     info.update(status="running", runtime=info["runtime"].replace("precision=fp32", "precision=bf16"),
-                warnings=["an earlier warning"])
+                warnings=["an earlier warning"], world_size=2)  # ... and in two torchrun processes
     (run / "run.json").write_text(json.dumps(info))
     capsys.readouterr()
     train_fold(config, resume=run, live=False)
@@ -80,3 +80,5 @@ def test_a_run_resumed_in_another_precision_says_so_and_keeps_the_record(tmp_pat
     assert "warning: resumed in fp32" in err and "the epochs before ran in bf16" in err
     warnings = json.loads((run / "run.json").read_text())["warnings"]
     assert warnings[0] == "an earlier warning" and "the epochs before ran in bf16" in warnings[1]
+    assert "warning: resumed in 1 process(es), but the epochs before ran in 2" in err
+    assert "torchrun --nproc_per_node 2" in err and "the epochs before ran in 2" in warnings[2]

@@ -302,7 +302,8 @@ class Trainer:
         if self.resuming:
             self._check_resumed_splits(folder, last)
         self.folder = folder
-        self.warnings = [w for w in (self.config.scaling_warning(), self._precision_change()) if w]
+        self.warnings = [w for w in (self.config.scaling_warning(), self._precision_change(),
+                                     self._world_size_change()) if w]
         for warning in self.warnings if dist.is_main else ():
             print(f"warning: {warning}", file=sys.stderr)
         self._build(last)
@@ -398,6 +399,22 @@ class Trainer:
         return (f"resumed in {self.runtime.precision} ({self.runtime.describe()}), but the epochs before ran in "
                 f"{before.group(1)}: this run mixes precisions, and --deterministic cannot reproduce an "
                 "uninterrupted run; resume it on a machine like the one that started it to keep one precision")
+
+    def _world_size_change(self) -> str | None:
+        """A warning when a resumed run goes on in another number of processes than its earlier epochs ran in.
+
+        run.json records the new number alone, so a run started under torchrun and resumed in one process looked
+        like a one-process run; the warning, kept in run.json's warnings, says it was not.
+        """
+        if not self.resuming or not self.folder.exists():
+            return None
+        before = self.folder.info().world_size
+        if before is None or before == self.dist.world_size:
+            return None
+        how = f"torchrun --nproc_per_node {before} ... covid-cxr train --resume" if before > 1 else "one process"
+        return (f"resumed in {self.dist.world_size} process(es), but the epochs before ran in {before}: each step's "
+                "batch is split otherwise (and on the CPU BatchNorm normalises other slices), so --deterministic "
+                f"cannot reproduce an uninterrupted run; resume it in {how} to keep one")
 
     def _check_resumed_splits(self, folder: RunFolder, last: Checkpoint | None) -> None:
         """Refuse to resume on splits other than those the run trained on (``DATA`` prepared again since).
