@@ -474,3 +474,35 @@ def test_a_client_that_hangs_up_mid_upload_is_no_error(model, chest, caplog):
     assert "a client hung up before its upload was complete" in caplog.text
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert "Traceback" not in caplog.text and "ClientDisconnect" not in caplog.text
+
+
+# --- a model whose weights are not finite ---------------------------------------------------------------------------
+
+def test_nan_weights_are_refused_not_decided_as_covid(tmp_path, capsys):
+    """A model with NaN weights gave NaN probabilities, which argmax decides as index 0: predict called every image
+    COVID-19 and said "0 failed". Such a checkpoint is refused at load; such outputs (an ONNX file) at the batch."""
+    from covid_cxr.errors import CheckpointError
+    from covid_cxr.runs.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint(tmp_path / "sound.pt", size=SIZE))
+    name = next(k for k, v in ckpt.model_state.items() if v.is_floating_point() and v.ndim == 4)
+    ckpt.model_state[name] = ckpt.model_state[name].clone()
+    ckpt.model_state[name].view(-1)[0] = float("nan")
+    save_checkpoint(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(CheckpointError, match=f"NaN or inf values, in {name}"):
+        load_checkpoint(tmp_path / "nan.pt").build_model()
+    chest = tmp_path / "x.png"
+    cv2.imwrite(str(chest), render_chest(np.random.default_rng(0), SIZE, "normal").image)
+    assert main(["predict", str(tmp_path / "nan.pt"), str(chest), "--out", str(tmp_path / "p.csv"),
+                 "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "NaN or inf values" in err and "Traceback" not in err and not (tmp_path / "p.csv").exists()
+
+    class NanModel(Fixed):
+        def predict_proba(self, images: np.ndarray) -> np.ndarray:
+            probs = np.full((len(images), len(CLASSES)), 1 / 3, np.float32)
+            probs[-1] = np.nan
+            return probs
+
+    with pytest.raises(CheckpointError, match="NaN or infinite probabilities for 1 of 2 images"):
+        Classifier(NanModel())(np.zeros((2, SIZE, SIZE), np.uint8))

@@ -80,7 +80,18 @@ class Checkpoint:
                 f"checkpoint weights do not fit network {self.network!r}: "
                 f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
             )
+        damaged = non_finite(self.model_state)
+        if strict and damaged:  # NaN weights gave NaN probabilities, which argmax decides as the first class, COVID-19
+            raise CheckpointError(f"checkpoint weights hold NaN or inf values, in {', '.join(damaged[:3])}"
+                                  + (f" and {len(damaged) - 3} other tensors" if len(damaged) > 3 else "")
+                                  + ": the file is damaged or its training diverged; use another checkpoint")
         return model.eval()
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [name for name, tensor in state.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
