@@ -3,8 +3,9 @@
 The layers, top to bottom (README, "Layout"): the command line; the demo pipeline; the report; deployment;
 audits; evaluation; training; inference; the run folder; models, data, synthetic data and CAMs (siblings that
 never import each other); runtime, preprocessing, the operating point and statistics; the settings; the
-foundations (formatting, the atomic writer, the progress bar, option values, network entries); labels; errors. The test reads every module's
-imports (top-level and deferred alike) with ``ast``, so it needs no heavy import and holds on every machine.
+foundations (formatting, the atomic writer, the progress bar, option values, network entries, what a model file
+is); labels; errors. The test reads every module's imports (top-level and deferred alike) with ``ast``, so it needs
+no heavy import and holds on every machine.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ LAYERS: tuple[frozenset[str], ...] = tuple(frozenset(names) for names in (
     {"models", "data", "synth", "gradcam"},
     {"runtime", "perf", "preprocess", "operating_point", "stats"},
     {"config"},
-    {"fmt", "atomic", "progress", "choices", "networks", "cpus"},
+    {"fmt", "atomic", "progress", "choices", "networks", "cpus", "model_files"},
     {"labels"},
     {"errors", "__init__"},
 ))

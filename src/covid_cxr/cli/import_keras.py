@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from covid_cxr.choices import RESIZE_METHODS
@@ -25,7 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--network", choices=NETWORK_NAMES, help="network of the file (default: inferred from its layers)"
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="CKPT", help="checkpoint to write")
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="CKPT",
+        help="checkpoint to write (a file there must be a covid-cxr checkpoint, which is replaced)",
+    )  # fmt: skip
     parser.add_argument(
         "--classes",
         nargs=3,
@@ -55,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from covid_cxr.runs.keras_import import import_keras
 
+    check_out(args.out, args.files)  # before the conversion, which takes a while and reads every weight
     ckpt = import_keras(
         args.files if len(args.files) > 1 else args.files[0],
         args.network,
@@ -72,3 +78,52 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"architecture {ckpt.meta['source']['architecture']}")
     return 0
+
+
+# What an existing --out is, when it is no covid-cxr checkpoint (model_files.file_kind, keras_reader.zip_kind).
+OUT_KINDS = {
+    "hdf5": "an HDF5 file, such as a Keras model",
+    "keras": "a Keras .keras model",
+    "torch": "a PyTorch file of something else",
+    "zip": "a zip archive",
+    "damaged": "a damaged zip file",
+    "pickle": "a Python pickle",
+    "onnx": "an ONNX model",
+    "other": "a file of another kind",
+}
+
+
+def check_out(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an ``--out`` that the checkpoint would destroy or could not be written to: one of the input files
+    (under any name), an existing file other than a covid-cxr checkpoint (an earlier import's is replaced), a
+    folder, a place that cannot be written."""
+    from covid_cxr.data.names import display_path
+    from covid_cxr.errors import ConfigError
+    from covid_cxr.inference.sink import check_writable_folder, kind_of
+    from covid_cxr.models.keras_reader import zip_kind
+    from covid_cxr.model_files import file_kind
+
+    shown = display_path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {shown}: a folder; name the checkpoint file in it, e.g. "
+                          f"--out {display_path(out / 'model.pt')}")  # fmt: skip
+    if os.path.lexists(out) and not out.is_file():
+        raise ConfigError(f"--out {shown}: {kind_of(out)}, not a file; give a checkpoint file name (.pt)")
+    if out.exists():
+        for source in inputs:
+            if source.exists() and os.path.samefile(out, source):
+                named = "itself" if source == out else f"{display_path(source)} (under another name)"
+                beside = source.with_suffix(".pt")
+                example = f", e.g. --out {display_path(beside)}" if not os.path.lexists(beside) else ""
+                raise ConfigError(
+                    f"--out {shown} is the input file {named}, which the checkpoint would overwrite; give another "
+                    f"name{example}"
+                )
+        kind = file_kind(out)
+        kind = zip_kind(out) if kind == "zip" else kind
+        if kind not in ("checkpoint", "empty"):  # an earlier import's checkpoint, or an empty file, loses nothing
+            raise ConfigError(
+                f"--out {shown} exists and is not a covid-cxr checkpoint ({OUT_KINDS[kind]}), which the checkpoint "
+                "would overwrite; give another name, or remove the file first"
+            )
+    check_writable_folder(out.parent, f"--out {shown}")

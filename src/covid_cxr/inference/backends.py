@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from covid_cxr import __version__
+from covid_cxr import __version__, fmt
 from covid_cxr.atomic import file_sha256, write_bytes
 from covid_cxr.choices import BACKENDS
 from covid_cxr.errors import CheckpointError, ConfigError, did_you_mean
@@ -47,7 +47,8 @@ from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.models.pretrained import default_cache_dir
 from covid_cxr.operating_point import OperatingPoint, decision_precision
-from covid_cxr.runs.checkpoint import Checkpoint, file_kind, load_checkpoint_sha256
+from covid_cxr.model_files import file_kind
+from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint_sha256
 from covid_cxr.runtime import choose_runtime
 
 BACKEND_ENV = "COVID_CXR_BACKEND"  # the default for --backend (auto when unset)
@@ -308,10 +309,11 @@ def precision_warning(predictor: Predictor) -> str | None:
     precision = predictor.runtime.precision if isinstance(predictor, TorchPredictor) else "fp32"
     if op.rule == "argmax" or precision == "fp32":
         return None
-    return (f"warning: the model decides by {op.name} (COVID-19 when p_{op.positive_class} >= {op.threshold:.4g}), "
-            f"a threshold chosen and validated on fp32 probabilities; {precision} moves a probability by up to about "
-            "0.1, so images near the threshold may be decided otherwise than its validation sensitivity and "
-            f"specificity say. Drop --precision {precision} (auto runs such a model in fp32) for the documented rule")
+    rule = f"COVID-19 when p_{op.positive_class} >= {fmt.exact(op.threshold)}"
+    return (f"warning: the model decides by {op.name} ({rule}), a threshold chosen and validated on fp32 "
+            f"probabilities; {precision} moves a probability by up to about 0.1, so images near the threshold may be "
+            f"decided otherwise than its validation sensitivity and specificity say. Drop --precision {precision} "
+            "(auto runs such a model in fp32) for the documented rule")
 
 
 def _rule_of(source: Checkpoint | Predictor) -> OperatingPoint:

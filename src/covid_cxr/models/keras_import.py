@@ -323,11 +323,12 @@ def load_keras_model(
     # The architecture first: a file that is not the network's is refused for that, whatever its shapes.
     layers, architecture = _checked_layers(files[0], network) if whole else ([], _checked_backbone_files(files))
     size, num_classes = _head_shape(network, files[0], paths[0], whole, image_size)
-    class_keys = check_classes(classes if classes is not None else (KERAS_AUTHORS_ORDER if whole else CLASSES))
-    if len(class_keys) != num_classes:
-        raise ConfigError(
-            f"{paths[0]}: the model has {num_classes} output units but {len(class_keys)} classes were given"
+    if num_classes != len(CLASSES):  # every class list here is a permutation of the three: no other count fits
+        raise CheckpointError(
+            f"{paths[0]}: only 3-class models (COVID-19, pneumonia, normal: the paper's) can be imported, and this "
+            f"one has {num_classes} output{'s' if num_classes != 1 else ''}"
         )
+    class_keys = check_classes(classes if classes is not None else (KERAS_AUTHORS_ORDER if whole else CLASSES))
     model = build_model(network, num_classes=num_classes, image_size=size)
     if whole:
         load_keras_layers(model, layers, source=str(paths[0]))
@@ -386,7 +387,11 @@ def _infer_network(files: list[KerasWeights], paths: list[Path]) -> str:
 
 def _head_shape(network: str, first: KerasWeights, path: Path, whole: bool, image_size: int | None
                 ) -> tuple[int, int]:  # fmt: skip
-    """Input size and number of outputs: a whole model's Dense layer tells both (the size when not given)."""
+    """Input size and number of outputs: a whole model's Dense layer tells both (the size when not given).
+
+    A given size the model does not take is refused naming the model's own, read from its config where it has
+    one, else from the map its Dense layer reads.
+    """
     size = image_size or first.input_size or PAPER_IMAGE_SIZE
     if not whole:
         return size, 3
@@ -395,9 +400,25 @@ def _head_shape(network: str, first: KerasWeights, path: Path, whole: bool, imag
         raise CheckpointError(f"{path}: expected one Dense layer in the head, found {len(dense)}")
     flat, num_classes = dense[0].weights["kernel"].shape
     side = int(round((flat / HEAD_CHANNELS) ** 0.5))
-    if image_size is None and side * side * HEAD_CHANNELS == flat:
-        size = _size_for_side(network, side, preferred=size)
+    if side * side * HEAD_CHANNELS != flat:
+        return size, num_classes  # no square map: the weights' shapes are refused when they load
+    own = first.input_size if first.input_size and _map_side(network, first.input_size) == side else None
+    if image_size is None:
+        return own or _size_for_side(network, side, preferred=size), num_classes
+    if image_size != (own or image_size) or _map_side(network, image_size) != side:
+        model_size = own or _size_for_side(network, side, preferred=PAPER_IMAGE_SIZE)
+        source = "its model config" if own else f"its head reads the {side}x{side} map of such inputs"
+        raise CheckpointError(
+            f"{path}: --image-size {image_size} does not fit the model, whose inputs are {model_size}x{model_size} "
+            f"({source}); leave --image-size out (the model's own size is the default) or pass {model_size}"
+        )
     return size, num_classes
+
+
+def _map_side(network: str, size: int) -> int | None:
+    """The side of the backbones' map at input ``size`` (``None`` when they differ)."""
+    sides = {BACKBONES[b].feature_size(size) for b in backbones_of(network)}
+    return sides.pop() if len(sides) == 1 else None
 
 
 def _size_for_side(network: str, side: int, *, preferred: int) -> int:

@@ -35,10 +35,10 @@ from covid_cxr import __version__
 from covid_cxr.atomic import replace_atomically, signals_held, stream_sha256
 from covid_cxr.errors import CheckpointError
 from covid_cxr.labels import check_classes
+from covid_cxr.model_files import FORMAT, file_kind
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing
 
-FORMAT = "covid-cxr-checkpoint"
 FORMAT_VERSION = 1
 
 
@@ -104,30 +104,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
     """Write ``ckpt`` atomically to ``path``."""
     return atomic_torch_save(ckpt.to_dict(), path)
-
-
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # Keras .h5/.hdf5 files (the authors' models)
-PICKLE_MAGIC = b"\x80"  # a pickle: torch.save's legacy format, or a pickled model
-ONNX_MAGIC = b"\x08"  # an ONNX ModelProto starts with its ir_version (field 1, a varint)
-
-
-def file_kind(path: Path) -> str:
-    """What a model file is by its first bytes (raises OSError when it cannot be read), for the words a user gets:
-
-    ``zip`` (``torch.save``: a checkpoint), ``empty``, ``hdf5`` (Keras), ``pickle`` (``torch.save``'s legacy
-    format, or a pickled model), ``onnx`` (a protobuf's first field, or the suffix) or ``other``. One decision for
-    :func:`unreadable` (after ``torch.load`` failed) and ``inference.backends.model_file_kind`` (before a backend
-    is chosen).
-    """
-    with open(path, "rb") as fh:
-        head = fh.read(len(HDF5_MAGIC))
-    if not head:
-        return "empty"
-    for kind, magic in (("zip", ZIP_MAGIC), ("hdf5", HDF5_MAGIC), ("pickle", PICKLE_MAGIC)):
-        if head.startswith(magic):
-            return kind
-    return "onnx" if head.startswith(ONNX_MAGIC) or path.suffix.lower() == ".onnx" else "other"
 
 
 def unreadable(path: Path, exc: BaseException) -> str:
