@@ -56,16 +56,35 @@ def percent(value: Any, digits: int | None = 1, *, fraction: bool = False, na: s
     return f"{shown:g}%" if digits is None else f"{shown:.{digits}f}%"
 
 
+def exact(value: float) -> str:
+    """The shortest text that reads back as the same float (``0.33270611``), for a threshold: rounded, two rules
+    would print alike, and an image between the printed and the stored threshold would fall on the far side of the
+    rule as printed."""
+    return repr(float(value))
+
+
+def _around(value: float, low: float, high: float, digits: int) -> tuple[float, float]:
+    """``low`` and ``high``, a bound that passes ``value`` by less than half the last printed digit moved onto it.
+
+    Such a bound is the same figure at this precision, yet rounds apart: 0.8375 against 0.83749999 would print
+    ``0.837 [0.838, 0.838]``, the value outside its own interval. A bound that passes it by more is kept as it is.
+    """
+    half = 0.5 * 10.0 ** -digits
+    return (value if value < low < value + half else low), (value if value - half < high < value else high)
+
+
 def interval(value: Any, low: Any, high: Any, digits: int = 1, *, sign: bool = False, na: str = NA) -> str:
     """A table cell: ``89.4 [87.5, 91.0]``; the value alone when the interval is undefined; ``na`` when it is.
 
-    ``sign`` writes every figure with its sign (``+3.2 [-1.0, +7.5]``), for differences.
+    ``sign`` writes every figure with its sign (``+3.2 [-1.0, +7.5]``), for differences. A bound that differs from
+    the value only by rounding is written as the value, so the printed interval holds the printed value.
     """
     if missing(value):
         return na
     put = (lambda v: signed(v, digits)) if sign else (lambda v: number(v, digits))
     if missing(low) or missing(high):
         return put(value)
+    low, high = _around(value, low, high, digits)
     return f"{put(value)} [{put(low)}, {put(high)}]"
 
 
@@ -74,7 +93,8 @@ def with_ci(value: Any, low: Any, high: Any, digits: int | None = None, *, as_pe
     """A sentence's figure: ``80.6% (95% CI 63.7-90.8%)``, or ``0.950 (95% CI 0.900-0.990)`` for a score.
 
     Percentages take 1 decimal and scores 3 unless ``digits`` says otherwise; ``fraction`` scales
-    fractions to percentages. The value alone when the interval is undefined.
+    fractions to percentages. The value alone when the interval is undefined; a bound that differs from the
+    value only by rounding is written as the value, as in :func:`interval`.
     """
     if missing(value):
         return na
@@ -84,9 +104,11 @@ def with_ci(value: Any, low: Any, high: Any, digits: int | None = None, *, as_pe
         shown = f"{scale * value:.{d}f}%"
         if missing(low) or missing(high):
             return shown
-        return f"{shown} (95% CI {scale * low:.{d}f}-{scale * high:.{d}f}%)"
+        low, high = _around(scale * value, scale * low, scale * high, d)
+        return f"{shown} (95% CI {low:.{d}f}-{high:.{d}f}%)"
     if missing(low) or missing(high):
         return number(value, d)
+    low, high = _around(value, low, high, d)
     return f"{number(value, d)} (95% CI {number(low, d)}-{number(high, d)})"
 
 
@@ -158,16 +180,21 @@ class Table:
         return [indent + " | ".join(self.headers)] + [indent + " | ".join(str(c) for c in row) for row in self.rows]
 
     def rich(self, title: str = "") -> Any:
-        """A :class:`rich.table.Table`: first column left, the figures right-aligned."""
+        """A :class:`rich.table.Table`: first column left, the figures right-aligned.
+
+        Every text is shown as it is, not read as rich markup, where ``AUC [bootstrap CI]`` or ``0.682 [n/a]`` would
+        lose its brackets as an unknown style.
+        """
+        from rich.markup import escape
         from rich.table import (
             Table as RichTable,  # rich costs start-up time; only a printing verb needs it
         )
 
-        out = RichTable(title=title or None)
+        out = RichTable(title=escape(title) if title else None)
         for i, header in enumerate(self.headers):
-            out.add_column(header, justify="left" if i == 0 else "right")
+            out.add_column(escape(header), justify="left" if i == 0 else "right")
         for row in self.rows:
-            out.add_row(*(str(c) for c in row))
+            out.add_row(*(escape(str(c)) for c in row))
         return out
 
 

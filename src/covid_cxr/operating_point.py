@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from covid_cxr import fmt
 from covid_cxr.config import FORMS
 from covid_cxr.errors import ConfigError
 
@@ -85,7 +86,9 @@ class OperatingPoint:
         """One line for a console or a report."""
         if self.rule == "argmax":
             return "argmax (the class with the highest probability)"
-        text = f"{self.name}: {self.positive_class} when p_{self.positive_class} >= {self.threshold:.6g}"
+        # Every digit of the stored threshold: rounded, two rules would print alike and an image between the printed
+        # and the stored threshold would be decided against the rule as printed.
+        text = f"{self.name}: {self.positive_class} when p_{self.positive_class} >= {fmt.exact(self.threshold)}"
         v = self.validation
         if v.get("sensitivity") is not None:
             text += (f" (validation{self.probabilities()}: sensitivity {100 * v['sensitivity']:.1f}% of "
@@ -152,7 +155,9 @@ class OperatingPoint:
         others = probs.astype(np.float64, copy=True)
         others[:, k] = -np.inf
         out = others.argmax(axis=1)
-        out[probs[:, k] >= self.threshold] = k
+        # In float64, as the threshold was chosen and printed: against float32 probabilities NumPy would round the
+        # threshold to float32 (the nearer of the two validation scores it lies halfway between) and decide otherwise.
+        out[probs[:, k].astype(np.float64) >= self.threshold] = k
         return out
 
 
@@ -197,6 +202,9 @@ def choose(rule: str | tuple[str, float | None], positive: np.ndarray, scores: n
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if name == "argmax":
         return OperatingPoint()
+    if not np.isfinite(scores).all():  # scikit-learn's words were "Input contains NaN."
+        raise ConfigError(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} validation scores are not finite "
+                          "(NaN or infinity): the model's weights are damaged; use a sound checkpoint")
     if not n_pos or not n_neg:
         raise ConfigError(f"the validation split holds {n_pos} {positive_class} and {n_neg} other images; "
                           f"choosing {name} needs both")

@@ -34,6 +34,7 @@ from covid_cxr.audit.data import load_test_images_and_lungs, patient_groups
 from covid_cxr.audit.lungs import LungFields
 from covid_cxr.evaluate.metrics import (
     balanced_accuracy,
+    bootstrap_can_vary,
     confusion_matrix,
     percentile_interval,
     stratified_draws,
@@ -112,6 +113,8 @@ def balanced_accuracy_interval(labels: np.ndarray, preds: np.ndarray, groups: np
     _, stratum = np.unique(count > 0, axis=0, return_inverse=True)
     stratum = np.asarray(stratum).reshape(-1)
     strata = [np.flatnonzero(stratum == s) for s in range(int(stratum.max()) + 1)]
+    if not bootstrap_can_vary(strata):  # every resample would be the data itself: no interval, not a zero-width one
+        return out
     draws = stratified_draws(np.random.default_rng(seed), strata, n_boot)
     out["low"], out["high"] = percentile_interval(((draws @ hits) / (draws @ count)).mean(axis=1), confidence)
     return out

@@ -50,6 +50,19 @@ def _ci(m: dict[str, Any], key: str, digits: int = 2) -> str:
     return fmt.interval(m.get(key), m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high"), digits)
 
 
+def _auc(m: dict[str, Any], c: str) -> str:
+    """Class ``c``'s AUC with its bootstrap interval; ``[n/a]`` where the bootstrap ran but could not vary."""
+    key = f"{c}_auc"
+    if key not in m:
+        return "no probabilities"
+    cell = _ci(m, key, 3)
+    ran = (m.get("auc_bootstrap") or {}).get("resamples", 0) >= 1
+    bounds = (m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high"))
+    if ran and not fmt.missing(m[key]) and any(fmt.missing(b) for b in bounds):
+        cell += f" [{fmt.NA}]"  # a note says why; the value alone would read as a figure that has no interval
+    return cell
+
+
 def print_metrics(m: dict[str, Any], console: Any, title: str = "") -> None:
     """Table 3 (counts), Table 4 (percentages with Wilson 95% CIs) and the extra figures, on a rich console."""
     from covid_cxr.evaluate.metrics import (  # NumPy loads only when a verb prints metrics
@@ -62,7 +75,7 @@ def print_metrics(m: dict[str, Any], console: Any, title: str = "") -> None:
     console.print(t3.rich(f"Table 3 {title}".strip()))
     t4 = fmt.table_of(["class", *RATES, "F1", "AUC [bootstrap CI]"],
                       [[DISPLAY_NAMES[c], *(_ci(m, f"{c}_{r}") for r in RATES), _ci(m, f"{c}_f1"),
-                        _ci(m, f"{c}_auc", 3) if f"{c}_auc" in m else "no probabilities"] for c in CLASSES])
+                        _auc(m, c)] for c in CLASSES])
     console.print(t4.rich(" ".join(filter(None, ["Table 4", title])) + ": % [95% Wilson CI]"))
     lines = [f"accuracy {_ci(m, 'accuracy')} %   balanced accuracy {_ci(m, 'balanced_accuracy')} %   N = {m['n']}"]
     if "ece" in m:

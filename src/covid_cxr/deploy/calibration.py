@@ -226,7 +226,7 @@ def check_int8(
     n = len(images)
     agreed = Proportion(int((pred32 == pred8).sum()), n)
     argmax_agreed = None if op.rule == "argmax" else Proportion(int((p32.argmax(1) == p8.argmax(1)).sum()), n)
-    rule = op.name if op.rule == "argmax" else f"{op.name} (p_{op.positive_class} >= {op.threshold:.4g})"
+    rule = op.name if op.rule == "argmax" else f"{op.name} (p_{op.positive_class} >= {fmt.exact(op.threshold)})"
     if labels is None:
         return Int8Check(source, agreed, None, None, rule, argmax_agreed)
     truth = np.asarray([fp32.classes.index(c) for c in labels])

@@ -7,7 +7,8 @@ recall TP/(TP+FN), specificity TN/(TN+FP), per-class accuracy (TP+TN)/N, precisi
 
 Every proportion carries a 95% Wilson score interval (:mod:`covid_cxr.stats`): with 31 COVID-19
 test images a point estimate alone says little. One-vs-rest ROC AUC gets a bootstrap interval resampled by patient
-(images of one patient are not independent). Rates are percentages, AUC is on 0-1. A rate whose
+(images of one patient are not independent); none where no resample can differ from the data (one patient), and a
+note says why. Rates are percentages, AUC is on 0-1. A rate whose
 denominator is zero (e.g. precision of a class never predicted) is NaN and a note says why.
 The ROC curve, the AUC and the calibration bins are scikit-learn's; the patient bootstrap keeps
 its own AUC for its inner loop (16x faster, ``benchmarks/metrics_speed.py``).
@@ -18,7 +19,8 @@ Keys of :func:`compute_metrics` (and of ``covid-cxr metrics --json``), for each 
 ``c_missed``, ``c_false``, ``c_tn`` (counts); ``c_recall``, ``c_specificity``, ``c_accuracy``,
 ``c_precision`` (percentages, each with ``_ci_low``/``_ci_high``; so has ``accuracy``); ``c_f1``;
 ``absent_classes`` (classes with no image: their per-class figures are not defined, not zero);
-with probabilities ``c_auc`` (+ ``_ci_low``/``_ci_high``), ``auc_bootstrap`` and ``ece``; with a
+with probabilities ``c_auc`` (+ ``_ci_low``/``_ci_high``), ``auc_bootstrap`` (``resamples``, ``seed``, ``unit``,
+``units``: how many patients or images it draws) and ``ece``; with a
 prevalence ``prevalence`` and ``<class>_ppv_at_prevalence`` (+ CI); ``notes`` (why a figure is NaN).
 """
 
@@ -246,18 +248,18 @@ def bootstrap_auc_values(positives: Sequence[np.ndarray], scores: Sequence[np.nd
                          groups: np.ndarray | None = None, *, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     """(AUCs, n_boot) resampled AUCs of :func:`bootstrap_auc_cis`, column ``b`` of every AUC from the same
     resample ``b`` (so a figure made of several AUCs, such as their mean, can be bootstrapped itself); an AUC
-    whose positives or negatives are missing is NaN throughout."""
+    whose positives or negatives are missing is NaN throughout, and so is every AUC where no resample can differ
+    from the data (:func:`bootstrap_can_vary`)."""
     n_images = len(scores[0]) if len(scores) else 0
     plans = [_AucPlan.of(p, s) for p, s in zip(positives, scores, strict=True)]
     usable = [bool(len(plan.pos) and len(plan.neg)) for plan in plans]
     out = np.full((len(plans), max(n_boot, 0)), math.nan)
     if n_boot < 1 or not any(usable):
         return out
-    if groups is None:
-        group_idx = np.arange(n_images)
-    else:
-        _, group_idx = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    group_idx = _group_index(groups, n_images)
     strata = _strata(positives, group_idx)
+    if not bootstrap_can_vary(strata):
+        return out
     rng = np.random.default_rng(seed)
     chunk = max(1, min(n_boot, 2_000_000 // max(n_images, 1)))  # bounds memory at ~16 MB per array
     for start in range(0, n_boot, chunk):
@@ -268,8 +270,33 @@ def bootstrap_auc_values(positives: Sequence[np.ndarray], scores: Sequence[np.nd
     return out
 
 
+def _group_index(groups: np.ndarray | None, n_images: int) -> np.ndarray:
+    """Each image's resampling unit, 0-based: its group (patient), or the image itself without groups."""
+    if groups is None:
+        return np.arange(n_images)
+    return np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].reshape(-1)
+
+
+def bootstrap_strata(positives: Sequence[np.ndarray], groups: np.ndarray | None = None) -> list[np.ndarray]:
+    """The resampling units (patients, or images without ``groups``) of each stratum the bootstrap draws within."""
+    n_images = len(positives[0]) if len(positives) else 0
+    return _strata(positives, _group_index(groups, n_images))
+
+
+def bootstrap_can_vary(strata: Sequence[np.ndarray]) -> bool:
+    """Whether a stratified resample can differ from the data: only where some stratum holds two units or more.
+
+    Where each stratum holds one (one patient; or each patient the only one with its mix of classes), every
+    resample draws every unit once, the data itself: the percentile "interval" is the estimate repeated, not a
+    confidence interval, so none is given.
+    """
+    return any(len(members) > 1 for members in strata)
+
+
 def _strata(positives: Sequence[np.ndarray], group_idx: np.ndarray) -> list[np.ndarray]:
     """The groups of each stratum: groups alike in which AUCs' positives their images include."""
+    if not len(group_idx):
+        return []
     n_groups = int(group_idx.max()) + 1
     member = np.zeros((n_groups, len(positives)), dtype=bool)
     for k, positive in enumerate(positives):
@@ -415,13 +442,38 @@ def compute_metrics(
         scores = [probs[:, k] for k in range(len(classes))]
         intervals = bootstrap_auc_cis(positives, scores, groups, n_boot=n_boot, seed=seed)
         for k, name in enumerate(classes):
-            out[f"{name}_auc"] = roc_auc(positives[k], scores[k])
-            out[f"{name}_auc_ci_low"], out[f"{name}_auc_ci_high"] = intervals[k]
-            if math.isnan(out[f"{name}_auc"]):
+            auc = out[f"{name}_auc"] = roc_auc(positives[k], scores[k])
+            out[f"{name}_auc_ci_low"], out[f"{name}_auc_ci_high"] = (_snap(bound, auc) for bound in intervals[k])
+            if math.isnan(auc):
                 notes.append(f"{name}_auc is undefined: the labels hold only one side of {name}-vs-rest")
         unit = "patient" if groups is not None else "image"
-        out["auc_bootstrap"] = {"resamples": n_boot, "seed": seed, "unit": unit,
+        strata = bootstrap_strata(positives, groups)
+        units = sum(len(members) for members in strata)
+        fixed = [f"{name}_auc" for name in classes if not math.isnan(out[f"{name}_auc"])]
+        if n_boot >= 1 and fixed and not bootstrap_can_vary(strata):
+            notes.append(_fixed_bootstrap_note(fixed, unit, units))
+        out["auc_bootstrap"] = {"resamples": n_boot, "seed": seed, "unit": unit, "units": units,
                                 "stratified": f"each {unit} drawn among those with images of the same classes"}
         out["ece"] = calibration_bins(probs, true_idx).ece
     out["notes"] = notes
     return out
+
+
+def _snap(bound: float, value: float) -> float:
+    """A bootstrap bound a float's width off the estimate, as the estimate: the bootstrap's own AUC and
+    scikit-learn's add in another order (0.8375 against 0.83749999), and the interval should hold its estimate."""
+    return value if math.isclose(bound, value, rel_tol=1e-9) else bound
+
+
+def _fixed_bootstrap_note(keys: Sequence[str], unit: str, units: int) -> str:
+    """Why the intervals of ``keys`` are undefined: no stratum holds two units, so every resample is the data."""
+    which = f"the interval{'s' if len(keys) > 1 else ''} of {', '.join(keys)} {'are' if len(keys) > 1 else 'is'}"
+    if unit == "patient" and units == 1:
+        return (f"{which} undefined: 1 patient: a patient bootstrap cannot vary; give the real patient ids, or leave "
+                "the patient_id column out to resample images")
+    if unit == "patient":
+        return (f"{which} undefined: each of the {units} patients is the only one with its mix of classes, so every "
+                "resample (patients drawn among those with images of the same classes) is the data itself; give more "
+                "patients, or leave the patient_id column out to resample images")
+    return (f"{which} undefined: each of the {units} images is the only one of its class, so every resample (images "
+            "drawn among those of the same class) is the data itself; give more images")

@@ -30,6 +30,7 @@ from covid_cxr.atomic import temporary_name_room
 from covid_cxr.data.images import load_image, resize_gray
 from covid_cxr.data.names import display_path, name_bytes
 from covid_cxr.data.sources.folder import IMAGE_SUFFIXES
+from covid_cxr import fmt
 from covid_cxr.errors import CheckpointError, ConfigError, ImageDecodeError
 from covid_cxr.gradcam import GradCam, is_overlay, save_overlay
 from covid_cxr.inference.inputs import Inputs
@@ -103,7 +104,7 @@ def decision_line(op: OperatingPoint) -> str:
     if op.rule == "argmax":
         return "decided by argmax: the class with the highest probability"
     name = DISPLAY_NAMES.get(op.positive_class, op.positive_class)
-    return (f"decided by {op.name}: {name} when p({name}) >= {op.threshold:.3g}, otherwise the more probable "
+    return (f"decided by {op.name}: {name} when p({name}) >= {fmt.exact(op.threshold)}, otherwise the more probable "
             "of the other classes")
 
 

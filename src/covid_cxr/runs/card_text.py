@@ -195,7 +195,7 @@ def operating_point_lines(op: dict[str, Any] | None, classes: tuple[str, ...]) -
     lines = [f"Decision rule: **{op.get('rule')}**{target}, for {DISPLAY_NAMES.get(positive, positive)}."]
     if op.get("threshold") is not None:
         name = DISPLAY_NAMES.get(positive, positive)
-        lines.append(f"- Threshold on the {name} probability: {float(op['threshold']):.4g}.")
+        lines.append(f"- Threshold on the {name} probability: {fmt.exact(float(op['threshold']))}.")
     validation = op.get("validation")
     if isinstance(validation, dict) and validation:
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in validation.items()
