@@ -75,3 +75,15 @@ def test_a_bug_in_a_rank_prints_its_traceback_and_fails() -> None:
 def test_a_bug_outside_a_group_keeps_pythons_own_ending() -> None:
     done = _run(False, ["train"], patch="cli.main = lambda argv=None: 1 / 0")
     assert done.returncode == 1 and "ZeroDivisionError" in done.stderr and "atexit ran" in done.stdout
+
+
+def test_a_rank_whose_peer_went_away_says_so_in_one_line() -> None:
+    """When rank 0 died, rank 1 printed gloo's RuntimeError traceback ("Connection closed by peer ... GLHF!"),
+    which buried rank 0's own message; it now says in one line why it stops, and fails."""
+    gloo = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:31117. This is "
+            "typically caused by a remote worker crashing.")
+    patch = f"def fake(argv=None):\n    raise RuntimeError({gloo!r})\ncli.main = fake"
+    done = _run(True, ["train"], patch=patch)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "another process of this torchrun launch ended, so this one stops too (Connection closed by peer)" in \
+        done.stderr

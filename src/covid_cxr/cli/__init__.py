@@ -134,6 +134,16 @@ def _joined_a_group() -> bool:
     return bool(distributed and distributed.joined_a_group())
 
 
+# What gloo says when the other end of a rank's connection is gone (a rank killed, or failed and exited).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def _peer_gone(exc: BaseException) -> str:
+    """gloo's words, when ``exc`` says another rank of the group went away; else empty."""
+    text = str(exc)
+    return next((words for words in PEER_GONE if words in text), "") if isinstance(exc, RuntimeError) else ""
+
+
 def entry(argv: Sequence[str] | None = None) -> NoReturn:
     """The ``covid-cxr`` program: :func:`main`, then exit with its status.
 
@@ -150,6 +160,10 @@ def entry(argv: Sequence[str] | None = None) -> NoReturn:
             raise
         if isinstance(exc, KeyboardInterrupt):  # raised outside main's own handler (which says so and returns 130)
             code = 130
+        elif _peer_gone(exc):  # the cause is in the other rank's output: gloo's traceback here only buries it
+            print(f"covid-cxr: another process of this torchrun launch ended, so this one stops too "
+                  f"({_peer_gone(exc)}); its own output says why", file=sys.stderr)
+            code = 1
         else:
             traceback.print_exc()
             code = 1
