@@ -138,5 +138,5 @@ def pretrained_scaling_warning(network: str, pretrained: str, scaling: str) -> s
         return None
     paper = " (the paper did this, so it is allowed)" if scaling == "unit" else ""
     return (f"{network}'s ImageNet weights expect scaling {expected!r} (Keras 'tf' mode, x / 127.5 - 1) but the "
-            f"settings say {scaling!r}: the pretrained filters see inputs of another range{paper}. Set "
-            f"scaling: {expected} to feed them what they were trained on")
+            f"settings say {scaling!r}: the pretrained filters see inputs of another range{paper}. Pass "
+            f"--scaling {expected} (scaling: {expected} in a settings file) to feed them what they were trained on")

@@ -185,8 +185,8 @@ class Int8Check:
         text = f"int8 check on {self.agreed.n} {self.source}: "
         if self.fp32 is not None and self.int8 is not None:
             text += (f"accuracy fp32 {fmt.with_ci(self.fp32.value, *self.fp32.ci)}, "
-                     f"int8 {fmt.with_ci(self.int8.value, *self.int8.ci)}, difference "
-                     f"{self.difference_pp:+.2f} pp; ")
+                     f"int8 {fmt.with_ci(self.int8.value, *self.int8.ci)}, accuracy "
+                     f"{round(self.difference_pp, 3):+.2f} pp; ")  # as the record stores it, and predict prints it
         text += f"classes agree on {self.agreed.value:.1f}% ({self.agreed.k}/{self.agreed.n})"
         if self.argmax_agreed is not None:
             text += (f" decided by {self.rule} ({self.argmax_agreed.value:.1f}% by argmax, "

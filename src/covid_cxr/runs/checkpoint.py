@@ -143,9 +143,10 @@ def _read(path: Path, map_location: str | torch.device, *, mmap: bool = False, f
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to a user
         raise CheckpointError(unreadable(path, exc)) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
+        # a torch file, read, but not ours (import-keras converts Keras files, and would refuse this one)
         raise CheckpointError(
-            f"{path}: not a covid-cxr checkpoint; Keras files (.h5, .hdf5, .keras) are converted with "
-            f"'covid-cxr import-keras {path} --network NAME --out model.pt'"
+            f"{path}: a PyTorch file, but not a covid-cxr checkpoint (those are written by 'covid-cxr train' and "
+            "'covid-cxr import-keras'); give one of those, or convert the authors' Keras .hdf5 with import-keras"
         )
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
