@@ -198,7 +198,7 @@ def test_a_run_being_trained_is_neither_trained_nor_calibrated_again(data: Path,
         assert load_checkpoint(tmp_path / "calibrated.pt").operating_point is None
         capsys.readouterr()
         evaluate_run(run, FP32, n_boot=0, out_dir=tmp_path / "eval", progress=False)
-        assert "still being trained" in capsys.readouterr().err
+        assert capsys.readouterr().err.count("still being trained") == 1  # once, though the target resolves twice
         assert _files(run) == before
     # The process is gone (killed: the operating system released its lock): everything goes ahead.
     assert not being_trained(run)

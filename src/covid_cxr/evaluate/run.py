@@ -337,7 +337,7 @@ def evaluate_run(
     the AUC bootstrap) as in ``covid-cxr metrics``.
     """
     where = Path(target)
-    tgt = resolve_target(where, data, fold, split, out_dir)
+    tgt = resolve_target(where, data, fold, split, out_dir, note=False)  # _open resolves it again, and notes then
     n_images = len(load_split(PreparedData(tgt.data), tgt.fold, split, tgt.run, where)[0])
     # A threshold rule was chosen on fp32 probabilities: under auto it decides on them too, as predict and serve
     # do (a given rule here; the checkpoint's own through follow_rule).

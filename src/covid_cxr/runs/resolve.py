@@ -34,7 +34,8 @@ class Target:
     run: RunInfo
 
 
-def resolve_target(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None) -> Target:
+def resolve_target(target: Path, data: Path | None, fold: int | None, split: str, out_dir: Path | None, *,
+                   note: bool = True) -> Target:
     """Turn a run folder or checkpoint path plus overrides into concrete paths and a fold.
 
     A run folder means its best.pt; a checkpoint inside a run folder (e.g. RUN/last.pt) takes its
@@ -59,7 +60,7 @@ def resolve_target(target: Path, data: Path | None, fold: int | None, split: str
         default_out = target.parent / f"{target.stem}-eval-{split}"
     else:
         raise DataError(f"{target}: no such run folder or checkpoint file")
-    if checkpoint.name in (BEST, LAST):
+    if note and checkpoint.name in (BEST, LAST):  # note=False: a caller that resolves the target again says it then
         note_if_training(checkpoint.parent, "this result")
     run = training_record(checkpoint, run)
     data = data if data is not None else (Path(run.data) if run.data else None)
