@@ -38,6 +38,7 @@ from covid_cxr.inference.pipeline import (
     overlay_stem,
     predict_inputs,
 )
+from covid_cxr.inference.protocol import predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.sink import PredictionSink
 from covid_cxr.labels import CLASSES
@@ -506,3 +507,6 @@ def test_nan_weights_are_refused_not_decided_as_covid(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="NaN or infinite probabilities for 1 of 2 images"):
         Classifier(NanModel())(np.zeros((2, SIZE, SIZE), np.uint8))
+    # evaluate, the audits and calibrate read probabilities through predict_in_batches: the same refusal
+    with pytest.raises(CheckpointError, match="NaN or infinite probabilities for 1 of 2 images"):
+        predict_in_batches(NanModel(), np.zeros((2, SIZE, SIZE), np.uint8), batch_size=2)

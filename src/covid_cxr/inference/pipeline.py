@@ -31,10 +31,10 @@ from covid_cxr.data.images import load_image, resize_gray
 from covid_cxr.data.names import display_path, name_bytes
 from covid_cxr.data.sources.folder import IMAGE_SUFFIXES
 from covid_cxr import fmt
-from covid_cxr.errors import CheckpointError, ConfigError, ImageDecodeError
+from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import GradCam, is_overlay, save_overlay
 from covid_cxr.inference.inputs import Inputs
-from covid_cxr.inference.protocol import Predictor
+from covid_cxr.inference.protocol import Predictor, finite
 from covid_cxr.inference.sink import PredictionSink, check_writable_folder, kind_of
 from covid_cxr.labels import DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint, of_predictor
@@ -82,12 +82,7 @@ class Classifier:
 
     def __call__(self, images: np.ndarray) -> Classified:
         """Probabilities and decided classes for a uint8 batch (N, S, S) at the model's size."""
-        probs = self.predictor.predict_proba(images)
-        bad = int((~np.isfinite(probs).all(axis=1)).sum())
-        if bad:  # argmax of NaN is index 0: every such image would be called COVID-19, with NaN probabilities
-            raise CheckpointError(f"the model gave NaN or infinite probabilities for {bad} of {len(probs)} images: its "
-                                  "weights are damaged (or an exported file was edited); export it again from a "
-                                  "sound checkpoint")
+        probs = finite(self.predictor.predict_proba(images))
         return Classified(probs, self.decision.decide(probs, self.classes))
 
     def decided_by(self) -> dict[str, object]:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from covid_cxr.errors import CheckpointError
 from covid_cxr.preprocess import Preprocessing
 
 
@@ -67,7 +68,18 @@ def predict_in_batches(
             batch = images[rows]
         else:
             batch = np.stack([images[i] for i in rows])
-        out[start : start + len(rows)] = predictor.predict_proba(np.ascontiguousarray(batch))
+        out[start : start + len(rows)] = finite(predictor.predict_proba(np.ascontiguousarray(batch)))
         if on_batch is not None:
             on_batch(len(rows))
     return out
+
+
+def finite(probs: np.ndarray) -> np.ndarray:
+    """``probs``, refused when a row holds NaN or an infinity: argmax of NaN is index 0, so every such image would be
+    called COVID-19 (a checkpoint with such weights is refused when its network is built; this is any model's)."""
+    bad = int((~np.isfinite(probs).all(axis=1)).sum())
+    if bad:
+        raise CheckpointError(f"the model gave NaN or infinite probabilities for {bad} of {len(probs)} images: its "
+                              "weights are damaged (or an exported file was edited); export it again from a sound "
+                              "checkpoint")
+    return probs
