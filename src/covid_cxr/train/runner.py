@@ -302,8 +302,9 @@ class Trainer:
         if self.resuming:
             self._check_resumed_splits(folder, last)
         self.folder = folder
-        self.warnings = [w for w in (self.config.scaling_warning(), self._precision_change(),
-                                     self._world_size_change()) if w]
+        earlier = folder.info() if self.resuming and folder.exists() else None  # run.json of the epochs before
+        self.warnings = [w for w in (self.config.scaling_warning(), self._precision_change(earlier),
+                                     self._world_size_change(earlier)) if w]
         for warning in self.warnings if dist.is_main else ():
             print(f"warning: {warning}", file=sys.stderr)
         self._build(last)
@@ -385,30 +386,30 @@ class Trainer:
             raise CheckpointError(f"{folder.last} holds a {last.network} network, the run says {self.config.network}")
         return last
 
-    def _precision_change(self) -> str | None:
+    def _precision_change(self, earlier: RunInfo | None) -> str | None:
         """A warning when a resumed run continues in another precision than its earlier epochs ran in.
 
         ``precision: auto`` resolves per machine (bf16 where the CPU has it natively, fp32 elsewhere), so a run
         started on one CPU and resumed on another mixes the two without a word otherwise.
         """
-        if not self.resuming or not self.folder.exists():
+        if earlier is None:
             return None
-        before = re.search(r"precision=(\w+)", self.folder.info().runtime or "")
+        before = re.search(r"precision=(\w+)", earlier.runtime or "")
         if before is None or before.group(1) == self.runtime.precision:
             return None
         return (f"resumed in {self.runtime.precision} ({self.runtime.describe()}), but the epochs before ran in "
                 f"{before.group(1)}: this run mixes precisions, and --deterministic cannot reproduce an "
                 "uninterrupted run; resume it on a machine like the one that started it to keep one precision")
 
-    def _world_size_change(self) -> str | None:
+    def _world_size_change(self, earlier: RunInfo | None) -> str | None:
         """A warning when a resumed run goes on in another number of processes than its earlier epochs ran in.
 
         run.json records the new number alone, so a run started under torchrun and resumed in one process looked
         like a one-process run; the warning, kept in run.json's warnings, says it was not.
         """
-        if not self.resuming or not self.folder.exists():
+        if earlier is None:
             return None
-        before = self.folder.info().world_size
+        before = earlier.world_size
         if before is None or before == self.dist.world_size:
             return None
         how = f"torchrun --nproc_per_node {before} ... covid-cxr train --resume" if before > 1 else "one process"
