@@ -32,3 +32,14 @@ def file_kind(path: Path) -> str:
         if head.startswith(magic):
             return kind
     return "onnx" if head.startswith(ONNX_MAGIC) or path.suffix.lower() == ".onnx" else "other"
+
+
+def not_a_model(path: Path, kind: str | None) -> str | None:
+    """What to tell a user who gave a command that takes a covid-cxr model an empty file or a Keras one; None for
+    other kinds, which each caller words for what it takes."""
+    if kind == "empty":
+        return f"{path}: empty file (0 bytes), likely an interrupted copy or download; copy the model file again"
+    if kind == "hdf5":
+        return (f"{path}: a Keras HDF5 model, not a covid-cxr checkpoint; convert it first with 'covid-cxr "
+                f"import-keras {path} --out model.pt', then give model.pt")
+    return None

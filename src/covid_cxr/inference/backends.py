@@ -47,7 +47,7 @@ from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor, should_compile
 from covid_cxr.models.pretrained import default_cache_dir
 from covid_cxr.operating_point import OperatingPoint, decision_precision
-from covid_cxr.model_files import file_kind
+from covid_cxr.model_files import file_kind, not_a_model
 from covid_cxr.runs.checkpoint import Checkpoint, load_checkpoint_sha256
 from covid_cxr.runtime import choose_runtime
 
@@ -166,12 +166,8 @@ def model_file_kind(path: Path) -> str:
     kind = file_kind(path)
     if kind == "zip":
         return "checkpoint"
-    if kind == "empty":
-        raise CheckpointError(f"{path}: empty file (0 bytes), likely an interrupted copy or download; copy the model "
-                              "file again")
-    if kind == "hdf5":
-        raise CheckpointError(f"{path}: a Keras HDF5 model; convert it first with 'covid-cxr import-keras {path} "
-                              "--out model.pt', then give model.pt")
+    if said := not_a_model(path, kind):
+        raise CheckpointError(said)
     if kind == "pickle" or (kind == "other" and path.suffix.lower() in (".pt", ".pth", ".ckpt")):
         raise CheckpointError(f"{path}: not a covid-cxr checkpoint (those are zip archives written by 'covid-cxr "
                               "train' or 'covid-cxr import-keras') nor an exported .onnx model; give one of those")

@@ -35,7 +35,7 @@ from covid_cxr import __version__
 from covid_cxr.atomic import replace_atomically, signals_held, stream_sha256
 from covid_cxr.errors import CheckpointError
 from covid_cxr.labels import check_classes
-from covid_cxr.model_files import FORMAT, file_kind
+from covid_cxr.model_files import FORMAT, file_kind, not_a_model
 from covid_cxr.models import build_model
 from covid_cxr.preprocess import Preprocessing
 
@@ -116,11 +116,8 @@ def unreadable(path: Path, exc: BaseException) -> str:
         kind = file_kind(path)
     except OSError:
         kind = None
-    if kind == "empty":
-        return f"{path}: empty file (0 bytes), likely an interrupted copy or download; copy the checkpoint again"
-    if kind == "hdf5":
-        return (f"{path}: a Keras HDF5 model, not a covid-cxr checkpoint; convert it first with 'covid-cxr "
-                f"import-keras {path} --out model.pt', then give model.pt")
+    if said := not_a_model(path, kind):
+        return said
     if kind == "onnx":
         return (f"{path}: an ONNX model, not a covid-cxr checkpoint; give the checkpoint (.pt, e.g. RUN/best.pt) "
                 "it was exported from")
