@@ -160,9 +160,9 @@ def entry(argv: Sequence[str] | None = None) -> NoReturn:
             raise
         if isinstance(exc, KeyboardInterrupt):  # raised outside main's own handler (which says so and returns 130)
             code = 130
-        elif _peer_gone(exc):  # the cause is in the other rank's output: gloo's traceback here only buries it
-            print(f"covid-cxr: another process of this torchrun launch ended, so this one stops too "
-                  f"({_peer_gone(exc)}); its own output says why", file=sys.stderr)
+        elif gone := _peer_gone(exc):  # the cause is in the other rank's output: gloo's traceback only buries it
+            print(f"covid-cxr: another process of this torchrun launch ended, so this one stops too ({gone}); its "
+                  "own output says why", file=sys.stderr)
             code = 1
         else:
             traceback.print_exc()

@@ -52,6 +52,9 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
 
 
+HOSTS = "give 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of its own addresses"
+
+
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the model loads: a port in use or a host that is not this machine's is
     one line naming the flag, not uvicorn's ERROR and exit status 3 after a minute's export and warm-up."""
@@ -59,8 +62,7 @@ def listen(host: str, port: int) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
     except socket.gaierror as exc:
-        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror}); give 127.0.0.1 (this "
-                         "machine only), 0.0.0.0 (every interface) or one of its own addresses") from None
+        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror}); {HOSTS}") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
     try:
@@ -74,8 +76,7 @@ def listen(host: str, port: int) -> socket.socket:
             raise ValueError(f"--port {port}: this user may not bind ports below 1024 here; choose --port 1024 or "
                              "above (0: a free one)") from None
         if exc.errno == errno.EADDRNOTAVAIL:
-            raise ValueError(f"--host {host}: not an address of this machine; give 127.0.0.1 (this machine only), "
-                             "0.0.0.0 (every interface) or one of its own addresses") from None
+            raise ValueError(f"--host {host}: not an address of this machine; {HOSTS}") from None
         raise
     return sock
 
@@ -128,21 +129,21 @@ def run(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                           max_batch=args.max_batch)
     check_limits(limits)  # before the model is loaded: a refused limit should not cost an export
-    sock = listen(args.host, args.port)  # so is a port in use
-    model = model_file(args.checkpoint)
-    settings = InferenceSettings(device=args.device, precision=args.precision, backend=args.backend)
-    loaded = load_model(model, settings, compile=args.compile, follow_rule=True)
-    loaded.warm_up(1)  # compile before the first upload, not during it; batches of uploads then run one by one
-    gradcam = None if args.no_heatmap or loaded.checkpoint is None else loaded.gradcam()
-    card = served_card(model, loaded.sha256, loaded.checkpoint, loaded.predictor)
-    app = create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256, gradcam=gradcam, limits=limits,
-                     model_card=card)
-    print(f"model: {loaded.describe()}; heatmaps {'on' if gradcam else 'off'}", file=sys.stderr)
-    print(f"operating point: {app.state.decision.describe()}", file=sys.stderr)
-    for warning in loaded.warnings():
-        print(warning, file=sys.stderr)
-    print_int8_record(loaded.predictor, model)
-    print(f"serving on {url_of(sock)} (API description at /docs and /openapi.json; Ctrl-C stops it)", file=sys.stderr)
-    with sock:
+    with listen(args.host, args.port) as sock:  # so is a port in use; closed however the start-up ends
+        model = model_file(args.checkpoint)
+        settings = InferenceSettings(device=args.device, precision=args.precision, backend=args.backend)
+        loaded = load_model(model, settings, compile=args.compile, follow_rule=True)
+        loaded.warm_up(1)  # compile before the first upload, not during it; batches of uploads then run one by one
+        gradcam = None if args.no_heatmap or loaded.checkpoint is None else loaded.gradcam()
+        card = served_card(model, loaded.sha256, loaded.checkpoint, loaded.predictor)
+        app = create_app(loaded.predictor, network=loaded.network, sha256=loaded.sha256, gradcam=gradcam, limits=limits,
+                         model_card=card)
+        print(f"model: {loaded.describe()}; heatmaps {'on' if gradcam else 'off'}", file=sys.stderr)
+        print(f"operating point: {app.state.decision.describe()}", file=sys.stderr)
+        for warning in loaded.warnings():
+            print(warning, file=sys.stderr)
+        print_int8_record(loaded.predictor, model)
+        print(f"serving on {url_of(sock)} (API description at /docs and /openapi.json; Ctrl-C stops it)",
+              file=sys.stderr)
         uvicorn.Server(uvicorn.Config(app, log_level="info", access_log=True)).run(sockets=[sock])
     return 0
