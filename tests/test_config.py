@@ -41,7 +41,7 @@ def test_cpu_preset_is_small_and_overridable() -> None:
         ({"precision": "fp8"}, "precision must be one of"),
         ({"epochs_per_phase": 1.5}, "epochs_per_phase must be an integer"),
         ({"bogus": 1}, "unknown setting(s) bogus; valid settings are data, network"),
-        ({"pretrained": "none", "weights_files": ("x.h5",)}, "use them with pretrained='imagenet'"),
+        ({"pretrained": "none", "weights_files": ("x.h5",)}, "loaded only with --pretrained imagenet"),
     ],
 )
 def test_bad_values_name_the_valid_range(overrides: dict, message: str) -> None:

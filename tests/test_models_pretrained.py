@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from covid_cxr.errors import CheckpointError
+from covid_cxr.labels import CLASSES
 from covid_cxr.models import build_model
 from covid_cxr.models.pretrained import default_cache_dir, fetch_weights, load_imagenet_weights
 from covid_cxr.networks import IMAGENET_FILES, WeightsFile
+from covid_cxr.preprocess import Preprocessing
+from covid_cxr.runs.checkpoint import Checkpoint, save_checkpoint
 
 
 def _entry(tmp_path: Path, payload: bytes, *, sha256: str | None = None) -> WeightsFile:
@@ -65,6 +68,21 @@ def test_offline_without_a_file_says_what_to_download_and_where(tmp_path: Path) 
     assert entry.url in message
     assert str(tmp_path / "cache" / entry.filename) in message
     assert "--weights-file" in message
+
+
+def test_our_own_model_files_as_weights_say_what_training_takes(tmp_path: Path) -> None:
+    # Not import-keras' words ("no import needed: predict, evaluate, export and serve take it"): this is training.
+    ours = save_checkpoint(Checkpoint("xception", CLASSES, Preprocessing(image_size=71), {}), tmp_path / "best.pt")
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07\x12\x07pytorch")  # an ONNX ModelProto's first fields
+    model = build_model("xception", image_size=71)
+    for path, what in ((ours, "a covid-cxr checkpoint"), (onnx, "an ONNX model")):
+        with pytest.raises(CheckpointError) as err:
+            load_imagenet_weights(model, weights_file=path)
+        message = str(err.value)
+        assert message.startswith(f"{path}: {what}, not ImageNet weights: --weights-file takes the Keras ImageNet")
+        assert IMAGENET_FILES["xception"].filename in message and "train --resume RUN" in message
+        assert "no import needed" not in message
 
 
 def test_official_entries_point_at_the_keras_files() -> None:

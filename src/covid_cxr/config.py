@@ -136,7 +136,10 @@ class TrainConfig:
         if not isinstance(self.augment, AugmentSettings):
             raise ConfigError(f"augment must be AugmentSettings; got {type(self.augment).__name__}")
         if self.weights_files and self.pretrained != "imagenet":
-            raise ConfigError("weights_files are ImageNet weight files: use them with pretrained='imagenet'")
+            raise ConfigError(
+                "--weights-file (weights_files in a settings file) gives ImageNet weights, which are loaded only with "
+                "--pretrained imagenet (pretrained: imagenet); add it, or leave the weights file out"
+            )
         if self.name is not None and (not self.name or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"name must be a plain folder name (no '/'); got {self.name!r}")
 

@@ -27,7 +27,7 @@ import json
 import re
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,11 +181,12 @@ class KerasWeights:
         return {layer.name for layer in self.layers}
 
 
-def read_keras_weights(path: str | Path) -> KerasWeights:
+def read_keras_weights(path: str | Path, *, not_keras: Mapping[str, str] = NOT_KERAS) -> KerasWeights:
     """Read any supported Keras file; raise :class:`CheckpointError` naming the file if it cannot be.
 
     The file's first bytes say what it is (:func:`~covid_cxr.model_files.file_kind`), so a checkpoint or an
-    ONNX model given by mistake is named as such rather than reported as a broken HDF5 file.
+    ONNX model given by mistake is named as such rather than reported as a broken HDF5 file, in the words of
+    ``not_keras`` (by kind: a caller whose command takes other files words the advice for it).
     """
     path = Path(path)
     if path.is_dir():
@@ -194,9 +195,9 @@ def read_keras_weights(path: str | Path) -> KerasWeights:
         raise CheckpointError(f"{path}: no such Keras file")
     kind = file_kind(path)
     if kind == "zip":
-        weights = _read_keras_zip(path)
-    elif kind in NOT_KERAS:
-        raise CheckpointError(f"{path}: {NOT_KERAS[kind]}")
+        weights = _read_keras_zip(path, not_keras)
+    elif kind in not_keras:
+        raise CheckpointError(f"{path}: {not_keras[kind]}")
     else:
         weights = _read_hdf5(path, kind)
     _check_finite(weights)
@@ -435,13 +436,13 @@ def _input_size(config: dict[str, Any]) -> int | None:
     return None
 
 
-def _read_keras_zip(path: Path) -> KerasWeights:
+def _read_keras_zip(path: Path, not_keras: Mapping[str, str]) -> KerasWeights:
     """A ``.keras`` file; another zip (a covid-cxr checkpoint, a torch file) is refused saying what it is."""
     try:
         with zipfile.ZipFile(path) as zf:
             kind = _zip_kind(zf)
             if kind != "keras":
-                raise CheckpointError(f"{path}: {NOT_KERAS[kind]}")
+                raise CheckpointError(f"{path}: {not_keras[kind]}")
             config = _parse_config(zf.read("config.json"), path, "config.json")
             data = zf.read("model.weights.h5")
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:

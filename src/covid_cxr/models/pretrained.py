@@ -23,8 +23,20 @@ from covid_cxr.errors import CheckpointError
 from covid_cxr.models.concat import CxrNet
 from covid_cxr.models.keras_architecture import check_backbones
 from covid_cxr.models.keras_import import backbones_in, load_keras_layers
-from covid_cxr.models.keras_reader import KerasWeights, read_keras_weights
+from covid_cxr.models.keras_reader import NOT_KERAS, KerasWeights, read_keras_weights
 from covid_cxr.networks import IMAGENET_FILES, WeightsFile
+
+# A --weights-file that is one of our own model files: what training with it asks for, in a training command's words.
+_NOT_IMAGENET = (
+    "--weights-file takes the Keras ImageNet no-top files (e.g. "
+    + ", ".join(entry.filename for entry in IMAGENET_FILES.values())
+    + "); to go on training a run, use 'covid-cxr train --resume RUN'"
+)
+NOT_WEIGHTS: dict[str, str] = {
+    **NOT_KERAS,
+    "checkpoint": f"a covid-cxr checkpoint, not ImageNet weights: {_NOT_IMAGENET}",
+    "onnx": f"an ONNX model, not ImageNet weights: {_NOT_IMAGENET}",
+}
 
 
 def default_cache_dir() -> Path:
@@ -71,11 +83,11 @@ def _named_files(weights_file: Path | Sequence[Path], wanted: Sequence[str]) -> 
             for backbone in wanted:
                 candidate = item / IMAGENET_FILES[backbone].filename
                 if candidate.is_file() and backbone not in found:
-                    found[backbone] = read_keras_weights(candidate)
+                    found[backbone] = read_keras_weights(candidate, not_keras=NOT_WEIGHTS)
             continue
         if not item.is_file():
             raise CheckpointError(f"{item}: no such weights file or folder")
-        weights = read_keras_weights(item)
+        weights = read_keras_weights(item, not_keras=NOT_WEIGHTS)
         held = [b for b in backbones_in(weights) if b in wanted]
         if len(held) != 1:
             raise CheckpointError(
