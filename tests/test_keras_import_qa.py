@@ -8,6 +8,7 @@ layers a check looks at (Xception's ``block1_conv1`` tells the network, one Dens
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -307,3 +308,33 @@ def test_an_image_size_the_model_does_not_take_names_the_models_own(tmp_path: Pa
     for size in (299, 128):
         with pytest.raises(CheckpointError, match=r"inputs are 300x300 \(its model config\).*or pass 300"):
             _head_shape("xception", weights, path, True, size)
+
+
+def test_kernels_of_the_wrong_rank_are_refused_naming_the_layer() -> None:
+    from torch import nn
+
+    from covid_cxr.models.keras_import import load_keras_layers
+    from covid_cxr.models.layers import SeparableConv2d, keras_layer
+
+    net = nn.Sequential(SeparableConv2d(2, 4, "sep"), keras_layer(nn.Conv2d(4, 4, 1), "conv"))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    good_conv = KerasLayer("conv", {"kernel": np.zeros((1, 1, 4, 4)), "bias": np.zeros(4)})
+    cases = {
+        # A depthwise kernel flattened to 3 dimensions (a hand-edited or foreign file): once a permute() traceback.
+        "has shape (3, 3, 2) where a separable convolution needs 4": {
+            "depthwise_kernel": np.zeros((3, 3, 2)), "pointwise_kernel": np.zeros((1, 1, 2, 4))},
+        "has shape (2, 4) where a separable convolution needs 4": {
+            "depthwise_kernel": np.zeros((3, 3, 2, 1)), "pointwise_kernel": np.zeros((2, 4))},
+        "has a depthwise kernel but no pointwise kernel": {"depthwise_kernel": np.zeros((3, 3, 2, 1))},
+    }  # fmt: skip
+    for words, arrays in cases.items():
+        with pytest.raises(CheckpointError, match=rf"^model\.h5: weights do not fit the network: layer 'sep' .*{re.escape(words)}"):
+            load_keras_layers(net, [KerasLayer("sep", arrays), good_conv], source="model.h5")
+    # A kernel of 3 dimensions where a convolution stands: what it has, not "is a other layer".
+    sep = KerasLayer("sep", {"depthwise_kernel": np.zeros((3, 3, 2, 1)), "pointwise_kernel": np.zeros((1, 1, 2, 4))})
+    odd = KerasLayer("conv", {"kernel": np.zeros((1, 4, 4)), "bias": np.zeros(4)})
+    with pytest.raises(CheckpointError, match=r"layer 'conv' has weights that fit no convolution, dense or BatchNorm "
+                       r"layer \(kernel \(1, 4, 4\), bias \(4,\)\); the network has a conv there"):
+        load_keras_layers(net, [sep, odd], source="model.h5")
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # nothing half-loaded
+    load_keras_layers(net, [sep, good_conv], source="model.h5")  # the same layers, well formed, load

@@ -82,11 +82,20 @@ def _convert(module: nn.Module, layer: KerasLayer) -> dict[str, torch.Tensor] | 
     """PyTorch tensors for ``module`` from a Keras layer, by the module's own state names, or why not."""
     w = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in layer.weights.items()}
     kind = _module_kind(module)
+    if layer.kind == "other":
+        shapes = ", ".join(f"{name} {tuple(v.shape)}" for name, v in w.items())
+        return f"has weights that fit no convolution, dense or BatchNorm layer ({shapes}); the network has a {kind} there"
     if kind != layer.kind:
         return f"is a {layer.kind} layer, the network has a {kind} there"
     if kind == "sepconv":
         if "bias" in w:
             return "has a bias; Keras' Xception separable convs have none"
+        if "pointwise_kernel" not in w:
+            return "has a depthwise kernel but no pointwise kernel"
+        flat = [f"{name} has shape {tuple(w[name].shape)}" for name in ("depthwise_kernel", "pointwise_kernel")
+                if w[name].dim() != 4]
+        if flat:
+            return f"{'; '.join(flat)} where a separable convolution needs 4 dimensions"
         out = {
             "depthwise.weight": w["depthwise_kernel"].permute(2, 3, 0, 1),
             "pointwise.weight": w["pointwise_kernel"].permute(3, 2, 0, 1),
