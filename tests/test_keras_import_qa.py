@@ -328,7 +328,8 @@ def test_kernels_of_the_wrong_rank_are_refused_naming_the_layer() -> None:
         "has a depthwise kernel but no pointwise kernel": {"depthwise_kernel": np.zeros((3, 3, 2, 1))},
     }  # fmt: skip
     for words, arrays in cases.items():
-        with pytest.raises(CheckpointError, match=rf"^model\.h5: weights do not fit the network: layer 'sep' .*{re.escape(words)}"):
+        refusal = rf"^model\.h5: weights do not fit the network: layer 'sep' .*{re.escape(words)}"
+        with pytest.raises(CheckpointError, match=refusal):
             load_keras_layers(net, [KerasLayer("sep", arrays), good_conv], source="model.h5")
     # A kernel of 3 dimensions where a convolution stands: what it has, not "is a other layer".
     sep = KerasLayer("sep", {"depthwise_kernel": np.zeros((3, 3, 2, 1)), "pointwise_kernel": np.zeros((1, 1, 2, 4))})
