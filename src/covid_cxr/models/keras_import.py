@@ -84,8 +84,8 @@ def _convert(module: nn.Module, layer: KerasLayer) -> dict[str, torch.Tensor] | 
     kind = _module_kind(module)
     if layer.kind == "other":
         shapes = ", ".join(f"{name} {tuple(v.shape)}" for name, v in w.items())
-        return f"has weights that fit no convolution, dense or BatchNorm layer ({shapes}); the network has a {kind} " \
-            "there"
+        return (f"has weights that fit no convolution, dense or BatchNorm layer ({shapes}); the network has a {kind} "
+                "there")
     if kind != layer.kind:
         return f"is a {layer.kind} layer, the network has a {kind} there"
     if kind == "sepconv":
