@@ -178,6 +178,13 @@ def test_the_never_on_test_claim_follows_the_records() -> None:
     assert "not recorded" in where_chosen([clean, unchecked])
     assert where_chosen([OperatingPoint()]) == ""
     assert not clean.fitted_on_test and fitted.fitted_on_test and not unchecked.fitted_on_test
+    # A rule with no validation record (made by hand or by another tool) says so in the card, not "Chosen on: {}."
+    for bare in ({"rule": "specificity", "target": 0.9, "threshold": 0.3, "validation": {}},
+                 {"rule": "specificity", "target": 0.9, "threshold": 0.3}):
+        card = "\n".join(operating_point_lines(bare, ("covid", "normal", "pneumonia")))
+        assert "{}" not in card and "None" not in card
+        assert card.endswith("- Where this rule was chosen is not recorded with the model: its validation figures are "
+                             "unknown.")
 
 
 def test_report_says_where_the_threshold_was_chosen(tmp_path: Path) -> None:

@@ -201,6 +201,8 @@ def operating_point_lines(op: dict[str, Any] | None, classes: tuple[str, ...]) -
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in validation.items()
                           if not isinstance(v, (dict, list)))
         lines.append(f"- {where_chosen([OperatingPoint.from_dict(op)])} Validation record: {shown}.")
-    elif validation is not None:
+    elif validation:
         lines.append(f"- Chosen on: {validation}.")
+    else:  # a rule made by hand or by another tool: say so rather than print an empty record
+        lines.append("- Where this rule was chosen is not recorded with the model: its validation figures are unknown.")
     return lines
