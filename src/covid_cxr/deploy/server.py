@@ -63,6 +63,7 @@ from starlette.requests import ClientDisconnect
 from covid_cxr import __version__
 from covid_cxr.data.images import MAX_PIXELS, decode_radiograph
 from covid_cxr.deploy.limits import ServerLimits
+from covid_cxr.deploy.saturation import agreement_words
 from covid_cxr.deploy.uploads import UploadError, read_multipart
 from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import CamResult, GradCam, overlay_png
@@ -220,6 +221,7 @@ def model_description(predictor: Predictor, *, network: str, sha256: str) -> dic
         check = int8.get("check") or {}
         described["int8"] = {"weight_scheme": int8.get("weight_scheme"), "check_images": check.get("images"),
                              "agreement_pct": check.get("agreement_pct"),
+                             "agreement": agreement_words(check) if check.get("agreement_pct") is not None else None,
                              "decision_rule": check.get("decision_rule"),
                              "argmax_agreement_pct": check.get("argmax_agreement_pct")}
     return described

@@ -40,11 +40,12 @@ function renderBars(probabilities, decision) {
   }
 }
 
-// "int8 (agreement with fp32 99.7% on 300 images, decided by argmax)", or the precision alone.
+// "int8 (agreement with fp32 on 300 images: 299/300 = 99.7% (95% CI 98.1-99.9%), decided by argmax)", or the
+// precision alone. The server words the figure (saturation.agreement_words), as predict prints it.
 function describePrecision(m) {
   if (!m.int8) return m.precision;
-  const check = m.int8.agreement_pct === null || m.int8.agreement_pct === undefined ? "not checked against fp32"
-    : `agreement with fp32 ${m.int8.agreement_pct}% on ${m.int8.check_images} images` +
+  const check = !m.int8.agreement ? "not checked against fp32"
+    : `agreement with fp32 on ${m.int8.check_images} images: ${m.int8.agreement}` +
       (m.int8.decision_rule ? `, decided by ${m.int8.decision_rule}` : "");
   return `int8 (${check})`;
 }
