@@ -126,6 +126,45 @@ def test_take_patients_takes_whole_patients_rarest_class_first() -> None:
         assert "f" not in set(taken["patient_id"])
 
 
+def _icu_shaped(covid_patients: int, films: int) -> pd.DataFrame:
+    """COVID-19 patients with ``films`` daily films each (as in intensive care), one-image pneumonia and normal."""
+    rows = [("covid", f"c{p}") for p in range(covid_patients) for _ in range(films)]
+    rows += [("pneumonia", f"p{i}") for i in range(40)] + [("normal", f"n{i}") for i in range(40)]
+    return pd.DataFrame([{"image_id": f"x/{i}", "path": f"/x/{i}.png", "label": label, "patient_id": pid,
+                          "source": "folder", "view": "AP"} for i, (label, pid) in enumerate(rows)])
+
+
+def test_a_class_of_many_image_patients_still_gets_a_validation_patient() -> None:
+    """A quota of 1 COVID-19 image and patients of 12 films each: "take a patient only if it gets closer to the quota"
+    alone took none, so validation held no COVID-19 image, every fold, under strict and kfold alike."""
+    frame = _icu_shaped(6, 12)
+    for seed in range(3):
+        (part,), rest = take_patients(frame, [{"covid": 1, "normal": 4}], np.random.default_rng(seed))
+        taken = frame[frame["image_id"].isin(part)]
+        covid = taken[taken["label"] == "covid"]
+        assert len(covid) == 12 and covid["patient_id"].nunique() == 1
+        assert (taken["label"] == "normal").sum() == 4
+    # The smallest patient, and never the class's last one: with one patient, the rest keeps it.
+    sizes = _icu_shaped(1, 12).assign(patient_id=lambda f: np.where(f.index < 5, "small", f["patient_id"]))
+    (part,), _ = take_patients(sizes[sizes["label"] == "covid"], [{"covid": 1}], np.random.default_rng(0))
+    assert set(sizes.loc[sizes["image_id"].isin(part), "patient_id"]) == {"small"}
+    (part,), rest = take_patients(_icu_shaped(1, 12), [{"covid": 1}], np.random.default_rng(0))
+    assert part == [] and len(rest) == 92
+    for protocol in ("strict", "kfold"):
+        plan = make_folds(_icu_shaped(6, 12), SplitSettings(folds=3, protocol=protocol, seed=0))
+        labels = _icu_shaped(6, 12).set_index("image_id")["label"]
+        assert all(set(labels[fold.val]) == {"covid", "pneumonia", "normal"} for fold in plan.folds)
+        assert not any("validation holds no" in note for note in plan.notes)
+
+
+def test_a_class_validation_cannot_hold_is_named() -> None:
+    """Two COVID-19 patients in two folds: each fold's training side has one, which training keeps."""
+    plan = make_folds(_icu_shaped(2, 3), SplitSettings(folds=2, protocol="kfold", seed=0))
+    (note,) = [n for n in plan.notes if "validation holds no" in n]
+    assert note.startswith("folds 1, 2: validation holds no COVID-19 image, though training does")
+    assert "calibrate cannot choose a threshold for it; add patients of that class" in note
+
+
 def _paper_shaped(covid_patients: int, rsna: tuple[int, int], seed: int = 0) -> pd.DataFrame:
     """covid-chestxray-like core (1-4 images a COVID-19 patient, 42:180 pneumonia) and one-image RSNA patients."""
     rng = np.random.default_rng(seed)

@@ -194,7 +194,10 @@ def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]],
 
     Patients are taken by their rarest class first (COVID-19, pneumonia, normal), so a patient with a
     pneumonia and a normal image fills the pneumonia quota and counts towards the normal one. A
-    patient who would overshoot a quota by more than it is short is left for a later part.
+    patient who would overshoot a quota by more than it is short is left for a later part, except that a part
+    which asks for a class and would get none of it takes the smallest patient of that class, while another one
+    is left over: where every patient has many images (daily films in intensive care), a validation split would
+    otherwise hold none of the class, and the best checkpoint and a decision threshold be chosen without it.
     """
     parts: list[list[str]] = [[] for _ in quotas]
     if frame.empty:
@@ -222,6 +225,11 @@ def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]],
                     need -= sizes[patient]
                 else:
                     kept.append(patient)
+            if quota.get(cls, 0) > 0 and have[j, s] == 0 and len(kept) >= 2:
+                smallest = min(kept, key=lambda patient: sizes[patient])  # the first in seeded order among equals
+                part_of[smallest] = j
+                have[j] += per_patient[smallest]
+                kept.remove(smallest)
             queue = kept
     image_part = part_of[codes]
     ids = frame["image_id"].to_numpy()
@@ -269,7 +277,7 @@ def make_folds(manifest: pd.DataFrame, settings: SplitSettings, digests: dict[st
         fold.fold = fold_info["fold"] = k + 1
         folds.append(fold)
         info.append(fold_info)
-    notes = _merge_note(manifest) + _notes(settings, info)
+    notes = _merge_note(manifest) + _notes(settings, info) + _validation_gaps(manifest, folds)
     phases = 1 if settings.protocol == "kfold" else settings.phases
     plan = SplitPlan(folds=folds, protocol=settings.protocol, origin="generated", notes=notes, phase_info=info,
                      settings={"folds": settings.folds, "phases": phases, "seed": settings.seed,
@@ -353,6 +361,20 @@ def _notes(settings: SplitSettings, info: list[dict[str, Any]]) -> list[str]:
     else:
         notes += describe(info)
     return notes
+
+
+def _validation_gaps(manifest: pd.DataFrame, folds: list[Fold]) -> list[str]:
+    """A note for each class that a fold trains on but does not validate."""
+    labels = manifest.set_index("image_id")["label"]
+    gaps: dict[str, list[int]] = {}
+    for fold in folds:
+        missing = set(labels[list(fold.train)]) - set(labels[fold.val])
+        for cls in (c for c in CLASSES if c in missing):
+            gaps.setdefault(cls, []).append(fold.fold)
+    return [f"fold{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}: validation holds no {DISPLAY_NAMES[cls]} "
+            "image, though training does (too few such patients to spare one): the best checkpoint is chosen "
+            "without that class, and calibrate cannot choose a threshold for it; add patients of that class, or "
+            "lower --folds" for cls, ks in gaps.items()]
 
 
 def check_disjoint(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, str] | None = None) -> None:
