@@ -198,19 +198,29 @@ def test_byte_identical_files_with_two_labels_are_named_and_kept_together(tmp_pa
 
 
 def test_folds_with_an_empty_split_are_refused(tmp_path: Path) -> None:
-    """QA's one-class set: 10 normal images of 4 patients in 2 folds leave a fold without validation images."""
+    """Two patients of each of two classes in 2 folds: each fold's training side keeps its one patient of each class
+    for training, so validation is left empty; and QA's one-class set is refused for what it is."""
     rows = ["path,label,patient_id"]
-    for patient, n in (("nih-1504", 3), ("nih-2993", 1), ("nih-3392", 3), ("nih-3510", 3)):
-        rows += [f"{patient}-{i}.png,normal,{patient}" for i in range(n)]
+    for patient, n, label in (("nih-1504", 3, "normal"), ("nih-2993", 1, "normal"), ("mhh-1", 2, "covid"),
+                              ("mhh-2", 1, "covid")):
+        rows += [f"{patient}-{i}.png,{label},{patient}" for i in range(n)]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "labels.csv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
     with pytest.raises(DataError) as err:
         prepare_dataset(_kfold(out, tmp_path / "in", labels_only=True), progress=False)
     message = str(err.value)
-    assert "refusing to write folds with an empty split (fold " in message and ": validation" in message
-    assert "10 images of 4 patients (10 Normal)" in message and "single class" in message
+    assert "refusing to write folds with an empty split (fold 1: validation; fold 2: validation)" in message
+    assert "7 images of 4 patients (3 COVID-19, 4 Normal)" in message and "single class" not in message
     assert "add images of more patients" in message and "--folds" not in message  # 2 folds: none fewer to give
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    rows = ["path,label,patient_id"]
+    for patient, n in (("nih-1504", 3), ("nih-2993", 1), ("nih-3392", 3), ("nih-3510", 3)):
+        rows += [f"{patient}-{i}.png,normal,{patient}" for i in range(n)]
+    (tmp_path / "in" / "labels.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"^all 10 images are Normal: a single class cannot train a classifier; add "
+                                        r"images of the other classes$"):
+        prepare_dataset(_kfold(out, tmp_path / "in", labels_only=True), progress=False)
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 

@@ -20,6 +20,7 @@ from covid_cxr.data.splits import (
     SplitPlan,
     SplitSettings,
     check_disjoint,
+    check_filled,
     core_mask,
     identical_across,
     make_folds,
@@ -162,7 +163,7 @@ def test_a_class_validation_cannot_hold_is_named() -> None:
     plan = make_folds(_icu_shaped(2, 3), SplitSettings(folds=2, protocol="kfold", seed=0))
     (note,) = [n for n in plan.notes if "validation holds no" in n]
     assert note.startswith("folds 1, 2: validation holds no COVID-19 image, though training does")
-    assert "calibrate cannot choose a threshold for it; add patients of that class" in note
+    assert "without that class, and calibrate cannot choose a threshold for it; add patients" in note
 
 
 def _paper_shaped(covid_patients: int, rsna: tuple[int, int], seed: int = 0) -> pd.DataFrame:
@@ -368,10 +369,20 @@ def test_identical_files_across_given_splits_are_named() -> None:
     assert identical_across(given, m, {i: f"sha-{i}" for i in m["image_id"]}) == []
 
 
-def test_kfold_with_nothing_left_to_train_on_says_so() -> None:
-    """Seven one-image patients in two folds: validation takes the training side's every patient of some fold."""
+def test_validation_never_takes_a_class_from_training() -> None:
+    """Seven one-image patients in two folds: validation once took the training side's every patient of a class (its
+    only COVID-19 patient, say); it now leaves each class one patient to train on, and the fold that cannot fill
+    validation is refused as too little data."""
     labels = ["covid", "covid", "pneumonia", "pneumonia", "normal", "normal", "normal"]
     manifest = pd.DataFrame({"image_id": [f"x/{i}" for i in range(7)], "patient_id": [str(i) for i in range(7)],
                              "source": "folder", "label": labels, "view": ""})
-    with pytest.raises(DataError, match="no image left to train on.*7 images of 7 patients in 2 folds.*lower --folds"):
-        make_folds(manifest, SplitSettings(folds=2, protocol="kfold", seed=0))
+    by_id = manifest.set_index("image_id")["label"]
+    for protocol in ("kfold", "strict"):
+        plan = make_folds(manifest, SplitSettings(folds=2, protocol=protocol, seed=0))
+        for fold in plan.folds:
+            side = set(by_id[list(fold.train | set(fold.val))])
+            assert set(by_id[list(fold.train)]) == side  # validation took no class's last patient
+        note = next(n for n in plan.notes if "validation holds no COVID-19 or Pneumonia image" in n)
+        assert note.startswith("folds 1, 2: ") and "without those classes" in note
+        with pytest.raises(DataError, match=r"empty split \(fold 1: validation.*7 images of 7 patients"):
+            check_filled(plan, manifest)

@@ -187,8 +187,8 @@ def patient_folds(frame: pd.DataFrame, k: int, seed: int, strata: pd.Series | No
     return fold
 
 
-def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]],
-                  rng: np.random.Generator) -> tuple[list[list[str]], list[str]]:
+def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]], rng: np.random.Generator, *,
+                  keep_one: bool = False) -> tuple[list[list[str]], list[str]]:
     """Whole patients of ``frame`` in one seeded order, into parts holding about ``quotas[j][c]`` images of
     each class ``c``; return the parts' image ids and the ids left over.
 
@@ -198,6 +198,8 @@ def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]],
     which asks for a class and would get none of it takes the smallest patient of that class, while another one
     is left over: where every patient has many images (daily films in intensive care), a validation split would
     otherwise hold none of the class, and the best checkpoint and a decision threshold be chosen without it.
+    ``keep_one`` leaves each class's last patient to the rest (a validation split must not take the training
+    side's only COVID-19 patient).
     """
     parts: list[list[str]] = [[] for _ in quotas]
     if frame.empty:
@@ -213,19 +215,21 @@ def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]],
     for s, cls in enumerate(CLASSES):
         queue = order[stratum[order] == s].tolist()
         sizes = per_patient[:, s].tolist()
+        spare = 1 if keep_one else 0  # patients of the class that must stay for the rest
         for j, quota in enumerate(quotas):
             need, kept = quota.get(cls, 0) - int(have[j, s]), []
             for n, patient in enumerate(queue):
                 if need <= 0:
                     kept += queue[n:]
                     break
-                if sizes[patient] - need < need:  # fits, or gets closer to the quota than without it
+                left = len(queue) - n + len(kept)  # this patient and the others not yet in a part
+                if sizes[patient] - need < need and left > spare:  # fits, or gets closer to the quota than without it
                     part_of[patient] = j
                     have[j] += per_patient[patient]
                     need -= sizes[patient]
                 else:
                     kept.append(patient)
-            if quota.get(cls, 0) > 0 and have[j, s] == 0 and len(kept) >= 2:
+            if quota.get(cls, 0) > 0 and have[j, s] == 0 and len(kept) > max(spare, 1):
                 smallest = min(kept, key=lambda patient: sizes[patient])  # the first in seeded order among equals
                 part_of[smallest] = j
                 have[j] += per_patient[smallest]
@@ -244,7 +248,11 @@ def share_quota(frame: pd.DataFrame, share: float, most: dict[str, int] | None =
 
 def _check_enough(manifest: pd.DataFrame, settings: SplitSettings) -> None:
     """Every class the folds must test (COVID-19; every class present under ``kfold``) needs a patient a fold."""
-    classes = [c for c in CLASSES if (manifest["label"] == c).any()] if settings.protocol == "kfold" else ["covid"]
+    present = [c for c in CLASSES if (manifest["label"] == c).any()]
+    if len(present) == 1:
+        raise DataError(f"all {len(manifest)} images are {DISPLAY_NAMES[present[0]]}: a single class cannot train a "
+                        "classifier; add images of the other classes")
+    classes = present if settings.protocol == "kfold" else ["covid"]
     for cls in classes:
         n = groups_of(manifest)[manifest["label"] == cls].nunique()
         if n < settings.folds:
@@ -307,8 +315,8 @@ def _paper_fold(manifest: pd.DataFrame, is_test: np.ndarray, is_core: np.ndarray
     core_train, pool_train = manifest[is_core & ~is_test], manifest[~is_core & ~is_test]
     val: list[str] = []
     if settings.protocol == "strict":
-        (core_val,), _ = take_patients(core_train, [share_quota(core_train, settings.val_fraction)], rng)
-        (val_pool,), _ = take_patients(pool_train, [pool_val], rng)
+        (core_val,), _ = take_patients(core_train, [share_quota(core_train, settings.val_fraction)], rng, keep_one=True)
+        (val_pool,), _ = take_patients(pool_train, [pool_val], rng, keep_one=True)
         val = core_val + val_pool
         core_train = core_train[~core_train["image_id"].isin(val)]
         pool_train = pool_train[~pool_train["image_id"].isin(val)]
@@ -337,7 +345,7 @@ def _kfold_fold(manifest: pd.DataFrame, is_test: np.ndarray, settings: SplitSett
                 rng: np.random.Generator) -> tuple[Fold, dict[str, Any]]:
     """Plain stratified group k-fold: validation a share of the training side's patients, the rest one phase."""
     train = manifest[~is_test]
-    (val,), rest = take_patients(train, [share_quota(train, settings.val_fraction)], rng)
+    (val,), rest = take_patients(train, [share_quota(train, settings.val_fraction)], rng, keep_one=True)
     if not rest:
         raise DataError(f"a fold has no image left to train on once its test and validation patients are taken "
                         f"({len(manifest)} images of {manifest[GROUP].nunique()} patients in {settings.folds} "
@@ -366,15 +374,18 @@ def _notes(settings: SplitSettings, info: list[dict[str, Any]]) -> list[str]:
 def _validation_gaps(manifest: pd.DataFrame, folds: list[Fold]) -> list[str]:
     """A note for each class that a fold trains on but does not validate."""
     labels = manifest.set_index("image_id")["label"]
-    gaps: dict[str, list[int]] = {}
+    folds_of: dict[str, list[int]] = {}
     for fold in folds:
         missing = set(labels[list(fold.train)]) - set(labels[fold.val])
         for cls in (c for c in CLASSES if c in missing):
-            gaps.setdefault(cls, []).append(fold.fold)
-    return [f"fold{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}: validation holds no {DISPLAY_NAMES[cls]} "
+            folds_of.setdefault(cls, []).append(fold.fold)
+    classes_of: dict[tuple[int, ...], list[str]] = {}  # one note for the classes that the same folds lack
+    for cls, ks in folds_of.items():
+        classes_of.setdefault(tuple(ks), []).append(DISPLAY_NAMES[cls])
+    return [f"fold{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}: validation holds no {' or '.join(names)} "
             "image, though training does (too few such patients to spare one): the best checkpoint is chosen "
-            "without that class, and calibrate cannot choose a threshold for it; add patients of that class, or "
-            "lower --folds" for cls, ks in gaps.items()]
+            f"without {'that class' if len(names) == 1 else 'those classes'}, and calibrate cannot choose a "
+            "threshold for it; add patients, or lower --folds" for ks, names in classes_of.items()]
 
 
 def check_disjoint(plan: SplitPlan, manifest: pd.DataFrame, digests: dict[str, str] | None = None) -> None:
