@@ -66,6 +66,16 @@ def test_round_trip_and_missing_means_argmax() -> None:
         OperatingPoint.from_dict({"rule": "argmax", "thresh": 0.5})
 
 
+def test_the_rule_shows_its_validation_rates_with_counts_and_intervals() -> None:
+    """"sensitivity 100.0% of 5" read as a 95% target met; 5/5 shows no more than [56.6, 100]."""
+    op = OperatingPoint("sensitivity", 0.95, 0.02, validation={"sensitivity": 1.0, "n_positive": 5,
+                                                               "specificity": 61 / 103, "n_negative": 103})
+    low, high = wilson_interval(5, 5)
+    assert f"sensitivity 100.0% (95% CI {100 * low:.1f}-100.0%), 5/5" in op.describe() and f"{100 * low:.1f}" == "56.6"
+    low, high = wilson_interval(61, 103)
+    assert f"specificity 59.2% (95% CI {100 * low:.1f}-{100 * high:.1f}%), 61/103" in op.describe()
+
+
 def test_decide_thresholds_covid_and_argmaxes_the_rest() -> None:
     classes = ("normal", "covid", "pneumonia")  # the positive class need not come first
     probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.25, 0.65], [0.6, 0.2, 0.2], [0.2, 0.7, 0.1]])

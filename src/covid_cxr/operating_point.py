@@ -34,6 +34,7 @@ from sklearn.metrics import roc_curve
 from covid_cxr import fmt
 from covid_cxr.config import FORMS
 from covid_cxr.errors import ConfigError
+from covid_cxr.stats import Proportion
 
 RULES: tuple[str, ...] = ("argmax", "sensitivity", "specificity", "youden")
 POSITIVE_CLASS = "covid"
@@ -59,6 +60,13 @@ def parse_rule(text: str) -> tuple[str, float | None]:
         hint = f" ({target:g}% is written {target / 100:g})" if 1.0 < target <= 100.0 else ""
         raise ConfigError(f"target {name} must lie in (0, 1]; got {value.strip()}{hint}. Valid forms: {FORMS}")
     return name, target
+
+
+def _rate(value: float, n: int) -> str:
+    """A validation rate as the record keeps it (a fraction of n), with its count and Wilson interval: a target met on
+    5 images is not a target shown (``100.0% (95% CI 56.6-100.0%), 5/5``)."""
+    rate = Proportion(round(value * n), n)
+    return f"{fmt.with_ci(rate.value, *rate.ci)}, {rate.k}/{rate.n}"
 
 
 @dataclass(frozen=True)
@@ -91,8 +99,8 @@ class OperatingPoint:
         text = f"{self.name}: {self.positive_class} when p_{self.positive_class} >= {fmt.exact(self.threshold)}"
         v = self.validation
         if v.get("sensitivity") is not None:
-            text += (f" (validation{self.probabilities()}: sensitivity {100 * v['sensitivity']:.1f}% of "
-                     f"{v['n_positive']}, specificity {100 * v['specificity']:.1f}% of {v['n_negative']})")
+            text += (f" (validation{self.probabilities()}: sensitivity {_rate(v['sensitivity'], v['n_positive'])}, "
+                     f"specificity {_rate(v['specificity'], v['n_negative'])})")
         return text
 
     def probabilities(self) -> str:
