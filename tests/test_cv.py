@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from covid_cxr import fmt
 from covid_cxr.cli import main
 from covid_cxr.config import make_config
 from covid_cxr.errors import ConfigError
@@ -187,6 +188,9 @@ def test_run_cv_from_python_trains_evaluates_and_reports_then_skips_what_is_done
     assert first.report is not None and first.report.is_file() and first.report.parent == runs / "xception-cv-report"
     assert json.loads((first.report.parent / "summary.json").read_text())["xception-test"]["folds"] == [1]
     assert said[0] == f"== fold 1 (1 of 1): training into {fold1} ==" and said[-1] == f"runs: {fold1}"
+    m = json.loads((fold1 / "eval-test" / "metrics.json").read_text())
+    shown = fmt.with_ci(m["accuracy"], m["accuracy_ci_low"], m["accuracy_ci_high"])
+    assert f"fold 1: test accuracy {shown} on {m['n']} images -> {fold1 / 'eval-test'}" in said and "(95% CI " in shown
     stamps = [(fold1 / name).stat().st_mtime_ns for name in ("best.pt", "eval-test/predictions.csv")]
 
     said.clear()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from covid_cxr import fmt
 from covid_cxr.config import TrainConfig
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.errors import ConfigError, DataError
@@ -196,7 +197,9 @@ def _run_fold(plan: FoldPlan, base: TrainConfig, *, evaluate: bool, eval_batch_s
         return
     how = InferenceSettings(batch_size=eval_batch_size, device=base.device, precision=base.precision)
     result = evaluate_run(plan.run_dir, how)
-    say(f"fold {plan.fold}: test accuracy {float(result.metrics['accuracy']):.2f}% -> {result.out_dir}")
+    m = result.metrics
+    say(f"fold {plan.fold}: test accuracy {fmt.with_ci(m['accuracy'], m['accuracy_ci_low'], m['accuracy_ci_high'])} "
+        f"on {m['n']} images -> {result.out_dir}")
 
 
 def _report(done: list[FoldPlan], earlier: list[FoldPlan], notes: list[str], base: TrainConfig, say: Say

@@ -122,6 +122,7 @@ def run_demo(out: Path, *, small: bool = False, seed: int = 0, device: str = "au
     return {
         "synthetic": synth.out, "data": data, "run": run_dir, "best": run_dir / "best.pt",
         "evaluation": result.out_dir, "report": report, "test_accuracy": float(result.metrics["accuracy"]),
+        "test_accuracy_ci": (float(result.metrics["accuracy_ci_low"]), float(result.metrics["accuracy_ci_high"])),
         "balanced_accuracy": float(result.metrics["balanced_accuracy"]), "test_images": int(result.metrics["n"]),
         "onnx": onnx_path, "int8": int8_path(onnx_path), "int8_check": int8_check,
         "plan": plan, "seconds": timings,

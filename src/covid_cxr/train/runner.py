@@ -59,6 +59,7 @@ from covid_cxr.runs.folder import RunFolder, RunInfo, now
 from covid_cxr.runs.lock import hold_run, lock_path
 from covid_cxr.runs.model_card import write_run_card
 from covid_cxr.runtime import Runtime, choose_runtime
+from covid_cxr.stats import Proportion
 from covid_cxr.train import distributed
 from covid_cxr.train.augment import Augmenter
 from covid_cxr.train.engine import EpochStats, evaluate, train_one_epoch
@@ -651,5 +652,7 @@ class Trainer:
         write_run_card(self.folder.root)  # MODEL_CARD.md; 'covid-cxr model-card RUN' refreshes it after evaluate/audit
         if self.writer is not None:
             self.writer.close()
-        self.progress.message(f"finished: best validation accuracy {self.best_acc:.4f} at epoch {self.best_epoch}; "
-                              f"best.pt in {self.folder.root}")
+        n = len(self.val.rows)
+        best = Proportion(max(0, round(self.best_acc * n)), n)  # validation accuracy is over every validation image
+        self.progress.message(f"finished: best validation accuracy {fmt.with_ci(best.value, *best.ci)} ({best.k}/{n}) "
+                              f"at epoch {self.best_epoch}; best.pt in {self.folder.root}")
