@@ -261,3 +261,18 @@ def test_an_fp32_predictor_runs_in_true_fp32_on_a_gpu_too(tmp_path: Path) -> Non
         finally:
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
     assert seen == [(False, False), (True, True)]  # fp32: no TF32; bf16 autocast is left as it is
+
+
+def test_an_undefined_npv_at_a_prevalence_prints_as_such(capsys: pytest.CaptureFixture[str]) -> None:
+    """A model that calls every image COVID-19 has no NPV: "NPV n/a", not "NPV nan% [0.00, 100.00]"."""
+    from rich.console import Console
+
+    from covid_cxr.cli.evaluate import print_decision
+    from covid_cxr.evaluate.metrics import decision_summary
+
+    cm = np.array([[5, 0, 0], [2, 0, 0], [2, 0, 0]])  # rows: true covid, pneumonia, normal; every image called covid
+    decision = {**decision_summary(cm, 0, (0.01, 0.2)), "operating_point": {"rule": "argmax"}}
+    print_decision(decision, Console(width=400))
+    out = capsys.readouterr().out
+    assert "nan" not in out.lower() and "NPV n/a" in out
+    assert "at prevalence 1%: PPV 1.00% [" in out and out.count("NPV n/a") == 3  # the test set's and two prevalences'

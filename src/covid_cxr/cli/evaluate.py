@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from covid_cxr import fmt
 from covid_cxr.choices import BACKENDS, COMPILE_CHOICES, COMPILE_MIN_IMAGES, PRECISIONS
 from covid_cxr.cli.metrics import (
     add_metric_options,
@@ -148,10 +149,13 @@ def print_decision(decision: dict[str, Any], console: Console) -> None:
             f"({decision[key + '_k']}/{decision[key + '_n']})"))
     console.print(f"  {op.positive_class} vs rest: " + "; ".join(parts))
     for at in decision["at_prevalence"]:
-        if at["ppv"] == at["ppv"]:
-            console.print(f"  at prevalence {100 * at['prevalence']:g}%: PPV {at['ppv']:.2f}% "
-                          f"[{at['ppv_ci_low']:.2f}, {at['ppv_ci_high']:.2f}], NPV {at['npv']:.2f}% "
-                          f"[{at['npv_ci_low']:.2f}, {at['npv_ci_high']:.2f}]")
+        # Each value with its interval, or n/a where it is undefined (a model that never says "not COVID-19" has no
+        # NPV): never a NaN, and no interval around a value that is not there.
+        values = [f"{key.upper()} " + ("n/a" if fmt.missing(at[key]) else
+                                       f"{at[key]:.2f}% [{at[key + '_ci_low']:.2f}, {at[key + '_ci_high']:.2f}]")
+                  for key in ("ppv", "npv")]
+        if not all(v.endswith("n/a") for v in values):
+            console.print(f"  at prevalence {100 * at['prevalence']:g}%: {', '.join(values)}")
 
 
 def _print_comparison(result: EvaluationResult, console: Console) -> None:
