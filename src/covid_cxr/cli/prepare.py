@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="covid-chestxray-dataset folder (metadata.csv + images/) or its metadata CSV")
     p.add_argument("--rsna", type=Path, metavar="DIR", help="RSNA Pneumonia Detection Challenge folder")
     p.add_argument("--folder", action="append", metavar="[NAME=]DIR",
-                   help="your own images: one sub-folder per class, or a labels.csv (path,label[,patient_id,view,"
-                   "source]); NAME names the source in Table 1, the splits and the audits (e.g. nih=DIR, "
+                   help="your own images: one sub-folder per class, or a labels table (DIR/labels.csv, or the "
+                   "table's own path: .csv, .tsv, .txt) with path,label[,patient_id,view,source]; NAME names the source in Table 1, the splits and the audits (e.g. nih=DIR, "
                    "hospital-b=DIR; default: the CSV's source column, else 'folder'); repeat for several folders")
     p.add_argument("--covidx", nargs="+", metavar="FILE", help="COVID-Net's COVIDx split files (train_COVIDx9A.txt "
                    "test_COVIDx9A.txt, or their folder); its test file stays the test split")

@@ -5,19 +5,23 @@ Folder layout: ``DIR/<class>/...`` where the class folder is ``covid``/``COVID-1
 shares: hidden and AppleDouble files, ``__MACOSX`` and DICOMDIR are skipped with a note, links to
 folders followed once, and a folder named like an image becomes a row that decoding refuses by
 name). A link that leads out of a class folder to the tree's top or into another class folder is not
-followed (a note says so): its images keep the class of their own folder. Files of other suffixes are
-counted in a note. Without patient ids every image is its own patient. CSV layout: ``DIR/labels.csv``
-(or the CSV path itself) with ``path`` (relative to the CSV) or ``filename``, ``label``, and optionally
-``patient_id``, ``view`` and ``source``, in any case, as spreadsheets save it (:func:`~._common.read_table`);
-a row repeated is read once, the same file listed with another label is refused, and rows with an empty
-``patient_id`` are counted in a note (each is its own patient). A path written on
+followed (a note says so): its images keep the class of their own folder; so is a link to a file in another
+class folder, or to a file read already. Files of other suffixes are counted in a note. Without patient ids
+every image is its own patient. CSV layout: ``DIR/labels.csv`` (or the path of the table itself, whatever its
+suffix: ``.tsv`` and ``.txt`` exports too) with ``path`` (relative to the CSV) or ``filename``, ``label``, and
+optionally ``patient_id``, ``view`` (or ``View Position``) and ``source``, in any case and with spaces, ``_`` or
+``-`` anywhere, as spreadsheets save it (:func:`~._common.read_table`; the columns not used are named in the
+note); a file is known by its real path, so a row repeated (by any spelling of the path, or through a link) is
+read once, the same file listed with another label is refused, and rows with an empty ``patient_id`` are
+counted in a note (each is its own patient). A path written on
 Windows (``images\\covid\\a.png``, ``.\\a.png``) finds the file, and gets the image id, that its
 ``/`` spelling does (:func:`~._common.listed_file`); Windows absolute paths (``C:\\...``) cannot be
 found, and the note and each image's error say to list paths relative to the CSV.
 
 Every folder is a named source (``--folder nih=DIR``): the name the user gives wins; without one,
 a CSV's per-row ``source`` column names each image's collection (spellings that differ only in case or
-spacing are one source, named as first written, with a note); otherwise the source is ``folder``.
+spacing are one source, named as first written, with a note; a patient id found under two sources is
+two patients, with a note); otherwise the source is ``folder``.
 Image ids are ``<source, made safe and lower-case>/<relative path, made safe>`` (``folder/...`` when
 unnamed, as before names existed).
 """
@@ -49,9 +53,15 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".
 PACS exports give DICOMs (``1.2.840.113619.2.55.3.1234``: an all-digit suffix). Every one is a format the
 decoder reads by its content (GIF, WebP and JPEG 2000 through Pillow, whose wheels carry the codecs)."""
 FIX = "give a folder with one sub-folder per class (covid, pneumonia, normal) or a labels.csv"
-CSV_FIX = "its columns are path (or filename), label, and optionally patient_id, view and source, in any case"
+CSV_FIX = ("its columns are path (or filename), label, and optionally patient_id, view and source, in any case and "
+           "with spaces, _ or - anywhere (Patient ID is patient_id)")
 CSV_COLUMNS = ("path", "filename", "label", "patient_id", "view", "source")
-"""The columns a labels CSV may have, matched in any case and with spaces around them."""
+"""The columns a labels CSV may have, matched in any case and with spaces, ``_`` or ``-`` anywhere."""
+CSV_ALIASES = {"View Position": "view"}  # NIH's and DICOM's name (ViewPosition) for the view
+WORKBOOK_SUFFIXES = frozenset({".xlsx", ".xlsm", ".xls", ".ods", ".numbers"})
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt")
+"""Suffixes (any case) of a file in a folder that may be its labels table under another name than labels.csv."""
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"GIF8", b"\x00\x00\x00\x0cjP")
 
 # What a folder walk passes over on purpose, each with a note: never images, and common in hospital exports and
 # in archives made on macOS. Keys are the kinds a note counts; values, how the note names them.
@@ -64,6 +74,8 @@ SKIPPED_KINDS: dict[str, str] = {
     "seen": "links to a folder already read (a loop or a second way in), not searched again",
     "other-class": ("links to the folder of the tree or to another class folder, not followed (the images there keep "
                     "their own folder's class)"),
+    "file-other-class": "links to an image in another class folder, not read (the image keeps its own folder's class)",
+    "file-seen": "links to an image read already (the same file by another name), not read again",
 }
 FOLDER_NAMED_LIKE_IMAGE = "a folder named like an image file; its contents are not read"
 
@@ -204,9 +216,15 @@ def parse_folder_spec(text: str | os.PathLike[str]) -> tuple[str | None, Path]:
     """``NAME=DIR`` -> (NAME, DIR); a bare ``DIR`` (or an existing path that holds ``=``) -> (None, DIR)."""
     raw = os.fspath(text)
     name, sep, rest = raw.partition("=")
-    if sep and name.strip() and "/" not in name and os.sep not in name and rest and not Path(raw).exists():
-        return check_source_name(name, where=f"--folder {raw}"), Path(rest)
-    return None, Path(raw)
+    if not sep or not name.strip() or not rest or Path(raw).exists():
+        return None, Path(raw)
+    if "/" in name or os.sep in name:  # a path holding '=', unless what follows the '=' is there
+        if Path(rest).exists():
+            plain = name.strip().replace("/", "-")
+            raise DataError(f"--folder {raw}: a source name cannot contain '/' ({name.strip()!r}), and {raw} is no "
+                            f"file or folder; name it without one, e.g. --folder {plain}={rest}")
+        return None, Path(raw)
+    return check_source_name(name, where=f"--folder {raw}"), Path(rest)
 
 
 def folder_specs(folder: str | os.PathLike[str] | tuple[str | os.PathLike[str], ...] | list | None) -> tuple[str, ...]:
@@ -251,13 +269,33 @@ def _sources(frame: pd.DataFrame, csv: Path, name: str | None) -> tuple[pd.Serie
     return names, notes
 
 
+def _patients_across_sources(frame: pd.DataFrame, sources: pd.Series, csv: Path) -> list[str]:
+    """A note counting the patient ids one CSV files under two sources or more: they are kept as different patients
+    (a patient is its source and its id), though in one hospital's export they are most likely the same people."""
+    if "patient_id" not in frame:
+        return []
+    pairs = pd.DataFrame({"patient": frame["patient_id"].str.strip().to_numpy(), "source": sources.to_numpy()})
+    pairs = pairs[pairs["patient"] != ""].drop_duplicates()
+    counts = pairs["patient"].value_counts(sort=False)
+    shared = counts.index[counts > 1]
+    if not len(shared):
+        return []
+    first = shared[0]
+    under = ", ".join(sorted(pairs.loc[pairs["patient"] == first, "source"]))
+    return [f"{csv}: {len(shared)} patient ids appear under more than one source (e.g. {first!r} under {under}); a "
+            "patient is its source and its id, so they are kept as different patients, and one person's images may "
+            f"land on both sides of a fold; if they are the same people, give the CSV one source name (--folder "
+            f"NAME={csv}), which overrides its source column"]
+
+
 def _found(frame: pd.DataFrame, name_col: str, base: Path) -> tuple[pd.Series, pd.Series]:
     """Each row's file name as found (``/`` separators, normalised, looked for as the CSV's own bytes too where it
-    is not UTF-8: :func:`~._common.listed_file`) and its path."""
+    is not UTF-8: :func:`~._common.listed_file`) and its path, a leading ``..`` folded away (``meta/../img/x.png``
+    is ``img/x.png``): ``base`` is a real path, so its parent is the one ``..`` names."""
     encoding = frame.attrs.get("encoding", "utf-8")
     listed = [listed_file(base, n, encoding) for n in frame[name_col]]
     return (pd.Series([rel for rel, _ in listed], index=frame.index, dtype=str),
-            pd.Series([str(path) for _, path in listed], index=frame.index, dtype=str))
+            pd.Series([os.path.normpath(path) for _, path in listed], index=frame.index, dtype=str))
 
 
 def _labels(frame: pd.DataFrame, csv: Path) -> pd.Series:
@@ -271,21 +309,29 @@ def _labels(frame: pd.DataFrame, csv: Path) -> pd.Series:
     return pd.Series(labels, dtype=str)
 
 
-def _drop_repeats(frame: pd.DataFrame, name_col: str, rel: pd.Series, csv: Path) -> tuple[pd.DataFrame, list[str]]:
+def _drop_repeats(frame: pd.DataFrame, name_col: str, rel: pd.Series, paths: pd.Series,
+                  csv: Path) -> tuple[pd.DataFrame, list[str]]:
     """A row that repeats an earlier one (same file, same fields) is read once, with a note; the same file
-    listed with a different label, patient or view is refused, naming its rows. ``rel`` is each row's file
-    name as found, so ``a.png``, ``./a.png`` and ``.\\a.png`` are one file."""
-    same = frame.apply(lambda col: col.str.strip()).assign(**{name_col: rel})
+    listed with a different label, patient or view is refused, naming its rows. A file is known by its real path,
+    so ``a.png``, ``./a.png``, ``.\\a.png``, its absolute path and a link to it are one file."""
+    real = paths.map(os.path.realpath)
+    same = frame.apply(lambda col: col.str.strip()).assign(**{name_col: real})
     repeated = same.duplicated(keep="first")
     shown = ", ".join(str(i + 2) for i in frame.index[repeated][:5]) + (" ..." if repeated.sum() > 5 else "")
-    notes = [f"{csv}: rows {shown} repeat an earlier row and are read once"] if repeated.any() else []
+    notes = []
+    if repeated.any():
+        first_name = rel[~repeated].groupby(real[~repeated]).first()
+        renamed = int((rel[repeated] != real[repeated].map(first_name)).sum())
+        other = f" ({renamed} of them by another path or a link)" if renamed else ""
+        notes.append(f"{csv}: rows {shown} repeat an earlier row{other} and are read once")
     key = same.loc[~repeated, name_col]
     clash = key[key.duplicated(keep=False)]
     if len(clash):
-        first = clash.iloc[0]
-        rows = ", ".join(str(i + 2) for i in clash.index[clash == first])
-        raise DataError(f"{csv}: {first} is listed in rows {rows} with different labels or other fields; "
-                        "keep one row per image")
+        rows = clash.index[clash == clash.iloc[0]]
+        spellings = list(dict.fromkeys(rel[rows]))
+        also = f" (as {', '.join(spellings[1:])}: the same file)" if len(spellings) > 1 else ""
+        raise DataError(f"{csv}: {spellings[0]} is listed in rows {', '.join(str(i + 2) for i in rows)}{also} with "
+                        "different labels or other fields; keep one row per image")
     return frame[~repeated], notes
 
 
@@ -305,18 +351,24 @@ def _patient_ids(frame: pd.DataFrame, image_ids: pd.Series, csv: Path) -> tuple[
     return [p or i for p, i in zip(given, image_ids)], notes
 
 
-def _from_csv(csv: Path, name: str | None) -> tuple[pd.DataFrame, list[str]]:
-    frame = read_table(csv, ("label",), optional=CSV_COLUMNS, fix=CSV_FIX)
+def _from_csv(csv: Path, name: str | None) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Rows of a labels table, the notes on it, and the columns of it not used (as written)."""
+    frame = read_table(csv, ("label",), optional=CSV_COLUMNS, aliases=CSV_ALIASES, fix=CSV_FIX)
+    unused = list(frame.attrs.get("unused", []))
     name_col = "path" if "path" in frame else "filename"
     if name_col not in frame:
         raise DataError(f"{csv} lacks the column path (or filename) (it has {', '.join(frame.columns[:12])}); "
                         f"{CSV_FIX}")
+    if name_col == "path" and "filename" in frame:
+        unused.append("filename")
     if frame.empty:
         raise DataError(f"{csv} lists no images (it has a header only); add one row per image: {name_col},label")
     rel, paths = _found(frame, name_col, csv.parent.resolve())
-    frame, repeat_notes = _drop_repeats(frame.assign(label=_labels(frame, csv)), name_col, rel, csv)
+    frame, repeat_notes = _drop_repeats(frame.assign(label=_labels(frame, csv)), name_col, rel, paths, csv)
     rel, paths = rel[frame.index], paths[frame.index]
     sources, notes = _sources(frame, csv, name)
+    if name is None:
+        notes += _patients_across_sources(frame, sources, csv)
     out = pd.DataFrame({"path": paths.to_numpy(), "label": frame["label"].to_numpy(), "source": sources.to_numpy()})
     safe_rel = rel.str.replace("/", "_", regex=False).reset_index(drop=True)
     out["image_id"] = ""
@@ -326,7 +378,19 @@ def _from_csv(csv: Path, name: str | None) -> tuple[pd.DataFrame, list[str]]:
     out["patient_id"], patient_notes = _patient_ids(frame, out["image_id"], csv)
     out["view"] = frame["view"].to_numpy() if "view" in frame else ""
     notes += patient_notes
-    return out, repeat_notes + notes + windows_absolute_note(csv, frame[name_col], map(Path, paths))
+    return out, repeat_notes + notes + windows_absolute_note(csv, frame[name_col], map(Path, paths)), unused
+
+
+def _tables_hint(root: Path) -> str:
+    """A clause naming the files in ``root`` that may be its labels table under another name (``Labels.CSV``,
+    ``labels.tsv``), with how to read one; empty when there is none."""
+    tables = sorted(p.name for p in root.iterdir()
+                    if p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    if not tables:
+        return ""
+    return (f"; it holds {', '.join(tables[:3])}{' ...' if len(tables) > 3 else ''}: only a file named exactly "
+            f"labels.csv is looked for; to read a labels table of another name, give its path, e.g. --folder "
+            f"{root / tables[0]}")
 
 
 def _class_folders(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]], list[str]]:
@@ -344,8 +408,32 @@ def _class_folders(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, 
         try:
             folders.append((sub, normalize_label(sub.name, where=f"folder name {sub}")))
         except ValueError as exc:
-            raise DataError(f"{exc}; rename the folder or move it out of {root}") from None
+            raise DataError(f"{exc}; rename the folder or move it out of {root}{_tables_hint(root)}") from None
     return folders, skipped, loose
+
+
+def _linked_twice(found: list[tuple[Path, str, str]], real: list[str]) -> tuple[list[tuple[Path, str]],
+                                                                               list[tuple[str, str]]]:
+    """``found`` (file, label, the real path of its class folder) less the links to a file that is read already or
+    lies in another class folder (so no image is read twice, or under a second class), and those links as skipped.
+    A file itself is kept over a link to it, whichever the walk met first."""
+    links = [os.path.islink(f) for f, _, _ in found]
+    if not any(links):
+        return [(f, label) for f, label, _ in found], []
+    taken = {os.path.realpath(f) for (f, _, _), link in zip(found, links) if not link}
+    kept, skipped = [], []
+    for (f, label, here), link in zip(found, links):
+        if link:
+            target = os.path.realpath(f)
+            if any(_holds(r, target) for r in real if r != here):
+                skipped.append((str(f), "file-other-class"))
+                continue
+            if target in taken:
+                skipped.append((str(f), "file-seen"))
+                continue
+            taken.add(target)
+        kept.append((f, label))
+    return kept, skipped
 
 
 def _from_tree(root: Path, prefix: str) -> tuple[pd.DataFrame, list[str]]:
@@ -353,11 +441,12 @@ def _from_tree(root: Path, prefix: str) -> tuple[pd.DataFrame, list[str]]:
     link) are rows too, so that decoding refuses them by name, as every bad image is.
 
     One walk's worth of folders for the whole tree: no folder is read twice, and a link in one class folder to
-    the tree's top or into another class folder is not followed, so no image is read under a second class."""
+    the tree's top or into another class folder is not followed, nor a link to a file there or to a file read
+    already, so no image is read twice or under a second class."""
     folders, skipped, loose = _class_folders(root)
     real = [os.path.realpath(sub) for sub, _ in folders]
     seen: set[str] = set()
-    rows, other = [], []
+    found, other = [], []
     for (sub, label), here in zip(folders, real):
         if here in seen:  # a class folder that is a link to one already read
             skipped.append((str(sub), "seen"))
@@ -365,10 +454,12 @@ def _from_tree(root: Path, prefix: str) -> tuple[pd.DataFrame, list[str]]:
         scan = scan_folder(sub, seen=seen, elsewhere=tuple(r for r in real if r != here))
         skipped += scan.skipped
         other += scan.other
-        for f in [*scan.files, *(Path(p) for p, _ in scan.refused)]:
-            rows.append({"path": str(f), "label": label, "rel": f.relative_to(root).as_posix()})
+        found += [(f, label, here) for f in [*scan.files, *(Path(p) for p, _ in scan.refused)]]
+    kept, links = _linked_twice(found, real)
+    skipped += links
+    rows = [{"path": str(f), "label": label, "rel": f.relative_to(root).as_posix()} for f, label in kept]
     if not rows:
-        raise DataError(f"{root} holds no images in class sub-folders; {FIX}")
+        raise DataError(f"{root} holds no images in class sub-folders; {FIX}{_tables_hint(root)}")
     out = pd.DataFrame(rows).sort_values("rel", kind="stable").reset_index(drop=True)
     out["image_id"] = make_ids(prefix, out["rel"].str.replace("/", "_", regex=False))
     out["patient_id"] = out["image_id"]
@@ -379,26 +470,52 @@ def _from_tree(root: Path, prefix: str) -> tuple[pd.DataFrame, list[str]]:
 
 
 def _labels_csv(root: Path) -> Path:
-    """The labels CSV a folder source is read from where it exists: ``root`` itself or ``root/labels.csv``."""
-    return root if root.suffix.lower() == ".csv" else root / "labels.csv"
+    """The labels table a folder source is read from where it exists: ``root/labels.csv`` for a folder, else ``root``
+    itself, whatever its suffix (a hospital's tab-separated export is often ``.tsv`` or ``.txt``)."""
+    return root / "labels.csv" if root.is_dir() else root
+
+
+def _looks_like_image(path: Path) -> bool:
+    """A file given where a folder or labels table belongs that is an image: by its suffix, or by its first bytes
+    (PNG, JPEG, TIFF, GIF, JPEG 2000, or DICOM's ``DICM`` at byte 128, as a file named by its UID has)."""
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False  # reading it as a table says why it cannot be read
+    return head.startswith(_IMAGE_MAGIC) or head[128:132] == b"DICM"
+
+
+def _check_table(path: Path) -> None:
+    """Refuse a file given as a labels table that is an image, or a spreadsheet workbook, saying what to give."""
+    if _looks_like_image(path):
+        raise DataError(f"{path} is an image, not a folder or a labels table: give the folder that holds it (one "
+                        "sub-folder per class), or a labels.csv that lists it")
+    if path.suffix.lower() in WORKBOOK_SUFFIXES:
+        raise DataError(f"{path} is a spreadsheet workbook, not a labels table: save it as CSV (in Excel: Save As, "
+                        f"'CSV UTF-8') and give that file; {CSV_FIX}")
 
 
 def class_tree(root: Path) -> Path | None:
     """``root`` when :func:`read_folder` reads it as a tree of class sub-folders (every folder in it is read), None
-    when it is read from a labels CSV (only the files listed are) or is not there."""
+    when it is read from a labels table (only the files listed are) or is not there."""
     root = Path(root)
     return root if not _labels_csv(root).is_file() and root.is_dir() else None
 
 
 def read_folder(root: Path, name: str | None = None) -> tuple[pd.DataFrame, list[str]]:
-    """Manifest rows of a user's folder (class sub-folders or a labels CSV), as source ``name`` if given."""
+    """Manifest rows of a user's folder (class sub-folders or a labels table), as source ``name`` if given."""
     root = Path(root)
     if name is not None:
         name = check_source_name(name, where=f"--folder {name}={root}")
     csv = _labels_csv(root)
     notes: list[str] = []
+    unused: list[str] = []
     if csv.is_file():
-        frame, notes = _from_csv(csv, name)
+        _check_table(csv)
+        frame, notes, unused = _from_csv(csv, name)
     elif class_tree(root) is not None:
         frame, notes = _from_tree(root.resolve(), source_prefix(name or SOURCE))
         frame["source"] = name or SOURCE
@@ -408,4 +525,6 @@ def read_folder(root: Path, name: str | None = None) -> tuple[pd.DataFrame, list
     note = f"{root}: {len(frame)} images" + (f" as source {names[0]!r}" if len(names) == 1 else "")
     if (frame["patient_id"] == frame["image_id"]).all():
         note += " (no patient ids given: every image is its own patient)"
+    if unused:
+        note += f"; columns not used: {', '.join(unused)}"
     return finalize(frame, str(root)), [note, *notes]
