@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from covid_cxr.cli import main
 from covid_cxr.data.cache import _results
 from covid_cxr.data.images import decode_image
 from covid_cxr.data.prepare import PrepareSettings, prepare_dataset, read_sources
@@ -179,6 +180,22 @@ def test_files_of_other_formats_in_class_folders_are_read_or_noted(tmp_path: Pat
     note = [n for n in notes if "not read, for their suffix" in n]
     assert note and "3 files" in note[0] and "(2 .txt, 1 .heic)" in note[0] and "covid/notes.txt" in note[0], notes
     assert ".webp" in note[0] and "convert" in note[0]
+
+
+def test_files_skipped_as_bad_are_no_copies_of_each_other(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two empty files in two class folders are byte-identical, but --skip-bad leaves both out: no warning that one
+    of their labels is wrong, no group of copies; and a warning prints as one, not as "note: warning:"."""
+    root = _tree(tmp_path / "tree", {"covid": 4, "normal": 4, "pneumonia": 4})
+    (root / "covid" / "empty.png").touch()
+    (root / "normal" / "empty.png").touch()
+    report = prepare_dataset(_kfold(tmp_path / "data", root, skip_bad=True), progress=False)
+    assert sorted(Path(f["path"]).parent.name for f in report.skipped) == ["covid", "normal"]
+    assert report.duplicates == [] and not any("byte-identical" in n for n in report.notes), report.notes
+    (root / "normal" / "copy_of_covid-0.png").write_bytes((root / "covid" / "covid-0.png").read_bytes())
+    assert main(["prepare", "--folder", str(root), "--out", str(tmp_path / "data2"), "--protocol", "kfold",
+                 "--folds", "2", "--phases", "1", "--image-size", str(SIZE), "--skip-bad", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "\nwarning: 1 groups of byte-identical files have different labels" in out and "note: warning" not in out
 
 
 def test_byte_identical_files_with_two_labels_are_named_and_kept_together(tmp_path: Path) -> None:

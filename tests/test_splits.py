@@ -162,7 +162,7 @@ def test_a_class_validation_cannot_hold_is_named() -> None:
     """Two COVID-19 patients in two folds: each fold's training side has one, which training keeps."""
     plan = make_folds(_icu_shaped(2, 3), SplitSettings(folds=2, protocol="kfold", seed=0))
     (note,) = [n for n in plan.notes if "validation holds no" in n]
-    assert note.startswith("folds 1, 2: validation holds no COVID-19 image, though training does")
+    assert note.startswith("warning: folds 1, 2: validation holds no COVID-19 image, though training does")
     assert "without that class, and calibrate cannot choose a threshold for it; add patients" in note
 
 
@@ -383,6 +383,6 @@ def test_validation_never_takes_a_class_from_training() -> None:
             side = set(by_id[list(fold.train | set(fold.val))])
             assert set(by_id[list(fold.train)]) == side  # validation took no class's last patient
         note = next(n for n in plan.notes if "validation holds no COVID-19 or Pneumonia image" in n)
-        assert note.startswith("folds 1, 2: ") and "without those classes" in note
+        assert note.startswith("warning: folds 1, 2: ") and "without those classes" in note
         with pytest.raises(DataError, match=r"empty split \(fold 1: validation.*7 images of 7 patients"):
             check_filled(plan, manifest)

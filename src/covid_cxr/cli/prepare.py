@@ -74,7 +74,7 @@ def print_report(report: PrepareReport, console: Console) -> None:
         folds.add_row(str(f["fold"]), fmt(f["phase1"]), fmt(f["train_distinct"]), fmt(f["val"]), fmt(f["test"]))
     console.print(folds)
     for note in report.notes:  # one line each, unwrapped, so that the paths in them can be copied
-        console.print(f"note: {note}", markup=False, soft_wrap=True)
+        console.print(note if note.startswith("warning: ") else f"note: {note}", markup=False, soft_wrap=True)
     for f in report.skipped:
         console.print(f"skipped: {f['path']}: {f['reason']}", markup=False, soft_wrap=True)
 

@@ -391,10 +391,10 @@ def _prepare_into(tmp: Path, out: Path, settings: PrepareSettings, manifest: pd.
             _fail_on_bad(build.failures)
         report.skipped = build.failures
         digests = build.sha256
-        report.duplicates = _duplicates(digests, manifest)
-        report.notes += _conflicting_copies(report.duplicates, manifest)
         bad = {f["image_id"] for f in build.failures}
         manifest = manifest[~manifest["image_id"].isin(bad)].copy()
+        report.duplicates = _duplicates(digests, manifest)  # of the images kept: two empty files are no copies
+        report.notes += _conflicting_copies(report.duplicates, manifest)
         views = manifest["image_id"].map(build.views).fillna("")
         manifest["view"] = manifest["view"].where(manifest["view"] != "", views)
         if bad:

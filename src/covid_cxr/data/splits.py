@@ -382,7 +382,8 @@ def _validation_gaps(manifest: pd.DataFrame, folds: list[Fold]) -> list[str]:
     classes_of: dict[tuple[int, ...], list[str]] = {}  # one note for the classes that the same folds lack
     for cls, ks in folds_of.items():
         classes_of.setdefault(tuple(ks), []).append(DISPLAY_NAMES[cls])
-    return [f"fold{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}: validation holds no {' or '.join(names)} "
+    return [f"warning: fold{'s' if len(ks) > 1 else ''} {', '.join(map(str, ks))}: validation holds no "
+            f"{' or '.join(names)} "
             "image, though training does (too few such patients to spare one): the best checkpoint is chosen "
             f"without {'that class' if len(names) == 1 else 'those classes'}, and calibrate cannot choose a "
             "threshold for it; add patients, or lower --folds" for ks, names in classes_of.items()]
