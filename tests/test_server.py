@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 
 from covid_cxr.data.images import load_image
 from covid_cxr.deploy.limits import ServerLimits
@@ -240,7 +241,7 @@ def test_uploads_never_touch_disk_nor_logs(base_url, monkeypatch, caplog, capfd,
     assert "SECRET" not in logged and "PATIENT-NAME" not in logged
 
 
-def test_openapi_and_page(base_url):
+def test_openapi_and_page(base_url, model):
     spec = httpx.get(f"{base_url}/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["file"] and body["properties"]["file"]["format"] == "binary"
@@ -249,6 +250,18 @@ def test_openapi_and_page(base_url):
     page = httpx.get(f"{base_url}/")
     assert page.status_code == 200 and "not a diagnostic device" in page.text
     assert httpx.get(f"{base_url}/static/app.js").status_code == 200
+    # What the description declares is what the server does (schemathesis found these three apart).
+    assert "400" in spec["paths"]["/predict"]["post"]["responses"]  # a malformed multipart body
+    assert httpx.post(f"{base_url}/predict", content=b"--x\r\nbroken",
+                      headers={"content-type": "multipart/form-data; boundary=y"}).status_code == 400
+    declared = spec["paths"]["/model-card"]["get"]["responses"]
+    assert list(declared["200"]["content"]) == ["text/markdown"] and "404" in declared
+    assert httpx.get(f"{base_url}/model-card").status_code == 404  # this server has none
+    with TestClient(create_app(model.predictor, network=model.network, model_card="# Model card\n")) as client:
+        card = client.get("/model-card")
+    assert card.text == "# Model card\n" and card.headers["content-type"] == "text/markdown; charset=utf-8"
+    put = httpx.put(f"{base_url}/predict")
+    assert put.status_code == 405 and put.headers["allow"] == "POST"
 
 
 def test_a_failing_model_gives_a_bare_500(model, xray):

@@ -227,8 +227,14 @@ def model_description(predictor: Predictor, *, network: str, sha256: str) -> dic
     return described
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+class MarkdownResponse(PlainTextResponse):
+    """Markdown text, so declared in the API description too (``text/markdown``, not ``text/plain``)."""
+
+    media_type = "text/markdown"
 
 
 def _flag(value: str | None) -> bool:
@@ -263,6 +269,7 @@ _PREDICT_OPENAPI: dict[str, Any] = {
         },
     },
     "responses": {
+        "400": {"description": "a malformed multipart body (no or a bad boundary, a broken part header)"},
         "413": {"description": "upload or image too large"},
         "415": {"description": "not a multipart/form-data request"},
         "422": {"description": "no, an empty or a second 'file' part, or an unreadable image"},
@@ -316,7 +323,7 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), exc.headers)  # a 405's Allow header among them
 
     @app.exception_handler(ClientDisconnect)
     async def _hung_up(_request: Request, _exc: ClientDisconnect) -> Response:
@@ -383,11 +390,12 @@ def create_app(
             }
         return body
 
-    @app.get("/model-card", summary="The model card (Markdown, Hugging Face layout)", response_class=PlainTextResponse)
-    async def card() -> PlainTextResponse:
+    @app.get("/model-card", summary="The model card (Markdown, Hugging Face layout)", response_class=MarkdownResponse,
+             responses={404: {"description": "the server was started without a model card"}})
+    async def card() -> MarkdownResponse:
         if model_card is None:
             raise StarletteHTTPException(404, "this server was started without a model card")
-        return PlainTextResponse(model_card, media_type="text/markdown; charset=utf-8")
+        return MarkdownResponse(model_card)
 
     @app.get("/model-card.html", include_in_schema=False)
     async def card_html() -> HTMLResponse:
