@@ -85,7 +85,8 @@ def run(tmp_path: Path) -> Path:
     covidx.mkdir()
     (covidx / "splits").mkdir()
     (covidx / "splits" / "summary.json").write_text(json.dumps({"settings": {"covidx_version": "4"}}))
-    _evaluation(run_dir / "eval-covidx4", [[88, 7, 5], [3, 90, 7], [2, 6, 92]], data=covidx, split="test", checkpoint=best)
+    _evaluation(run_dir / "eval-covidx4", [[88, 7, 5], [3, 90, 7], [2, 6, 92]], data=covidx, split="test",
+                checkpoint=best, model_sha256=model["model_sha256"], operating_point=OP)  # this file, at its rule
     write_result(make_result("source", inputs={}, metrics={}, thresholds={},
                              flags=[flag("source-predictable", "a linear probe tells the source from features")]),
                  run_dir / "audit")
@@ -153,7 +154,8 @@ def test_what_evaluate_warned_of_is_on_the_card(run: Path) -> None:
                "images: the figures at it are optimistic by construction; evaluate on test for honest ones")
     best = run / "best.pt"
     _evaluation(run / "eval-val", [[3, 0, 0], [0, 4, 1], [0, 1, 4]], data=run.parent.parent / "data", split="val",
-                checkpoint=best, kind="internal", warnings=[warning])
+                checkpoint=best, kind="internal", warnings=[warning], operating_point=OP,
+                model_sha256=hashlib.sha256(best.read_bytes()).hexdigest())
     card = build_card(facts_from_checkpoint(best), run)
     assert f"- eval-val: warning: {warning}" in card
     header, _ = split_front_matter(card)  # the Hub shows the index alone: the warning travels with the figures
@@ -172,8 +174,13 @@ def test_card_evaluation_figures_with_intervals(run: Path) -> None:
     drop = next(x for x in card.splitlines() if x.startswith("External (external-hospital) minus internal test"))
     assert "(eval-test, the same model file and rule)" in drop
     assert "COVID-19 sensitivity -13.3 [" in drop  # 14/20 - 25/30 = -13.3 points
-    # eval-covidx4 records no model sha256 or rule: no drop is made up for it, and the card says why
-    assert "External (eval-covidx4): no drop: no internal test evaluation of this model file (best.pt)" in card
+    # an evaluation that records no model sha256 (an older metrics.json) is not this model's: set apart, no drop
+    _evaluation(run / "external-old", [[1, 1, 1], [1, 1, 1], [1, 1, 1]], data=run / "old", split="external:old",
+                checkpoint=run / "best.pt", kind="external")
+    card = build_card(facts_from_checkpoint(run / "best.pt"), run)
+    earlier = card[card.index("### Earlier evaluations"):]
+    assert "| external-old | external (not this model's) |" in earlier and "External (external-old)" not in card
+    assert "- external-old: not this model's: it records no model sha256" in earlier
     covidx = card[card.index("On the COVIDx4 test set"):]
     assert "| COVIDNet-CXR4-A (published) | 95.0 [88.8, 97.8] | 99.0 | 94.3 |" in covidx
     assert "| this model | 88.0 [" in covidx

@@ -16,7 +16,7 @@ from covid_cxr.data.sources.covidx import (
 from covid_cxr.errors import DataError
 from covid_cxr.labels import DISPLAY_NAMES
 from covid_cxr.operating_point import OperatingPoint, where_chosen
-from covid_cxr.runs.evaluations import no_internal_text, pairs_with
+from covid_cxr.runs.evaluations import measured_with, no_internal_text, of_this_model, pairs_with, rule_text
 from covid_cxr.runs.own_images import describe as describe_own
 
 INTENDED_USE = (
@@ -124,40 +124,76 @@ def _covidx_version(data: str) -> str | None:
     return str(version).upper() if version else None
 
 
+EARLIER_HEADING = "### Earlier evaluations, of another model file or rule: not this model's figures"
+
+
 def evaluation_section(evals: list[dict[str, Any]]) -> list[str]:
-    """Every evaluation with its intervals; internal beside external with the drop; COVID-Net's figures on COVIDx."""
+    """The model's own evaluations (its file by sha256, its current rule: :func:`of_this_model`) with their
+    intervals, rule and precision; internal beside external with the drop; COVID-Net's figures on COVIDx. The run
+    folder's other evaluations (an earlier best.pt, another rule) follow under their own heading, never as its."""
     lines = ["## Evaluation", ""]
+    own = of_this_model(evals)
+    earlier = [e for e in evals if e.get("not_this_model") is not None]
     if not evals:
         return lines + ["No evaluation of this model is at hand (none in its run folder, or no run folder). "
                         "`covid-cxr evaluate RUN` scores the run's test split (`--split val` its validation split); "
                         "`covid-cxr model-card RUN` then rewrites this card with the figures.", ""]
-    lines += ["Percent with 95% intervals (Wilson for proportions, patient bootstrap for AUC); the decision rule is "
-              "the one in force when each evaluation ran.", "",
-              "| evaluation | kind | split | images (COVID-19) | " + " | ".join(t for _, t in COLUMNS) + " |",
-              "|---|---|---|---:|" + "---:|" * len(COLUMNS)]
+    if not own:
+        lines += ["No evaluation of this model file at its current decision rule is at hand: those in its run folder "
+                  "(below) are of another file of the same name (a `calibrate` or a training since wrote a new "
+                  "one), of another rule, or do not record which file they are of. `covid-cxr evaluate RUN` scores "
+                  "this one; `covid-cxr model-card RUN` then rewrites this card with the figures.", ""]
+    else:
+        lines += ["Percent with 95% intervals (Wilson for proportions, patient bootstrap for AUC). Only evaluations "
+                  "of this very model file (by its sha256) at its current decision rule are listed here; each row "
+                  "names that rule and the precision and backend it ran in (bf16 probabilities differ slightly from "
+                  "the fp32 ONNX export's).", "", *_table(own)]
+        lines += _drop_lines(own)
+        lines += _notes(own, [])
+        lines += _covidx_lines(own)
+        lines.append("")
+    if earlier:
+        lines += [EARLIER_HEADING, "",
+                  "The run folder holds these as well. They were measured on another model file or at another "
+                  "decision rule, so they are not this model's figures and are not in the model-index; "
+                  "`covid-cxr evaluate RUN` (with `--external` for another set) measures this one.", "",
+                  *_table(earlier, " (not this model's)")]
+        lines += _notes(earlier, [f"{e['name']}: not this model's: {e['not_this_model']}" for e in earlier])
+        lines.append("")
+    return lines
+
+
+def _table(evals: list[dict[str, Any]], note: str = "") -> list[str]:
+    """One row per evaluation: kind (``note`` after it), split, images, rule and precision, the figures."""
+    lines = ["| evaluation | kind | split | images (COVID-19) | " + " | ".join(t for _, t in COLUMNS)
+             + " | rule, precision |", "|---|---|---|---:|" + "---:|" * len(COLUMNS) + "---|"]
     for e in evals:
         m, info = e["metrics"], e["info"]
         own = info.get("own_images") if describe_own(info.get("own_images")) else None
         kind = f"**not external** ({own['images']} own images)" if own else "external" if e["external"] else "internal"
         count = f"{m.get('n', '-')} ({m.get('covid_n', '-')})"
-        lines.append(f"| {e['name']} | {kind} | {info.get('split', '-')} | {count} | "
-                     + " | ".join(with_ci(m, k) for k, _ in COLUMNS) + " |")
-    lines += _drop_lines(evals)
-    absent = [f"{e['name']}: no {DISPLAY_NAMES['covid']} images, so its sensitivity is not defined"
-              for e in evals if _number(e["metrics"].get("covid_n")) == 0]
-    absent += [f"{e['name']}: {describe_own(e['info'].get('own_images'))}; these figures are not external validation"
-               for e in evals if describe_own(e["info"].get("own_images"))]
-    # what evaluate warned of when it ran (a threshold chosen on the very split it scored: optimistic by construction)
-    absent += [f"{e['name']}: warning: {w}" for e in evals for w in (e["info"].get("warnings") or [])
-               if isinstance(w, str)]
-    lines += [""] + [f"- {a}" for a in absent] if absent else []
-    lines += _covidx_lines(evals)
-    return lines + [""]
+        rule = f"{rule_text(info.get('operating_point'), exact=True)}, {measured_with(info)}"
+        lines.append(f"| {e['name']} | {kind}{note} | {info.get('split', '-')} | {count} | "
+                     + " | ".join(with_ci(m, k) for k, _ in COLUMNS) + f" | {rule} |")
+    return lines
+
+
+def _notes(evals: list[dict[str, Any]], first: list[str]) -> list[str]:
+    """``first``, then what a reader of the rows must know: no COVID-19 images, the model's own images, what
+    evaluate warned of when it ran (a threshold chosen on the very split it scored: optimistic by construction)."""
+    notes = first + [f"{e['name']}: no {DISPLAY_NAMES['covid']} images, so its sensitivity is not defined"
+                     for e in evals if _number(e["metrics"].get("covid_n")) == 0]
+    notes += [f"{e['name']}: {describe_own(e['info'].get('own_images'))}; these figures are not external validation"
+              for e in evals if describe_own(e["info"].get("own_images"))]
+    notes += [f"{e['name']}: warning: {w}" for e in evals for w in (e["info"].get("warnings") or [])
+              if isinstance(w, str)]
+    return [""] + [f"- {n}" for n in notes] if notes else []
 
 
 def _drop_lines(evals: list[dict[str, Any]]) -> list[str]:
     """Each external evaluation minus the internal test evaluation of the same model file, fold and rule; where
-    none is at hand, why there is no drop and the command that gives one."""
+    none is at hand, why there is no drop and the command that gives one. ``evals``: the model's own, so a drop
+    is never made against an earlier file's figures and the table never shows one this says is absent."""
     lines: list[str] = []
     for e in (x for x in evals if x["external"]):
         internal = next((x for x in evals if not x["external"] and pairs_with(e["info"], x["info"])), None)

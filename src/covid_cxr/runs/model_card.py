@@ -4,8 +4,10 @@ The card follows the Hugging Face model-card layout: YAML front matter (license,
 metrics, base_model, model-index with the evaluation results), then Markdown sections. It is built
 only from what the model and its run folder hold: the checkpoint (or ONNX metadata), ``run.json``,
 ``config.yaml``, ``splits/`` (training data per source and class), ``eval-*/metrics.json`` and
-``external-*/metrics.json`` (every evaluation of this checkpoint, internal or external, each external one
-beside the internal test evaluation of the same model file and rule) and ``audit/*.json`` (the audits' verdicts).
+``external-*/metrics.json`` (the evaluations of this very checkpoint file, by its sha256, at its current decision
+rule, internal or external, each external one beside the internal test evaluation of the same model file and rule;
+those of an earlier file of the same name or of another rule apart, never as its figures) and ``audit/*.json``
+(the audits' verdicts).
 What is absent is said to be absent, never filled in. Written by every finished training run and
 by ``export``; ``serve`` shows it.
 """
@@ -38,7 +40,7 @@ from covid_cxr.runs.card_text import (
 )
 from covid_cxr.runs.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from covid_cxr.runs.checkpoint import load_checkpoint
-from covid_cxr.runs.evaluations import evaluations
+from covid_cxr.runs.evaluations import evaluations, of_this_model
 from covid_cxr.runs.folder import CARD_NAME, RunFolder, RunInfo
 from covid_cxr.runs.own_images import describe as own_text
 from covid_cxr.runs.own_images import split_rows
@@ -62,6 +64,7 @@ class ModelFacts:
     operating_point: dict[str, Any] | None = None
     files: list[tuple[str, str]] = field(default_factory=list)  # (file name, sha256)
     checkpoint: Path | None = None
+    sha256: str = ""  # of ``checkpoint``: which evaluations are this model's (hashed by the card when not given)
 
 
 def _operating_point(value: Any) -> dict[str, Any] | None:
@@ -169,7 +172,8 @@ def front_matter(facts: ModelFacts, sources: list[str], evals: list[dict[str, An
         "metrics": ["accuracy", "recall", "specificity", "precision", "roc_auc"],
         "base_model": base if len(base) > 1 else base[0],
     }
-    results = [entry for entry in map(_index_entry, evals) if entry is not None]
+    # only this model file's figures at its current rule: the Hub shows the index without the card's headings
+    results = [entry for entry in map(_index_entry, of_this_model(evals)) if entry is not None]
     if results:  # the Hub reads evaluation results from here; an empty list would claim there were none to read
         header["model-index"] = [{"name": f"covid-cxr-{facts.network}", "results": results}]
     text = yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
@@ -204,7 +208,8 @@ def build_card(facts: ModelFacts, run_dir: Path | None = None) -> str:
     config = _config(run_dir)
     rows = split_rows(run_dir)
     table = training_data(rows)
-    evals = evaluations(run_dir, facts.checkpoint)
+    evals = evaluations(run_dir, facts.checkpoint, sha256=_checkpoint_sha256(facts),
+                        operating_point=facts.operating_point)
     sources = sorted(set(table.index.get_level_values("source"))) if table is not None else []
     covidx = rows is not None and bool(rows["image_id"].str.startswith(f"{COVIDX_PREFIX}/").any())
     title = f"covid-cxr {facts.network}" + (f" ({run_dir.name})" if run_dir else "")
@@ -218,6 +223,17 @@ def build_card(facts: ModelFacts, run_dir: Path | None = None) -> str:
     out += ["## Limitations", "", *_limitations(table), ""]
     out += ["## How to cite", "", "```bibtex", *[CITATIONS[k] for k in _citations(sources, covidx)], "```", ""]
     return "\n".join(out)
+
+
+def _checkpoint_sha256(facts: ModelFacts) -> str | None:
+    """The sha256 of the checkpoint the card describes (an export's card: the one it was exported from), hashed
+    here only when the caller did not already; None without a checkpoint file (no evaluation is then its)."""
+    if facts.sha256:
+        return facts.sha256
+    if facts.checkpoint is None or not facts.checkpoint.is_file():
+        return None
+    facts.sha256 = file_sha256(facts.checkpoint)
+    return facts.sha256
 
 
 def _details(facts: ModelFacts, run: RunInfo | None, config: dict[str, Any]) -> list[str]:
@@ -312,7 +328,8 @@ def write_model_card(facts: ModelFacts, out: Path, run_dir: Path | None = None) 
 def write_export_card(ckpt: Any, checkpoint: Path, files: list[Path]) -> Path:
     """The card of an exported model, beside its files: the checkpoint's facts, its run folder, the files' hashes."""
     facts = facts_from_checkpoint(checkpoint, ckpt)
-    facts.files = [(Path(f).name, file_sha256(f)) for f in files] + [(Path(checkpoint).name, file_sha256(checkpoint))]
+    facts.sha256 = file_sha256(checkpoint)  # the exported weights' evaluations are the checkpoint's: matched by it
+    facts.files = [(Path(f).name, file_sha256(f)) for f in files] + [(Path(checkpoint).name, facts.sha256)]
     return write_model_card(facts, Path(files[0]).parent / CARD_NAME, run_folder_of(checkpoint))
 
 
@@ -320,7 +337,8 @@ def write_run_card(run_dir: Path) -> Path:
     """The card of a finished run, in the run folder, naming its best.pt by hash."""
     folder = RunFolder(run_dir)
     facts = facts_from_checkpoint(folder.best)
-    facts.files = [(folder.best.name, file_sha256(folder.best))]
+    facts.sha256 = file_sha256(folder.best)
+    facts.files = [(folder.best.name, facts.sha256)]
     return write_model_card(facts, folder.card, folder.root)
 
 
@@ -338,6 +356,7 @@ def served_card(path: Path, sha256: str, checkpoint: Any, predictor: Any) -> str
         run_dir = None
     else:
         facts, run_dir = facts_from_checkpoint(path, checkpoint), run_folder_of(path)
+        facts.sha256 = sha256  # the served file is the checkpoint
     facts.files = [(path.name, sha256)]
     return build_card(facts, run_dir)
 
