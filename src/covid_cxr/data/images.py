@@ -25,12 +25,18 @@ data are stretched min-max, so that 12-bit data in 16 bits fills the range as fu
 does; CMYK, palette, 1-bit and alpha images become luma.
 
 Sizes are checked from the header before any pixel is decoded, so a decompression bomb costs
-nothing; :func:`decode_radiograph` also refuses images too small to be a radiograph.
+nothing: pixels for every format, and for DICOM also the bytes they decode to (samples and bit depth).
+Header values no decoder can follow, and rescale or window values that are not finite numbers, are
+refused by name. :func:`decode_radiograph` also refuses images too small to be a radiograph, and
+blank ones (every pixel the same value).
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import math
+import re
 import stat
 import struct
 import warnings
@@ -40,7 +46,9 @@ import cv2
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps
+from pydicom.datadict import dictionary_description
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -58,6 +66,7 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLSLossless,
     JPEGLSNearLossless,
+    JPEGTransferSyntaxes,
     MediaStorageDirectoryStorage,
 )
 
@@ -77,8 +86,35 @@ MIN_SIDE = 32
 APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"
 """How a macOS AppleDouble file (``._name``, resource data beside a file in archives made on macOS) starts."""
 
+BYTES_PER_PIXEL = 2
+"""DICOM pixel data may decode to at most this many bytes a pixel of the pixel limit (rows x columns x samples x
+bytes a sample): a 16-bit grayscale radiograph as large as the limit allows fits, an 8-bit RGB one two thirds
+that size (a 4280 x 4280 16-bit detector image takes 37 MB of the 100 MB, a 3000 x 3000 RGB scan 27 MB)."""
+
 # Pillow's own guard would only warn below twice its limit; ours refuses first, from the header.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# The decoders warn of what they meet in a file (pydicom quotes header values) on stderr, naming no file, and so
+# into a server's log; pydicom logs them too. warnings.catch_warnings cannot keep them out: it swaps the
+# process-wide filter list, so threads decoding at once (predict, serve) undo each other's filters. Hence filters
+# for these libraries' warnings only, made sure of by every decode (not set on import, as torchxrayvision does:
+# a program that imports this module and decodes nothing keeps its warnings; and a caller's catch_warnings,
+# pytest's for one, drops them): whatever they warn of, this
+# module decodes the file or refuses it by name, and no log of ours holds DICOM header content. numpy's
+# floating-point warnings are kept off with np.errstate, which is thread-safe.
+_QUIET: tuple[tuple[type[Warning], str], ...] = (
+    (Image.DecompressionBombWarning, ""),  # refused from the header, below
+    (UserWarning, r"PIL\."),
+    (Warning, r"pydicom\."),
+)
+
+
+def _quiet_decoders() -> None:
+    """Install the filters of :data:`_QUIET` where missing, and keep pydicom's log to what stops a process."""
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    for category, module in _QUIET:
+        if ("ignore", None, category, re.compile(module) if module else None, 0) not in warnings.filters:
+            warnings.filterwarnings("ignore", category=category, module=module)
+
 
 Source = str | Path | bytes
 
@@ -176,14 +212,32 @@ def _check_pixels(label: str, width: int, height: int, frames: int, limit: int) 
         raise _too_large(label, f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else ""), limit)
 
 
+def _check_bytes(label: str, width: int, height: int, samples: int, allocated: int, limit: int) -> None:
+    """Refuse, from the header, DICOM pixel data decoding to more than :data:`BYTES_PER_PIXEL` bytes a pixel of
+    ``limit``: 3 samples of 32 bits make a 9 MB file under the pixel limit cost a gigabyte to decode."""
+    per_sample = -(-allocated // 8)
+    total, budget = width * height * samples * per_sample, BYTES_PER_PIXEL * limit
+    if total > budget:
+        raise ImageDecodeError(
+            label, f"DICOM pixel data of {width}x{height} pixels x {samples} samples x {per_sample} bytes "
+            f"({total} bytes decoded) exceeds the limit of {budget} bytes ({BYTES_PER_PIXEL} bytes a pixel of the "
+            f"{limit}-pixel limit, what a 16-bit grayscale radiograph takes); save it as 8 or 16-bit grayscale, or "
+            "shrink it (a file that claims such a size may also be a decompression bomb)")
+
+
 def to_uint8(values: np.ndarray, *, stretch: bool) -> np.ndarray:
-    """Map an array to uint8: as is when it already is 8-bit data, else stretched min-max to 0-255."""
+    """Map an array of finite numbers to uint8: as is when it already is 8-bit data, else stretched min-max to
+    0-255 (a constant array to zeros)."""
     if not stretch and values.dtype == np.uint8:
         return values
-    v = values.astype(np.float32, copy=False)
-    lo, hi = float(v.min()), float(v.max())
+    lo, hi = float(values.min()), float(values.max())
+    if not math.isfinite(hi - lo):
+        raise ValueError(f"pixel values from {lo} to {hi} are not all finite numbers")
     if hi <= lo:
-        return np.zeros(v.shape, dtype=np.uint8)
+        return np.zeros(values.shape, dtype=np.uint8)
+    # float32 halves the memory of the stretch; values beyond its range (a rescale by 1e300) stay float64.
+    wide = max(-lo, hi) > float(np.finfo(np.float32).max)
+    v = values.astype(np.float64 if wide else np.float32, copy=False)
     return np.clip((v - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -251,12 +305,72 @@ def _check_decoder(ds: pydicom.Dataset, label: str) -> str:
                                "set-up does")
     if not decoder.is_available:
         raise _no_decoder(syntax, decoder.missing_dependencies, label)
-    return usable[0] if usable else ""
+    plugin = usable[0] if usable else ""
+    if syntax in JPEGTransferSyntaxes and (plugin == "gdcm" or not plugin and "gdcm" in decoder.available_plugins):
+        _check_gdcm_jpeg(ds, syntax, label)
+    return plugin
+
+
+def _check_gdcm_jpeg(ds: pydicom.Dataset, syntax: UID, label: str) -> None:
+    """Refuse, before decoding, a JPEG (ISO 10918: baseline, extended, lossless) header on which GDCM would abort.
+
+    GDCM's JPEG codec (python-gdcm 3.2.6) has an 8-bit codec that needs Bits Stored 8, and 12 and 16-bit ones;
+    given Bits Allocated 32 or 64, or fewer than 8 bits stored in 8, it throws a C++ exception nothing catches
+    and the process aborts (SIGABRT), taking every other file of a run with it, whatever the stream holds. What
+    modalities write, 8 bits in 8 and 1 to 16 bits in 16, decodes.
+    """
+    allocated = _header_int(ds, "BitsAllocated", 8)
+    stored = _header_int(ds, "BitsStored", allocated)
+    if allocated == 16 or (allocated == 8 and stored == 8):
+        return
+    held = f"Bits Allocated {allocated}" + (f" and Bits Stored {stored}" if allocated == 8 else "")
+    raise ImageDecodeError(label, f"DICOM pixel data compressed as {syntax.name} ({syntax}) with {held}: its "
+                           "decoder (GDCM) gives 8 bits stored in 8 allocated, or up to 16 in 16; re-export the "
+                           "image from the PACS, or convert it to uncompressed DICOM with DCMTK (dcmdjpeg in.dcm "
+                           "out.dcm)")
 
 
 def _bits_stored(ds: pydicom.Dataset) -> int:
     """Bits Stored (0028,0101), 8 where the header leaves it out."""
     return int(ds.get("BitsStored", 8) or 8)
+
+
+def _header_int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+    """An integer header element, ``default`` where absent or empty (a value that is no integer raises)."""
+    value = ds.get(keyword)
+    return default if value is None or value == "" else int(value)
+
+
+# What pydicom's decoders accept (PS3.3 C.7.6.3: the defined terms; HSV, ARGB and CMYK retired).
+_PHOTOMETRIC = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
+                          "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "HSV", "ARGB", "CMYK"})
+
+
+def _pixel_layout(ds: pydicom.Dataset, label: str) -> tuple[int, int]:
+    """Samples per pixel and Bits Allocated, from the header; a value no decoder follows is refused as a header
+    fault (not as a truncated file), before anything is decoded. Absent elements are left to pydicom to name."""
+    try:
+        samples = _header_int(ds, "SamplesPerPixel", 1)
+        allocated = _header_int(ds, "BitsAllocated", 8)
+        stored = _header_int(ds, "BitsStored", allocated)
+        signed = _header_int(ds, "PixelRepresentation", 0)
+    except (TypeError, ValueError):
+        raise ImageDecodeError(label, "DICOM Samples per Pixel, Bits Allocated, Bits Stored or Pixel Representation "
+                               f"is not a number; {_REEXPORT}") from None
+    photometric = ds.get("PhotometricInterpretation")
+    checks = (
+        (allocated == 1 or allocated in range(8, 65, 8), f"Bits Allocated {allocated}",
+         "1, or a multiple of 8 up to 64"),
+        (1 <= stored <= allocated, f"Bits Stored {stored}", f"from 1 to Bits Allocated, {allocated}"),
+        (samples in (1, 3), f"Samples per Pixel {samples}", "1, grayscale, or 3, colour"),
+        (signed in (0, 1), f"Pixel Representation {signed}", "0, unsigned, or 1, signed"),
+        (photometric is None or str(photometric) in _PHOTOMETRIC, f"Photometric Interpretation {photometric!r}",
+         "one of DICOM's terms, in capitals: MONOCHROME2, MONOCHROME1, RGB, YBR_FULL, PALETTE COLOR, ..."),
+    )
+    for valid, given, wanted in checks:
+        if not valid:  # the writer's fault or a damaged header, not a truncated file
+            raise ImageDecodeError(label, f"invalid DICOM header value: {given} (must be {wanted}); {_REEXPORT}")
+    return samples, allocated
 
 
 def _no_decoder(syntax: UID, missing: list[str], label: str) -> ImageDecodeError:
@@ -281,16 +395,48 @@ def _shown_inverted(ds: pydicom.Dataset, photometric: str) -> bool:
     return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
+def _header_number(ds: pydicom.Dataset, keyword: str, default: float, label: str) -> float:
+    """The (first) value of a numeric header element, ``default`` where absent or empty; refused, naming the
+    element, where it is not a finite number (NaN or infinity would turn every pixel into NaN)."""
+    value = ds.get(keyword)
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return default
+    number = float(value)
+    if not math.isfinite(number):
+        raise ImageDecodeError(label, f"{dictionary_description(keyword)} is not a finite number ({value}); "
+                               "re-export the image from the PACS")
+    return number
+
+
+def _finite(values: np.ndarray, applied: str, label: str) -> np.ndarray:
+    """``values``, refused where the header elements ``applied`` to the pixels took them past finite numbers."""
+    if values.dtype.kind == "f" and not math.isfinite(float(values.max()) - float(values.min())):
+        raise ImageDecodeError(label, f"{applied} overflow: the pixel values they give are not all finite numbers; "
+                               "re-export the image from the PACS")
+    return values
+
+
 def _dicom_gray(ds: pydicom.Dataset, arr: np.ndarray, photometric: str, label: str) -> np.ndarray:
     """Decoded DICOM pixels as a grayscale uint8 image with bone bright, as the header says to show them."""
     if photometric.startswith("MONOCHROME"):
-        has_modality = ("ModalityLUTSequence" in ds or float(ds.get("RescaleSlope", 1) or 1) != 1
-                        or float(ds.get("RescaleIntercept", 0) or 0) != 0)
+        slope = _header_number(ds, "RescaleSlope", 1.0, label)
+        intercept = _header_number(ds, "RescaleIntercept", 0.0, label)
+        if slope == 0:
+            raise ImageDecodeError(label, "Rescale Slope is 0, which makes every pixel one value; re-export the "
+                                   "image from the PACS")
+        has_modality = "ModalityLUTSequence" in ds or slope != 1 or intercept != 0
         has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
+        if "WindowCenter" in ds and "VOILUTSequence" not in ds:  # the window pydicom applies (its first values)
+            _header_number(ds, "WindowCenter", 0.0, label)
+            _header_number(ds, "WindowWidth", 1.0, label)
         deep = int(ds.get("BitsStored", 8) or 8) > 8 or arr.dtype != np.uint8
-        values = apply_modality_lut(arr, ds) if has_modality else arr
-        if has_voi:
-            values = apply_voi_lut(values, ds, index=0)
+        with np.errstate(all="ignore"):  # values gone past finite numbers are refused by name, not warned of
+            values = apply_modality_lut(arr, ds) if has_modality else arr
+            _finite(values, f"Rescale Slope {slope:g} and Rescale Intercept {intercept:g}", label)
+            if has_voi:
+                values = _finite(apply_voi_lut(values, ds, index=0), "the window or VOI LUT", label)
         img = to_uint8(values, stretch=has_modality or has_voi or deep)
         return 255 - img if _shown_inverted(ds, photometric) else img
     if photometric == "PALETTE COLOR":
@@ -319,19 +465,32 @@ def _why(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc).split(' To replace this error with a warning')[0]}"
 
 
-def _dicom_image(data: bytes, label: str, limit: int) -> tuple[np.ndarray, dict[str, str]]:
-    """:func:`_decode_dicom`'s steps, each failure it foresees with its own reason."""
+def _plugin_reason(exc: Exception) -> str:
+    """pydicom's reason on one line (it lists each plugin's on a line of its own), without an object's repr
+    (``<_io.BytesIO object at 0x...>``) and with what GDCM's empty answer means."""
+    reason = re.sub(r" ?<[\w.]+ object at 0x[0-9a-fA-F]+>", "", " ".join(str(exc).split()))
+    return reason.replace("'NoneType' object has no attribute 'encode'", "no picture decoded from the stream")
+
+
+def _read_dataset(data: bytes, label: str) -> pydicom.Dataset:
+    """The dataset of a DICOM file that holds pixel data; a DICOMDIR, or a file without pixels, refused."""
     try:
-        with warnings.catch_warnings():  # a truncated file is reported below, as an error
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except _DICOM_ERRORS as exc:
         raise ImageDecodeError(label, f"unreadable DICOM header ({_why(exc)}); {_REEXPORT}") from None
     if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         raise ImageDecodeError(label, "a DICOMDIR, the index of a DICOM media set, not an image; give the image "
                                "files it lists (they lie in the folders beside it)")
-    if "PixelData" not in ds:
-        raise ImageDecodeError(label, "DICOM file holds no pixel data: the file is truncated or is not an image object")
+    if "PixelData" in ds:
+        return ds
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise ImageDecodeError(label, "DICOM Float Pixel Data (a parametric map's values) is not supported: a "
+                               "radiograph stores integer Pixel Data; export the image as an ordinary DICOM image")
+    raise ImageDecodeError(label, "DICOM file holds no pixel data: the file is truncated or is not an image object")
+
+
+def _check_dicom_size(ds: pydicom.Dataset, label: str, limit: int) -> None:
+    """Refuse, from the header, a multi-frame image, or one over ``limit`` pixels or its byte budget."""
     try:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -342,17 +501,22 @@ def _dicom_image(data: bytes, label: str, limit: int) -> tuple[np.ndarray, dict[
         raise ImageDecodeError(label, f"multi-frame DICOM ({frames} frames): the classifier takes one radiograph; "
                                "export the frame to classify as its own file")
     _check_pixels(label, cols, rows, frames, limit)
+    _check_bytes(label, cols, rows, *_pixel_layout(ds, label), limit)
+
+
+def _dicom_image(data: bytes, label: str, limit: int) -> tuple[np.ndarray, dict[str, str]]:
+    """:func:`_decode_dicom`'s steps, each failure it foresees with its own reason."""
+    ds = _read_dataset(data, label)
+    _check_dicom_size(ds, label, limit)
     _set_transfer_syntax(ds, label)
     plugin = _check_decoder(ds, label)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if plugin:
-                ds.pixel_array_options(decoding_plugin=plugin)
-            arr = ds.pixel_array
-    except _DICOM_ERRORS as exc:  # pydicom lists each plugin's reason on a line of its own: one line here
-        raise ImageDecodeError(label, f"DICOM pixel data cannot be decoded, the file may be truncated "
-                               f"({' '.join(str(exc).split())}); {_REEXPORT}") from None
+        if plugin:
+            ds.pixel_array_options(decoding_plugin=plugin)
+        arr = ds.pixel_array
+    except _DICOM_ERRORS as exc:
+        raise ImageDecodeError(label, f"DICOM pixel data cannot be decoded ({_plugin_reason(exc)}): the file may be "
+                               f"truncated, or its header may not describe its pixels; {_REEXPORT}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     info = {"view": str(ds.get("ViewPosition", "") or ""), "photometric": photometric}
     try:
@@ -389,9 +553,7 @@ def _decode_pillow(data: bytes, label: str, limit: int) -> np.ndarray:
         raise ImageDecodeError(label, "a macOS AppleDouble file (the resource data macOS keeps beside a file as "
                                "._name), not an image; leave it out, the image is the file without ._")
     try:
-        with warnings.catch_warnings():  # we refuse oversized images ourselves, from the header
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data))
         with im:
             _check_pixels(label, im.width, im.height, 1, limit)
             frames = getattr(im, "n_frames", 1)
@@ -405,9 +567,35 @@ def _decode_pillow(data: bytes, label: str, limit: int) -> np.ndarray:
     except Image.DecompressionBombError:
         raise _too_large(label, f"more than {2 * MAX_PIXELS}", limit) from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError(label, "not an image: neither DICOM nor a format Pillow reads (PNG, JPEG, ...)") from None
+        raise ImageDecodeError(label, _unidentified(data)) from None
     except _DECODE_ERRORS as exc:
-        raise ImageDecodeError(label, f"image cannot be decoded, the file may be truncated or corrupt ({exc})") from None
+        raise ImageDecodeError(label, f"image cannot be decoded, the file may be truncated or corrupt ({exc})"
+                               ) from None
+
+
+# JPEG's frame headers (SOF0-SOF15, less DHT, JPG and DAC, which share the range): each gives the sample precision.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_precision(data: bytes) -> int | None:
+    """The sample precision (bits) of a JPEG's first frame header; None where the markers before it do not parse."""
+    pos = 2  # past the start-of-image marker
+    while pos + 5 <= len(data) and data[pos] == 0xFF:
+        if data[pos + 1] in _JPEG_SOF:
+            return data[pos + 4]
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    return None
+
+
+def _unidentified(data: bytes) -> str:
+    """Why Pillow found no image in ``data``, told apart where the signature says what the file is."""
+    if data.startswith(b"\xff\xd8\xff") and (_jpeg_precision(data) or 8) != 8:
+        return (f"a {_jpeg_precision(data)}-bit JPEG, which is not supported (only 8-bit JPEG is); convert it to a "
+                "16-bit PNG")
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ("a PNG file whose header (its IHDR chunk) is damaged or describes no image Pillow reads; copy the "
+                "original file again, or save the image again as PNG")
+    return "not an image: neither DICOM nor a format Pillow reads (PNG, JPEG, ...)"
 
 
 def decode_image_info(source: Source, *, name: str | None = None, max_pixels: int = MAX_PIXELS
@@ -418,6 +606,7 @@ def decode_image_info(source: Source, *, name: str | None = None, max_pixels: in
     """
     data, label = _read(source, name)
     limit = min(int(max_pixels), MAX_PIXELS)
+    _quiet_decoders()
     if not data:
         raise ImageDecodeError(label, "file is empty")
     if is_dicom(data):
@@ -433,12 +622,17 @@ def decode_image_info(source: Source, *, name: str | None = None, max_pixels: in
 def decode_radiograph(source: Source, *, name: str | None = None, max_pixels: int = MAX_PIXELS
                       ) -> tuple[np.ndarray, dict[str, str]]:
     """:func:`decode_image_info` for what a classifier is fed: an image under :data:`MIN_SIDE` pixels a side (an
-    icon, a thumbnail) is refused rather than blown up to a meaningless picture."""
+    icon, a thumbnail) is refused rather than blown up to a meaningless picture, and so is a blank one, whatever
+    its format, rather than given a class. (A mask, read by :func:`decode_image`, may be blank.)"""
     data, label = _read(source, name)
     img, info = decode_image_info(data, name=label, max_pixels=max_pixels)
     if min(img.shape) < MIN_SIDE:
-        raise ImageDecodeError(label, f"image of {img.shape[1]}x{img.shape[0]} pixels is too small to be a radiograph "
-                               f"(at least {MIN_SIDE} pixels a side); give the full-size image, not an icon or thumbnail")
+        raise ImageDecodeError(label, f"image of {img.shape[1]}x{img.shape[0]} pixels is too small to be a "
+                               f"radiograph (at least {MIN_SIDE} pixels a side); give the full-size image, not an "
+                               "icon or thumbnail")
+    if img.min() == img.max():  # an empty export, or a header (rescale, window) that left no picture
+        raise ImageDecodeError(label, f"blank image: every pixel is {int(img.flat[0])}, so there is no picture to "
+                               "classify; give the radiograph itself, or re-export it")
     return img, info
 
 
