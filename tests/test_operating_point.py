@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import norm
 
@@ -23,7 +24,7 @@ from covid_cxr.operating_point import (
     parse_rule,
 )
 from covid_cxr.inference.settings import InferenceSettings
-from covid_cxr.stats import Proportion, wilson_interval
+from covid_cxr.stats import Proportion, clustered_proportion, wilson_interval
 from tests.test_evaluate import SIZE, data  # noqa: F401 - the prepared synthetic set (72 px), shared
 
 # A known score distribution: COVID-19 scores ~ N(1, 1), the others ~ N(-1, 1), squashed to (0, 1).
@@ -188,17 +189,25 @@ def test_calibrated_rule_meets_its_target_on_validation_and_is_used_on_test(cali
     assert (probs[is_covid, k] >= op.threshold).mean() >= 0.95
     assert op.validation["n_positive"] == is_covid.sum()
     assert op.validation["tp"] == (probs[is_covid, k] >= op.threshold).sum()
-    # evaluate uses the stored rule on test and states the sensitivity reached with its Wilson interval.
+    # evaluate uses the stored rule on test and states the sensitivity reached with its Wilson interval, adjusted
+    # for the COVID-19 patients with several test images.
     fp32_cpu = InferenceSettings(device="cpu", precision="fp32")
     result = evaluate_run(calibrated["run"], fp32_cpu, n_boot=20, progress=False)
     saved = json.loads((result.out_dir / "metrics.json").read_text())
     assert saved["evaluation"]["operating_point"] == op.to_dict()
     d = saved["decision"]
-    low, high = wilson_interval(d["sensitivity_k"], d["sensitivity_n"])
+    preds = read_predictions(result.out_dir / "predictions.csv")
+    frame = preds.frame
+    positive = (frame["label"] == "covid").to_numpy()
+    per_patient = pd.DataFrame({"patient": preds.groups[positive], "hit": (frame["pred"] == "covid")[positive]})
+    per_patient = per_patient.groupby("patient")["hit"].agg(["sum", "size"])
+    sens = clustered_proportion(d["sensitivity_k"], d["sensitivity_n"], per_patient["sum"].tolist(),
+                                per_patient["size"].tolist())
+    low, high = sens.interval()
     assert d["sensitivity_n"] == (calibrated["fold"].test["label"] == "covid").sum()
+    assert d["sensitivity_patients"] == len(per_patient)
     assert (d["sensitivity_ci_low"], d["sensitivity_ci_high"]) == pytest.approx((100 * low, 100 * high))
     assert [a["prevalence"] for a in d["at_prevalence"]] == [0.01, 0.05, 0.2]
-    frame = read_predictions(result.out_dir / "predictions.csv").frame
     assert ((frame["pred"] == "covid") == (frame["p_covid"] >= op.threshold - 1e-6)).all()
 
 

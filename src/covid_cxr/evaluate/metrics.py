@@ -6,9 +6,13 @@ correct detected = TP, not detected = FN, wrong detected = FP, TN = N - TP - FN 
 recall TP/(TP+FN), specificity TN/(TN+FP), per-class accuracy (TP+TN)/N, precision TP/(TP+FP).
 
 Every proportion carries a 95% Wilson score interval (:mod:`covid_cxr.stats`): with 31 COVID-19
-test images a point estimate alone says little. One-vs-rest ROC AUC gets a bootstrap interval resampled by patient
-(images of one patient are not independent); none where no resample can differ from the data (one patient), and a
-note says why. Rates are percentages, AUC is on 0-1. A rate whose
+test images a point estimate alone says little. Images of one patient are not independent: given one confusion
+matrix per patient (:meth:`Predictions.confusion <covid_cxr.evaluate.predictions.Predictions.confusion>` with
+``by_patient=True``, shape (P, C, C)) wherever a matrix is taken, a rate whose images come from fewer patients
+gets Wilson's interval adjusted for them (:func:`covid_cxr.stats.clustered_proportion`), and a rate with one image
+per patient keeps plain Wilson. One-vs-rest ROC AUC gets a bootstrap interval resampled by patient; none where no
+resample can differ from the data (one patient), and a note says why. Rates are percentages, AUC is on 0-1. A rate
+whose
 denominator is zero (e.g. precision of a class never predicted) is NaN and a note says why.
 The ROC curve, the AUC and the calibration bins are scikit-learn's; the patient bootstrap keeps
 its own AUC for its inner loop (16x faster, ``benchmarks/metrics_speed.py``).
@@ -21,14 +25,17 @@ Keys of :func:`compute_metrics` (and of ``covid-cxr metrics --json``), for each 
 ``absent_classes`` (classes with no image: their per-class figures are not defined, not zero);
 with probabilities ``c_auc`` (+ ``_ci_low``/``_ci_high``), ``auc_bootstrap`` (``resamples``, ``seed``, ``unit``,
 ``units``: how many patients or images it draws) and ``ece``; with a
-prevalence ``prevalence`` and ``<class>_ppv_at_prevalence`` (+ CI); ``notes`` (why a figure is NaN).
+prevalence ``prevalence`` and ``<class>_ppv_at_prevalence`` (+ CI); ``rate_intervals`` (which interval the rates
+carry: ``method`` ``wilson`` or ``wilson-design-effect``, ``label`` in words, ``images``, ``patients``, and per rate
+key ``patients`` and ``design_effect``); ``notes`` (why a figure is NaN; and, where patients have several images,
+how many patients stand behind each rate).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,9 +48,9 @@ from covid_cxr.labels import CLASSES
 from covid_cxr.stats import (
     DEFAULT_PREVALENCES,
     Proportion,
+    clustered_proportion,
     ppv_at_prevalence,
     predictive_values,
-    wilson_interval,
 )
 
 RATES: tuple[str, ...] = ("recall", "specificity", "accuracy", "precision")
@@ -51,6 +58,9 @@ RATES: tuple[str, ...] = ("recall", "specificity", "accuracy", "precision")
 
 COUNTS: tuple[str, ...] = ("correct", "missed", "false")
 """Table 3's per-class figures: correct detected (TP), not detected (FN), wrong detected (FP)."""
+
+CLUSTER_NOTE = "rate intervals"
+"""How the note that says the rates' intervals allow for patients begins."""
 
 
 def confusion_matrix(labels: Sequence[str] | np.ndarray, preds: Sequence[str] | np.ndarray,
@@ -73,7 +83,7 @@ def confusion_matrix(labels: Sequence[str] | np.ndarray, preds: Sequence[str] | 
 
 @dataclass(frozen=True)
 class ClassCounts:
-    """The four cells of one class's one-vs-rest table."""
+    """The four cells of one class's one-vs-rest table (per patient, arrays of them: :func:`rate_proportions`)."""
 
     tp: int
     fn: int
@@ -82,23 +92,79 @@ class ClassCounts:
 
 
 def class_counts(cm: np.ndarray, k: int) -> ClassCounts:
-    """TP, FN, FP, TN of class ``k`` read off the confusion matrix."""
-    cm = np.asarray(cm, dtype=np.int64)
+    """TP, FN, FP, TN of class ``k`` read off the confusion matrix (pooled, where it is one per patient)."""
+    cm = pooled_confusion(cm)
     tp = int(cm[k, k])
     fn = int(cm[k].sum() - tp)
     fp = int(cm[:, k].sum() - tp)
     return ClassCounts(tp=tp, fn=fn, fp=fp, tn=int(cm.sum()) - tp - fn - fp)
 
 
-def class_proportions(c: ClassCounts) -> dict[str, Proportion]:
-    """Table 4's four rates of one class, as proportions with known numerator and denominator."""
-    n = c.tp + c.fn + c.fp + c.tn
-    return {
-        "recall": Proportion(c.tp, c.tp + c.fn),
-        "specificity": Proportion(c.tn, c.tn + c.fp),
-        "accuracy": Proportion(c.tp + c.tn, n),
-        "precision": Proportion(c.tp, c.tp + c.fp),
-    }
+def pooled_confusion(cm: np.ndarray) -> np.ndarray:
+    """The (C, C) confusion matrix of ``cm``: itself, or the sum of one matrix per patient (P, C, C)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    return cm.sum(axis=0) if cm.ndim == 3 else cm
+
+
+def patient_confusions(true_idx: np.ndarray, pred_idx: np.ndarray, groups: np.ndarray, n_classes: int) -> np.ndarray:
+    """(P, C, C): one confusion matrix per patient (``groups`` holds each image's patient), summing to the pooled."""
+    group_idx = _group_index(groups, len(true_idx))
+    n_groups = int(group_idx.max()) + 1 if len(group_idx) else 0
+    cells = (group_idx * n_classes + np.asarray(true_idx, dtype=np.int64)) * n_classes + np.asarray(pred_idx)
+    return np.bincount(cells, minlength=n_groups * n_classes * n_classes).reshape(n_groups, n_classes, n_classes)
+
+
+_RATE_CELLS: dict[str, Callable[[ClassCounts], tuple[Any, Any]]] = {
+    "recall": lambda c: (c.tp, c.tp + c.fn),
+    "specificity": lambda c: (c.tn, c.tn + c.fp),
+    "accuracy": lambda c: (c.tp + c.tn, c.tp + c.fn + c.fp + c.tn),
+    "precision": lambda c: (c.tp, c.tp + c.fp),
+    "npv": lambda c: (c.tn, c.tn + c.fn),
+}
+"""Each one-vs-rest rate as (successes, denominator) of the four cells."""
+
+
+def _patient_counts(cm: np.ndarray, k: int) -> ClassCounts | None:
+    """Class ``k``'s four cells per patient (arrays), from one confusion matrix per patient; None from a pooled one."""
+    cm = np.asarray(cm, dtype=np.int64)
+    if cm.ndim != 3:
+        return None
+    tp = cm[:, k, k]
+    fn = cm[:, k, :].sum(axis=1) - tp
+    fp = cm[:, :, k].sum(axis=1) - tp
+    return ClassCounts(tp=tp, fn=fn, fp=fp, tn=cm.sum(axis=(1, 2)) - tp - fn - fp)
+
+
+def _rate(c: ClassCounts, rate: str, patients: ClassCounts | None) -> Proportion:
+    """One rate of the four cells, its interval allowing for patients where their cells are given."""
+    k, n = _RATE_CELLS[rate](c)
+    if patients is None:
+        return Proportion(k, n)
+    hits, sizes = _RATE_CELLS[rate](patients)
+    return clustered_proportion(k, n, hits.tolist(), sizes.tolist())
+
+
+def overall_accuracy(cm: np.ndarray) -> Proportion:
+    """Correct decisions of all images; ``cm`` pooled (C, C) or one per patient (P, C, C)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    pooled = pooled_confusion(cm)
+    k, n = int(np.trace(pooled)), int(pooled.sum())
+    if cm.ndim != 3:
+        return Proportion(k, n)
+    return clustered_proportion(k, n, np.trace(cm, axis1=1, axis2=2).tolist(), cm.sum(axis=(1, 2)).tolist())
+
+
+def class_proportions(c: ClassCounts, patients: ClassCounts | None = None) -> dict[str, Proportion]:
+    """Table 4's four rates of one class, as proportions with known numerator and denominator; ``patients``
+    (the same cells per patient, :func:`rate_proportions`) makes their intervals allow for patients."""
+    return {rate: _rate(c, rate, patients) for rate in RATES}
+
+
+def rate_proportions(cm: np.ndarray, k: int) -> dict[str, Proportion]:
+    """Class ``k``'s recall, specificity, accuracy, precision and NPV; ``cm`` pooled (C, C), or one per patient
+    (P, C, C) for intervals adjusted for patients with several images."""
+    c, patients = class_counts(cm, k), _patient_counts(cm, k)
+    return {rate: _rate(c, rate, patients) for rate in _RATE_CELLS}
 
 
 def f1_score(c: ClassCounts) -> float:
@@ -126,21 +192,31 @@ class BinaryFigures:
     ppv: Proportion
     npv: Proportion
 
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        out: dict[str, float] = {}
+    def as_dict(self, prefix: str = "") -> dict[str, Any]:
+        """Value, interval, k and n of each; where patient ids are known, the patients behind n and the design
+        effect (1 where no patient gives two images); ``ci_method`` says in words which interval each carries."""
+        out: dict[str, Any] = {}
+        methods = []
         for name in ("sensitivity", "specificity", "ppv", "npv"):
             prop: Proportion = getattr(self, name)
             out[f"{prefix}{name}"] = prop.value
             out[f"{prefix}{name}_ci_low"], out[f"{prefix}{name}_ci_high"] = prop.ci
             out[f"{prefix}{name}_k"], out[f"{prefix}{name}_n"] = prop.k, prop.n
+            if prop.patients is not None:
+                out[f"{prefix}{name}_patients"] = prop.patients
+                out[f"{prefix}{name}_design_effect"] = prop.design_effect
+            methods.append(f"{name} {prop.method}")
+        out[f"{prefix}ci_method"] = "; ".join(methods) if any(
+            getattr(self, n).clustered for n in ("sensitivity", "specificity", "ppv", "npv")) else "Wilson"
         return out
 
 
 def binary_figures(cm: np.ndarray, k: int) -> BinaryFigures:
-    """Sensitivity, specificity, PPV and NPV of class ``k`` against the rest, each with its Wilson interval."""
-    c = class_counts(cm, k)
-    return BinaryFigures(sensitivity=Proportion(c.tp, c.tp + c.fn), specificity=Proportion(c.tn, c.tn + c.fp),
-                         ppv=Proportion(c.tp, c.tp + c.fp), npv=Proportion(c.tn, c.tn + c.fn))
+    """Sensitivity, specificity, PPV and NPV of class ``k`` against the rest, each with its Wilson interval
+    (adjusted for patients where ``cm`` is one matrix per patient, (P, C, C), and a patient has several images)."""
+    props = rate_proportions(cm, k)
+    return BinaryFigures(sensitivity=props["recall"], specificity=props["specificity"], ppv=props["precision"],
+                         npv=props["npv"])
 
 
 def decision_summary(cm: np.ndarray, k: int, prevalences: Sequence[float] = DEFAULT_PREVALENCES) -> dict[str, Any]:
@@ -372,8 +448,8 @@ def table3_row(cm: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, in
 
 def table4_row(cm: np.ndarray, classes: Sequence[str] = CLASSES) -> dict[str, float]:
     """The paper's Table 4 row in its column order: accuracy, then recalls, specificities, accuracies, precisions."""
-    cm = np.asarray(cm)
-    row = {"accuracy": Proportion(int(np.trace(cm)), int(cm.sum())).value}
+    cm = pooled_confusion(cm)
+    row = {"accuracy": overall_accuracy(cm).value}
     props = {name: class_proportions(class_counts(cm, k)) for k, name in enumerate(classes)}
     for rate in RATES:
         for name in classes:
@@ -395,22 +471,27 @@ def compute_metrics(
 ) -> dict[str, Any]:
     """Every figure with stable keys (see the module doc); NaN marks an undefined one, ``notes`` says why.
 
-    ``probs`` (N, C) in ``classes`` order and ``true_idx`` (N,) add AUC (bootstrap CI by
-    ``groups``) and ECE. ``prevalence`` adds ``<prevalence_class>_ppv_at_prevalence``.
+    ``cm`` is the pooled confusion matrix (C, C), or one per patient (P, C, C): then the rates' intervals allow
+    for patients with several images (``rate_intervals`` and a note say so). ``probs`` (N, C) in ``classes`` order
+    and ``true_idx`` (N,) add AUC (bootstrap CI by ``groups``) and ECE. ``prevalence`` adds
+    ``<prevalence_class>_ppv_at_prevalence``.
     """
-    cm = np.asarray(cm, dtype=np.int64)
+    by_patient = np.asarray(cm, dtype=np.int64)
+    cm = pooled_confusion(by_patient)
     n = int(cm.sum())
     notes: list[str] = []
     out: dict[str, Any] = {"n": n}
-    overall = Proportion(int(np.trace(cm)), n)
+    overall = overall_accuracy(by_patient)
     out.update(accuracy=overall.value, accuracy_ci_low=overall.ci[0], accuracy_ci_high=overall.ci[1])
+    rates: dict[str, Proportion] = {"accuracy": overall}
     out["balanced_accuracy"] = balanced_accuracy(cm)
     out["absent_classes"] = [name for k, name in enumerate(classes) if not cm[k].sum()]
     for k, name in enumerate(classes):
         c = class_counts(cm, k)
         out.update({f"{name}_n": c.tp + c.fn, f"{name}_correct": c.tp, f"{name}_missed": c.fn,
                     f"{name}_false": c.fp, f"{name}_tn": c.tn})
-        for rate, prop in class_proportions(c).items():
+        for rate, prop in class_proportions(c, _patient_counts(by_patient, k)).items():
+            rates[f"{name}_{rate}"] = prop
             out[f"{name}_{rate}"] = prop.value
             out[f"{name}_{rate}_ci_low"], out[f"{name}_{rate}_ci_high"] = prop.ci
             if prop.n == 0:
@@ -420,16 +501,17 @@ def compute_metrics(
         out[f"{name}_f1"] = f1_score(c)
         if c.tp + c.fn == 0:
             notes.append(f"{name}_f1 is undefined: no image of this class (its recall is undefined)")
+    out["rate_intervals"] = rate_interval_record(rates, n, by_patient)
+    if out["rate_intervals"]["method"] != "wilson":
+        notes.append(cluster_note(rates, out["rate_intervals"]))
     if prevalence is not None:
-        k = list(classes).index(prevalence_class)
-        props = class_proportions(class_counts(cm, k))
-        sens, spec = props["recall"], props["specificity"]
+        sens, spec = rates[f"{prevalence_class}_recall"], rates[f"{prevalence_class}_specificity"]
         key = f"{prevalence_class}_ppv_at_prevalence"
         out["prevalence"] = prevalence
         if sens.n and spec.n:
             out[key] = 100.0 * ppv_at_prevalence(sens.k / sens.n, spec.k / spec.n, prevalence)
-            # Conservative interval: the Wilson bounds of sensitivity and specificity pushed through Bayes' rule.
-            (s_lo, s_hi), (t_lo, t_hi) = wilson_interval(sens.k, sens.n), wilson_interval(spec.k, spec.n)
+            # Conservative interval: the bounds of sensitivity and specificity pushed through Bayes' rule.
+            (s_lo, s_hi), (t_lo, t_hi) = sens.interval(), spec.interval()
             out[f"{key}_ci_low"] = 100.0 * ppv_at_prevalence(s_lo, t_lo, prevalence)
             out[f"{key}_ci_high"] = 100.0 * ppv_at_prevalence(s_hi, t_hi, prevalence)
         else:
@@ -457,6 +539,26 @@ def compute_metrics(
         out["ece"] = calibration_bins(probs, true_idx).ece
     out["notes"] = notes
     return out
+
+
+def rate_interval_record(rates: dict[str, Proportion], n: int, cm: np.ndarray) -> dict[str, Any]:
+    """Which interval the rates carry, for metrics.json: the method, in words, the images and patients, and per rate
+    its patients and design effect (``patients`` None where no patient ids were given)."""
+    patients = int((np.asarray(cm).sum(axis=(1, 2)) > 0).sum()) if np.asarray(cm).ndim == 3 else None
+    clustered = any(p.clustered for p in rates.values())
+    label = (f"Wilson, adjusted for {patients} patients behind {n} images (a design effect per rate)" if clustered
+             else "Wilson" if patients is None else f"Wilson ({n} images of {patients} patients, one image each)")
+    return {"method": "wilson-design-effect" if clustered else "wilson", "label": label, "images": n,
+            "patients": patients,
+            "rates": {key: {"patients": p.patients, "design_effect": p.design_effect} for key, p in rates.items()}}
+
+
+def cluster_note(rates: dict[str, Proportion], record: dict[str, Any]) -> str:
+    """The note that says how the rates' intervals allow for patients, and how many stand behind each rate."""
+    per_rate = ", ".join(f"{key} {p.patients}/{p.n} (d {p.design_effect:.2f})"
+                         for key, p in rates.items() if p.clustered)
+    return (f"{CLUSTER_NOTE}: {record['label']}, since one patient's images are not independent; patients/images "
+            f"(design effect) behind each rate: {per_rate}")
 
 
 def _snap(bound: float, value: float) -> float:

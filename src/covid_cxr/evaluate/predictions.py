@@ -19,7 +19,7 @@ from covid_cxr.atomic import write_text
 from covid_cxr.data.sources._common import read_table
 from covid_cxr.data.splits import patient_key
 from covid_cxr.errors import DataError
-from covid_cxr.evaluate.metrics import compute_metrics, confusion_matrix
+from covid_cxr.evaluate.metrics import compute_metrics, confusion_matrix, patient_confusions
 from covid_cxr.labels import CLASSES, normalize_label
 
 PROB_COLUMNS: tuple[str, ...] = tuple(f"p_{name}" for name in CLASSES)
@@ -63,14 +63,21 @@ class Predictions:
         keys[missing] = [f"\0row{i}" for i in np.flatnonzero(missing)]  # to draw every other row alone too
         return keys
 
-    def confusion(self) -> np.ndarray:
-        return confusion_matrix(self.frame["label"], self.frame["pred"], CLASSES)
+    def confusion(self, *, by_patient: bool = False) -> np.ndarray:
+        """The confusion matrix (C, C); ``by_patient``: one per patient (P, C, C) where the file has patient ids,
+        which the metrics take wherever they take a matrix, so that a rate's interval allows for patients with
+        several images (the pooled matrix, without ids)."""
+        groups = self.groups if by_patient else None
+        if groups is None:
+            return confusion_matrix(self.frame["label"], self.frame["pred"], CLASSES)
+        pred_idx = self.frame["pred"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(dtype=np.int64)
+        return patient_confusions(self.true_idx, pred_idx, groups, len(CLASSES))
 
     def metrics(self, *, prevalence: float | None = None, prevalence_class: str = "covid",
                 n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
         """All figures of :func:`~covid_cxr.evaluate.metrics.compute_metrics` for this table."""
         return compute_metrics(
-            self.confusion(),
+            self.confusion(by_patient=True),
             probs=self.probs if self.has_probs else None,
             true_idx=self.true_idx,
             groups=self.groups,

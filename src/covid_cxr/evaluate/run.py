@@ -127,14 +127,16 @@ def write_evaluation(preds: Predictions, out_dir: Path, info: dict[str, Any], *,
     op = OperatingPoint.from_dict(info.get("operating_point"))
     metrics["decision"] = {"operating_point": op.to_dict(), "positive_class": op.positive_class,
                            "chosen_on": op.chosen_on(), "fitted_on_test": op.fitted_on_test,
-                           **decision_summary(preds.confusion(), CLASSES.index(op.positive_class), prevalences)}
+                           **decision_summary(preds.confusion(by_patient=True), CLASSES.index(op.positive_class),
+                                             prevalences)}
     (out_dir / METRICS).unlink(missing_ok=True)
     if table is not None:
         write_predictions(table, out_dir / "predictions.csv")
     cm = preds.confusion()
     key = {"fold": info.get("fold", ""), "network": info.get("network", "")}
     write_text(out_dir / "table3.csv", pd.DataFrame([{**key, **table3_row(cm)}]).to_csv(index=False))
-    write_text(out_dir / "table4.csv", pd.DataFrame([{**key, **table4_row(cm)}]).to_csv(index=False, float_format="%.2f"))
+    write_text(out_dir / "table4.csv",
+               pd.DataFrame([{**key, **table4_row(cm)}]).to_csv(index=False, float_format="%.2f"))
     title = " ".join(str(v) for v in (info.get("network"), f"fold {info['fold']}" if "fold" in info else "",
                                       info.get("split", "")) if v)
     plots.save_figure(plots.confusion_figure(cm, title=f"Confusion matrix, {title} (N = {int(cm.sum())})"),

@@ -2,9 +2,10 @@
 
 The paper averages the per-fold figures of Table 4; we show that (mean ± sample sd over folds)
 and also the pooled figures (one confusion matrix over the concatenated predictions of all
-folds) with Wilson intervals, since the mean of five rates hides how few COVID-19 images stand
-behind them. Output: ``report.md`` (+ ``report_files/*.png``), one self-contained
-``report.html`` (inline CSS, plots as base64 PNG, no external URL) and ``summary.json``.
+folds) with Wilson intervals (adjusted for patients with several images, where patient ids are
+known), since the mean of five rates hides how few COVID-19 images stand behind them. Output:
+``report.md`` (+ ``report_files/*.png``), one self-contained ``report.html`` (inline CSS, plots as
+base64 PNG, no external URL) and ``summary.json``.
 
 Everything is checked and rendered before the first byte is written; then each file is written
 atomically, and only the images an earlier report left and this one no longer links are removed.
@@ -32,7 +33,7 @@ from covid_cxr.data.manifest import safe_name
 from covid_cxr.data.names import printable
 from covid_cxr.errors import DataError
 from covid_cxr.evaluate import plots
-from covid_cxr.evaluate.metrics import COUNTS, RATES, table3_row, table4_row
+from covid_cxr.evaluate.metrics import CLUSTER_NOTE, COUNTS, RATES, table3_row, table4_row
 from covid_cxr.evaluate.paper import paper_average, paper_network_name
 from covid_cxr.evaluate.predictions import (
     Predictions,
@@ -198,7 +199,8 @@ def summarize(results: Sequence[FoldResult], *, paper_network: str | None = None
         "per_fold": per_fold.to_dict(orient="records"),
         "mean": numeric.mean(skipna=False).to_dict(),
         # Over the same folds as the mean: a fold where a figure is undefined leaves both undefined.
-        "sd": numeric.std(ddof=1, skipna=False).to_dict() if len(results) > 1 else {k: math.nan for k in numeric.columns},
+        "sd": (numeric.std(ddof=1, skipna=False).to_dict() if len(results) > 1
+               else {k: math.nan for k in numeric.columns}),
         "pooled": pooled,
         "pooled_table3": table3_row(pooled_preds.confusion()),
         "pooled_table4": table4_row(pooled_preds.confusion()),
@@ -311,7 +313,8 @@ def _decision_section(doc: _Doc, cm: Any, infos: Sequence[dict[str, Any]], preva
     chosen = where_chosen([OperatingPoint.from_dict(i.get("operating_point")) for i in infos])
     chosen = f" {chosen}" if chosen else ""
     doc.para(f"Decision rule: {describe_rules(infos)}.{chosen} {DISPLAY_NAMES[op.positive_class]} against the rest "
-             "at the decisions made, with 95% Wilson intervals; PPV and NPV at other prevalences follow from "
+             "at the decisions made, with 95% Wilson intervals (adjusted for patients where one patient has "
+             "several images: the cell then names the patients); PPV and NPV at other prevalences follow from "
              "sensitivity and specificity by Bayes' rule, their intervals from theirs.")
     doc.table(figures)
     doc.table(at_prev)
@@ -333,7 +336,7 @@ def _internal_beside(r: FoldResult, internals: Sequence[FoldResult], network_lab
     match = next((i for i in internals if pairs_with(r.info, i.info)), None)
     if match is None:
         return None
-    cm = match.preds.confusion()
+    cm = match.preds.confusion(by_patient=True)
     label = network_label or paper_network_name(match.network) or match.network
     return f"internal: {label} fold {match.fold} test (N = {int(cm.sum())})", cm, match.metrics
 
@@ -349,7 +352,7 @@ def _external_section(doc: _Doc, r: FoldResult, internal: tuple[str, Any, dict[s
     network, fold, name, model = _external_key(r)
     which = f"{network} fold {fold}" if fold else network
     which += f" ({model})" if model else ""
-    cm = r.preds.confusion()
+    cm = r.preds.confusion(by_patient=True)  # one per patient where ids are known: the intervals allow for them
     absent = [DISPLAY_NAMES[c] for c in r.info.get("classes_absent", r.metrics.get("absent_classes", []))]
     own = describe_own(r.info.get("own_images"))
     doc.heading(3, f"{which} on {name} (N = {int(cm.sum())})" + (f": {own}" if own else ""))
@@ -360,6 +363,10 @@ def _external_section(doc: _Doc, r: FoldResult, internal: tuple[str, Any, dict[s
         text += f" Absent from this set (no images, so no recall or AUC; not zero): {', '.join(absent)}."
     if internal is None:
         text += f" No drop: {no_internal_text(r.info)} (and give its run or eval-test folder to the report)."
+    ci_record = r.metrics.get("rate_intervals") or {}
+    if ci_record.get("method", "wilson") != "wilson":
+        text += (f" Its {ci_record['images']} images come from {ci_record['patients']} patients: the rates' "
+                 "intervals allow for that (Wilson's on a design-effect-adjusted sample size).")
     doc.para(text)
     ext_title = f"external: {name} (N = {int(cm.sum())})"
     doc.table(comparison_table(internal, (ext_title, cm, r.metrics)))
@@ -408,7 +415,8 @@ def _check(groups: dict[tuple[str, str], list[FoldResult]], externals: Sequence[
                         f"{f' ({model})' if model else ''} on {name}; give each once")
 
 
-def _mixed_settings(groups: dict[tuple[str, str], list[FoldResult]], allow_mixed: bool) -> dict[tuple[str, str], list[str]]:
+def _mixed_settings(groups: dict[tuple[str, str], list[FoldResult]],
+                    allow_mixed: bool) -> dict[tuple[str, str], list[str]]:
     """Per network group, the training settings its folds differ in; refused (before anything is written) unless
     ``allow_mixed``: the mean over folds, and the paper's figures beside it, stand for one training recipe."""
     mixed: dict[tuple[str, str], list[str]] = {}
@@ -502,10 +510,12 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
     images: dict[str, bytes] = {}  # report_files/NAME -> PNG bytes, written once everything is rendered
     intro = ("Per fold, the paper's Table 3 counts and Table 4 percentages. 'mean ± sd' averages the per-fold "
              "figures as the paper does (sd: sample standard deviation over folds); 'pooled' counts all folds' "
-             "predictions in one confusion matrix, with a 95% Wilson interval. Where the folds' test sets share "
-             "images (the paper's protocol tests most RSNA images in several folds) the pooled intervals treat the "
-             "repeats as independent and are too narrow; the AUC bootstrap resamples whole patients where patient "
-             "ids are known.")
+             "predictions in one confusion matrix, with a 95% Wilson interval. Where patient ids are known, a rate "
+             "with several images of one patient (or one image tested in several folds, as the paper's protocol "
+             "tests most RSNA images) gets Wilson's interval on a design-effect-adjusted sample size, and a note "
+             "gives the patients behind each rate; without them the pooled intervals treat such images as "
+             "independent and are too narrow. The AUC bootstrap resamples whole patients where patient ids are "
+             "known.")
     doc = _Doc()
     doc.heading(1, "Evaluation report")
     doc.para(intro)
@@ -517,7 +527,8 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         members.sort(key=_fold_order)
         label = network_label or paper_network_name(network) or network
         # The paper's averages are of its 5 folds' test sets: nothing to set beside validation or external figures.
-        paper_name = (paper_network_name(network_label or "") or paper_network_name(network)) if split == "test" else None
+        paper_name = ((paper_network_name(network_label or "") or paper_network_name(network))
+                      if split == "test" else None)
         summary = summarize(members, paper_network=paper_name, n_boot=n_boot)
         summary["mixed_settings"] = mixed[(network, split)]
         summary["settings"] = {str(r.fold): r.settings for r in members if r.settings is not None}
@@ -528,7 +539,12 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         extras = _rates_table(summary, EXTRA_KEYS, with_paper=False)
         unit = summary["pooled"].get("auc_bootstrap", {}).get("unit", "patient")
         extras_title = f"More figures (AUC on 0-1, CI from a bootstrap over {unit}s; ECE in %)"
-        notes = sorted(set(summary["pooled"]["notes"]) | {n for r in members for n in r.metrics["notes"]})
+        # The per-fold columns carry no interval: only the pooled figures' note on patients applies.
+        notes = sorted(set(summary["pooled"]["notes"]) | {n for r in members for n in r.metrics["notes"]
+                                                          if not n.startswith(CLUSTER_NOTE)})
+        ci_record = summary["pooled"].get("rate_intervals", {})
+        table4_ci = (f"with 95% CI: {ci_record['label']}" if ci_record.get("method", "wilson") != "wilson"
+                     else "with Wilson 95% CI")
         infos = [r.info for r in members]
         figures = _network_figures(summary, label, [info.get("operating_point") for info in infos])
         sources = ", ".join(f"fold {r.fold}: {r.eval_dir or r.preds.path}" for r in members)
@@ -537,16 +553,15 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         body += [f"<h2>{html.escape(title)}</h2>", f"<p>Evaluations: {html.escape(sources)}</p>",
                  "<h3>Table 3: counts per fold</h3>", counts.html()]
         _settings_section(doc, members, network, summary)
-        md += ["### Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% CI)",
-               "", rates.markdown(), "", f"### {extras_title}", "",
+        table4_title = f"Table 4: percentages (mean ± sd over folds, as the paper averages; pooled {table4_ci})"
+        md += [f"### {table4_title}", "", rates.markdown(), "", f"### {extras_title}", "",
                extras.markdown(), ""]
-        body += [("<h3>Table 4: percentages (mean ± sd over folds, as the paper averages; pooled with Wilson 95% "
-                  "CI)</h3>"), rates.html(), f"<h3>{html.escape(extras_title)}</h3>",
+        body += [f"<h3>{html.escape(table4_title)}</h3>", rates.html(), f"<h3>{html.escape(extras_title)}</h3>",
                  extras.html()]
         if notes:
             md += ["Notes: " + "; ".join(notes), ""]
             body.append(f"<p class='note'>{html.escape('; '.join(notes))}</p>")
-        pooled_cm = summary["_pooled_preds"].confusion()
+        pooled_cm = summary["_pooled_preds"].confusion(by_patient=True)
         _decision_section(doc, pooled_cm, infos, prevalences)
         md += ["### Plots (pooled over folds)", ""]
         body.append("<h3>Plots (pooled over folds)</h3>")
@@ -573,7 +588,8 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         doc.para("Each external evaluation stands beside the internal test figures of the same model file (by its "
                  "sha256), fold and decision rule: that fold's own test set, not the folds pooled. The drop is "
                  "external minus internal, in percentage points, with Newcombe's hybrid score interval for two "
-                 "independent proportions (AUC: a normal approximation from the two bootstrap intervals). A class "
+                 "independent proportions, built from the two sides' intervals (adjusted for patients where a "
+                 "cell names them; AUC: a normal approximation from the two bootstrap intervals). A class "
                  "absent from a set is marked absent: its recall and AUC are undefined there, not zero.")
         summary_json["external"] = [
             _external_section(doc, r, _internal_beside(r, results, network_label), prevalences, images)

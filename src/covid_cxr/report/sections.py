@@ -1,9 +1,11 @@
 """Report sections about decisions: the operating point, and internal against external validation.
 
 Both are built from confusion matrices (the decisions actually made, ``pred`` in the predictions
-files), so they hold for any rule, argmax included. Proportions carry Wilson intervals; a drop
-between two independent sets carries Newcombe's hybrid score interval; an AUC drop carries a
-normal approximation from the two patient-bootstrap intervals.
+files), so they hold for any rule, argmax included. Proportions carry Wilson intervals, adjusted for
+patients where the matrices are one per patient (P, C, C) and a patient has several images (the cell
+then names the patients behind it); a drop between two independent sets carries Newcombe's hybrid
+score interval built from those; an AUC drop carries a normal approximation from the two
+patient-bootstrap intervals.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import numpy as np
 from covid_cxr import fmt
 from covid_cxr.evaluate.metrics import (
     binary_figures,
-    class_counts,
-    class_proportions,
     decision_summary,
+    overall_accuracy,
+    pooled_confusion,
+    rate_proportions,
 )
 from covid_cxr.fmt import Table
 from covid_cxr.labels import CLASSES, DISPLAY_NAMES
@@ -35,20 +38,36 @@ def describe_rules(infos: Sequence[dict[str, Any]]) -> str:
     return "; ".join(lines) if lines else OperatingPoint().describe()
 
 
+def rate_cell(rate: Proportion) -> str:
+    """``89.2 [73.1, 96.0] (66/74, 22 patients)``: :func:`covid_cxr.fmt.proportion`, naming the patients behind n
+    where they are fewer than the images (the interval is then adjusted for them)."""
+    cell = fmt.proportion(rate)
+    return f"{cell[:-1]}, {rate.patients} patients)" if rate.clustered else cell
+
+
+def ci_header(rates: Sequence[Proportion], unit: str = "% [95% CI] (k/n)") -> str:
+    """``% [95% Wilson CI] (k/n)``, or ``% [95% CI: Wilson, adjusted for patients] (k/n, patients)`` where a rate
+    of ``rates`` has several images of one patient."""
+    if any(r.clustered for r in rates):
+        return unit.replace("CI]", "CI: Wilson, adjusted for patients]").replace("(k/n)", "(k/n, patients)")
+    return unit.replace("CI]", "Wilson CI]")
+
+
 def operating_tables(cm: np.ndarray, positive_class: str, prevalences: Sequence[float]) -> tuple[Table, Table]:
-    """(sensitivity, specificity, PPV, NPV with CIs; PPV and NPV at each prevalence) for the decisions in ``cm``."""
+    """(sensitivity, specificity, PPV, NPV with CIs; PPV and NPV at each prevalence) for the decisions in ``cm``
+    (pooled, or one matrix per patient for intervals that allow for patients with several images)."""
     k = CLASSES.index(positive_class)
     fig = binary_figures(cm, k)
     name = DISPLAY_NAMES[positive_class]
-    figures = Table(["figure", "% [95% Wilson CI] (k/n)"], [
-        [f"{name} sensitivity", fmt.proportion(fig.sensitivity)],
-        [f"{name} specificity", fmt.proportion(fig.specificity)],
-        ["PPV (at this set's own prevalence)", fmt.proportion(fig.ppv)],
-        ["NPV (at this set's own prevalence)", fmt.proportion(fig.npv)],
+    figures = Table(["figure", ci_header([fig.sensitivity, fig.specificity, fig.ppv, fig.npv])], [
+        [f"{name} sensitivity", rate_cell(fig.sensitivity)],
+        [f"{name} specificity", rate_cell(fig.specificity)],
+        ["PPV (at this set's own prevalence)", rate_cell(fig.ppv)],
+        ["NPV (at this set's own prevalence)", rate_cell(fig.npv)],
     ])
     summary = decision_summary(cm, k, prevalences)
     own = fmt.percent(summary["test_prevalence"], 2, fraction=True)
-    rows = [[f"{own} (this set)", fmt.proportion(fig.ppv), fmt.proportion(fig.npv)]]
+    rows = [[f"{own} (this set)", rate_cell(fig.ppv), rate_cell(fig.npv)]]
     for at in summary["at_prevalence"]:
         rows.append([fmt.percent(at["prevalence"], None, fraction=True),
                      fmt.interval(at["ppv"], at["ppv_ci_low"], at["ppv_ci_high"], 2),
@@ -58,13 +77,12 @@ def operating_tables(cm: np.ndarray, positive_class: str, prevalences: Sequence[
 
 
 def _proportions(cm: np.ndarray) -> dict[str, Proportion]:
-    """Every proportion of the comparison, by metric key."""
-    out = {"accuracy": Proportion(int(np.trace(cm)), int(cm.sum()))}
-    for k, c in enumerate(CLASSES):
-        for rate, prop in class_proportions(class_counts(cm, k)).items():
-            if rate != "accuracy":
-                out[f"{c}_{rate}"] = prop
-    out["covid_npv"] = binary_figures(cm, CLASSES.index("covid")).npv
+    """Every proportion of the comparison, by metric key (adjusted for patients where ``cm`` is one per patient)."""
+    out = {"accuracy": overall_accuracy(cm)}
+    props = {c: rate_proportions(cm, k) for k, c in enumerate(CLASSES)}
+    for c in CLASSES:
+        out.update({f"{c}_{rate}": prop for rate, prop in props[c].items() if rate not in ("accuracy", "npv")})
+    out["covid_npv"] = props["covid"]["npv"]
     return out
 
 
@@ -89,14 +107,18 @@ def comparison_table(internal: tuple[str, np.ndarray, dict[str, Any]] | None,
                      external: tuple[str, np.ndarray, dict[str, Any]]) -> Table:
     """Metrics as rows; internal, external and the drop (external − internal) [95% CI] as columns.
 
-    Each side is (column title, confusion matrix, metrics). A class with no image in a set is
-    shown as absent there, and has no drop, rather than a recall of zero.
+    Each side is (column title, confusion matrix, metrics); a matrix per patient (P, C, C,
+    :meth:`~covid_cxr.evaluate.predictions.Predictions.confusion` with ``by_patient=True``) makes the rates'
+    intervals, and the drops built from them, allow for patients with several images. A class with no image in
+    a set is shown as absent there, and has no drop, rather than a recall of zero.
     """
     ext_name, ext_cm, ext_m = external
     int_name, int_cm, int_m = internal if internal is not None else ("internal (not given)", None, {})
     headers = ["metric", int_name, ext_name, "drop: external − internal, points [95% CI]"]
     ext_p = _proportions(ext_cm)
     int_p = _proportions(int_cm) if int_cm is not None else {}
+    ext_cm = pooled_confusion(ext_cm)
+    int_cm = pooled_confusion(int_cm) if int_cm is not None else None
     absent_ext = {c for k, c in enumerate(CLASSES) if not ext_cm[k].sum()}
     absent_int = {c for k, c in enumerate(CLASSES) if int_cm is not None and not int_cm[k].sum()}
     rows = []
@@ -104,8 +126,8 @@ def comparison_table(internal: tuple[str, np.ndarray, dict[str, Any]] | None,
         cls = key.split("_")[0] if "_" in key else None
         absent = lambda s: cls is not None and cls in s and not key.endswith(("specificity", "npv"))  # noqa: E731
         ip = int_p.get(key)
-        int_cell = ABSENT if absent(absent_int) else (fmt.NA if ip is None else fmt.proportion(ip))
-        ext_cell = ABSENT if absent(absent_ext) else fmt.proportion(ep)
+        int_cell = ABSENT if absent(absent_int) else (fmt.NA if ip is None else rate_cell(ip))
+        ext_cell = ABSENT if absent(absent_ext) else rate_cell(ep)
         drop = fmt.NA
         if ip is not None and not absent(absent_int) and not absent(absent_ext):
             d, lo, hi = difference_interval(ip, ep)
