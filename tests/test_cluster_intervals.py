@@ -181,3 +181,23 @@ def test_decisions_drops_and_report_cells_carry_the_adjusted_interval() -> None:
     cells = {row[0]: row[2] for row in table.rows}
     assert cells["COVID-19 recall"].endswith("(6/8, 4 patients)") and cells["COVID-19 specificity"].endswith("(3/4)")
     assert confusion_matrix(preds.frame["label"], preds.frame["pred"]).tolist() == cm.tolist()
+
+
+def test_the_command_line_names_the_patients_and_the_interval(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    """evaluate's decision lines and metrics' Table 4 title say which interval the figures carry."""
+    from rich.console import Console
+
+    from covid_cxr.cli import main
+    from covid_cxr.cli.evaluate import print_decision
+    from covid_cxr.evaluate.metrics import decision_summary
+
+    preds = validate_predictions(_table(PATIENTS), "t")
+    decision = {**decision_summary(preds.confusion(by_patient=True), 0), "operating_point": {"rule": "argmax"}}
+    print_decision(decision, Console(width=400))
+    line = next(x for x in capsys.readouterr().out.splitlines() if "covid vs rest" in x)
+    assert "(6/8, 4 patients)" in line and "specificity 75.0% [" in line and "(3/4)" in line
+    path = tmp_path / "predictions.csv"
+    _table(PATIENTS).to_csv(path, index=False)
+    assert main(["metrics", str(path), "--bootstrap", "0"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # a table title may wrap at the console's width
+    assert "[95% CI: Wilson, adjusted for 8 patients behind 12 images" in out

@@ -133,7 +133,8 @@ def _external(args: argparse.Namespace, settings: InferenceSettings, prevalences
 
 
 def print_decision(decision: dict[str, Any], console: Console) -> None:
-    """The operating point and sensitivity, specificity, PPV, NPV at it (95% Wilson CIs), and at other prevalences."""
+    """The operating point and sensitivity, specificity, PPV, NPV at it (95% Wilson CIs, adjusted for patients where
+    one has several images), and at other prevalences."""
     from covid_cxr.operating_point import OperatingPoint
 
     op = OperatingPoint.from_dict(decision["operating_point"])
@@ -146,7 +147,7 @@ def print_decision(decision: dict[str, Any], console: Console) -> None:
         parts.append(f"{key if len(key) > 3 else key.upper()} " + (
             "n/a" if v is None or v != v else
             f"{v:.1f}% [{decision[key + '_ci_low']:.1f}, {decision[key + '_ci_high']:.1f}] "
-            f"({decision[key + '_k']}/{decision[key + '_n']})"))
+            f"({decision[key + '_k']}/{decision[key + '_n']}{_patients(decision, key)})"))
     console.print(f"  {op.positive_class} vs rest: " + "; ".join(parts))
     for at in decision["at_prevalence"]:
         # Each value with its interval, or n/a where it is undefined (a model that never says "not COVID-19" has no
@@ -156,6 +157,12 @@ def print_decision(decision: dict[str, Any], console: Console) -> None:
                   for key in ("ppv", "npv")]
         if not all(v.endswith("n/a") for v in values):
             console.print(f"  at prevalence {100 * at['prevalence']:g}%: {', '.join(values)}")
+
+
+def _patients(decision: dict[str, Any], key: str) -> str:
+    """``, 22 patients`` where a figure's images come from fewer patients (its interval then allows for them)."""
+    patients = decision.get(f"{key}_patients")
+    return f", {patients} patients" if patients is not None and patients < decision[f"{key}_n"] else ""
 
 
 def _print_comparison(result: EvaluationResult, console: Console) -> None:
@@ -171,10 +178,12 @@ def _print_comparison(result: EvaluationResult, console: Console) -> None:
         return
     internal = load_evaluation(Path(internal_dir), n_boot=0)  # its AUC intervals are evaluate's, from metrics.json
     ext = load_evaluation(result.out_dir, n_boot=0)
-    table = comparison_table((f"internal test ({Path(internal_dir).name})", internal.preds.confusion(),
+    # One confusion matrix per patient where ids are known: each rate's interval allows for patients, as the report's.
+    table = comparison_table((f"internal test ({Path(internal_dir).name})", internal.preds.confusion(by_patient=True),
                               internal.metrics),
-                             (f"external: {result.info['name']}", ext.preds.confusion(), result.metrics))
-    rich = Table(title="internal vs external: % [95% CI] (k/n)")
+                             (f"external: {result.info['name']}", ext.preds.confusion(by_patient=True),
+                              result.metrics))
+    rich = Table(title="internal vs external: % [95% CI; Wilson, adjusted for patients where a cell names them] (k/n)")
     for h in table.headers:
         rich.add_column(h, justify="right")
     for row in table.rows:

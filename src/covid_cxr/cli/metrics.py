@@ -76,7 +76,8 @@ def print_metrics(m: dict[str, Any], console: Any, title: str = "") -> None:
     t4 = fmt.table_of(["class", *RATES, "F1", "AUC [bootstrap CI]"],
                       [[DISPLAY_NAMES[c], *(_ci(m, f"{c}_{r}") for r in RATES), _ci(m, f"{c}_f1"),
                         _auc(m, c)] for c in CLASSES])
-    console.print(t4.rich(" ".join(filter(None, ["Table 4", title])) + ": % [95% Wilson CI]"))
+    console.print(t4.rich(" ".join(filter(None, ["Table 4", title]))
+                          + f": % [95% CI: {m.get('rate_intervals', {}).get('label', 'Wilson')}]"))
     lines = [f"accuracy {_ci(m, 'accuracy')} %   balanced accuracy {_ci(m, 'balanced_accuracy')} %   N = {m['n']}"]
     if "ece" in m:
         lines.append(f"expected calibration error {_ci(m, 'ece')} %   (AUC bootstrap by {m['auc_bootstrap']['unit']}, "

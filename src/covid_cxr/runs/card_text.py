@@ -102,7 +102,8 @@ def with_ci(metrics: dict[str, Any], key: str) -> str:
 
 
 def difference(external: dict[str, Any], internal: dict[str, Any], key: str) -> str:
-    """External minus internal, in points, with Newcombe's 95% interval built from the two Wilson intervals."""
+    """External minus internal, in points, with Newcombe's 95% interval built from the two intervals in metrics.json
+    (Wilson's, adjusted for patients where one has several images)."""
     e, i = _number(external.get(key)), _number(internal.get(key))
     el, eh = _number(external.get(f"{key}_ci_low")), _number(external.get(f"{key}_ci_high"))
     il, ih = _number(internal.get(f"{key}_ci_low")), _number(internal.get(f"{key}_ci_high"))
@@ -144,7 +145,8 @@ def evaluation_section(evals: list[dict[str, Any]]) -> list[str]:
                   "one), of another rule, or do not record which file they are of. `covid-cxr evaluate RUN` scores "
                   "this one; `covid-cxr model-card RUN` then rewrites this card with the figures.", ""]
     else:
-        lines += ["Percent with 95% intervals (Wilson for proportions, patient bootstrap for AUC). Only evaluations "
+        lines += ["Percent with 95% intervals (Wilson for proportions, adjusted for patients where one has several "
+                  "images, as each metrics.json's rate_intervals records; patient bootstrap for AUC). Only evaluations "
                   "of this very model file (by its sha256) at its current decision rule are listed here; each row "
                   "names that rule and the precision and backend it ran in (bf16 probabilities differ slightly from "
                   "the fp32 ONNX export's).", "", *_table(own)]
