@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +277,5 @@ def test_an_undefined_npv_at_a_prevalence_prints_as_such(capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "nan" not in out.lower() and "NPV n/a" in out
     assert "at prevalence 1%: PPV 1.00% [" in out and out.count("NPV n/a") == 3  # the test set's and two prevalences'
+    at = decision["at_prevalence"][0]  # and metrics.json keeps no interval around it either
+    assert all(math.isnan(at[k]) for k in ("npv", "npv_ci_low", "npv_ci_high")) and not math.isnan(at["ppv_ci_low"])

@@ -5,6 +5,7 @@ folder, ``evaluate_run`` and ``evaluate_external`` on real PNG files."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -341,3 +342,18 @@ def test_a_model_with_no_record_of_its_training_is_not_checked(tmp_path: Path, c
     result = evaluate_external(ckpt, _hospital(tmp_path / "hospital-b"), TORCH, n_boot=0, progress=False)
     assert result.out_dir == tmp_path / "loose-external-hospital-b"
     assert result.info["own_images"] is None and "was not checked" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_a_skipped_file_whose_name_is_not_utf8_is_shown_as_the_other_commands_show_it(run: Path, tmp_path: Path,
+                                                                                     capsys) -> None:
+    """'bad\\xff.png' as predict and prepare print it, not Python's 'bad\\udcff.png'."""
+    labels = _hospital(tmp_path / "hospital-c")
+    tree = tmp_path / "tree"
+    for k, label in enumerate(("covid", "pneumonia", "normal") * 2):
+        (tree / label).mkdir(parents=True, exist_ok=True)
+        shutil.copy(labels.parent / f"img{k}.png", tree / label / f"img{k}.png")
+    bad = os.fsdecode(bytes(tree / "covid") + b"/bad\xff.png")
+    Path(bad).touch()
+    evaluate_external(run, tree, TORCH, n_boot=0, progress=False)
+    err = capsys.readouterr().err
+    assert f"external: skipped {tree / 'covid'}/bad\\xff.png: file is empty" in err and "\\udcff" not in err

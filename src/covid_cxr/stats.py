@@ -173,8 +173,9 @@ def predictive_values(sens: Proportion, spec: Proportion, prevalence: float) -> 
     out = {}
     for name, fn in (("ppv", ppv_at_prevalence), ("npv", npv_at_prevalence)):
         out[name] = 100.0 * fn(s, t, prevalence)
-        out[f"{name}_ci_low"] = 100.0 * fn(s_lo, t_lo, prevalence)
-        out[f"{name}_ci_high"] = 100.0 * fn(s_hi, t_hi, prevalence)
+        defined = not math.isnan(out[name])  # no interval around a value that is not there (no "not covid" call)
+        out[f"{name}_ci_low"] = 100.0 * fn(s_lo, t_lo, prevalence) if defined else math.nan
+        out[f"{name}_ci_high"] = 100.0 * fn(s_hi, t_hi, prevalence) if defined else math.nan
     return out
 
 

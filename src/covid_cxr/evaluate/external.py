@@ -40,6 +40,7 @@ import pandas as pd
 from covid_cxr.atomic import file_sha256, read_json_object
 from covid_cxr.data.images import load_image
 from covid_cxr.data.manifest import safe_name
+from covid_cxr.data.names import display_path
 from covid_cxr.data.prepared import PreparedData
 from covid_cxr.data.sources.folder import read_folder
 from covid_cxr.errors import DataError, ImageDecodeError
@@ -223,7 +224,7 @@ def evaluate_external(
                         f"({', '.join(predictor.classes)}); leave those images out of the set")
     images, rows, frame, failed = external_images(frame, prepared, predictor.preprocessing, workers, path)
     for p, reason in failed:
-        print(f"external: skipped {p}: {reason}", file=sys.stderr)
+        print(f"external: skipped {display_path(p)}: {reason}", file=sys.stderr)  # a name not UTF-8 as \xNN
     if not len(frame):
         raise DataError(f"{external}: none of its {len(failed)} images could be read; see the reasons above")
     own = model_images(path, run_dir, frame)
