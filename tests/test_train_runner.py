@@ -31,12 +31,13 @@ TRAIN_ARGS = ["--network", "xception", "--preset", "cpu", "--fold", "1", "--imag
 
 
 def tiny_prepared(root: Path, *, phases: int = 2) -> Path:
-    """Smallest synthetic set that fills 2 folds of ``phases`` phases (5 training images a phase)."""
+    """Smallest synthetic set that fills 2 folds of ``phases`` phases (13-16 training images a phase; fold 1's phases differ:
+    with fewer normal images every training image is in every phase, and a phase could not be told from another)."""
     from covid_cxr.data.prepare import PrepareSettings, prepare_dataset
     from covid_cxr.data.splits import SplitSettings
     from covid_cxr.synth import make_synthetic
 
-    synth = make_synthetic(root / "synthetic", seed=0, n_covid=10, n_pneumonia=14, n_normal=12, size=64, workers=1)
+    synth = make_synthetic(root / "synthetic", seed=0, n_covid=10, n_pneumonia=14, n_normal=14, size=64, workers=1)
     data = root / "data"
     prepare_dataset(PrepareSettings(out=data, covid_chestxray=synth.covid_chestxray, rsna=synth.rsna, image_size=71,
                                     split=SplitSettings(folds=2, phases=phases, seed=0)), progress=False)  # fmt: skip

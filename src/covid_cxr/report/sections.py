@@ -114,7 +114,7 @@ def comparison_table(internal: tuple[str, np.ndarray, dict[str, Any]] | None,
     """
     ext_name, ext_cm, ext_m = external
     int_name, int_cm, int_m = internal if internal is not None else ("internal (not given)", None, {})
-    headers = ["metric", int_name, ext_name, "drop: external − internal, points [95% CI]"]
+    headers = ["metric", int_name, ext_name, "drop: external − internal [95% CI] (rates in points, AUC on 0-1)"]
     ext_p = _proportions(ext_cm)
     int_p = _proportions(int_cm) if int_cm is not None else {}
     ext_cm = pooled_confusion(ext_cm)
