@@ -158,6 +158,16 @@ def test_a_class_of_many_image_patients_still_gets_a_validation_patient() -> Non
         assert not any("validation holds no" in note for note in plan.notes)
 
 
+def test_a_class_keeps_its_last_patient_only_where_training_has_it_from_nowhere_else() -> None:
+    """covid-chestxray's one normal patient may go to validation (RSNA's pool gives training its normal images), so
+    the paper's generated folds stay as they were; a class the rest has no other patient of keeps its last one."""
+    frame = pd.DataFrame([{"image_id": f"x/{i}", "label": label, "patient_id": f"p{i}", "source": "covid-chestxray"}
+                          for i, label in enumerate(["covid"] * 9 + ["normal"])])
+    for keep, taken in (((), True), ({"normal"}, False)):
+        (part,), rest = take_patients(frame, [{"covid": 1, "normal": 1}], np.random.default_rng(0), keep_one=keep)
+        assert ("x/9" in part) is taken and ("x/9" in rest) is not taken
+
+
 def test_a_class_validation_cannot_hold_is_named() -> None:
     """Two COVID-19 patients in two folds: each fold's training side has one, which training keeps."""
     plan = make_folds(_icu_shaped(2, 3), SplitSettings(folds=2, protocol="kfold", seed=0))

@@ -29,6 +29,7 @@ ids) are merged into one group before the folds are made, so the same image is n
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,7 +189,7 @@ def patient_folds(frame: pd.DataFrame, k: int, seed: int, strata: pd.Series | No
 
 
 def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]], rng: np.random.Generator, *,
-                  keep_one: bool = False) -> tuple[list[list[str]], list[str]]:
+                  keep_one: Collection[str] = ()) -> tuple[list[list[str]], list[str]]:
     """Whole patients of ``frame`` in one seeded order, into parts holding about ``quotas[j][c]`` images of
     each class ``c``; return the parts' image ids and the ids left over.
 
@@ -198,8 +199,8 @@ def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]], rng: np.ran
     which asks for a class and would get none of it takes the smallest patient of that class, while another one
     is left over: where every patient has many images (daily films in intensive care), a validation split would
     otherwise hold none of the class, and the best checkpoint and a decision threshold be chosen without it.
-    ``keep_one`` leaves each class's last patient to the rest (a validation split must not take the training
-    side's only COVID-19 patient).
+    ``keep_one`` names the classes whose last patient stays with the rest (a validation split must not take the
+    training side's only COVID-19 patient; where the rest has the class from elsewhere, the paper's pool, it may).
     """
     parts: list[list[str]] = [[] for _ in quotas]
     if frame.empty:
@@ -215,7 +216,7 @@ def take_patients(frame: pd.DataFrame, quotas: list[dict[str, int]], rng: np.ran
     for s, cls in enumerate(CLASSES):
         queue = order[stratum[order] == s].tolist()
         sizes = per_patient[:, s].tolist()
-        spare = 1 if keep_one else 0  # patients of the class that must stay for the rest
+        spare = 1 if cls in keep_one else 0  # patients of the class that must stay for the rest
         for j, quota in enumerate(quotas):
             need, kept = quota.get(cls, 0) - int(have[j, s]), []
             for n, patient in enumerate(queue):
@@ -315,8 +316,13 @@ def _paper_fold(manifest: pd.DataFrame, is_test: np.ndarray, is_core: np.ndarray
     core_train, pool_train = manifest[is_core & ~is_test], manifest[~is_core & ~is_test]
     val: list[str] = []
     if settings.protocol == "strict":
-        (core_val,), _ = take_patients(core_train, [share_quota(core_train, settings.val_fraction)], rng, keep_one=True)
-        (val_pool,), _ = take_patients(pool_train, [pool_val], rng, keep_one=True)
+        # Training keeps a patient of every class it has, from the core or the pool: a class only one of them holds
+        # keeps its last patient there (covid-chestxray's one normal patient may go to validation beside RSNA's).
+        only_core = {c for c, n in counts(pool_train).items() if not n}
+        (core_val,), _ = take_patients(core_train, [share_quota(core_train, settings.val_fraction)], rng,
+                                       keep_one=only_core)
+        left = counts(core_train[~core_train["image_id"].isin(core_val)])
+        (val_pool,), _ = take_patients(pool_train, [pool_val], rng, keep_one={c for c, n in left.items() if not n})
         val = core_val + val_pool
         core_train = core_train[~core_train["image_id"].isin(val)]
         pool_train = pool_train[~pool_train["image_id"].isin(val)]
@@ -345,7 +351,7 @@ def _kfold_fold(manifest: pd.DataFrame, is_test: np.ndarray, settings: SplitSett
                 rng: np.random.Generator) -> tuple[Fold, dict[str, Any]]:
     """Plain stratified group k-fold: validation a share of the training side's patients, the rest one phase."""
     train = manifest[~is_test]
-    (val,), rest = take_patients(train, [share_quota(train, settings.val_fraction)], rng, keep_one=True)
+    (val,), rest = take_patients(train, [share_quota(train, settings.val_fraction)], rng, keep_one=CLASSES)
     if not rest:
         raise DataError(f"a fold has no image left to train on once its test and validation patients are taken "
                         f"({len(manifest)} images of {manifest[GROUP].nunique()} patients in {settings.folds} "
