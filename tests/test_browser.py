@@ -189,7 +189,7 @@ def test_the_page_shows_the_rule_that_decided_and_an_int8_model(int8_rule_server
     page.wait_for_function("document.getElementById('served-model').textContent.length > 0", timeout=30_000)
     served = page.locator("#served-model").inner_text()
     assert "int8" in served and "agreement with fp32 on 9 images: " in served and "decided by specificity=0.9" in served
-    assert "/9 = " in served and "(95% CI " in served  # the count and its interval, not a bare 88.889%
+    assert "/9, decided by" in served and "(95% CI " in served  # the count and its interval, not a bare 88.889%
     assert page.locator("#served-model").get_attribute("data-precision") == "int8"
 
     page.set_input_files("#file-input", str(path))

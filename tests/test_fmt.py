@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from covid_cxr import fmt
-from covid_cxr.stats import Proportion
+from covid_cxr.stats import Proportion, wilson_interval
 
 
 def test_undefined_figures_read_na_or_the_callers_mark() -> None:
@@ -52,3 +52,13 @@ def test_a_table_renders_as_markdown_html_and_lines() -> None:
     assert table.lines() == ["  metric | value", "  a|b | 1", "  <c> | 2.5"]
     rich = table.rich("T")
     assert rich.title == "T" and [c.justify for c in rich.columns] == ["left", "right"]
+
+
+def test_a_recorded_fraction_reads_back_as_its_count_with_its_interval() -> None:
+    # A record keeps 107/108 as 0.9907407...; the sentence gives the count back and Wilson's interval around it.
+    rate = Proportion.of_fraction(round(107 / 108, 5), 108)
+    low, high = wilson_interval(107, 108)
+    assert (rate.k, rate.n) == (107, 108)
+    assert fmt.counted(rate) == f"99.1% (95% CI {100 * low:.1f}-{100 * high:.1f}%), 107/108"
+    assert Proportion.of_fraction(1.0, 5).k == 5 and Proportion.of_fraction(-0.0, 5).k == 0
+    assert fmt.counted(Proportion(0, 0)) == "n/a (0/0)"

@@ -72,7 +72,7 @@ def test_the_rule_shows_its_validation_rates_with_counts_and_intervals() -> None
     op = OperatingPoint("sensitivity", 0.95, 0.02, validation={"sensitivity": 1.0, "n_positive": 5,
                                                                "specificity": 61 / 103, "n_negative": 103})
     low, high = wilson_interval(5, 5)
-    assert f"sensitivity 100.0% (95% CI {100 * low:.1f}-100.0%), 5/5" in op.describe() and f"{100 * low:.1f}" == "56.6"
+    assert f"sensitivity 100.0% (95% CI {100 * low:.1f}-100.0%), 5/5, " in op.describe() and f"{100 * low:.1f}" == "56.6"
     low, high = wilson_interval(61, 103)
     assert f"specificity 59.2% (95% CI {100 * low:.1f}-{100 * high:.1f}%), 61/103" in op.describe()
 

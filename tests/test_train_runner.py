@@ -174,7 +174,7 @@ def test_a_settings_warning_is_printed_and_recorded_in_the_run(data: Path, tmp_p
     # The best validation accuracy as a count of the validation split's images, with its interval (not "0.4444").
     best = json.loads((run / "run.json").read_text())["best_val_accuracy"]
     n = len(pd.read_csv(data / "splits" / "fold1" / "val.csv"))
-    shown = re.search(r"finished: best validation accuracy (\d+\.\d)% \(95% CI [\d.]+-[\d.]+%\) \((\d+)/(\d+)\) "
+    shown = re.search(r"finished: best validation accuracy (\d+\.\d)% \(95% CI [\d.]+-[\d.]+%\), (\d+)/(\d+) "
                       r"at epoch \d+", said.out + said.err)
     assert shown is not None and int(shown[3]) == n and int(shown[2]) == round(best * n)
     assert shown[1] == f"{100 * round(best * n) / n:.1f}"

@@ -143,6 +143,11 @@ def proportion(rate: Rate, digits: int = 1) -> str:
     return f"{NA} (0/0)" if not rate.n else f"{interval(rate.value, *rate.ci, digits)} ({rate.k}/{rate.n})"
 
 
+def counted(rate: Rate, digits: int = 1) -> str:
+    """``80.6% (95% CI 63.7-90.8%), 25/31``: a sentence's rate (:func:`with_ci`) with its counts; ``n/a (0/0)``."""
+    return f"{NA} (0/0)" if not rate.n else f"{with_ci(rate.value, *rate.ci, digits)}, {rate.k}/{rate.n}"
+
+
 def mean_sd(mean: Any, sd: Any, digits: int = 2) -> str:
     """``91.40 ± 2.31`` (mean ± sample sd over folds); the mean alone when there is no sd (one fold)."""
     return number(mean, digits) if missing(sd) else f"{number(mean, digits)} ± {number(sd, digits)}"

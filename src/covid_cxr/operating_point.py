@@ -62,13 +62,6 @@ def parse_rule(text: str) -> tuple[str, float | None]:
     return name, target
 
 
-def _rate(value: float, n: int) -> str:
-    """A validation rate as the record keeps it (a fraction of n), with its count and Wilson interval: a target met on
-    5 images is not a target shown (``100.0% (95% CI 56.6-100.0%), 5/5``)."""
-    rate = Proportion(round(value * n), n)
-    return f"{fmt.with_ci(rate.value, *rate.ci)}, {rate.k}/{rate.n}"
-
-
 @dataclass(frozen=True)
 class OperatingPoint:
     """A decision rule over class probabilities, with what it achieved on the validation split."""
@@ -99,8 +92,11 @@ class OperatingPoint:
         text = f"{self.name}: {self.positive_class} when p_{self.positive_class} >= {fmt.exact(self.threshold)}"
         v = self.validation
         if v.get("sensitivity") is not None:
-            text += (f" (validation{self.probabilities()}: sensitivity {_rate(v['sensitivity'], v['n_positive'])}, "
-                     f"specificity {_rate(v['specificity'], v['n_negative'])})")
+            # with counts and intervals: a target met on 5 images is not a target shown (100.0% [56.6, 100], 5/5)
+            sens = Proportion.of_fraction(v["sensitivity"], v["n_positive"])
+            spec = Proportion.of_fraction(v["specificity"], v["n_negative"])
+            text += (f" (validation{self.probabilities()}: sensitivity {fmt.counted(sens)}, "
+                     f"specificity {fmt.counted(spec)})")
         return text
 
     def probabilities(self) -> str:

@@ -59,6 +59,12 @@ class Proportion:
     def value(self) -> float:
         return 100.0 * self.k / self.n if self.n else math.nan
 
+    @classmethod
+    def of_fraction(cls, fraction: float, n: int) -> Proportion:
+        """The k of n that a record kept as a fraction (a validation sensitivity, an int8 agreement): rounded back,
+        exactly for any n a record rounding to 5 significant digits can hold (fewer than 100,000)."""
+        return cls(max(0, min(n, round(fraction * n))), n)
+
     @property
     def clustered(self) -> bool:
         """Whether some patient gives more than one image to n: the interval then allows for it."""

@@ -26,7 +26,7 @@ SEVEN_BIT_SCHEME = "int8 per-channel, 7-bit range [-64, 64]: saturation-free on 
 
 
 def agreement_words(check: dict[str, Any], key: str = "agreement_pct") -> str:
-    """An int8 check's agreement with fp32 as an honest figure: ``107/108 = 99.1% (95% CI 94.9-99.8%)``.
+    """An int8 check's agreement with fp32 as an honest figure: ``99.1% (95% CI 94.9-99.8%), 107/108``.
 
     Models record the percentage to 3 decimals and the number of images, which give back the count exactly for any
     check of fewer than 100,000 images (older records hold no count); the interval is Wilson's, as everywhere.
@@ -34,8 +34,7 @@ def agreement_words(check: dict[str, Any], key: str = "agreement_pct") -> str:
     pct, n = check.get(key), check.get("images")
     if not isinstance(pct, (int, float)) or not isinstance(n, int) or n <= 0:
         return f"{pct}%" if isinstance(pct, (int, float)) else "not recorded"
-    agreed = Proportion(round(pct * n / 100), n)
-    return f"{agreed.k}/{n} = {fmt.with_ci(agreed.value, *agreed.ci)}"
+    return fmt.counted(Proportion.of_fraction(pct / 100, n))
 
 
 def int8_record_lines(record: dict[str, Any], where: str, form: Int8Form | None = None,

@@ -652,7 +652,6 @@ class Trainer:
         write_run_card(self.folder.root)  # MODEL_CARD.md; 'covid-cxr model-card RUN' refreshes it after evaluate/audit
         if self.writer is not None:
             self.writer.close()
-        n = len(self.val.rows)
-        best = Proportion(max(0, round(self.best_acc * n)), n)  # validation accuracy is over every validation image
-        self.progress.message(f"finished: best validation accuracy {fmt.with_ci(best.value, *best.ci)} ({best.k}/{n}) "
-                              f"at epoch {self.best_epoch}; best.pt in {self.folder.root}")
+        best = Proportion.of_fraction(self.best_acc, len(self.val.rows))  # accuracy over every validation image
+        self.progress.message(f"finished: best validation accuracy {fmt.counted(best)} at epoch {self.best_epoch}; "
+                              f"best.pt in {self.folder.root}")

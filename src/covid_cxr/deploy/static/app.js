@@ -40,7 +40,7 @@ function renderBars(probabilities, decision) {
   }
 }
 
-// "int8 (agreement with fp32 on 300 images: 299/300 = 99.7% (95% CI 98.1-99.9%), decided by argmax)", or the
+// "int8 (agreement with fp32 on 300 images: 99.7% (95% CI 98.1-99.9%), 299/300, decided by argmax)", or the
 // precision alone. The server words the figure (saturation.agreement_words), as predict prints it.
 function describePrecision(m) {
   if (!m.int8) return m.precision;
