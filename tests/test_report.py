@@ -331,3 +331,20 @@ def test_report_takes_folds_that_differ_only_in_seed_as_one_recipe(tmp_path: Pat
     assert "(mixed settings)" not in text and "Mixed settings" not in text
     settings = text.split("### Training settings")[1].split("###")[0]
     assert "| fold 1 | cpu | none | 1 |" in settings and "| fold 3 |" not in settings
+
+
+def test_one_fold_pooled_keeps_evaluates_auc_intervals_and_says_how_many_resamples(tmp_path: Path) -> None:
+    """The report's pooled AUC interval for one fold was a second bootstrap (the report's 1000 resamples against
+    evaluate's 200), so the card (evaluate's) and the report differed in the third decimal for the same figure."""
+    frame = _with_probs((10, 30, 30), seed=3)
+    folder = tmp_path / "eval-test"
+    write_predictions(frame, folder / "predictions.csv")
+    saved = write_evaluation(validate_predictions(frame, "t"), folder, {"network": "concat", "fold": 1,
+                                                                        "split": "test"}, n_boot=200, seed=5)
+    report = write_report([folder], tmp_path / "report", n_boot=1000)
+    pooled = json.loads((report.parent / "summary.json").read_text())["concat-test"]["pooled"]
+    for c in CLASSES:
+        for end in ("", "_ci_low", "_ci_high"):
+            assert pooled[f"{c}_auc{end}"] == saved[f"{c}_auc{end}"]
+    assert pooled["auc_bootstrap"]["resamples"] == 200
+    assert "CI from a bootstrap over patients, 200 resamples" in report.with_suffix(".md").read_text()

@@ -184,6 +184,10 @@ def _pooled(results: Sequence[FoldResult], n_boot: int) -> tuple[Predictions, di
     if not has_probs:
         pooled = pooled.drop(columns=[c for c in pooled.columns if c.startswith("p_")])
     preds = validate_predictions(pooled, "pooled predictions")
+    if len(results) == 1 and all(k in results[0].metrics for k in AUC_KEYS):
+        # One fold pooled is that fold: its AUC intervals are evaluate's (as the model card shows them), not a second
+        # bootstrap of the same predictions with other resamples, which would differ in the third decimal.
+        return preds, _with_saved_auc(preds.metrics(n_boot=0), results[0].metrics)
     return preds, preds.metrics(n_boot=n_boot)
 
 
@@ -537,8 +541,10 @@ def write_report(runs: Sequence[Path], out: Path, *, network_label: str | None =
         counts = _counts_table(summary)
         rates = _rates_table(summary, TABLE4_KEYS, with_paper=summary["paper_average"] is not None)
         extras = _rates_table(summary, EXTRA_KEYS, with_paper=False)
-        unit = summary["pooled"].get("auc_bootstrap", {}).get("unit", "patient")
-        extras_title = f"More figures (AUC on 0-1, CI from a bootstrap over {unit}s; ECE in %)"
+        boot = summary["pooled"].get("auc_bootstrap", {})
+        resamples = f", {boot['resamples']} resamples" if boot.get("resamples") else ""
+        extras_title = (f"More figures (AUC on 0-1, CI from a bootstrap over {boot.get('unit', 'patient')}s"
+                        f"{resamples}; ECE in %)")
         # The per-fold columns carry no interval: only the pooled figures' note on patients applies.
         notes = sorted(set(summary["pooled"]["notes"]) | {n for r in members for n in r.metrics["notes"]
                                                           if not n.startswith(CLUSTER_NOTE)})
