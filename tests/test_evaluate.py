@@ -84,6 +84,7 @@ def test_evaluate_a_run_folder_writes_every_file(data: Path, tmp_path: Path) -> 
     saved = json.loads((result.out_dir / "metrics.json").read_text())
     assert saved["n"] == len(fold.test) and saved["evaluation"]["fold"] == 2
     assert saved["evaluation"]["split_hash"] == fold.split_hash and saved["evaluation"]["images_per_second"] > 0
+    assert (saved["evaluation"]["precision"], saved["evaluation"]["backend"]) == ("fp32", "torch")
     assert saved["covid_n"] == int((fold.test["label"] == "covid").sum())
     t3 = pd.read_csv(result.out_dir / "table3.csv")
     assert t3.iloc[0][[f"{c}_correct" for c in CLASSES]].sum() == (frame["label"] == frame["pred"]).sum()

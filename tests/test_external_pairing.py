@@ -310,6 +310,7 @@ def test_a_set_of_the_models_own_images_is_flagged_everywhere(run: Path, tmp_pat
                f"{len(fold.val)} validation, {len(fold.test)} test)")
     assert "NOT EXTERNAL" in out and f"warning: {heading}" in out
     info = json.loads((run / "external-set" / "metrics.json").read_text())["evaluation"]
+    assert (info["precision"], info["backend"]) == ("fp32", "torch")  # recorded, for the card's rows to name
     assert info["own_images"] == {"images": n, "of": n + 3, **counts, "compared_by": info["own_images"]["compared_by"]}
     assert info["own_images"]["compared_by"].startswith("sha256 of the file and image id")
     md = write_report([run], tmp_path / "report", n_boot=0).with_suffix(".md").read_text()

@@ -138,9 +138,13 @@ class Rate(Protocol):
     def ci(self) -> tuple[float, float]: ...
 
 
-def proportion(rate: Rate, digits: int = 1) -> str:
-    """``80.6 [63.7, 90.8] (25/31)``: a rate with its interval and its counts; ``n/a (0/0)`` when n is 0."""
-    return f"{NA} (0/0)" if not rate.n else f"{interval(rate.value, *rate.ci, digits)} ({rate.k}/{rate.n})"
+def proportion(rate: Rate, digits: int = 1, patients: int | None = None) -> str:
+    """``80.6 [63.7, 90.8] (25/31)``: a rate with its interval and its counts (``(25/31, 9 patients)`` given the
+    patients behind n); ``n/a (0/0)`` when n is 0."""
+    if not rate.n:
+        return f"{NA} (0/0)"
+    behind = f", {patients} patients" if patients is not None else ""
+    return f"{interval(rate.value, *rate.ci, digits)} ({rate.k}/{rate.n}{behind})"
 
 
 def counted(rate: Rate, digits: int = 1) -> str:

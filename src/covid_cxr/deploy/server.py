@@ -38,7 +38,6 @@ import base64
 import contextlib
 import functools
 import html
-import json
 import logging
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -67,6 +66,7 @@ from covid_cxr.deploy.saturation import agreement_words
 from covid_cxr.deploy.uploads import UploadError, read_multipart
 from covid_cxr.errors import ConfigError, ImageDecodeError
 from covid_cxr.gradcam import CamResult, GradCam, overlay_png
+from covid_cxr.inference.backends import precision_of
 from covid_cxr.inference.pipeline import Classifier
 from covid_cxr.inference.protocol import Predictor
 from covid_cxr.labels import DISPLAY_NAMES
@@ -184,22 +184,6 @@ def check_limits(limits: ServerLimits) -> None:
     if limits.max_pixels > MAX_PIXELS:
         raise ConfigError(f"--max-pixels {limits.max_pixels} is above the largest image the decoder reads "
                           f"({MAX_PIXELS} pixels, covid_cxr.data.images.MAX_PIXELS); give {MAX_PIXELS} or less")
-
-
-def precision_of(predictor: Predictor) -> tuple[str, dict[str, Any] | None]:
-    """The precision the model computes in (``int8``, ``bf16``, ``fp32`` ...) and, for an int8 model, the record
-    of its check against fp32 (``covid_cxr.quantization``) as export stored it."""
-    runtime = getattr(predictor, "runtime", None)
-    if runtime is not None:
-        return str(runtime.precision), None
-    raw = (getattr(predictor, "metadata", None) or {}).get("quantization")
-    if raw is None:
-        return "fp32", None
-    try:
-        record = json.loads(raw)
-    except ValueError:
-        record = None
-    return "int8", record if isinstance(record, dict) else {}
 
 
 def model_description(predictor: Predictor, *, network: str, sha256: str) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from covid_cxr.evaluate.run import (
     predict_rows,
     write_evaluation,
 )
-from covid_cxr.inference.backends import load_model
+from covid_cxr.inference.backends import load_model, precision_of
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.labels import CLASSES
 from covid_cxr.operating_point import of_predictor
@@ -252,6 +252,7 @@ def evaluate_external(
         "operating_point": op.to_dict(),
         "own_images": own.to_dict() if own is not None else None,
         "runtime": loaded.describe(),
+        "precision": precision_of(predictor)[0],  # with "backend" above: what the card's rows name
         "images": len(frame),
         "failed": [{"path": p, "reason": r} for p, r in failed],
         "seconds": seconds,

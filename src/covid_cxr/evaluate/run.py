@@ -44,7 +44,7 @@ from covid_cxr.evaluate.predictions import (
     validate_predictions,
     write_predictions,
 )
-from covid_cxr.inference.backends import make_predictor, resolve_compile
+from covid_cxr.inference.backends import make_predictor, precision_of, resolve_compile
 from covid_cxr.inference.protocol import Predictor, predict_in_batches
 from covid_cxr.inference.settings import InferenceSettings
 from covid_cxr.inference.torch_model import TorchPredictor
@@ -371,6 +371,7 @@ def evaluate_run(
         "classes_checkpoint": list(ckpt.classes),
         "operating_point": op.to_dict(),
         "runtime": f"{predictor.backend} ({m.choice.reason}): {predictor.describe()}",
+        "backend": predictor.backend, "precision": precision_of(predictor)[0],  # what the card's rows name
         "batch_size": batch_size,
         "images": len(frame),
         "seconds": seconds,

@@ -28,11 +28,13 @@ causes names it, so a user who never typed ``--backend`` knows what to unset.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -296,6 +298,22 @@ def make_predictor(
     # Folding is exact up to float rounding (benchmarks/RESULTS.md) and the compiled graph folds by itself.
     predictor = TorchPredictor(checkpoint, device=device, precision=precision, compile=compile, fold=not compile)
     return predictor, choice
+
+
+def precision_of(predictor: Predictor) -> tuple[str, dict[str, Any] | None]:
+    """The precision the model computes in (``int8``, ``bf16``, ``fp32`` ...) and, for an int8 model, the record
+    of its check against fp32 (``covid_cxr.quantization``) as export stored it."""
+    runtime = getattr(predictor, "runtime", None)
+    if runtime is not None:
+        return str(runtime.precision), None
+    raw = (getattr(predictor, "metadata", None) or {}).get("quantization")
+    if raw is None:
+        return "fp32", None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = None
+    return "int8", record if isinstance(record, dict) else {}
 
 
 def precision_warning(predictor: Predictor) -> str | None:

@@ -41,8 +41,7 @@ def describe_rules(infos: Sequence[dict[str, Any]]) -> str:
 def rate_cell(rate: Proportion) -> str:
     """``89.2 [73.1, 96.0] (66/74, 22 patients)``: :func:`covid_cxr.fmt.proportion`, naming the patients behind n
     where they are fewer than the images (the interval is then adjusted for them)."""
-    cell = fmt.proportion(rate)
-    return f"{cell[:-1]}, {rate.patients} patients)" if rate.clustered else cell
+    return fmt.proportion(rate, patients=rate.patients if rate.clustered else None)
 
 
 def ci_header(rates: Sequence[Proportion], unit: str = "% [95% CI] (k/n)") -> str:

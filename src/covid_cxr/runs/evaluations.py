@@ -91,7 +91,8 @@ _BACKEND = re.compile(r"^(?:\S+ on )?(torch|onnx)\b")
 
 def measured_with(info: dict[str, Any]) -> str:
     """The precision and backend an evaluation ran in (``bf16 torch``, ``fp32 onnx``, ``int8 onnx``), from its
-    record: bf16 probabilities differ slightly from the fp32 ONNX export's, so a figure says which it is."""
+    record: bf16 probabilities differ slightly from the fp32 ONNX export's, so a figure says which it is. ``evaluate``
+    records both (``precision``, ``backend``); an older ``metrics.json`` has only its ``runtime`` line to read."""
     runtime = str(info.get("runtime") or "")
     found = _BACKEND.match(runtime)
     backend = str(info.get("backend") or (found.group(1) if found else ""))
